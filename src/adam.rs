@@ -1,0 +1,64 @@
+//! Adam (Kingma & Ba 2015, Algorithm 1): lr 1e-3, β1 0.9, β2 0.999, ε 1e-8 by default.
+//!   m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;  p ← p − lr · (m / (1−β1ᵗ)) / (√(v / (1−β2ᵗ)) + ε)
+//! The first and second moments live on the backend beside the parameters.
+
+use crate::Result;
+use crate::backend::{AdamGroup, AdamHyper, Backend};
+use crate::tape::Tape;
+
+pub struct Adam<B: Backend> {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Updates made so far.
+    pub step: u64,
+    pub m: Vec<B::Buf>,
+    pub v: Vec<B::Buf>,
+}
+
+impl<B: Backend> Adam<B> {
+    /// Zero moments for every parameter on the tape.
+    pub fn new(tape: &Tape<B>, lr: f64) -> Result<Self> {
+        let be = tape.backend();
+        let lens: Vec<usize> = (0..tape.num_params())
+            .map(|p| tape.value(crate::tape::Var(p)).numel())
+            .collect();
+        let m = lens
+            .iter()
+            .map(|&n| be.zeros(n))
+            .collect::<Result<Vec<_>>>()?;
+        let v = lens
+            .iter()
+            .map(|&n| be.zeros(n))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Adam {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            step: 0,
+            m,
+            v,
+        })
+    }
+
+    /// Applies the gradients left on the tape by its last backward pass.
+    pub fn update(&mut self, tape: &mut Tape<B>) -> Result<()> {
+        self.step += 1;
+        let hp = AdamHyper {
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            step: self.step,
+        };
+        let (be, pg) = tape.params_and_grads()?;
+        let mut groups: Vec<AdamGroup<'_, B>> = pg
+            .into_iter()
+            .zip(self.m.iter_mut().zip(self.v.iter_mut()))
+            .map(|((param, grad), (m, v))| AdamGroup { param, grad, m, v })
+            .collect();
+        be.adam_step(&hp, &mut groups)
+    }
+}

@@ -1,0 +1,1030 @@
+//! The CPU reference backend: the spec every other backend is tested against.
+//!
+//! Storage is `T` (f32 for training, f64 for finite-difference gradient checks); every sum is
+//! accumulated in f64, the GEMMs included (`matrixmultiply::dgemm` on f64 copies). Convolutions
+//! are im2col + GEMM over chunks of images, so the patch matrix stays under [`CHUNK_ELEMS`].
+//! Loops are split over threads by output rows (see [`crate::par`]), so results are deterministic.
+
+use std::borrow::Cow;
+use std::marker::PhantomData;
+
+use super::{
+    Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape, LAMBDA, M_MINUS, M_PLUS,
+    NORM_EPS, RoutingSaved,
+};
+use crate::float::Float;
+use crate::par::{par_map, par_rows};
+use crate::{Error, Result};
+
+/// Largest im2col chunk, in f64 elements (32 MiB).
+const CHUNK_ELEMS: usize = 1 << 22;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend<T: Float = f32> {
+    _t: PhantomData<T>,
+}
+
+impl<T: Float> CpuBackend<T> {
+    pub fn new() -> Self {
+        CpuBackend { _t: PhantomData }
+    }
+}
+
+fn check(op: &str, what: &str, len: usize, expected: usize) -> Result<()> {
+    if len != expected {
+        return Err(Error::msg(format!(
+            "{op}: {what} has {len} elements, expected {expected}"
+        )));
+    }
+    Ok(())
+}
+
+fn f64s<T: Float>(x: &[T]) -> Cow<'_, [f64]> {
+    match T::as_f64_slice(x) {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned(x.iter().map(|v| v.to_f64()).collect()),
+    }
+}
+
+fn add_into<T: Float>(dst: &mut [T], src: &[f64]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = T::from_f64(d.to_f64() + s);
+    }
+}
+
+/// C (m×n, row-major) = A (m×k) · B (k×n) + beta·C, A and B given by (row stride, column stride).
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f64],
+    (rsa, csa): (usize, usize),
+    b: &[f64],
+    (rsb, csb): (usize, usize),
+    c: &mut [f64],
+    beta: f64,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(k == 0 || (a.len() > last(m, k, rsa, csa) && b.len() > last(k, n, rsb, csb)));
+    assert!(c.len() >= m * n);
+    // SAFETY: the asserts above keep every element dgemm reads (A: m×k, B: k×n with the given
+    // strides) and writes (C: m×n, row-major) inside the slices; C does not alias A or B.
+    unsafe {
+        matrixmultiply::dgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            rsa as isize,
+            csa as isize,
+            b.as_ptr(),
+            rsb as isize,
+            csb as isize,
+            beta,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        )
+    }
+}
+
+fn act_fwd(act: Act, x: f64) -> f64 {
+    match act {
+        Act::None => x,
+        Act::Relu => x.max(0.0),
+        Act::Sigmoid => {
+            if x >= 0.0 {
+                1.0 / (1.0 + (-x).exp())
+            } else {
+                let e = x.exp();
+                e / (1.0 + e)
+            }
+        }
+    }
+}
+
+/// d act / dx, written in terms of the activation's output y.
+fn act_deriv(act: Act, y: f64) -> f64 {
+    match act {
+        Act::None => 1.0,
+        Act::Relu => {
+            if y > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        Act::Sigmoid => y * (1.0 - y),
+    }
+}
+
+/// squash of one vector, in f64.
+pub(crate) fn squash_vec(s: &[f64], v: &mut [f64]) {
+    let n2: f64 = s.iter().map(|x| x * x).sum();
+    let f = n2 / ((1.0 + n2) * (n2 + NORM_EPS).sqrt());
+    for (o, x) in v.iter_mut().zip(s) {
+        *o = f * x;
+    }
+}
+
+/// ds += (∂squash(s)/∂s)ᵀ dv. With n = ‖s‖², v = f(n) s, f(n) = n g(n), g(n) = 1 / ((1+n) √(n+ε)):
+/// ds = f dv + 2 f'(n) (dv·s) s, and f'(n) = g(n) (1/(1+n) − n / (2(n+ε))) is finite at n = 0.
+pub(crate) fn squash_vec_bwd(s: &[f64], dv: &[f64], ds: &mut [f64]) {
+    let n2: f64 = s.iter().map(|x| x * x).sum();
+    let g = 1.0 / ((1.0 + n2) * (n2 + NORM_EPS).sqrt());
+    let f = n2 * g;
+    let fp = g * (1.0 / (1.0 + n2) - n2 / (2.0 * (n2 + NORM_EPS)));
+    let dot: f64 = dv.iter().zip(s).map(|(a, b)| a * b).sum();
+    for ((o, x), d) in ds.iter_mut().zip(s).zip(dv) {
+        *o += f * d + 2.0 * fp * dot * x;
+    }
+}
+
+impl<T: Float> CpuBackend<T> {
+    fn images_per_chunk(row_elems: usize) -> usize {
+        (CHUNK_ELEMS / row_elems.max(1)).max(1)
+    }
+
+    /// Patch matrix of images b0..b0+nb: row (b, oy, ox), column (ky, kx, c).
+    fn im2col(s: &ConvShape, x: &[T], b0: usize, nb: usize) -> Vec<f64> {
+        let (ow, npix, kd, ci) = (s.out_w(), s.out_h() * s.out_w(), s.patch_len(), s.in_c);
+        let mut col = vec![0.0; nb * npix * kd];
+        par_rows(&mut col, kd, kd, |r, row| {
+            let (bi, p) = (b0 + r / npix, r % npix);
+            let (oy, ox) = (p / ow, p % ow);
+            for ky in 0..s.k {
+                // for a fixed ky, the kx and c axes are one contiguous run of K·Cin values in x
+                let src = ((bi * s.in_h + oy * s.stride + ky) * s.in_w + ox * s.stride) * ci;
+                let dst = ky * s.k * ci;
+                for (o, v) in row[dst..dst + s.k * ci]
+                    .iter_mut()
+                    .zip(&x[src..src + s.k * ci])
+                {
+                    *o = v.to_f64();
+                }
+            }
+        });
+        col
+    }
+}
+
+impl<T: Float> Backend for CpuBackend<T> {
+    type E = T;
+    type Buf = Vec<T>;
+    type Idx = Vec<u32>;
+
+    fn name(&self) -> String {
+        format!(
+            "cpu ({} threads, {} storage, f64 sums)",
+            crate::par::threads(),
+            T::DTYPE
+        )
+    }
+
+    fn zeros(&self, n: usize) -> Result<Vec<T>> {
+        Ok(vec![T::default(); n])
+    }
+    fn upload(&self, host: &[T]) -> Result<Vec<T>> {
+        Ok(host.to_vec())
+    }
+    fn download(&self, buf: &Vec<T>) -> Result<Vec<T>> {
+        Ok(buf.clone())
+    }
+    fn upload_idx(&self, host: &[u32]) -> Result<Vec<u32>> {
+        Ok(host.to_vec())
+    }
+    fn download_idx(&self, idx: &Vec<u32>) -> Result<Vec<u32>> {
+        Ok(idx.clone())
+    }
+    fn buf_len(&self, buf: &Vec<T>) -> usize {
+        buf.len()
+    }
+    fn fill(&self, buf: &mut Vec<T>, value: f64) -> Result<()> {
+        buf.fill(T::from_f64(value));
+        Ok(())
+    }
+    fn add_assign(&self, dst: &mut Vec<T>, src: &Vec<T>) -> Result<()> {
+        check("add_assign", "src", src.len(), dst.len())?;
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = T::from_f64(d.to_f64() + s.to_f64());
+        }
+        Ok(())
+    }
+    fn add_fwd(&self, a: &Vec<T>, b: &Vec<T>, out: &mut Vec<T>) -> Result<()> {
+        check("add_fwd", "b", b.len(), a.len())?;
+        check("add_fwd", "out", out.len(), a.len())?;
+        for ((o, x), y) in out.iter_mut().zip(a).zip(b) {
+            *o = T::from_f64(x.to_f64() + y.to_f64());
+        }
+        Ok(())
+    }
+
+    // ---- convolution ----------------------------------------------------------------------------
+
+    fn conv2d_fwd(
+        &self,
+        s: &ConvShape,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        b: &Vec<T>,
+        y: &mut Vec<T>,
+        act: Act,
+    ) -> Result<()> {
+        const OP: &str = "conv2d_fwd";
+        check(OP, "x", x.len(), s.x_len())?;
+        check(OP, "w", w.len(), s.w_len())?;
+        check(OP, "b", b.len(), s.out_c)?;
+        check(OP, "y", y.len(), s.y_len())?;
+        let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
+        let wf = f64s(w);
+        let bias: Vec<f64> = b.iter().map(|v| v.to_f64()).collect();
+        let chunk = Self::images_per_chunk(npix * kd);
+        for b0 in (0..s.batch).step_by(chunk) {
+            let nb = chunk.min(s.batch - b0);
+            let col = Self::im2col(s, x, b0, nb);
+            let mut out = vec![0.0; nb * npix * co];
+            gemm(
+                nb * npix,
+                kd,
+                co,
+                &col,
+                (kd, 1),
+                &wf,
+                (co, 1),
+                &mut out,
+                0.0,
+            );
+            let ys = &mut y[b0 * npix * co..(b0 + nb) * npix * co];
+            for (yr, or) in ys.chunks_mut(co).zip(out.chunks(co)) {
+                for ((yv, ov), bv) in yr.iter_mut().zip(or).zip(&bias) {
+                    *yv = T::from_f64(act_fwd(act, ov + bv));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn conv2d_bwd_input(
+        &self,
+        s: &ConvShape,
+        dz: &Vec<T>,
+        w: &Vec<T>,
+        dx: &mut Vec<T>,
+    ) -> Result<()> {
+        const OP: &str = "conv2d_bwd_input";
+        check(OP, "dz", dz.len(), s.y_len())?;
+        check(OP, "w", w.len(), s.w_len())?;
+        check(OP, "dx", dx.len(), s.x_len())?;
+        let (ow, npix, kd, co, ci) = (
+            s.out_w(),
+            s.out_h() * s.out_w(),
+            s.patch_len(),
+            s.out_c,
+            s.in_c,
+        );
+        let img = s.in_h * s.in_w * ci;
+        let wf = f64s(w);
+        let chunk = Self::images_per_chunk(npix * kd);
+        for b0 in (0..s.batch).step_by(chunk) {
+            let nb = chunk.min(s.batch - b0);
+            let dzf = f64s(&dz[b0 * npix * co..(b0 + nb) * npix * co]);
+            // dcol = dz · Wᵀ, with W [kd, co] read transposed through its strides
+            let mut dcol = vec![0.0; nb * npix * kd];
+            gemm(
+                nb * npix,
+                co,
+                kd,
+                &dzf,
+                (co, 1),
+                &wf,
+                (1, co),
+                &mut dcol,
+                0.0,
+            );
+            // col2im: every patch adds its gradient back onto the pixels it was read from
+            let mut dxf = vec![0.0; nb * img];
+            par_rows(&mut dxf, img, npix * kd, |bi, im| {
+                for p in 0..npix {
+                    let (oy, ox) = (p / ow, p % ow);
+                    let row = &dcol[(bi * npix + p) * kd..(bi * npix + p + 1) * kd];
+                    for ky in 0..s.k {
+                        let dst = ((oy * s.stride + ky) * s.in_w + ox * s.stride) * ci;
+                        let src = ky * s.k * ci;
+                        for (o, v) in im[dst..dst + s.k * ci]
+                            .iter_mut()
+                            .zip(&row[src..src + s.k * ci])
+                        {
+                            *o += v;
+                        }
+                    }
+                }
+            });
+            add_into(&mut dx[b0 * img..(b0 + nb) * img], &dxf);
+        }
+        Ok(())
+    }
+
+    fn conv2d_bwd_weight(
+        &self,
+        s: &ConvShape,
+        x: &Vec<T>,
+        dz: &Vec<T>,
+        dw: &mut Vec<T>,
+    ) -> Result<()> {
+        const OP: &str = "conv2d_bwd_weight";
+        check(OP, "x", x.len(), s.x_len())?;
+        check(OP, "dz", dz.len(), s.y_len())?;
+        check(OP, "dw", dw.len(), s.w_len())?;
+        let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
+        let mut dwf = vec![0.0; kd * co];
+        let chunk = Self::images_per_chunk(npix * kd);
+        for b0 in (0..s.batch).step_by(chunk) {
+            let nb = chunk.min(s.batch - b0);
+            let col = Self::im2col(s, x, b0, nb);
+            let dzf = f64s(&dz[b0 * npix * co..(b0 + nb) * npix * co]);
+            // dW += colᵀ · dz, with col [rows, kd] read transposed through its strides
+            gemm(
+                kd,
+                nb * npix,
+                co,
+                &col,
+                (1, kd),
+                &dzf,
+                (co, 1),
+                &mut dwf,
+                1.0,
+            );
+        }
+        add_into(dw, &dwf);
+        Ok(())
+    }
+
+    fn bias_bwd(&self, rows: usize, cols: usize, dz: &Vec<T>, db: &mut Vec<T>) -> Result<()> {
+        check("bias_bwd", "dz", dz.len(), rows * cols)?;
+        check("bias_bwd", "db", db.len(), cols)?;
+        let mut acc = vec![0.0; cols];
+        for r in dz.chunks(cols.max(1)) {
+            for (a, v) in acc.iter_mut().zip(r) {
+                *a += v.to_f64();
+            }
+        }
+        add_into(db, &acc);
+        Ok(())
+    }
+
+    fn act_bwd(&self, act: Act, y: &Vec<T>, dy: &Vec<T>, dz: &mut Vec<T>) -> Result<()> {
+        check("act_bwd", "dy", dy.len(), y.len())?;
+        check("act_bwd", "dz", dz.len(), y.len())?;
+        for ((o, yv), g) in dz.iter_mut().zip(y).zip(dy) {
+            *o = T::from_f64(g.to_f64() * act_deriv(act, yv.to_f64()));
+        }
+        Ok(())
+    }
+
+    // ---- dense ----------------------------------------------------------------------------------
+
+    fn dense_fwd(
+        &self,
+        s: &DenseShape,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        b: &Vec<T>,
+        y: &mut Vec<T>,
+        act: Act,
+    ) -> Result<()> {
+        const OP: &str = "dense_fwd";
+        check(OP, "x", x.len(), s.rows * s.inp)?;
+        check(OP, "w", w.len(), s.inp * s.out)?;
+        check(OP, "b", b.len(), s.out)?;
+        check(OP, "y", y.len(), s.rows * s.out)?;
+        let mut out = vec![0.0; s.rows * s.out];
+        gemm(
+            s.rows,
+            s.inp,
+            s.out,
+            &f64s(x),
+            (s.inp, 1),
+            &f64s(w),
+            (s.out, 1),
+            &mut out,
+            0.0,
+        );
+        for (yr, or) in y.chunks_mut(s.out).zip(out.chunks(s.out)) {
+            for ((yv, ov), bv) in yr.iter_mut().zip(or).zip(b) {
+                *yv = T::from_f64(act_fwd(act, ov + bv.to_f64()));
+            }
+        }
+        Ok(())
+    }
+
+    fn dense_bwd_input(
+        &self,
+        s: &DenseShape,
+        dz: &Vec<T>,
+        w: &Vec<T>,
+        dx: &mut Vec<T>,
+    ) -> Result<()> {
+        const OP: &str = "dense_bwd_input";
+        check(OP, "dz", dz.len(), s.rows * s.out)?;
+        check(OP, "w", w.len(), s.inp * s.out)?;
+        check(OP, "dx", dx.len(), s.rows * s.inp)?;
+        let mut dxf = vec![0.0; s.rows * s.inp];
+        gemm(
+            s.rows,
+            s.out,
+            s.inp,
+            &f64s(dz),
+            (s.out, 1),
+            &f64s(w),
+            (1, s.out),
+            &mut dxf,
+            0.0,
+        );
+        add_into(dx, &dxf);
+        Ok(())
+    }
+
+    fn dense_bwd_weight(
+        &self,
+        s: &DenseShape,
+        x: &Vec<T>,
+        dz: &Vec<T>,
+        dw: &mut Vec<T>,
+    ) -> Result<()> {
+        const OP: &str = "dense_bwd_weight";
+        check(OP, "x", x.len(), s.rows * s.inp)?;
+        check(OP, "dz", dz.len(), s.rows * s.out)?;
+        check(OP, "dw", dw.len(), s.inp * s.out)?;
+        let mut dwf = vec![0.0; s.inp * s.out];
+        gemm(
+            s.inp,
+            s.rows,
+            s.out,
+            &f64s(x),
+            (1, s.inp),
+            &f64s(dz),
+            (s.out, 1),
+            &mut dwf,
+            0.0,
+        );
+        add_into(dw, &dwf);
+        Ok(())
+    }
+
+    // ---- capsules -------------------------------------------------------------------------------
+
+    fn squash_fwd(&self, rows: usize, dim: usize, s: &Vec<T>, v: &mut Vec<T>) -> Result<()> {
+        check("squash_fwd", "s", s.len(), rows * dim)?;
+        check("squash_fwd", "v", v.len(), rows * dim)?;
+        let mut sf = vec![0.0; dim];
+        let mut vf = vec![0.0; dim];
+        for (vr, sr) in v.chunks_mut(dim.max(1)).zip(s.chunks(dim.max(1))) {
+            sf.iter_mut().zip(sr).for_each(|(o, x)| *o = x.to_f64());
+            squash_vec(&sf, &mut vf);
+            vr.iter_mut()
+                .zip(&vf)
+                .for_each(|(o, x)| *o = T::from_f64(*x));
+        }
+        Ok(())
+    }
+
+    fn squash_bwd(
+        &self,
+        rows: usize,
+        dim: usize,
+        s: &Vec<T>,
+        dv: &Vec<T>,
+        ds: &mut Vec<T>,
+    ) -> Result<()> {
+        check("squash_bwd", "s", s.len(), rows * dim)?;
+        check("squash_bwd", "dv", dv.len(), rows * dim)?;
+        check("squash_bwd", "ds", ds.len(), rows * dim)?;
+        let d = dim.max(1);
+        for ((dsr, sr), dvr) in ds.chunks_mut(d).zip(s.chunks(d)).zip(dv.chunks(d)) {
+            let sf: Vec<f64> = sr.iter().map(|x| x.to_f64()).collect();
+            let dvf: Vec<f64> = dvr.iter().map(|x| x.to_f64()).collect();
+            let mut acc = vec![0.0; dim];
+            squash_vec_bwd(&sf, &dvf, &mut acc);
+            add_into(dsr, &acc);
+        }
+        Ok(())
+    }
+
+    fn predict_fwd(&self, s: &CapsShape, u: &Vec<T>, w: &Vec<T>, uhat: &mut Vec<T>) -> Result<()> {
+        check("predict_fwd", "u", u.len(), s.u_len())?;
+        check("predict_fwd", "w", w.len(), s.w_len())?;
+        check("predict_fwd", "uhat", uhat.len(), s.uhat_len())?;
+        let (ni, nj, dout, din) = (s.in_caps, s.out_caps, s.out_dim, s.in_dim);
+        par_rows(uhat, ni * nj * dout, ni * nj * dout * din, |b, out| {
+            for i in 0..ni {
+                let ui = &u[(b * ni + i) * din..(b * ni + i + 1) * din];
+                for jk in 0..nj * dout {
+                    let wr = &w[(i * nj * dout + jk) * din..(i * nj * dout + jk + 1) * din];
+                    let acc: f64 = wr
+                        .iter()
+                        .zip(ui)
+                        .map(|(a, x)| a.to_f64() * x.to_f64())
+                        .sum();
+                    out[i * nj * dout + jk] = T::from_f64(acc);
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn predict_bwd_input(
+        &self,
+        s: &CapsShape,
+        duhat: &Vec<T>,
+        w: &Vec<T>,
+        du: &mut Vec<T>,
+    ) -> Result<()> {
+        check("predict_bwd_input", "duhat", duhat.len(), s.uhat_len())?;
+        check("predict_bwd_input", "w", w.len(), s.w_len())?;
+        check("predict_bwd_input", "du", du.len(), s.u_len())?;
+        let (ni, nj, dout, din) = (s.in_caps, s.out_caps, s.out_dim, s.in_dim);
+        par_rows(du, ni * din, ni * nj * dout * din, |b, dub| {
+            let mut acc = vec![0.0; din];
+            for i in 0..ni {
+                acc.fill(0.0);
+                for jk in 0..nj * dout {
+                    let g = duhat[(b * ni + i) * nj * dout + jk].to_f64();
+                    let wr = &w[(i * nj * dout + jk) * din..(i * nj * dout + jk + 1) * din];
+                    for (a, wv) in acc.iter_mut().zip(wr) {
+                        *a += g * wv.to_f64();
+                    }
+                }
+                add_into(&mut dub[i * din..(i + 1) * din], &acc);
+            }
+        });
+        Ok(())
+    }
+
+    fn predict_bwd_weight(
+        &self,
+        s: &CapsShape,
+        u: &Vec<T>,
+        duhat: &Vec<T>,
+        dw: &mut Vec<T>,
+    ) -> Result<()> {
+        check("predict_bwd_weight", "u", u.len(), s.u_len())?;
+        check("predict_bwd_weight", "duhat", duhat.len(), s.uhat_len())?;
+        check("predict_bwd_weight", "dw", dw.len(), s.w_len())?;
+        let (ni, nj, dout, din) = (s.in_caps, s.out_caps, s.out_dim, s.in_dim);
+        // one row per primary capsule i: the sum over the batch stays inside one thread
+        par_rows(dw, nj * dout * din, s.batch * nj * dout * din, |i, dwi| {
+            let mut acc = vec![0.0; nj * dout * din];
+            for b in 0..s.batch {
+                let ui = &u[(b * ni + i) * din..(b * ni + i + 1) * din];
+                for jk in 0..nj * dout {
+                    let g = duhat[(b * ni + i) * nj * dout + jk].to_f64();
+                    for (a, x) in acc[jk * din..(jk + 1) * din].iter_mut().zip(ui) {
+                        *a += g * x.to_f64();
+                    }
+                }
+            }
+            add_into(dwi, &acc);
+        });
+        Ok(())
+    }
+
+    fn routing_fwd(
+        &self,
+        s: &CapsShape,
+        rounds: usize,
+        uhat: &Vec<T>,
+        v: &mut Vec<T>,
+        saved: &mut RoutingSaved<Vec<T>>,
+    ) -> Result<()> {
+        const OP: &str = "routing_fwd";
+        let (ni, nj, d) = (s.in_caps, s.out_caps, s.out_dim);
+        if rounds == 0 {
+            return Err(Error::msg(format!(
+                "{OP}: at least one routing round is needed"
+            )));
+        }
+        check(OP, "uhat", uhat.len(), s.uhat_len())?;
+        check(OP, "v", v.len(), s.v_len())?;
+        check(OP, "saved.c", saved.c.len(), s.batch * rounds * ni * nj)?;
+        check(OP, "saved.s", saved.s.len(), s.batch * rounds * nj * d)?;
+        check(OP, "saved.v", saved.v.len(), s.batch * rounds * nj * d)?;
+        let per_image = par_map(s.batch, rounds * ni * nj * d * 2, |b| {
+            let uh: Vec<f64> = uhat[b * ni * nj * d..(b + 1) * ni * nj * d]
+                .iter()
+                .map(|x| x.to_f64())
+                .collect();
+            let mut logits = vec![0.0; ni * nj];
+            let (mut cs, mut ss, mut vs) = (
+                vec![0.0; rounds * ni * nj],
+                vec![0.0; rounds * nj * d],
+                vec![0.0; rounds * nj * d],
+            );
+            for r in 0..rounds {
+                let c = &mut cs[r * ni * nj..(r + 1) * ni * nj];
+                for (cr, lr) in c.chunks_mut(nj).zip(logits.chunks(nj)) {
+                    softmax(lr, cr);
+                }
+                let sr = &mut ss[r * nj * d..(r + 1) * nj * d];
+                for i in 0..ni {
+                    for j in 0..nj {
+                        let cij = c[i * nj + j];
+                        let u = &uh[(i * nj + j) * d..(i * nj + j + 1) * d];
+                        for (o, x) in sr[j * d..(j + 1) * d].iter_mut().zip(u) {
+                            *o += cij * x;
+                        }
+                    }
+                }
+                let vr = &mut vs[r * nj * d..(r + 1) * nj * d];
+                for j in 0..nj {
+                    squash_vec(&sr[j * d..(j + 1) * d], &mut vr[j * d..(j + 1) * d]);
+                }
+                if r + 1 < rounds {
+                    for i in 0..ni {
+                        for j in 0..nj {
+                            let u = &uh[(i * nj + j) * d..(i * nj + j + 1) * d];
+                            logits[i * nj + j] += dot(u, &vr[j * d..(j + 1) * d]);
+                        }
+                    }
+                }
+            }
+            (cs, ss, vs)
+        });
+        let store = |dst: &mut [T], src: &[f64]| {
+            dst.iter_mut()
+                .zip(src)
+                .for_each(|(o, x)| *o = T::from_f64(*x))
+        };
+        for (b, (cs, ss, vs)) in per_image.iter().enumerate() {
+            store(
+                &mut saved.c[b * rounds * ni * nj..(b + 1) * rounds * ni * nj],
+                cs,
+            );
+            store(
+                &mut saved.s[b * rounds * nj * d..(b + 1) * rounds * nj * d],
+                ss,
+            );
+            store(
+                &mut saved.v[b * rounds * nj * d..(b + 1) * rounds * nj * d],
+                vs,
+            );
+            store(
+                &mut v[b * nj * d..(b + 1) * nj * d],
+                &vs[(rounds - 1) * nj * d..],
+            );
+        }
+        Ok(())
+    }
+
+    fn routing_bwd(
+        &self,
+        s: &CapsShape,
+        rounds: usize,
+        uhat: &Vec<T>,
+        saved: &RoutingSaved<Vec<T>>,
+        dv: &Vec<T>,
+        duhat: &mut Vec<T>,
+    ) -> Result<()> {
+        const OP: &str = "routing_bwd";
+        let (ni, nj, d) = (s.in_caps, s.out_caps, s.out_dim);
+        if rounds == 0 {
+            return Err(Error::msg(format!(
+                "{OP}: at least one routing round is needed"
+            )));
+        }
+        check(OP, "uhat", uhat.len(), s.uhat_len())?;
+        check(OP, "dv", dv.len(), s.v_len())?;
+        check(OP, "duhat", duhat.len(), s.uhat_len())?;
+        check(OP, "saved.c", saved.c.len(), s.batch * rounds * ni * nj)?;
+        check(OP, "saved.s", saved.s.len(), s.batch * rounds * nj * d)?;
+        check(OP, "saved.v", saved.v.len(), s.batch * rounds * nj * d)?;
+        par_rows(duhat, ni * nj * d, rounds * ni * nj * d * 4, |b, dub| {
+            let uh: Vec<f64> = uhat[b * ni * nj * d..(b + 1) * ni * nj * d]
+                .iter()
+                .map(|x| x.to_f64())
+                .collect();
+            let cs = &saved.c[b * rounds * ni * nj..(b + 1) * rounds * ni * nj];
+            let ss = &saved.s[b * rounds * nj * d..(b + 1) * rounds * nj * d];
+            let vs = &saved.v[b * rounds * nj * d..(b + 1) * rounds * nj * d];
+            let mut duh = vec![0.0; ni * nj * d];
+            // gradient with respect to the logits b_{r+1} entering the round after this one
+            let mut db_next = vec![0.0; ni * nj];
+            let mut dvr = vec![0.0; nj * d];
+            let mut ds = vec![0.0; nj * d];
+            let mut dc = vec![0.0; ni * nj];
+            for r in (0..rounds).rev() {
+                let c: Vec<f64> = cs[r * ni * nj..(r + 1) * ni * nj]
+                    .iter()
+                    .map(|x| x.to_f64())
+                    .collect();
+                let sr: Vec<f64> = ss[r * nj * d..(r + 1) * nj * d]
+                    .iter()
+                    .map(|x| x.to_f64())
+                    .collect();
+                let vr: Vec<f64> = vs[r * nj * d..(r + 1) * nj * d]
+                    .iter()
+                    .map(|x| x.to_f64())
+                    .collect();
+                if r + 1 == rounds {
+                    // only the last round's v is the op's output
+                    dvr.iter_mut()
+                        .zip(&dv[b * nj * d..(b + 1) * nj * d])
+                        .for_each(|(o, x)| *o = x.to_f64());
+                } else {
+                    // b_{r+1} = b_r + û·v_r: v_r and û receive db_{r+1}
+                    dvr.fill(0.0);
+                    for i in 0..ni {
+                        for j in 0..nj {
+                            let g = db_next[i * nj + j];
+                            let k = (i * nj + j) * d;
+                            for t in 0..d {
+                                dvr[j * d + t] += g * uh[k + t];
+                                duh[k + t] += g * vr[j * d + t];
+                            }
+                        }
+                    }
+                }
+                ds.fill(0.0);
+                for j in 0..nj {
+                    squash_vec_bwd(
+                        &sr[j * d..(j + 1) * d],
+                        &dvr[j * d..(j + 1) * d],
+                        &mut ds[j * d..(j + 1) * d],
+                    );
+                }
+                // s_j = Σ_i c_ij û_{j|i}
+                for i in 0..ni {
+                    for j in 0..nj {
+                        let k = (i * nj + j) * d;
+                        let dsj = &ds[j * d..(j + 1) * d];
+                        for t in 0..d {
+                            duh[k + t] += c[i * nj + j] * dsj[t];
+                        }
+                        dc[i * nj + j] = dot(&uh[k..k + d], dsj);
+                    }
+                }
+                // c_i = softmax(b_i): db_ij = c_ij (dc_ij − Σ_j' c_ij' dc_ij'); b_r also flows on to b_{r+1}
+                for i in 0..ni {
+                    let ci = &c[i * nj..(i + 1) * nj];
+                    let dci = &dc[i * nj..(i + 1) * nj];
+                    let m = dot(ci, dci);
+                    for j in 0..nj {
+                        db_next[i * nj + j] += ci[j] * (dci[j] - m);
+                    }
+                }
+            }
+            add_into(dub, &duh);
+        });
+        Ok(())
+    }
+
+    fn lengths_fwd(&self, rows: usize, dim: usize, v: &Vec<T>, l: &mut Vec<T>) -> Result<()> {
+        check("lengths_fwd", "v", v.len(), rows * dim)?;
+        check("lengths_fwd", "l", l.len(), rows)?;
+        for (o, vr) in l.iter_mut().zip(v.chunks(dim.max(1))) {
+            let n2: f64 = vr.iter().map(|x| x.to_f64() * x.to_f64()).sum();
+            *o = T::from_f64((n2 + NORM_EPS).sqrt());
+        }
+        Ok(())
+    }
+
+    fn lengths_bwd(
+        &self,
+        rows: usize,
+        dim: usize,
+        v: &Vec<T>,
+        l: &Vec<T>,
+        dl: &Vec<T>,
+        dv: &mut Vec<T>,
+    ) -> Result<()> {
+        check("lengths_bwd", "v", v.len(), rows * dim)?;
+        check("lengths_bwd", "l", l.len(), rows)?;
+        check("lengths_bwd", "dl", dl.len(), rows)?;
+        check("lengths_bwd", "dv", dv.len(), rows * dim)?;
+        for (r, dvr) in dv.chunks_mut(dim.max(1)).enumerate() {
+            let k = dl[r].to_f64() / l[r].to_f64();
+            for (o, x) in dvr.iter_mut().zip(&v[r * dim..(r + 1) * dim]) {
+                *o = T::from_f64(o.to_f64() + k * x.to_f64());
+            }
+        }
+        Ok(())
+    }
+
+    fn mask_fwd(
+        &self,
+        batch: usize,
+        caps: usize,
+        dim: usize,
+        v: &Vec<T>,
+        idx: &Vec<u32>,
+        out: &mut Vec<T>,
+    ) -> Result<()> {
+        check("mask_fwd", "v", v.len(), batch * caps * dim)?;
+        check("mask_fwd", "idx", idx.len(), batch)?;
+        check("mask_fwd", "out", out.len(), batch * caps * dim)?;
+        out.fill(T::default());
+        for (b, &k) in idx.iter().enumerate() {
+            let k = class_index("mask_fwd", k, caps)?;
+            let at = (b * caps + k) * dim;
+            out[at..at + dim].copy_from_slice(&v[at..at + dim]);
+        }
+        Ok(())
+    }
+
+    fn mask_bwd(
+        &self,
+        batch: usize,
+        caps: usize,
+        dim: usize,
+        dout: &Vec<T>,
+        idx: &Vec<u32>,
+        dv: &mut Vec<T>,
+    ) -> Result<()> {
+        check("mask_bwd", "dout", dout.len(), batch * caps * dim)?;
+        check("mask_bwd", "idx", idx.len(), batch)?;
+        check("mask_bwd", "dv", dv.len(), batch * caps * dim)?;
+        for (b, &k) in idx.iter().enumerate() {
+            let k = class_index("mask_bwd", k, caps)?;
+            let at = (b * caps + k) * dim;
+            for (o, g) in dv[at..at + dim].iter_mut().zip(&dout[at..at + dim]) {
+                *o = T::from_f64(o.to_f64() + g.to_f64());
+            }
+        }
+        Ok(())
+    }
+
+    fn argmax(&self, rows: usize, cols: usize, x: &Vec<T>, idx: &mut Vec<u32>) -> Result<()> {
+        check("argmax", "x", x.len(), rows * cols)?;
+        check("argmax", "idx", idx.len(), rows)?;
+        for (o, r) in idx.iter_mut().zip(x.chunks(cols.max(1))) {
+            let mut best = 0;
+            for (c, v) in r.iter().enumerate() {
+                if v.to_f64() > r[best].to_f64() {
+                    best = c;
+                }
+            }
+            *o = best as u32;
+        }
+        Ok(())
+    }
+
+    // ---- losses ---------------------------------------------------------------------------------
+
+    fn margin_loss_fwd(
+        &self,
+        batch: usize,
+        classes: usize,
+        l: &Vec<T>,
+        labels: &Vec<u32>,
+        loss: &mut Vec<T>,
+    ) -> Result<()> {
+        check("margin_loss_fwd", "l", l.len(), batch * classes)?;
+        check("margin_loss_fwd", "labels", labels.len(), batch)?;
+        check("margin_loss_fwd", "loss", loss.len(), 1)?;
+        let mut total = 0.0;
+        for (b, &y) in labels.iter().enumerate() {
+            let y = class_index("margin_loss_fwd", y, classes)?;
+            for k in 0..classes {
+                let len = l[b * classes + k].to_f64();
+                total += if k == y {
+                    (M_PLUS - len).max(0.0).powi(2)
+                } else {
+                    LAMBDA * (len - M_MINUS).max(0.0).powi(2)
+                };
+            }
+        }
+        loss[0] = T::from_f64(total / batch.max(1) as f64);
+        Ok(())
+    }
+
+    fn margin_loss_bwd(
+        &self,
+        batch: usize,
+        classes: usize,
+        l: &Vec<T>,
+        labels: &Vec<u32>,
+        dloss: &Vec<T>,
+        dl: &mut Vec<T>,
+    ) -> Result<()> {
+        check("margin_loss_bwd", "l", l.len(), batch * classes)?;
+        check("margin_loss_bwd", "labels", labels.len(), batch)?;
+        check("margin_loss_bwd", "dloss", dloss.len(), 1)?;
+        check("margin_loss_bwd", "dl", dl.len(), batch * classes)?;
+        let g = dloss[0].to_f64() / batch.max(1) as f64;
+        for (b, &y) in labels.iter().enumerate() {
+            let y = class_index("margin_loss_bwd", y, classes)?;
+            for k in 0..classes {
+                let len = l[b * classes + k].to_f64();
+                let d = if k == y {
+                    -2.0 * (M_PLUS - len).max(0.0)
+                } else {
+                    2.0 * LAMBDA * (len - M_MINUS).max(0.0)
+                };
+                let o = &mut dl[b * classes + k];
+                *o = T::from_f64(o.to_f64() + g * d);
+            }
+        }
+        Ok(())
+    }
+
+    fn sq_err_fwd(
+        &self,
+        rows: usize,
+        cols: usize,
+        pred: &Vec<T>,
+        target: &Vec<T>,
+        scale: f64,
+        loss: &mut Vec<T>,
+    ) -> Result<()> {
+        check("sq_err_fwd", "pred", pred.len(), rows * cols)?;
+        check("sq_err_fwd", "target", target.len(), rows * cols)?;
+        check("sq_err_fwd", "loss", loss.len(), 1)?;
+        let total: f64 = pred
+            .iter()
+            .zip(target)
+            .map(|(p, t)| (p.to_f64() - t.to_f64()).powi(2))
+            .sum();
+        loss[0] = T::from_f64(scale * total / rows.max(1) as f64);
+        Ok(())
+    }
+
+    fn sq_err_bwd(
+        &self,
+        rows: usize,
+        cols: usize,
+        pred: &Vec<T>,
+        target: &Vec<T>,
+        scale: f64,
+        dloss: &Vec<T>,
+        dpred: &mut Vec<T>,
+    ) -> Result<()> {
+        check("sq_err_bwd", "pred", pred.len(), rows * cols)?;
+        check("sq_err_bwd", "target", target.len(), rows * cols)?;
+        check("sq_err_bwd", "dloss", dloss.len(), 1)?;
+        check("sq_err_bwd", "dpred", dpred.len(), rows * cols)?;
+        let g = 2.0 * scale * dloss[0].to_f64() / rows.max(1) as f64;
+        for ((o, p), t) in dpred.iter_mut().zip(pred).zip(target) {
+            *o = T::from_f64(o.to_f64() + g * (p.to_f64() - t.to_f64()));
+        }
+        Ok(())
+    }
+
+    // ---- optimiser ------------------------------------------------------------------------------
+
+    fn adam_step(&self, hp: &AdamHyper, groups: &mut [AdamGroup<'_, Self>]) -> Result<()> {
+        if hp.step == 0 {
+            return Err(Error::msg("adam_step: step numbers start at 1"));
+        }
+        let bc1 = 1.0 - hp.beta1.powf(hp.step as f64);
+        let bc2 = 1.0 - hp.beta2.powf(hp.step as f64);
+        for (n, g) in groups.iter_mut().enumerate() {
+            let len = g.param.len();
+            check(
+                "adam_step",
+                &format!("grad of group {n}"),
+                g.grad.len(),
+                len,
+            )?;
+            check("adam_step", &format!("m of group {n}"), g.m.len(), len)?;
+            check("adam_step", &format!("v of group {n}"), g.v.len(), len)?;
+            for k in 0..len {
+                let gr = g.grad[k].to_f64();
+                let m = hp.beta1 * g.m[k].to_f64() + (1.0 - hp.beta1) * gr;
+                let v = hp.beta2 * g.v[k].to_f64() + (1.0 - hp.beta2) * gr * gr;
+                let p = g.param[k].to_f64() - hp.lr * (m / bc1) / ((v / bc2).sqrt() + hp.eps);
+                g.m[k] = T::from_f64(m);
+                g.v[k] = T::from_f64(v);
+                g.param[k] = T::from_f64(p);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn class_index(op: &str, k: u32, n: usize) -> Result<usize> {
+    if (k as usize) < n {
+        Ok(k as usize)
+    } else {
+        Err(Error::msg(format!(
+            "{op}: class index {k} out of range 0..{n}"
+        )))
+    }
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn softmax(x: &[f64], out: &mut [f64]) {
+    let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let mut z = 0.0;
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = (v - m).exp();
+        z += *o;
+    }
+    out.iter_mut().for_each(|o| *o /= z);
+}

@@ -1,0 +1,369 @@
+//! The op interface. Every op the model needs is a pair (or triple) of functions here, with the same
+//! names the CUDA kernels will carry (`<op>_fwd`, `<op>_bwd_*`). The CPU implementation in
+//! [`cpu`] is the reference: the spec every other backend is tested against.
+//!
+//! Conventions shared by every backend:
+//! - Layouts are row-major and channels-last: images [B, H, W, C], conv kernels [K, K, Cin, Cout]
+//!   (TensorFlow's HWIO), dense kernels [in, out], capsule weights W [I, J, Dout, Din].
+//! - Accumulation rule: a function that writes the gradient of a tape variable (every `d*`
+//!   argument of a `*_bwd_*` function) ADDS to it; the tape zeroes gradients once per backward pass.
+//!   The only exception is [`Backend::act_bwd`], which writes a temporary and overwrites it.
+//! - Scalars such as losses live in one-element buffers, so that a device backend never needs a
+//!   host round trip inside a step; the incoming gradient of a loss (`dloss`) is such a buffer too.
+
+pub mod cpu;
+
+use crate::Result;
+use crate::float::Float;
+
+/// ε inside the square root of every safe norm (squash and capsule lengths): a zero vector then has
+/// a finite norm (√ε) and a finite gradient.
+pub const NORM_EPS: f64 = 1e-7;
+
+/// Margin loss constants of the paper: T_k max(0, m+ − ‖v_k‖)² + λ (1 − T_k) max(0, ‖v_k‖ − m−)².
+pub const M_PLUS: f64 = 0.9;
+pub const M_MINUS: f64 = 0.1;
+pub const LAMBDA: f64 = 0.5;
+
+/// A valid (unpadded) 2-D convolution over channels-last images.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    pub batch: usize,
+    pub in_h: usize,
+    pub in_w: usize,
+    pub in_c: usize,
+    pub out_c: usize,
+    pub k: usize,
+    pub stride: usize,
+}
+
+impl ConvShape {
+    pub fn out_h(&self) -> usize {
+        (self.in_h - self.k) / self.stride + 1
+    }
+    pub fn out_w(&self) -> usize {
+        (self.in_w - self.k) / self.stride + 1
+    }
+    /// Length of one im2col row: K·K·Cin, ordered (ky, kx, c) like the kernel's first three axes.
+    pub fn patch_len(&self) -> usize {
+        self.k * self.k * self.in_c
+    }
+    pub fn x_len(&self) -> usize {
+        self.batch * self.in_h * self.in_w * self.in_c
+    }
+    pub fn w_len(&self) -> usize {
+        self.patch_len() * self.out_c
+    }
+    /// Output rows of the implicit GEMM: B·OH·OW.
+    pub fn rows(&self) -> usize {
+        self.batch * self.out_h() * self.out_w()
+    }
+    pub fn y_len(&self) -> usize {
+        self.rows() * self.out_c
+    }
+    /// Multiply-accumulates of the forward pass.
+    pub fn macs(&self) -> usize {
+        self.rows() * self.patch_len() * self.out_c
+    }
+}
+
+/// A dense layer y = act(x · W + b) over `rows` rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DenseShape {
+    pub rows: usize,
+    pub inp: usize,
+    pub out: usize,
+}
+
+/// Prediction vectors û[b,i,j,:] = W[i,j] (out_dim × in_dim) · u[b,i,:].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CapsShape {
+    pub batch: usize,
+    /// I: primary capsules (1152 in the paper's model).
+    pub in_caps: usize,
+    /// Primary capsule dimension (8).
+    pub in_dim: usize,
+    /// J: digit capsules (10).
+    pub out_caps: usize,
+    /// Digit capsule dimension (16).
+    pub out_dim: usize,
+}
+
+impl CapsShape {
+    pub fn u_len(&self) -> usize {
+        self.batch * self.in_caps * self.in_dim
+    }
+    pub fn w_len(&self) -> usize {
+        self.in_caps * self.out_caps * self.out_dim * self.in_dim
+    }
+    pub fn uhat_len(&self) -> usize {
+        self.batch * self.in_caps * self.out_caps * self.out_dim
+    }
+    pub fn v_len(&self) -> usize {
+        self.batch * self.out_caps * self.out_dim
+    }
+}
+
+/// What the routing forward saves for its backward, per image and round:
+/// c [B, R, I, J] (coupling coefficients), s [B, R, J, D] (weighted sums), v [B, R, J, D] (squashed).
+pub struct RoutingSaved<Buf> {
+    pub c: Buf,
+    pub s: Buf,
+    pub v: Buf,
+}
+
+/// Fused activation of conv and dense layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    None,
+    Relu,
+    Sigmoid,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamHyper {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// 1-based step number t of the update being made (bias corrections use β^t).
+    pub step: u64,
+}
+
+/// One parameter tensor's slice of an Adam update.
+pub struct AdamGroup<'a, B: Backend + ?Sized> {
+    pub param: &'a mut B::Buf,
+    pub grad: &'a B::Buf,
+    pub m: &'a mut B::Buf,
+    pub v: &'a mut B::Buf,
+}
+
+/// The op interface. Shapes are passed explicitly; implementations check buffer lengths against them.
+pub trait Backend: 'static {
+    /// Element type of host transfers.
+    type E: Float;
+    /// A flat buffer of `E` values in this backend's memory.
+    type Buf: 'static;
+    /// A flat buffer of class indices (labels or predictions).
+    type Idx: 'static;
+
+    fn name(&self) -> String;
+
+    // ---- memory -------------------------------------------------------------------------------
+    fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    fn upload(&self, host: &[Self::E]) -> Result<Self::Buf>;
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<Self::E>>;
+    fn upload_idx(&self, host: &[u32]) -> Result<Self::Idx>;
+    fn download_idx(&self, idx: &Self::Idx) -> Result<Vec<u32>>;
+    fn buf_len(&self, buf: &Self::Buf) -> usize;
+    fn fill(&self, buf: &mut Self::Buf, value: f64) -> Result<()>;
+    /// dst += src.
+    fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
+    /// out = a + b (elementwise; all three the same length).
+    fn add_fwd(&self, a: &Self::Buf, b: &Self::Buf, out: &mut Self::Buf) -> Result<()>;
+
+    // ---- convolution: implicit GEMM [B·OH·OW, K·K·Cin] × [K·K·Cin, Cout] -------------------
+    /// y = act(conv(x, w) + b).
+    fn conv2d_fwd(
+        &self,
+        s: &ConvShape,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        y: &mut Self::Buf,
+        act: Act,
+    ) -> Result<()>;
+    /// dx += conv_transpose(dz, w), where dz is the gradient before the activation.
+    fn conv2d_bwd_input(
+        &self,
+        s: &ConvShape,
+        dz: &Self::Buf,
+        w: &Self::Buf,
+        dx: &mut Self::Buf,
+    ) -> Result<()>;
+    /// dw += Σ over batch and positions of patch(x)ᵀ · dz.
+    fn conv2d_bwd_weight(
+        &self,
+        s: &ConvShape,
+        x: &Self::Buf,
+        dz: &Self::Buf,
+        dw: &mut Self::Buf,
+    ) -> Result<()>;
+    /// db[c] += Σ_r dz[r, c] over `rows` rows of `cols` columns (bias gradient of conv and dense).
+    fn bias_bwd(&self, rows: usize, cols: usize, dz: &Self::Buf, db: &mut Self::Buf) -> Result<()>;
+    /// dz = dy · act'(y), from the activation's output y. Overwrites dz (a temporary).
+    fn act_bwd(&self, act: Act, y: &Self::Buf, dy: &Self::Buf, dz: &mut Self::Buf) -> Result<()>;
+
+    // ---- dense layers ---------------------------------------------------------------------------
+    /// y = act(x · w + b).
+    fn dense_fwd(
+        &self,
+        s: &DenseShape,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        y: &mut Self::Buf,
+        act: Act,
+    ) -> Result<()>;
+    /// dx += dz · wᵀ.
+    fn dense_bwd_input(
+        &self,
+        s: &DenseShape,
+        dz: &Self::Buf,
+        w: &Self::Buf,
+        dx: &mut Self::Buf,
+    ) -> Result<()>;
+    /// dw += xᵀ · dz.
+    fn dense_bwd_weight(
+        &self,
+        s: &DenseShape,
+        x: &Self::Buf,
+        dz: &Self::Buf,
+        dw: &mut Self::Buf,
+    ) -> Result<()>;
+
+    // ---- capsules -------------------------------------------------------------------------------
+    /// v = squash(s) = ‖s‖² / (1 + ‖s‖²) · s / √(‖s‖² + ε), row by row ([rows, dim]).
+    fn squash_fwd(&self, rows: usize, dim: usize, s: &Self::Buf, v: &mut Self::Buf) -> Result<()>;
+    /// ds += (∂v/∂s)ᵀ dv.
+    fn squash_bwd(
+        &self,
+        rows: usize,
+        dim: usize,
+        s: &Self::Buf,
+        dv: &Self::Buf,
+        ds: &mut Self::Buf,
+    ) -> Result<()>;
+    /// û[b,i,j,:] = W[i,j] · u[b,i,:].
+    fn predict_fwd(
+        &self,
+        s: &CapsShape,
+        u: &Self::Buf,
+        w: &Self::Buf,
+        uhat: &mut Self::Buf,
+    ) -> Result<()>;
+    /// du[b,i,:] += Σ_j W[i,j]ᵀ · dû[b,i,j,:].
+    fn predict_bwd_input(
+        &self,
+        s: &CapsShape,
+        duhat: &Self::Buf,
+        w: &Self::Buf,
+        du: &mut Self::Buf,
+    ) -> Result<()>;
+    /// dW[i,j] += Σ_b dû[b,i,j,:] ⊗ u[b,i,:].
+    fn predict_bwd_weight(
+        &self,
+        s: &CapsShape,
+        u: &Self::Buf,
+        duhat: &Self::Buf,
+        dw: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Allocates what [`Backend::routing_fwd`] saves for `rounds` rounds.
+    fn routing_saved(&self, s: &CapsShape, rounds: usize) -> Result<RoutingSaved<Self::Buf>> {
+        let (b, i, j, d) = (s.batch, s.in_caps, s.out_caps, s.out_dim);
+        Ok(RoutingSaved {
+            c: self.zeros(b * rounds * i * j)?,
+            s: self.zeros(b * rounds * j * d)?,
+            v: self.zeros(b * rounds * j * d)?,
+        })
+    }
+    /// Routing by agreement, all rounds: b = 0; per round c = softmax_j(b), s_j = Σ_i c_ij û_{j|i},
+    /// v_j = squash(s_j), and (all but the last round) b_ij += û_{j|i} · v_j. Writes the last v.
+    fn routing_fwd(
+        &self,
+        s: &CapsShape,
+        rounds: usize,
+        uhat: &Self::Buf,
+        v: &mut Self::Buf,
+        saved: &mut RoutingSaved<Self::Buf>,
+    ) -> Result<()>;
+    /// dû += the gradient of the routing output with respect to û, through every round.
+    fn routing_bwd(
+        &self,
+        s: &CapsShape,
+        rounds: usize,
+        uhat: &Self::Buf,
+        saved: &RoutingSaved<Self::Buf>,
+        dv: &Self::Buf,
+        duhat: &mut Self::Buf,
+    ) -> Result<()>;
+    /// l[r] = √(Σ_d v[r,d]² + ε).
+    fn lengths_fwd(&self, rows: usize, dim: usize, v: &Self::Buf, l: &mut Self::Buf) -> Result<()>;
+    /// dv[r,:] += dl[r] · v[r,:] / l[r].
+    fn lengths_bwd(
+        &self,
+        rows: usize,
+        dim: usize,
+        v: &Self::Buf,
+        l: &Self::Buf,
+        dl: &Self::Buf,
+        dv: &mut Self::Buf,
+    ) -> Result<()>;
+    /// out[b, :] = v[b, :, :] with every capsule zeroed but capsule idx[b] ([B, J·D]).
+    fn mask_fwd(
+        &self,
+        batch: usize,
+        caps: usize,
+        dim: usize,
+        v: &Self::Buf,
+        idx: &Self::Idx,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// dv[b, idx[b], :] += dout[b, idx[b]·D ..].
+    fn mask_bwd(
+        &self,
+        batch: usize,
+        caps: usize,
+        dim: usize,
+        dout: &Self::Buf,
+        idx: &Self::Idx,
+        dv: &mut Self::Buf,
+    ) -> Result<()>;
+    /// idx[r] = argmax_c x[r, c] (the first maximum).
+    fn argmax(&self, rows: usize, cols: usize, x: &Self::Buf, idx: &mut Self::Idx) -> Result<()>;
+
+    // ---- losses ---------------------------------------------------------------------------------
+    /// loss[0] = mean over the batch of Σ_k margin terms (see [`M_PLUS`]).
+    fn margin_loss_fwd(
+        &self,
+        batch: usize,
+        classes: usize,
+        l: &Self::Buf,
+        labels: &Self::Idx,
+        loss: &mut Self::Buf,
+    ) -> Result<()>;
+    fn margin_loss_bwd(
+        &self,
+        batch: usize,
+        classes: usize,
+        l: &Self::Buf,
+        labels: &Self::Idx,
+        dloss: &Self::Buf,
+        dl: &mut Self::Buf,
+    ) -> Result<()>;
+    /// loss[0] = scale · (1/rows) Σ (pred − target)²: per-row sums of squares, mean over rows.
+    fn sq_err_fwd(
+        &self,
+        rows: usize,
+        cols: usize,
+        pred: &Self::Buf,
+        target: &Self::Buf,
+        scale: f64,
+        loss: &mut Self::Buf,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn sq_err_bwd(
+        &self,
+        rows: usize,
+        cols: usize,
+        pred: &Self::Buf,
+        target: &Self::Buf,
+        scale: f64,
+        dloss: &Self::Buf,
+        dpred: &mut Self::Buf,
+    ) -> Result<()>;
+
+    // ---- optimiser ------------------------------------------------------------------------------
+    /// One Adam step (Kingma & Ba, Algorithm 1) over every parameter group.
+    fn adam_step(&self, hp: &AdamHyper, groups: &mut [AdamGroup<'_, Self>]) -> Result<()>;
+}

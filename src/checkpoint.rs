@@ -1,0 +1,200 @@
+//! Checkpoints as safetensors files, readable by PyTorch (`safetensors.torch.load_file`) and numpy.
+//!
+//! Tensors (F32): every parameter under its name in [`Config::param_specs`] (e.g. `conv1.weight`,
+//! [9, 9, 1, 256] HWIO), then the Adam moments as `adam.m.<name>` and `adam.v.<name>`.
+//! Metadata (strings): `format` = `capsnet/1`, `epoch` (completed epochs), `step` (Adam updates),
+//! `config` (the model config as JSON) and `train` (seed, batch size, learning rate, early-stopping
+//! state and data limits, as JSON). Files are written to a temporary name and renamed.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde_json::json;
+
+use crate::error::write_atomic;
+use crate::model::Config;
+use crate::{Error, Result};
+
+pub const FORMAT: &str = "capsnet/1";
+
+/// Training state beside the weights: everything a resumed run needs to continue exactly.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainState {
+    /// Completed epochs.
+    pub epoch: usize,
+    /// Adam updates made.
+    pub step: u64,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub patience: usize,
+    pub best_val_loss: Option<f64>,
+    /// Epochs since the validation loss last improved.
+    pub bad_epochs: usize,
+    pub limit: Option<usize>,
+    pub val_limit: Option<usize>,
+}
+
+impl TrainState {
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "seed": self.seed, "batch_size": self.batch_size, "lr": self.lr, "patience": self.patience,
+            "best_val_loss": self.best_val_loss, "bad_epochs": self.bad_epochs,
+            "limit": self.limit, "val_limit": self.val_limit,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    pub config: Config,
+    pub state: TrainState,
+    /// Parameter values in [`Config::param_specs`] order.
+    pub params: Vec<Vec<f32>>,
+    pub adam_m: Vec<Vec<f32>>,
+    pub adam_v: Vec<Vec<f32>>,
+}
+
+fn to_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+pub fn save(path: &Path, ck: &Checkpoint) -> Result<()> {
+    let specs = ck.config.param_specs();
+    let groups = [
+        ("", &ck.params),
+        ("adam.m.", &ck.adam_m),
+        ("adam.v.", &ck.adam_v),
+    ];
+    let mut named = vec![];
+    for (prefix, values) in groups {
+        if values.len() != specs.len() {
+            return Err(Error::file(
+                path,
+                format!(
+                    "{} {prefix}tensors for {} parameters",
+                    values.len(),
+                    specs.len()
+                ),
+            ));
+        }
+        for (spec, v) in specs.iter().zip(values.iter()) {
+            named.push((
+                format!("{prefix}{}", spec.name),
+                spec.shape.clone(),
+                to_bytes(v),
+            ));
+        }
+    }
+    let views = named
+        .iter()
+        .map(|(n, shape, bytes)| {
+            TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::file(path, format!("tensor {n}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta = HashMap::from([
+        ("format".to_string(), FORMAT.to_string()),
+        ("epoch".to_string(), ck.state.epoch.to_string()),
+        ("step".to_string(), ck.state.step.to_string()),
+        ("config".to_string(), ck.config.to_json().to_string()),
+        ("train".to_string(), ck.state.to_json().to_string()),
+    ]);
+    let bytes = safetensors::serialize(views, Some(meta))
+        .map_err(|e| Error::file(path, format!("cannot serialise: {e}")))?;
+    write_atomic(path, &bytes)
+}
+
+pub fn load(path: &Path) -> Result<Checkpoint> {
+    let bad = |what: String| Error::file(path, format!("not a valid capsnet checkpoint: {what}"));
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::file(path, format!("cannot read checkpoint: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("{e}")))?;
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("{e}")))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let get = |k: &str| {
+        meta.get(k)
+            .ok_or_else(|| bad(format!("metadata has no '{k}'")))
+    };
+    if get("format")? != FORMAT {
+        return Err(bad(format!(
+            "format '{}', expected '{FORMAT}'",
+            get("format")?
+        )));
+    }
+    let num = |k: &str| -> Result<u64> {
+        get(k)?
+            .parse()
+            .map_err(|_| bad(format!("metadata '{k}' is not a number")))
+    };
+    let parse_json = |k: &str| -> Result<serde_json::Value> {
+        serde_json::from_str(get(k)?).map_err(|e| bad(format!("metadata '{k}': {e}")))
+    };
+    let config = Config::from_json(&parse_json("config")?).map_err(|e| bad(e.to_string()))?;
+    let train = parse_json("train")?;
+    let field = |k: &str| train.get(k).cloned().unwrap_or(serde_json::Value::Null);
+    let req_u64 = |k: &str| {
+        field(k)
+            .as_u64()
+            .ok_or_else(|| bad(format!("train state has no integer '{k}'")))
+    };
+    let opt_usize = |k: &str| field(k).as_u64().map(|x| x as usize);
+    let state = TrainState {
+        epoch: num("epoch")? as usize,
+        step: num("step")?,
+        seed: req_u64("seed")?,
+        batch_size: req_u64("batch_size")? as usize,
+        lr: field("lr")
+            .as_f64()
+            .ok_or_else(|| bad("train state has no 'lr'".into()))?,
+        patience: req_u64("patience")? as usize,
+        best_val_loss: field("best_val_loss").as_f64(),
+        bad_epochs: req_u64("bad_epochs")? as usize,
+        limit: opt_usize("limit"),
+        val_limit: opt_usize("val_limit"),
+    };
+    let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+        let t = st
+            .tensor(name)
+            .map_err(|_| bad(format!("tensor '{name}' is missing")))?;
+        if t.dtype() != Dtype::F32 {
+            return Err(bad(format!(
+                "tensor '{name}' is {:?}, expected F32",
+                t.dtype()
+            )));
+        }
+        if t.shape() != shape {
+            return Err(bad(format!(
+                "tensor '{name}' has shape {:?}, the config needs {shape:?}",
+                t.shape()
+            )));
+        }
+        let v: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(bad(format!(
+                "tensor '{name}' holds a non-finite value at index {i}"
+            )));
+        }
+        Ok(v)
+    };
+    let specs = config.param_specs();
+    let group = |prefix: &str| -> Result<Vec<Vec<f32>>> {
+        specs
+            .iter()
+            .map(|s| read(&format!("{prefix}{}", s.name), &s.shape))
+            .collect()
+    };
+    Ok(Checkpoint {
+        params: group("")?,
+        adam_m: group("adam.m.")?,
+        adam_v: group("adam.v.")?,
+        config,
+        state,
+    })
+}

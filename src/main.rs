@@ -1,0 +1,236 @@
+//! The `capsnet` binary: train, evaluate, benchmark, fetch MNIST.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use capsnet::backend::cpu::CpuBackend;
+use capsnet::model::Config;
+use capsnet::train::{self, TrainOptions};
+use capsnet::{Error, Result, data};
+
+#[derive(Parser)]
+#[command(
+    name = "capsnet",
+    version,
+    about = "CapsNet (dynamic routing between capsules) training engine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train on MNIST (the last 5,000 training images validate), checkpointing every epoch.
+    Train(TrainArgs),
+    /// Test accuracy and confusion matrix of a checkpoint.
+    Eval(EvalArgs),
+    /// Time full training steps (forward, backward, Adam) on random images.
+    Bench(BenchArgs),
+    /// Fetch the four MNIST files, checked by SHA-256, into the data directory.
+    Download(DataArg),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Device {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+#[derive(Args)]
+struct DataArg {
+    /// Directory of the MNIST IDX files (raw or .gz).
+    #[arg(long, env = "CAPSNET_DATA", default_value = "data/mnist")]
+    data: PathBuf,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Routing-by-agreement rounds (the notebook: 2, the paper: 3).
+    #[arg(long, default_value_t = 2)]
+    routing: usize,
+    /// conv1 filters.
+    #[arg(long, default_value_t = 256)]
+    conv1_channels: usize,
+    /// Primary capsule types (each an 8-D capsule per 6x6 position).
+    #[arg(long, default_value_t = 32)]
+    primary_maps: usize,
+    /// Standard deviation of the N(0, σ) initialisation of W.
+    #[arg(long, default_value_t = 0.01)]
+    w_std: f64,
+}
+
+impl ModelArgs {
+    fn config(&self) -> Config {
+        Config {
+            routing_rounds: self.routing,
+            conv1_channels: self.conv1_channels,
+            primary_maps: self.primary_maps,
+            w_std: self.w_std,
+            ..Config::default()
+        }
+    }
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    data: DataArg,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Epochs to reach in total (a resumed run continues up to this count).
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    #[arg(long, default_value_t = 50)]
+    batch_size: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+    /// Run directory: checkpoints (last.safetensors, best.safetensors) and metrics.jsonl.
+    #[arg(long, default_value = "runs/capsnet")]
+    checkpoint_dir: PathBuf,
+    /// Continue from CHECKPOINT_DIR/last.safetensors with the same settings.
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this many epochs without a lower validation loss (0: never).
+    #[arg(long, default_value_t = 0)]
+    patience: usize,
+    /// Train on the first N training images only.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Validate on the first N validation images only.
+    #[arg(long)]
+    val_limit: Option<usize>,
+    /// Download MNIST into --data first if files are missing.
+    #[arg(long)]
+    download: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A checkpoint written by `capsnet train`.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[command(flatten)]
+    data: DataArg,
+    /// Evaluate the first N test images only.
+    #[arg(long)]
+    limit: Option<usize>,
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 50)]
+    batch_size: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+}
+
+/// The CPU backend until the CUDA backend lands.
+fn backend(device: Device) -> Result<CpuBackend<f32>> {
+    match device {
+        Device::Cpu | Device::Auto => Ok(CpuBackend::new()),
+        Device::Cuda => Err(Error::msg(
+            "--device cuda: the CUDA backend is not built yet; use --device cpu (or auto, which is the CPU for now)",
+        )),
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Train(a) => {
+            let be = backend(a.device)?;
+            if a.download && data::load(&a.data.data, data::Which::Train).is_err() {
+                for line in data::download(&a.data.data)? {
+                    eprintln!("{line}");
+                }
+            }
+            let opts = TrainOptions {
+                data_dir: a.data.data,
+                run_dir: a.checkpoint_dir,
+                config: a.model.config(),
+                epochs: a.epochs,
+                batch_size: a.batch_size,
+                lr: a.lr,
+                seed: a.seed,
+                patience: a.patience,
+                limit: a.limit,
+                val_limit: a.val_limit,
+                resume: a.resume,
+            };
+            train::train(be, &opts)?;
+            Ok(())
+        }
+        Cmd::Eval(a) => {
+            let be = backend(a.device)?;
+            let r = train::eval_checkpoint(be, &a.checkpoint, &a.data.data, a.limit, a.batch_size)?;
+            println!("test images: {}", r.images);
+            println!("test accuracy: {:.4}%", 100.0 * r.accuracy);
+            println!(
+                "test loss: {:.6} (margin {:.6}, reconstruction {:.6})",
+                r.loss, r.margin, r.recon
+            );
+            println!("confusion matrix (rows: true class, columns: predicted):");
+            print!("     ");
+            (0..r.confusion.len()).for_each(|c| print!("{c:>6}"));
+            println!();
+            for (t, row) in r.confusion.iter().enumerate() {
+                print!("{t:>4} ");
+                row.iter().for_each(|n| print!("{n:>6}"));
+                println!();
+            }
+            Ok(())
+        }
+        Cmd::Bench(a) => {
+            let be = backend(a.device)?;
+            let cfg = a.model.config();
+            println!("backend: {}", capsnet::backend::Backend::name(&be));
+            println!(
+                "model: {} parameters, {:.4} GFLOP per training image",
+                cfg.param_count(),
+                cfg.train_flops_per_image() / 1e9
+            );
+            let r = train::bench(be, cfg, a.batch_size, a.steps, a.warmup)?;
+            println!(
+                "batch {}: median {:.1} ms/step over {} steps, {:.1} images/s, {:.1} GFLOP/s",
+                r.batch_size, r.median_ms, r.steps, r.images_per_s, r.gflops
+            );
+            Ok(())
+        }
+        Cmd::Download(a) => {
+            for line in data::download(&a.data)? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

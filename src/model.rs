@@ -1,0 +1,377 @@
+//! The CapsNet of Géron's notebook (Sabour, Frosst & Hinton 2017), on any backend.
+//!
+//! ```text
+//! x [B,28,28,1] → conv1 9x9/1 ReLU → [B,20,20,C1]
+//!   → primary conv 9x9/2 ReLU → [B,6,6,M·8] → view [B, I=36·M, 8] → squash        (u)
+//!   → û = W[I,10,16,8] · u → routing by agreement (R rounds) → v [B,10,16]
+//!   → lengths ‖v‖ [B,10] → margin loss, prediction = argmax
+//!   → mask v (label when training, prediction when evaluating) [B,160]
+//!   → dense 512 ReLU → 1024 ReLU → 784 sigmoid → 0.0005 · Σ(recon − x)², mean over the batch
+//! ```
+//!
+//! Primary capsule layout (the notebook's reshape of the NHWC conv output): capsule
+//! i = (y·6 + x)·M + m is the 8 consecutive channels m·8 .. m·8+7 at grid position (y, x).
+
+use std::rc::Rc;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Normal, Uniform};
+
+use crate::backend::{Act, Backend};
+use crate::float::Float;
+use crate::tape::{Tape, Var};
+use crate::{Error, Result, ops};
+
+pub const IMAGE_SIDE: usize = 28;
+pub const IMAGE_PIXELS: usize = IMAGE_SIDE * IMAGE_SIDE;
+pub const KERNEL: usize = 9;
+pub const CONV1_OUT: usize = IMAGE_SIDE - KERNEL + 1; // 20
+pub const PRIMARY_SIDE: usize = (CONV1_OUT - KERNEL) / 2 + 1; // 6
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// conv1 filters (256).
+    pub conv1_channels: usize,
+    /// Primary capsule types M; the primary conv has M·caps1_dim filters (32 → 256).
+    pub primary_maps: usize,
+    pub caps1_dim: usize,
+    /// Digit capsules = classes (10).
+    pub classes: usize,
+    pub caps2_dim: usize,
+    pub routing_rounds: usize,
+    /// Standard deviation of W's normal initialisation.
+    pub w_std: f64,
+    pub decoder_hidden: [usize; 2],
+    pub recon_weight: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            conv1_channels: 256,
+            primary_maps: 32,
+            caps1_dim: 8,
+            classes: 10,
+            caps2_dim: 16,
+            routing_rounds: 2,
+            w_std: 0.01,
+            decoder_hidden: [512, 1024],
+            recon_weight: 0.0005,
+        }
+    }
+}
+
+/// How a parameter is initialised.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// Glorot (Xavier) uniform: U(±√(6 / (fan_in + fan_out))).
+    Glorot {
+        fan_in: usize,
+        fan_out: usize,
+    },
+    Normal {
+        std: f64,
+    },
+    Zeros,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub shape: Vec<usize>,
+    pub init: Init,
+}
+
+impl Config {
+    pub fn primary_caps(&self) -> usize {
+        PRIMARY_SIDE * PRIMARY_SIDE * self.primary_maps
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("conv1 channels", self.conv1_channels),
+            ("primary maps", self.primary_maps),
+            ("primary capsule dimension", self.caps1_dim),
+            ("classes", self.classes),
+            ("digit capsule dimension", self.caps2_dim),
+            ("routing rounds", self.routing_rounds),
+            ("decoder width", self.decoder_hidden[0]),
+            ("decoder width", self.decoder_hidden[1]),
+        ];
+        for (what, n) in positive {
+            if n == 0 {
+                return Err(Error::msg(format!(
+                    "model config: {what} must be at least 1"
+                )));
+            }
+        }
+        if !(self.w_std.is_finite() && self.w_std > 0.0) {
+            return Err(Error::msg(format!(
+                "model config: W init std must be positive, got {}",
+                self.w_std
+            )));
+        }
+        if !(self.recon_weight.is_finite() && self.recon_weight >= 0.0) {
+            return Err(Error::msg(format!(
+                "model config: reconstruction weight must be ≥ 0, got {}",
+                self.recon_weight
+            )));
+        }
+        Ok(())
+    }
+
+    /// Every parameter in order: name (as in checkpoints), shape, initialiser.
+    pub fn param_specs(&self) -> Vec<ParamSpec> {
+        let (c1, pc) = (self.conv1_channels, self.primary_maps * self.caps1_dim);
+        let kk = KERNEL * KERNEL;
+        let caps_out = self.classes * self.caps2_dim;
+        let [h1, h2] = self.decoder_hidden;
+        let glorot = |fan_in, fan_out| Init::Glorot { fan_in, fan_out };
+        let p = |name, shape: &[usize], init| ParamSpec {
+            name,
+            shape: shape.to_vec(),
+            init,
+        };
+        vec![
+            p(
+                "conv1.weight",
+                &[KERNEL, KERNEL, 1, c1],
+                glorot(kk, kk * c1),
+            ),
+            p("conv1.bias", &[c1], Init::Zeros),
+            p(
+                "primary.weight",
+                &[KERNEL, KERNEL, c1, pc],
+                glorot(kk * c1, kk * pc),
+            ),
+            p("primary.bias", &[pc], Init::Zeros),
+            p(
+                "digit.W",
+                &[
+                    self.primary_caps(),
+                    self.classes,
+                    self.caps2_dim,
+                    self.caps1_dim,
+                ],
+                Init::Normal { std: self.w_std },
+            ),
+            p("decoder.fc1.weight", &[caps_out, h1], glorot(caps_out, h1)),
+            p("decoder.fc1.bias", &[h1], Init::Zeros),
+            p("decoder.fc2.weight", &[h1, h2], glorot(h1, h2)),
+            p("decoder.fc2.bias", &[h2], Init::Zeros),
+            p(
+                "decoder.fc3.weight",
+                &[h2, IMAGE_PIXELS],
+                glorot(h2, IMAGE_PIXELS),
+            ),
+            p("decoder.fc3.bias", &[IMAGE_PIXELS], Init::Zeros),
+        ]
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.param_specs()
+            .iter()
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum()
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "conv1_channels": self.conv1_channels,
+            "primary_maps": self.primary_maps,
+            "caps1_dim": self.caps1_dim,
+            "classes": self.classes,
+            "caps2_dim": self.caps2_dim,
+            "routing_rounds": self.routing_rounds,
+            "w_std": self.w_std,
+            "decoder_hidden": self.decoder_hidden,
+            "recon_weight": self.recon_weight,
+        })
+    }
+
+    pub fn from_json(v: &serde_json::Value) -> Result<Config> {
+        let n = |k: &str| -> Result<usize> {
+            v.get(k)
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+                .ok_or_else(|| Error::msg(format!("model config: missing or non-integer '{k}'")))
+        };
+        let f = |k: &str| -> Result<f64> {
+            v.get(k)
+                .and_then(|x| x.as_f64())
+                .ok_or_else(|| Error::msg(format!("model config: missing or non-numeric '{k}'")))
+        };
+        let hidden = v
+            .get("decoder_hidden")
+            .and_then(|x| x.as_array())
+            .filter(|a| a.len() == 2 && a.iter().all(|x| x.as_u64().is_some()))
+            .ok_or_else(|| Error::msg("model config: 'decoder_hidden' must be two integers"))?;
+        let cfg = Config {
+            conv1_channels: n("conv1_channels")?,
+            primary_maps: n("primary_maps")?,
+            caps1_dim: n("caps1_dim")?,
+            classes: n("classes")?,
+            caps2_dim: n("caps2_dim")?,
+            routing_rounds: n("routing_rounds")?,
+            w_std: f("w_std")?,
+            decoder_hidden: [
+                hidden[0].as_u64().unwrap_or(0) as usize,
+                hidden[1].as_u64().unwrap_or(0) as usize,
+            ],
+            recon_weight: f("recon_weight")?,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// Initial values of every parameter, in [`Config::param_specs`] order, from one seeded generator.
+pub fn init_params(cfg: &Config, seed: u64) -> Vec<Vec<f64>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    cfg.param_specs()
+        .iter()
+        .map(|spec| {
+            let n: usize = spec.shape.iter().product();
+            match spec.init {
+                Init::Zeros => vec![0.0; n],
+                Init::Normal { std } => {
+                    let d = Normal::new(0.0, std).expect("std validated positive");
+                    (0..n).map(|_| d.sample(&mut rng)).collect()
+                }
+                Init::Glorot { fan_in, fan_out } => {
+                    let lim = (6.0 / (fan_in + fan_out) as f64).sqrt();
+                    let d = Uniform::new(-lim, lim).expect("a non-empty range");
+                    (0..n).map(|_| d.sample(&mut rng)).collect()
+                }
+            }
+        })
+        .collect()
+}
+
+/// The model: its config and the tape variables of its parameters.
+pub struct CapsNet {
+    pub cfg: Config,
+    /// Parameter variables in [`Config::param_specs`] order.
+    pub params: Vec<Var>,
+}
+
+/// The variables of one forward pass.
+pub struct Forward<Idx> {
+    pub v: Var,
+    /// Capsule lengths [B, classes]: the class probabilities.
+    pub lengths: Var,
+    /// The predicted class of every image.
+    pub pred: Rc<Idx>,
+    pub recon: Var,
+    pub margin: Var,
+    /// The reconstruction term of the loss, weight included.
+    pub recon_loss: Var,
+    pub loss: Var,
+}
+
+impl CapsNet {
+    /// Puts the parameters on the tape (which must hold nothing yet), initialised from `values`
+    /// (in [`Config::param_specs`] order, e.g. from [`init_params`] or a checkpoint).
+    pub fn new<B: Backend>(
+        cfg: Config,
+        tape: &mut Tape<B>,
+        values: &[Vec<f64>],
+    ) -> Result<CapsNet> {
+        cfg.validate()?;
+        let specs = cfg.param_specs();
+        if values.len() != specs.len() {
+            return Err(Error::msg(format!(
+                "model: {} parameter tensors given, {} expected",
+                values.len(),
+                specs.len()
+            )));
+        }
+        let mut params = vec![];
+        for (spec, vals) in specs.iter().zip(values) {
+            let host: Vec<B::E> = vals.iter().map(|&x| B::E::from_f64(x)).collect();
+            let buf = tape.backend().upload(&host)?;
+            params.push(
+                tape.param(buf, &spec.shape)
+                    .map_err(|e| Error::msg(format!("{}: {e}", spec.name)))?,
+            );
+        }
+        Ok(CapsNet { cfg, params })
+    }
+
+    /// Runs the network on `images` ([B·784] pixels in [0, 1]) with `labels` [B]. The decoder sees
+    /// the label's capsule when `mask_with_labels`, else the predicted one's.
+    pub fn forward<B: Backend>(
+        &self,
+        t: &mut Tape<B>,
+        images: &[B::E],
+        labels: &[u32],
+        mask_with_labels: bool,
+    ) -> Result<Forward<B::Idx>> {
+        let batch = labels.len();
+        if images.len() != batch * IMAGE_PIXELS {
+            return Err(Error::msg(format!(
+                "model: {} pixels for {batch} labels",
+                images.len()
+            )));
+        }
+        let p = &self.params;
+        let cfg = &self.cfg;
+        let x = t.input(
+            t.backend().upload(images)?,
+            &[batch, IMAGE_SIDE, IMAGE_SIDE, 1],
+        )?;
+        let h = ops::conv2d(t, x, p[0], p[1], 1, Act::Relu)?;
+        let prim = ops::conv2d(t, h, p[2], p[3], 2, Act::Relu)?;
+        t.reshape(prim, &[batch, cfg.primary_caps(), cfg.caps1_dim])?;
+        let u = ops::squash(t, prim)?;
+        let uhat = ops::predict(t, u, p[4])?;
+        let v = ops::routing(t, uhat, cfg.routing_rounds)?;
+        let lengths = ops::lengths(t, v)?;
+        let pred = ops::argmax(t, lengths)?;
+        let label_idx = Rc::new(t.backend().upload_idx(labels)?);
+        let margin = ops::margin_loss(t, lengths, label_idx.clone())?;
+        let masked = ops::mask(
+            t,
+            v,
+            if mask_with_labels {
+                label_idx
+            } else {
+                pred.clone()
+            },
+        )?;
+        let d1 = ops::dense(t, masked, p[5], p[6], Act::Relu)?;
+        let d2 = ops::dense(t, d1, p[7], p[8], Act::Relu)?;
+        let recon = ops::dense(t, d2, p[9], p[10], Act::Sigmoid)?;
+        // the image is the reconstruction target: view it as [B, 784] (conv1 kept its own shape)
+        t.reshape(x, &[batch, IMAGE_PIXELS])?;
+        let recon_loss = ops::sq_err(t, recon, x, cfg.recon_weight)?;
+        let loss = ops::add(t, margin, recon_loss)?;
+        Ok(Forward {
+            v,
+            lengths,
+            pred,
+            recon,
+            margin,
+            recon_loss,
+            loss,
+        })
+    }
+}
+
+impl Config {
+    /// FLOPs of one training step per image (forward + both backward GEMMs; conv1 has no input
+    /// gradient), the cost model of the PyTorch peer: 1.2004 GFLOP for the default config.
+    pub fn train_flops_per_image(&self) -> f64 {
+        let (c1, pc) = (self.conv1_channels, self.primary_maps * self.caps1_dim);
+        let kk = KERNEL * KERNEL;
+        let conv1 = CONV1_OUT * CONV1_OUT * c1 * kk;
+        let conv2 = PRIMARY_SIDE * PRIMARY_SIDE * pc * c1 * kk;
+        let caps = self.primary_caps() * self.classes * self.caps2_dim;
+        let uhat = caps * self.caps1_dim;
+        let routing = (2 * self.routing_rounds - 1) * caps;
+        let [h1, h2] = self.decoder_hidden;
+        let decoder = self.classes * self.caps2_dim * h1 + h1 * h2 + h2 * IMAGE_PIXELS;
+        2.0 * (2 * conv1 + 3 * (conv2 + uhat + routing + decoder)) as f64
+    }
+}

@@ -1,0 +1,148 @@
+//! Losses and the scalar sum that joins them.
+//! - margin_loss: lengths [B, K], labels → [1], mean over the batch of the paper's margin terms
+//! - sq_err: pred [B, P], target [B, P] → [1], scale · mean over the batch of Σ_p (pred − target)²
+//! - add: a + b, same shapes
+
+use std::rc::Rc;
+
+use super::shape_err;
+use crate::Result;
+use crate::backend::Backend;
+use crate::tape::{BackwardOp, Ctx, GradStore, Tape, Var};
+
+pub fn margin_loss<B: Backend>(t: &mut Tape<B>, l: Var, labels: Rc<B::Idx>) -> Result<Var> {
+    let ls = &t.value(l).shape;
+    if ls.len() != 2 {
+        return shape_err("margin_loss", format!("needs lengths [B, K], got {ls:?}"));
+    }
+    let (batch, classes) = (ls[0], ls[1]);
+    let mut loss = t.backend().zeros(1)?;
+    t.backend()
+        .margin_loss_fwd(batch, classes, &t.value(l).buf, &labels, &mut loss)?;
+    t.push_op(
+        loss,
+        &[1],
+        &[l],
+        MarginBackward::<B> {
+            l,
+            batch,
+            classes,
+            labels,
+        },
+    )
+}
+
+struct MarginBackward<B: Backend> {
+    l: Var,
+    batch: usize,
+    classes: usize,
+    labels: Rc<B::Idx>,
+}
+
+impl<B: Backend> BackwardOp<B> for MarginBackward<B> {
+    fn name(&self) -> &'static str {
+        "margin_loss"
+    }
+    fn backward(&self, ctx: &Ctx<'_, B>, g: &mut GradStore<'_, B>) -> Result<()> {
+        if let Some(dl) = g.get(self.l)? {
+            ctx.backend.margin_loss_bwd(
+                self.batch,
+                self.classes,
+                ctx.value(self.l),
+                &self.labels,
+                ctx.dout,
+                dl,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+pub fn sq_err<B: Backend>(t: &mut Tape<B>, pred: Var, target: Var, scale: f64) -> Result<Var> {
+    let (ps, ts) = (&t.value(pred).shape, &t.value(target).shape);
+    if ps.len() != 2 || ps != ts {
+        return shape_err(
+            "sq_err",
+            format!("pred {ps:?} and target {ts:?} must both be [B, P]"),
+        );
+    }
+    let (rows, cols) = (ps[0], ps[1]);
+    let mut loss = t.backend().zeros(1)?;
+    t.backend().sq_err_fwd(
+        rows,
+        cols,
+        &t.value(pred).buf,
+        &t.value(target).buf,
+        scale,
+        &mut loss,
+    )?;
+    t.push_op(
+        loss,
+        &[1],
+        &[pred, target],
+        SqErrBackward {
+            pred,
+            target,
+            rows,
+            cols,
+            scale,
+        },
+    )
+}
+
+struct SqErrBackward {
+    pred: Var,
+    target: Var,
+    rows: usize,
+    cols: usize,
+    scale: f64,
+}
+
+impl<B: Backend> BackwardOp<B> for SqErrBackward {
+    fn name(&self) -> &'static str {
+        "sq_err"
+    }
+    fn backward(&self, ctx: &Ctx<'_, B>, g: &mut GradStore<'_, B>) -> Result<()> {
+        let (p, tg) = (ctx.value(self.pred), ctx.value(self.target));
+        if let Some(dp) = g.get(self.pred)? {
+            ctx.backend
+                .sq_err_bwd(self.rows, self.cols, p, tg, self.scale, ctx.dout, dp)?;
+        }
+        // the target's gradient is the prediction's with the sign flipped: swap the two
+        if let Some(dt) = g.get(self.target)? {
+            ctx.backend
+                .sq_err_bwd(self.rows, self.cols, tg, p, self.scale, ctx.dout, dt)?;
+        }
+        Ok(())
+    }
+}
+
+pub fn add<B: Backend>(t: &mut Tape<B>, a: Var, b: Var) -> Result<Var> {
+    let (as_, bs) = (t.value(a).shape.clone(), &t.value(b).shape);
+    if &as_ != bs {
+        return shape_err("add", format!("shapes {as_:?} and {bs:?} differ"));
+    }
+    let mut out = t.backend().zeros(t.value(a).numel())?;
+    t.backend()
+        .add_fwd(&t.value(a).buf, &t.value(b).buf, &mut out)?;
+    t.push_op(out, &as_, &[a, b], AddBackward { a, b })
+}
+
+struct AddBackward {
+    a: Var,
+    b: Var,
+}
+
+impl<B: Backend> BackwardOp<B> for AddBackward {
+    fn name(&self) -> &'static str {
+        "add"
+    }
+    fn backward(&self, ctx: &Ctx<'_, B>, g: &mut GradStore<'_, B>) -> Result<()> {
+        for v in [self.a, self.b] {
+            if let Some(d) = g.get(v)? {
+                ctx.backend.add_assign(d, ctx.dout)?;
+            }
+        }
+        Ok(())
+    }
+}

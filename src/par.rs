@@ -1,0 +1,72 @@
+//! Deterministic data parallelism on scoped std threads, for the CPU reference.
+//!
+//! Work is split into contiguous ranges of output rows and every row is written by exactly one
+//! thread, in a fixed order, so results are bit-identical whatever the thread count: the CPU
+//! reference must be reproducible (resume equals an uninterrupted run).
+
+use std::sync::OnceLock;
+
+/// Below this many units of work a loop runs on the calling thread: spawning costs ~10 µs a thread.
+const MIN_PARALLEL_WORK: usize = 1 << 16;
+
+pub fn threads() -> usize {
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    })
+}
+
+/// Calls `f(row_index, row)` for each `row_len`-long row of `out`. `work_per_row` is a rough cost
+/// used to decide whether threads are worth starting.
+pub fn par_rows<T: Send>(
+    out: &mut [T],
+    row_len: usize,
+    work_per_row: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    if row_len == 0 {
+        return;
+    }
+    let rows = out.len() / row_len;
+    let nt = threads().min(rows).max(1);
+    if nt == 1 || rows.saturating_mul(work_per_row.max(1)) < MIN_PARALLEL_WORK {
+        for (r, row) in out.chunks_mut(row_len).enumerate() {
+            f(r, row);
+        }
+        return;
+    }
+    let per = rows.div_ceil(nt);
+    std::thread::scope(|sc| {
+        for (t, chunk) in out.chunks_mut(per * row_len).enumerate() {
+            let f = &f;
+            sc.spawn(move || {
+                for (k, row) in chunk.chunks_mut(row_len).enumerate() {
+                    f(t * per + k, row);
+                }
+            });
+        }
+    });
+}
+
+/// `(0..n).map(f).collect()`, with the indices split into contiguous ranges over the threads.
+pub fn par_map<R: Send>(n: usize, work_per_item: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
+    let nt = threads().min(n).max(1);
+    if nt == 1 || n.saturating_mul(work_per_item.max(1)) < MIN_PARALLEL_WORK {
+        return (0..n).map(f).collect();
+    }
+    let per = n.div_ceil(nt);
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..nt)
+            .map(|t| {
+                let f = &f;
+                sc.spawn(move || (t * per..((t + 1) * per).min(n)).map(f).collect::<Vec<R>>())
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("worker thread panicked"))
+            .collect()
+    })
+}

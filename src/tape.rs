@@ -1,0 +1,293 @@
+//! A thin reverse-mode autodiff tape.
+//!
+//! - Values live in the tape, addressed by [`Var`]. The first variables are the model's parameters
+//!   ([`Tape::param`]); they persist across steps, while [`Tape::reset`] drops everything recorded
+//!   after them.
+//! - Each op's forward (in [`crate::ops`]) computes its output through the backend and pushes a
+//!   node: a boxed [`BackwardOp`] holding the input variables and whatever else its backward needs.
+//!   There is no central dispatcher: each op owns its backward.
+//! - [`Tape::backward`] zeroes every gradient, seeds d(loss) = 1 and replays the nodes in reverse.
+//! - The accumulation rule: a backward ADDS into the gradients of its inputs
+//!   ([`GradStore::get`] hands out zero-initialised buffers), so a variable used by several ops
+//!   (fan-out) receives the sum of their contributions.
+
+use crate::backend::Backend;
+use crate::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Var(pub(crate) usize);
+
+impl Var {
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+pub struct Tensor<B: Backend> {
+    pub buf: B::Buf,
+    pub shape: Vec<usize>,
+}
+
+impl<B: Backend> Tensor<B> {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Read access to the values during a backward pass, plus the gradient of the node's output.
+pub struct Ctx<'a, B: Backend> {
+    pub backend: &'a B,
+    values: &'a [Tensor<B>],
+    /// The node's output variable.
+    pub out: Var,
+    /// d(loss)/d(out).
+    pub dout: &'a B::Buf,
+}
+
+impl<B: Backend> Ctx<'_, B> {
+    pub fn value(&self, v: Var) -> &B::Buf {
+        &self.values[v.0].buf
+    }
+    pub fn shape(&self, v: Var) -> &[usize] {
+        &self.values[v.0].shape
+    }
+    /// The node's own output value.
+    pub fn y(&self) -> &B::Buf {
+        self.value(self.out)
+    }
+}
+
+/// Gradient buffers, handed out for accumulation.
+pub struct GradStore<'a, B: Backend> {
+    backend: &'a B,
+    lens: &'a [usize],
+    needs: &'a [bool],
+    grads: &'a mut [Option<B::Buf>],
+}
+
+impl<B: Backend> GradStore<'_, B> {
+    /// The gradient buffer of `v` to add into, allocated as zeros on first use; `None` when no
+    /// gradient flows to `v` (a data input, or a value computed only from such inputs), so the op can
+    /// skip that part of its backward.
+    pub fn get(&mut self, v: Var) -> Result<Option<&mut B::Buf>> {
+        if !self.needs[v.0] {
+            return Ok(None);
+        }
+        if self.grads[v.0].is_none() {
+            self.grads[v.0] = Some(self.backend.zeros(self.lens[v.0])?);
+        }
+        Ok(self.grads[v.0].as_mut())
+    }
+}
+
+pub trait BackwardOp<B: Backend> {
+    fn name(&self) -> &'static str;
+    /// Adds this op's contribution to the gradients of its inputs.
+    fn backward(&self, ctx: &Ctx<'_, B>, grads: &mut GradStore<'_, B>) -> Result<()>;
+}
+
+struct Node<B: Backend> {
+    op: Box<dyn BackwardOp<B>>,
+    out: Var,
+}
+
+pub struct Tape<B: Backend> {
+    backend: B,
+    values: Vec<Tensor<B>>,
+    needs: Vec<bool>,
+    grads: Vec<Option<B::Buf>>,
+    nodes: Vec<Node<B>>,
+    n_params: usize,
+    recording: bool,
+}
+
+impl<B: Backend> Tape<B> {
+    pub fn new(backend: B) -> Self {
+        Tape {
+            backend,
+            values: vec![],
+            needs: vec![],
+            grads: vec![],
+            nodes: vec![],
+            n_params: 0,
+            recording: true,
+        }
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Adds a trainable parameter. Parameters come before every other variable.
+    pub fn param(&mut self, buf: B::Buf, shape: &[usize]) -> Result<Var> {
+        if self.values.len() != self.n_params {
+            return Err(Error::msg(
+                "tape: parameters must be added before any other variable",
+            ));
+        }
+        let v = self.push_value(buf, shape, true)?;
+        self.n_params += 1;
+        Ok(v)
+    }
+
+    /// Adds a value no gradient flows to (images, targets).
+    pub fn input(&mut self, buf: B::Buf, shape: &[usize]) -> Result<Var> {
+        self.push_value(buf, shape, false)
+    }
+
+    /// Adds a value that receives a gradient but is not a parameter (tests, gradient checks).
+    pub fn leaf(&mut self, buf: B::Buf, shape: &[usize]) -> Result<Var> {
+        self.push_value(buf, shape, true)
+    }
+
+    fn push_value(&mut self, buf: B::Buf, shape: &[usize], needs: bool) -> Result<Var> {
+        let n: usize = shape.iter().product();
+        if self.backend.buf_len(&buf) != n {
+            return Err(Error::msg(format!(
+                "tape: buffer of {} elements for shape {shape:?}",
+                self.backend.buf_len(&buf)
+            )));
+        }
+        self.values.push(Tensor {
+            buf,
+            shape: shape.to_vec(),
+        });
+        self.needs.push(needs);
+        self.grads.push(None);
+        Ok(Var(self.values.len() - 1))
+    }
+
+    /// Records an op's output. `op` is kept for the backward pass when any input needs a gradient
+    /// and the tape is recording; otherwise the output is a constant.
+    pub fn push_op(
+        &mut self,
+        buf: B::Buf,
+        shape: &[usize],
+        inputs: &[Var],
+        op: impl BackwardOp<B> + 'static,
+    ) -> Result<Var> {
+        let needs = self.recording && inputs.iter().any(|v| self.needs[v.0]);
+        let out = self.push_value(buf, shape, needs)?;
+        if needs {
+            self.nodes.push(Node {
+                op: Box::new(op),
+                out,
+            });
+        }
+        Ok(out)
+    }
+
+    /// While off, ops record nothing (evaluation): no backward state is kept.
+    pub fn set_recording(&mut self, on: bool) {
+        self.recording = on;
+    }
+
+    /// Drops every variable but the parameters, ready for the next step.
+    pub fn reset(&mut self) {
+        self.values.truncate(self.n_params);
+        self.needs.truncate(self.n_params);
+        self.grads.truncate(self.n_params);
+        self.nodes.clear();
+    }
+
+    pub fn value(&self, v: Var) -> &Tensor<B> {
+        &self.values[v.0]
+    }
+
+    /// Gives `v` a new shape with the same number of elements (a view: the buffer is unchanged).
+    pub fn reshape(&mut self, v: Var, shape: &[usize]) -> Result<()> {
+        let t = &mut self.values[v.0];
+        if shape.iter().product::<usize>() != t.numel() {
+            return Err(Error::msg(format!(
+                "tape: cannot reshape {:?} to {shape:?}",
+                t.shape
+            )));
+        }
+        t.shape = shape.to_vec();
+        Ok(())
+    }
+
+    /// Overwrites the value of a parameter or input (loading a checkpoint, perturbing for a check).
+    pub fn set_value(&mut self, v: Var, buf: B::Buf) -> Result<()> {
+        let n = self.backend.buf_len(&buf);
+        if n != self.values[v.0].numel() {
+            return Err(Error::msg(format!(
+                "tape: value of {n} elements for shape {:?}",
+                self.values[v.0].shape
+            )));
+        }
+        self.values[v.0].buf = buf;
+        Ok(())
+    }
+
+    pub fn grad(&self, v: Var) -> Option<&B::Buf> {
+        self.grads[v.0].as_ref()
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.n_params
+    }
+
+    /// The names of the recorded ops, in forward order.
+    pub fn op_names(&self) -> Vec<&'static str> {
+        self.nodes.iter().map(|n| n.op.name()).collect()
+    }
+
+    /// Each parameter's value and gradient (zeros if no gradient reached it), for the optimiser.
+    #[allow(clippy::type_complexity)]
+    pub fn params_and_grads(&mut self) -> Result<(&B, Vec<(&mut B::Buf, &B::Buf)>)> {
+        for p in 0..self.n_params {
+            if self.grads[p].is_none() {
+                self.grads[p] = Some(self.backend.zeros(self.values[p].numel())?);
+            }
+        }
+        let (vals, grads) = (
+            &mut self.values[..self.n_params],
+            &self.grads[..self.n_params],
+        );
+        let pairs = vals
+            .iter_mut()
+            .zip(grads)
+            .map(|(v, g)| (&mut v.buf, g.as_ref().expect("allocated above")));
+        Ok((&self.backend, pairs.collect()))
+    }
+
+    /// Computes d(loss)/d(v) for every variable that needs a gradient. `loss` must hold one value.
+    pub fn backward(&mut self, loss: Var) -> Result<()> {
+        if self.values[loss.0].numel() != 1 {
+            return Err(Error::msg(format!(
+                "tape: backward needs a scalar loss, got shape {:?}",
+                self.values[loss.0].shape
+            )));
+        }
+        for g in self.grads.iter_mut().flatten() {
+            self.backend.fill(g, 0.0)?;
+        }
+        let mut seed = self.backend.zeros(1)?;
+        self.backend.fill(&mut seed, 1.0)?;
+        self.grads[loss.0] = Some(seed);
+        let lens: Vec<usize> = self.values.iter().map(|t| t.numel()).collect();
+        for node in self.nodes.iter().rev() {
+            // every consumer of `out` was recorded after it, so its gradient is complete here
+            let Some(dout) = self.grads[node.out.0].take() else {
+                continue;
+            };
+            let ctx = Ctx {
+                backend: &self.backend,
+                values: &self.values,
+                out: node.out,
+                dout: &dout,
+            };
+            let mut store = GradStore {
+                backend: &self.backend,
+                lens: &lens,
+                needs: &self.needs,
+                grads: &mut self.grads,
+            };
+            let res = node.op.backward(&ctx, &mut store);
+            self.grads[node.out.0] = Some(dout);
+            res.map_err(|e| Error::msg(format!("backward of {}: {e}", node.op.name())))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,599 @@
+//! The training loop, evaluation and the step benchmark, generic over the backend.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+
+use crate::adam::Adam;
+use crate::backend::Backend;
+use crate::checkpoint::{self, Checkpoint, TrainState};
+use crate::data::{self, Split, Which};
+use crate::float::Float;
+use crate::model::{CapsNet, Config, IMAGE_PIXELS, init_params};
+use crate::tape::Tape;
+use crate::{Error, Result};
+
+pub const LAST: &str = "last.safetensors";
+pub const BEST: &str = "best.safetensors";
+pub const METRICS: &str = "metrics.jsonl";
+
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub data_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub config: Config,
+    /// Total epochs to reach (a resumed run continues up to this count).
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub seed: u64,
+    /// Stop after this many epochs without a better validation loss (0: never).
+    pub patience: usize,
+    pub limit: Option<usize>,
+    pub val_limit: Option<usize>,
+    /// Continue from `run_dir/last.safetensors`.
+    pub resume: bool,
+}
+
+/// Per-epoch figures, as written to `metrics.jsonl`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub step: u64,
+    pub train_loss: f64,
+    pub train_margin: f64,
+    pub train_recon: f64,
+    pub train_acc: f64,
+    pub val_loss: f64,
+    pub val_acc: f64,
+    pub seconds: f64,
+    pub images_per_s: f64,
+}
+
+impl EpochMetrics {
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "epoch": self.epoch, "step": self.step,
+            "train_loss": self.train_loss, "train_margin": self.train_margin,
+            "train_recon": self.train_recon, "train_acc": self.train_acc,
+            "val_loss": self.val_loss, "val_acc": self.val_acc,
+            "seconds": self.seconds, "images_per_s": self.images_per_s,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct EvalReport {
+    pub loss: f64,
+    pub margin: f64,
+    pub recon: f64,
+    pub accuracy: f64,
+    pub images: usize,
+    /// confusion[true][predicted].
+    pub confusion: Vec<Vec<usize>>,
+}
+
+/// Sums of batch figures weighted by batch size.
+#[derive(Default)]
+struct Running {
+    loss: f64,
+    margin: f64,
+    recon: f64,
+    correct: usize,
+    images: usize,
+}
+
+impl Running {
+    fn mean(&self, x: f64) -> f64 {
+        x / self.images.max(1) as f64
+    }
+}
+
+/// A one-line progress bar on stderr: redrawn in place on a terminal, a line per quarter otherwise.
+struct Progress {
+    label: String,
+    total: usize,
+    start: Instant,
+    last: Option<Instant>,
+    tty: bool,
+    quarter: usize,
+}
+
+impl Progress {
+    fn new(label: String, total: usize) -> Self {
+        Progress {
+            label,
+            total,
+            start: Instant::now(),
+            last: None,
+            tty: std::io::stderr().is_terminal(),
+            quarter: 0,
+        }
+    }
+    fn update(&mut self, done: usize, r: &Running) {
+        let now = Instant::now();
+        let finished = done == self.total;
+        let line = || {
+            let frac = done as f64 / self.total.max(1) as f64;
+            let filled = (frac * 24.0) as usize;
+            format!(
+                "{} [{}{}] {done}/{} loss {:.4} acc {:.2}% {:.0} img/s",
+                self.label,
+                "#".repeat(filled),
+                ".".repeat(24 - filled),
+                self.total,
+                r.mean(r.loss),
+                100.0 * r.mean(r.correct as f64),
+                done as f64 / self.start.elapsed().as_secs_f64().max(1e-9),
+            )
+        };
+        let mut err = std::io::stderr();
+        if self.tty {
+            if finished
+                || self
+                    .last
+                    .is_none_or(|t| now.duration_since(t).as_millis() >= 100)
+            {
+                let _ = write!(
+                    err,
+                    "\r{}\x1b[K{}",
+                    line(),
+                    if finished { "\n" } else { "" }
+                );
+                self.last = Some(now);
+            }
+        } else {
+            let q = done * 4 / self.total.max(1);
+            if q > self.quarter || finished {
+                self.quarter = q;
+                let _ = writeln!(err, "{}", line());
+            }
+        }
+    }
+}
+
+/// Pixels of batch `idx` on the host, as the backend's element type.
+fn host_batch<B: Backend>(split: &Split, idx: &[usize]) -> (Vec<B::E>, Vec<u32>) {
+    split.batch::<B::E>(idx)
+}
+
+fn scalar<B: Backend>(t: &Tape<B>, v: crate::tape::Var) -> Result<f64> {
+    Ok(t.backend().download(&t.value(v).buf)?[0].to_f64())
+}
+
+/// Evaluates on `split` with the decoder masked by the predicted class (as at test time).
+pub fn evaluate<B: Backend>(
+    tape: &mut Tape<B>,
+    model: &CapsNet,
+    split: &Split,
+    batch_size: usize,
+    label: &str,
+) -> Result<EvalReport> {
+    let classes = model.cfg.classes;
+    let mut confusion = vec![vec![0usize; classes]; classes];
+    let mut r = Running::default();
+    let mut bar = Progress::new(label.to_string(), split.len());
+    tape.set_recording(false);
+    let idx: Vec<usize> = (0..split.len()).collect();
+    let out = (|| {
+        for chunk in idx.chunks(batch_size.max(1)) {
+            tape.reset();
+            let (x, y) = host_batch::<B>(split, chunk);
+            let f = model.forward(tape, &x, &y, false)?;
+            let pred = tape.backend().download_idx(&f.pred)?;
+            let n = chunk.len() as f64;
+            r.loss += n * scalar(tape, f.loss)?;
+            r.margin += n * scalar(tape, f.margin)?;
+            r.recon += n * scalar(tape, f.recon_loss)?;
+            for (&t, &p) in y.iter().zip(&pred) {
+                confusion[t as usize][p as usize] += 1;
+                r.correct += (t == p) as usize;
+            }
+            r.images += chunk.len();
+            bar.update(r.images, &r);
+        }
+        Ok(())
+    })();
+    tape.set_recording(true);
+    tape.reset();
+    out?;
+    Ok(EvalReport {
+        loss: r.mean(r.loss),
+        margin: r.mean(r.margin),
+        recon: r.mean(r.recon),
+        accuracy: r.mean(r.correct as f64),
+        images: r.images,
+        confusion,
+    })
+}
+
+/// The shuffle of epoch `epoch` (0-based): a function of the seed and the epoch only, so a resumed
+/// run sees the same batches as an uninterrupted one.
+pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    let mut rng =
+        StdRng::seed_from_u64(seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    idx.shuffle(&mut rng);
+    idx
+}
+
+fn snapshot<B: Backend>(
+    tape: &Tape<B>,
+    adam: &Adam<B>,
+    model: &CapsNet,
+    state: TrainState,
+) -> Result<Checkpoint> {
+    let be = tape.backend();
+    let f32s = |buf: &B::Buf| -> Result<Vec<f32>> {
+        Ok(be
+            .download(buf)?
+            .iter()
+            .map(|x| x.to_f64() as f32)
+            .collect())
+    };
+    Ok(Checkpoint {
+        config: model.cfg.clone(),
+        state,
+        params: model
+            .params
+            .iter()
+            .map(|&p| f32s(&tape.value(p).buf))
+            .collect::<Result<_>>()?,
+        adam_m: adam.m.iter().map(f32s).collect::<Result<_>>()?,
+        adam_v: adam.v.iter().map(f32s).collect::<Result<_>>()?,
+    })
+}
+
+fn upload_all<B: Backend>(be: &B, host: &[Vec<f32>]) -> Result<Vec<B::Buf>> {
+    host.iter()
+        .map(|v| {
+            be.upload(
+                &v.iter()
+                    .map(|&x| B::E::from_f64(x as f64))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .collect()
+}
+
+/// Keeps the lines of `metrics.jsonl` for epochs ≤ `epoch` (a resumed run rewrites what follows).
+fn truncate_metrics(path: &Path, epoch: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("epoch").and_then(|e| e.as_u64()))
+                .is_some_and(|e| e as usize <= epoch)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::error::write_atomic(path, kept.as_bytes())
+}
+
+fn append_line(path: &Path, line: &str) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
+    writeln!(f, "{line}").map_err(|e| Error::file(path, format!("cannot write: {e}")))
+}
+
+/// Trains as `opts` says; returns the metrics of the epochs run in this call.
+pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMetrics>> {
+    if opts.batch_size == 0 {
+        return Err(Error::msg("--batch-size must be at least 1"));
+    }
+    if !(opts.lr.is_finite() && opts.lr > 0.0) {
+        return Err(Error::msg(format!(
+            "--lr must be a positive number, got {}",
+            opts.lr
+        )));
+    }
+    let last_path = opts.run_dir.join(LAST);
+    let resumed = if opts.resume {
+        Some(checkpoint::load(&last_path)?)
+    } else {
+        None
+    };
+    if let Some(ck) = &resumed {
+        check_resume(ck, opts)?;
+    }
+    let cfg = resumed
+        .as_ref()
+        .map(|c| c.config.clone())
+        .unwrap_or_else(|| opts.config.clone());
+    cfg.validate()?;
+    let (train_set, val_set) = data::train_val(
+        data::load(&opts.data_dir, Which::Train)?,
+        opts.limit,
+        opts.val_limit,
+    )?;
+    std::fs::create_dir_all(&opts.run_dir)
+        .map_err(|e| Error::file(&opts.run_dir, format!("cannot create run directory: {e}")))?;
+
+    eprintln!("backend: {}", backend.name());
+    eprintln!(
+        "model: {} parameters ({} primary capsules, {} routing rounds)",
+        cfg.param_count(),
+        cfg.primary_caps(),
+        cfg.routing_rounds
+    );
+    eprintln!(
+        "data: {} training, {} validation images from {}",
+        train_set.len(),
+        val_set.len(),
+        opts.data_dir.display()
+    );
+
+    let mut tape = Tape::new(backend);
+    let values: Vec<Vec<f64>> = match &resumed {
+        Some(ck) => ck
+            .params
+            .iter()
+            .map(|v| v.iter().map(|&x| x as f64).collect())
+            .collect(),
+        None => init_params(&cfg, opts.seed),
+    };
+    let model = CapsNet::new(cfg, &mut tape, &values)?;
+    let mut adam = Adam::new(&tape, opts.lr)?;
+    let mut state = TrainState {
+        epoch: 0,
+        step: 0,
+        seed: opts.seed,
+        batch_size: opts.batch_size,
+        lr: opts.lr,
+        patience: opts.patience,
+        best_val_loss: None,
+        bad_epochs: 0,
+        limit: opts.limit,
+        val_limit: opts.val_limit,
+    };
+    let metrics_path = opts.run_dir.join(METRICS);
+    if let Some(ck) = resumed {
+        adam.m = upload_all(tape.backend(), &ck.adam_m)?;
+        adam.v = upload_all(tape.backend(), &ck.adam_v)?;
+        adam.step = ck.state.step;
+        state = ck.state;
+        truncate_metrics(&metrics_path, state.epoch)?;
+        eprintln!(
+            "resumed from {} after epoch {} (step {})",
+            last_path.display(),
+            state.epoch,
+            state.step
+        );
+    } else {
+        // a fresh run starts a fresh metrics file
+        crate::error::write_atomic(&metrics_path, b"")?;
+    }
+
+    let mut history = vec![];
+    while state.epoch < opts.epochs {
+        if state.patience > 0 && state.bad_epochs >= state.patience {
+            eprintln!(
+                "early stop: validation loss has not improved for {} epochs",
+                state.bad_epochs
+            );
+            break;
+        }
+        let start = Instant::now();
+        let order = epoch_order(train_set.len(), state.seed, state.epoch);
+        let mut r = Running::default();
+        let mut bar = Progress::new(
+            format!("epoch {}/{}", state.epoch + 1, opts.epochs),
+            train_set.len(),
+        );
+        for chunk in order.chunks(state.batch_size) {
+            tape.reset();
+            let (x, y) = host_batch::<B>(&train_set, chunk);
+            let f = model.forward(&mut tape, &x, &y, true)?;
+            tape.backward(f.loss)?;
+            adam.update(&mut tape)?;
+            let n = chunk.len() as f64;
+            let loss = scalar(&tape, f.loss)?;
+            if !loss.is_finite() {
+                return Err(Error::msg(format!(
+                    "training diverged: loss {loss} at step {}",
+                    adam.step
+                )));
+            }
+            r.loss += n * loss;
+            r.margin += n * scalar(&tape, f.margin)?;
+            r.recon += n * scalar(&tape, f.recon_loss)?;
+            let pred = tape.backend().download_idx(&f.pred)?;
+            r.correct += pred.iter().zip(&y).filter(|(p, t)| p == t).count();
+            r.images += chunk.len();
+            bar.update(r.images, &r);
+        }
+        tape.reset();
+        let train_secs = start.elapsed().as_secs_f64();
+        let val = evaluate(
+            &mut tape,
+            &model,
+            &val_set,
+            state.batch_size,
+            "  validation",
+        )?;
+        state.epoch += 1;
+        state.step = adam.step;
+        let improved = state.best_val_loss.is_none_or(|b| val.loss < b);
+        if improved {
+            state.best_val_loss = Some(val.loss);
+            state.bad_epochs = 0;
+        } else {
+            state.bad_epochs += 1;
+        }
+        let m = EpochMetrics {
+            epoch: state.epoch,
+            step: state.step,
+            train_loss: r.mean(r.loss),
+            train_margin: r.mean(r.margin),
+            train_recon: r.mean(r.recon),
+            train_acc: r.mean(r.correct as f64),
+            val_loss: val.loss,
+            val_acc: val.accuracy,
+            seconds: train_secs,
+            images_per_s: r.images as f64 / train_secs.max(1e-9),
+        };
+        let ck = snapshot(&tape, &adam, &model, state.clone())?;
+        if improved {
+            checkpoint::save(&opts.run_dir.join(BEST), &ck)?;
+        }
+        checkpoint::save(&last_path, &ck)?;
+        append_line(&metrics_path, &m.to_json().to_string())?;
+        eprintln!(
+            "epoch {}: train loss {:.5} acc {:.2}% | val loss {:.5} acc {:.2}%{} | {:.1} s, {:.1} img/s",
+            m.epoch,
+            m.train_loss,
+            100.0 * m.train_acc,
+            m.val_loss,
+            100.0 * m.val_acc,
+            if improved { " (best)" } else { "" },
+            m.seconds,
+            m.images_per_s
+        );
+        history.push(m);
+    }
+    Ok(history)
+}
+
+/// A resumed run continues the stored one: flags that would change it must agree with it.
+fn check_resume(ck: &Checkpoint, opts: &TrainOptions) -> Result<()> {
+    let s = &ck.state;
+    let mut diffs = vec![];
+    if opts.config != ck.config {
+        diffs.push(format!(
+            "model config {} vs stored {}",
+            opts.config.to_json(),
+            ck.config.to_json()
+        ));
+    }
+    if opts.batch_size != s.batch_size {
+        diffs.push(format!(
+            "--batch-size {} vs stored {}",
+            opts.batch_size, s.batch_size
+        ));
+    }
+    if opts.seed != s.seed {
+        diffs.push(format!("--seed {} vs stored {}", opts.seed, s.seed));
+    }
+    if opts.lr != s.lr {
+        diffs.push(format!("--lr {} vs stored {}", opts.lr, s.lr));
+    }
+    if opts.limit != s.limit {
+        diffs.push(format!("--limit {:?} vs stored {:?}", opts.limit, s.limit));
+    }
+    if opts.val_limit != s.val_limit {
+        diffs.push(format!(
+            "--val-limit {:?} vs stored {:?}",
+            opts.val_limit, s.val_limit
+        ));
+    }
+    if opts.patience != s.patience {
+        diffs.push(format!(
+            "--patience {} vs stored {}",
+            opts.patience, s.patience
+        ));
+    }
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::msg(format!(
+            "--resume: {} was written with other settings; pass the same flags to continue it:\n  {}",
+            opts.run_dir.join(LAST).display(),
+            diffs.join("\n  ")
+        )))
+    }
+}
+
+/// Test-set evaluation of a checkpoint.
+pub fn eval_checkpoint<B: Backend>(
+    backend: B,
+    ckpt: &Path,
+    data_dir: &Path,
+    limit: Option<usize>,
+    batch_size: usize,
+) -> Result<EvalReport> {
+    if batch_size == 0 {
+        return Err(Error::msg("--batch-size must be at least 1"));
+    }
+    let ck = checkpoint::load(ckpt)?;
+    let mut test = data::load(data_dir, Which::Test)?;
+    if let Some(n) = limit {
+        test = test.slice(0..n.min(test.len()));
+    }
+    let mut tape = Tape::new(backend);
+    let values: Vec<Vec<f64>> = ck
+        .params
+        .iter()
+        .map(|v| v.iter().map(|&x| x as f64).collect())
+        .collect();
+    let model = CapsNet::new(ck.config, &mut tape, &values)?;
+    evaluate(&mut tape, &model, &test, batch_size, "test")
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchReport {
+    pub batch_size: usize,
+    pub steps: usize,
+    pub median_ms: f64,
+    pub images_per_s: f64,
+    pub gflops: f64,
+}
+
+/// Times full training steps (forward, backward, Adam) on seeded random images.
+pub fn bench<B: Backend>(
+    backend: B,
+    cfg: Config,
+    batch_size: usize,
+    steps: usize,
+    warmup: usize,
+) -> Result<BenchReport> {
+    if batch_size == 0 || steps == 0 {
+        return Err(Error::msg(
+            "bench: --batch-size and --steps must be at least 1",
+        ));
+    }
+    let mut rng = StdRng::seed_from_u64(7);
+    let split = Split {
+        images: (0..batch_size * IMAGE_PIXELS)
+            .map(|_| rand::RngExt::random::<u8>(&mut rng))
+            .collect(),
+        labels: (0..batch_size).map(|i| (i % cfg.classes) as u8).collect(),
+    };
+    let flops = cfg.train_flops_per_image() * batch_size as f64;
+    let mut tape = Tape::new(backend);
+    let model = CapsNet::new(cfg.clone(), &mut tape, &init_params(&cfg, 1))?;
+    let mut adam = Adam::new(&tape, 1e-3)?;
+    let idx: Vec<usize> = (0..batch_size).collect();
+    let (x, y) = host_batch::<B>(&split, &idx);
+    let mut times = vec![];
+    for s in 0..warmup + steps {
+        let t0 = Instant::now();
+        tape.reset();
+        let f = model.forward(&mut tape, &x, &y, true)?;
+        tape.backward(f.loss)?;
+        adam.update(&mut tape)?;
+        scalar(&tape, f.loss)?; // waits for the step on an asynchronous backend
+        if s >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median_ms = times[times.len() / 2];
+    Ok(BenchReport {
+        batch_size,
+        steps,
+        median_ms,
+        images_per_s: batch_size as f64 / (median_ms / 1e3),
+        gflops: flops / (median_ms / 1e3) / 1e9,
+    })
+}
