@@ -277,7 +277,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-fn mirrors() -> Vec<String> {
+/// The mirrors to try: `CAPSNET_MNIST_MIRROR` if set, else [`MIRRORS`].
+pub fn mirrors() -> Vec<String> {
     match std::env::var("CAPSNET_MNIST_MIRROR") {
         Ok(s) if !s.trim().is_empty() => s.split(',').map(|m| m.trim().to_string()).collect(),
         _ => MIRRORS.iter().map(|s| s.to_string()).collect(),
@@ -296,7 +297,7 @@ fn fetch(agent: &ureq::Agent, url: &str) -> std::result::Result<Vec<u8>, String>
 /// Downloads whichever of the four files `dir` lacks (or holds with the wrong content), trying each
 /// mirror in turn and keeping a file only when the SHA-256 of its decompressed bytes matches.
 /// Files are written atomically as `<name>.gz`. Returns what was done, one line per file.
-pub fn download(dir: &Path) -> Result<Vec<String>> {
+pub fn download(dir: &Path, mirrors: &[String]) -> Result<Vec<String>> {
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::file(dir, format!("cannot create directory: {e}")))?;
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -316,7 +317,7 @@ pub fn download(dir: &Path) -> Result<Vec<String>> {
         }
         let mut failures = vec![];
         let mut done = false;
-        for base in mirrors() {
+        for base in mirrors {
             let url = format!("{}/{name}.gz", base.trim_end_matches('/'));
             match fetch(&agent, &url).and_then(|gz| {
                 let raw = gunzip_if_gz(Path::new(&url), gz.clone()).map_err(|e| e.to_string())?;

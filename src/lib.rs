@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod float;
+pub mod kernels;
 pub mod model;
 pub mod ops;
 pub mod par;

@@ -160,7 +160,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Train(a) => {
             let be = backend(a.device)?;
             if a.download && data::load(&a.data.data, data::Which::Train).is_err() {
-                for line in data::download(&a.data.data)? {
+                for line in data::download(&a.data.data, &data::mirrors())? {
                     eprintln!("{line}");
                 }
             }
@@ -217,7 +217,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Download(a) => {
-            for line in data::download(&a.data)? {
+            for line in data::download(&a.data, &data::mirrors())? {
                 println!("{line}");
             }
             Ok(())

@@ -375,3 +375,51 @@ impl Config {
         2.0 * (2 * conv1 + 3 * (conv2 + uhat + routing + decoder)) as f64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_model_has_the_notebooks_parameter_count() {
+        assert_eq!(Config::default().param_count(), 8_215_568);
+        assert_eq!(Config::default().primary_caps(), 1152);
+    }
+
+    #[test]
+    fn config_round_trips_through_json() {
+        let c = Config {
+            routing_rounds: 3,
+            conv1_channels: 7,
+            ..Config::default()
+        };
+        assert_eq!(Config::from_json(&c.to_json()).unwrap(), c);
+        let mut bad = c.to_json();
+        bad["routing_rounds"] = serde_json::json!(0);
+        assert!(
+            Config::from_json(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("routing rounds")
+        );
+    }
+
+    #[test]
+    fn initialisation_is_seeded_and_scaled() {
+        let c = Config {
+            conv1_channels: 8,
+            primary_maps: 2,
+            ..Config::default()
+        };
+        let (a, b) = (init_params(&c, 1), init_params(&c, 1));
+        assert_eq!(a, b);
+        assert_ne!(a, init_params(&c, 2));
+        // conv1: Glorot limit √(6 / (81 + 81·8)) ≈ 0.0907; biases zero; W ~ N(0, 0.01)
+        let lim = (6.0f64 / (81.0 + 648.0)).sqrt();
+        assert!(a[0].iter().all(|x| x.abs() <= lim) && a[0].iter().any(|x| x.abs() > lim * 0.9));
+        assert!(a[1].iter().all(|&x| x == 0.0));
+        let w = &a[4];
+        let std = (w.iter().map(|x| x * x).sum::<f64>() / w.len() as f64).sqrt();
+        assert!((std - 0.01).abs() < 0.0005, "W std {std}");
+    }
+}

@@ -1,0 +1,357 @@
+//! The `capsnet` binary end to end: learning on real MNIST, exact resume, and clean errors (message
+//! naming the file or flag, exit code 1, no panic, nothing saved lost) for bad input.
+
+mod common;
+
+use std::path::Path;
+
+use capsnet::checkpoint;
+use common::{assert_clean_error, capsnet, mnist_dir, stderr, stdout, temp_dir};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The metrics lines without the timing fields, which legitimately differ between runs.
+fn metrics_without_timing(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("seconds");
+            o.remove("images_per_s");
+            v
+        })
+        .collect()
+}
+
+const TINY: [&str; 12] = [
+    "--conv1-channels",
+    "4",
+    "--primary-maps",
+    "2",
+    "--limit",
+    "300",
+    "--val-limit",
+    "100",
+    "--batch-size",
+    "50",
+    "--device",
+    "cpu",
+];
+
+#[test]
+fn learns_mnist_well_above_chance() {
+    let data = mnist_dir();
+    let run = temp_dir("cli_learn");
+    let o = capsnet(
+        &[
+            "train",
+            "--data",
+            s(&data),
+            "--checkpoint-dir",
+            s(&run),
+            "--epochs",
+            "1",
+            "--limit",
+            "5000",
+            "--val-limit",
+            "1000",
+            "--conv1-channels",
+            "16",
+            "--primary-maps",
+            "4",
+            "--batch-size",
+            "32",
+            "--seed",
+            "3",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = metrics_without_timing(&run);
+    assert_eq!(m.len(), 1);
+    let val_acc = m[0]["val_acc"].as_f64().unwrap();
+    assert!(
+        val_acc > 0.8,
+        "validation accuracy after 5,000 images: {val_acc} (chance is 0.1)"
+    );
+    // held-out test images, from the best checkpoint
+    let o = capsnet(
+        &[
+            "eval",
+            "--checkpoint",
+            s(&run.join("best.safetensors")),
+            "--data",
+            s(&data),
+            "--limit",
+            "2000",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let acc: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("test accuracy: "))
+        .and_then(|v| v.trim_end_matches('%').parse().ok())
+        .unwrap_or_else(|| panic!("no accuracy line in:\n{out}"));
+    assert!(acc > 80.0, "test accuracy {acc}%");
+    assert!(
+        out.contains("test images: 2000") && out.contains("confusion matrix"),
+        "{out}"
+    );
+    // the confusion matrix rows add up to the images evaluated
+    let total: usize = out
+        .lines()
+        .skip_while(|l| !l.starts_with("confusion"))
+        .skip(2)
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .map(|n| n.parse::<usize>().unwrap())
+                .sum::<usize>()
+        })
+        .sum();
+    assert_eq!(total, 2000);
+}
+
+#[test]
+fn resume_equals_an_uninterrupted_run() {
+    let data = mnist_dir();
+    let (full, split) = (temp_dir("cli_resume_full"), temp_dir("cli_resume_split"));
+    let train = |dir: &Path, epochs: &str, resume: bool| {
+        let mut args = vec![
+            "train",
+            "--data",
+            s(&data),
+            "--checkpoint-dir",
+            s(dir),
+            "--epochs",
+            epochs,
+        ];
+        args.extend(TINY);
+        if resume {
+            args.push("--resume");
+        }
+        let o = capsnet(&args, &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        o
+    };
+    train(&full, "3", false);
+    train(&split, "1", false);
+    let o = train(&split, "3", true);
+    assert!(stderr(&o).contains("resumed from"), "{}", stderr(&o));
+    let (a, b) = (
+        metrics_without_timing(&full),
+        metrics_without_timing(&split),
+    );
+    assert_eq!(a.len(), 3);
+    assert_eq!(a, b, "losses, accuracies and steps must match exactly");
+    let (ca, cb) = (
+        checkpoint::load(&full.join("last.safetensors")).unwrap(),
+        checkpoint::load(&split.join("last.safetensors")).unwrap(),
+    );
+    assert_eq!(ca, cb, "weights, Adam moments and state must match exactly");
+    assert_eq!((ca.state.epoch, ca.state.step), (3, 18));
+}
+
+#[test]
+fn resume_refuses_other_settings_and_keeps_the_checkpoint() {
+    let data = mnist_dir();
+    let run = temp_dir("cli_resume_bad");
+    let mut args = vec!["train", "--data", s(&data), "--checkpoint-dir", s(&run)];
+    args.extend(TINY);
+    let mut first = args.clone();
+    first.extend(["--epochs", "1"]);
+    assert!(capsnet(&first, &[]).status.success());
+    let last = run.join("last.safetensors");
+    let before = std::fs::read(&last).unwrap();
+    let mut other = args.clone();
+    other.extend(["--resume", "--epochs", "2", "--seed", "7"]);
+    assert_clean_error(
+        &capsnet(&other, &[]),
+        &["--resume", "--seed 7 vs stored 42"],
+    );
+    assert_eq!(
+        std::fs::read(&last).unwrap(),
+        before,
+        "a refused resume must not touch the checkpoint"
+    );
+    let empty = temp_dir("cli_resume_none");
+    let o = capsnet(
+        &[
+            "train",
+            "--data",
+            s(&data),
+            "--checkpoint-dir",
+            s(&empty),
+            "--resume",
+        ],
+        &[],
+    );
+    assert_clean_error(&o, &["last.safetensors", "cannot read checkpoint"]);
+}
+
+#[test]
+fn bad_data_gives_a_clean_error() {
+    let o = capsnet(
+        &["train", "--data", "/nonexistent/mnist", "--device", "cpu"],
+        &[],
+    );
+    assert_clean_error(&o, &["/nonexistent/mnist", "not found", "capsnet download"]);
+    // the same through CAPSNET_DATA
+    let o = capsnet(
+        &["eval", "--checkpoint", "x.safetensors"],
+        &[("CAPSNET_DATA", "/nonexistent/mnist")],
+    );
+    assert_clean_error(&o, &["x.safetensors"]);
+    let d = temp_dir("cli_bad_data");
+    std::fs::write(
+        d.join("train-images-idx3-ubyte"),
+        [0u8, 0, 8, 3, 0, 0, 0, 9],
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("train-labels-idx1-ubyte"),
+        [0u8, 0, 8, 1, 0, 0, 0, 0],
+    )
+    .unwrap();
+    let o = capsnet(&["train", "--data", s(&d)], &[]);
+    assert_clean_error(&o, &["train-images-idx3-ubyte", "truncated"]);
+}
+
+#[test]
+fn corrupt_checkpoints_give_a_clean_error() {
+    let data = mnist_dir();
+    let d = temp_dir("cli_bad_ckpt");
+    let eval = |p: &Path| capsnet(&["eval", "--checkpoint", s(p), "--data", s(&data)], &[]);
+    assert_clean_error(
+        &eval(&d.join("missing.safetensors")),
+        &["missing.safetensors", "cannot read checkpoint"],
+    );
+    let garbage = d.join("garbage.safetensors");
+    std::fs::write(&garbage, b"this is not a checkpoint at all").unwrap();
+    assert_clean_error(
+        &eval(&garbage),
+        &["garbage.safetensors", "not a valid capsnet checkpoint"],
+    );
+    // a real checkpoint, cut short
+    let run = temp_dir("cli_bad_ckpt_run");
+    let mut args = vec![
+        "train",
+        "--data",
+        s(&data),
+        "--checkpoint-dir",
+        s(&run),
+        "--epochs",
+        "1",
+    ];
+    args.extend(TINY);
+    assert!(capsnet(&args, &[]).status.success());
+    let bytes = std::fs::read(run.join("last.safetensors")).unwrap();
+    let cut = d.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
+    assert_clean_error(
+        &eval(&cut),
+        &["cut.safetensors", "not a valid capsnet checkpoint"],
+    );
+    // valid safetensors, but not ours
+    let foreign = d.join("foreign.safetensors");
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &[0u8; 4]).unwrap();
+    std::fs::write(
+        &foreign,
+        safetensors::serialize([("w", view)], None).unwrap(),
+    )
+    .unwrap();
+    assert_clean_error(
+        &eval(&foreign),
+        &["foreign.safetensors", "metadata has no 'format'"],
+    );
+}
+
+#[test]
+fn bad_flags_give_a_clean_error() {
+    let data = mnist_dir();
+    let o = capsnet(&["train", "--device", "cuda", "--data", s(&data)], &[]);
+    assert_clean_error(&o, &["--device cuda", "not built yet"]);
+    let o = capsnet(
+        &[
+            "train",
+            "--batch-size",
+            "0",
+            "--data",
+            s(&data),
+            "--device",
+            "cpu",
+        ],
+        &[],
+    );
+    assert_clean_error(&o, &["--batch-size"]);
+    let o = capsnet(
+        &[
+            "train",
+            "--routing",
+            "0",
+            "--data",
+            s(&data),
+            "--device",
+            "cpu",
+        ],
+        &[],
+    );
+    assert_clean_error(&o, &["routing rounds must be at least 1"]);
+    let o = capsnet(
+        &["train", "--lr=-1", "--data", s(&data), "--device", "cpu"],
+        &[],
+    );
+    assert_clean_error(&o, &["--lr"]);
+    // flags clap itself refuses: usage error, exit 2, no panic
+    let o = capsnet(&["train", "--epochs", "many"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--epochs") && !stderr(&o).contains("panicked"));
+}
+
+#[test]
+fn download_without_network_fails_clearly_and_writes_nothing() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let d = temp_dir("cli_download_offline");
+    let target = d.join("mnist");
+    let o = capsnet(
+        &["download", "--data", s(&target)],
+        &[("CAPSNET_MNIST_MIRROR", &format!("http://{closed}/"))],
+    );
+    assert_clean_error(&o, &["cannot download train-images-idx3-ubyte", "network"]);
+    assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0);
+}
+
+#[test]
+fn bench_reports_the_full_models_size_and_cost() {
+    let o = capsnet(
+        &[
+            "bench",
+            "--batch-size",
+            "1",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("8215568 parameters") && out.contains("1.2004 GFLOP per training image"),
+        "{out}"
+    );
+    assert!(out.contains("images/s"), "{out}");
+}

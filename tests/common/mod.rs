@@ -1,0 +1,91 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// The MNIST directory from CAPSNET_DATA. Tests that need real data fail (never skip) without it.
+pub fn mnist_dir() -> PathBuf {
+    let dir = std::env::var_os("CAPSNET_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!("CAPSNET_DATA is not set: point it at the MNIST directory (see README, 'Tests')")
+        });
+    assert!(
+        dir.is_dir(),
+        "CAPSNET_DATA={} is not a directory",
+        dir.display()
+    );
+    dir
+}
+
+/// A fresh empty directory under the target directory, unique to `name`.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs the capsnet binary with `args`, CAPSNET_DATA removed unless given in `env`.
+pub fn capsnet(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_capsnet"));
+    c.args(args)
+        .env_remove("CAPSNET_DATA")
+        .env("MATMUL_NUM_THREADS", "2");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("the capsnet binary runs")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Asserts a clean failure: non-zero exit, an `error:` line containing every one of `needles`,
+/// and no panic or backtrace.
+pub fn assert_clean_error(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr:\n{err}"
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected exit code 1; stderr:\n{err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "panicked:\n{err}"
+    );
+    assert!(err.contains("error:"), "no error line:\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}:\n{err}");
+    }
+}
+
+/// A tiny deterministic pseudo-random generator for test inputs (no dependency on rand's streams).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn next_f64(&mut self) -> f64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Uniform in [lo, hi).
+    pub fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.next_f64()
+    }
+    pub fn vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f64> {
+        (0..n).map(|_| self.uniform(lo, hi)).collect()
+    }
+}
