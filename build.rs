@@ -7,8 +7,7 @@ use std::path::PathBuf;
 use std::{env, fs};
 
 fn main() {
-    let dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
-        .join("kernels");
+    let dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("kernels");
     // the directory itself: edits and added files both rerun this script
     println!("cargo:rerun-if-changed=kernels");
     let mut files: Vec<PathBuf> = match fs::read_dir(&dir) {
@@ -17,16 +16,12 @@ fn main() {
     };
     files.retain(|p| p.extension().is_some_and(|e| e == "cu" || e == "cuh"));
     files.sort();
-    let mut out =
-        String::from("/// (file name, source) of every kernel file in kernels/, sorted by name.\n");
+    let mut out = String::from("/// (file name, source) of every kernel file in kernels/, sorted by name.\n");
     out += "pub const SOURCES: &[(&str, &str)] = &[\n";
     for p in &files {
         println!("cargo:rerun-if-changed={}", p.display());
         let name = p.file_name().expect("a file").to_string_lossy();
-        out += &format!(
-            "    ({name:?}, include_str!({:?})),\n",
-            p.display().to_string()
-        );
+        out += &format!("    ({name:?}, include_str!({:?})),\n", p.display().to_string());
     }
     out += "];\n";
     let target = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("kernels.rs");

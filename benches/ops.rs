@@ -23,17 +23,11 @@ fn time(name: &str, flops: f64, mut f: impl FnMut()) {
         .collect();
     ms.sort_by(|a, b| a.total_cmp(b));
     let m = ms[REPS / 2];
-    println!(
-        "{name:<34} {m:>9.2} ms {:>8.1} GFLOP/s",
-        flops / (m / 1e3) / 1e9
-    );
+    println!("{name:<34} {m:>9.2} ms {:>8.1} GFLOP/s", flops / (m / 1e3) / 1e9);
 }
 
 fn main() {
-    let batch: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(8);
+    let batch: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(8);
     let be = CpuBackend::<f32>::new();
     let fill = |n: usize| {
         (0..n)
@@ -68,12 +62,7 @@ fn main() {
             },
         ),
     ] {
-        let (x, w, b, dz) = (
-            fill(s.x_len()),
-            fill(s.w_len()),
-            fill(s.out_c),
-            fill(s.y_len()),
-        );
+        let (x, w, b, dz) = (fill(s.x_len()), fill(s.w_len()), fill(s.out_c), fill(s.y_len()));
         let mut y = vec![0.0; s.y_len()];
         let flops = 2.0 * s.macs() as f64;
         time(&format!("{name} fwd"), flops, || {
@@ -101,9 +90,7 @@ fn main() {
     let (u, w, duhat) = (fill(cs.u_len()), fill(cs.w_len()), fill(cs.uhat_len()));
     let mut uhat = vec![0.0; cs.uhat_len()];
     let flops = 2.0 * cs.w_len() as f64 * batch as f64;
-    time("predict fwd", flops, || {
-        be.predict_fwd(&cs, &u, &w, &mut uhat).unwrap()
-    });
+    time("predict fwd", flops, || be.predict_fwd(&cs, &u, &w, &mut uhat).unwrap());
     let mut du = vec![0.0; cs.u_len()];
     time("predict bwd input", flops, || {
         be.predict_bwd_input(&cs, &duhat, &w, &mut du).unwrap()
@@ -117,19 +104,13 @@ fn main() {
         let mut saved = be.routing_saved(&cs, rounds).unwrap();
         let flops = 2.0 * (2 * rounds - 1) as f64 * cs.uhat_len() as f64;
         time(&format!("routing fwd, {rounds} rounds"), flops, || {
-            be.routing_fwd(&cs, rounds, &uhat, &mut v, &mut saved)
-                .unwrap()
+            be.routing_fwd(&cs, rounds, &uhat, &mut v, &mut saved).unwrap()
         });
         let dv = fill(cs.v_len());
         let mut duh = vec![0.0; cs.uhat_len()];
-        time(
-            &format!("routing bwd, {rounds} rounds"),
-            2.0 * flops,
-            || {
-                be.routing_bwd(&cs, rounds, &uhat, &saved, &dv, &mut duh)
-                    .unwrap()
-            },
-        );
+        time(&format!("routing bwd, {rounds} rounds"), 2.0 * flops, || {
+            be.routing_bwd(&cs, rounds, &uhat, &saved, &dv, &mut duh).unwrap()
+        });
     }
 
     for (name, s) in [
@@ -144,10 +125,8 @@ fn main() {
         };
         let (x, w, b) = (fill(d.rows * d.inp), fill(d.inp * d.out), fill(d.out));
         let mut y = vec![0.0; d.rows * d.out];
-        time(
-            &format!("{name} fwd"),
-            2.0 * (d.rows * d.inp * d.out) as f64,
-            || be.dense_fwd(&d, &x, &w, &b, &mut y, Act::Relu).unwrap(),
-        );
+        time(&format!("{name} fwd"), 2.0 * (d.rows * d.inp * d.out) as f64, || {
+            be.dense_fwd(&d, &x, &w, &b, &mut y, Act::Relu).unwrap()
+        });
     }
 }

@@ -24,14 +24,8 @@ impl<B: Backend> Adam<B> {
         let lens: Vec<usize> = (0..tape.num_params())
             .map(|p| tape.value(crate::tape::Var(p)).numel())
             .collect();
-        let m = lens
-            .iter()
-            .map(|&n| be.zeros(n))
-            .collect::<Result<Vec<_>>>()?;
-        let v = lens
-            .iter()
-            .map(|&n| be.zeros(n))
-            .collect::<Result<Vec<_>>>()?;
+        let m = lens.iter().map(|&n| be.zeros(n)).collect::<Result<Vec<_>>>()?;
+        let v = lens.iter().map(|&n| be.zeros(n)).collect::<Result<Vec<_>>>()?;
         Ok(Adam {
             lr,
             beta1: 0.9,

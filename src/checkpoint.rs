@@ -62,29 +62,17 @@ fn to_bytes(v: &[f32]) -> Vec<u8> {
 
 pub fn save(path: &Path, ck: &Checkpoint) -> Result<()> {
     let specs = ck.config.param_specs();
-    let groups = [
-        ("", &ck.params),
-        ("adam.m.", &ck.adam_m),
-        ("adam.v.", &ck.adam_v),
-    ];
+    let groups = [("", &ck.params), ("adam.m.", &ck.adam_m), ("adam.v.", &ck.adam_v)];
     let mut named = vec![];
     for (prefix, values) in groups {
         if values.len() != specs.len() {
             return Err(Error::file(
                 path,
-                format!(
-                    "{} {prefix}tensors for {} parameters",
-                    values.len(),
-                    specs.len()
-                ),
+                format!("{} {prefix}tensors for {} parameters", values.len(), specs.len()),
             ));
         }
         for (spec, v) in specs.iter().zip(values.iter()) {
-            named.push((
-                format!("{prefix}{}", spec.name),
-                spec.shape.clone(),
-                to_bytes(v),
-            ));
+            named.push((format!("{prefix}{}", spec.name), spec.shape.clone(), to_bytes(v)));
         }
     }
     let views = named
@@ -102,27 +90,20 @@ pub fn save(path: &Path, ck: &Checkpoint) -> Result<()> {
         ("config".to_string(), ck.config.to_json().to_string()),
         ("train".to_string(), ck.state.to_json().to_string()),
     ]);
-    let bytes = safetensors::serialize(views, Some(meta))
-        .map_err(|e| Error::file(path, format!("cannot serialise: {e}")))?;
+    let bytes =
+        safetensors::serialize(views, Some(meta)).map_err(|e| Error::file(path, format!("cannot serialise: {e}")))?;
     write_atomic(path, &bytes)
 }
 
 pub fn load(path: &Path) -> Result<Checkpoint> {
     let bad = |what: String| Error::file(path, format!("not a valid capsnet checkpoint: {what}"));
-    let bytes = std::fs::read(path)
-        .map_err(|e| Error::file(path, format!("cannot read checkpoint: {e}")))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read checkpoint: {e}")))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("{e}")))?;
     let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("{e}")))?;
     let meta = header.metadata().clone().unwrap_or_default();
-    let get = |k: &str| {
-        meta.get(k)
-            .ok_or_else(|| bad(format!("metadata has no '{k}'")))
-    };
+    let get = |k: &str| meta.get(k).ok_or_else(|| bad(format!("metadata has no '{k}'")));
     if get("format")? != FORMAT {
-        return Err(bad(format!(
-            "format '{}', expected '{FORMAT}'",
-            get("format")?
-        )));
+        return Err(bad(format!("format '{}', expected '{FORMAT}'", get("format")?)));
     }
     let num = |k: &str| -> Result<u64> {
         get(k)?
@@ -160,10 +141,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
             .tensor(name)
             .map_err(|_| bad(format!("tensor '{name}' is missing")))?;
         if t.dtype() != Dtype::F32 {
-            return Err(bad(format!(
-                "tensor '{name}' is {:?}, expected F32",
-                t.dtype()
-            )));
+            return Err(bad(format!("tensor '{name}' is {:?}, expected F32", t.dtype())));
         }
         if t.shape() != shape {
             return Err(bad(format!(
@@ -177,9 +155,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-            return Err(bad(format!(
-                "tensor '{name}' holds a non-finite value at index {i}"
-            )));
+            return Err(bad(format!("tensor '{name}' holds a non-finite value at index {i}")));
         }
         Ok(v)
     };

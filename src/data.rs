@@ -115,19 +115,11 @@ pub fn find(dir: &Path, name: &str) -> Option<PathBuf> {
 /// Loads and checks the training or the test split from `dir`.
 pub fn load(dir: &Path, which: Which) -> Result<Split> {
     if !dir.is_dir() {
-        return Err(Error::file(
-            dir,
-            format!("MNIST directory not found; {}", hint(dir)),
-        ));
+        return Err(Error::file(dir, format!("MNIST directory not found; {}", hint(dir))));
     }
     let (img_name, lbl_name) = which.stems();
     let locate = |name: &str| {
-        find(dir, name).ok_or_else(|| {
-            Error::file(
-                dir,
-                format!("{name} (or {name}.gz) not found; {}", hint(dir)),
-            )
-        })
+        find(dir, name).ok_or_else(|| Error::file(dir, format!("{name} (or {name}.gz) not found; {}", hint(dir))))
     };
     let (img_path, lbl_path) = (locate(img_name)?, locate(lbl_name)?);
     let images = parse_images(&img_path, &read_maybe_gz(&img_path)?)?;
@@ -136,11 +128,7 @@ pub fn load(dir: &Path, which: Which) -> Result<Split> {
     if n != labels.len() {
         return Err(Error::file(
             &img_path,
-            format!(
-                "{n} images, but {} has {} labels",
-                lbl_path.display(),
-                labels.len()
-            ),
+            format!("{n} images, but {} has {} labels", lbl_path.display(), labels.len()),
         ));
     }
     Ok(Split { images, labels })
@@ -159,12 +147,7 @@ fn gunzip_if_gz(path: &Path, raw: Vec<u8>) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     flate2::read::GzDecoder::new(&raw[..])
         .read_to_end(&mut out)
-        .map_err(|e| {
-            Error::file(
-                path,
-                format!("not a valid gzip file (truncated or corrupt?): {e}"),
-            )
-        })?;
+        .map_err(|e| Error::file(path, format!("not a valid gzip file (truncated or corrupt?): {e}")))?;
     Ok(out)
 }
 
@@ -192,14 +175,7 @@ fn check_magic(path: &Path, bytes: &[u8], header: usize, magic: u32, what: &str)
     Ok(be_u32(bytes, 4) as usize)
 }
 
-fn check_size(
-    path: &Path,
-    bytes: &[u8],
-    header: usize,
-    n: usize,
-    item: usize,
-    what: &str,
-) -> Result<()> {
+fn check_size(path: &Path, bytes: &[u8], header: usize, n: usize, item: usize, what: &str) -> Result<()> {
     let expected = header + n * item;
     if bytes.len() < expected {
         return Err(Error::file(
@@ -227,10 +203,7 @@ pub fn parse_images(path: &Path, bytes: &[u8]) -> Result<Vec<u8>> {
     let n = check_magic(path, bytes, 16, IMAGES_MAGIC, "images")?;
     let (rows, cols) = (be_u32(bytes, 8), be_u32(bytes, 12));
     if (rows, cols) != (28, 28) {
-        return Err(Error::file(
-            path,
-            format!("images are {rows}x{cols}, expected 28x28"),
-        ));
+        return Err(Error::file(path, format!("images are {rows}x{cols}, expected 28x28")));
     }
     check_size(path, bytes, 16, n, IMAGE_PIXELS, "images")?;
     Ok(bytes[16..].to_vec())
@@ -241,21 +214,14 @@ pub fn parse_labels(path: &Path, bytes: &[u8]) -> Result<Vec<u8>> {
     let n = check_magic(path, bytes, 8, LABELS_MAGIC, "labels")?;
     check_size(path, bytes, 8, n, 1, "labels")?;
     if let Some((i, l)) = bytes[8..].iter().enumerate().find(|(_, l)| **l > 9) {
-        return Err(Error::file(
-            path,
-            format!("label {l} at index {i} is not a digit 0-9"),
-        ));
+        return Err(Error::file(path, format!("label {l} at index {i} is not a digit 0-9")));
     }
     Ok(bytes[8..].to_vec())
 }
 
 /// The training split divided into (training, validation): the last [`VALIDATION_IMAGES`] images
 /// validate. `limit` keeps the first `limit` training images, `val_limit` the first validation ones.
-pub fn train_val(
-    all: Split,
-    limit: Option<usize>,
-    val_limit: Option<usize>,
-) -> Result<(Split, Split)> {
+pub fn train_val(all: Split, limit: Option<usize>, val_limit: Option<usize>) -> Result<(Split, Split)> {
     let n = all.len();
     if n <= VALIDATION_IMAGES {
         return Err(Error::msg(format!(
@@ -264,17 +230,12 @@ pub fn train_val(
     }
     let n_train = n - VALIDATION_IMAGES;
     let take = limit.unwrap_or(n_train).min(n_train);
-    let val_take = val_limit
-        .unwrap_or(VALIDATION_IMAGES)
-        .min(VALIDATION_IMAGES);
+    let val_take = val_limit.unwrap_or(VALIDATION_IMAGES).min(VALIDATION_IMAGES);
     Ok((all.slice(0..take), all.slice(n_train..n_train + val_take)))
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The mirrors to try: `CAPSNET_MNIST_MIRROR` if set, else [`MIRRORS`].
@@ -298,22 +259,18 @@ fn fetch(agent: &ureq::Agent, url: &str) -> std::result::Result<Vec<u8>, String>
 /// mirror in turn and keeping a file only when the SHA-256 of its decompressed bytes matches.
 /// Files are written atomically as `<name>.gz`. Returns what was done, one line per file.
 pub fn download(dir: &Path, mirrors: &[String]) -> Result<Vec<String>> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::file(dir, format!("cannot create directory: {e}")))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot create directory: {e}")))?;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(120)))
         .build()
         .into();
     let mut report = vec![];
     for (name, sha) in FILES {
-        if let Some(p) = find(dir, name) {
-            if read_maybe_gz(&p)
-                .map(|b| sha256_hex(&b) == sha)
-                .unwrap_or(false)
-            {
-                report.push(format!("{}: present, checksum ok", p.display()));
-                continue;
-            }
+        if let Some(p) = find(dir, name)
+            && read_maybe_gz(&p).is_ok_and(|b| sha256_hex(&b) == sha)
+        {
+            report.push(format!("{}: present, checksum ok", p.display()));
+            continue;
         }
         let mut failures = vec![];
         let mut done = false;
@@ -331,10 +288,7 @@ pub fn download(dir: &Path, mirrors: &[String]) -> Result<Vec<String>> {
                 Ok(gz) => {
                     let target = dir.join(format!("{name}.gz"));
                     write_atomic(&target, &gz)?;
-                    report.push(format!(
-                        "{}: downloaded from {url}, checksum ok",
-                        target.display()
-                    ));
+                    report.push(format!("{}: downloaded from {url}, checksum ok", target.display()));
                     done = true;
                     break;
                 }

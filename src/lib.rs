@@ -9,6 +9,7 @@
 pub mod adam;
 pub mod backend;
 pub mod checkpoint;
+pub mod cuda;
 pub mod data;
 pub mod error;
 pub mod float;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use capsnet::backend::cpu::CpuBackend;
+use capsnet::cuda::{self, CudaBackend};
 use capsnet::model::Config;
 use capsnet::train::{self, TrainOptions};
 use capsnet::{Error, Result, data};
@@ -31,6 +32,8 @@ enum Cmd {
     Bench(BenchArgs),
     /// Fetch the four MNIST files, checked by SHA-256, into the data directory.
     Download(DataArg),
+    /// The GPU, the CUDA driver and NVRTC versions, and whether every kernel compiles.
+    Info,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -145,20 +148,91 @@ struct BenchArgs {
     device: Device,
 }
 
-/// The CPU backend until the CUDA backend lands.
-fn backend(device: Device) -> Result<CpuBackend<f32>> {
+/// The backend a command runs on.
+enum Selected {
+    Cpu(CpuBackend<f32>),
+    Cuda(Box<CudaBackend>),
+}
+
+/// `--device cpu` is the CPU, `cuda` GPU 0 or an error saying why not, `auto` GPU 0 when one works.
+fn select(device: Device) -> Result<Selected> {
     match device {
-        Device::Cpu | Device::Auto => Ok(CpuBackend::new()),
-        Device::Cuda => Err(Error::msg(
-            "--device cuda: the CUDA backend is not built yet; use --device cpu (or auto, which is the CPU for now)",
-        )),
+        Device::Cpu => Ok(Selected::Cpu(CpuBackend::new())),
+        Device::Cuda => CudaBackend::new(0)
+            .map(|b| Selected::Cuda(Box::new(b)))
+            .map_err(|e| Error::msg(format!("--device cuda: {e}"))),
+        Device::Auto => match CudaBackend::new(0) {
+            Ok(b) => Ok(Selected::Cuda(Box::new(b))),
+            Err(e) => {
+                eprintln!("note: no usable GPU ({e}); running on the CPU");
+                Ok(Selected::Cpu(CpuBackend::new()))
+            }
+        },
     }
+}
+
+/// Runs `$body` with `$be` bound to whichever backend `$sel` holds.
+macro_rules! with_backend {
+    ($sel:expr, |$be:ident| $body:expr) => {
+        match $sel {
+            Selected::Cpu($be) => $body,
+            Selected::Cuda($be) => {
+                let $be = *$be;
+                $body
+            }
+        }
+    };
+}
+
+fn info() -> Result<()> {
+    println!("capsnet {}", env!("CARGO_PKG_VERSION"));
+    match cuda::driver_version() {
+        Ok((a, b)) => println!("CUDA driver: {a}.{b}"),
+        Err(e) => println!("CUDA driver: {e}"),
+    }
+    match cuda::nvrtc_version() {
+        Ok((a, b)) => println!("NVRTC: {a}.{b}"),
+        Err(e) => println!("NVRTC: {e}"),
+    }
+    // the device's own architecture when there is one, else the GPUs this project targets
+    let arch = match cuda::open_device(0).and_then(|ctx| cuda::device_info(&ctx)) {
+        Ok(d) => {
+            let (a, b) = d.compute_capability;
+            println!(
+                "device 0: {}, compute capability {a}.{b}, {} SMs, {:.1} GiB, {} KiB shared memory per block (opt-in)",
+                d.name,
+                d.sms,
+                d.total_mem as f64 / (1u64 << 30) as f64,
+                d.max_smem_optin / 1024
+            );
+            format!("sm_{a}{b}")
+        }
+        Err(e) => {
+            println!("device: none ({e})");
+            "sm_90".to_string()
+        }
+    };
+    if !cuda::nvrtc_available() {
+        println!("kernels: not compiled (no NVRTC)");
+        return Ok(());
+    }
+    let ptx = cuda::compile_all(&arch)?;
+    println!(
+        "kernels: all {} in {} files compile for {arch}",
+        cuda::registry::ALL.len(),
+        ptx.len()
+    );
+    if cuda::open_device(0).is_ok() {
+        let be = CudaBackend::new(0)?;
+        println!("kernels: all load on {}", capsnet::backend::Backend::name(&be));
+    }
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Train(a) => {
-            let be = backend(a.device)?;
+            let sel = select(a.device)?;
             if a.download && data::load(&a.data.data, data::Which::Train).is_err() {
                 for line in data::download(&a.data.data, &data::mirrors())? {
                     eprintln!("{line}");
@@ -177,12 +251,18 @@ fn run(cli: Cli) -> Result<()> {
                 val_limit: a.val_limit,
                 resume: a.resume,
             };
-            train::train(be, &opts)?;
+            with_backend!(sel, |be| train::train(be, &opts))?;
             Ok(())
         }
         Cmd::Eval(a) => {
-            let be = backend(a.device)?;
-            let r = train::eval_checkpoint(be, &a.checkpoint, &a.data.data, a.limit, a.batch_size)?;
+            let sel = select(a.device)?;
+            let r = with_backend!(sel, |be| train::eval_checkpoint(
+                be,
+                &a.checkpoint,
+                &a.data.data,
+                a.limit,
+                a.batch_size
+            ))?;
             println!("test images: {}", r.images);
             println!("test accuracy: {:.4}%", 100.0 * r.accuracy);
             println!(
@@ -201,21 +281,24 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench(a) => {
-            let be = backend(a.device)?;
+            let sel = select(a.device)?;
             let cfg = a.model.config();
-            println!("backend: {}", capsnet::backend::Backend::name(&be));
             println!(
                 "model: {} parameters, {:.4} GFLOP per training image",
                 cfg.param_count(),
                 cfg.train_flops_per_image() / 1e9
             );
-            let r = train::bench(be, cfg, a.batch_size, a.steps, a.warmup)?;
+            let r = with_backend!(sel, |be| {
+                println!("backend: {}", capsnet::backend::Backend::name(&be));
+                train::bench(be, cfg, a.batch_size, a.steps, a.warmup)
+            })?;
             println!(
                 "batch {}: median {:.1} ms/step over {} steps, {:.1} images/s, {:.1} GFLOP/s",
                 r.batch_size, r.median_ms, r.steps, r.images_per_s, r.gflops
             );
             Ok(())
         }
+        Cmd::Info => info(),
         Cmd::Download(a) => {
             for line in data::download(&a.data, &data::mirrors())? {
                 println!("{line}");

@@ -101,9 +101,7 @@ impl Config {
         ];
         for (what, n) in positive {
             if n == 0 {
-                return Err(Error::msg(format!(
-                    "model config: {what} must be at least 1"
-                )));
+                return Err(Error::msg(format!("model config: {what} must be at least 1")));
             }
         }
         if !(self.w_std.is_finite() && self.w_std > 0.0) {
@@ -134,37 +132,20 @@ impl Config {
             init,
         };
         vec![
-            p(
-                "conv1.weight",
-                &[KERNEL, KERNEL, 1, c1],
-                glorot(kk, kk * c1),
-            ),
+            p("conv1.weight", &[KERNEL, KERNEL, 1, c1], glorot(kk, kk * c1)),
             p("conv1.bias", &[c1], Init::Zeros),
-            p(
-                "primary.weight",
-                &[KERNEL, KERNEL, c1, pc],
-                glorot(kk * c1, kk * pc),
-            ),
+            p("primary.weight", &[KERNEL, KERNEL, c1, pc], glorot(kk * c1, kk * pc)),
             p("primary.bias", &[pc], Init::Zeros),
             p(
                 "digit.W",
-                &[
-                    self.primary_caps(),
-                    self.classes,
-                    self.caps2_dim,
-                    self.caps1_dim,
-                ],
+                &[self.primary_caps(), self.classes, self.caps2_dim, self.caps1_dim],
                 Init::Normal { std: self.w_std },
             ),
             p("decoder.fc1.weight", &[caps_out, h1], glorot(caps_out, h1)),
             p("decoder.fc1.bias", &[h1], Init::Zeros),
             p("decoder.fc2.weight", &[h1, h2], glorot(h1, h2)),
             p("decoder.fc2.bias", &[h2], Init::Zeros),
-            p(
-                "decoder.fc3.weight",
-                &[h2, IMAGE_PIXELS],
-                glorot(h2, IMAGE_PIXELS),
-            ),
+            p("decoder.fc3.weight", &[h2, IMAGE_PIXELS], glorot(h2, IMAGE_PIXELS)),
             p("decoder.fc3.bias", &[IMAGE_PIXELS], Init::Zeros),
         ]
     }
@@ -273,11 +254,7 @@ pub struct Forward<Idx> {
 impl CapsNet {
     /// Puts the parameters on the tape (which must hold nothing yet), initialised from `values`
     /// (in [`Config::param_specs`] order, e.g. from [`init_params`] or a checkpoint).
-    pub fn new<B: Backend>(
-        cfg: Config,
-        tape: &mut Tape<B>,
-        values: &[Vec<f64>],
-    ) -> Result<CapsNet> {
+    pub fn new<B: Backend>(cfg: Config, tape: &mut Tape<B>, values: &[Vec<f64>]) -> Result<CapsNet> {
         cfg.validate()?;
         let specs = cfg.param_specs();
         if values.len() != specs.len() {
@@ -310,17 +287,11 @@ impl CapsNet {
     ) -> Result<Forward<B::Idx>> {
         let batch = labels.len();
         if images.len() != batch * IMAGE_PIXELS {
-            return Err(Error::msg(format!(
-                "model: {} pixels for {batch} labels",
-                images.len()
-            )));
+            return Err(Error::msg(format!("model: {} pixels for {batch} labels", images.len())));
         }
         let p = &self.params;
         let cfg = &self.cfg;
-        let x = t.input(
-            t.backend().upload(images)?,
-            &[batch, IMAGE_SIDE, IMAGE_SIDE, 1],
-        )?;
+        let x = t.input(t.backend().upload(images)?, &[batch, IMAGE_SIDE, IMAGE_SIDE, 1])?;
         let h = ops::conv2d(t, x, p[0], p[1], 1, Act::Relu)?;
         let prim = ops::conv2d(t, h, p[2], p[3], 2, Act::Relu)?;
         t.reshape(prim, &[batch, cfg.primary_caps(), cfg.caps1_dim])?;
@@ -331,15 +302,7 @@ impl CapsNet {
         let pred = ops::argmax(t, lengths)?;
         let label_idx = Rc::new(t.backend().upload_idx(labels)?);
         let margin = ops::margin_loss(t, lengths, label_idx.clone())?;
-        let masked = ops::mask(
-            t,
-            v,
-            if mask_with_labels {
-                label_idx
-            } else {
-                pred.clone()
-            },
-        )?;
+        let masked = ops::mask(t, v, if mask_with_labels { label_idx } else { pred.clone() })?;
         let d1 = ops::dense(t, masked, p[5], p[6], Act::Relu)?;
         let d2 = ops::dense(t, d1, p[7], p[8], Act::Relu)?;
         let recon = ops::dense(t, d2, p[9], p[10], Act::Sigmoid)?;

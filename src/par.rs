@@ -11,21 +11,12 @@ const MIN_PARALLEL_WORK: usize = 1 << 16;
 
 pub fn threads() -> usize {
     static N: OnceLock<usize> = OnceLock::new();
-    *N.get_or_init(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    })
+    *N.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
 /// Calls `f(row_index, row)` for each `row_len`-long row of `out`. `work_per_row` is a rough cost
 /// used to decide whether threads are worth starting.
-pub fn par_rows<T: Send>(
-    out: &mut [T],
-    row_len: usize,
-    work_per_row: usize,
-    f: impl Fn(usize, &mut [T]) + Sync,
-) {
+pub fn par_rows<T: Send>(out: &mut [T], row_len: usize, work_per_row: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     if row_len == 0 {
         return;
     }

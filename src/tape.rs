@@ -121,9 +121,7 @@ impl<B: Backend> Tape<B> {
     /// Adds a trainable parameter. Parameters come before every other variable.
     pub fn param(&mut self, buf: B::Buf, shape: &[usize]) -> Result<Var> {
         if self.values.len() != self.n_params {
-            return Err(Error::msg(
-                "tape: parameters must be added before any other variable",
-            ));
+            return Err(Error::msg("tape: parameters must be added before any other variable"));
         }
         let v = self.push_value(buf, shape, true)?;
         self.n_params += 1;
@@ -169,10 +167,7 @@ impl<B: Backend> Tape<B> {
         let needs = self.recording && inputs.iter().any(|v| self.needs[v.0]);
         let out = self.push_value(buf, shape, needs)?;
         if needs {
-            self.nodes.push(Node {
-                op: Box::new(op),
-                out,
-            });
+            self.nodes.push(Node { op: Box::new(op), out });
         }
         Ok(out)
     }
@@ -198,10 +193,7 @@ impl<B: Backend> Tape<B> {
     pub fn reshape(&mut self, v: Var, shape: &[usize]) -> Result<()> {
         let t = &mut self.values[v.0];
         if shape.iter().product::<usize>() != t.numel() {
-            return Err(Error::msg(format!(
-                "tape: cannot reshape {:?} to {shape:?}",
-                t.shape
-            )));
+            return Err(Error::msg(format!("tape: cannot reshape {:?} to {shape:?}", t.shape)));
         }
         t.shape = shape.to_vec();
         Ok(())
@@ -241,10 +233,7 @@ impl<B: Backend> Tape<B> {
                 self.grads[p] = Some(self.backend.zeros(self.values[p].numel())?);
             }
         }
-        let (vals, grads) = (
-            &mut self.values[..self.n_params],
-            &self.grads[..self.n_params],
-        );
+        let (vals, grads) = (&mut self.values[..self.n_params], &self.grads[..self.n_params]);
         let pairs = vals
             .iter_mut()
             .zip(grads)

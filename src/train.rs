@@ -133,17 +133,8 @@ impl Progress {
         };
         let mut err = std::io::stderr();
         if self.tty {
-            if finished
-                || self
-                    .last
-                    .is_none_or(|t| now.duration_since(t).as_millis() >= 100)
-            {
-                let _ = write!(
-                    err,
-                    "\r{}\x1b[K{}",
-                    line(),
-                    if finished { "\n" } else { "" }
-                );
+            if finished || self.last.is_none_or(|t| now.duration_since(t).as_millis() >= 100) {
+                let _ = write!(err, "\r{}\x1b[K{}", line(), if finished { "\n" } else { "" });
                 self.last = Some(now);
             }
         } else {
@@ -215,26 +206,14 @@ pub fn evaluate<B: Backend>(
 /// run sees the same batches as an uninterrupted one.
 pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..n).collect();
-    let mut rng =
-        StdRng::seed_from_u64(seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng = StdRng::seed_from_u64(seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     idx.shuffle(&mut rng);
     idx
 }
 
-fn snapshot<B: Backend>(
-    tape: &Tape<B>,
-    adam: &Adam<B>,
-    model: &CapsNet,
-    state: TrainState,
-) -> Result<Checkpoint> {
+fn snapshot<B: Backend>(tape: &Tape<B>, adam: &Adam<B>, model: &CapsNet, state: TrainState) -> Result<Checkpoint> {
     let be = tape.backend();
-    let f32s = |buf: &B::Buf| -> Result<Vec<f32>> {
-        Ok(be
-            .download(buf)?
-            .iter()
-            .map(|x| x.to_f64() as f32)
-            .collect())
-    };
+    let f32s = |buf: &B::Buf| -> Result<Vec<f32>> { Ok(be.download(buf)?.iter().map(|x| x.to_f64() as f32).collect()) };
     Ok(Checkpoint {
         config: model.cfg.clone(),
         state,
@@ -250,13 +229,7 @@ fn snapshot<B: Backend>(
 
 fn upload_all<B: Backend>(be: &B, host: &[Vec<f32>]) -> Result<Vec<B::Buf>> {
     host.iter()
-        .map(|v| {
-            be.upload(
-                &v.iter()
-                    .map(|&x| B::E::from_f64(x as f64))
-                    .collect::<Vec<_>>(),
-            )
-        })
+        .map(|v| be.upload(&v.iter().map(|&x| B::E::from_f64(x as f64)).collect::<Vec<_>>()))
         .collect()
 }
 
@@ -293,10 +266,7 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
         return Err(Error::msg("--batch-size must be at least 1"));
     }
     if !(opts.lr.is_finite() && opts.lr > 0.0) {
-        return Err(Error::msg(format!(
-            "--lr must be a positive number, got {}",
-            opts.lr
-        )));
+        return Err(Error::msg(format!("--lr must be a positive number, got {}", opts.lr)));
     }
     let last_path = opts.run_dir.join(LAST);
     let resumed = if opts.resume {
@@ -312,11 +282,7 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
         .map(|c| c.config.clone())
         .unwrap_or_else(|| opts.config.clone());
     cfg.validate()?;
-    let (train_set, val_set) = data::train_val(
-        data::load(&opts.data_dir, Which::Train)?,
-        opts.limit,
-        opts.val_limit,
-    )?;
+    let (train_set, val_set) = data::train_val(data::load(&opts.data_dir, Which::Train)?, opts.limit, opts.val_limit)?;
     std::fs::create_dir_all(&opts.run_dir)
         .map_err(|e| Error::file(&opts.run_dir, format!("cannot create run directory: {e}")))?;
 
@@ -387,10 +353,7 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
         let start = Instant::now();
         let order = epoch_order(train_set.len(), state.seed, state.epoch);
         let mut r = Running::default();
-        let mut bar = Progress::new(
-            format!("epoch {}/{}", state.epoch + 1, opts.epochs),
-            train_set.len(),
-        );
+        let mut bar = Progress::new(format!("epoch {}/{}", state.epoch + 1, opts.epochs), train_set.len());
         for chunk in order.chunks(state.batch_size) {
             tape.reset();
             let (x, y) = host_batch::<B>(&train_set, chunk);
@@ -415,13 +378,7 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
         }
         tape.reset();
         let train_secs = start.elapsed().as_secs_f64();
-        let val = evaluate(
-            &mut tape,
-            &model,
-            &val_set,
-            state.batch_size,
-            "  validation",
-        )?;
+        let val = evaluate(&mut tape, &model, &val_set, state.batch_size, "  validation")?;
         state.epoch += 1;
         state.step = adam.step;
         let improved = state.best_val_loss.is_none_or(|b| val.loss < b);
@@ -477,10 +434,7 @@ fn check_resume(ck: &Checkpoint, opts: &TrainOptions) -> Result<()> {
         ));
     }
     if opts.batch_size != s.batch_size {
-        diffs.push(format!(
-            "--batch-size {} vs stored {}",
-            opts.batch_size, s.batch_size
-        ));
+        diffs.push(format!("--batch-size {} vs stored {}", opts.batch_size, s.batch_size));
     }
     if opts.seed != s.seed {
         diffs.push(format!("--seed {} vs stored {}", opts.seed, s.seed));
@@ -492,16 +446,10 @@ fn check_resume(ck: &Checkpoint, opts: &TrainOptions) -> Result<()> {
         diffs.push(format!("--limit {:?} vs stored {:?}", opts.limit, s.limit));
     }
     if opts.val_limit != s.val_limit {
-        diffs.push(format!(
-            "--val-limit {:?} vs stored {:?}",
-            opts.val_limit, s.val_limit
-        ));
+        diffs.push(format!("--val-limit {:?} vs stored {:?}", opts.val_limit, s.val_limit));
     }
     if opts.patience != s.patience {
-        diffs.push(format!(
-            "--patience {} vs stored {}",
-            opts.patience, s.patience
-        ));
+        diffs.push(format!("--patience {} vs stored {}", opts.patience, s.patience));
     }
     if diffs.is_empty() {
         Ok(())
@@ -558,9 +506,7 @@ pub fn bench<B: Backend>(
     warmup: usize,
 ) -> Result<BenchReport> {
     if batch_size == 0 || steps == 0 {
-        return Err(Error::msg(
-            "bench: --batch-size and --steps must be at least 1",
-        ));
+        return Err(Error::msg("bench: --batch-size and --steps must be at least 1"));
     }
     let mut rng = StdRng::seed_from_u64(7);
     let split = Split {

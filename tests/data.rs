@@ -54,10 +54,7 @@ fn well_formed_small_files_load_raw_and_gzipped() {
     let (img, lbl) = (idx_images(3, 28, 28, 3 * 784), idx_labels(3, &[0, 9, 4]));
     let d = write_split("data_ok_raw", &img, &lbl);
     let s = data::load(&d, Which::Test).unwrap();
-    assert_eq!(
-        (s.len(), s.labels.clone(), s.images.len()),
-        (3, vec![0, 9, 4], 3 * 784)
-    );
+    assert_eq!((s.len(), s.labels.clone(), s.images.len()), (3, vec![0, 9, 4], 3 * 784));
     let d = temp_dir("data_ok_gz");
     std::fs::write(d.join("t10k-images-idx3-ubyte.gz"), gz(&img)).unwrap();
     std::fs::write(d.join("t10k-labels-idx1-ubyte.gz"), gz(&lbl)).unwrap();
@@ -69,17 +66,11 @@ fn missing_directory_and_missing_file_are_named() {
     let e = data::load(Path::new("/nonexistent/mnist"), Which::Train)
         .unwrap_err()
         .to_string();
-    assert!(
-        e.contains("/nonexistent/mnist") && e.contains("not found"),
-        "{e}"
-    );
+    assert!(e.contains("/nonexistent/mnist") && e.contains("not found"), "{e}");
     let d = temp_dir("data_missing_file");
     std::fs::write(d.join("t10k-images-idx3-ubyte"), idx_images(1, 28, 28, 784)).unwrap();
     let e = load_err(&d);
-    assert!(
-        e.contains("t10k-labels-idx1-ubyte") && e.contains("not found"),
-        "{e}"
-    );
+    assert!(e.contains("t10k-labels-idx1-ubyte") && e.contains("not found"), "{e}");
 }
 
 #[test]
@@ -90,10 +81,7 @@ fn truncated_files_are_refused() {
         &idx_labels(3, &[1, 2, 3]),
     );
     let e = load_err(&d);
-    assert!(
-        e.contains("t10k-images-idx3-ubyte") && e.contains("truncated"),
-        "{e}"
-    );
+    assert!(e.contains("t10k-images-idx3-ubyte") && e.contains("truncated"), "{e}");
     let d = write_split(
         "data_trunc_hdr",
         &idx_images(3, 28, 28, 3 * 784)[..10],
@@ -106,20 +94,14 @@ fn truncated_files_are_refused() {
         &idx_labels(3, &[1, 2]),
     );
     let e = load_err(&d);
-    assert!(
-        e.contains("t10k-labels-idx1-ubyte") && e.contains("truncated"),
-        "{e}"
-    );
+    assert!(e.contains("t10k-labels-idx1-ubyte") && e.contains("truncated"), "{e}");
     // a gzip stream cut short
     let d = temp_dir("data_trunc_gz");
     let g = gz(&idx_images(3, 28, 28, 3 * 784));
     std::fs::write(d.join("t10k-images-idx3-ubyte.gz"), &g[..g.len() / 2]).unwrap();
     std::fs::write(d.join("t10k-labels-idx1-ubyte"), idx_labels(3, &[1, 2, 3])).unwrap();
     let e = load_err(&d);
-    assert!(
-        e.contains("t10k-images-idx3-ubyte.gz") && e.contains("gzip"),
-        "{e}"
-    );
+    assert!(e.contains("t10k-images-idx3-ubyte.gz") && e.contains("gzip"), "{e}");
 }
 
 #[test]
@@ -132,11 +114,7 @@ fn wrong_magic_wrong_size_and_trailing_bytes_are_refused() {
         e.contains("wrong magic number 0x00000801") && e.contains("0x00000803"),
         "{e}"
     );
-    let d = write_split(
-        "data_size",
-        &idx_images(2, 32, 32, 2 * 1024),
-        &idx_labels(2, &[1, 2]),
-    );
+    let d = write_split("data_size", &idx_images(2, 32, 32, 2 * 1024), &idx_labels(2, &[1, 2]));
     assert!(load_err(&d).contains("32x32, expected 28x28"));
     let d = write_split(
         "data_trailing",
@@ -148,11 +126,7 @@ fn wrong_magic_wrong_size_and_trailing_bytes_are_refused() {
 
 #[test]
 fn count_mismatch_and_bad_labels_are_refused() {
-    let d = write_split(
-        "data_count",
-        &idx_images(3, 28, 28, 3 * 784),
-        &idx_labels(2, &[1, 2]),
-    );
+    let d = write_split("data_count", &idx_images(3, 28, 28, 3 * 784), &idx_labels(2, &[1, 2]));
     let e = load_err(&d);
     assert!(e.contains("3 images") && e.contains("2 labels"), "{e}");
     let d = write_split(
@@ -171,11 +145,7 @@ fn real_mnist_loads_with_the_published_checksums() {
     assert_eq!((train.len(), test.len()), (60000, 10000));
     for (name, sha) in data::FILES {
         let p = data::find(&dir, name).unwrap();
-        assert_eq!(
-            data::sha256_hex(&data::read_maybe_gz(&p).unwrap()),
-            sha,
-            "{name}"
-        );
+        assert_eq!(data::sha256_hex(&data::read_maybe_gz(&p).unwrap()), sha, "{name}");
     }
     let (tr, val) = data::train_val(train.clone(), None, None).unwrap();
     assert_eq!((tr.len(), val.len()), (55000, 5000));
@@ -234,10 +204,7 @@ fn download_checks_checksums_and_fails_clearly() {
     let target = temp_dir("download_ok");
     let report = data::download(&target, std::slice::from_ref(&mirror)).unwrap();
     assert_eq!(report.len(), 4, "{report:?}");
-    assert!(
-        report.iter().all(|l| l.contains("checksum ok")),
-        "{report:?}"
-    );
+    assert!(report.iter().all(|l| l.contains("checksum ok")), "{report:?}");
     assert_eq!(data::load(&target, Which::Test).unwrap().len(), 10000);
     // a second run finds them present
     assert!(
@@ -266,10 +233,7 @@ fn download_checks_checksums_and_fails_clearly() {
     );
 
     // 3. no network: a closed port on loopback refuses at once
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap(); // dropped: now closed
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap(); // dropped: now closed
     let target = temp_dir("download_offline");
     let e = data::download(&target, &[format!("http://{closed}/")])
         .unwrap_err()

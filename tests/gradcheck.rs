@@ -79,9 +79,7 @@ fn sample_indices(n: usize, seed: u64) -> Vec<usize> {
         return (0..n).collect();
     }
     let mut rng = Lcg(seed);
-    let mut idx: Vec<usize> = (0..SAMPLES - 2)
-        .map(|_| (rng.next_f64() * n as f64) as usize)
-        .collect();
+    let mut idx: Vec<usize> = (0..SAMPLES - 2).map(|_| (rng.next_f64() * n as f64) as usize).collect();
     idx.extend([0, n - 1]);
     idx
 }
@@ -124,15 +122,10 @@ fn check(name: &str, inputs: Vec<Input>, build: &Build) {
     let mut checked = 0;
     for (k, inp) in inputs.iter().enumerate() {
         if !inp.grad {
-            assert!(
-                grads[k].is_none(),
-                "{name}: input {k} needs no gradient but got one"
-            );
+            assert!(grads[k].is_none(), "{name}: input {k} needs no gradient but got one");
             continue;
         }
-        let analytic = grads[k]
-            .clone()
-            .unwrap_or_else(|| vec![0.0; inp.values.len()]);
+        let analytic = grads[k].clone().unwrap_or_else(|| vec![0.0; inp.values.len()]);
         let idx = sample_indices(inp.values.len(), k as u64 + 1);
         let numeric: Vec<f64> = idx
             .iter()
@@ -180,11 +173,9 @@ fn conv2d_gradients() {
             random(&mut rng, &[3, 3, 3, 5], -0.5, 0.5),
             random(&mut rng, &[5], -0.3, 0.3),
         ];
-        check(
-            &format!("conv2d stride {stride} {act:?}"),
-            inputs,
-            &move |t, v| ops::conv2d(t, v[0], v[1], v[2], stride, act),
-        );
+        check(&format!("conv2d stride {stride} {act:?}"), inputs, &move |t, v| {
+            ops::conv2d(t, v[0], v[1], v[2], stride, act)
+        });
     }
 }
 
@@ -209,9 +200,7 @@ fn squash_gradients_including_a_zero_vector() {
     let mut s = rng.vec(5 * 8, -1.5, 1.5);
     s[16..24].fill(0.0); // capsule 2 is the zero vector
     s[24..32].iter_mut().for_each(|x| *x *= 1e-3); // capsule 3 is tiny
-    check("squash", vec![input(&[5, 8], s)], &|t, v| {
-        ops::squash(t, v[0])
-    });
+    check("squash", vec![input(&[5, 8], s)], &|t, v| ops::squash(t, v[0]));
 }
 
 #[test]
@@ -253,31 +242,25 @@ fn routing_gradients_for_1_2_3_rounds() {
         let mut rng = Lcg(20 + rounds as u64);
         // [B=2, I=7, J=4, D=5]; magnitudes large enough for the agreement to move the couplings
         let inputs = vec![random(&mut rng, &[2, 7, 4, 5], -1.0, 1.0)];
-        check(
-            &format!("routing, {rounds} rounds"),
-            inputs,
-            &move |t, v| ops::routing(t, v[0], rounds),
-        );
+        check(&format!("routing, {rounds} rounds"), inputs, &move |t, v| {
+            ops::routing(t, v[0], rounds)
+        });
     }
 }
 
 #[test]
 fn lengths_gradients() {
     let mut rng = Lcg(31);
-    check(
-        "lengths",
-        vec![random(&mut rng, &[3, 4, 6], -1.0, 1.0)],
-        &|t, v| ops::lengths(t, v[0]),
-    );
+    check("lengths", vec![random(&mut rng, &[3, 4, 6], -1.0, 1.0)], &|t, v| {
+        ops::lengths(t, v[0])
+    });
 }
 
 #[test]
 fn mask_gradients() {
     let mut rng = Lcg(41);
     let inputs = vec![random(&mut rng, &[3, 4, 5], -1.0, 1.0)];
-    check("mask", inputs, &|t, v| {
-        ops::mask(t, v[0], Rc::new(vec![2, 0, 3]))
-    });
+    check("mask", inputs, &|t, v| ops::mask(t, v[0], Rc::new(vec![2, 0, 3])));
 }
 
 #[test]
@@ -293,10 +276,7 @@ fn margin_loss_gradients() {
 #[test]
 fn sq_err_gradients_for_both_arguments() {
     let mut rng = Lcg(61);
-    let inputs = vec![
-        random(&mut rng, &[3, 6], 0.0, 1.0),
-        random(&mut rng, &[3, 6], 0.0, 1.0),
-    ];
+    let inputs = vec![random(&mut rng, &[3, 6], 0.0, 1.0), random(&mut rng, &[3, 6], 0.0, 1.0)];
     check("sq_err", inputs, &|t, v| ops::sq_err(t, v[0], v[1], 0.37));
 }
 
@@ -332,17 +312,11 @@ fn check_model(rounds: usize, mask_with_labels: bool) {
     let loss_at = |params: &[Vec<f64>], backward: bool| {
         let mut t = Tape::new(Cpu::new());
         let model = CapsNet::new(cfg.clone(), &mut t, params).unwrap();
-        let f = model
-            .forward(&mut t, &images, &labels, mask_with_labels)
-            .unwrap();
+        let f = model.forward(&mut t, &images, &labels, mask_with_labels).unwrap();
         let value = t.value(f.loss).buf[0];
         let grads = if backward {
             t.backward(f.loss).unwrap();
-            model
-                .params
-                .iter()
-                .map(|&p| t.grad(p).unwrap().clone())
-                .collect()
+            model.params.iter().map(|&p| t.grad(p).unwrap().clone()).collect()
         } else {
             vec![]
         };
@@ -378,11 +352,7 @@ fn check_model(rounds: usize, mask_with_labels: bool) {
     report(
         &format!(
             "whole loss, {rounds} rounds, mask by {}",
-            if mask_with_labels {
-                "label"
-            } else {
-                "prediction"
-            }
+            if mask_with_labels { "label" } else { "prediction" }
         ),
         &bad,
         checked,

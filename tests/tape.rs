@@ -34,12 +34,7 @@ impl BackwardOp<Cpu> for Logged {
     }
 }
 
-fn logged(
-    t: &mut Tape<Cpu>,
-    x: Var,
-    name: &'static str,
-    log: &Rc<RefCell<Vec<&'static str>>>,
-) -> Var {
+fn logged(t: &mut Tape<Cpu>, x: Var, name: &'static str, log: &Rc<RefCell<Vec<&'static str>>>) -> Var {
     let v = t.value(x).buf.clone();
     let shape = t.value(x).shape.clone();
     t.push_op(
@@ -130,10 +125,7 @@ fn evaluation_records_nothing() {
     assert!(t.op_names().is_empty());
     let loss = sum_sq(&mut t, y);
     t.backward(loss).unwrap();
-    assert!(
-        t.grad(x).is_none(),
-        "nothing recorded, so nothing flows back"
-    );
+    assert!(t.grad(x).is_none(), "nothing recorded, so nothing flows back");
 }
 
 #[test]

@@ -9,8 +9,8 @@ use std::borrow::Cow;
 use std::marker::PhantomData;
 
 use super::{
-    Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape, LAMBDA, M_MINUS, M_PLUS,
-    NORM_EPS, RoutingSaved,
+    Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape, LAMBDA, M_MINUS, M_PLUS, NORM_EPS,
+    RoutingSaved, check,
 };
 use crate::float::Float;
 use crate::par::{par_map, par_rows};
@@ -28,15 +28,6 @@ impl<T: Float> CpuBackend<T> {
     pub fn new() -> Self {
         CpuBackend { _t: PhantomData }
     }
-}
-
-fn check(op: &str, what: &str, len: usize, expected: usize) -> Result<()> {
-    if len != expected {
-        return Err(Error::msg(format!(
-            "{op}: {what} has {len} elements, expected {expected}"
-        )));
-    }
-    Ok(())
 }
 
 fn f64s<T: Float>(x: &[T]) -> Cow<'_, [f64]> {
@@ -161,10 +152,7 @@ impl<T: Float> CpuBackend<T> {
                 // for a fixed ky, the kx and c axes are one contiguous run of K·Cin values in x
                 let src = ((bi * s.in_h + oy * s.stride + ky) * s.in_w + ox * s.stride) * ci;
                 let dst = ky * s.k * ci;
-                for (o, v) in row[dst..dst + s.k * ci]
-                    .iter_mut()
-                    .zip(&x[src..src + s.k * ci])
-                {
+                for (o, v) in row[dst..dst + s.k * ci].iter_mut().zip(&x[src..src + s.k * ci]) {
                     *o = v.to_f64();
                 }
             }
@@ -226,15 +214,7 @@ impl<T: Float> Backend for CpuBackend<T> {
 
     // ---- convolution ----------------------------------------------------------------------------
 
-    fn conv2d_fwd(
-        &self,
-        s: &ConvShape,
-        x: &Vec<T>,
-        w: &Vec<T>,
-        b: &Vec<T>,
-        y: &mut Vec<T>,
-        act: Act,
-    ) -> Result<()> {
+    fn conv2d_fwd(&self, s: &ConvShape, x: &Vec<T>, w: &Vec<T>, b: &Vec<T>, y: &mut Vec<T>, act: Act) -> Result<()> {
         const OP: &str = "conv2d_fwd";
         check(OP, "x", x.len(), s.x_len())?;
         check(OP, "w", w.len(), s.w_len())?;
@@ -248,17 +228,7 @@ impl<T: Float> Backend for CpuBackend<T> {
             let nb = chunk.min(s.batch - b0);
             let col = Self::im2col(s, x, b0, nb);
             let mut out = vec![0.0; nb * npix * co];
-            gemm(
-                nb * npix,
-                kd,
-                co,
-                &col,
-                (kd, 1),
-                &wf,
-                (co, 1),
-                &mut out,
-                0.0,
-            );
+            gemm(nb * npix, kd, co, &col, (kd, 1), &wf, (co, 1), &mut out, 0.0);
             let ys = &mut y[b0 * npix * co..(b0 + nb) * npix * co];
             for (yr, or) in ys.chunks_mut(co).zip(out.chunks(co)) {
                 for ((yv, ov), bv) in yr.iter_mut().zip(or).zip(&bias) {
@@ -269,24 +239,12 @@ impl<T: Float> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn conv2d_bwd_input(
-        &self,
-        s: &ConvShape,
-        dz: &Vec<T>,
-        w: &Vec<T>,
-        dx: &mut Vec<T>,
-    ) -> Result<()> {
+    fn conv2d_bwd_input(&self, s: &ConvShape, dz: &Vec<T>, w: &Vec<T>, dx: &mut Vec<T>) -> Result<()> {
         const OP: &str = "conv2d_bwd_input";
         check(OP, "dz", dz.len(), s.y_len())?;
         check(OP, "w", w.len(), s.w_len())?;
         check(OP, "dx", dx.len(), s.x_len())?;
-        let (ow, npix, kd, co, ci) = (
-            s.out_w(),
-            s.out_h() * s.out_w(),
-            s.patch_len(),
-            s.out_c,
-            s.in_c,
-        );
+        let (ow, npix, kd, co, ci) = (s.out_w(), s.out_h() * s.out_w(), s.patch_len(), s.out_c, s.in_c);
         let img = s.in_h * s.in_w * ci;
         let wf = f64s(w);
         let chunk = Self::images_per_chunk(npix * kd);
@@ -295,17 +253,7 @@ impl<T: Float> Backend for CpuBackend<T> {
             let dzf = f64s(&dz[b0 * npix * co..(b0 + nb) * npix * co]);
             // dcol = dz · Wᵀ, with W [kd, co] read transposed through its strides
             let mut dcol = vec![0.0; nb * npix * kd];
-            gemm(
-                nb * npix,
-                co,
-                kd,
-                &dzf,
-                (co, 1),
-                &wf,
-                (1, co),
-                &mut dcol,
-                0.0,
-            );
+            gemm(nb * npix, co, kd, &dzf, (co, 1), &wf, (1, co), &mut dcol, 0.0);
             // col2im: every patch adds its gradient back onto the pixels it was read from
             let mut dxf = vec![0.0; nb * img];
             par_rows(&mut dxf, img, npix * kd, |bi, im| {
@@ -315,10 +263,7 @@ impl<T: Float> Backend for CpuBackend<T> {
                     for ky in 0..s.k {
                         let dst = ((oy * s.stride + ky) * s.in_w + ox * s.stride) * ci;
                         let src = ky * s.k * ci;
-                        for (o, v) in im[dst..dst + s.k * ci]
-                            .iter_mut()
-                            .zip(&row[src..src + s.k * ci])
-                        {
+                        for (o, v) in im[dst..dst + s.k * ci].iter_mut().zip(&row[src..src + s.k * ci]) {
                             *o += v;
                         }
                     }
@@ -329,13 +274,7 @@ impl<T: Float> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn conv2d_bwd_weight(
-        &self,
-        s: &ConvShape,
-        x: &Vec<T>,
-        dz: &Vec<T>,
-        dw: &mut Vec<T>,
-    ) -> Result<()> {
+    fn conv2d_bwd_weight(&self, s: &ConvShape, x: &Vec<T>, dz: &Vec<T>, dw: &mut Vec<T>) -> Result<()> {
         const OP: &str = "conv2d_bwd_weight";
         check(OP, "x", x.len(), s.x_len())?;
         check(OP, "dz", dz.len(), s.y_len())?;
@@ -348,17 +287,7 @@ impl<T: Float> Backend for CpuBackend<T> {
             let col = Self::im2col(s, x, b0, nb);
             let dzf = f64s(&dz[b0 * npix * co..(b0 + nb) * npix * co]);
             // dW += colᵀ · dz, with col [rows, kd] read transposed through its strides
-            gemm(
-                kd,
-                nb * npix,
-                co,
-                &col,
-                (1, kd),
-                &dzf,
-                (co, 1),
-                &mut dwf,
-                1.0,
-            );
+            gemm(kd, nb * npix, co, &col, (1, kd), &dzf, (co, 1), &mut dwf, 1.0);
         }
         add_into(dw, &dwf);
         Ok(())
@@ -388,15 +317,7 @@ impl<T: Float> Backend for CpuBackend<T> {
 
     // ---- dense ----------------------------------------------------------------------------------
 
-    fn dense_fwd(
-        &self,
-        s: &DenseShape,
-        x: &Vec<T>,
-        w: &Vec<T>,
-        b: &Vec<T>,
-        y: &mut Vec<T>,
-        act: Act,
-    ) -> Result<()> {
+    fn dense_fwd(&self, s: &DenseShape, x: &Vec<T>, w: &Vec<T>, b: &Vec<T>, y: &mut Vec<T>, act: Act) -> Result<()> {
         const OP: &str = "dense_fwd";
         check(OP, "x", x.len(), s.rows * s.inp)?;
         check(OP, "w", w.len(), s.inp * s.out)?;
@@ -422,13 +343,7 @@ impl<T: Float> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn dense_bwd_input(
-        &self,
-        s: &DenseShape,
-        dz: &Vec<T>,
-        w: &Vec<T>,
-        dx: &mut Vec<T>,
-    ) -> Result<()> {
+    fn dense_bwd_input(&self, s: &DenseShape, dz: &Vec<T>, w: &Vec<T>, dx: &mut Vec<T>) -> Result<()> {
         const OP: &str = "dense_bwd_input";
         check(OP, "dz", dz.len(), s.rows * s.out)?;
         check(OP, "w", w.len(), s.inp * s.out)?;
@@ -449,13 +364,7 @@ impl<T: Float> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn dense_bwd_weight(
-        &self,
-        s: &DenseShape,
-        x: &Vec<T>,
-        dz: &Vec<T>,
-        dw: &mut Vec<T>,
-    ) -> Result<()> {
+    fn dense_bwd_weight(&self, s: &DenseShape, x: &Vec<T>, dz: &Vec<T>, dw: &mut Vec<T>) -> Result<()> {
         const OP: &str = "dense_bwd_weight";
         check(OP, "x", x.len(), s.rows * s.inp)?;
         check(OP, "dz", dz.len(), s.rows * s.out)?;
@@ -486,21 +395,12 @@ impl<T: Float> Backend for CpuBackend<T> {
         for (vr, sr) in v.chunks_mut(dim.max(1)).zip(s.chunks(dim.max(1))) {
             sf.iter_mut().zip(sr).for_each(|(o, x)| *o = x.to_f64());
             squash_vec(&sf, &mut vf);
-            vr.iter_mut()
-                .zip(&vf)
-                .for_each(|(o, x)| *o = T::from_f64(*x));
+            vr.iter_mut().zip(&vf).for_each(|(o, x)| *o = T::from_f64(*x));
         }
         Ok(())
     }
 
-    fn squash_bwd(
-        &self,
-        rows: usize,
-        dim: usize,
-        s: &Vec<T>,
-        dv: &Vec<T>,
-        ds: &mut Vec<T>,
-    ) -> Result<()> {
+    fn squash_bwd(&self, rows: usize, dim: usize, s: &Vec<T>, dv: &Vec<T>, ds: &mut Vec<T>) -> Result<()> {
         check("squash_bwd", "s", s.len(), rows * dim)?;
         check("squash_bwd", "dv", dv.len(), rows * dim)?;
         check("squash_bwd", "ds", ds.len(), rows * dim)?;
@@ -525,11 +425,7 @@ impl<T: Float> Backend for CpuBackend<T> {
                 let ui = &u[(b * ni + i) * din..(b * ni + i + 1) * din];
                 for jk in 0..nj * dout {
                     let wr = &w[(i * nj * dout + jk) * din..(i * nj * dout + jk + 1) * din];
-                    let acc: f64 = wr
-                        .iter()
-                        .zip(ui)
-                        .map(|(a, x)| a.to_f64() * x.to_f64())
-                        .sum();
+                    let acc: f64 = wr.iter().zip(ui).map(|(a, x)| a.to_f64() * x.to_f64()).sum();
                     out[i * nj * dout + jk] = T::from_f64(acc);
                 }
             }
@@ -537,13 +433,7 @@ impl<T: Float> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn predict_bwd_input(
-        &self,
-        s: &CapsShape,
-        duhat: &Vec<T>,
-        w: &Vec<T>,
-        du: &mut Vec<T>,
-    ) -> Result<()> {
+    fn predict_bwd_input(&self, s: &CapsShape, duhat: &Vec<T>, w: &Vec<T>, du: &mut Vec<T>) -> Result<()> {
         check("predict_bwd_input", "duhat", duhat.len(), s.uhat_len())?;
         check("predict_bwd_input", "w", w.len(), s.w_len())?;
         check("predict_bwd_input", "du", du.len(), s.u_len())?;
@@ -565,13 +455,7 @@ impl<T: Float> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn predict_bwd_weight(
-        &self,
-        s: &CapsShape,
-        u: &Vec<T>,
-        duhat: &Vec<T>,
-        dw: &mut Vec<T>,
-    ) -> Result<()> {
+    fn predict_bwd_weight(&self, s: &CapsShape, u: &Vec<T>, duhat: &Vec<T>, dw: &mut Vec<T>) -> Result<()> {
         check("predict_bwd_weight", "u", u.len(), s.u_len())?;
         check("predict_bwd_weight", "duhat", duhat.len(), s.uhat_len())?;
         check("predict_bwd_weight", "dw", dw.len(), s.w_len())?;
@@ -604,9 +488,7 @@ impl<T: Float> Backend for CpuBackend<T> {
         const OP: &str = "routing_fwd";
         let (ni, nj, d) = (s.in_caps, s.out_caps, s.out_dim);
         if rounds == 0 {
-            return Err(Error::msg(format!(
-                "{OP}: at least one routing round is needed"
-            )));
+            return Err(Error::msg(format!("{OP}: at least one routing round is needed")));
         }
         check(OP, "uhat", uhat.len(), s.uhat_len())?;
         check(OP, "v", v.len(), s.v_len())?;
@@ -654,28 +536,12 @@ impl<T: Float> Backend for CpuBackend<T> {
             }
             (cs, ss, vs)
         });
-        let store = |dst: &mut [T], src: &[f64]| {
-            dst.iter_mut()
-                .zip(src)
-                .for_each(|(o, x)| *o = T::from_f64(*x))
-        };
+        let store = |dst: &mut [T], src: &[f64]| dst.iter_mut().zip(src).for_each(|(o, x)| *o = T::from_f64(*x));
         for (b, (cs, ss, vs)) in per_image.iter().enumerate() {
-            store(
-                &mut saved.c[b * rounds * ni * nj..(b + 1) * rounds * ni * nj],
-                cs,
-            );
-            store(
-                &mut saved.s[b * rounds * nj * d..(b + 1) * rounds * nj * d],
-                ss,
-            );
-            store(
-                &mut saved.v[b * rounds * nj * d..(b + 1) * rounds * nj * d],
-                vs,
-            );
-            store(
-                &mut v[b * nj * d..(b + 1) * nj * d],
-                &vs[(rounds - 1) * nj * d..],
-            );
+            store(&mut saved.c[b * rounds * ni * nj..(b + 1) * rounds * ni * nj], cs);
+            store(&mut saved.s[b * rounds * nj * d..(b + 1) * rounds * nj * d], ss);
+            store(&mut saved.v[b * rounds * nj * d..(b + 1) * rounds * nj * d], vs);
+            store(&mut v[b * nj * d..(b + 1) * nj * d], &vs[(rounds - 1) * nj * d..]);
         }
         Ok(())
     }
@@ -692,9 +558,7 @@ impl<T: Float> Backend for CpuBackend<T> {
         const OP: &str = "routing_bwd";
         let (ni, nj, d) = (s.in_caps, s.out_caps, s.out_dim);
         if rounds == 0 {
-            return Err(Error::msg(format!(
-                "{OP}: at least one routing round is needed"
-            )));
+            return Err(Error::msg(format!("{OP}: at least one routing round is needed")));
         }
         check(OP, "uhat", uhat.len(), s.uhat_len())?;
         check(OP, "dv", dv.len(), s.v_len())?;
@@ -717,18 +581,9 @@ impl<T: Float> Backend for CpuBackend<T> {
             let mut ds = vec![0.0; nj * d];
             let mut dc = vec![0.0; ni * nj];
             for r in (0..rounds).rev() {
-                let c: Vec<f64> = cs[r * ni * nj..(r + 1) * ni * nj]
-                    .iter()
-                    .map(|x| x.to_f64())
-                    .collect();
-                let sr: Vec<f64> = ss[r * nj * d..(r + 1) * nj * d]
-                    .iter()
-                    .map(|x| x.to_f64())
-                    .collect();
-                let vr: Vec<f64> = vs[r * nj * d..(r + 1) * nj * d]
-                    .iter()
-                    .map(|x| x.to_f64())
-                    .collect();
+                let c: Vec<f64> = cs[r * ni * nj..(r + 1) * ni * nj].iter().map(|x| x.to_f64()).collect();
+                let sr: Vec<f64> = ss[r * nj * d..(r + 1) * nj * d].iter().map(|x| x.to_f64()).collect();
+                let vr: Vec<f64> = vs[r * nj * d..(r + 1) * nj * d].iter().map(|x| x.to_f64()).collect();
                 if r + 1 == rounds {
                     // only the last round's v is the op's output
                     dvr.iter_mut()
@@ -792,15 +647,7 @@ impl<T: Float> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn lengths_bwd(
-        &self,
-        rows: usize,
-        dim: usize,
-        v: &Vec<T>,
-        l: &Vec<T>,
-        dl: &Vec<T>,
-        dv: &mut Vec<T>,
-    ) -> Result<()> {
+    fn lengths_bwd(&self, rows: usize, dim: usize, v: &Vec<T>, l: &Vec<T>, dl: &Vec<T>, dv: &mut Vec<T>) -> Result<()> {
         check("lengths_bwd", "v", v.len(), rows * dim)?;
         check("lengths_bwd", "l", l.len(), rows)?;
         check("lengths_bwd", "dl", dl.len(), rows)?;
@@ -983,12 +830,7 @@ impl<T: Float> Backend for CpuBackend<T> {
         let bc2 = 1.0 - hp.beta2.powf(hp.step as f64);
         for (n, g) in groups.iter_mut().enumerate() {
             let len = g.param.len();
-            check(
-                "adam_step",
-                &format!("grad of group {n}"),
-                g.grad.len(),
-                len,
-            )?;
+            check("adam_step", &format!("grad of group {n}"), g.grad.len(), len)?;
             check("adam_step", &format!("m of group {n}"), g.m.len(), len)?;
             check("adam_step", &format!("v of group {n}"), g.v.len(), len)?;
             for k in 0..len {
@@ -1009,9 +851,7 @@ fn class_index(op: &str, k: u32, n: usize) -> Result<usize> {
     if (k as usize) < n {
         Ok(k as usize)
     } else {
-        Err(Error::msg(format!(
-            "{op}: class index {k} out of range 0..{n}"
-        )))
+        Err(Error::msg(format!("{op}: class index {k} out of range 0..{n}")))
     }
 }
 

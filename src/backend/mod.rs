@@ -13,8 +13,18 @@
 
 pub mod cpu;
 
-use crate::Result;
 use crate::float::Float;
+use crate::{Error, Result};
+
+/// Every backend checks buffer lengths against the shapes it was given: `op: what has N elements, expected M`.
+pub(crate) fn check(op: &str, what: &str, len: usize, expected: usize) -> Result<()> {
+    if len != expected {
+        return Err(Error::msg(format!(
+            "{op}: {what} has {len} elements, expected {expected}"
+        )));
+    }
+    Ok(())
+}
 
 /// ε inside the square root of every safe norm (squash and capsule lengths): a zero vector then has
 /// a finite norm (√ε) and a finite gradient.
@@ -174,21 +184,9 @@ pub trait Backend: 'static {
         act: Act,
     ) -> Result<()>;
     /// dx += conv_transpose(dz, w), where dz is the gradient before the activation.
-    fn conv2d_bwd_input(
-        &self,
-        s: &ConvShape,
-        dz: &Self::Buf,
-        w: &Self::Buf,
-        dx: &mut Self::Buf,
-    ) -> Result<()>;
+    fn conv2d_bwd_input(&self, s: &ConvShape, dz: &Self::Buf, w: &Self::Buf, dx: &mut Self::Buf) -> Result<()>;
     /// dw += Σ over batch and positions of patch(x)ᵀ · dz.
-    fn conv2d_bwd_weight(
-        &self,
-        s: &ConvShape,
-        x: &Self::Buf,
-        dz: &Self::Buf,
-        dw: &mut Self::Buf,
-    ) -> Result<()>;
+    fn conv2d_bwd_weight(&self, s: &ConvShape, x: &Self::Buf, dz: &Self::Buf, dw: &mut Self::Buf) -> Result<()>;
     /// db[c] += Σ_r dz[r, c] over `rows` rows of `cols` columns (bias gradient of conv and dense).
     fn bias_bwd(&self, rows: usize, cols: usize, dz: &Self::Buf, db: &mut Self::Buf) -> Result<()>;
     /// dz = dy · act'(y), from the activation's output y. Overwrites dz (a temporary).
@@ -206,58 +204,21 @@ pub trait Backend: 'static {
         act: Act,
     ) -> Result<()>;
     /// dx += dz · wᵀ.
-    fn dense_bwd_input(
-        &self,
-        s: &DenseShape,
-        dz: &Self::Buf,
-        w: &Self::Buf,
-        dx: &mut Self::Buf,
-    ) -> Result<()>;
+    fn dense_bwd_input(&self, s: &DenseShape, dz: &Self::Buf, w: &Self::Buf, dx: &mut Self::Buf) -> Result<()>;
     /// dw += xᵀ · dz.
-    fn dense_bwd_weight(
-        &self,
-        s: &DenseShape,
-        x: &Self::Buf,
-        dz: &Self::Buf,
-        dw: &mut Self::Buf,
-    ) -> Result<()>;
+    fn dense_bwd_weight(&self, s: &DenseShape, x: &Self::Buf, dz: &Self::Buf, dw: &mut Self::Buf) -> Result<()>;
 
     // ---- capsules -------------------------------------------------------------------------------
     /// v = squash(s) = ‖s‖² / (1 + ‖s‖²) · s / √(‖s‖² + ε), row by row ([rows, dim]).
     fn squash_fwd(&self, rows: usize, dim: usize, s: &Self::Buf, v: &mut Self::Buf) -> Result<()>;
     /// ds += (∂v/∂s)ᵀ dv.
-    fn squash_bwd(
-        &self,
-        rows: usize,
-        dim: usize,
-        s: &Self::Buf,
-        dv: &Self::Buf,
-        ds: &mut Self::Buf,
-    ) -> Result<()>;
+    fn squash_bwd(&self, rows: usize, dim: usize, s: &Self::Buf, dv: &Self::Buf, ds: &mut Self::Buf) -> Result<()>;
     /// û[b,i,j,:] = W[i,j] · u[b,i,:].
-    fn predict_fwd(
-        &self,
-        s: &CapsShape,
-        u: &Self::Buf,
-        w: &Self::Buf,
-        uhat: &mut Self::Buf,
-    ) -> Result<()>;
+    fn predict_fwd(&self, s: &CapsShape, u: &Self::Buf, w: &Self::Buf, uhat: &mut Self::Buf) -> Result<()>;
     /// du[b,i,:] += Σ_j W[i,j]ᵀ · dû[b,i,j,:].
-    fn predict_bwd_input(
-        &self,
-        s: &CapsShape,
-        duhat: &Self::Buf,
-        w: &Self::Buf,
-        du: &mut Self::Buf,
-    ) -> Result<()>;
+    fn predict_bwd_input(&self, s: &CapsShape, duhat: &Self::Buf, w: &Self::Buf, du: &mut Self::Buf) -> Result<()>;
     /// dW[i,j] += Σ_b dû[b,i,j,:] ⊗ u[b,i,:].
-    fn predict_bwd_weight(
-        &self,
-        s: &CapsShape,
-        u: &Self::Buf,
-        duhat: &Self::Buf,
-        dw: &mut Self::Buf,
-    ) -> Result<()>;
+    fn predict_bwd_weight(&self, s: &CapsShape, u: &Self::Buf, duhat: &Self::Buf, dw: &mut Self::Buf) -> Result<()>;
     /// Allocates what [`Backend::routing_fwd`] saves for `rounds` rounds.
     fn routing_saved(&self, s: &CapsShape, rounds: usize) -> Result<RoutingSaved<Self::Buf>> {
         let (b, i, j, d) = (s.batch, s.in_caps, s.out_caps, s.out_dim);

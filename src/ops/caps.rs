@@ -117,12 +117,7 @@ pub fn routing<B: Backend>(t: &mut Tape<B>, uhat: Var, rounds: usize) -> Result<
         v,
         &[s.batch, s.out_caps, s.out_dim],
         &[uhat],
-        RoutingBackward {
-            uhat,
-            s,
-            rounds,
-            saved,
-        },
+        RoutingBackward { uhat, s, rounds, saved },
     )
 }
 
@@ -139,14 +134,8 @@ impl<B: Backend> BackwardOp<B> for RoutingBackward<B::Buf> {
     }
     fn backward(&self, ctx: &Ctx<'_, B>, g: &mut GradStore<'_, B>) -> Result<()> {
         if let Some(duhat) = g.get(self.uhat)? {
-            ctx.backend.routing_bwd(
-                &self.s,
-                self.rounds,
-                ctx.value(self.uhat),
-                &self.saved,
-                ctx.dout,
-                duhat,
-            )?;
+            ctx.backend
+                .routing_bwd(&self.s, self.rounds, ctx.value(self.uhat), &self.saved, ctx.dout, duhat)?;
         }
         Ok(())
     }
@@ -156,14 +145,8 @@ pub fn lengths<B: Backend>(t: &mut Tape<B>, v: Var) -> Result<Var> {
     let shape = t.value(v).shape.clone();
     let (rows, dim) = rows_dim(&shape);
     let mut l = t.backend().zeros(rows)?;
-    t.backend()
-        .lengths_fwd(rows, dim, &t.value(v).buf, &mut l)?;
-    t.push_op(
-        l,
-        &shape[..shape.len() - 1],
-        &[v],
-        LengthsBackward { v, rows, dim },
-    )
+    t.backend().lengths_fwd(rows, dim, &t.value(v).buf, &mut l)?;
+    t.push_op(l, &shape[..shape.len() - 1], &[v], LengthsBackward { v, rows, dim })
 }
 
 struct LengthsBackward {
@@ -178,14 +161,8 @@ impl<B: Backend> BackwardOp<B> for LengthsBackward {
     }
     fn backward(&self, ctx: &Ctx<'_, B>, g: &mut GradStore<'_, B>) -> Result<()> {
         if let Some(dv) = g.get(self.v)? {
-            ctx.backend.lengths_bwd(
-                self.rows,
-                self.dim,
-                ctx.value(self.v),
-                ctx.y(),
-                ctx.dout,
-                dv,
-            )?;
+            ctx.backend
+                .lengths_bwd(self.rows, self.dim, ctx.value(self.v), ctx.y(), ctx.dout, dv)?;
         }
         Ok(())
     }
@@ -243,7 +220,6 @@ pub fn argmax<B: Backend>(t: &Tape<B>, x: Var) -> Result<Rc<B::Idx>> {
         return shape_err("argmax", format!("needs a [rows, cols] value, got {xs:?}"));
     }
     let mut idx = t.backend().upload_idx(&vec![0; xs[0]])?;
-    t.backend()
-        .argmax(xs[0], xs[1], &t.value(x).buf, &mut idx)?;
+    t.backend().argmax(xs[0], xs[1], &t.value(x).buf, &mut idx)?;
     Ok(Rc::new(idx))
 }

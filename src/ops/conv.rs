@@ -6,35 +6,16 @@ use crate::Result;
 use crate::backend::{Act, Backend, ConvShape};
 use crate::tape::{BackwardOp, Ctx, GradStore, Tape, Var};
 
-pub fn conv2d<B: Backend>(
-    t: &mut Tape<B>,
-    x: Var,
-    w: Var,
-    b: Var,
-    stride: usize,
-    act: Act,
-) -> Result<Var> {
+pub fn conv2d<B: Backend>(t: &mut Tape<B>, x: Var, w: Var, b: Var, stride: usize, act: Act) -> Result<Var> {
     const OP: &str = "conv2d";
     let (xs, ws, bs) = (&t.value(x).shape, &t.value(w).shape, &t.value(b).shape);
-    if xs.len() != 4
-        || ws.len() != 4
-        || ws[0] != ws[1]
-        || ws[2] != xs[3]
-        || bs[..] != [ws[3]]
-        || stride == 0
-    {
-        return shape_err(
-            OP,
-            format!("x {xs:?}, w {ws:?}, b {bs:?}, stride {stride} do not fit"),
-        );
+    if xs.len() != 4 || ws.len() != 4 || ws[0] != ws[1] || ws[2] != xs[3] || bs[..] != [ws[3]] || stride == 0 {
+        return shape_err(OP, format!("x {xs:?}, w {ws:?}, b {bs:?}, stride {stride} do not fit"));
     }
     if xs[1] < ws[0] || xs[2] < ws[0] {
         return shape_err(
             OP,
-            format!(
-                "image {}x{} smaller than the {}x{} kernel",
-                xs[1], xs[2], ws[0], ws[0]
-            ),
+            format!("image {}x{} smaller than the {}x{} kernel", xs[1], xs[2], ws[0], ws[0]),
         );
     }
     let s = ConvShape {
@@ -47,14 +28,8 @@ pub fn conv2d<B: Backend>(
         stride,
     };
     let mut y = t.backend().zeros(s.y_len())?;
-    t.backend().conv2d_fwd(
-        &s,
-        &t.value(x).buf,
-        &t.value(w).buf,
-        &t.value(b).buf,
-        &mut y,
-        act,
-    )?;
+    t.backend()
+        .conv2d_fwd(&s, &t.value(x).buf, &t.value(w).buf, &t.value(b).buf, &mut y, act)?;
     t.push_op(
         y,
         &[s.batch, s.out_h(), s.out_w(), s.out_c],

@@ -16,20 +16,9 @@ pub fn dense<B: Backend>(t: &mut Tape<B>, x: Var, w: Var, b: Var, act: Act) -> R
         out: ws[1],
     };
     let mut y = t.backend().zeros(s.rows * s.out)?;
-    t.backend().dense_fwd(
-        &s,
-        &t.value(x).buf,
-        &t.value(w).buf,
-        &t.value(b).buf,
-        &mut y,
-        act,
-    )?;
-    t.push_op(
-        y,
-        &[s.rows, s.out],
-        &[x, w, b],
-        DenseBackward { x, w, b, s, act },
-    )
+    t.backend()
+        .dense_fwd(&s, &t.value(x).buf, &t.value(w).buf, &t.value(b).buf, &mut y, act)?;
+    t.push_op(y, &[s.rows, s.out], &[x, w, b], DenseBackward { x, w, b, s, act })
 }
 
 struct DenseBackward {

@@ -45,14 +45,8 @@ impl<B: Backend> BackwardOp<B> for MarginBackward<B> {
     }
     fn backward(&self, ctx: &Ctx<'_, B>, g: &mut GradStore<'_, B>) -> Result<()> {
         if let Some(dl) = g.get(self.l)? {
-            ctx.backend.margin_loss_bwd(
-                self.batch,
-                self.classes,
-                ctx.value(self.l),
-                &self.labels,
-                ctx.dout,
-                dl,
-            )?;
+            ctx.backend
+                .margin_loss_bwd(self.batch, self.classes, ctx.value(self.l), &self.labels, ctx.dout, dl)?;
         }
         Ok(())
     }
@@ -61,21 +55,12 @@ impl<B: Backend> BackwardOp<B> for MarginBackward<B> {
 pub fn sq_err<B: Backend>(t: &mut Tape<B>, pred: Var, target: Var, scale: f64) -> Result<Var> {
     let (ps, ts) = (&t.value(pred).shape, &t.value(target).shape);
     if ps.len() != 2 || ps != ts {
-        return shape_err(
-            "sq_err",
-            format!("pred {ps:?} and target {ts:?} must both be [B, P]"),
-        );
+        return shape_err("sq_err", format!("pred {ps:?} and target {ts:?} must both be [B, P]"));
     }
     let (rows, cols) = (ps[0], ps[1]);
     let mut loss = t.backend().zeros(1)?;
-    t.backend().sq_err_fwd(
-        rows,
-        cols,
-        &t.value(pred).buf,
-        &t.value(target).buf,
-        scale,
-        &mut loss,
-    )?;
+    t.backend()
+        .sq_err_fwd(rows, cols, &t.value(pred).buf, &t.value(target).buf, scale, &mut loss)?;
     t.push_op(
         loss,
         &[1],
@@ -123,8 +108,7 @@ pub fn add<B: Backend>(t: &mut Tape<B>, a: Var, b: Var) -> Result<Var> {
         return shape_err("add", format!("shapes {as_:?} and {bs:?} differ"));
     }
     let mut out = t.backend().zeros(t.value(a).numel())?;
-    t.backend()
-        .add_fwd(&t.value(a).buf, &t.value(b).buf, &mut out)?;
+    t.backend().add_fwd(&t.value(a).buf, &t.value(b).buf, &mut out)?;
     t.push_op(out, &as_, &[a, b], AddBackward { a, b })
 }
 

@@ -8,14 +8,8 @@ use std::process::{Command, Output};
 pub fn mnist_dir() -> PathBuf {
     let dir = std::env::var_os("CAPSNET_DATA")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            panic!("CAPSNET_DATA is not set: point it at the MNIST directory (see README, 'Tests')")
-        });
-    assert!(
-        dir.is_dir(),
-        "CAPSNET_DATA={} is not a directory",
-        dir.display()
-    );
+        .unwrap_or_else(|| panic!("CAPSNET_DATA is not set: point it at the MNIST directory (see README, 'Tests')"));
+    assert!(dir.is_dir(), "CAPSNET_DATA={} is not a directory", dir.display());
     dir
 }
 
@@ -30,9 +24,7 @@ pub fn temp_dir(name: &str) -> PathBuf {
 /// Runs the capsnet binary with `args`, CAPSNET_DATA removed unless given in `env`.
 pub fn capsnet(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_capsnet"));
-    c.args(args)
-        .env_remove("CAPSNET_DATA")
-        .env("MATMUL_NUM_THREADS", "2");
+    c.args(args).env_remove("CAPSNET_DATA").env("MATMUL_NUM_THREADS", "2");
     for (k, v) in env {
         c.env(k, v);
     }
@@ -51,15 +43,8 @@ pub fn stdout(o: &Output) -> String {
 /// and no panic or backtrace.
 pub fn assert_clean_error(o: &Output, needles: &[&str]) {
     let err = stderr(o);
-    assert!(
-        !o.status.success(),
-        "expected failure, got success; stderr:\n{err}"
-    );
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "expected exit code 1; stderr:\n{err}"
-    );
+    assert!(!o.status.success(), "expected failure, got success; stderr:\n{err}");
+    assert_eq!(o.status.code(), Some(1), "expected exit code 1; stderr:\n{err}");
     assert!(
         !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
         "panicked:\n{err}"

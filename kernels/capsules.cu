@@ -1,0 +1,144 @@
+// capsules.cu: the capsule ops other than routing (routing.cu).
+//
+//   squash_fwd      v[r,:] = squash(s[r,:])                 rows of dim d       (one thread per row)
+//   squash_bwd      ds[r,:] += (∂v/∂s)ᵀ dv[r,:]
+//   predict_fwd     û[b,i,j,k] = Σ_l W[i,j,k,l] u[b,i,l]     u [B,I,8], W [I,J,16,8], û [B,I,J,16]
+//   predict_bwd_input   du[b,i,l] += Σ_{j,k} W[i,j,k,l] dû[b,i,j,k]
+//   predict_bwd_weight  dW[i,j,k,l] += Σ_b dû[b,i,j,k] u[b,i,l]     (sum over the batch in one thread)
+//   lengths_fwd     l[r] = √(‖v[r,:]‖² + ε);  lengths_bwd  dv[r,:] += dl[r] v[r,:] / l[r]
+//   mask_fwd        out[b,:] = v[b,:,:] with every capsule but idx[b] zeroed;  mask_bwd the reverse
+//   argmax_f32      idx[r] = the first index of the row maximum
+//   margin_loss_fwd loss[0] = mean_b Σ_k T max(0, 0.9−l)² + 0.5 (1−T) max(0, l−0.1)²  (one block)
+//   margin_loss_bwd dl[b,k] += dloss[0] / B · d/dl of that term
+//
+// Version 1: one thread per output element; every sum is owned by one thread (deterministic).
+#include "common.cuh"
+
+#define GRID_STRIDE(i, n) for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
+#define M_PLUS 0.9f
+#define M_MINUS 0.1f
+#define LAMBDA 0.5f
+
+extern "C" __global__ void squash_fwd(const float* s, float* v, int rows, int dim) {
+    GRID_STRIDE(r, (size_t)rows) squash_vec(s + r * dim, v + r * dim, dim);
+}
+
+extern "C" __global__ void squash_bwd(const float* s, const float* dv, float* ds, int rows, int dim) {
+    GRID_STRIDE(r, (size_t)rows) squash_vec_bwd(s + r * dim, dv + r * dim, ds + r * dim, dim, true);
+}
+
+extern "C" __global__ void predict_fwd(const float* u, const float* w, float* uhat, CapsParams p) {
+    const int jk_n = p.out_caps * p.out_dim;
+    const size_t n = (size_t)p.batch * p.in_caps * jk_n;
+    GRID_STRIDE(e, n) {
+        const int jk = e % jk_n;
+        const size_t bi = e / jk_n;
+        const int i = bi % p.in_caps;
+        const float* wr = w + ((size_t)i * jk_n + jk) * p.in_dim;
+        const float* ur = u + bi * p.in_dim;
+        float acc = 0.f;
+        for (int l = 0; l < p.in_dim; ++l) acc = fmaf(wr[l], ur[l], acc);
+        uhat[e] = acc;
+    }
+}
+
+extern "C" __global__ void predict_bwd_input(const float* duhat, const float* w, float* du, CapsParams p) {
+    const int jk_n = p.out_caps * p.out_dim;
+    const size_t n = (size_t)p.batch * p.in_caps * p.in_dim;
+    GRID_STRIDE(e, n) {
+        const int l = e % p.in_dim;
+        const size_t bi = e / p.in_dim;
+        const int i = bi % p.in_caps;
+        const float* g = duhat + bi * jk_n;
+        const float* wi = w + (size_t)i * jk_n * p.in_dim + l;
+        float acc = 0.f;
+        for (int jk = 0; jk < jk_n; ++jk) acc = fmaf(wi[(size_t)jk * p.in_dim], g[jk], acc);
+        du[e] += acc;
+    }
+}
+
+extern "C" __global__ void predict_bwd_weight(const float* u, const float* duhat, float* dw, CapsParams p) {
+    const int jk_n = p.out_caps * p.out_dim;
+    const size_t n = (size_t)p.in_caps * jk_n * p.in_dim;
+    GRID_STRIDE(e, n) {
+        const int l = e % p.in_dim;
+        const size_t ijk = e / p.in_dim;
+        const int jk = ijk % jk_n, i = ijk / jk_n;
+        float acc = 0.f;
+        for (int b = 0; b < p.batch; ++b) {
+            const size_t bi = (size_t)b * p.in_caps + i;
+            acc = fmaf(duhat[bi * jk_n + jk], u[bi * p.in_dim + l], acc);
+        }
+        dw[e] += acc;
+    }
+}
+
+extern "C" __global__ void lengths_fwd(const float* v, float* l, int rows, int dim) {
+    GRID_STRIDE(r, (size_t)rows) {
+        float n2 = 0.f;
+        for (int t = 0; t < dim; ++t) n2 += v[r * dim + t] * v[r * dim + t];
+        l[r] = sqrtf(n2 + NORM_EPS);
+    }
+}
+
+extern "C" __global__ void lengths_bwd(const float* v, const float* l, const float* dl, float* dv, int rows, int dim) {
+    GRID_STRIDE(e, (size_t)rows * dim) {
+        const size_t r = e / dim;
+        dv[e] += dl[r] / l[r] * v[e];
+    }
+}
+
+extern "C" __global__ void mask_fwd(const float* v, const unsigned* idx, float* out, int batch, int caps, int dim) {
+    GRID_STRIDE(e, (size_t)batch * caps * dim) {
+        const size_t b = e / ((size_t)caps * dim);
+        const int k = (e / dim) % caps;
+        out[e] = (k == (int)idx[b]) ? v[e] : 0.f;
+    }
+}
+
+extern "C" __global__ void mask_bwd(const float* dout, const unsigned* idx, float* dv, int batch, int caps, int dim) {
+    GRID_STRIDE(e, (size_t)batch * caps * dim) {
+        const size_t b = e / ((size_t)caps * dim);
+        const int k = (e / dim) % caps;
+        if (k == (int)idx[b]) dv[e] += dout[e];
+    }
+}
+
+extern "C" __global__ void argmax_f32(const float* x, unsigned* idx, int rows, int cols) {
+    GRID_STRIDE(r, (size_t)rows) {
+        int best = 0;
+        for (int c = 1; c < cols; ++c)
+            if (x[r * cols + c] > x[r * cols + best]) best = c;
+        idx[r] = best;
+    }
+}
+
+__device__ __forceinline__ float margin_term(float len, bool present) {
+    if (present) {
+        const float d = fmaxf(M_PLUS - len, 0.f);
+        return d * d;
+    }
+    const float d = fmaxf(len - M_MINUS, 0.f);
+    return LAMBDA * d * d;
+}
+
+// One block of 256 threads.
+extern "C" __global__ void __launch_bounds__(256)
+margin_loss_fwd(const float* l, const unsigned* labels, float* loss, int batch, int classes) {
+    __shared__ float scratch[256];
+    float s = 0.f;
+    for (int e = threadIdx.x; e < batch * classes; e += blockDim.x)
+        s += margin_term(l[e], (unsigned)(e % classes) == labels[e / classes]);
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) loss[0] = s / (float)batch;
+}
+
+extern "C" __global__ void margin_loss_bwd(const float* l, const unsigned* labels, const float* dloss, float* dl,
+                                           int batch, int classes) {
+    const float g = dloss[0] / (float)batch;
+    GRID_STRIDE(e, (size_t)batch * classes) {
+        const bool present = (unsigned)(e % classes) == labels[e / classes];
+        const float d = present ? -2.f * fmaxf(M_PLUS - l[e], 0.f) : 2.f * LAMBDA * fmaxf(l[e] - M_MINUS, 0.f);
+        dl[e] += g * d;
+    }
+}

@@ -1,0 +1,35 @@
+// dense.cu: dense layers y = act(x · w + b), x [rows, in], w [in, out], as GEMMs (gemm.cuh).
+//
+//   forward       y[r, o]  = act(Σ_i x[r, i] · w[i, o] + b[o])
+//   input grad    dx[r, i] += Σ_o dz[r, o] · w[i, o]
+//   weight grad   dw[i, o] += Σ_r x[r, i] · dz[r, o]
+//
+// dz is the gradient before the activation (act_bwd); the bias gradient is bias_bwd.
+// Shapes: the decoder, 160→512 ReLU, 512→1024 ReLU, 1024→784 sigmoid. Version 1: gemm_tile_v1.
+#include "common.cuh"
+#include "gemm.cuh"
+
+struct Mat {  // element (i, j) with strides (rs, cs): row-major or a transposed view
+    const float* a;
+    int rs, cs;
+    __device__ float operator()(int i, int j) const { return a[(size_t)i * rs + (size_t)j * cs]; }
+};
+
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
+dense_fwd_v1(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
+             float* __restrict__ y, DenseParams p, int act) {
+    auto store = [=](int m, int n, float acc) { y[(size_t)m * p.out + n] = act_fwd(act, acc + bias[n]); };
+    gemm_tile_v1(p.rows, p.out, p.in, Mat{x, p.in, 1}, Mat{w, p.out, 1}, store);
+}
+
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
+dense_bwd_input_v1(const float* __restrict__ dz, const float* __restrict__ w, float* __restrict__ dx, DenseParams p) {
+    auto store = [=](int m, int n, float acc) { dx[(size_t)m * p.in + n] += acc; };
+    gemm_tile_v1(p.rows, p.in, p.out, Mat{dz, p.out, 1}, Mat{w, 1, p.out}, store);
+}
+
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
+dense_bwd_weight_v1(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw, DenseParams p) {
+    auto store = [=](int m, int n, float acc) { dw[(size_t)m * p.out + n] += acc; };
+    gemm_tile_v1(p.in, p.out, p.rows, Mat{x, 1, p.in}, Mat{dz, p.out, 1}, store);
+}

@@ -1,0 +1,61 @@
+// elementwise.cu: fills, sums, activation backward, bias gradient and the reconstruction loss.
+//
+//   fill_f32        buf[i] = value
+//   add_assign_f32  dst[i] += src[i]
+//   add_fwd_f32     out[i] = a[i] + b[i]
+//   act_bwd_f32     dz[i] = dy[i] · act'(y[i])                      (overwrites: a temporary)
+//   bias_bwd_f32    db[c] += Σ_r dz[r, c]                           (one block per column, tree sum)
+//   sq_err_fwd_f32  loss[0] = scale / rows · Σ (pred − target)²     (one block, tree sum)
+//   sq_err_bwd_f32  dpred[i] += 2 · scale / rows · dloss[0] · (pred[i] − target[i])
+//
+// Flat loops are grid-stride over n elements; reductions use a fixed tree (deterministic).
+#include "common.cuh"
+
+#define GRID_STRIDE(i, n) for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
+
+extern "C" __global__ void fill_f32(float* buf, float value, size_t n) {
+    GRID_STRIDE(i, n) buf[i] = value;
+}
+
+extern "C" __global__ void add_assign_f32(float* dst, const float* src, size_t n) {
+    GRID_STRIDE(i, n) dst[i] += src[i];
+}
+
+extern "C" __global__ void add_fwd_f32(const float* a, const float* b, float* out, size_t n) {
+    GRID_STRIDE(i, n) out[i] = a[i] + b[i];
+}
+
+extern "C" __global__ void act_bwd_f32(const float* y, const float* dy, float* dz, int act, size_t n) {
+    GRID_STRIDE(i, n) dz[i] = dy[i] * act_deriv(act, y[i]);
+}
+
+// blockDim.x = 256; grid.x = cols.
+extern "C" __global__ void __launch_bounds__(256) bias_bwd_f32(const float* dz, float* db, int rows, int cols) {
+    __shared__ float scratch[256];
+    const int c = blockIdx.x;
+    float s = 0.f;
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) s += dz[(size_t)r * cols + c];
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) db[c] += s;
+}
+
+// One block of 1024 threads.
+extern "C" __global__ void __launch_bounds__(1024)
+sq_err_fwd_f32(const float* pred, const float* target, float* loss, int rows, int cols, float scale) {
+    __shared__ float scratch[1024];
+    const size_t n = (size_t)rows * cols;
+    float s = 0.f;
+    for (size_t i = threadIdx.x; i < n; i += blockDim.x) {
+        const float d = pred[i] - target[i];
+        s += d * d;
+    }
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) loss[0] = scale * s / (float)rows;
+}
+
+extern "C" __global__ void sq_err_bwd_f32(const float* pred, const float* target, const float* dloss, float* dpred,
+                                          int rows, int cols, float scale) {
+    const size_t n = (size_t)rows * cols;
+    const float g = 2.f * scale * dloss[0] / (float)rows;
+    GRID_STRIDE(i, n) dpred[i] += g * (pred[i] - target[i]);
+}

@@ -1,0 +1,848 @@
+//! [`CudaBackend`]: the op interface on an NVIDIA GPU, one kernel launch (or a few) per op, all on
+//! one stream, so a training step needs no host round trip until its loss is read.
+//!
+//! Memory: buffers come from a pool keyed by length and go back to it when dropped, so once the
+//! first step has run, later steps of the same shapes allocate no device memory
+//! ([`CudaBackend::fresh_allocations`] counts the allocations made).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
+};
+
+use super::params::{AdamParams, AdamTensor, CapsParams, ConvParams, DenseParams};
+use super::registry::{self as reg, Kernel};
+use super::{DeviceInfo, compile_all, device_info, open_device};
+use crate::backend::{Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape, RoutingSaved, check};
+use crate::{Error, Result};
+
+/// Free device buffers by length (opaque outside this module).
+#[derive(Default)]
+pub struct Pool {
+    f32s: HashMap<usize, Vec<CudaSlice<f32>>>,
+    u32s: HashMap<usize, Vec<CudaSlice<u32>>>,
+    fresh: usize,
+}
+
+type PoolRef = Rc<RefCell<Pool>>;
+
+/// Element types the pool keeps (f32 values, u32 class indices).
+pub trait Pooled: DeviceRepr + ValidAsZeroBits + Sized {
+    fn shelf(pool: &mut Pool) -> &mut HashMap<usize, Vec<CudaSlice<Self>>>;
+}
+impl Pooled for f32 {
+    fn shelf(pool: &mut Pool) -> &mut HashMap<usize, Vec<CudaSlice<f32>>> {
+        &mut pool.f32s
+    }
+}
+impl Pooled for u32 {
+    fn shelf(pool: &mut Pool) -> &mut HashMap<usize, Vec<CudaSlice<u32>>> {
+        &mut pool.u32s
+    }
+}
+
+/// A device buffer that returns to the pool when dropped.
+pub struct PooledBuf<T: Pooled> {
+    slice: Option<CudaSlice<T>>,
+    pool: PoolRef,
+}
+
+impl<T: Pooled> PooledBuf<T> {
+    pub fn slice(&self) -> &CudaSlice<T> {
+        self.slice.as_ref().expect("present until drop")
+    }
+    pub fn slice_mut(&mut self) -> &mut CudaSlice<T> {
+        self.slice.as_mut().expect("present until drop")
+    }
+    pub fn len(&self) -> usize {
+        self.slice().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<T: Pooled> Drop for PooledBuf<T> {
+    fn drop(&mut self) {
+        if let (Some(s), Ok(mut pool)) = (self.slice.take(), self.pool.try_borrow_mut()) {
+            T::shelf(&mut pool).entry(s.len()).or_default().push(s);
+        }
+    }
+}
+
+pub type CudaBuf = PooledBuf<f32>;
+pub type CudaIdx = PooledBuf<u32>;
+
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    info: DeviceInfo,
+    funcs: HashMap<&'static str, CudaFunction>,
+    pool: PoolRef,
+    /// The fused Adam step's table of tensors, kept between steps.
+    adam_table: RefCell<Option<CudaSlice<AdamTensor>>>,
+}
+
+fn de(op: &str) -> impl Fn(DriverError) -> Error + '_ {
+    move |e| Error::msg(format!("{op}: CUDA error {e:?}"))
+}
+
+/// Blocks of 256 threads covering n elements in a grid-stride loop.
+fn flat(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 1 << 16) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block of `threads` threads.
+fn single(threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The grid of a GEMM with an M×N output.
+fn gemm_grid(m: usize, n: usize) -> Result<LaunchConfig> {
+    let (gx, gy) = (n.div_ceil(reg::GEMM_TILE), m.div_ceil(reg::GEMM_TILE));
+    if gy > 65535 {
+        return Err(Error::msg(format!(
+            "GEMM with {m} rows exceeds the grid's 65535 row tiles"
+        )));
+    }
+    Ok(LaunchConfig {
+        grid_dim: (gx as u32, gy as u32, 1),
+        block_dim: (reg::GEMM_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`, compiles every kernel for its architecture (once per process) and loads them.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let ctx = open_device(ordinal)?;
+        let info = device_info(&ctx)?;
+        let (maj, min) = info.compute_capability;
+        let arch = format!("sm_{maj}{min}");
+        let mut funcs = HashMap::new();
+        for (file, ptx) in compile_all(&arch)?.iter() {
+            let module = ctx
+                .load_module(ptx.clone())
+                .map_err(|e| Error::msg(format!("kernels/{file}: cannot load the PTX: {e:?}")))?;
+            for k in reg::ALL.iter().filter(|k| k.file == *file) {
+                let f = module
+                    .load_function(k.name)
+                    .map_err(|e| Error::msg(format!("kernels/{file}: no kernel {}: {e:?}", k.name)))?;
+                funcs.insert(k.name, f);
+            }
+        }
+        for k in reg::ALL {
+            if !funcs.contains_key(k.name) {
+                return Err(Error::msg(format!(
+                    "kernel {} (kernels/{}) was not loaded",
+                    k.name, k.file
+                )));
+            }
+        }
+        // routing keeps per-image state in dynamic shared memory: allow up to the device's opt-in limit
+        for k in [reg::ROUTING_FWD, reg::ROUTING_BWD] {
+            funcs[k.name]
+                .set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    info.max_smem_optin,
+                )
+                .map_err(de(k.name))?;
+        }
+        let stream = ctx.default_stream();
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            info,
+            funcs,
+            pool: PoolRef::default(),
+            adam_table: RefCell::new(None),
+        })
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Device allocations made so far (buffers taken from the pool are not counted).
+    pub fn fresh_allocations(&self) -> usize {
+        self.pool.borrow().fresh
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(de("synchronize"))
+    }
+
+    fn take<T: Pooled>(&self, n: usize) -> Result<PooledBuf<T>> {
+        let reused = T::shelf(&mut self.pool.borrow_mut()).get_mut(&n).and_then(|v| v.pop());
+        let slice = match reused {
+            Some(s) => s,
+            None => {
+                self.pool.borrow_mut().fresh += 1;
+                if n == 0 {
+                    self.stream.null::<T>().map_err(de("alloc"))?
+                } else {
+                    // SAFETY: every caller writes the buffer (memset, copy or a kernel) before reading it.
+                    unsafe { self.stream.alloc::<T>(n) }.map_err(de("alloc"))?
+                }
+            }
+        };
+        Ok(PooledBuf {
+            slice: Some(slice),
+            pool: self.pool.clone(),
+        })
+    }
+
+    fn f(&self, k: Kernel) -> &CudaFunction {
+        &self.funcs[k.name]
+    }
+
+    fn routing_smem(&self, s: &CapsShape, forward: bool) -> Result<u32> {
+        let (ij, jd) = (s.in_caps * s.out_caps, s.out_caps * s.out_dim);
+        let bytes = 4 * (2 * ij + if forward { 2 } else { 4 } * jd);
+        if bytes > self.info.max_smem_optin as usize {
+            return Err(Error::msg(format!(
+                "routing: {} x {} capsules need {bytes} bytes of shared memory per image; this GPU allows {}",
+                s.in_caps, s.out_caps, self.info.max_smem_optin
+            )));
+        }
+        Ok(bytes as u32)
+    }
+}
+
+/// Launches `$k` with `$cfg` and the arguments after it; `$why` is the SAFETY argument.
+macro_rules! launch {
+    ($self:ident, $k:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+        let mut b = $self.stream.launch_builder($self.f($k));
+        $(b.arg($arg);)*
+        unsafe { b.launch($cfg) }.map(|_| ()).map_err(de($k.name))
+    }};
+}
+
+impl Backend for CudaBackend {
+    type E = f32;
+    type Buf = CudaBuf;
+    type Idx = CudaIdx;
+
+    fn name(&self) -> String {
+        let (a, b) = self.info.compute_capability;
+        format!("cuda: {} (sm_{a}{b}, {} SMs)", self.info.name, self.info.sms)
+    }
+
+    // ---- memory -------------------------------------------------------------------------------
+
+    fn zeros(&self, n: usize) -> Result<CudaBuf> {
+        let mut b = self.take::<f32>(n)?;
+        if n > 0 {
+            self.stream.memset_zeros(b.slice_mut()).map_err(de("memset"))?;
+        }
+        Ok(b)
+    }
+    fn upload(&self, host: &[f32]) -> Result<CudaBuf> {
+        let mut b = self.take::<f32>(host.len())?;
+        if !host.is_empty() {
+            self.stream.memcpy_htod(host, b.slice_mut()).map_err(de("upload"))?;
+        }
+        Ok(b)
+    }
+    fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
+        if buf.is_empty() {
+            return Ok(vec![]);
+        }
+        self.stream.clone_dtoh(buf.slice()).map_err(de("download"))
+    }
+    fn upload_idx(&self, host: &[u32]) -> Result<CudaIdx> {
+        let mut b = self.take::<u32>(host.len())?;
+        if !host.is_empty() {
+            self.stream.memcpy_htod(host, b.slice_mut()).map_err(de("upload"))?;
+        }
+        Ok(b)
+    }
+    fn download_idx(&self, idx: &CudaIdx) -> Result<Vec<u32>> {
+        if idx.is_empty() {
+            return Ok(vec![]);
+        }
+        self.stream.clone_dtoh(idx.slice()).map_err(de("download"))
+    }
+    fn buf_len(&self, buf: &CudaBuf) -> usize {
+        buf.len()
+    }
+    fn fill(&self, buf: &mut CudaBuf, value: f64) -> Result<()> {
+        let n = buf.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let v = value as f32;
+        // SAFETY: fill_f32(float* buf, float value, size_t n); buf holds n floats.
+        launch!(self, reg::FILL, flat(n), [buf.slice_mut(), &v, &n])
+    }
+    fn add_assign(&self, dst: &mut CudaBuf, src: &CudaBuf) -> Result<()> {
+        let n = dst.len();
+        check("add_assign", "src", src.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        // SAFETY: add_assign_f32(float* dst, const float* src, size_t n); both hold n floats.
+        launch!(self, reg::ADD_ASSIGN, flat(n), [dst.slice_mut(), src.slice(), &n])
+    }
+    fn add_fwd(&self, a: &CudaBuf, b: &CudaBuf, out: &mut CudaBuf) -> Result<()> {
+        let n = a.len();
+        check("add_fwd", "b", b.len(), n)?;
+        check("add_fwd", "out", out.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        // SAFETY: add_fwd_f32(const float* a, const float* b, float* out, size_t n); all hold n floats.
+        launch!(self, reg::ADD_FWD, flat(n), [a.slice(), b.slice(), out.slice_mut(), &n])
+    }
+
+    // ---- convolution ----------------------------------------------------------------------------
+
+    fn conv2d_fwd(
+        &self,
+        s: &ConvShape,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        b: &CudaBuf,
+        y: &mut CudaBuf,
+        act: Act,
+    ) -> Result<()> {
+        const OP: &str = "conv2d_fwd";
+        check(OP, "x", x.len(), s.x_len())?;
+        check(OP, "w", w.len(), s.w_len())?;
+        check(OP, "b", b.len(), s.out_c)?;
+        check(OP, "y", y.len(), s.y_len())?;
+        let p = ConvParams::new(s)?;
+        let a = act as i32;
+        // SAFETY: conv2d_fwd_v1(x, w, bias, y, ConvParams, int act): lengths checked against p above.
+        launch!(
+            self,
+            reg::CONV2D_FWD,
+            gemm_grid(s.rows(), s.out_c)?,
+            [x.slice(), w.slice(), b.slice(), y.slice_mut(), &p, &a]
+        )
+    }
+    fn conv2d_bwd_input(&self, s: &ConvShape, dz: &CudaBuf, w: &CudaBuf, dx: &mut CudaBuf) -> Result<()> {
+        const OP: &str = "conv2d_bwd_input";
+        check(OP, "dz", dz.len(), s.y_len())?;
+        check(OP, "w", w.len(), s.w_len())?;
+        check(OP, "dx", dx.len(), s.x_len())?;
+        let p = ConvParams::new(s)?;
+        let grid = gemm_grid(s.batch * s.in_h * s.in_w, s.in_c)?;
+        // SAFETY: conv2d_bwd_input_v1(dz, w, dx, ConvParams): lengths checked against p above.
+        launch!(
+            self,
+            reg::CONV2D_BWD_INPUT,
+            grid,
+            [dz.slice(), w.slice(), dx.slice_mut(), &p]
+        )
+    }
+    fn conv2d_bwd_weight(&self, s: &ConvShape, x: &CudaBuf, dz: &CudaBuf, dw: &mut CudaBuf) -> Result<()> {
+        const OP: &str = "conv2d_bwd_weight";
+        check(OP, "x", x.len(), s.x_len())?;
+        check(OP, "dz", dz.len(), s.y_len())?;
+        check(OP, "dw", dw.len(), s.w_len())?;
+        let p = ConvParams::new(s)?;
+        // SAFETY: conv2d_bwd_weight_v1(x, dz, dw, ConvParams): lengths checked against p above.
+        launch!(
+            self,
+            reg::CONV2D_BWD_WEIGHT,
+            gemm_grid(s.patch_len(), s.out_c)?,
+            [x.slice(), dz.slice(), dw.slice_mut(), &p]
+        )
+    }
+    fn bias_bwd(&self, rows: usize, cols: usize, dz: &CudaBuf, db: &mut CudaBuf) -> Result<()> {
+        check("bias_bwd", "dz", dz.len(), rows * cols)?;
+        check("bias_bwd", "db", db.len(), cols)?;
+        if cols == 0 {
+            return Ok(());
+        }
+        let (r, c) = (rows as i32, cols as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (cols as u32, 1, 1),
+            block_dim: (reg::BIAS_BWD_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: bias_bwd_f32(dz [rows, cols], db [cols], int rows, int cols), one block per column.
+        launch!(self, reg::BIAS_BWD, cfg, [dz.slice(), db.slice_mut(), &r, &c])
+    }
+    fn act_bwd(&self, act: Act, y: &CudaBuf, dy: &CudaBuf, dz: &mut CudaBuf) -> Result<()> {
+        let n = y.len();
+        check("act_bwd", "dy", dy.len(), n)?;
+        check("act_bwd", "dz", dz.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let a = act as i32;
+        // SAFETY: act_bwd_f32(y, dy, dz, int act, size_t n); all hold n floats.
+        launch!(
+            self,
+            reg::ACT_BWD,
+            flat(n),
+            [y.slice(), dy.slice(), dz.slice_mut(), &a, &n]
+        )
+    }
+
+    // ---- dense ----------------------------------------------------------------------------------
+
+    fn dense_fwd(
+        &self,
+        s: &DenseShape,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        b: &CudaBuf,
+        y: &mut CudaBuf,
+        act: Act,
+    ) -> Result<()> {
+        const OP: &str = "dense_fwd";
+        check(OP, "x", x.len(), s.rows * s.inp)?;
+        check(OP, "w", w.len(), s.inp * s.out)?;
+        check(OP, "b", b.len(), s.out)?;
+        check(OP, "y", y.len(), s.rows * s.out)?;
+        let (p, a) = (DenseParams::new(s)?, act as i32);
+        // SAFETY: dense_fwd_v1(x, w, bias, y, DenseParams, int act): lengths checked above.
+        launch!(
+            self,
+            reg::DENSE_FWD,
+            gemm_grid(s.rows, s.out)?,
+            [x.slice(), w.slice(), b.slice(), y.slice_mut(), &p, &a]
+        )
+    }
+    fn dense_bwd_input(&self, s: &DenseShape, dz: &CudaBuf, w: &CudaBuf, dx: &mut CudaBuf) -> Result<()> {
+        const OP: &str = "dense_bwd_input";
+        check(OP, "dz", dz.len(), s.rows * s.out)?;
+        check(OP, "w", w.len(), s.inp * s.out)?;
+        check(OP, "dx", dx.len(), s.rows * s.inp)?;
+        let p = DenseParams::new(s)?;
+        // SAFETY: dense_bwd_input_v1(dz, w, dx, DenseParams): lengths checked above.
+        launch!(
+            self,
+            reg::DENSE_BWD_INPUT,
+            gemm_grid(s.rows, s.inp)?,
+            [dz.slice(), w.slice(), dx.slice_mut(), &p]
+        )
+    }
+    fn dense_bwd_weight(&self, s: &DenseShape, x: &CudaBuf, dz: &CudaBuf, dw: &mut CudaBuf) -> Result<()> {
+        const OP: &str = "dense_bwd_weight";
+        check(OP, "x", x.len(), s.rows * s.inp)?;
+        check(OP, "dz", dz.len(), s.rows * s.out)?;
+        check(OP, "dw", dw.len(), s.inp * s.out)?;
+        let p = DenseParams::new(s)?;
+        // SAFETY: dense_bwd_weight_v1(x, dz, dw, DenseParams): lengths checked above.
+        launch!(
+            self,
+            reg::DENSE_BWD_WEIGHT,
+            gemm_grid(s.inp, s.out)?,
+            [x.slice(), dz.slice(), dw.slice_mut(), &p]
+        )
+    }
+
+    // ---- capsules -------------------------------------------------------------------------------
+
+    fn squash_fwd(&self, rows: usize, dim: usize, s: &CudaBuf, v: &mut CudaBuf) -> Result<()> {
+        check("squash_fwd", "s", s.len(), rows * dim)?;
+        check("squash_fwd", "v", v.len(), rows * dim)?;
+        let (r, d) = (rows as i32, dim as i32);
+        // SAFETY: squash_fwd(s, v, int rows, int dim); both hold rows·dim floats.
+        launch!(self, reg::SQUASH_FWD, flat(rows), [s.slice(), v.slice_mut(), &r, &d])
+    }
+    fn squash_bwd(&self, rows: usize, dim: usize, s: &CudaBuf, dv: &CudaBuf, ds: &mut CudaBuf) -> Result<()> {
+        check("squash_bwd", "s", s.len(), rows * dim)?;
+        check("squash_bwd", "dv", dv.len(), rows * dim)?;
+        check("squash_bwd", "ds", ds.len(), rows * dim)?;
+        let (r, d) = (rows as i32, dim as i32);
+        // SAFETY: squash_bwd(s, dv, ds, int rows, int dim); all hold rows·dim floats.
+        launch!(
+            self,
+            reg::SQUASH_BWD,
+            flat(rows),
+            [s.slice(), dv.slice(), ds.slice_mut(), &r, &d]
+        )
+    }
+    fn predict_fwd(&self, s: &CapsShape, u: &CudaBuf, w: &CudaBuf, uhat: &mut CudaBuf) -> Result<()> {
+        check("predict_fwd", "u", u.len(), s.u_len())?;
+        check("predict_fwd", "w", w.len(), s.w_len())?;
+        check("predict_fwd", "uhat", uhat.len(), s.uhat_len())?;
+        let p = CapsParams::new(s)?;
+        // SAFETY: predict_fwd(u, w, uhat, CapsParams): lengths checked against p above.
+        launch!(
+            self,
+            reg::PREDICT_FWD,
+            flat(s.uhat_len()),
+            [u.slice(), w.slice(), uhat.slice_mut(), &p]
+        )
+    }
+    fn predict_bwd_input(&self, s: &CapsShape, duhat: &CudaBuf, w: &CudaBuf, du: &mut CudaBuf) -> Result<()> {
+        check("predict_bwd_input", "duhat", duhat.len(), s.uhat_len())?;
+        check("predict_bwd_input", "w", w.len(), s.w_len())?;
+        check("predict_bwd_input", "du", du.len(), s.u_len())?;
+        let p = CapsParams::new(s)?;
+        // SAFETY: predict_bwd_input(duhat, w, du, CapsParams): lengths checked against p above.
+        launch!(
+            self,
+            reg::PREDICT_BWD_INPUT,
+            flat(s.u_len()),
+            [duhat.slice(), w.slice(), du.slice_mut(), &p]
+        )
+    }
+    fn predict_bwd_weight(&self, s: &CapsShape, u: &CudaBuf, duhat: &CudaBuf, dw: &mut CudaBuf) -> Result<()> {
+        check("predict_bwd_weight", "u", u.len(), s.u_len())?;
+        check("predict_bwd_weight", "duhat", duhat.len(), s.uhat_len())?;
+        check("predict_bwd_weight", "dw", dw.len(), s.w_len())?;
+        let p = CapsParams::new(s)?;
+        // SAFETY: predict_bwd_weight(u, duhat, dw, CapsParams): lengths checked against p above.
+        launch!(
+            self,
+            reg::PREDICT_BWD_WEIGHT,
+            flat(s.w_len()),
+            [u.slice(), duhat.slice(), dw.slice_mut(), &p]
+        )
+    }
+    fn routing_fwd(
+        &self,
+        s: &CapsShape,
+        rounds: usize,
+        uhat: &CudaBuf,
+        v: &mut CudaBuf,
+        saved: &mut RoutingSaved<CudaBuf>,
+    ) -> Result<()> {
+        const OP: &str = "routing_fwd";
+        if rounds == 0 {
+            return Err(Error::msg(format!("{OP}: at least one routing round is needed")));
+        }
+        let (ni, nj, d) = (s.in_caps, s.out_caps, s.out_dim);
+        check(OP, "uhat", uhat.len(), s.uhat_len())?;
+        check(OP, "v", v.len(), s.v_len())?;
+        check(OP, "saved.c", saved.c.len(), s.batch * rounds * ni * nj)?;
+        check(OP, "saved.s", saved.s.len(), s.batch * rounds * nj * d)?;
+        check(OP, "saved.v", saved.v.len(), s.batch * rounds * nj * d)?;
+        if s.batch == 0 {
+            return Ok(());
+        }
+        let (p, r) = (CapsParams::new(s)?, rounds as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (s.batch as u32, 1, 1),
+            block_dim: (reg::ROUTING_THREADS, 1, 1),
+            shared_mem_bytes: self.routing_smem(s, true)?,
+        };
+        let RoutingSaved { c, s: ss, v: sv } = saved;
+        // SAFETY: routing_fwd_v1(uhat, v, saved_c, saved_s, saved_v, CapsParams, int rounds), one block
+        // per image with the dynamic shared memory routing_smem computes; lengths checked above.
+        launch!(
+            self,
+            reg::ROUTING_FWD,
+            cfg,
+            [
+                uhat.slice(),
+                v.slice_mut(),
+                c.slice_mut(),
+                ss.slice_mut(),
+                sv.slice_mut(),
+                &p,
+                &r
+            ]
+        )
+    }
+    fn routing_bwd(
+        &self,
+        s: &CapsShape,
+        rounds: usize,
+        uhat: &CudaBuf,
+        saved: &RoutingSaved<CudaBuf>,
+        dv: &CudaBuf,
+        duhat: &mut CudaBuf,
+    ) -> Result<()> {
+        const OP: &str = "routing_bwd";
+        if rounds == 0 {
+            return Err(Error::msg(format!("{OP}: at least one routing round is needed")));
+        }
+        let (ni, nj, d) = (s.in_caps, s.out_caps, s.out_dim);
+        check(OP, "uhat", uhat.len(), s.uhat_len())?;
+        check(OP, "dv", dv.len(), s.v_len())?;
+        check(OP, "duhat", duhat.len(), s.uhat_len())?;
+        check(OP, "saved.c", saved.c.len(), s.batch * rounds * ni * nj)?;
+        check(OP, "saved.s", saved.s.len(), s.batch * rounds * nj * d)?;
+        check(OP, "saved.v", saved.v.len(), s.batch * rounds * nj * d)?;
+        if s.batch == 0 {
+            return Ok(());
+        }
+        let (p, r) = (CapsParams::new(s)?, rounds as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (s.batch as u32, 1, 1),
+            block_dim: (reg::ROUTING_THREADS, 1, 1),
+            shared_mem_bytes: self.routing_smem(s, false)?,
+        };
+        // SAFETY: routing_bwd_v1(uhat, saved_c, saved_s, saved_v, dv, duhat, CapsParams, int rounds), one
+        // block per image with the dynamic shared memory routing_smem computes; lengths checked above.
+        launch!(
+            self,
+            reg::ROUTING_BWD,
+            cfg,
+            [
+                uhat.slice(),
+                saved.c.slice(),
+                saved.s.slice(),
+                saved.v.slice(),
+                dv.slice(),
+                duhat.slice_mut(),
+                &p,
+                &r
+            ]
+        )
+    }
+    fn lengths_fwd(&self, rows: usize, dim: usize, v: &CudaBuf, l: &mut CudaBuf) -> Result<()> {
+        check("lengths_fwd", "v", v.len(), rows * dim)?;
+        check("lengths_fwd", "l", l.len(), rows)?;
+        let (r, d) = (rows as i32, dim as i32);
+        // SAFETY: lengths_fwd(v [rows, dim], l [rows], int rows, int dim).
+        launch!(self, reg::LENGTHS_FWD, flat(rows), [v.slice(), l.slice_mut(), &r, &d])
+    }
+    fn lengths_bwd(
+        &self,
+        rows: usize,
+        dim: usize,
+        v: &CudaBuf,
+        l: &CudaBuf,
+        dl: &CudaBuf,
+        dv: &mut CudaBuf,
+    ) -> Result<()> {
+        check("lengths_bwd", "v", v.len(), rows * dim)?;
+        check("lengths_bwd", "l", l.len(), rows)?;
+        check("lengths_bwd", "dl", dl.len(), rows)?;
+        check("lengths_bwd", "dv", dv.len(), rows * dim)?;
+        let (r, d) = (rows as i32, dim as i32);
+        // SAFETY: lengths_bwd(v, l, dl, dv, int rows, int dim); lengths checked above.
+        launch!(
+            self,
+            reg::LENGTHS_BWD,
+            flat(rows * dim),
+            [v.slice(), l.slice(), dl.slice(), dv.slice_mut(), &r, &d]
+        )
+    }
+    fn mask_fwd(
+        &self,
+        batch: usize,
+        caps: usize,
+        dim: usize,
+        v: &CudaBuf,
+        idx: &CudaIdx,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        check("mask_fwd", "v", v.len(), batch * caps * dim)?;
+        check("mask_fwd", "idx", idx.len(), batch)?;
+        check("mask_fwd", "out", out.len(), batch * caps * dim)?;
+        let (b, c, d) = (batch as i32, caps as i32, dim as i32);
+        // SAFETY: mask_fwd(v, idx, out, int batch, int caps, int dim); an index ≥ caps matches no
+        // capsule, so it zeroes the row instead of reading out of bounds.
+        launch!(
+            self,
+            reg::MASK_FWD,
+            flat(batch * caps * dim),
+            [v.slice(), idx.slice(), out.slice_mut(), &b, &c, &d]
+        )
+    }
+    fn mask_bwd(
+        &self,
+        batch: usize,
+        caps: usize,
+        dim: usize,
+        dout: &CudaBuf,
+        idx: &CudaIdx,
+        dv: &mut CudaBuf,
+    ) -> Result<()> {
+        check("mask_bwd", "dout", dout.len(), batch * caps * dim)?;
+        check("mask_bwd", "idx", idx.len(), batch)?;
+        check("mask_bwd", "dv", dv.len(), batch * caps * dim)?;
+        let (b, c, d) = (batch as i32, caps as i32, dim as i32);
+        // SAFETY: mask_bwd(dout, idx, dv, int batch, int caps, int dim); lengths checked above.
+        launch!(
+            self,
+            reg::MASK_BWD,
+            flat(batch * caps * dim),
+            [dout.slice(), idx.slice(), dv.slice_mut(), &b, &c, &d]
+        )
+    }
+    fn argmax(&self, rows: usize, cols: usize, x: &CudaBuf, idx: &mut CudaIdx) -> Result<()> {
+        check("argmax", "x", x.len(), rows * cols)?;
+        check("argmax", "idx", idx.len(), rows)?;
+        let (r, c) = (rows as i32, cols as i32);
+        // SAFETY: argmax_f32(x [rows, cols], idx [rows], int rows, int cols).
+        launch!(self, reg::ARGMAX, flat(rows), [x.slice(), idx.slice_mut(), &r, &c])
+    }
+
+    // ---- losses ---------------------------------------------------------------------------------
+
+    fn margin_loss_fwd(
+        &self,
+        batch: usize,
+        classes: usize,
+        l: &CudaBuf,
+        labels: &CudaIdx,
+        loss: &mut CudaBuf,
+    ) -> Result<()> {
+        check("margin_loss_fwd", "l", l.len(), batch * classes)?;
+        check("margin_loss_fwd", "labels", labels.len(), batch)?;
+        check("margin_loss_fwd", "loss", loss.len(), 1)?;
+        let (b, c) = (batch as i32, classes as i32);
+        // SAFETY: margin_loss_fwd(l, labels, loss [1], int batch, int classes), one block of 256 threads.
+        launch!(
+            self,
+            reg::MARGIN_LOSS_FWD,
+            single(reg::MARGIN_LOSS_FWD_THREADS),
+            [l.slice(), labels.slice(), loss.slice_mut(), &b, &c]
+        )
+    }
+    fn margin_loss_bwd(
+        &self,
+        batch: usize,
+        classes: usize,
+        l: &CudaBuf,
+        labels: &CudaIdx,
+        dloss: &CudaBuf,
+        dl: &mut CudaBuf,
+    ) -> Result<()> {
+        check("margin_loss_bwd", "l", l.len(), batch * classes)?;
+        check("margin_loss_bwd", "labels", labels.len(), batch)?;
+        check("margin_loss_bwd", "dloss", dloss.len(), 1)?;
+        check("margin_loss_bwd", "dl", dl.len(), batch * classes)?;
+        let (b, c) = (batch as i32, classes as i32);
+        // SAFETY: margin_loss_bwd(l, labels, dloss [1], dl, int batch, int classes); lengths checked above.
+        launch!(
+            self,
+            reg::MARGIN_LOSS_BWD,
+            flat(batch * classes),
+            [l.slice(), labels.slice(), dloss.slice(), dl.slice_mut(), &b, &c]
+        )
+    }
+    fn sq_err_fwd(
+        &self,
+        rows: usize,
+        cols: usize,
+        pred: &CudaBuf,
+        target: &CudaBuf,
+        scale: f64,
+        loss: &mut CudaBuf,
+    ) -> Result<()> {
+        check("sq_err_fwd", "pred", pred.len(), rows * cols)?;
+        check("sq_err_fwd", "target", target.len(), rows * cols)?;
+        check("sq_err_fwd", "loss", loss.len(), 1)?;
+        let (r, c, sc) = (rows as i32, cols as i32, scale as f32);
+        // SAFETY: sq_err_fwd_f32(pred, target, loss [1], int rows, int cols, float scale), one block of 1024.
+        launch!(
+            self,
+            reg::SQ_ERR_FWD,
+            single(reg::SQ_ERR_FWD_THREADS),
+            [pred.slice(), target.slice(), loss.slice_mut(), &r, &c, &sc]
+        )
+    }
+    fn sq_err_bwd(
+        &self,
+        rows: usize,
+        cols: usize,
+        pred: &CudaBuf,
+        target: &CudaBuf,
+        scale: f64,
+        dloss: &CudaBuf,
+        dpred: &mut CudaBuf,
+    ) -> Result<()> {
+        check("sq_err_bwd", "pred", pred.len(), rows * cols)?;
+        check("sq_err_bwd", "target", target.len(), rows * cols)?;
+        check("sq_err_bwd", "dloss", dloss.len(), 1)?;
+        check("sq_err_bwd", "dpred", dpred.len(), rows * cols)?;
+        let (r, c, sc) = (rows as i32, cols as i32, scale as f32);
+        // SAFETY: sq_err_bwd_f32(pred, target, dloss [1], dpred, int rows, int cols, float scale).
+        launch!(
+            self,
+            reg::SQ_ERR_BWD,
+            flat(rows * cols),
+            [
+                pred.slice(),
+                target.slice(),
+                dloss.slice(),
+                dpred.slice_mut(),
+                &r,
+                &c,
+                &sc
+            ]
+        )
+    }
+
+    // ---- optimiser ------------------------------------------------------------------------------
+
+    fn adam_step(&self, hp: &AdamHyper, groups: &mut [AdamGroup<'_, Self>]) -> Result<()> {
+        if hp.step == 0 {
+            return Err(Error::msg("adam_step: step numbers start at 1"));
+        }
+        if groups.is_empty() {
+            return Ok(());
+        }
+        let mut table = Vec::with_capacity(groups.len());
+        let mut longest = 0;
+        for (n, g) in groups.iter_mut().enumerate() {
+            let len = g.param.len();
+            check("adam_step", &format!("grad of group {n}"), g.grad.len(), len)?;
+            check("adam_step", &format!("m of group {n}"), g.m.len(), len)?;
+            check("adam_step", &format!("v of group {n}"), g.v.len(), len)?;
+            longest = longest.max(len);
+            let (p, _a) = g.param.slice_mut().device_ptr_mut(&self.stream);
+            let (gr, _b) = g.grad.slice().device_ptr(&self.stream);
+            let (m, _c) = g.m.slice_mut().device_ptr_mut(&self.stream);
+            let (v, _d) = g.v.slice_mut().device_ptr_mut(&self.stream);
+            table.push(AdamTensor {
+                p,
+                g: gr,
+                m,
+                v,
+                n: len as u64,
+            });
+        }
+        let mut slot = self.adam_table.borrow_mut();
+        if slot.as_ref().is_none_or(|t| t.len() != table.len()) {
+            self.pool.borrow_mut().fresh += 1;
+            *slot = Some(
+                self.stream
+                    .alloc_zeros::<AdamTensor>(table.len())
+                    .map_err(de("adam table"))?,
+            );
+        }
+        let dev_table = slot.as_mut().expect("allocated above");
+        self.stream.memcpy_htod(&table, dev_table).map_err(de("adam table"))?;
+        let h = AdamParams {
+            lr: hp.lr as f32,
+            beta1: hp.beta1 as f32,
+            beta2: hp.beta2 as f32,
+            eps: hp.eps as f32,
+            bc1: (1.0 - hp.beta1.powf(hp.step as f64)) as f32,
+            bc2: (1.0 - hp.beta2.powf(hp.step as f64)) as f32,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (longest.div_ceil(256).clamp(1, 1024) as u32, table.len() as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: adam_step_v1(const AdamTensor* table, AdamParams): blockIdx.y < table.len() picks a row;
+        // each row's pointers address buffers of n floats that the borrowed groups keep alive.
+        launch!(self, reg::ADAM_STEP, cfg, [&*dev_table, &h])
+    }
+}

@@ -1,0 +1,69 @@
+//! Every CUDA kernel, by name and file: the one place kernel names are spelled. Versions of a kernel
+//! live side by side (`*_V1`, later `*_V2`, ...); the unversioned constant names the default the
+//! backend launches, and benchmarks can launch the others.
+
+/// A kernel: its `extern "C"` name and the kernels/ file that defines it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kernel {
+    pub name: &'static str,
+    pub file: &'static str,
+}
+
+macro_rules! kernels {
+    ($($id:ident = $file:literal : $name:literal;)*) => {
+        $(pub const $id: Kernel = Kernel { name: $name, file: $file };)*
+        /// Every kernel of every version.
+        pub const ALL: &[Kernel] = &[$($id),*];
+    };
+}
+
+kernels! {
+    CONV2D_FWD_V1 = "conv.cu": "conv2d_fwd_v1";
+    CONV2D_BWD_INPUT_V1 = "conv.cu": "conv2d_bwd_input_v1";
+    CONV2D_BWD_WEIGHT_V1 = "conv.cu": "conv2d_bwd_weight_v1";
+    DENSE_FWD_V1 = "dense.cu": "dense_fwd_v1";
+    DENSE_BWD_INPUT_V1 = "dense.cu": "dense_bwd_input_v1";
+    DENSE_BWD_WEIGHT_V1 = "dense.cu": "dense_bwd_weight_v1";
+    FILL = "elementwise.cu": "fill_f32";
+    ADD_ASSIGN = "elementwise.cu": "add_assign_f32";
+    ADD_FWD = "elementwise.cu": "add_fwd_f32";
+    ACT_BWD = "elementwise.cu": "act_bwd_f32";
+    BIAS_BWD = "elementwise.cu": "bias_bwd_f32";
+    SQ_ERR_FWD = "elementwise.cu": "sq_err_fwd_f32";
+    SQ_ERR_BWD = "elementwise.cu": "sq_err_bwd_f32";
+    ADAM_STEP_V1 = "adam.cu": "adam_step_v1";
+    SQUASH_FWD = "capsules.cu": "squash_fwd";
+    SQUASH_BWD = "capsules.cu": "squash_bwd";
+    PREDICT_FWD = "capsules.cu": "predict_fwd";
+    PREDICT_BWD_INPUT = "capsules.cu": "predict_bwd_input";
+    PREDICT_BWD_WEIGHT = "capsules.cu": "predict_bwd_weight";
+    LENGTHS_FWD = "capsules.cu": "lengths_fwd";
+    LENGTHS_BWD = "capsules.cu": "lengths_bwd";
+    MASK_FWD = "capsules.cu": "mask_fwd";
+    MASK_BWD = "capsules.cu": "mask_bwd";
+    ARGMAX = "capsules.cu": "argmax_f32";
+    MARGIN_LOSS_FWD = "capsules.cu": "margin_loss_fwd";
+    MARGIN_LOSS_BWD = "capsules.cu": "margin_loss_bwd";
+    ROUTING_FWD_V1 = "routing.cu": "routing_fwd_v1";
+    ROUTING_BWD_V1 = "routing.cu": "routing_bwd_v1";
+}
+
+// The defaults the backend launches.
+pub const CONV2D_FWD: Kernel = CONV2D_FWD_V1;
+pub const CONV2D_BWD_INPUT: Kernel = CONV2D_BWD_INPUT_V1;
+pub const CONV2D_BWD_WEIGHT: Kernel = CONV2D_BWD_WEIGHT_V1;
+pub const DENSE_FWD: Kernel = DENSE_FWD_V1;
+pub const DENSE_BWD_INPUT: Kernel = DENSE_BWD_INPUT_V1;
+pub const DENSE_BWD_WEIGHT: Kernel = DENSE_BWD_WEIGHT_V1;
+pub const ADAM_STEP: Kernel = ADAM_STEP_V1;
+pub const ROUTING_FWD: Kernel = ROUTING_FWD_V1;
+pub const ROUTING_BWD: Kernel = ROUTING_BWD_V1;
+
+/// Threads per block of the GEMM kernels (GEMM_THREADS in gemm.cuh) and their output tile.
+pub const GEMM_THREADS: u32 = 256;
+pub const GEMM_TILE: usize = 64;
+/// Block sizes the reduction kernels are written for.
+pub const BIAS_BWD_THREADS: u32 = 256;
+pub const SQ_ERR_FWD_THREADS: u32 = 1024;
+pub const MARGIN_LOSS_FWD_THREADS: u32 = 256;
+pub const ROUTING_THREADS: u32 = 256;

@@ -1,0 +1,112 @@
+//! Every kernel compiles with NVRTC, without a GPU: NVRTC runs on the CPU. CI installs NVRTC 13.0
+//! (the pip wheel nvidia-cuda-nvrtc==13.0.*) and sets CAPSNET_REQUIRE_NVRTC=1, so there this test
+//! cannot skip; elsewhere it prints SKIPPED when libnvrtc is not on the library path.
+
+use std::io::Write;
+
+use capsnet::cuda::{compile, nvrtc_available, nvrtc_version, registry};
+use capsnet::kernels::SOURCES;
+
+fn nvrtc_or_skip() -> bool {
+    if nvrtc_available() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CAPSNET_REQUIRE_NVRTC").is_none(),
+        "CAPSNET_REQUIRE_NVRTC is set but libnvrtc cannot be loaded: check LD_LIBRARY_PATH"
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED: libnvrtc not found (set LD_LIBRARY_PATH to NVRTC 13.0's lib directory)"
+    );
+    false
+}
+
+/// `extern "C" __global__` names defined in a kernel source.
+fn globals(src: &str) -> Vec<String> {
+    let mut flat = src.replace('\n', " ");
+    // drop `__launch_bounds__(...)`, which stands between __global__ and the name
+    while let Some(at) = flat.find("__launch_bounds__") {
+        let end = flat[at..].find(')').map_or(flat.len(), |e| at + e + 1);
+        flat.replace_range(at..end, "");
+    }
+    flat.split("__global__")
+        .skip(1)
+        .filter_map(|rest| rest.split('(').next()?.split_whitespace().last().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn nvrtc_is_13_0() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    // driver 580 (the GPU machine's) JIT-compiles PTX ISA ≤ 9.0, which NVRTC 13.0 emits and 13.1+ does not
+    assert_eq!(nvrtc_version().unwrap(), (13, 0), "NVRTC must be 13.0.x for driver 580");
+}
+
+#[test]
+fn every_kernel_compiles_for_sm80_and_sm90() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    for arch in ["sm_80", "sm_90"] {
+        let ptx = compile::compile_all(arch).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ptx.len(), SOURCES.iter().filter(|(n, _)| n.ends_with(".cu")).count());
+        for k in registry::ALL {
+            let (_, p) = ptx
+                .iter()
+                .find(|(f, _)| *f == k.file)
+                .unwrap_or_else(|| panic!("{} not compiled", k.file));
+            let text = p.to_src();
+            assert!(
+                text.contains(&format!(".entry {}(", k.name)),
+                "{arch}: kernels/{} has no entry {}",
+                k.file,
+                k.name
+            );
+        }
+    }
+}
+
+#[test]
+fn the_registry_names_every_kernel_and_only_those() {
+    let mut defined = vec![];
+    for (file, src) in SOURCES {
+        for name in globals(src) {
+            defined.push((file.to_string(), name));
+        }
+    }
+    for (file, name) in &defined {
+        assert!(
+            registry::ALL.iter().any(|k| k.name == name && k.file == file),
+            "kernels/{file} defines {name}, which the registry does not list"
+        );
+    }
+    for k in registry::ALL {
+        assert!(
+            defined.iter().any(|(f, n)| f == k.file && n == k.name),
+            "registry lists {} in {}, not defined there",
+            k.name,
+            k.file
+        );
+    }
+}
+
+#[test]
+fn a_compile_error_names_the_file_and_shows_the_log() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let src = "extern \"C\" __global__ void k(float* x) { x[0] = undefined_thing(); }";
+    let e = compile::compile_source("broken.cu", src, "sm_90")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("kernels/broken.cu") && e.contains("undefined_thing"),
+        "no file name or log in: {e}"
+    );
+    // an unknown file is refused by name
+    let e = compile::compile_file("no_such.cu", "sm_90").unwrap_err().to_string();
+    assert!(e.contains("kernels/no_such.cu"), "{e}");
+}
