@@ -12,6 +12,8 @@
 //   margin_loss_bwd dl[b,k] += dloss[0] / B · d/dl of that term
 //
 // Version 1: one thread per output element; every sum is owned by one thread (deterministic).
+// Class indices are checked on the host (labels at load time, predictions by construction); a label
+// ≥ classes would count as absent in the margin loss and zero its image's mask.
 #include "common.cuh"
 
 #define GRID_STRIDE(i, n) for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
@@ -130,12 +132,12 @@ margin_loss_fwd(const float* l, const unsigned* labels, float* loss, int batch, 
     for (int e = threadIdx.x; e < batch * classes; e += blockDim.x)
         s += margin_term(l[e], (unsigned)(e % classes) == labels[e / classes]);
     s = block_sum(s, scratch);
-    if (threadIdx.x == 0) loss[0] = s / (float)batch;
+    if (threadIdx.x == 0) loss[0] = s / (float)max(batch, 1);
 }
 
 extern "C" __global__ void margin_loss_bwd(const float* l, const unsigned* labels, const float* dloss, float* dl,
                                            int batch, int classes) {
-    const float g = dloss[0] / (float)batch;
+    const float g = dloss[0] / (float)max(batch, 1);
     GRID_STRIDE(e, (size_t)batch * classes) {
         const bool present = (unsigned)(e % classes) == labels[e / classes];
         const float d = present ? -2.f * fmaxf(M_PLUS - l[e], 0.f) : 2.f * LAMBDA * fmaxf(l[e] - M_MINUS, 0.f);

@@ -50,12 +50,12 @@ sq_err_fwd_f32(const float* pred, const float* target, float* loss, int rows, in
         s += d * d;
     }
     s = block_sum(s, scratch);
-    if (threadIdx.x == 0) loss[0] = scale * s / (float)rows;
+    if (threadIdx.x == 0) loss[0] = scale * s / (float)max(rows, 1);
 }
 
 extern "C" __global__ void sq_err_bwd_f32(const float* pred, const float* target, const float* dloss, float* dpred,
                                           int rows, int cols, float scale) {
     const size_t n = (size_t)rows * cols;
-    const float g = 2.f * scale * dloss[0] / (float)rows;
+    const float g = 2.f * scale * dloss[0] / (float)max(rows, 1);
     GRID_STRIDE(i, n) dpred[i] += g * (pred[i] - target[i]);
 }

@@ -8,6 +8,7 @@
 
 pub mod adam;
 pub mod backend;
+pub mod bench;
 pub mod checkpoint;
 pub mod cuda;
 pub mod data;

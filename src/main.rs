@@ -146,6 +146,9 @@ struct BenchArgs {
     warmup: usize,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    /// Time each op at the default model's shapes instead of whole steps.
+    #[arg(long)]
+    ops: bool,
 }
 
 /// The backend a command runs on.
@@ -282,6 +285,15 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench(a) => {
             let sel = select(a.device)?;
+            if a.ops {
+                return with_backend!(sel, |be| {
+                    println!("ops, batch {}, {}", a.batch_size, capsnet::backend::Backend::name(&be));
+                    for t in capsnet::bench::op_bench(&be, a.batch_size, a.steps)? {
+                        println!("{:<34} {:>9.3} ms {:>9.1} GFLOP/s", t.name, t.ms, t.gflops);
+                    }
+                    Ok(())
+                });
+            }
             let cfg = a.model.config();
             println!(
                 "model: {} parameters, {:.4} GFLOP per training image",

@@ -300,4 +300,18 @@ fn bench_reports_the_full_models_size_and_cost() {
         "{out}"
     );
     assert!(out.contains("images/s"), "{out}");
+    let o = capsnet(
+        &["bench", "--ops", "--batch-size", "1", "--steps", "1", "--device", "cpu"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for op in [
+        "primary 256->256 9x9/2 bwd weight",
+        "predict bwd input",
+        "routing bwd, 3 rounds",
+        "fc3 1024->784 fwd",
+    ] {
+        assert!(out.contains(op), "no {op} in:\n{out}");
+    }
 }

@@ -159,6 +159,11 @@ pub trait Backend: 'static {
 
     fn name(&self) -> String;
 
+    /// Waits until every op issued so far has finished (for timing; a no-op on the CPU).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
     // ---- memory -------------------------------------------------------------------------------
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
     fn upload(&self, host: &[Self::E]) -> Result<Self::Buf>;

@@ -111,19 +111,22 @@ fn single(threads: u32) -> LaunchConfig {
     }
 }
 
-/// The grid of a GEMM with an M×N output.
-fn gemm_grid(m: usize, n: usize) -> Result<LaunchConfig> {
+/// The grid of a GEMM with an M×N output; `None` when the output is empty (nothing to launch).
+fn gemm_grid(m: usize, n: usize) -> Result<Option<LaunchConfig>> {
+    if m == 0 || n == 0 {
+        return Ok(None);
+    }
     let (gx, gy) = (n.div_ceil(reg::GEMM_TILE), m.div_ceil(reg::GEMM_TILE));
     if gy > 65535 {
         return Err(Error::msg(format!(
             "GEMM with {m} rows exceeds the grid's 65535 row tiles"
         )));
     }
-    Ok(LaunchConfig {
+    Ok(Some(LaunchConfig {
         grid_dim: (gx as u32, gy as u32, 1),
         block_dim: (reg::GEMM_THREADS, 1, 1),
         shared_mem_bytes: 0,
-    })
+    }))
 }
 
 impl CudaBackend {
@@ -190,10 +193,6 @@ impl CudaBackend {
         self.pool.borrow().fresh
     }
 
-    pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(de("synchronize"))
-    }
-
     fn take<T: Pooled>(&self, n: usize) -> Result<PooledBuf<T>> {
         let reused = T::shelf(&mut self.pool.borrow_mut()).get_mut(&n).and_then(|v| v.pop());
         let slice = match reused {
@@ -240,6 +239,16 @@ macro_rules! launch {
     }};
 }
 
+/// [`launch!`] for a GEMM grid, which is `None` (no launch) when the output is empty.
+macro_rules! launch_gemm {
+    ($self:ident, $k:expr, $grid:expr, [$($arg:expr),* $(,)?]) => {{
+        match $grid {
+            Some(cfg) => launch!($self, $k, cfg, [$($arg),*]),
+            None => Ok(()),
+        }
+    }};
+}
+
 impl Backend for CudaBackend {
     type E = f32;
     type Buf = CudaBuf;
@@ -248,6 +257,10 @@ impl Backend for CudaBackend {
     fn name(&self) -> String {
         let (a, b) = self.info.compute_capability;
         format!("cuda: {} (sm_{a}{b}, {} SMs)", self.info.name, self.info.sms)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(de("synchronize"))
     }
 
     // ---- memory -------------------------------------------------------------------------------
@@ -336,7 +349,7 @@ impl Backend for CudaBackend {
         let p = ConvParams::new(s)?;
         let a = act as i32;
         // SAFETY: conv2d_fwd_v1(x, w, bias, y, ConvParams, int act): lengths checked against p above.
-        launch!(
+        launch_gemm!(
             self,
             reg::CONV2D_FWD,
             gemm_grid(s.rows(), s.out_c)?,
@@ -351,7 +364,7 @@ impl Backend for CudaBackend {
         let p = ConvParams::new(s)?;
         let grid = gemm_grid(s.batch * s.in_h * s.in_w, s.in_c)?;
         // SAFETY: conv2d_bwd_input_v1(dz, w, dx, ConvParams): lengths checked against p above.
-        launch!(
+        launch_gemm!(
             self,
             reg::CONV2D_BWD_INPUT,
             grid,
@@ -365,7 +378,7 @@ impl Backend for CudaBackend {
         check(OP, "dw", dw.len(), s.w_len())?;
         let p = ConvParams::new(s)?;
         // SAFETY: conv2d_bwd_weight_v1(x, dz, dw, ConvParams): lengths checked against p above.
-        launch!(
+        launch_gemm!(
             self,
             reg::CONV2D_BWD_WEIGHT,
             gemm_grid(s.patch_len(), s.out_c)?,
@@ -422,7 +435,7 @@ impl Backend for CudaBackend {
         check(OP, "y", y.len(), s.rows * s.out)?;
         let (p, a) = (DenseParams::new(s)?, act as i32);
         // SAFETY: dense_fwd_v1(x, w, bias, y, DenseParams, int act): lengths checked above.
-        launch!(
+        launch_gemm!(
             self,
             reg::DENSE_FWD,
             gemm_grid(s.rows, s.out)?,
@@ -436,7 +449,7 @@ impl Backend for CudaBackend {
         check(OP, "dx", dx.len(), s.rows * s.inp)?;
         let p = DenseParams::new(s)?;
         // SAFETY: dense_bwd_input_v1(dz, w, dx, DenseParams): lengths checked above.
-        launch!(
+        launch_gemm!(
             self,
             reg::DENSE_BWD_INPUT,
             gemm_grid(s.rows, s.inp)?,
@@ -450,7 +463,7 @@ impl Backend for CudaBackend {
         check(OP, "dw", dw.len(), s.inp * s.out)?;
         let p = DenseParams::new(s)?;
         // SAFETY: dense_bwd_weight_v1(x, dz, dw, DenseParams): lengths checked above.
-        launch!(
+        launch_gemm!(
             self,
             reg::DENSE_BWD_WEIGHT,
             gemm_grid(s.inp, s.out)?,

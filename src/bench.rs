@@ -1,0 +1,178 @@
+//! Op microbenchmarks at the model's real shapes, on any backend: `capsnet bench --ops` and
+//! `cargo bench --bench ops` both run [`op_bench`]. Each op runs once untimed, then `reps` times
+//! between two synchronisations; the median is reported with the achieved GFLOP/s.
+
+use std::time::Instant;
+
+use crate::Result;
+use crate::backend::{Act, Backend, CapsShape, ConvShape, DenseShape};
+use crate::float::Float;
+
+pub struct OpTiming {
+    pub name: String,
+    pub ms: f64,
+    pub gflops: f64,
+}
+
+fn filled<B: Backend>(be: &B, n: usize) -> Result<B::Buf> {
+    let host: Vec<B::E> = (0..n)
+        .map(|i| B::E::from_f64(((i * 7919 % 1000) as f64 / 1000.0) - 0.5))
+        .collect();
+    be.upload(&host)
+}
+
+fn time<B: Backend>(
+    be: &B,
+    reps: usize,
+    out: &mut Vec<OpTiming>,
+    name: String,
+    flops: f64,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<()> {
+    f()?;
+    be.synchronize()?;
+    let mut ms = vec![];
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        f()?;
+        be.synchronize()?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(|a, b| a.total_cmp(b));
+    let m = ms[ms.len() / 2];
+    out.push(OpTiming {
+        name,
+        ms: m,
+        gflops: flops / (m / 1e3) / 1e9,
+    });
+    Ok(())
+}
+
+/// Times every op of a training step at batch `batch` with the default model's shapes.
+pub fn op_bench<B: Backend>(be: &B, batch: usize, reps: usize) -> Result<Vec<OpTiming>> {
+    let mut out = vec![];
+    for (name, s) in [
+        (
+            "conv1 1->256 9x9/1",
+            ConvShape {
+                batch,
+                in_h: 28,
+                in_w: 28,
+                in_c: 1,
+                out_c: 256,
+                k: 9,
+                stride: 1,
+            },
+        ),
+        (
+            "primary 256->256 9x9/2",
+            ConvShape {
+                batch,
+                in_h: 20,
+                in_w: 20,
+                in_c: 256,
+                out_c: 256,
+                k: 9,
+                stride: 2,
+            },
+        ),
+    ] {
+        let (x, w, b, dz) = (
+            filled(be, s.x_len())?,
+            filled(be, s.w_len())?,
+            filled(be, s.out_c)?,
+            filled(be, s.y_len())?,
+        );
+        let mut y = be.zeros(s.y_len())?;
+        let flops = 2.0 * s.macs() as f64;
+        time(be, reps, &mut out, format!("{name} fwd"), flops, || {
+            be.conv2d_fwd(&s, &x, &w, &b, &mut y, Act::Relu)
+        })?;
+        if s.in_c > 1 {
+            let mut dx = be.zeros(s.x_len())?;
+            time(be, reps, &mut out, format!("{name} bwd input"), flops, || {
+                be.conv2d_bwd_input(&s, &dz, &w, &mut dx)
+            })?;
+        }
+        let mut dw = be.zeros(s.w_len())?;
+        time(be, reps, &mut out, format!("{name} bwd weight"), flops, || {
+            be.conv2d_bwd_weight(&s, &x, &dz, &mut dw)
+        })?;
+    }
+
+    let cs = CapsShape {
+        batch,
+        in_caps: 1152,
+        in_dim: 8,
+        out_caps: 10,
+        out_dim: 16,
+    };
+    let (u, w, duhat) = (
+        filled(be, cs.u_len())?,
+        filled(be, cs.w_len())?,
+        filled(be, cs.uhat_len())?,
+    );
+    let mut uhat = be.zeros(cs.uhat_len())?;
+    let flops = 2.0 * cs.w_len() as f64 * batch as f64;
+    time(be, reps, &mut out, "predict fwd".into(), flops, || {
+        be.predict_fwd(&cs, &u, &w, &mut uhat)
+    })?;
+    let mut du = be.zeros(cs.u_len())?;
+    time(be, reps, &mut out, "predict bwd input".into(), flops, || {
+        be.predict_bwd_input(&cs, &duhat, &w, &mut du)
+    })?;
+    let mut dw = be.zeros(cs.w_len())?;
+    time(be, reps, &mut out, "predict bwd weight".into(), flops, || {
+        be.predict_bwd_weight(&cs, &u, &duhat, &mut dw)
+    })?;
+    for rounds in [2, 3] {
+        let mut v = be.zeros(cs.v_len())?;
+        let mut saved = be.routing_saved(&cs, rounds)?;
+        let flops = 2.0 * (2 * rounds - 1) as f64 * cs.uhat_len() as f64;
+        time(
+            be,
+            reps,
+            &mut out,
+            format!("routing fwd, {rounds} rounds"),
+            flops,
+            || be.routing_fwd(&cs, rounds, &uhat, &mut v, &mut saved),
+        )?;
+        let dv = filled(be, cs.v_len())?;
+        let mut duh = be.zeros(cs.uhat_len())?;
+        time(
+            be,
+            reps,
+            &mut out,
+            format!("routing bwd, {rounds} rounds"),
+            2.0 * flops,
+            || be.routing_bwd(&cs, rounds, &uhat, &saved, &dv, &mut duh),
+        )?;
+    }
+
+    for (name, (inp, o)) in [
+        ("fc1 160->512", (160, 512)),
+        ("fc2 512->1024", (512, 1024)),
+        ("fc3 1024->784", (1024, 784)),
+    ] {
+        let d = DenseShape {
+            rows: batch,
+            inp,
+            out: o,
+        };
+        let (x, w, b) = (
+            filled(be, d.rows * d.inp)?,
+            filled(be, d.inp * d.out)?,
+            filled(be, d.out)?,
+        );
+        let mut y = be.zeros(d.rows * d.out)?;
+        time(
+            be,
+            reps,
+            &mut out,
+            format!("{name} fwd"),
+            2.0 * (d.rows * d.inp * d.out) as f64,
+            || be.dense_fwd(&d, &x, &w, &b, &mut y, Act::Relu),
+        )?;
+    }
+    Ok(out)
+}
