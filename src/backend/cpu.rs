@@ -10,7 +10,7 @@ use std::marker::PhantomData;
 
 use super::{
     Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape, LAMBDA, M_MINUS, M_PLUS, NORM_EPS,
-    RoutingSaved, check,
+    RoutingSaved, check, check_adam_group, check_routing,
 };
 use crate::float::Float;
 use crate::par::{par_map, par_rows};
@@ -487,14 +487,8 @@ impl<T: Float> Backend for CpuBackend<T> {
     ) -> Result<()> {
         const OP: &str = "routing_fwd";
         let (ni, nj, d) = (s.in_caps, s.out_caps, s.out_dim);
-        if rounds == 0 {
-            return Err(Error::msg(format!("{OP}: at least one routing round is needed")));
-        }
-        check(OP, "uhat", uhat.len(), s.uhat_len())?;
+        check_routing(OP, s, rounds, uhat.len(), [saved.c.len(), saved.s.len(), saved.v.len()])?;
         check(OP, "v", v.len(), s.v_len())?;
-        check(OP, "saved.c", saved.c.len(), s.batch * rounds * ni * nj)?;
-        check(OP, "saved.s", saved.s.len(), s.batch * rounds * nj * d)?;
-        check(OP, "saved.v", saved.v.len(), s.batch * rounds * nj * d)?;
         let per_image = par_map(s.batch, rounds * ni * nj * d * 2, |b| {
             let uh: Vec<f64> = uhat[b * ni * nj * d..(b + 1) * ni * nj * d]
                 .iter()
@@ -557,15 +551,9 @@ impl<T: Float> Backend for CpuBackend<T> {
     ) -> Result<()> {
         const OP: &str = "routing_bwd";
         let (ni, nj, d) = (s.in_caps, s.out_caps, s.out_dim);
-        if rounds == 0 {
-            return Err(Error::msg(format!("{OP}: at least one routing round is needed")));
-        }
-        check(OP, "uhat", uhat.len(), s.uhat_len())?;
+        check_routing(OP, s, rounds, uhat.len(), [saved.c.len(), saved.s.len(), saved.v.len()])?;
         check(OP, "dv", dv.len(), s.v_len())?;
         check(OP, "duhat", duhat.len(), s.uhat_len())?;
-        check(OP, "saved.c", saved.c.len(), s.batch * rounds * ni * nj)?;
-        check(OP, "saved.s", saved.s.len(), s.batch * rounds * nj * d)?;
-        check(OP, "saved.v", saved.v.len(), s.batch * rounds * nj * d)?;
         par_rows(duhat, ni * nj * d, rounds * ni * nj * d * 4, |b, dub| {
             let uh: Vec<f64> = uhat[b * ni * nj * d..(b + 1) * ni * nj * d]
                 .iter()
@@ -830,9 +818,7 @@ impl<T: Float> Backend for CpuBackend<T> {
         let bc2 = 1.0 - hp.beta2.powf(hp.step as f64);
         for (n, g) in groups.iter_mut().enumerate() {
             let len = g.param.len();
-            check("adam_step", &format!("grad of group {n}"), g.grad.len(), len)?;
-            check("adam_step", &format!("m of group {n}"), g.m.len(), len)?;
-            check("adam_step", &format!("v of group {n}"), g.v.len(), len)?;
+            check_adam_group(n, len, g.grad.len(), g.m.len(), g.v.len())?;
             for k in 0..len {
                 let gr = g.grad[k].to_f64();
                 let m = hp.beta1 * g.m[k].to_f64() + (1.0 - hp.beta1) * gr;

@@ -26,6 +26,25 @@ pub(crate) fn check(op: &str, what: &str, len: usize, expected: usize) -> Result
     Ok(())
 }
 
+/// The routing op's common preconditions: at least one round, û and the saved buffers' lengths.
+pub(crate) fn check_routing(op: &str, s: &CapsShape, rounds: usize, uhat: usize, saved: [usize; 3]) -> Result<()> {
+    if rounds == 0 {
+        return Err(Error::msg(format!("{op}: at least one routing round is needed")));
+    }
+    check(op, "uhat", uhat, s.uhat_len())?;
+    let per_round = s.batch * rounds * s.out_caps;
+    check(op, "saved.c", saved[0], per_round * s.in_caps)?;
+    check(op, "saved.s", saved[1], per_round * s.out_dim)?;
+    check(op, "saved.v", saved[2], per_round * s.out_dim)
+}
+
+/// Adam's preconditions for parameter group `n`: gradient and moments as long as the parameter.
+pub(crate) fn check_adam_group(n: usize, param: usize, grad: usize, m: usize, v: usize) -> Result<()> {
+    check("adam_step", &format!("grad of group {n}"), grad, param)?;
+    check("adam_step", &format!("m of group {n}"), m, param)?;
+    check("adam_step", &format!("v of group {n}"), v, param)
+}
+
 /// ε inside the square root of every safe norm (squash and capsule lengths): a zero vector then has
 /// a finite norm (√ε) and a finite gradient.
 pub const NORM_EPS: f64 = 1e-7;

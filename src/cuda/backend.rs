@@ -18,7 +18,10 @@ use cudarc::driver::{
 use super::params::{AdamParams, AdamTensor, CapsParams, ConvParams, DenseParams};
 use super::registry::{self as reg, Kernel};
 use super::{DeviceInfo, compile_all, device_info, open_device};
-use crate::backend::{Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape, RoutingSaved, check};
+use crate::backend::{
+    Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape, RoutingSaved, check, check_adam_group,
+    check_routing,
+};
 use crate::{Error, Result};
 
 /// Free device buffers by length (opaque outside this module).
@@ -541,15 +544,8 @@ impl Backend for CudaBackend {
         saved: &mut RoutingSaved<CudaBuf>,
     ) -> Result<()> {
         const OP: &str = "routing_fwd";
-        if rounds == 0 {
-            return Err(Error::msg(format!("{OP}: at least one routing round is needed")));
-        }
-        let (ni, nj, d) = (s.in_caps, s.out_caps, s.out_dim);
-        check(OP, "uhat", uhat.len(), s.uhat_len())?;
+        check_routing(OP, s, rounds, uhat.len(), [saved.c.len(), saved.s.len(), saved.v.len()])?;
         check(OP, "v", v.len(), s.v_len())?;
-        check(OP, "saved.c", saved.c.len(), s.batch * rounds * ni * nj)?;
-        check(OP, "saved.s", saved.s.len(), s.batch * rounds * nj * d)?;
-        check(OP, "saved.v", saved.v.len(), s.batch * rounds * nj * d)?;
         if s.batch == 0 {
             return Ok(());
         }
@@ -587,16 +583,9 @@ impl Backend for CudaBackend {
         duhat: &mut CudaBuf,
     ) -> Result<()> {
         const OP: &str = "routing_bwd";
-        if rounds == 0 {
-            return Err(Error::msg(format!("{OP}: at least one routing round is needed")));
-        }
-        let (ni, nj, d) = (s.in_caps, s.out_caps, s.out_dim);
-        check(OP, "uhat", uhat.len(), s.uhat_len())?;
+        check_routing(OP, s, rounds, uhat.len(), [saved.c.len(), saved.s.len(), saved.v.len()])?;
         check(OP, "dv", dv.len(), s.v_len())?;
         check(OP, "duhat", duhat.len(), s.uhat_len())?;
-        check(OP, "saved.c", saved.c.len(), s.batch * rounds * ni * nj)?;
-        check(OP, "saved.s", saved.s.len(), s.batch * rounds * nj * d)?;
-        check(OP, "saved.v", saved.v.len(), s.batch * rounds * nj * d)?;
         if s.batch == 0 {
             return Ok(());
         }
@@ -814,9 +803,7 @@ impl Backend for CudaBackend {
         let mut longest = 0;
         for (n, g) in groups.iter_mut().enumerate() {
             let len = g.param.len();
-            check("adam_step", &format!("grad of group {n}"), g.grad.len(), len)?;
-            check("adam_step", &format!("m of group {n}"), g.m.len(), len)?;
-            check("adam_step", &format!("v of group {n}"), g.v.len(), len)?;
+            check_adam_group(n, len, g.grad.len(), g.m.len(), g.v.len())?;
             longest = longest.max(len);
             let (p, _a) = g.param.slice_mut().device_ptr_mut(&self.stream);
             let (gr, _b) = g.grad.slice().device_ptr(&self.stream);
