@@ -308,6 +308,9 @@ fn run(cli: Cli) -> Result<()> {
                 "batch {}: median {:.1} ms/step over {} steps, {:.1} images/s, {:.1} GFLOP/s",
                 r.batch_size, r.median_ms, r.steps, r.images_per_s, r.gflops
             );
+            if let Some(mib) = r.device_mib {
+                println!("device memory held: {mib:.0} MiB");
+            }
             Ok(())
         }
         Cmd::Info => info(),

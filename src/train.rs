@@ -52,6 +52,8 @@ pub struct EpochMetrics {
     pub val_acc: f64,
     pub seconds: f64,
     pub images_per_s: f64,
+    /// Device memory held by the backend (None on the CPU).
+    pub device_mib: Option<f64>,
 }
 
 impl EpochMetrics {
@@ -61,7 +63,7 @@ impl EpochMetrics {
             "train_loss": self.train_loss, "train_margin": self.train_margin,
             "train_recon": self.train_recon, "train_acc": self.train_acc,
             "val_loss": self.val_loss, "val_acc": self.val_acc,
-            "seconds": self.seconds, "images_per_s": self.images_per_s,
+            "seconds": self.seconds, "images_per_s": self.images_per_s, "device_mib": self.device_mib,
         })
     }
 }
@@ -399,6 +401,7 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
             val_acc: val.accuracy,
             seconds: train_secs,
             images_per_s: r.images as f64 / train_secs.max(1e-9),
+            device_mib: tape.backend().device_bytes().map(|b| b as f64 / (1 << 20) as f64),
         };
         let ck = snapshot(&tape, &adam, &model, state.clone())?;
         if improved {
@@ -406,8 +409,12 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
         }
         checkpoint::save(&last_path, &ck)?;
         append_line(&metrics_path, &m.to_json().to_string())?;
+        let mem = m
+            .device_mib
+            .map(|mib| format!(", {mib:.0} MiB on the device"))
+            .unwrap_or_default();
         eprintln!(
-            "epoch {}: train loss {:.5} acc {:.2}% | val loss {:.5} acc {:.2}%{} | {:.1} s, {:.1} img/s",
+            "epoch {}: train loss {:.5} acc {:.2}% | val loss {:.5} acc {:.2}%{} | {:.1} s, {:.1} img/s{mem}",
             m.epoch,
             m.train_loss,
             100.0 * m.train_acc,
@@ -495,6 +502,8 @@ pub struct BenchReport {
     pub median_ms: f64,
     pub images_per_s: f64,
     pub gflops: f64,
+    /// Device memory held after the steps (None on the CPU).
+    pub device_mib: Option<f64>,
 }
 
 /// Times full training steps (forward, backward, Adam) on seeded random images.
@@ -541,5 +550,6 @@ pub fn bench<B: Backend>(
         median_ms,
         images_per_s: batch_size as f64 / (median_ms / 1e3),
         gflops: flops / (median_ms / 1e3) / 1e9,
+        device_mib: tape.backend().device_bytes().map(|b| b as f64 / (1 << 20) as f64),
     })
 }

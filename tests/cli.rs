@@ -22,6 +22,7 @@ fn metrics_without_timing(run: &Path) -> Vec<serde_json::Value> {
             let o = v.as_object_mut().unwrap();
             o.remove("seconds");
             o.remove("images_per_s");
+            o.remove("device_mib");
             v
         })
         .collect()

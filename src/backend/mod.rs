@@ -178,6 +178,12 @@ pub trait Backend: 'static {
 
     fn name(&self) -> String;
 
+    /// Bytes of device memory this backend holds, where it has a device (the peak: the CUDA pool
+    /// never returns memory to the driver).
+    fn device_bytes(&self) -> Option<usize> {
+        None
+    }
+
     /// Waits until every op issued so far has finished (for timing; a no-op on the CPU).
     fn synchronize(&self) -> Result<()> {
         Ok(())

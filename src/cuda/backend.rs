@@ -30,6 +30,8 @@ pub struct Pool {
     f32s: HashMap<usize, Vec<CudaSlice<f32>>>,
     u32s: HashMap<usize, Vec<CudaSlice<u32>>>,
     fresh: usize,
+    /// Bytes of every allocation made (buffers are never freed, only pooled).
+    bytes: usize,
 }
 
 type PoolRef = Rc<RefCell<Pool>>;
@@ -201,7 +203,10 @@ impl CudaBackend {
         let slice = match reused {
             Some(s) => s,
             None => {
-                self.pool.borrow_mut().fresh += 1;
+                let mut pool = self.pool.borrow_mut();
+                pool.fresh += 1;
+                pool.bytes += n * std::mem::size_of::<T>();
+                drop(pool);
                 if n == 0 {
                     self.stream.null::<T>().map_err(de("alloc"))?
                 } else {
@@ -264,6 +269,10 @@ impl Backend for CudaBackend {
 
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(de("synchronize"))
+    }
+
+    fn device_bytes(&self) -> Option<usize> {
+        Some(self.pool.borrow().bytes)
     }
 
     // ---- memory -------------------------------------------------------------------------------
@@ -819,7 +828,10 @@ impl Backend for CudaBackend {
         }
         let mut slot = self.adam_table.borrow_mut();
         if slot.as_ref().is_none_or(|t| t.len() != table.len()) {
-            self.pool.borrow_mut().fresh += 1;
+            let mut pool = self.pool.borrow_mut();
+            pool.fresh += 1;
+            pool.bytes += table.len() * std::mem::size_of::<AdamTensor>();
+            drop(pool);
             *slot = Some(
                 self.stream
                     .alloc_zeros::<AdamTensor>(table.len())
