@@ -270,7 +270,18 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
     if !(opts.lr.is_finite() && opts.lr > 0.0) {
         return Err(Error::msg(format!("--lr must be a positive number, got {}", opts.lr)));
     }
+    for (flag, v) in [("--limit", opts.limit), ("--val-limit", opts.val_limit)] {
+        if v == Some(0) {
+            return Err(Error::msg(format!("{flag} must be at least 1")));
+        }
+    }
     let last_path = opts.run_dir.join(LAST);
+    if !opts.resume && last_path.exists() {
+        return Err(Error::file(
+            &opts.run_dir,
+            "already holds a run (last.safetensors); pass --resume to continue it, or choose another --checkpoint-dir",
+        ));
+    }
     let resumed = if opts.resume {
         Some(checkpoint::load(&last_path)?)
     } else {
@@ -344,6 +355,12 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
     }
 
     let mut history = vec![];
+    if state.epoch >= opts.epochs {
+        eprintln!(
+            "nothing to do: {} epochs done already, --epochs is {}",
+            state.epoch, opts.epochs
+        );
+    }
     while state.epoch < opts.epochs {
         if state.patience > 0 && state.bad_epochs >= state.patience {
             eprintln!(
@@ -477,8 +494,8 @@ pub fn eval_checkpoint<B: Backend>(
     limit: Option<usize>,
     batch_size: usize,
 ) -> Result<EvalReport> {
-    if batch_size == 0 {
-        return Err(Error::msg("--batch-size must be at least 1"));
+    if batch_size == 0 || limit == Some(0) {
+        return Err(Error::msg("--batch-size and --limit must be at least 1"));
     }
     let ck = checkpoint::load(ckpt)?;
     let mut test = data::load(data_dir, Which::Test)?;

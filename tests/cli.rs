@@ -175,6 +175,13 @@ fn resume_refuses_other_settings_and_keeps_the_checkpoint() {
         before,
         "a refused resume must not touch the checkpoint"
     );
+    // a fresh run into the same directory would overwrite it: refused too
+    assert_clean_error(&capsnet(&first, &[]), &["already holds a run", "--resume"]);
+    assert_eq!(
+        std::fs::read(&last).unwrap(),
+        before,
+        "a refused run must not touch the checkpoint"
+    );
     let empty = temp_dir("cli_resume_none");
     let o = capsnet(
         &["train", "--data", s(&data), "--checkpoint-dir", s(&empty), "--resume"],
@@ -256,6 +263,13 @@ fn bad_flags_give_a_clean_error() {
     assert_clean_error(&o, &["routing rounds must be at least 1"]);
     let o = capsnet(&["train", "--lr=-1", "--data", s(&data), "--device", "cpu"], &[]);
     assert_clean_error(&o, &["--lr"]);
+    let o = capsnet(&["train", "--limit", "0", "--data", s(&data), "--device", "cpu"], &[]);
+    assert_clean_error(&o, &["--limit must be at least 1"]);
+    let o = capsnet(
+        &["train", "--val-limit", "0", "--data", s(&data), "--device", "cpu"],
+        &[],
+    );
+    assert_clean_error(&o, &["--val-limit must be at least 1"]);
     // flags clap itself refuses: usage error, exit 2, no panic
     let o = capsnet(&["train", "--epochs", "many"], &[]);
     assert_eq!(o.status.code(), Some(2));
