@@ -13,17 +13,42 @@ pub fn mnist_dir() -> PathBuf {
     dir
 }
 
-/// A fresh empty directory under the target directory, unique to `name`.
+/// A fresh empty directory unique to `name`: under cargo's target directory, or under the system's
+/// temporary directory when the test executable runs on another machine (packed for a GPU).
 pub fn temp_dir(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let base = if base.is_dir() {
+        base
+    } else {
+        std::env::temp_dir().join("capsnet-tests")
+    };
+    let d = base.join(name);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
 }
 
+/// The capsnet binary: `CAPSNET_BIN` if set, else the one cargo built, else (a test executable packed
+/// for another machine, in .gpu/tests) the packed one in .gpu/bin.
+pub fn capsnet_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("CAPSNET_BIN") {
+        return p.into();
+    }
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_capsnet"));
+    if built.exists() {
+        return built;
+    }
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let packed = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("bin").join("capsnet"));
+    packed.filter(|p| p.exists()).unwrap_or(built)
+}
+
 /// Runs the capsnet binary with `args`, CAPSNET_DATA removed unless given in `env`.
 pub fn capsnet(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_capsnet"));
+    let mut c = Command::new(capsnet_bin());
     c.args(args).env_remove("CAPSNET_DATA").env("MATMUL_NUM_THREADS", "2");
     for (k, v) in env {
         c.env(k, v);
