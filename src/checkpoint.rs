@@ -37,6 +37,23 @@ pub struct TrainState {
 }
 
 impl TrainState {
+    /// Records an epoch's validation loss; true when it is the best so far (strictly lower).
+    pub fn record_val_loss(&mut self, loss: f64) -> bool {
+        let improved = self.best_val_loss.is_none_or(|b| loss < b);
+        if improved {
+            self.best_val_loss = Some(loss);
+            self.bad_epochs = 0;
+        } else {
+            self.bad_epochs += 1;
+        }
+        improved
+    }
+
+    /// Early stopping: `patience` epochs in a row without a better validation loss (never if 0).
+    pub fn should_stop(&self) -> bool {
+        self.patience > 0 && self.bad_epochs >= self.patience
+    }
+
     fn to_json(&self) -> serde_json::Value {
         json!({
             "seed": self.seed, "batch_size": self.batch_size, "lr": self.lr, "patience": self.patience,
@@ -173,4 +190,45 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         config,
         state,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_stopping_counts_epochs_without_a_better_validation_loss() {
+        let mut s = TrainState {
+            epoch: 0,
+            step: 0,
+            seed: 1,
+            batch_size: 1,
+            lr: 1e-3,
+            patience: 2,
+            best_val_loss: None,
+            bad_epochs: 0,
+            limit: None,
+            val_limit: None,
+        };
+        let seen: Vec<(bool, bool)> = [1.0, 0.5, 0.5, 0.7, 0.4, 0.6, 0.6]
+            .iter()
+            .map(|&l| (s.record_val_loss(l), s.should_stop()))
+            .collect();
+        // equal is not better; two bad epochs in a row stop; a better one resets the count
+        assert_eq!(
+            seen,
+            [
+                (true, false),
+                (true, false),
+                (false, false),
+                (false, true),
+                (true, false),
+                (false, false),
+                (false, true)
+            ]
+        );
+        assert_eq!(s.best_val_loss, Some(0.4));
+        s.patience = 0;
+        assert!(!s.should_stop(), "patience 0 never stops");
+    }
 }

@@ -362,7 +362,7 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
         );
     }
     while state.epoch < opts.epochs {
-        if state.patience > 0 && state.bad_epochs >= state.patience {
+        if state.should_stop() {
             eprintln!(
                 "early stop: validation loss has not improved for {} epochs",
                 state.bad_epochs
@@ -400,13 +400,7 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
         let val = evaluate(&mut tape, &model, &val_set, state.batch_size, "  validation")?;
         state.epoch += 1;
         state.step = adam.step;
-        let improved = state.best_val_loss.is_none_or(|b| val.loss < b);
-        if improved {
-            state.best_val_loss = Some(val.loss);
-            state.bad_epochs = 0;
-        } else {
-            state.bad_epochs += 1;
-        }
+        let improved = state.record_val_loss(val.loss);
         let m = EpochMetrics {
             epoch: state.epoch,
             step: state.step,

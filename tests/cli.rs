@@ -330,3 +330,43 @@ fn bench_reports_the_full_models_size_and_cost() {
         assert!(out.contains(op), "no {op} in:\n{out}");
     }
 }
+
+#[test]
+fn early_stopping_ends_the_run_and_stays_ended_on_resume() {
+    let data = mnist_dir();
+    let run = temp_dir("cli_early_stop");
+    // a learning rate far below f32 resolution leaves the weights, hence the validation loss, unchanged
+    let mut args = vec![
+        "train",
+        "--data",
+        s(&data),
+        "--checkpoint-dir",
+        s(&run),
+        "--patience",
+        "1",
+        "--lr",
+        "1e-12",
+    ];
+    args.extend(TINY);
+    let mut first = args.clone();
+    first.extend(["--epochs", "5"]);
+    let o = capsnet(&first, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("early stop"), "{}", stderr(&o));
+    let m = metrics_without_timing(&run);
+    assert_eq!(
+        m.len(),
+        2,
+        "epoch 1 sets the best loss, epoch 2 fails to beat it, then the run stops"
+    );
+    assert_eq!(m[0]["val_loss"], m[1]["val_loss"]);
+    let mut again = args.clone();
+    again.extend(["--epochs", "6", "--resume"]);
+    let o = capsnet(&again, &[]);
+    assert!(
+        o.status.success() && stderr(&o).contains("early stop"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(metrics_without_timing(&run).len(), 2);
+}
