@@ -149,11 +149,6 @@ impl Progress {
     }
 }
 
-/// Pixels of batch `idx` on the host, as the backend's element type.
-fn host_batch<B: Backend>(split: &Split, idx: &[usize]) -> (Vec<B::E>, Vec<u32>) {
-    split.batch::<B::E>(idx)
-}
-
 fn scalar<B: Backend>(t: &Tape<B>, v: crate::tape::Var) -> Result<f64> {
     Ok(t.backend().download(&t.value(v).buf)?[0].to_f64())
 }
@@ -175,7 +170,7 @@ pub fn evaluate<B: Backend>(
     let out = (|| {
         for chunk in idx.chunks(batch_size.max(1)) {
             tape.reset();
-            let (x, y) = host_batch::<B>(split, chunk);
+            let (x, y) = split.batch::<B::E>(chunk);
             let f = model.forward(tape, &x, &y, false)?;
             let pred = tape.backend().download_idx(&f.pred)?;
             let n = chunk.len() as f64;
@@ -375,7 +370,7 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
         let mut bar = Progress::new(format!("epoch {}/{}", state.epoch + 1, opts.epochs), train_set.len());
         for chunk in order.chunks(state.batch_size) {
             tape.reset();
-            let (x, y) = host_batch::<B>(&train_set, chunk);
+            let (x, y) = train_set.batch::<B::E>(chunk);
             let f = model.forward(&mut tape, &x, &y, true)?;
             tape.backward(f.loss)?;
             adam.update(&mut tape)?;
@@ -540,7 +535,7 @@ pub fn bench<B: Backend>(
     let model = CapsNet::new(cfg.clone(), &mut tape, &init_params(&cfg, 1))?;
     let mut adam = Adam::new(&tape, 1e-3)?;
     let idx: Vec<usize> = (0..batch_size).collect();
-    let (x, y) = host_batch::<B>(&split, &idx);
+    let (x, y) = split.batch::<B::E>(&idx);
     let mut times = vec![];
     for s in 0..warmup + steps {
         let t0 = Instant::now();
