@@ -10,7 +10,7 @@
 //   db_ij += c_ij (dc_ij − Σ_j' c_ij' dc_ij')
 //
 // Version 1: one block per image. The routing logits b (forward) or their gradient (backward) and
-// the couplings stay in shared memory for the whole op: 2·I·J + 4·J·D floats (93 KiB for I = 1152,
+// the couplings stay in shared memory for the whole op: up to 2·I·J + 4·J·D floats (92.5 KiB for I = 1152,
 // J = 10, D = 16; the launcher opts in to that much dynamic shared memory). Every sum is owned by one
 // thread, so results are deterministic.
 #include "common.cuh"
