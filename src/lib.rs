@@ -4,7 +4,29 @@
 //! - [`backend`]: the op interface and its CPU reference implementation;
 //! - [`tape`] and [`ops`]: a thin autodiff tape, each op owning its forward and backward;
 //! - [`model`], [`adam`]: the network of Géron's notebook and its optimiser;
-//! - [`data`], [`checkpoint`], [`train`]: MNIST, safetensors checkpoints, the training loop.
+//! - [`data`], [`checkpoint`], [`train`]: MNIST, safetensors checkpoints, the training loop;
+//! - [`cuda`]: the same op interface on a GPU, with kernels compiled by NVRTC at run time.
+//!
+//! Ops are recorded on a tape and differentiated backwards:
+//!
+//! ```
+//! use capsnet::backend::cpu::CpuBackend;
+//! use capsnet::{ops, tape::Tape};
+//!
+//! let mut t = Tape::new(CpuBackend::<f64>::new());
+//! let s = t.leaf(vec![3.0, 4.0], &[1, 2]).unwrap();
+//! let v = ops::squash(&mut t, s).unwrap();
+//! let len = ops::lengths(&mut t, v).unwrap();
+//! // ‖squash(s)‖ = ‖s‖² / (1 + ‖s‖²) = 25/26, up to the safe norm's ε
+//! assert!((t.value(len).buf[0] - 25.0 / 26.0).abs() < 1e-6);
+//! // a loss needs one value: Σ (len − 1)² over the single row
+//! let target = t.input(vec![1.0], &[1, 1]).unwrap();
+//! t.reshape(len, &[1, 1]).unwrap();
+//! let loss = ops::sq_err(&mut t, len, target, 1.0).unwrap();
+//! t.backward(loss).unwrap();
+//! // ‖v‖ grows with ‖s‖, so a loss that wants a longer v pushes s outwards: negative gradients
+//! assert!(t.grad(s).unwrap().iter().all(|&g| g < 0.0));
+//! ```
 
 pub mod adam;
 pub mod backend;
