@@ -10,7 +10,7 @@ fn main() {
     let batch: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(8);
     let be = CpuBackend::<f32>::new();
     println!("ops, batch {batch}, {}", be.name());
-    for t in capsnet::bench::op_bench(&be, batch, 3).expect("the CPU ops run") {
+    for t in capsnet::bench::op_bench(&be, &capsnet::model::Config::default(), batch, 3).expect("the CPU ops run") {
         println!("{:<34} {:>9.2} ms {:>8.1} GFLOP/s", t.name, t.ms, t.gflops);
     }
 }

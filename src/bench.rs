@@ -5,8 +5,9 @@
 use std::time::Instant;
 
 use crate::Result;
-use crate::backend::{Act, Backend, CapsShape, ConvShape, DenseShape};
+use crate::backend::{Act, Backend};
 use crate::float::Float;
+use crate::model::Config;
 
 pub struct OpTiming {
     pub name: String,
@@ -48,35 +49,11 @@ fn time<B: Backend>(
     Ok(())
 }
 
-/// Times every op of a training step at batch `batch` with the default model's shapes.
-pub fn op_bench<B: Backend>(be: &B, batch: usize, reps: usize) -> Result<Vec<OpTiming>> {
+/// Times every op of a training step of the model `cfg` at batch `batch`.
+pub fn op_bench<B: Backend>(be: &B, cfg: &Config, batch: usize, reps: usize) -> Result<Vec<OpTiming>> {
     let mut out = vec![];
-    for (name, s) in [
-        (
-            "conv1 1->256 9x9/1",
-            ConvShape {
-                batch,
-                in_h: 28,
-                in_w: 28,
-                in_c: 1,
-                out_c: 256,
-                k: 9,
-                stride: 1,
-            },
-        ),
-        (
-            "primary 256->256 9x9/2",
-            ConvShape {
-                batch,
-                in_h: 20,
-                in_w: 20,
-                in_c: 256,
-                out_c: 256,
-                k: 9,
-                stride: 2,
-            },
-        ),
-    ] {
+    for (name, s) in [("conv1", cfg.conv1_shape(batch)), ("primary", cfg.primary_shape(batch))] {
+        let name = format!("{name} {}->{} {}x{}/{}", s.in_c, s.out_c, s.k, s.k, s.stride);
         let (x, w, b, dz) = (
             filled(be, s.x_len())?,
             filled(be, s.w_len())?,
@@ -100,13 +77,7 @@ pub fn op_bench<B: Backend>(be: &B, batch: usize, reps: usize) -> Result<Vec<OpT
         })?;
     }
 
-    let cs = CapsShape {
-        batch,
-        in_caps: 1152,
-        in_dim: 8,
-        out_caps: 10,
-        out_dim: 16,
-    };
+    let cs = cfg.caps_shape(batch);
     let (u, w, duhat) = (
         filled(be, cs.u_len())?,
         filled(be, cs.w_len())?,
@@ -149,29 +120,21 @@ pub fn op_bench<B: Backend>(be: &B, batch: usize, reps: usize) -> Result<Vec<OpT
         )?;
     }
 
-    for (name, (inp, o)) in [
-        ("fc1 160->512", (160, 512)),
-        ("fc2 512->1024", (512, 1024)),
-        ("fc3 1024->784", (1024, 784)),
-    ] {
-        let d = DenseShape {
-            rows: batch,
-            inp,
-            out: o,
-        };
+    for (n, d) in cfg.decoder_shapes(batch).iter().enumerate() {
         let (x, w, b) = (
             filled(be, d.rows * d.inp)?,
             filled(be, d.inp * d.out)?,
             filled(be, d.out)?,
         );
         let mut y = be.zeros(d.rows * d.out)?;
+        let flops = 2.0 * (d.rows * d.inp * d.out) as f64;
         time(
             be,
             reps,
             &mut out,
-            format!("{name} fwd"),
-            2.0 * (d.rows * d.inp * d.out) as f64,
-            || be.dense_fwd(&d, &x, &w, &b, &mut y, Act::Relu),
+            format!("fc{} {}->{} fwd", n + 1, d.inp, d.out),
+            flops,
+            || be.dense_fwd(d, &x, &w, &b, &mut y, Act::Relu),
         )?;
     }
     Ok(out)

@@ -146,7 +146,7 @@ struct BenchArgs {
     warmup: usize,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
-    /// Time each op at the default model's shapes instead of whole steps.
+    /// Time each op at the model's shapes instead of whole steps.
     #[arg(long)]
     ops: bool,
 }
@@ -288,7 +288,7 @@ fn run(cli: Cli) -> Result<()> {
             if a.ops {
                 return with_backend!(sel, |be| {
                     println!("ops, batch {}, {}", a.batch_size, capsnet::backend::Backend::name(&be));
-                    for t in capsnet::bench::op_bench(&be, a.batch_size, a.steps)? {
+                    for t in capsnet::bench::op_bench(&be, &a.model.config(), a.batch_size, a.steps)? {
                         println!("{:<34} {:>9.3} ms {:>9.1} GFLOP/s", t.name, t.ms, t.gflops);
                     }
                     Ok(())

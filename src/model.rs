@@ -18,7 +18,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal, Uniform};
 
-use crate::backend::{Act, Backend};
+use crate::backend::{Act, Backend, CapsShape, ConvShape, DenseShape};
 use crate::float::Float;
 use crate::tape::{Tape, Var};
 use crate::{Error, Result, ops};
@@ -119,7 +119,52 @@ impl Config {
         Ok(())
     }
 
-    /// Every parameter in order: name (as in checkpoints), shape, initialiser.
+    /// conv1 at batch `batch`: [B,28,28,1] → [B,20,20,C1].
+    pub fn conv1_shape(&self, batch: usize) -> ConvShape {
+        let (side, c) = (IMAGE_SIDE, self.conv1_channels);
+        ConvShape {
+            batch,
+            in_h: side,
+            in_w: side,
+            in_c: 1,
+            out_c: c,
+            k: KERNEL,
+            stride: 1,
+        }
+    }
+
+    /// The primary-capsule conv at batch `batch`: [B,20,20,C1] → [B,6,6,M·8].
+    pub fn primary_shape(&self, batch: usize) -> ConvShape {
+        let (side, c) = (CONV1_OUT, self.conv1_channels);
+        ConvShape {
+            batch,
+            in_h: side,
+            in_w: side,
+            in_c: c,
+            out_c: self.primary_maps * self.caps1_dim,
+            k: KERNEL,
+            stride: 2,
+        }
+    }
+
+    /// Prediction vectors and routing at batch `batch`: u [B,I,8] → û [B,I,10,16].
+    pub fn caps_shape(&self, batch: usize) -> CapsShape {
+        CapsShape {
+            batch,
+            in_caps: self.primary_caps(),
+            in_dim: self.caps1_dim,
+            out_caps: self.classes,
+            out_dim: self.caps2_dim,
+        }
+    }
+
+    /// The decoder's three dense layers at batch `batch`: 160 → 512 → 1024 → 784.
+    pub fn decoder_shapes(&self, batch: usize) -> [DenseShape; 3] {
+        let [h1, h2] = self.decoder_hidden;
+        let d = |inp, out| DenseShape { rows: batch, inp, out };
+        [d(self.classes * self.caps2_dim, h1), d(h1, h2), d(h2, IMAGE_PIXELS)]
+    }
+
     pub fn param_specs(&self) -> Vec<ParamSpec> {
         let (c1, pc) = (self.conv1_channels, self.primary_maps * self.caps1_dim);
         let kk = KERNEL * KERNEL;
@@ -347,6 +392,38 @@ mod tests {
     fn default_model_has_the_notebooks_parameter_count() {
         assert_eq!(Config::default().param_count(), 8_215_568);
         assert_eq!(Config::default().primary_caps(), 1152);
+    }
+
+    #[test]
+    fn layer_shapes_agree_with_the_parameters() {
+        for c in [
+            Config::default(),
+            Config {
+                conv1_channels: 5,
+                primary_maps: 3,
+                decoder_hidden: [7, 9],
+                ..Config::default()
+            },
+        ] {
+            let numel: Vec<usize> = c.param_specs().iter().map(|p| p.shape.iter().product()).collect();
+            let [fc1, fc2, fc3] = c.decoder_shapes(4);
+            assert_eq!(c.conv1_shape(4).w_len(), numel[0]);
+            assert_eq!(c.primary_shape(4).w_len(), numel[2]);
+            assert_eq!(
+                (c.primary_shape(4).out_h(), c.primary_shape(4).out_w()),
+                (PRIMARY_SIDE, PRIMARY_SIDE)
+            );
+            assert_eq!(c.caps_shape(4).w_len(), numel[4]);
+            assert_eq!(
+                c.caps_shape(4).u_len(),
+                c.primary_shape(4).y_len(),
+                "the primary conv's output is u"
+            );
+            assert_eq!(
+                [fc1.inp * fc1.out, fc2.inp * fc2.out, fc3.inp * fc3.out],
+                [numel[5], numel[7], numel[9]]
+            );
+        }
     }
 
     #[test]

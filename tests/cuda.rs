@@ -124,24 +124,8 @@ fn cuda_conv2d_matches_cpu() {
             k: 4,
             stride: 2,
         },
-        ConvShape {
-            batch: 3,
-            in_h: 28,
-            in_w: 28,
-            in_c: 1,
-            out_c: 256,
-            k: 9,
-            stride: 1,
-        },
-        ConvShape {
-            batch: 2,
-            in_h: 20,
-            in_w: 20,
-            in_c: 256,
-            out_c: 256,
-            k: 9,
-            stride: 2,
-        },
+        Config::default().conv1_shape(3),
+        Config::default().primary_shape(2),
     ];
     for (n, s) in shapes.iter().enumerate() {
         let mut rng = Lcg(100 + n as u64);
@@ -369,13 +353,7 @@ fn cuda_capsule_ops_match_cpu() {
 
     // prediction vectors at the model's size and an odd one
     for cs in [
-        CapsShape {
-            batch: 3,
-            in_caps: 1152,
-            in_dim: 8,
-            out_caps: 10,
-            out_dim: 16,
-        },
+        Config::default().caps_shape(3),
         CapsShape {
             batch: 5,
             in_caps: 37,
@@ -438,13 +416,7 @@ fn cuda_capsule_ops_match_cpu() {
 fn cuda_routing_matches_cpu_for_1_2_3_rounds() {
     let Some(g) = gpu() else { return };
     for (n, cs) in [
-        CapsShape {
-            batch: 3,
-            in_caps: 1152,
-            in_dim: 8,
-            out_caps: 10,
-            out_dim: 16,
-        },
+        Config::default().caps_shape(3),
         CapsShape {
             batch: 2,
             in_caps: 37,
