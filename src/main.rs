@@ -198,7 +198,8 @@ fn info() -> Result<()> {
         Err(e) => println!("NVRTC: {e}"),
     }
     // the device's own architecture when there is one, else the GPUs this project targets
-    let arch = match cuda::open_device(0).and_then(|ctx| cuda::device_info(&ctx)) {
+    let device = cuda::open_device(0).and_then(|ctx| cuda::device_info(&ctx));
+    let arch = match &device {
         Ok(d) => {
             let (a, b) = d.compute_capability;
             println!(
@@ -225,7 +226,7 @@ fn info() -> Result<()> {
         cuda::registry::ALL.len(),
         ptx.len()
     );
-    if cuda::open_device(0).is_ok() {
+    if device.is_ok() {
         let be = CudaBackend::new(0)?;
         println!("kernels: all load on {}", capsnet::backend::Backend::name(&be));
     }
@@ -236,7 +237,12 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Train(a) => {
             let sel = select(a.device)?;
-            if a.download && data::load(&a.data.data, data::Which::Train).is_err() {
+            // only what is missing: train() reads and checks every file anyway
+            if a.download
+                && data::FILES
+                    .iter()
+                    .any(|(name, _)| data::find(&a.data.data, name).is_none())
+            {
                 for line in data::download(&a.data.data, &data::mirrors())? {
                     eprintln!("{line}");
                 }
