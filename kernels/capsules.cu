@@ -124,10 +124,10 @@ __device__ __forceinline__ float margin_term(float len, bool present) {
     return LAMBDA * d * d;
 }
 
-// One block of 256 threads.
-extern "C" __global__ void __launch_bounds__(256)
+// One block of MARGIN_LOSS_FWD_THREADS threads.
+extern "C" __global__ void __launch_bounds__(MARGIN_LOSS_FWD_THREADS)
 margin_loss_fwd(const float* l, const unsigned* labels, float* loss, int batch, int classes) {
-    __shared__ float scratch[256];
+    __shared__ float scratch[MARGIN_LOSS_FWD_THREADS];
     float s = 0.f;
     for (int e = threadIdx.x; e < batch * classes; e += blockDim.x)
         s += margin_term(l[e], (unsigned)(e % classes) == labels[e / classes]);

@@ -1,6 +1,20 @@
 // common.cuh: launch contracts shared with the Rust side (src/cuda/params.rs mirrors every struct
 // here field by field) and small device helpers used by several kernel files.
+//
+// Launch sizes that Rust and C share are not written here: the Rust registry (src/cuda/registry.rs,
+// DEFINES) passes them to every compile as -D definitions, so they are stated once.
 #pragma once
+
+#if !defined(GEMM_BM) || !defined(GEMM_BN) || !defined(GEMM_BK) || !defined(GEMM_THREADS) || !defined(BIAS_BWD_THREADS) || !defined(SQ_ERR_FWD_THREADS) || \
+    !defined(MARGIN_LOSS_FWD_THREADS) || !defined(ROUTING_THREADS)
+#error "compile with the -D definitions of src/cuda/registry.rs (DEFINES)"
+#endif
+
+// The kernel's dynamic shared memory as `T* name`. The emulated device (kernels/emulator) defines its
+// own: exactly the launch's size, NaN-filled at the start of each block.
+#ifndef DYNAMIC_SMEM
+#define DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#endif
 
 // Activation codes: the Rust enum Act as i32.
 #define ACT_NONE 0

@@ -29,9 +29,9 @@ extern "C" __global__ void act_bwd_f32(const float* y, const float* dy, float* d
     GRID_STRIDE(i, n) dz[i] = dy[i] * act_deriv(act, y[i]);
 }
 
-// blockDim.x = 256; grid.x = cols.
-extern "C" __global__ void __launch_bounds__(256) bias_bwd_f32(const float* dz, float* db, int rows, int cols) {
-    __shared__ float scratch[256];
+// blockDim.x = BIAS_BWD_THREADS; grid.x = cols.
+extern "C" __global__ void __launch_bounds__(BIAS_BWD_THREADS) bias_bwd_f32(const float* dz, float* db, int rows, int cols) {
+    __shared__ float scratch[BIAS_BWD_THREADS];
     const int c = blockIdx.x;
     float s = 0.f;
     for (int r = threadIdx.x; r < rows; r += blockDim.x) s += dz[(size_t)r * cols + c];
@@ -39,10 +39,10 @@ extern "C" __global__ void __launch_bounds__(256) bias_bwd_f32(const float* dz, 
     if (threadIdx.x == 0) db[c] += s;
 }
 
-// One block of 1024 threads.
-extern "C" __global__ void __launch_bounds__(1024)
+// One block of SQ_ERR_FWD_THREADS threads.
+extern "C" __global__ void __launch_bounds__(SQ_ERR_FWD_THREADS)
 sq_err_fwd_f32(const float* pred, const float* target, float* loss, int rows, int cols, float scale) {
-    __shared__ float scratch[1024];
+    __shared__ float scratch[SQ_ERR_FWD_THREADS];
     const size_t n = (size_t)rows * cols;
     float s = 0.f;
     for (size_t i = threadIdx.x; i < n; i += blockDim.x) {

@@ -7,12 +7,9 @@
 // Version 1: 64x64 output tile per block of 256 threads, 4x4 outputs per thread, K in steps of 16
 // staged through shared memory; plain fp32 FMAs on CUDA cores. Each output is summed by one thread
 // in a fixed order, so results are deterministic.
+// GEMM_BM, GEMM_BN (the output tile), GEMM_BK and GEMM_THREADS come from the Rust registry as -D
+// definitions (src/cuda/registry.rs, DEFINES); the code below assumes 64x64x16 and 256 threads.
 #pragma once
-
-#define GEMM_BM 64
-#define GEMM_BN 64
-#define GEMM_BK 16
-#define GEMM_THREADS 256
 
 template <class LoadA, class LoadB, class Store>
 __device__ __forceinline__ void gemm_tile_v1(int M, int N, int K, const LoadA& A, const LoadB& B, const Store& store) {

@@ -15,10 +15,10 @@
 // thread, so results are deterministic.
 #include "common.cuh"
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(ROUTING_THREADS)
 routing_fwd_v1(const float* __restrict__ uhat, float* __restrict__ v_out, float* __restrict__ saved_c,
                float* __restrict__ saved_s, float* __restrict__ saved_v, CapsParams p, int rounds) {
-    extern __shared__ float sm[];
+    DYNAMIC_SMEM(float, sm);
     const int I = p.in_caps, J = p.out_caps, D = p.out_dim, b = blockIdx.x;
     float* logit = sm;        // [I, J]
     float* c = logit + I * J; // [I, J]
@@ -68,11 +68,11 @@ routing_fwd_v1(const float* __restrict__ uhat, float* __restrict__ v_out, float*
     for (int jd = threadIdx.x; jd < J * D; jd += blockDim.x) v_out[(size_t)b * J * D + jd] = v[jd];
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(ROUTING_THREADS)
 routing_bwd_v1(const float* __restrict__ uhat, const float* __restrict__ saved_c, const float* __restrict__ saved_s,
                const float* __restrict__ saved_v, const float* __restrict__ dv, float* __restrict__ duhat, CapsParams p,
                int rounds) {
-    extern __shared__ float sm[];
+    DYNAMIC_SMEM(float, sm);
     const int I = p.in_caps, J = p.out_caps, D = p.out_dim, b = blockIdx.x;
     float* db = sm;           // [I, J]  d(loss)/d(b_{r+1})
     float* dc = db + I * J;   // [I, J]

@@ -80,11 +80,15 @@ pub fn compile_source(file: &str, src: &str, arch: &str) -> Result<Ptx> {
     let opts = CompileOptions {
         fmad: Some(true),
         name: Some(file.to_string()),
-        options: vec![
-            format!("--gpu-architecture={arch}"),
-            "--std=c++17".into(),
-            "-lineinfo".into(),
-        ],
+        options: [
+            vec![
+                format!("--gpu-architecture={arch}"),
+                "--std=c++17".into(),
+                "-lineinfo".into(),
+            ],
+            super::registry::define_flags(),
+        ]
+        .concat(),
         ..Default::default()
     };
     cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| {

@@ -59,11 +59,30 @@ pub const ADAM_STEP: Kernel = ADAM_STEP_V1;
 pub const ROUTING_FWD: Kernel = ROUTING_FWD_V1;
 pub const ROUTING_BWD: Kernel = ROUTING_BWD_V1;
 
-/// Threads per block of the GEMM kernels (GEMM_THREADS in gemm.cuh) and their output tile.
+/// Threads per block of the GEMM kernels and their output tile (GEMM_BM = GEMM_BN) and K step.
 pub const GEMM_THREADS: u32 = 256;
 pub const GEMM_TILE: usize = 64;
+pub const GEMM_K_STEP: usize = 16;
 /// Block sizes the reduction kernels are written for.
 pub const BIAS_BWD_THREADS: u32 = 256;
 pub const SQ_ERR_FWD_THREADS: u32 = 1024;
 pub const MARGIN_LOSS_FWD_THREADS: u32 = 256;
 pub const ROUTING_THREADS: u32 = 256;
+
+/// The constants above as the kernels see them: every compile (NVRTC, and g++ for the emulated
+/// device) gets them as `-DNAME=VALUE`, so they are written once, here.
+pub const DEFINES: &[(&str, usize)] = &[
+    ("GEMM_BM", GEMM_TILE),
+    ("GEMM_BN", GEMM_TILE),
+    ("GEMM_BK", GEMM_K_STEP),
+    ("GEMM_THREADS", GEMM_THREADS as usize),
+    ("BIAS_BWD_THREADS", BIAS_BWD_THREADS as usize),
+    ("SQ_ERR_FWD_THREADS", SQ_ERR_FWD_THREADS as usize),
+    ("MARGIN_LOSS_FWD_THREADS", MARGIN_LOSS_FWD_THREADS as usize),
+    ("ROUTING_THREADS", ROUTING_THREADS as usize),
+];
+
+/// [`DEFINES`] as compiler options.
+pub fn define_flags() -> Vec<String> {
+    DEFINES.iter().map(|(k, v)| format!("-D{k}={v}")).collect()
+}
