@@ -22,20 +22,6 @@ fn nvrtc_or_skip() -> bool {
     false
 }
 
-/// `extern "C" __global__` names defined in a kernel source.
-fn globals(src: &str) -> Vec<String> {
-    let mut flat = src.replace('\n', " ");
-    // drop `__launch_bounds__(...)`, which stands between __global__ and the name
-    while let Some(at) = flat.find("__launch_bounds__") {
-        let end = flat[at..].find(')').map_or(flat.len(), |e| at + e + 1);
-        flat.replace_range(at..end, "");
-    }
-    flat.split("__global__")
-        .skip(1)
-        .filter_map(|rest| rest.split('(').next()?.split_whitespace().last().map(str::to_string))
-        .collect()
-}
-
 #[test]
 fn nvrtc_is_13_0() {
     if !nvrtc_or_skip() {
@@ -73,7 +59,7 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
 fn the_registry_names_every_kernel_and_only_those() {
     let mut defined = vec![];
     for (file, src) in SOURCES {
-        for name in globals(src) {
+        for name in capsnet::cuda::emulator::kernel_names(src) {
             defined.push((file.to_string(), name));
         }
     }

@@ -7,6 +7,7 @@
 
 mod backend;
 pub mod compile;
+pub mod emulator;
 pub mod params;
 pub mod registry;
 

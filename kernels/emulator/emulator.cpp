@@ -1,0 +1,1008 @@
+// emulator.cpp: an emulated CUDA device. Built with the kernels (compiled for the host against
+// cuda_emu.hpp) into a shared library whose soname is libcuda.so, it implements the part of the CUDA
+// driver API that cudarc calls, so the CUDA backend's host code runs unchanged on the CPU.
+//
+// - Device: one, reported like an H100 (compute capability 9.0, 132 SMs, 227 KiB opt-in shared
+//   memory per block) under a name that says it is emulated.
+// - Memory: host allocations, NaN-filled (0xFF bytes) when allocated; copies and memsets must stay
+//   inside one live allocation.
+// - Modules: PTX from the real NVRTC. Each `.entry` must have a host build of the same name whose
+//   parameter sizes match the PTX's; `.maxntid` is kept for the launch check.
+// - Launches are checked as the driver checks them (block ≤ 1024 threads and ≤ .maxntid, grid limits,
+//   dynamic shared memory ≤ 48 KiB or the function's opt-in attribute, itself ≤ the device's limit),
+//   then run synchronously: blocks spread over OS threads, each block's threads are fibers scheduled
+//   deterministically on one OS thread (forward or reversed order, see capsnet_emu_set_schedule).
+// - A barrier reached at different lines, a collective whose mask names an exited lane, and a
+//   deadlock fail the launch with CUDA_ERROR_LAUNCH_FAILED; cuGetErrorString then gives the message
+//   (kernel, file:line, block and thread), which is also printed to stderr.
+//
+// Built three ways (src/cuda/emulator.rs): plain, with AddressSanitizer (fiber switches annotated) and
+// with ThreadSanitizer (each fiber a TSan fiber whose switches do not synchronise; barriers and
+// collectives are release/acquire on tokens that alternate per generation).
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cuda_emu.hpp"
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN 1
+#else
+#define EMU_ASAN 0
+#endif
+#if defined(__SANITIZE_THREAD__) || defined(EMU_TSAN_FIBERS)
+#include <sanitizer/tsan_interface.h>
+#define EMU_TSAN 1
+#else
+#define EMU_TSAN 0
+#endif
+
+#define EXPORT extern "C" __attribute__((visibility("default")))
+
+// ---- fibers: a stack switch that saves the callee-saved registers, MXCSR and the x87 control word --
+#if !defined(__x86_64__)
+#error "the emulated device's fibers are written for x86-64"
+#endif
+extern "C" void emu_switch(void** save_sp, void* to_sp);
+asm(R"(
+    .text
+    .globl emu_switch
+    .hidden emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+
+namespace emu {
+
+thread_local const uint3* tls_tid = nullptr;
+thread_local BlockCoords tls_block{};
+
+namespace {
+
+constexpr size_t STACK_BYTES = (EMU_ASAN || EMU_TSAN) ? 512 * 1024 : 128 * 1024;
+
+// ---- fiber slots: a stack with a guard page below it (and a ThreadSanitizer fiber), pooled ---------
+struct Slot {
+    char* stack;
+    void* tsan;
+};
+std::mutex slots_mu;
+std::vector<Slot> free_slots;
+size_t page() { return (size_t)sysconf(_SC_PAGESIZE); }
+
+// n slots, from the pool where it has them (one lock per block, not per thread)
+void take_slots(std::vector<Slot>& out, unsigned n) {
+    out.clear();
+    {
+        std::lock_guard<std::mutex> g(slots_mu);
+        while (out.size() < n && !free_slots.empty()) {
+            out.push_back(free_slots.back());
+            free_slots.pop_back();
+        }
+    }
+    while (out.size() < n) {
+        void* m = mmap(nullptr, STACK_BYTES + page(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) {
+            fprintf(stderr, "capsnet emulated device: cannot map a fiber stack\n");
+            abort();
+        }
+        mprotect(m, page(), PROT_NONE);
+        Slot s{(char*)m + page(), nullptr};
+#if EMU_TSAN
+        s.tsan = __tsan_create_fiber(0);
+#endif
+        out.push_back(s);
+    }
+}
+void give_slots(const std::vector<Slot>& in) {
+    std::lock_guard<std::mutex> g(slots_mu);
+    free_slots.insert(free_slots.end(), in.begin(), in.end());
+}
+
+// ---- kernels --------------------------------------------------------------------------------------
+struct HostKernel {
+    void (*run)(void**);
+    std::vector<size_t> sizes;
+};
+std::map<std::string, HostKernel>& kernels() {
+    static std::map<std::string, HostKernel> k;
+    return k;
+}
+
+enum class St : uint8_t { Ready, Barrier, Collective, Exited };
+
+struct Fiber {
+    void* sp = nullptr;
+    St st = St::Ready;
+    uint3 tid{};
+    unsigned lin = 0;
+    const char* file = "";
+    int line = 0;
+    Op op = OP_SYNCWARP;
+    unsigned mask = 0;
+    uint64_t value = 0, result = 0;
+    int arg = 0, width = 32;
+    char* stack = nullptr;
+    void* tsan = nullptr;
+};
+
+struct Block {
+    const char* kernel;
+    void (*run)(void**);
+    void** params;
+    std::vector<Fiber> fibers;
+    void* sched_sp = nullptr;
+    std::string error;
+    unsigned barrier_gen = 0;
+    std::vector<unsigned> warp_gen;
+    // release/acquire tokens for ThreadSanitizer, alternating per generation
+    char barrier_token[2] = {0, 0};
+    std::vector<char> warp_token;
+#if EMU_ASAN
+    const void* sched_bottom = nullptr;
+    size_t sched_size = 0;
+#endif
+#if EMU_TSAN
+    void* sched_tsan = nullptr;
+#endif
+};
+
+thread_local Block* tls_blk = nullptr;
+thread_local Fiber* tls_fiber = nullptr;
+
+std::string coords(uint3 v) {
+    return "(" + std::to_string(v.x) + "," + std::to_string(v.y) + "," + std::to_string(v.z) + ")";
+}
+std::string where(const Fiber& f) { return std::string(f.file) + ":" + std::to_string(f.line); }
+std::string who(const Block& b, const Fiber& f) {
+    return "kernel " + std::string(b.kernel) + ", block " + coords(tls_block.idx) + ", thread " + coords(f.tid);
+}
+
+// Fiber side: give control back to the scheduler.
+void to_scheduler() {
+    Fiber& f = *tls_fiber;
+    Block& b = *tls_blk;
+#if EMU_ASAN
+    void* fake = nullptr;
+    __sanitizer_start_switch_fiber(f.st == St::Exited ? nullptr : &fake, b.sched_bottom, b.sched_size);
+#endif
+#if EMU_TSAN
+    // an exited thread hands everything it did to the scheduler (and so to the next block); a
+    // waiting one hands nothing: only barriers and collectives order the threads of a block
+    __tsan_switch_to_fiber(b.sched_tsan, f.st == St::Exited ? 0 : __tsan_switch_to_fiber_no_sync);
+#endif
+    emu_switch(&f.sp, b.sched_sp);
+#if EMU_ASAN
+    __sanitizer_finish_switch_fiber(fake, &b.sched_bottom, &b.sched_size);
+#endif
+}
+
+extern "C" __attribute__((noreturn, used)) void emu_fiber_main() {
+    Block& b = *tls_blk;
+#if EMU_ASAN
+    __sanitizer_finish_switch_fiber(nullptr, &b.sched_bottom, &b.sched_size);
+#endif
+#if EMU_TSAN
+    to_scheduler();  // primed: see run_block
+#endif
+    b.run(b.params);
+    tls_fiber->st = St::Exited;
+    to_scheduler();
+    __builtin_trap();  // an exited fiber is never resumed
+}
+
+// Scheduler side: run fiber f until it yields. `sync`: f sees everything the scheduler did.
+void resume(Block& b, Fiber& f, bool sync = false) {
+    tls_fiber = &f;
+    tls_tid = &f.tid;
+#if EMU_ASAN
+    void* fake = nullptr;
+    __sanitizer_start_switch_fiber(&fake, f.stack, STACK_BYTES);
+#endif
+#if EMU_TSAN
+    __tsan_switch_to_fiber(f.tsan, sync ? 0 : __tsan_switch_to_fiber_no_sync);
+#endif
+    (void)sync;
+    emu_switch(&b.sched_sp, f.sp);
+#if EMU_ASAN
+    __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+    tls_fiber = nullptr;
+}
+
+void init_fiber(Fiber& f, Slot slot) {
+    f.stack = slot.stack;
+    f.tsan = slot.tsan;
+    // the stack as emu_switch leaves it: MXCSR and x87 control word, r15..rbp, then the return address
+    uint64_t* top = (uint64_t*)(f.stack + STACK_BYTES);  // 16-byte aligned
+    uint64_t* sp = top - 9;
+    sp[8] = 0;                               // alignment: emu_fiber_main starts as if called
+    sp[7] = (uint64_t)(void*)&emu_fiber_main;  // return address
+    for (int i = 1; i <= 6; ++i) sp[i] = 0;    // r15, r14, r13, r12, rbx, rbp
+    uint32_t csr[2] = {0x1F80u, 0x037Fu};      // default MXCSR; x87 control word
+    memcpy(&sp[0], csr, 8);
+    f.sp = sp;
+}
+
+// Completes the collectives whose every lane has arrived; false when none could. Sets b.error on misuse.
+bool complete_collectives(Block& b) {
+    bool any = false;
+    const unsigned n = (unsigned)b.fibers.size();
+    for (unsigned l0 = 0; l0 < n && b.error.empty(); ++l0) {
+        Fiber& f = b.fibers[l0];
+        if (f.st != St::Collective) continue;
+        const unsigned warp = l0 / 32, base = warp * 32, lane = l0 % 32;
+        if (!(f.mask >> lane & 1)) {
+            b.error = who(b, f) + ": warp collective at " + where(f) + " with a mask that omits the calling lane";
+            return false;
+        }
+        bool ready = true;
+        for (unsigned l = 0; l < 32; ++l) {
+            if (!(f.mask >> l & 1)) continue;
+            if (base + l >= n || b.fibers[base + l].st == St::Exited) {
+                b.error = who(b, f) + ": warp collective at " + where(f) + " names lane " + std::to_string(l) +
+                          (base + l >= n ? ", which does not exist" : ", which has exited");
+                return false;
+            }
+            const Fiber& g = b.fibers[base + l];
+            if (g.st != St::Collective) {
+                ready = false;
+                continue;
+            }
+            if (g.mask != f.mask || g.op != f.op) {
+                b.error = who(b, f) + ": warp collective at " + where(f) + " meets lane " + std::to_string(l) +
+                          " at a different collective, " + where(g);
+                return false;
+            }
+        }
+        if (!ready) continue;
+        // all named lanes are here: compute every lane's result, then release them
+        for (unsigned l = 0; l < 32; ++l) {
+            if (!(f.mask >> l & 1)) continue;
+            Fiber& g = b.fibers[base + l];
+            const int w = g.width, seg = (int)l & ~(w - 1);
+            int src = (int)l;
+            switch (g.op) {
+                case OP_SHFL_IDX: src = seg + (g.arg & (w - 1)); break;
+                case OP_SHFL_UP: src = (int)l - g.arg >= seg ? (int)l - g.arg : (int)l; break;
+                case OP_SHFL_DOWN: src = (int)l + g.arg < seg + w ? (int)l + g.arg : (int)l; break;
+                case OP_SHFL_XOR: src = (((int)l ^ g.arg) & ~(w - 1)) == seg ? ((int)l ^ g.arg) : (int)l; break;
+                default: break;
+            }
+            if (g.op == OP_SHFL_IDX || g.op == OP_SHFL_UP || g.op == OP_SHFL_DOWN || g.op == OP_SHFL_XOR) {
+                if (!(f.mask >> src & 1)) {
+                    b.error = who(b, g) + ": shuffle at " + where(g) + " reads lane " + std::to_string(src) +
+                              ", which is not in the mask";
+                    return false;
+                }
+                g.result = b.fibers[base + src].value;
+            } else if (g.op == OP_BALLOT || g.op == OP_ANY || g.op == OP_ALL) {
+                unsigned votes = 0;
+                for (unsigned k = 0; k < 32; ++k)
+                    if ((f.mask >> k & 1) && b.fibers[base + k].value) votes |= 1u << k;
+                g.result = g.op == OP_BALLOT ? votes : g.op == OP_ANY ? votes != 0 : votes == f.mask;
+            }
+        }
+        for (unsigned l = 0; l < 32; ++l)
+            if (f.mask >> l & 1) b.fibers[base + l].st = St::Ready;
+        b.warp_gen[warp]++;
+        any = true;
+    }
+    return any;
+}
+
+// The waiting threads, grouped by where they wait: "16 threads (first (0,0,0)) at a warp collective, ...".
+std::string describe_waits(const Block& b) {
+    struct Group {
+        const Fiber* first;
+        unsigned count;
+    };
+    std::vector<Group> groups;
+    for (const Fiber& f : b.fibers) {
+        if (f.st != St::Barrier && f.st != St::Collective) continue;
+        auto g = std::find_if(groups.begin(), groups.end(), [&](const Group& g) {
+            return g.first->st == f.st && g.first->line == f.line && strcmp(g.first->file, f.file) == 0;
+        });
+        if (g == groups.end())
+            groups.push_back({&f, 1});
+        else
+            g->count++;
+    }
+    std::string s;
+    for (const Group& g : groups) {
+        s += (s.empty() ? "" : "; ") + std::to_string(g.count) + " thread(s) from " + coords(g.first->tid) +
+             (g.first->st == St::Barrier ? " wait at __syncthreads, " : " wait at a warp collective, ") +
+             where(*g.first);
+    }
+    return s;
+}
+
+std::atomic<int> schedule_reversed{0};
+
+// Runs one block to completion; returns "" or the error.
+std::string run_block(const char* name, void (*run)(void**), void** params, uint3 bidx, dim3 bdim, dim3 grid,
+                      size_t dyn_bytes) {
+    Block b;
+    b.kernel = name;
+    b.run = run;
+    b.params = params;
+    const unsigned n = bdim.x * bdim.y * bdim.z;
+    b.fibers.resize(n);
+    b.warp_gen.assign((n + 31) / 32, 0);
+    b.warp_token.assign((n + 31) / 32 * 2, 0);
+    unsigned char* smem = (unsigned char*)malloc(dyn_bytes);
+    if (smem == nullptr && dyn_bytes > 0) return "cannot allocate the block's dynamic shared memory";
+    memset(smem, 0xFF, dyn_bytes);  // NaN until written
+    tls_block = BlockCoords{bidx, bdim, grid, smem};
+    tls_blk = &b;
+#if EMU_TSAN
+    b.sched_tsan = __tsan_get_current_fiber();
+#endif
+    thread_local std::vector<Slot> slots;
+    take_slots(slots, n);
+    for (unsigned i = 0; i < n; ++i) {
+        Fiber& f = b.fibers[i];
+        f.lin = i;
+        f.tid = uint3{i % bdim.x, (i / bdim.x) % bdim.y, i / (bdim.x * bdim.y)};
+        init_fiber(f, slots[i]);
+    }
+#if EMU_TSAN
+    // every thread first takes the block's setup (shared memory, the previous block's writes) in one
+    // synchronising switch and yields at once, before any kernel code runs, so these switches order
+    // no kernel code of one thread before another's
+    for (Fiber& f : b.fibers) resume(b, f, true);
+#endif
+    const bool rev = schedule_reversed.load() != 0;
+    for (;;) {
+        bool ran = false;
+        for (unsigned k = 0; k < n && b.error.empty(); ++k) {
+            Fiber& f = b.fibers[rev ? n - 1 - k : k];
+            if (f.st != St::Ready) continue;
+            resume(b, f);
+            ran = true;
+        }
+        if (!b.error.empty()) break;
+        if (ran) continue;
+        if (std::all_of(b.fibers.begin(), b.fibers.end(), [](const Fiber& f) { return f.st == St::Exited; })) break;
+        if (complete_collectives(b)) continue;
+        if (!b.error.empty()) break;
+        // a barrier: every live thread at the same one
+        const Fiber* first = nullptr;
+        bool all = true;
+        for (const Fiber& f : b.fibers) {
+            if (f.st == St::Exited) continue;
+            if (f.st != St::Barrier) {
+                all = false;
+                break;
+            }
+            if (first == nullptr) {
+                first = &f;
+            } else if (f.line != first->line || strcmp(f.file, first->file) != 0) {
+                b.error = who(b, f) + ": __syncthreads at " + where(f) + ", but thread " + coords(first->tid) +
+                          " waits at " + where(*first);
+                break;
+            }
+        }
+        if (!b.error.empty()) break;
+        if (all && first != nullptr) {
+            b.barrier_gen++;
+            for (Fiber& f : b.fibers)
+                if (f.st == St::Barrier) f.st = St::Ready;
+            continue;
+        }
+        b.error = "kernel " + std::string(name) + ", block " + coords(bidx) + ": deadlock: " + describe_waits(b);
+        break;
+    }
+#if EMU_ASAN
+    // an abandoned fiber (after an error) may leave poisoned frames on its stack
+    for (Fiber& f : b.fibers) __asan_unpoison_memory_region(f.stack, STACK_BYTES);
+#endif
+    give_slots(slots);
+    free(smem);
+    tls_blk = nullptr;
+    tls_tid = nullptr;
+    return b.error;
+}
+
+}  // namespace
+
+void register_kernel(const char* name, void (*run)(void**), size_t nparams, const size_t* sizes) {
+    kernels()[name] = HostKernel{run, std::vector<size_t>(sizes, sizes + nparams)};
+}
+
+void barrier(const char* file, int line) {
+    Fiber& f = *tls_fiber;
+    Block& b = *tls_blk;
+    f.st = St::Barrier;
+    f.file = file;
+    f.line = line;
+    (void)b;
+#if EMU_TSAN
+    char* token = &b.barrier_token[b.barrier_gen & 1];
+    __tsan_release(token);
+#endif
+    to_scheduler();
+#if EMU_TSAN
+    __tsan_acquire(token);
+#endif
+}
+
+uint64_t collective(Op op, unsigned mask, uint64_t value, int arg, int width, const char* file, int line) {
+    Fiber& f = *tls_fiber;
+    Block& b = *tls_blk;
+    f.st = St::Collective;
+    f.op = op;
+    f.mask = mask;
+    f.value = value;
+    f.arg = arg;
+    f.width = (width >= 1 && width <= 32 && (width & (width - 1)) == 0) ? width : 32;
+    f.file = file;
+    f.line = line;
+#if EMU_TSAN
+    const unsigned warp = f.lin / 32;
+    char* token = &b.warp_token[warp * 2 + (b.warp_gen[warp] & 1)];
+    __tsan_release(token);
+#endif
+    to_scheduler();
+#if EMU_TSAN
+    __tsan_acquire(token);
+#endif
+    (void)b;
+    return f.result;
+}
+
+}  // namespace emu
+
+// ======================================================================================================
+// The driver API (the subset cudarc 0.19 calls), C ABI. Types as in cuda.h.
+// ======================================================================================================
+using namespace emu;
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+typedef struct CUctx_st* CUcontext;
+typedef struct CUmod_st* CUmodule;
+typedef struct CUfunc_st* CUfunction;
+typedef struct CUstream_st* CUstream;
+typedef struct CUevent_st* CUevent;
+typedef struct CUmemPoolHandle_st* CUmemoryPool;
+
+enum : int {
+    CUDA_SUCCESS = 0,
+    CUDA_ERROR_INVALID_VALUE = 1,
+    CUDA_ERROR_OUT_OF_MEMORY = 2,
+    CUDA_ERROR_NOT_INITIALIZED = 3,
+    CUDA_ERROR_NO_DEVICE = 100,
+    CUDA_ERROR_INVALID_DEVICE = 101,
+    CUDA_ERROR_INVALID_IMAGE = 200,
+    CUDA_ERROR_INVALID_CONTEXT = 201,
+    CUDA_ERROR_INVALID_PTX = 218,
+    CUDA_ERROR_INVALID_HANDLE = 400,
+    CUDA_ERROR_NOT_FOUND = 500,
+    CUDA_ERROR_NOT_READY = 600,
+    CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
+    CUDA_ERROR_LAUNCH_FAILED = 719,
+    CUDA_ERROR_NOT_SUPPORTED = 801,
+};
+
+namespace {
+
+constexpr int SMEM_DEFAULT = 48 * 1024;
+constexpr int SMEM_OPTIN = 227 * 1024;
+constexpr size_t TOTAL_MEM = 80ull << 30;
+const char* const DEVICE_NAME = "capsnet emulated CUDA device (runs on the CPU; H100-like limits)";
+
+struct Module {
+    struct EntryInfo {
+        std::vector<size_t> param_sizes;
+        unsigned maxntid[3] = {0, 0, 0};
+    };
+    std::map<std::string, EntryInfo> entries;
+};
+struct Function {
+    std::string name;
+    const HostKernel* host;
+    Module::EntryInfo entry;
+    int max_dynamic_smem = SMEM_DEFAULT;
+};
+struct Event {
+    std::chrono::steady_clock::time_point t;
+};
+
+std::mutex mu;  // guards everything below
+std::map<uintptr_t, size_t> allocations;
+std::map<std::string, unsigned long long> launches;
+size_t allocated = 0;
+char primary_ctx_storage;
+CUcontext const primary_ctx = (CUcontext)&primary_ctx_storage;
+thread_local CUcontext current_ctx = nullptr;
+bool initialised = false;
+
+thread_local std::string last_message;
+thread_local CUresult last_code = CUDA_SUCCESS;
+
+CUresult fail(CUresult code, const std::string& msg) {
+    last_code = code;
+    last_message = msg;
+    return code;
+}
+
+// The allocation holding [p, p+n), or false.
+bool in_allocation(CUdeviceptr p, size_t n) {
+    std::lock_guard<std::mutex> g(mu);
+    auto it = allocations.upper_bound((uintptr_t)p);
+    if (it == allocations.begin()) return false;
+    --it;
+    return p >= it->first && p + n <= it->first + it->second;
+}
+
+CUresult check_range(const char* call, CUdeviceptr p, size_t n) {
+    if (n == 0 || in_allocation(p, n)) return CUDA_SUCCESS;
+    char buf[160];
+    snprintf(buf, sizeof buf, "%s: [0x%llx, +%zu) is not inside one live device allocation", call, p, n);
+    return fail(CUDA_ERROR_INVALID_VALUE, buf);
+}
+
+// ---- PTX: the entries, their parameter sizes and .maxntid ---------------------------------------------
+size_t ptx_param_size(const std::string& decl) {
+    // ".param .u64 .ptr .align 1 name", ".param .align 4 .b8 name[36]", ".param .f32 name"
+    auto br = decl.find('[');
+    if (br != std::string::npos) return (size_t)atol(decl.c_str() + br + 1);
+    for (const char* t : {".u64", ".s64", ".b64", ".f64"})
+        if (decl.find(t) != std::string::npos) return 8;
+    for (const char* t : {".u32", ".s32", ".b32", ".f32"})
+        if (decl.find(t) != std::string::npos) return 4;
+    for (const char* t : {".u16", ".s16", ".b16", ".f16"})
+        if (decl.find(t) != std::string::npos) return 2;
+    return 1;
+}
+
+bool parse_ptx(const std::string& ptx, Module& m, std::string& err) {
+    size_t at = 0;
+    while ((at = ptx.find(".entry ", at)) != std::string::npos) {
+        at += 7;
+        size_t open = ptx.find('(', at), body = ptx.find('{', at);
+        if (open == std::string::npos || body == std::string::npos) {
+            err = "malformed .entry";
+            return false;
+        }
+        std::string name = ptx.substr(at, open - at);
+        name.erase(name.find_last_not_of(" \t\r\n") + 1);
+        size_t close = ptx.find(')', open);
+        Module::EntryInfo e;
+        std::string params = ptx.substr(open + 1, close - open - 1);
+        size_t p = 0;
+        while ((p = params.find(".param", p)) != std::string::npos) {
+            size_t end = params.find(',', p);
+            e.param_sizes.push_back(ptx_param_size(params.substr(p, end == std::string::npos ? end : end - p)));
+            p += 6;
+        }
+        std::string directives = ptx.substr(close, body - close);
+        size_t mx = directives.find(".maxntid");
+        if (mx != std::string::npos)
+            sscanf(directives.c_str() + mx, ".maxntid %u, %u, %u", &e.maxntid[0], &e.maxntid[1], &e.maxntid[2]);
+        m.entries[name] = e;
+        at = body;
+    }
+    return true;
+}
+
+CUresult launch(Function* f, dim3 grid, dim3 block, unsigned smem, void** params) {
+    const std::string& k = f->name;
+    const unsigned long long threads = (unsigned long long)block.x * block.y * block.z;
+    if (block.x == 0 || block.y == 0 || block.z == 0 || grid.x == 0 || grid.y == 0 || grid.z == 0)
+        return fail(CUDA_ERROR_INVALID_VALUE, k + ": a grid or block dimension is 0");
+    if (block.x > 1024 || block.y > 1024 || block.z > 64 || threads > 1024)
+        return fail(CUDA_ERROR_INVALID_VALUE, k + ": block " + coords({block.x, block.y, block.z}) +
+                                                  " exceeds 1024 threads (1024 x 1024 x 64)");
+    const unsigned* mt = f->entry.maxntid;
+    if (mt[0] && threads > (unsigned long long)mt[0] * std::max(mt[1], 1u) * std::max(mt[2], 1u))
+        return fail(CUDA_ERROR_INVALID_VALUE,
+                    k + ": " + std::to_string(threads) + " threads exceed its __launch_bounds__ (.maxntid " +
+                        std::to_string(mt[0] * std::max(mt[1], 1u) * std::max(mt[2], 1u)) + ")");
+    if (grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
+        return fail(CUDA_ERROR_INVALID_VALUE,
+                    k + ": grid " + coords({grid.x, grid.y, grid.z}) + " exceeds 2^31-1 x 65535 x 65535");
+    if ((int)smem > f->max_dynamic_smem || smem > (unsigned)SMEM_OPTIN)
+        return fail(CUDA_ERROR_INVALID_VALUE,
+                    k + ": " + std::to_string(smem) + " bytes of dynamic shared memory exceed its limit of " +
+                        std::to_string(f->max_dynamic_smem) +
+                        " (48 KiB unless CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES raises it)");
+    if (params == nullptr && !f->host->sizes.empty()) return fail(CUDA_ERROR_INVALID_VALUE, k + ": no kernelParams");
+
+    {
+        std::lock_guard<std::mutex> g(mu);
+        launches[k]++;
+    }
+    const unsigned long long total = (unsigned long long)grid.x * grid.y * grid.z;
+    std::atomic<unsigned long long> next{0};
+    std::atomic<bool> failed{false};
+    std::mutex err_mu;
+    std::string err;
+    auto work = [&] {
+        for (;;) {
+            const unsigned long long i = next.fetch_add(1);
+            if (i >= total || failed.load()) return;
+            const uint3 b{(unsigned)(i % grid.x), (unsigned)(i / grid.x % grid.y), (unsigned)(i / grid.x / grid.y)};
+            std::string e = run_block(k.c_str(), f->host->run, params, b, block, grid, smem);
+            if (!e.empty()) {
+                std::lock_guard<std::mutex> g(err_mu);
+                if (err.empty()) err = e;
+                failed = true;
+            }
+        }
+    };
+    unsigned workers = std::thread::hardware_concurrency();
+    if (const char* w = getenv("CAPSNET_EMULATOR_THREADS")) workers = (unsigned)atoi(w);
+    workers = (unsigned)std::min<unsigned long long>(std::max(workers, 1u), total);
+    std::vector<std::thread> pool;
+    for (unsigned w = 1; w < workers; ++w) pool.emplace_back(work);
+    work();
+    for (auto& t : pool) t.join();
+    if (!err.empty()) {
+        fprintf(stderr, "capsnet emulated device: %s\n", err.c_str());
+        return fail(CUDA_ERROR_LAUNCH_FAILED, err);
+    }
+    return CUDA_SUCCESS;
+}
+
+const char* error_name(CUresult e) {
+    switch (e) {
+        case CUDA_SUCCESS: return "CUDA_SUCCESS";
+        case CUDA_ERROR_INVALID_VALUE: return "CUDA_ERROR_INVALID_VALUE";
+        case CUDA_ERROR_OUT_OF_MEMORY: return "CUDA_ERROR_OUT_OF_MEMORY";
+        case CUDA_ERROR_NOT_INITIALIZED: return "CUDA_ERROR_NOT_INITIALIZED";
+        case CUDA_ERROR_NO_DEVICE: return "CUDA_ERROR_NO_DEVICE";
+        case CUDA_ERROR_INVALID_DEVICE: return "CUDA_ERROR_INVALID_DEVICE";
+        case CUDA_ERROR_INVALID_IMAGE: return "CUDA_ERROR_INVALID_IMAGE";
+        case CUDA_ERROR_INVALID_CONTEXT: return "CUDA_ERROR_INVALID_CONTEXT";
+        case CUDA_ERROR_INVALID_PTX: return "CUDA_ERROR_INVALID_PTX";
+        case CUDA_ERROR_INVALID_HANDLE: return "CUDA_ERROR_INVALID_HANDLE";
+        case CUDA_ERROR_NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
+        case CUDA_ERROR_NOT_READY: return "CUDA_ERROR_NOT_READY";
+        case CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: return "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES";
+        case CUDA_ERROR_LAUNCH_FAILED: return "CUDA_ERROR_LAUNCH_FAILED";
+        case CUDA_ERROR_NOT_SUPPORTED: return "CUDA_ERROR_NOT_SUPPORTED";
+        default: return nullptr;
+    }
+}
+
+}  // namespace
+
+// ---- the emulator's own entry points -----------------------------------------------------------------
+EXPORT int capsnet_emulator_version() { return 1; }
+EXPORT const char* capsnet_emulator_variant() { return EMU_ASAN ? "address" : EMU_TSAN ? "thread" : "plain"; }
+// 0: each block's threads run in order 0, 1, ... between barriers; 1: in reversed order.
+EXPORT void capsnet_emu_set_schedule(int reversed) { schedule_reversed = reversed; }
+
+// Launches of kernel `name` that passed the launch checks, since the library was loaded.
+EXPORT unsigned long long capsnet_emu_launches(const char* name) {
+    std::lock_guard<std::mutex> g(mu);
+    auto it = launches.find(name);
+    return it == launches.end() ? 0 : it->second;
+}
+
+// ---- initialisation, device, context ------------------------------------------------------------------
+EXPORT CUresult cuInit(unsigned flags) {
+    if (flags != 0) return fail(CUDA_ERROR_INVALID_VALUE, "cuInit: flags must be 0");
+    std::lock_guard<std::mutex> g(mu);
+    initialised = true;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuDriverGetVersion(int* v) {
+    if (!v) return CUDA_ERROR_INVALID_VALUE;
+    *v = 13000;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuDeviceGetCount(int* n) {
+    if (!n) return CUDA_ERROR_INVALID_VALUE;
+    *n = 1;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuDeviceGet(CUdevice* d, int ordinal) {
+    if (!d) return CUDA_ERROR_INVALID_VALUE;
+    if (ordinal != 0) return fail(CUDA_ERROR_INVALID_DEVICE, "the emulated device is device 0");
+    *d = 0;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuDeviceGetName(char* name, int len, CUdevice d) {
+    if (!name || len <= 0) return CUDA_ERROR_INVALID_VALUE;
+    if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
+    snprintf(name, (size_t)len, "%s", DEVICE_NAME);
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice d) {
+    if (!bytes) return CUDA_ERROR_INVALID_VALUE;
+    if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
+    *bytes = TOTAL_MEM;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice d) {
+    if (!v) return CUDA_ERROR_INVALID_VALUE;
+    if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
+    switch (attr) {
+        case 1: *v = 1024; break;                // MAX_THREADS_PER_BLOCK
+        case 2: case 3: *v = 1024; break;        // MAX_BLOCK_DIM_X, _Y
+        case 4: *v = 64; break;                  // MAX_BLOCK_DIM_Z
+        case 5: *v = 2147483647; break;          // MAX_GRID_DIM_X
+        case 6: case 7: *v = 65535; break;       // MAX_GRID_DIM_Y, _Z
+        case 8: *v = SMEM_DEFAULT; break;        // MAX_SHARED_MEMORY_PER_BLOCK
+        case 10: *v = 32; break;                 // WARP_SIZE
+        case 12: *v = 65536; break;              // MAX_REGISTERS_PER_BLOCK
+        case 13: *v = 1980000; break;            // CLOCK_RATE (kHz)
+        case 16: *v = 132; break;                // MULTIPROCESSOR_COUNT
+        case 39: *v = 2048; break;               // MAX_THREADS_PER_MULTIPROCESSOR
+        case 75: *v = 9; break;                  // COMPUTE_CAPABILITY_MAJOR
+        case 76: *v = 0; break;                  // COMPUTE_CAPABILITY_MINOR
+        case 81: *v = 228 * 1024; break;         // MAX_SHARED_MEMORY_PER_MULTIPROCESSOR
+        case 97: *v = SMEM_OPTIN; break;         // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+        case 115: *v = 1; break;                 // MEMORY_POOLS_SUPPORTED
+        default: *v = 0; break;
+    }
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice d) {
+    if (!c) return CUDA_ERROR_INVALID_VALUE;
+    if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
+    if (!initialised) return fail(CUDA_ERROR_NOT_INITIALIZED, "cuInit has not been called");
+    *c = primary_ctx;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return CUDA_SUCCESS; }
+EXPORT CUresult cuCtxSetCurrent(CUcontext c) {
+    current_ctx = c;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuCtxGetCurrent(CUcontext* c) {
+    if (!c) return CUDA_ERROR_INVALID_VALUE;
+    *c = current_ctx;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuCtxPushCurrent_v2(CUcontext c) { return cuCtxSetCurrent(c); }
+EXPORT CUresult cuCtxPopCurrent_v2(CUcontext* c) {
+    if (c) *c = current_ctx;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+EXPORT CUresult cuCtxGetDevice(CUdevice* d) {
+    if (!d) return CUDA_ERROR_INVALID_VALUE;
+    *d = 0;
+    return CUDA_SUCCESS;
+}
+
+// ---- errors ----------------------------------------------------------------------------------------
+EXPORT CUresult cuGetErrorName(CUresult e, const char** s) {
+    if (!s) return CUDA_ERROR_INVALID_VALUE;
+    *s = error_name(e);
+    return *s ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+EXPORT CUresult cuGetErrorString(CUresult e, const char** s) {
+    if (!s) return CUDA_ERROR_INVALID_VALUE;
+    // the last failure's own message on this thread, else the code's name
+    if (e == last_code && !last_message.empty()) {
+        *s = last_message.c_str();
+        return CUDA_SUCCESS;
+    }
+    *s = error_name(e);
+    return *s ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+// ---- memory -----------------------------------------------------------------------------------------
+EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+    if (!p || bytes == 0) return fail(CUDA_ERROR_INVALID_VALUE, "cuMemAlloc: 0 bytes");
+    void* m = nullptr;
+    if (posix_memalign(&m, 256, bytes) != 0 || m == nullptr)
+        return fail(CUDA_ERROR_OUT_OF_MEMORY, "cuMemAlloc: out of memory (" + std::to_string(bytes) + " bytes)");
+    memset(m, 0xFF, bytes);  // NaN until written
+    std::lock_guard<std::mutex> g(mu);
+    allocations[(uintptr_t)m] = bytes;
+    allocated += bytes;
+    *p = (CUdeviceptr)(uintptr_t)m;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemFree_v2(CUdeviceptr p) {
+    if (p == 0) return CUDA_SUCCESS;
+    std::lock_guard<std::mutex> g(mu);
+    auto it = allocations.find((uintptr_t)p);
+    if (it == allocations.end()) return fail(CUDA_ERROR_INVALID_VALUE, "cuMemFree: not a device allocation");
+    allocated -= it->second;
+    allocations.erase(it);
+    free((void*)(uintptr_t)p);
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream) { return cuMemAlloc_v2(p, bytes); }
+EXPORT CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return cuMemFree_v2(p); }
+EXPORT CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
+    std::lock_guard<std::mutex> g(mu);
+    if (free_b) *free_b = TOTAL_MEM - std::min(allocated, TOTAL_MEM);
+    if (total) *total = TOTAL_MEM;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    if (CUresult r = check_range("cuMemcpyHtoD", dst, n)) return r;
+    if (n) memcpy((void*)(uintptr_t)dst, src, n);
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream) {
+    return cuMemcpyHtoD_v2(dst, src, n);
+}
+EXPORT CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    if (CUresult r = check_range("cuMemcpyDtoH", src, n)) return r;
+    if (n) memcpy(dst, (const void*)(uintptr_t)src, n);
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream) {
+    return cuMemcpyDtoH_v2(dst, src, n);
+}
+EXPORT CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    if (CUresult r = check_range("cuMemcpyDtoD (source)", src, n)) return r;
+    if (CUresult r = check_range("cuMemcpyDtoD (destination)", dst, n)) return r;
+    if (n) memmove((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, n);
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream) {
+    return cuMemcpyDtoD_v2(dst, src, n);
+}
+EXPORT CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    if (CUresult r = check_range("cuMemsetD8", dst, n)) return r;
+    if (n) memset((void*)(uintptr_t)dst, v, n);
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream) {
+    return cuMemsetD8_v2(dst, v, n);
+}
+EXPORT CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned v, size_t n) {
+    if (CUresult r = check_range("cuMemsetD32", dst, n * 4)) return r;
+    unsigned* d = (unsigned*)(uintptr_t)dst;
+    for (size_t i = 0; i < n; ++i) d[i] = v;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, CUstream) { return cuMemsetD32_v2(dst, v, n); }
+EXPORT CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
+    if (!p) return CUDA_ERROR_INVALID_VALUE;
+    *p = malloc(bytes ? bytes : 1);
+    return *p ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
+}
+EXPORT CUresult cuMemFreeHost(void* p) {
+    free(p);
+    return CUDA_SUCCESS;
+}
+
+// ---- streams and events: everything runs at the call, so they only keep time -----------------------
+EXPORT CUresult cuStreamCreate(CUstream* s, unsigned) {
+    if (!s) return CUDA_ERROR_INVALID_VALUE;
+    *s = (CUstream) new char;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuStreamCreateWithPriority(CUstream* s, unsigned flags, int) { return cuStreamCreate(s, flags); }
+EXPORT CUresult cuStreamDestroy_v2(CUstream s) {
+    delete (char*)s;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuStreamSynchronize(CUstream) { return CUDA_SUCCESS; }
+EXPORT CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return CUDA_SUCCESS; }
+EXPORT CUresult cuStreamQuery(CUstream) { return CUDA_SUCCESS; }
+EXPORT CUresult cuEventCreate(CUevent* e, unsigned) {
+    if (!e) return CUDA_ERROR_INVALID_VALUE;
+    *e = (CUevent) new Event{std::chrono::steady_clock::now()};
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuEventDestroy_v2(CUevent e) {
+    delete (Event*)e;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuEventRecord(CUevent e, CUstream) {
+    if (!e) return CUDA_ERROR_INVALID_HANDLE;
+    ((Event*)e)->t = std::chrono::steady_clock::now();
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuEventSynchronize(CUevent) { return CUDA_SUCCESS; }
+EXPORT CUresult cuEventQuery(CUevent) { return CUDA_SUCCESS; }
+EXPORT CUresult cuEventElapsedTime(float* ms, CUevent a, CUevent b) {
+    if (!ms || !a || !b) return CUDA_ERROR_INVALID_VALUE;
+    *ms = std::chrono::duration<float, std::milli>(((Event*)b)->t - ((Event*)a)->t).count();
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuEventElapsedTime_v2(float* ms, CUevent a, CUevent b) { return cuEventElapsedTime(ms, a, b); }
+
+// ---- modules and functions ----------------------------------------------------------------------------
+EXPORT CUresult cuModuleLoadData(CUmodule* out, const void* image) {
+    if (!out || !image) return CUDA_ERROR_INVALID_VALUE;
+    const char* text = (const char*)image;
+    if (memcmp(text, "\x7f" "ELF", 4) == 0)
+        return fail(CUDA_ERROR_INVALID_IMAGE, "the emulated device loads PTX only, not a CUBIN");
+    auto m = std::make_unique<Module>();
+    std::string err;
+    if (!parse_ptx(text, *m, err)) return fail(CUDA_ERROR_INVALID_PTX, "cuModuleLoadData: " + err);
+    *out = (CUmodule)m.release();
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuModuleUnload(CUmodule m) {
+    delete (Module*)m;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuModuleGetFunction(CUfunction* out, CUmodule mod, const char* name) {
+    if (!out || !mod || !name) return CUDA_ERROR_INVALID_VALUE;
+    Module* m = (Module*)mod;
+    auto e = m->entries.find(name);
+    if (e == m->entries.end()) return fail(CUDA_ERROR_NOT_FOUND, std::string("the module has no kernel ") + name);
+    auto h = kernels().find(name);
+    if (h == kernels().end())
+        return fail(CUDA_ERROR_NOT_FOUND, std::string("the emulated device has no host build of kernel ") + name);
+    if (h->second.sizes != e->second.param_sizes) {
+        std::string s = std::string("kernel ") + name + ": the host build's parameter sizes (";
+        for (size_t z : h->second.sizes) s += std::to_string(z) + " ";
+        s += ") differ from the PTX's (";
+        for (size_t z : e->second.param_sizes) s += std::to_string(z) + " ";
+        return fail(CUDA_ERROR_INVALID_IMAGE, s + ")");
+    }
+    *out = (CUfunction) new Function{name, &h->second, e->second};
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuFuncSetAttribute(CUfunction fn, int attr, int value) {
+    if (!fn) return CUDA_ERROR_INVALID_HANDLE;
+    Function* f = (Function*)fn;
+    if (attr == 8) {  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        if (value < 0 || value > SMEM_OPTIN)
+            return fail(CUDA_ERROR_INVALID_VALUE, f->name + ": dynamic shared memory attribute " + std::to_string(value) +
+                                                      " exceeds the device's opt-in limit of " + std::to_string(SMEM_OPTIN));
+        f->max_dynamic_smem = value;
+        return CUDA_SUCCESS;
+    }
+    if (attr == 9) return CUDA_SUCCESS;  // PREFERRED_SHARED_MEMORY_CARVEOUT
+    return fail(CUDA_ERROR_NOT_SUPPORTED, f->name + ": function attribute " + std::to_string(attr) + " is not emulated");
+}
+EXPORT CUresult cuFuncGetAttribute(int* v, int attr, CUfunction fn) {
+    if (!v || !fn) return CUDA_ERROR_INVALID_VALUE;
+    Function* f = (Function*)fn;
+    const unsigned* mt = f->entry.maxntid;
+    switch (attr) {
+        case 0: *v = mt[0] ? (int)(mt[0] * std::max(mt[1], 1u) * std::max(mt[2], 1u)) : 1024; break;
+        case 8: *v = f->max_dynamic_smem; break;
+        default: *v = 0; break;
+    }
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuFuncSetCacheConfig(CUfunction, int) { return CUDA_SUCCESS; }
+EXPORT CUresult cuLaunchKernel(CUfunction fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                               unsigned bz, unsigned smem, CUstream, void** params, void** extra) {
+    if (!fn) return CUDA_ERROR_INVALID_HANDLE;
+    if (extra != nullptr) return fail(CUDA_ERROR_NOT_SUPPORTED, "cuLaunchKernel: `extra` is not emulated");
+    return launch((Function*)fn, dim3{gx, gy, gz}, dim3{bx, by, bz}, smem, params);
+}
