@@ -3,12 +3,11 @@
 //! before each run and accumulated outputs starting from random values (so `+=` is checked too).
 //! Then whole training steps: GPU against CPU, GPU against itself, and no allocation after the first.
 //!
-//! Without a GPU each test prints `SKIPPED: no CUDA device` and passes; with CAPSNET_REQUIRE_GPU=1
-//! it fails instead. Tolerance: |gpu − cpu| ≤ atol + rtol·|cpu|, stated per test.
+//! They run on the GPU when a CUDA driver is installed, else on the emulated device (see
+//! `common::cuda_backend`), so CI runs every one. Tolerance: |gpu − cpu| ≤ atol + rtol·|cpu|, stated
+//! per test.
 
 mod common;
-
-use std::io::Write;
 
 use capsnet::adam::Adam;
 use capsnet::backend::cpu::CpuBackend;
@@ -22,17 +21,7 @@ use common::Lcg;
 type Cpu = CpuBackend<f64>;
 
 fn gpu() -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            assert!(
-                std::env::var_os("CAPSNET_REQUIRE_GPU").is_none(),
-                "CAPSNET_REQUIRE_GPU=1 but: {e}"
-            );
-            let _ = writeln!(std::io::stderr(), "SKIPPED: no CUDA device ({e})");
-            None
-        }
-    }
+    common::cuda_backend()
 }
 
 /// f32-representable random values, so both backends see exactly the same inputs.
@@ -524,7 +513,7 @@ fn cuda_training_step_matches_cpu_and_is_deterministic() {
     }
     // ten Adam steps: the losses follow the same path
     compare("losses over 10 steps", &gpu_losses, &cpu_losses, 1e-5, 2e-3);
-    let (again, _) = train_steps(CudaBackend::new(0).unwrap(), 10);
+    let (again, _) = train_steps(gpu().expect("the device opened above"), 10);
     assert_eq!(gpu_losses, again, "same seed, same GPU: the same losses, bit for bit");
 }
 

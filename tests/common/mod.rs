@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -98,4 +99,46 @@ impl Lcg {
     pub fn vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f64> {
         (0..n).map(|_| self.uniform(lo, hi)).collect()
     }
+}
+
+/// The CUDA backend the GPU tests run on:
+/// - the emulated device when `CAPSNET_EMULATOR` names a build (plain, address, thread), or when no
+///   CUDA driver is installed (plain);
+/// - else GPU 0.
+///
+/// `CAPSNET_REQUIRE_GPU=1` demands a real GPU. Only a missing NVRTC, which every CUDA test needs to
+/// compile the kernels, gives `None`, with a `SKIPPED` line, and only while neither
+/// `CAPSNET_REQUIRE_NVRTC` nor `CAPSNET_REQUIRE_GPU` is set.
+pub fn cuda_backend() -> Option<capsnet::cuda::CudaBackend> {
+    use capsnet::cuda::{self, emulator};
+    let require_gpu = std::env::var_os("CAPSNET_REQUIRE_GPU").is_some();
+    if !cuda::nvrtc_available() {
+        assert!(
+            !require_gpu && std::env::var_os("CAPSNET_REQUIRE_NVRTC").is_none(),
+            "NVRTC (libnvrtc 13.0) cannot be loaded: check LD_LIBRARY_PATH"
+        );
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: libnvrtc not found, so no kernel can be compiled"
+        );
+        return None;
+    }
+    let wanted = std::env::var("CAPSNET_EMULATOR").ok();
+    if wanted.is_some() || (emulator::loaded().is_none() && !cuda::driver_available()) {
+        assert!(!require_gpu, "CAPSNET_REQUIRE_GPU=1 but there is no CUDA driver");
+        let v = match wanted.as_deref() {
+            None => emulator::Variant::Plain,
+            Some(w) => emulator::Variant::parse(w)
+                .unwrap_or_else(|| panic!("CAPSNET_EMULATOR={w}: expected plain, address or thread")),
+        };
+        emulator::load(v).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let be = capsnet::cuda::CudaBackend::new(0).unwrap_or_else(|e| panic!("the CUDA backend does not open: {e}"));
+    if require_gpu {
+        assert!(
+            emulator::loaded().is_none(),
+            "CAPSNET_REQUIRE_GPU=1 but the device is emulated"
+        );
+    }
+    Some(be)
 }

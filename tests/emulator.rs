@@ -1,0 +1,456 @@
+//! The emulated CUDA device itself (src/cuda/emulator.rs, kernels/emulator/): its thread model against
+//! CUDA's semantics, the misuses it must stop, the launch checks of the real driver, and the race and
+//! out-of-bounds checks over every kernel of the model:
+//! - every kernel gives the same bits with each block's threads run in order and in reverse between
+//!   barriers, and only finite outputs;
+//! - the same run under AddressSanitizer and under ThreadSanitizer (a child process with the
+//!   sanitizer's runtime preloaded) reports nothing, while a planted out-of-bounds read and a planted
+//!   race are reported.
+//!
+//! These tests are about the emulator, so with CAPSNET_REQUIRE_GPU=1 (a real GPU under test) they
+//! print SKIPPED.
+
+mod common;
+
+use std::io::Write;
+use std::process::Command;
+use std::sync::Arc;
+
+use capsnet::adam::Adam;
+use capsnet::backend::Backend;
+use capsnet::cuda::{CudaBackend, compile, emulator, registry};
+use capsnet::kernels::EMULATOR_SOURCES;
+use capsnet::model::{CapsNet, Config, init_params};
+use capsnet::tape::Tape;
+use common::Lcg;
+use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+
+/// Held by the tests that set the schedule, which is one setting for the whole process.
+static SCHEDULE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn emulated() -> Option<CudaBackend> {
+    if std::env::var_os("CAPSNET_REQUIRE_GPU").is_some() {
+        let _ = writeln!(std::io::stderr(), "SKIPPED: emulator tests (CAPSNET_REQUIRE_GPU=1)");
+        return None;
+    }
+    let be = common::cuda_backend()?;
+    assert!(
+        emulator::loaded().is_some(),
+        "these tests need the emulated device, not a GPU"
+    );
+    Some(be)
+}
+
+fn selftest(be: &CudaBackend) -> Arc<CudaModule> {
+    let src = EMULATOR_SOURCES
+        .iter()
+        .find(|(n, _)| *n == "selftest.cu")
+        .expect("kernels/emulator/selftest.cu is embedded")
+        .1;
+    let ptx = compile::compile_source("emulator/selftest.cu", src, "sm_90").unwrap_or_else(|e| panic!("{e}"));
+    be.context().load_module(ptx).unwrap()
+}
+
+fn func(m: &Arc<CudaModule>, name: &str) -> CudaFunction {
+    m.load_function(name).unwrap_or_else(|e| panic!("{name}: {e:?}"))
+}
+
+fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
+#[test]
+fn warp_collectives_follow_cuda_semantics() {
+    let Some(be) = emulated() else { return };
+    let m = selftest(&be);
+    let s = be.stream();
+    let mut rng = Lcg(3);
+    let input: Vec<f32> = (0..64).map(|_| rng.uniform(-1.0, 1.0) as f32).collect();
+    let x = s.clone_htod(&input).unwrap();
+    let mut out = s.alloc_zeros::<f32>(64 * 8).unwrap();
+    let mut votes = s.alloc_zeros::<u32>(64 * 3).unwrap();
+    let f = func(&m, "emu_test_warp");
+    let mut b = s.launch_builder(&f);
+    b.arg(&x).arg(&mut out).arg(&mut votes);
+    // SAFETY: emu_test_warp(const float* in [64], float* out [64·8], unsigned* votes [64·3]), 64 threads.
+    unsafe { b.launch(cfg((1, 1, 1), 64, 0)) }.unwrap();
+    let (out, votes) = (s.clone_dtoh(&out).unwrap(), s.clone_dtoh(&votes).unwrap());
+    for t in 0..64usize {
+        let (lane, base) = (t % 32, t - t % 32);
+        let v = |l: usize| input[base + l];
+        // the source lane of each shuffle, or the caller's own value where the source is outside its segment
+        let seg = |l: usize, w: usize, src: isize| {
+            let lo = (l / w * w) as isize;
+            if src >= lo && src < lo + w as isize {
+                v(src as usize)
+            } else {
+                v(l)
+            }
+        };
+        let want = [
+            v((lane * 7 + 3) % 32),
+            seg(lane, 32, lane as isize - 3),
+            seg(lane, 32, lane as isize + 5),
+            v(lane ^ 9),
+            seg(lane, 8, (lane ^ 1) as isize),
+            seg(lane, 16, lane as isize + 2),
+            if lane < 16 { v(15 - lane) } else { -1.0 },
+            (base + 31) as f32 * 2.0,
+        ];
+        assert_eq!(&out[t * 8..t * 8 + 8], &want, "thread {t}: shuffles");
+        let ballot = (0..32).filter(|&l| v(l) > 0.0).fold(0u32, |a, l| a | 1 << l);
+        let any = (0..32).any(|l| v(l) > 0.9) as u32;
+        assert_eq!(&votes[t * 3..t * 3 + 3], &[ballot, any, 1], "thread {t}: votes");
+    }
+}
+
+#[test]
+fn barriers_and_dynamic_shared_memory() {
+    let Some(be) = emulated() else { return };
+    let m = selftest(&be);
+    let s = be.stream();
+    let (blocks, threads) = (3usize, 128usize);
+    let input: Vec<f32> = (0..blocks * threads).map(|i| (i % 17) as f32 * 0.25).collect();
+    let x = s.clone_htod(&input).unwrap();
+    let mut out = s.alloc_zeros::<f32>(blocks).unwrap();
+    let f = func(&m, "emu_test_block_sum");
+    let mut b = s.launch_builder(&f);
+    b.arg(&x).arg(&mut out);
+    // SAFETY: emu_test_block_sum(in [blocks·threads], out [blocks]), threads floats of shared memory.
+    unsafe { b.launch(cfg((blocks as u32, 1, 1), threads as u32, 4 * threads as u32)) }.unwrap();
+    let got = s.clone_dtoh(&out).unwrap();
+    for (blk, g) in got.iter().enumerate() {
+        let want: f32 = input[blk * threads..(blk + 1) * threads].iter().sum();
+        assert_eq!(*g, want, "block {blk}");
+    }
+    // dynamic shared memory is NaN at the start of every block, in every byte the launch asked for
+    let n = 1000;
+    let mut out = s.alloc_zeros::<f32>(2 * n).unwrap();
+    let f = func(&m, "emu_test_smem_copy");
+    let ni = n as i32;
+    let mut b = s.launch_builder(&f);
+    b.arg(&mut out).arg(&ni);
+    // SAFETY: emu_test_smem_copy(out [2·n], int n), n floats of shared memory per block.
+    unsafe { b.launch(cfg((2, 1, 1), 96, 4 * n as u32)) }.unwrap();
+    let got = s.clone_dtoh(&out).unwrap();
+    assert!(got.iter().all(|x| x.is_nan()), "shared memory not NaN-filled");
+}
+
+/// Launches `name(float* out)` on one block of 32 threads and returns the error text.
+fn misuse(be: &CudaBackend, m: &Arc<CudaModule>, name: &str) -> String {
+    let s = be.stream();
+    let mut out = s.alloc_zeros::<f32>(32).unwrap();
+    let f = func(m, name);
+    let mut b = s.launch_builder(&f);
+    b.arg(&mut out);
+    // SAFETY: name(float* out [32]), one block of 32 threads.
+    let r = unsafe { b.launch(cfg((1, 1, 1), 32, 0)) };
+    format!("{:?}", r.expect_err(name))
+}
+
+#[test]
+fn misuse_stops_the_launch_naming_file_line_block_and_thread() {
+    let Some(be) = emulated() else { return };
+    let m = selftest(&be);
+    let e = misuse(&be, &m, "emu_test_divergent_barrier");
+    for needle in [
+        "CUDA_ERROR_LAUNCH_FAILED",
+        "emu_test_divergent_barrier",
+        "block (0,0,0)",
+        "thread (16,0,0)",
+    ] {
+        assert!(e.contains(needle), "lacks {needle:?}: {e}");
+    }
+    // the two barriers are on different lines of selftest.cu, both named
+    let lines: Vec<&str> = e.matches("selftest.cu:").collect();
+    assert_eq!(lines.len(), 2, "{e}");
+    let e = misuse(&be, &m, "emu_test_exited_lane");
+    assert!(
+        e.contains("names lane 16, which has exited") && e.contains("selftest.cu:"),
+        "{e}"
+    );
+    let e = misuse(&be, &m, "emu_test_deadlock");
+    assert!(
+        e.contains("deadlock") && e.contains("__syncthreads") && e.contains("warp collective"),
+        "{e}"
+    );
+    // the device is still usable afterwards
+    let sum = func(&m, "emu_test_block_sum");
+    let s = be.stream();
+    let x = s.clone_htod(&[1.0f32; 32]).unwrap();
+    let mut out = s.alloc_zeros::<f32>(1).unwrap();
+    let mut b = s.launch_builder(&sum);
+    b.arg(&x).arg(&mut out);
+    // SAFETY: emu_test_block_sum(in [32], out [1]), 32 floats of shared memory.
+    unsafe { b.launch(cfg((1, 1, 1), 32, 128)) }.unwrap();
+    assert_eq!(s.clone_dtoh(&out).unwrap(), vec![32.0]);
+}
+
+#[test]
+fn launches_are_checked_as_the_driver_checks_them() {
+    let Some(be) = emulated() else { return };
+    let m = selftest(&be);
+    let s = be.stream();
+    let mut out = s.alloc_zeros::<f32>(4096).unwrap();
+    let n = 16i32;
+    let try_launch = |f: &CudaFunction, c: LaunchConfig, out: &mut cudarc::driver::CudaSlice<f32>| {
+        let mut b = s.launch_builder(f);
+        b.arg(out).arg(&n);
+        // SAFETY: emu_test_smem_copy(out [4096], int n = 16): writes at most grid·16 floats.
+        unsafe { b.launch(c) }.map(|_| ()).map_err(|e| format!("{e:?}"))
+    };
+    let copy = func(&m, "emu_test_smem_copy");
+    let e = try_launch(&copy, cfg((1, 1, 1), 1025, 64), &mut out).unwrap_err();
+    assert!(e.contains("exceeds 1024 threads"), "{e}");
+    let e = try_launch(
+        &copy,
+        LaunchConfig {
+            grid_dim: (1, 65536, 1),
+            ..cfg((1, 1, 1), 32, 64)
+        },
+        &mut out,
+    )
+    .unwrap_err();
+    assert!(e.contains("grid"), "{e}");
+    // 48 KiB of dynamic shared memory without the opt-in attribute; more needs it
+    try_launch(&copy, cfg((1, 1, 1), 32, 48 * 1024), &mut out).unwrap();
+    let e = try_launch(&copy, cfg((1, 1, 1), 32, 48 * 1024 + 4), &mut out).unwrap_err();
+    assert!(
+        e.contains("49156 bytes of dynamic shared memory exceed its limit of 49152"),
+        "{e}"
+    );
+    use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN;
+    copy.set_attribute(MAX_DYN, 100 * 1024).unwrap();
+    try_launch(&copy, cfg((1, 1, 1), 32, 100 * 1024), &mut out).unwrap();
+    try_launch(&copy, cfg((1, 1, 1), 32, 100 * 1024 + 4), &mut out).unwrap_err();
+    let e = format!("{:?}", copy.set_attribute(MAX_DYN, 227 * 1024 + 4).unwrap_err());
+    assert!(e.contains("opt-in limit"), "{e}");
+    // __launch_bounds__(64) is a limit too (the PTX's .maxntid)
+    let bounded = func(&m, "emu_test_bounded");
+    let mut b = s.launch_builder(&bounded);
+    b.arg(&mut out);
+    // SAFETY: emu_test_bounded(out [4096]) writes out[threadIdx.x].
+    unsafe { b.launch(cfg((1, 1, 1), 64, 0)) }.unwrap();
+    let mut b = s.launch_builder(&bounded);
+    b.arg(&mut out);
+    // SAFETY: as above; refused before it runs.
+    let e = format!("{:?}", unsafe { b.launch(cfg((1, 1, 1), 65, 0)) }.unwrap_err());
+    assert!(e.contains("__launch_bounds__"), "{e}");
+}
+
+#[test]
+fn the_device_says_it_is_emulated_and_reports_h100_limits() {
+    let Some(be) = emulated() else { return };
+    let i = be.info();
+    assert!(i.name.contains("emulated"), "{}", i.name);
+    assert_eq!(
+        (i.compute_capability, i.sms, i.max_smem_optin),
+        ((9, 0), 132, 227 * 1024)
+    );
+    assert!(be.name().contains("emulated"), "{}", be.name());
+}
+
+/// Runs the racy tree sum in order and reversed; returns both results.
+fn racy_sums(be: &CudaBackend, m: &Arc<CudaModule>) -> (Vec<f32>, Vec<f32>) {
+    let s = be.stream();
+    let f = func(m, "emu_test_block_sum_racy");
+    let x = s.clone_htod(&(0..256).map(|i| i as f32).collect::<Vec<_>>()).unwrap();
+    let run = |reversed: bool| {
+        emulator::set_reversed_schedule(reversed).unwrap();
+        let mut out = s.alloc_zeros::<f32>(2).unwrap();
+        let mut b = s.launch_builder(&f);
+        b.arg(&x).arg(&mut out);
+        // SAFETY: emu_test_block_sum_racy(in [256], out [2]), 2 blocks of 128 threads, 128 floats shared.
+        unsafe { b.launch(cfg((2, 1, 1), 128, 512)) }.unwrap();
+        s.clone_dtoh(&out).unwrap()
+    };
+    let r = (run(false), run(true));
+    emulator::set_reversed_schedule(false).unwrap();
+    r
+}
+
+#[test]
+fn a_missing_barrier_shows_in_the_schedules_or_as_nan() {
+    let Some(be) = emulated() else { return };
+    let _schedule = SCHEDULE.lock().unwrap_or_else(|e| e.into_inner());
+    let m = selftest(&be);
+    let (fwd, rev) = racy_sums(&be, &m);
+    let bad = fwd != rev || fwd.iter().chain(&rev).any(|x| !x.is_finite());
+    assert!(bad, "the race went unseen: {fwd:?} {rev:?}");
+}
+
+fn small_config() -> Config {
+    Config {
+        conv1_channels: 16,
+        primary_maps: 4,
+        decoder_hidden: [64, 128],
+        ..Config::default()
+    }
+}
+
+/// Two training steps and an evaluation forward of a small model: every output, bit for bit.
+fn step_outputs(be: CudaBackend) -> Vec<f32> {
+    let cfg = small_config();
+    let mut rng = Lcg(5);
+    let batch = 5;
+    let images: Vec<f32> = rng.vec(batch * 784, 0.0, 1.0).iter().map(|&x| x as f32).collect();
+    let labels: Vec<u32> = (0..batch as u32).map(|i| (i * 3) % 10).collect();
+    let mut t = Tape::new(be);
+    let model = CapsNet::new(cfg.clone(), &mut t, &init_params(&cfg, 3)).unwrap();
+    let mut adam = Adam::new(&t, 1e-3).unwrap();
+    let mut out = vec![];
+    for train in [true, true, false] {
+        t.reset();
+        let f = model.forward(&mut t, &images, &labels, train).unwrap();
+        out.extend(t.backend().download(&t.value(f.recon).buf).unwrap());
+        out.extend(t.backend().download(&t.value(f.lengths).buf).unwrap());
+        out.extend(t.backend().download_idx(&f.pred).unwrap().iter().map(|&p| p as f32));
+        out.extend(t.backend().download(&t.value(f.loss).buf).unwrap());
+        if train {
+            t.backward(f.loss).unwrap();
+            for &p in &model.params {
+                out.extend(t.backend().download(t.grad(p).unwrap()).unwrap());
+            }
+            adam.update(&mut t).unwrap();
+        }
+    }
+    out
+}
+
+#[test]
+fn every_kernel_gives_the_same_bits_in_order_and_reversed() {
+    let Some(be) = emulated() else { return };
+    let _schedule = SCHEDULE.lock().unwrap_or_else(|e| e.into_inner());
+    // the ops no training step calls, on odd sizes
+    let mut extra = vec![];
+    for (n, reversed) in [(1001usize, false), (1001, true)] {
+        emulator::set_reversed_schedule(reversed).unwrap();
+        let a = be.upload(&(0..n).map(|i| i as f32 * 0.5).collect::<Vec<_>>()).unwrap();
+        let mut o = be.zeros(n).unwrap();
+        be.add_fwd(&a, &a, &mut o).unwrap();
+        be.add_assign(&mut o, &a).unwrap();
+        be.fill(&mut o, 0.25).unwrap();
+        extra.push(be.download(&o).unwrap());
+    }
+    emulator::set_reversed_schedule(false).unwrap();
+    let fwd = step_outputs(be);
+    assert!(fwd.iter().all(|x| x.is_finite()), "a non-finite output in order");
+    // under a sanitizer (a child of the tests below) the sanitizer is the check: one schedule is enough
+    if !in_child() {
+        emulator::set_reversed_schedule(true).unwrap();
+        let rev = step_outputs(common::cuda_backend().unwrap());
+        emulator::set_reversed_schedule(false).unwrap();
+        assert_eq!(extra[0], extra[1], "add and fill differ between schedules");
+        assert_eq!(fwd.len(), rev.len());
+        let differ = fwd.iter().zip(&rev).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(
+            differ,
+            0,
+            "{differ} of {} outputs differ between the schedules",
+            fwd.len()
+        );
+    }
+    for k in registry::ALL {
+        assert!(emulator::launches(k.name).unwrap() > 0, "{} never ran", k.name);
+    }
+}
+
+// ---- sanitizers: this test executable again, in a child with the sanitizer's runtime preloaded ------
+
+fn sanitized(variant: emulator::Variant, test: &str) -> (bool, String) {
+    let runtime = variant
+        .runtime()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .expect("a sanitizer variant");
+    // build here, so a compile error shows as such
+    emulator::build(variant).unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--test-threads=1", "--nocapture"])
+        .env("CAPSNET_EMULATOR", variant.name())
+        .env("LD_PRELOAD", runtime)
+        .env("ASAN_OPTIONS", "detect_leaks=0:halt_on_error=1:abort_on_error=0")
+        // the test harness is not instrumented: only the emulated kernels are under test
+        .env(
+            "TSAN_OPTIONS",
+            "halt_on_error=1:report_signal_unsafe=0:ignore_noninstrumented_modules=1",
+        )
+        .env("CAPSNET_EMULATOR_THREADS", "2")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success() && text.contains("1 passed"), text)
+}
+
+fn in_child() -> bool {
+    std::env::var_os("CAPSNET_EMULATOR").is_some_and(|v| v != "plain")
+}
+
+#[test]
+fn address_sanitizer_finds_nothing_in_any_kernel_and_catches_a_planted_read() {
+    if in_child() || emulated().is_none() {
+        return;
+    }
+    let (ok, log) = sanitized(
+        emulator::Variant::Address,
+        "every_kernel_gives_the_same_bits_in_order_and_reversed",
+    );
+    assert!(
+        ok && !log.contains("AddressSanitizer"),
+        "AddressSanitizer run failed:\n{log}"
+    );
+    let (ok, log) = sanitized(emulator::Variant::Address, "out_of_bounds_read");
+    assert!(
+        !ok && log.contains("AddressSanitizer: heap-buffer-overflow") && log.contains("selftest.cu"),
+        "the planted read went unreported:\n{log}"
+    );
+}
+
+#[test]
+fn thread_sanitizer_finds_nothing_in_any_kernel_and_catches_a_planted_race() {
+    if in_child() || emulated().is_none() {
+        return;
+    }
+    let (ok, log) = sanitized(
+        emulator::Variant::Thread,
+        "every_kernel_gives_the_same_bits_in_order_and_reversed",
+    );
+    assert!(
+        ok && !log.contains("ThreadSanitizer"),
+        "ThreadSanitizer run failed:\n{log}"
+    );
+    let (ok, log) = sanitized(
+        emulator::Variant::Thread,
+        "a_missing_barrier_shows_in_the_schedules_or_as_nan",
+    );
+    assert!(
+        !ok && log.contains("ThreadSanitizer: data race") && log.contains("selftest.cu"),
+        "the planted race went unreported:\n{log}"
+    );
+}
+
+/// Reads one float past its input: unseen by the plain emulator (the bytes exist), an error under
+/// AddressSanitizer (the test above runs it there).
+#[test]
+fn out_of_bounds_read() {
+    let Some(be) = emulated() else { return };
+    let m = selftest(&be);
+    let s = be.stream();
+    let n = 100i32;
+    let x = s.clone_htod(&(0..n).map(|i| i as f32).collect::<Vec<_>>()).unwrap();
+    let mut out = s.alloc_zeros::<f32>(n as usize).unwrap();
+    let f = func(&m, "emu_test_oob_read");
+    let mut b = s.launch_builder(&f);
+    b.arg(&x).arg(&mut out).arg(&n);
+    // SAFETY: deliberately reads x[n], one past the end, inside the emulator's own process.
+    unsafe { b.launch(cfg((1, 1, 1), 128, 0)) }.unwrap();
+    let got = s.clone_dtoh(&out).unwrap();
+    assert_eq!(&got[..99], &(1..100).map(|i| i as f32).collect::<Vec<_>>()[..]);
+}
