@@ -33,7 +33,7 @@ enum Cmd {
     /// Fetch the four MNIST files, checked by SHA-256, into the data directory.
     Download(DataArg),
     /// The GPU, the CUDA driver and NVRTC versions, and whether every kernel compiles.
-    Info,
+    Info(InfoArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -41,6 +41,16 @@ enum Device {
     Cpu,
     Cuda,
     Auto,
+    /// The CUDA backend on the emulated device: every kernel runs on the CPU, one fiber per CUDA
+    /// thread (slow; for checking kernels without a GPU). Needs g++ and NVRTC.
+    Emulated,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// Report on the emulated device instead of GPU 0.
+    #[arg(long)]
+    emulated: bool,
 }
 
 #[derive(Args)]
@@ -157,17 +167,27 @@ enum Selected {
     Cuda(Box<CudaBackend>),
 }
 
-/// `--device cpu` is the CPU, `cuda` GPU 0 or an error saying why not, `auto` GPU 0 when one works.
+/// `--device cpu` is the CPU, `cuda` GPU 0 or an error saying why not, `emulated` the emulated
+/// device, `auto` GPU 0 when there is one, else the CPU. A GPU whose kernels do not compile or load
+/// is an error, never a quiet fallback.
 fn select(device: Device) -> Result<Selected> {
+    let cuda = |flag: &str| {
+        CudaBackend::new(0)
+            .map(|b| Selected::Cuda(Box::new(b)))
+            .map_err(|e| Error::msg(format!("--device {flag}: {e}")))
+    };
     match device {
         Device::Cpu => Ok(Selected::Cpu(CpuBackend::new())),
-        Device::Cuda => CudaBackend::new(0)
-            .map(|b| Selected::Cuda(Box::new(b)))
-            .map_err(|e| Error::msg(format!("--device cuda: {e}"))),
-        Device::Auto => match CudaBackend::new(0) {
-            Ok(b) => Ok(Selected::Cuda(Box::new(b))),
+        Device::Cuda => cuda("cuda"),
+        Device::Emulated => {
+            cuda::emulator::load(cuda::emulator::Variant::Plain)
+                .map_err(|e| Error::msg(format!("--device emulated: {e}")))?;
+            cuda("emulated")
+        }
+        Device::Auto => match cuda::open_device(0) {
+            Ok(_) => cuda("auto (GPU 0 is there)"),
             Err(e) => {
-                eprintln!("note: no usable GPU ({e}); running on the CPU");
+                eprintln!("note: no GPU ({e}); running on the CPU");
                 Ok(Selected::Cpu(CpuBackend::new()))
             }
         },
@@ -187,8 +207,12 @@ macro_rules! with_backend {
     };
 }
 
-fn info() -> Result<()> {
+fn info(a: InfoArgs) -> Result<()> {
     println!("capsnet {}", env!("CARGO_PKG_VERSION"));
+    if a.emulated {
+        cuda::emulator::load(cuda::emulator::Variant::Plain)?;
+        println!("device 0 is EMULATED: the kernels run on this CPU; its figures are an H100's, not this machine's");
+    }
     match cuda::driver_version() {
         Ok((a, b)) => println!("CUDA driver: {a}.{b}"),
         Err(e) => println!("CUDA driver: {e}"),
@@ -319,7 +343,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Info => info(),
+        Cmd::Info(a) => info(a),
         Cmd::Download(a) => {
             for line in data::download(&a.data, &data::mirrors())? {
                 println!("{line}");

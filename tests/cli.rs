@@ -370,3 +370,54 @@ fn early_stopping_ends_the_run_and_stays_ended_on_resume() {
     );
     assert_eq!(metrics_without_timing(&run).len(), 2);
 }
+
+/// `--device emulated` trains through the CUDA backend on the emulated device and follows the CPU;
+/// `info --emulated` says the device is emulated and that every kernel loads on it.
+#[test]
+fn the_emulated_device_trains_like_the_cpu_and_says_what_it_is() {
+    if !capsnet::cuda::nvrtc_available() {
+        assert!(
+            std::env::var_os("CAPSNET_REQUIRE_NVRTC").is_none(),
+            "CAPSNET_REQUIRE_NVRTC is set but libnvrtc cannot be loaded"
+        );
+        eprintln!("SKIPPED: libnvrtc not found, so the emulated device cannot load kernels");
+        return;
+    }
+    let o = capsnet(&["info", "--emulated"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for needle in [
+        "EMULATED",
+        "capsnet emulated CUDA device",
+        "compute capability 9.0, 132 SMs",
+        "all load on cuda",
+    ] {
+        assert!(out.contains(needle), "info lacks {needle:?}:\n{out}");
+    }
+    let data = mnist_dir();
+    let run = |device: &str| {
+        let dir = temp_dir(&format!("cli_emulated_{device}"));
+        let mut args = vec![
+            "train",
+            "--data",
+            s(&data),
+            "--checkpoint-dir",
+            s(&dir),
+            "--epochs",
+            "1",
+        ];
+        args.extend(&TINY[..TINY.len() - 2]);
+        args.extend(["--device", device]);
+        let o = capsnet(&args, &[]);
+        assert!(o.status.success(), "--device {device}: {}", stderr(&o));
+        metrics_without_timing(&dir).remove(0)
+    };
+    let (cpu, emu) = (run("cpu"), run("emulated"));
+    for key in ["train_loss", "val_loss", "train_margin", "train_recon"] {
+        let (a, b) = (cpu[key].as_f64().unwrap(), emu[key].as_f64().unwrap());
+        assert!(
+            (a - b).abs() <= 1e-3 * a.abs().max(1e-3),
+            "{key}: cpu {a}, emulated {b}"
+        );
+    }
+}
