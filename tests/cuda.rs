@@ -16,7 +16,7 @@ use capsnet::cuda::CudaBackend;
 use capsnet::float::Float;
 use capsnet::model::{CapsNet, Config, init_params};
 use capsnet::tape::Tape;
-use common::Lcg;
+use common::{Lcg, small_config};
 
 type Cpu = CpuBackend<f64>;
 
@@ -59,7 +59,10 @@ fn compare(name: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64) {
         .filter(|&i| !within(got[i], want[i], atol, rtol))
         .collect();
     if !bad.is_empty() {
-        let worst = bad.iter().map(|&i| (got[i] - want[i]).abs()).fold(0.0, f64::max);
+        // NaN (a value never written, or poisoned input read) shows as the worst difference
+        let worst = bad.iter().map(|&i| (got[i] - want[i]).abs()).fold(0.0, |a: f64, d| {
+            if d.is_nan() || a.is_nan() { f64::NAN } else { a.max(d) }
+        });
         let first: Vec<String> = bad
             .iter()
             .take(6)
@@ -451,15 +454,6 @@ fn cuda_routing_matches_cpu_for_1_2_3_rounds() {
                 1e-3,
             );
         }
-    }
-}
-
-fn small_config() -> Config {
-    Config {
-        conv1_channels: 16,
-        primary_maps: 4,
-        decoder_hidden: [64, 128],
-        ..Config::default()
     }
 }
 

@@ -20,9 +20,9 @@ use capsnet::adam::Adam;
 use capsnet::backend::Backend;
 use capsnet::cuda::{CudaBackend, compile, emulator, registry};
 use capsnet::kernels::EMULATOR_SOURCES;
-use capsnet::model::{CapsNet, Config, init_params};
+use capsnet::model::{CapsNet, init_params};
 use capsnet::tape::Tape;
-use common::Lcg;
+use common::{Lcg, small_config};
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 
 /// Held by the tests that set the schedule, which is one setting for the whole process.
@@ -178,9 +178,33 @@ fn misuse_stops_the_launch_naming_file_line_block_and_thread() {
         e.contains("deadlock") && e.contains("__syncthreads") && e.contains("warp collective"),
         "{e}"
     );
+    // writes past the end: of a device allocation, of the dynamic shared memory
+    let s = be.stream();
+    let n = 100i32;
+    let mut out = s.alloc_zeros::<f32>(n as usize).unwrap();
+    let f = func(&m, "emu_test_oob_write");
+    let mut b = s.launch_builder(&f);
+    b.arg(&mut out).arg(&n);
+    // SAFETY: deliberately writes out[n], into the emulator's redzone after the allocation.
+    let e = format!("{:?}", unsafe { b.launch(cfg((1, 1, 1), 128, 0)) }.unwrap_err());
+    assert!(
+        e.contains("emu_test_oob_write wrote past the end of a device allocation of 400 bytes (at byte 400)"),
+        "{e}"
+    );
+    let f = func(&m, "emu_test_smem_oob_write");
+    let mut b = s.launch_builder(&f);
+    b.arg(&mut out).arg(&n);
+    // SAFETY: deliberately writes s[n] past n floats of dynamic shared memory, into the redzone.
+    let e = format!(
+        "{:?}",
+        unsafe { b.launch(cfg((1, 1, 1), 32, 4 * n as u32)) }.unwrap_err()
+    );
+    assert!(
+        e.contains("wrote past the end of its 400 bytes of dynamic shared memory (at byte 400)"),
+        "{e}"
+    );
     // the device is still usable afterwards
     let sum = func(&m, "emu_test_block_sum");
-    let s = be.stream();
     let x = s.clone_htod(&[1.0f32; 32]).unwrap();
     let mut out = s.alloc_zeros::<f32>(1).unwrap();
     let mut b = s.launch_builder(&sum);
@@ -281,15 +305,6 @@ fn a_missing_barrier_shows_in_the_schedules_or_as_nan() {
     let (fwd, rev) = racy_sums(&be, &m);
     let bad = fwd != rev || fwd.iter().chain(&rev).any(|x| !x.is_finite());
     assert!(bad, "the race went unseen: {fwd:?} {rev:?}");
-}
-
-fn small_config() -> Config {
-    Config {
-        conv1_channels: 16,
-        primary_maps: 4,
-        decoder_hidden: [64, 128],
-        ..Config::default()
-    }
 }
 
 /// Two training steps and an evaluation forward of a small model: every output, bit for bit.

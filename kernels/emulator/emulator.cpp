@@ -4,8 +4,9 @@
 //
 // - Device: one, reported like an H100 (compute capability 9.0, 132 SMs, 227 KiB opt-in shared
 //   memory per block) under a name that says it is emulated.
-// - Memory: host allocations, NaN-filled (0xFF bytes) when allocated; copies and memsets must stay
-//   inside one live allocation.
+// - Memory: host allocations, NaN-filled (0xFF bytes) when allocated, with a NaN redzone after each
+//   (and after each block's dynamic shared memory) that a launch must leave untouched; copies and
+//   memsets must stay inside one live allocation.
 // - Modules: PTX from the real NVRTC. Each `.entry` must have a host build of the same name whose
 //   parameter sizes match the PTX's; `.maxntid` is kept for the launch check.
 // - Launches are checked as the driver checks them (block ≤ 1024 threads and ≤ .maxntid, grid limits,
@@ -95,6 +96,17 @@ thread_local BlockCoords tls_block{};
 namespace {
 
 constexpr size_t STACK_BYTES = (EMU_ASAN || EMU_TSAN) ? 512 * 1024 : 128 * 1024;
+// NaN bytes after every device allocation and every block's dynamic shared memory, checked after each
+// launch (block): a write past the end fails the launch. AddressSanitizer's builds need none: it
+// checks reads as well, at the exact size.
+constexpr size_t REDZONE = EMU_ASAN ? 0 : 256;
+
+// The index of the first byte of [p, p + n) that is not 0xFF, or n.
+size_t first_written(const unsigned char* p, size_t n) {
+    for (size_t i = 0; i < n; ++i)
+        if (p[i] != 0xFF) return i;
+    return n;
+}
 
 // ---- fiber slots: a stack with a guard page below it (and a ThreadSanitizer fiber), pooled ---------
 struct Slot {
@@ -365,9 +377,9 @@ std::string run_block(const char* name, void (*run)(void**), void** params, uint
     b.fibers.resize(n);
     b.warp_gen.assign((n + 31) / 32, 0);
     b.warp_token.assign((n + 31) / 32 * 2, 0);
-    unsigned char* smem = (unsigned char*)malloc(dyn_bytes);
-    if (smem == nullptr && dyn_bytes > 0) return "cannot allocate the block's dynamic shared memory";
-    memset(smem, 0xFF, dyn_bytes);  // NaN until written
+    unsigned char* smem = (unsigned char*)malloc(dyn_bytes + REDZONE);
+    if (smem == nullptr && dyn_bytes + REDZONE > 0) return "cannot allocate the block's dynamic shared memory";
+    memset(smem, 0xFF, dyn_bytes + REDZONE);  // NaN until written
     tls_block = BlockCoords{bidx, bdim, grid, smem};
     tls_blk = &b;
 #if EMU_TSAN
@@ -433,6 +445,10 @@ std::string run_block(const char* name, void (*run)(void**), void** params, uint
     for (Fiber& f : b.fibers) __asan_unpoison_memory_region(f.stack, STACK_BYTES);
 #endif
     give_slots(slots);
+    if (b.error.empty() && first_written(smem + dyn_bytes, REDZONE) < REDZONE)
+        b.error = "kernel " + std::string(name) + ", block " + coords(bidx) + ": wrote past the end of its " +
+                  std::to_string(dyn_bytes) + " bytes of dynamic shared memory (at byte " +
+                  std::to_string(dyn_bytes + first_written(smem + dyn_bytes, REDZONE)) + ")";
     free(smem);
     tls_blk = nullptr;
     tls_tid = nullptr;
@@ -445,21 +461,28 @@ void register_kernel(const char* name, void (*run)(void**), size_t nparams, cons
     kernels()[name] = HostKernel{run, std::vector<size_t>(sizes, sizes + nparams)};
 }
 
-void barrier(const char* file, int line) {
-    Fiber& f = *tls_fiber;
-    Block& b = *tls_blk;
-    f.st = St::Barrier;
-    f.file = file;
-    f.line = line;
-    (void)b;
+namespace {
+// Yields until the scheduler releases this thread. For ThreadSanitizer, a release before and an acquire
+// after on `token`, which the threads meeting here share and which alternates per generation.
+void wait_on(char* token) {
 #if EMU_TSAN
-    char* token = &b.barrier_token[b.barrier_gen & 1];
     __tsan_release(token);
 #endif
     to_scheduler();
 #if EMU_TSAN
     __tsan_acquire(token);
 #endif
+    (void)token;
+}
+}  // namespace
+
+void barrier(const char* file, int line) {
+    Fiber& f = *tls_fiber;
+    Block& b = *tls_blk;
+    f.st = St::Barrier;
+    f.file = file;
+    f.line = line;
+    wait_on(&b.barrier_token[b.barrier_gen & 1]);
 }
 
 uint64_t collective(Op op, unsigned mask, uint64_t value, int arg, int width, const char* file, int line) {
@@ -473,16 +496,8 @@ uint64_t collective(Op op, unsigned mask, uint64_t value, int arg, int width, co
     f.width = (width >= 1 && width <= 32 && (width & (width - 1)) == 0) ? width : 32;
     f.file = file;
     f.line = line;
-#if EMU_TSAN
     const unsigned warp = f.lin / 32;
-    char* token = &b.warp_token[warp * 2 + (b.warp_gen[warp] & 1)];
-    __tsan_release(token);
-#endif
-    to_scheduler();
-#if EMU_TSAN
-    __tsan_acquire(token);
-#endif
-    (void)b;
+    wait_on(&b.warp_token[warp * 2 + (b.warp_gen[warp] & 1)]);
     return f.result;
 }
 
@@ -517,6 +532,7 @@ enum : int {
     CUDA_ERROR_NOT_FOUND = 500,
     CUDA_ERROR_NOT_READY = 600,
     CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
+    CUDA_ERROR_ILLEGAL_ADDRESS = 700,
     CUDA_ERROR_LAUNCH_FAILED = 719,
     CUDA_ERROR_NOT_SUPPORTED = 801,
 };
@@ -679,6 +695,20 @@ CUresult launch(Function* f, dim3 grid, dim3 block, unsigned smem, void** params
         fprintf(stderr, "capsnet emulated device: %s\n", err.c_str());
         return fail(CUDA_ERROR_LAUNCH_FAILED, err);
     }
+    // a write past the end of a device allocation (the launch that did it is the one named)
+    {
+        std::lock_guard<std::mutex> g(mu);
+        for (auto& [base, bytes] : allocations) {
+            unsigned char* zone = (unsigned char*)base + bytes;
+            const size_t at = first_written(zone, REDZONE);
+            if (at == REDZONE) continue;
+            memset(zone, 0xFF, REDZONE);
+            err = "kernel " + k + " wrote past the end of a device allocation of " + std::to_string(bytes) +
+                  " bytes (at byte " + std::to_string(bytes + at) + ")";
+            fprintf(stderr, "capsnet emulated device: %s\n", err.c_str());
+            return fail(CUDA_ERROR_ILLEGAL_ADDRESS, err);
+        }
+    }
     return CUDA_SUCCESS;
 }
 
@@ -698,6 +728,7 @@ const char* error_name(CUresult e) {
         case CUDA_ERROR_NOT_READY: return "CUDA_ERROR_NOT_READY";
         case CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: return "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES";
         case CUDA_ERROR_LAUNCH_FAILED: return "CUDA_ERROR_LAUNCH_FAILED";
+        case CUDA_ERROR_ILLEGAL_ADDRESS: return "CUDA_ERROR_ILLEGAL_ADDRESS";
         case CUDA_ERROR_NOT_SUPPORTED: return "CUDA_ERROR_NOT_SUPPORTED";
         default: return nullptr;
     }
@@ -827,9 +858,9 @@ EXPORT CUresult cuGetErrorString(CUresult e, const char** s) {
 EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     if (!p || bytes == 0) return fail(CUDA_ERROR_INVALID_VALUE, "cuMemAlloc: 0 bytes");
     void* m = nullptr;
-    if (posix_memalign(&m, 256, bytes) != 0 || m == nullptr)
+    if (posix_memalign(&m, 256, bytes + REDZONE) != 0 || m == nullptr)
         return fail(CUDA_ERROR_OUT_OF_MEMORY, "cuMemAlloc: out of memory (" + std::to_string(bytes) + " bytes)");
-    memset(m, 0xFF, bytes);  // NaN until written
+    memset(m, 0xFF, bytes + REDZONE);  // NaN until written
     std::lock_guard<std::mutex> g(mu);
     allocations[(uintptr_t)m] = bytes;
     allocated += bytes;

@@ -7,6 +7,8 @@
 //   emu_test_smem_copy     copies the dynamic shared memory as the block finds it
 //   emu_test_bounded       __launch_bounds__(64)
 //   emu_test_oob_read      reads one element past its input (for AddressSanitizer)
+//   emu_test_oob_write     writes one element past its output; emu_test_smem_oob_write the same in
+//                          dynamic shared memory
 //   emu_test_divergent_barrier, emu_test_exited_lane, emu_test_deadlock   misuses the emulator must stop
 #ifndef DYNAMIC_SMEM
 #define DYNAMIC_SMEM(T, name) extern __shared__ T name[]
@@ -54,6 +56,17 @@ extern "C" __global__ void __launch_bounds__(64) emu_test_bounded(float* out) { 
 extern "C" __global__ void emu_test_oob_read(const float* in, float* out, int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = in[i + 1];
+}
+
+extern "C" __global__ void emu_test_oob_write(float* out, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i + 1] = 1.f;
+}
+
+extern "C" __global__ void emu_test_smem_oob_write(float* out, int n) {
+    DYNAMIC_SMEM(float, s);
+    if (threadIdx.x == 0) s[n] = 1.f;
+    out[threadIdx.x] = 0.f;
 }
 
 extern "C" __global__ void emu_test_divergent_barrier(float* out) {

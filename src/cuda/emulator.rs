@@ -317,32 +317,30 @@ pub fn loaded() -> Option<Variant> {
         .map(|l| l.variant)
 }
 
-/// Runs every block's threads in reversed order between barriers (`true`) or in order (`false`).
-/// A kernel whose result depends on the order has a race; see tests/emulator.rs.
-pub fn set_reversed_schedule(reversed: bool) -> Result<()> {
+/// The loaded emulator's exported function `name`.
+fn emulator_fn(name: &str) -> Result<*mut c_void> {
     let loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
     let l = loaded
         .as_ref()
         .ok_or_else(|| Error::msg("the emulated device is not loaded"))?;
-    let f = symbol(l.handle, "capsnet_emu_set_schedule")
-        .ok_or_else(|| Error::msg("the emulated device has no capsnet_emu_set_schedule"))?;
+    symbol(l.handle, name).ok_or_else(|| Error::msg(format!("the emulated device has no {name}")))
+}
+
+/// Runs every block's threads in reversed order between barriers (`true`) or in order (`false`).
+/// A kernel whose result depends on the order has a race; see tests/emulator.rs.
+pub fn set_reversed_schedule(reversed: bool) -> Result<()> {
+    let f = emulator_fn("capsnet_emu_set_schedule")?;
     // SAFETY: the emulator exports `void capsnet_emu_set_schedule(int)`.
-    let f: extern "C" fn(c_int) = unsafe { std::mem::transmute::<*mut c_void, extern "C" fn(c_int)>(f) };
+    let f = unsafe { std::mem::transmute::<*mut c_void, extern "C" fn(c_int)>(f) };
     f(reversed as c_int);
     Ok(())
 }
 
 /// How many launches of kernel `name` the emulated device has run since it was loaded.
 pub fn launches(name: &str) -> Result<u64> {
-    let loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
-    let l = loaded
-        .as_ref()
-        .ok_or_else(|| Error::msg("the emulated device is not loaded"))?;
-    let f = symbol(l.handle, "capsnet_emu_launches")
-        .ok_or_else(|| Error::msg("the emulated device has no capsnet_emu_launches"))?;
+    let f = emulator_fn("capsnet_emu_launches")?;
     let c = CString::new(name).map_err(|_| Error::msg("kernel name holds NUL"))?;
     // SAFETY: the emulator exports `unsigned long long capsnet_emu_launches(const char*)`.
-    let f: extern "C" fn(*const c_char) -> u64 =
-        unsafe { std::mem::transmute::<*mut c_void, extern "C" fn(*const c_char) -> u64>(f) };
+    let f = unsafe { std::mem::transmute::<*mut c_void, extern "C" fn(*const c_char) -> u64>(f) };
     Ok(f(c.as_ptr()))
 }

@@ -142,3 +142,14 @@ pub fn cuda_backend() -> Option<capsnet::cuda::CudaBackend> {
     }
     Some(be)
 }
+
+/// A small CapsNet (16 conv1 channels, 4 primary maps, a 64-128 decoder) for whole training steps on
+/// the GPU or the emulated device.
+pub fn small_config() -> capsnet::model::Config {
+    capsnet::model::Config {
+        conv1_channels: 16,
+        primary_maps: 4,
+        decoder_hidden: [64, 128],
+        ..capsnet::model::Config::default()
+    }
+}
