@@ -375,6 +375,10 @@ fn early_stopping_ends_the_run_and_stays_ended_on_resume() {
 /// `info --emulated` says the device is emulated and that every kernel loads on it.
 #[test]
 fn the_emulated_device_trains_like_the_cpu_and_says_what_it_is() {
+    if std::env::var_os("CAPSNET_REQUIRE_GPU").is_some() {
+        eprintln!("SKIPPED: the emulated device (CAPSNET_REQUIRE_GPU=1: a real GPU is under test)");
+        return;
+    }
     if !capsnet::cuda::nvrtc_available() {
         assert!(
             std::env::var_os("CAPSNET_REQUIRE_NVRTC").is_none(),
