@@ -229,8 +229,17 @@ pub fn train_val(all: Split, limit: Option<usize>, val_limit: Option<usize>) -> 
         )));
     }
     let n_train = n - VALIDATION_IMAGES;
-    let take = limit.unwrap_or(n_train).min(n_train);
-    let val_take = val_limit.unwrap_or(VALIDATION_IMAGES).min(VALIDATION_IMAGES);
+    // a limit above what there is would silently train on less than asked
+    if let Some(l) = limit.filter(|&l| l > n_train) {
+        return Err(Error::msg(format!("--limit {l} exceeds the {n_train} training images")));
+    }
+    if let Some(l) = val_limit.filter(|&l| l > VALIDATION_IMAGES) {
+        return Err(Error::msg(format!(
+            "--val-limit {l} exceeds the {VALIDATION_IMAGES} validation images"
+        )));
+    }
+    let take = limit.unwrap_or(n_train);
+    let val_take = val_limit.unwrap_or(VALIDATION_IMAGES);
     Ok((all.slice(0..take), all.slice(n_train..n_train + val_take)))
 }
 

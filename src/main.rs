@@ -25,10 +25,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Train on MNIST (the last 5,000 training images validate), checkpointing every epoch.
+    // `--lr -0.001` is a value (which train refuses), not an unknown flag `-0`
+    #[command(allow_negative_numbers = true)]
     Train(TrainArgs),
     /// Test accuracy and confusion matrix of a checkpoint.
+    #[command(allow_negative_numbers = true)]
     Eval(EvalArgs),
     /// Time full training steps (forward, backward, Adam) on random images.
+    #[command(allow_negative_numbers = true)]
     Bench(BenchArgs),
     /// Fetch the four MNIST files, checked by SHA-256, into the data directory.
     Download(DataArg),

@@ -270,11 +270,29 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
             return Err(Error::msg(format!("{flag} must be at least 1")));
         }
     }
+    // flags and data first, the run directory last: a bad flag is reported as such wherever it points
+    if !opts.resume {
+        opts.config.validate()?;
+    }
+    let (train_set, val_set) = data::train_val(data::load(&opts.data_dir, Which::Train)?, opts.limit, opts.val_limit)?;
     let last_path = opts.run_dir.join(LAST);
-    if !opts.resume && last_path.exists() {
+    let run_files: Vec<&str> = [LAST, BEST, METRICS]
+        .into_iter()
+        .filter(|f| opts.run_dir.join(f).exists())
+        .collect();
+    if !opts.resume && !run_files.is_empty() {
         return Err(Error::file(
             &opts.run_dir,
-            "already holds a run (last.safetensors); pass --resume to continue it, or choose another --checkpoint-dir",
+            format!(
+                "already holds a run ({}); pass --resume to continue it, or choose another --checkpoint-dir",
+                run_files.join(", ")
+            ),
+        ));
+    }
+    if opts.resume && !last_path.exists() {
+        return Err(Error::file(
+            &opts.run_dir,
+            "there is no run to resume here (no last.safetensors); leave out --resume to start one",
         ));
     }
     let resumed = if opts.resume {
@@ -290,7 +308,6 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
         .map(|c| c.config.clone())
         .unwrap_or_else(|| opts.config.clone());
     cfg.validate()?;
-    let (train_set, val_set) = data::train_val(data::load(&opts.data_dir, Which::Train)?, opts.limit, opts.val_limit)?;
     std::fs::create_dir_all(&opts.run_dir)
         .map_err(|e| Error::file(&opts.run_dir, format!("cannot create run directory: {e}")))?;
 
@@ -455,11 +472,17 @@ fn check_resume(ck: &Checkpoint, opts: &TrainOptions) -> Result<()> {
     if opts.lr != s.lr {
         diffs.push(format!("--lr {} vs stored {}", opts.lr, s.lr));
     }
+    // an absent limit is every image
+    let limit = |l: Option<usize>| l.map_or_else(|| "not given (all images)".to_string(), |n| n.to_string());
     if opts.limit != s.limit {
-        diffs.push(format!("--limit {:?} vs stored {:?}", opts.limit, s.limit));
+        diffs.push(format!("--limit {} vs stored {}", limit(opts.limit), limit(s.limit)));
     }
     if opts.val_limit != s.val_limit {
-        diffs.push(format!("--val-limit {:?} vs stored {:?}", opts.val_limit, s.val_limit));
+        diffs.push(format!(
+            "--val-limit {} vs stored {}",
+            limit(opts.val_limit),
+            limit(s.val_limit)
+        ));
     }
     if opts.patience != s.patience {
         diffs.push(format!("--patience {} vs stored {}", opts.patience, s.patience));
@@ -489,7 +512,13 @@ pub fn eval_checkpoint<B: Backend>(
     let ck = checkpoint::load(ckpt)?;
     let mut test = data::load(data_dir, Which::Test)?;
     if let Some(n) = limit {
-        test = test.slice(0..n.min(test.len()));
+        if n > test.len() {
+            return Err(Error::msg(format!(
+                "--limit {n} exceeds the {} test images",
+                test.len()
+            )));
+        }
+        test = test.slice(0..n);
     }
     let mut tape = Tape::new(backend);
     let values: Vec<Vec<f64>> = ck

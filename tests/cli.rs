@@ -170,6 +170,25 @@ fn resume_refuses_other_settings_and_keeps_the_checkpoint() {
     let mut other = args.clone();
     other.extend(["--resume", "--epochs", "2", "--seed", "7"]);
     assert_clean_error(&capsnet(&other, &[]), &["--resume", "--seed 7 vs stored 42"]);
+    // limits in words, not Rust's debug syntax
+    let mut unlimited = vec!["train", "--data", s(&data), "--checkpoint-dir", s(&run)];
+    unlimited.extend([
+        "--conv1-channels",
+        "4",
+        "--primary-maps",
+        "2",
+        "--device",
+        "cpu",
+        "--resume",
+    ]);
+    unlimited.extend(["--batch-size", "50", "--val-limit", "100", "--epochs", "2"]);
+    let o = capsnet(&unlimited, &[]);
+    assert_clean_error(&o, &["--limit not given (all images) vs stored 300"]);
+    assert!(
+        !stderr(&o).contains("Some(") && !stderr(&o).contains("None"),
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(
         std::fs::read(&last).unwrap(),
         before,
@@ -187,7 +206,27 @@ fn resume_refuses_other_settings_and_keeps_the_checkpoint() {
         &["train", "--data", s(&data), "--checkpoint-dir", s(&empty), "--resume"],
         &[],
     );
-    assert_clean_error(&o, &["last.safetensors", "cannot read checkpoint"]);
+    assert_clean_error(&o, &["there is no run to resume here", "no last.safetensors"]);
+    // a run whose last checkpoint is missing (killed between writes) is still a run: not overwritten
+    let partial = temp_dir("cli_partial_run");
+    std::fs::write(partial.join("best.safetensors"), b"best").unwrap();
+    std::fs::write(partial.join("metrics.jsonl"), b"{}\n").unwrap();
+    let mut fresh = vec![
+        "train",
+        "--data",
+        s(&data),
+        "--checkpoint-dir",
+        s(&partial),
+        "--epochs",
+        "1",
+    ];
+    fresh.extend(TINY);
+    assert_clean_error(
+        &capsnet(&fresh, &[]),
+        &["already holds a run (best.safetensors, metrics.jsonl)"],
+    );
+    assert_eq!(std::fs::read(partial.join("best.safetensors")).unwrap(), b"best");
+    assert_eq!(std::fs::read(partial.join("metrics.jsonl")).unwrap(), b"{}\n");
 }
 
 #[test]
@@ -235,6 +274,20 @@ fn corrupt_checkpoints_give_a_clean_error() {
     ];
     args.extend(TINY);
     assert!(capsnet(&args, &[]).status.success());
+    // a valid checkpoint, more test images than there are
+    let o = capsnet(
+        &[
+            "eval",
+            "--checkpoint",
+            s(&run.join("last.safetensors")),
+            "--data",
+            s(&data),
+            "--limit",
+            "10001",
+        ],
+        &[],
+    );
+    assert_clean_error(&o, &["--limit 10001 exceeds the 10000 test images"]);
     let bytes = std::fs::read(run.join("last.safetensors")).unwrap();
     let cut = d.join("cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
@@ -263,6 +316,38 @@ fn bad_flags_give_a_clean_error() {
     assert_clean_error(&o, &["routing rounds must be at least 1"]);
     let o = capsnet(&["train", "--lr=-1", "--data", s(&data), "--device", "cpu"], &[]);
     assert_clean_error(&o, &["--lr"]);
+    // a negative number is a value, not a flag
+    let o = capsnet(&["train", "--lr", "-0.001", "--data", s(&data), "--device", "cpu"], &[]);
+    assert_clean_error(&o, &["--lr must be a positive number, got -0.001"]);
+    // more images than there are is refused, not quietly capped
+    let o = capsnet(
+        &["train", "--limit", "100000", "--data", s(&data), "--device", "cpu"],
+        &[],
+    );
+    assert_clean_error(&o, &["--limit 100000 exceeds the 55000 training images"]);
+    let o = capsnet(
+        &["train", "--val-limit", "5001", "--data", s(&data), "--device", "cpu"],
+        &[],
+    );
+    assert_clean_error(&o, &["--val-limit 5001 exceeds the 5000 validation images"]);
+    // flags are judged before the run directory: a directory holding a run does not hide them
+    let held = temp_dir("cli_bad_flags_run");
+    std::fs::write(held.join("last.safetensors"), b"a run").unwrap();
+    let o = capsnet(
+        &[
+            "train",
+            "--routing",
+            "0",
+            "--data",
+            s(&data),
+            "--device",
+            "cpu",
+            "--checkpoint-dir",
+            s(&held),
+        ],
+        &[],
+    );
+    assert_clean_error(&o, &["routing rounds must be at least 1"]);
     let o = capsnet(&["train", "--limit", "0", "--data", s(&data), "--device", "cpu"], &[]);
     assert_clean_error(&o, &["--limit must be at least 1"]);
     let o = capsnet(

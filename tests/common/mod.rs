@@ -7,9 +7,9 @@ use std::process::{Command, Output};
 
 /// The MNIST directory from CAPSNET_DATA. Tests that need real data fail (never skip) without it.
 pub fn mnist_dir() -> PathBuf {
-    let dir = std::env::var_os("CAPSNET_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| panic!("CAPSNET_DATA is not set: point it at the MNIST directory (see README, 'Tests')"));
+    let dir = std::env::var_os("CAPSNET_DATA").map(PathBuf::from).unwrap_or_else(|| {
+        panic!("CAPSNET_DATA is not set: point it at the MNIST directory (README, 'The two commands')")
+    });
     assert!(dir.is_dir(), "CAPSNET_DATA={} is not a directory", dir.display());
     dir
 }
@@ -47,10 +47,16 @@ pub fn capsnet_bin() -> PathBuf {
     packed.filter(|p| p.exists()).unwrap_or(built)
 }
 
-/// Runs the capsnet binary with `args`, CAPSNET_DATA removed unless given in `env`.
+/// Runs the capsnet binary with `args`, CAPSNET_DATA removed unless given in `env`, in a directory of
+/// the tests' own: a default path (runs/capsnet, data/mnist) never reaches the user's files.
 pub fn capsnet(args: &[&str], env: &[(&str, &str)]) -> Output {
+    static CWD: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let cwd = CWD.get_or_init(|| temp_dir(&format!("cwd-{}", std::process::id())));
     let mut c = Command::new(capsnet_bin());
-    c.args(args).env_remove("CAPSNET_DATA").env("MATMUL_NUM_THREADS", "2");
+    c.current_dir(cwd)
+        .args(args)
+        .env_remove("CAPSNET_DATA")
+        .env("MATMUL_NUM_THREADS", "2");
     for (k, v) in env {
         c.env(k, v);
     }
