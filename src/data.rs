@@ -105,6 +105,13 @@ fn hint(dir: &Path) -> String {
     )
 }
 
+fn not_a_directory(dir: &Path) -> Error {
+    Error::file(
+        dir,
+        "is a file, not a directory: --data and CAPSNET_DATA name the directory that holds the four MNIST files",
+    )
+}
+
 /// `dir/name`, else `dir/name.gz`.
 pub fn find(dir: &Path, name: &str) -> Option<PathBuf> {
     [dir.join(name), dir.join(format!("{name}.gz"))]
@@ -114,6 +121,9 @@ pub fn find(dir: &Path, name: &str) -> Option<PathBuf> {
 
 /// Loads and checks the training or the test split from `dir`.
 pub fn load(dir: &Path, which: Which) -> Result<Split> {
+    if dir.is_file() {
+        return Err(not_a_directory(dir));
+    }
     if !dir.is_dir() {
         return Err(Error::file(dir, format!("MNIST directory not found; {}", hint(dir))));
     }
@@ -268,6 +278,9 @@ fn fetch(agent: &ureq::Agent, url: &str) -> std::result::Result<Vec<u8>, String>
 /// mirror in turn and keeping a file only when the SHA-256 of its decompressed bytes matches.
 /// Files are written atomically as `<name>.gz`. Returns what was done, one line per file.
 pub fn download(dir: &Path, mirrors: &[String]) -> Result<Vec<String>> {
+    if dir.is_file() {
+        return Err(not_a_directory(dir));
+    }
     std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot create directory: {e}")))?;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(120)))

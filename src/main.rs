@@ -318,6 +318,13 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench(a) => {
+            if a.batch_size == 0 || a.batch_size > Config::MAX_BATCH || a.steps == 0 {
+                return Err(Error::msg(format!(
+                    "bench: --batch-size must be between 1 and {} and --steps at least 1",
+                    Config::MAX_BATCH
+                )));
+            }
+            a.model.config().validate()?;
             let sel = select(a.device)?;
             if a.ops {
                 return with_backend!(sel, |be| {

@@ -29,6 +29,12 @@ pub const KERNEL: usize = 9;
 pub const CONV1_OUT: usize = IMAGE_SIDE - KERNEL + 1; // 20
 pub const PRIMARY_SIDE: usize = (CONV1_OUT - KERNEL) / 2 + 1; // 6
 
+/// Upper limits of the configuration (checked by [`Config::validate`]): conv1 channels and primary
+/// maps at most this many (the decoder's widths four times as many).
+pub const MAX_CHANNELS: usize = 4096;
+/// Routing rounds at most this many (the paper uses 3, the notebook 2).
+pub const MAX_ROUTING_ROUNDS: usize = 16;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     /// conv1 filters (256).
@@ -104,6 +110,21 @@ impl Config {
                 return Err(Error::msg(format!("model config: {what} must be at least 1")));
             }
         }
+        // sizes beyond these are mistakes, and would ask for more memory than any machine has
+        let bounded = [
+            ("conv1 channels", self.conv1_channels, MAX_CHANNELS),
+            ("primary maps", self.primary_maps, MAX_CHANNELS),
+            ("routing rounds", self.routing_rounds, MAX_ROUTING_ROUNDS),
+            ("decoder width", self.decoder_hidden[0], MAX_CHANNELS * 4),
+            ("decoder width", self.decoder_hidden[1], MAX_CHANNELS * 4),
+        ];
+        for (what, n, max) in bounded {
+            if n > max {
+                return Err(Error::msg(format!(
+                    "model config: {what} must be between 1 and {max}, got {n}"
+                )));
+            }
+        }
         if !(self.w_std.is_finite() && self.w_std > 0.0) {
             return Err(Error::msg(format!(
                 "model config: W init std must be positive, got {}",
@@ -118,6 +139,9 @@ impl Config {
         }
         Ok(())
     }
+
+    /// The largest training batch [`crate::train::train`] accepts.
+    pub const MAX_BATCH: usize = 4096;
 
     /// conv1 at batch `batch`: [B,28,28,1] → [B,20,20,C1].
     pub fn conv1_shape(&self, batch: usize) -> ConvShape {

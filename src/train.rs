@@ -230,6 +230,24 @@ fn upload_all<B: Backend>(be: &B, host: &[Vec<f32>]) -> Result<Vec<B::Buf>> {
         .collect()
 }
 
+/// Removes the temporary files of writes that a kill interrupted (`.last.safetensors.tmpPID`, written by
+/// [`crate::error::write_atomic`]): the file they were to replace is intact, so they are only waste.
+fn remove_leftover_temporaries(run_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = [LAST, BEST, METRICS].iter().any(|f| {
+            name.strip_prefix(&format!(".{f}.tmp"))
+                .is_some_and(|pid| pid.chars().all(|c| c.is_ascii_digit()))
+        });
+        if ours && std::fs::remove_file(e.path()).is_ok() {
+            eprintln!("removed {}, left by an interrupted write", e.path().display());
+        }
+    }
+}
+
 /// Keeps the lines of `metrics.jsonl` for epochs ≤ `epoch` (a resumed run rewrites what follows).
 fn truncate_metrics(path: &Path, epoch: usize) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else {
@@ -259,8 +277,15 @@ fn append_line(path: &Path, line: &str) -> Result<()> {
 
 /// Trains as `opts` says; returns the metrics of the epochs run in this call.
 pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMetrics>> {
-    if opts.batch_size == 0 {
-        return Err(Error::msg("--batch-size must be at least 1"));
+    if opts.batch_size == 0 || opts.batch_size > Config::MAX_BATCH {
+        return Err(Error::msg(format!(
+            "--batch-size must be between 1 and {}, got {}",
+            Config::MAX_BATCH,
+            opts.batch_size
+        )));
+    }
+    if opts.epochs == 0 && !opts.resume {
+        return Err(Error::msg("--epochs 0: nothing to train; give at least 1"));
     }
     if !(opts.lr.is_finite() && opts.lr > 0.0) {
         return Err(Error::msg(format!("--lr must be a positive number, got {}", opts.lr)));
@@ -310,6 +335,7 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
     cfg.validate()?;
     std::fs::create_dir_all(&opts.run_dir)
         .map_err(|e| Error::file(&opts.run_dir, format!("cannot create run directory: {e}")))?;
+    remove_leftover_temporaries(&opts.run_dir);
 
     eprintln!("backend: {}", backend.name());
     eprintln!(
@@ -369,8 +395,10 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
     let mut history = vec![];
     if state.epoch >= opts.epochs {
         eprintln!(
-            "nothing to do: {} epochs done already, --epochs is {}",
-            state.epoch, opts.epochs
+            "nothing to do: {} epoch{} done already, --epochs is {}",
+            state.epoch,
+            if state.epoch == 1 { "" } else { "s" },
+            opts.epochs
         );
     }
     while state.epoch < opts.epochs {

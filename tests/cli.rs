@@ -143,8 +143,16 @@ fn resume_equals_an_uninterrupted_run() {
     };
     train(&full, "3", false);
     train(&split, "1", false);
+    // a write that a kill interrupted leaves a temporary file: the next start removes it
+    let orphan = split.join(".last.safetensors.tmp4242");
+    std::fs::write(&orphan, b"half a checkpoint").unwrap();
     let o = train(&split, "3", true);
     assert!(stderr(&o).contains("resumed from"), "{}", stderr(&o));
+    assert!(
+        !orphan.exists() && stderr(&o).contains("left by an interrupted write"),
+        "{}",
+        stderr(&o)
+    );
     let (a, b) = (metrics_without_timing(&full), metrics_without_timing(&split));
     assert_eq!(a.len(), 3);
     assert_eq!(a, b, "losses, accuracies and steps must match exactly");
@@ -330,6 +338,46 @@ fn bad_flags_give_a_clean_error() {
         &[],
     );
     assert_clean_error(&o, &["--val-limit 5001 exceeds the 5000 validation images"]);
+    // sizes beyond the stated limits are refused before anything is allocated
+    let o = capsnet(
+        &[
+            "train",
+            "--routing",
+            "1000000",
+            "--limit",
+            "10",
+            "--val-limit",
+            "10",
+            "--data",
+            s(&data),
+            "--device",
+            "cpu",
+        ],
+        &[],
+    );
+    assert_clean_error(&o, &["routing rounds must be between 1 and 16, got 1000000"]);
+    let o = capsnet(
+        &[
+            "train",
+            "--batch-size",
+            "100000000",
+            "--data",
+            s(&data),
+            "--device",
+            "cpu",
+        ],
+        &[],
+    );
+    assert_clean_error(&o, &["--batch-size must be between 1 and 4096"]);
+    let o = capsnet(&["bench", "--batch-size", "100000000", "--device", "cpu"], &[]);
+    assert_clean_error(&o, &["--batch-size must be between 1 and 4096"]);
+    let o = capsnet(&["train", "--epochs", "0", "--data", s(&data), "--device", "cpu"], &[]);
+    assert_clean_error(&o, &["--epochs 0: nothing to train"]);
+    // --data naming a file
+    let file = data.join(std::fs::read_dir(&data).unwrap().next().unwrap().unwrap().file_name());
+    let o = capsnet(&["train", "--data", s(&file), "--device", "cpu"], &[]);
+    assert_clean_error(&o, &["is a file, not a directory"]);
+    assert!(!stderr(&o).contains("download --data"), "{}", stderr(&o));
     // flags are judged before the run directory: a directory holding a run does not hide them
     let held = temp_dir("cli_bad_flags_run");
     std::fs::write(held.join("last.safetensors"), b"a run").unwrap();

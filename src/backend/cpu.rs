@@ -175,7 +175,16 @@ impl<T: Float> Backend for CpuBackend<T> {
     }
 
     fn zeros(&self, n: usize) -> Result<Vec<T>> {
-        Ok(vec![T::default(); n])
+        // a failed allocation is an error that says so, not an abort
+        let mut v = Vec::new();
+        v.try_reserve_exact(n).map_err(|_| {
+            Error::msg(format!(
+                "out of memory: cannot allocate {} MiB for a tensor of {n} values",
+                (n as u128 * std::mem::size_of::<T>() as u128) >> 20
+            ))
+        })?;
+        v.resize(n, T::default());
+        Ok(v)
     }
     fn upload(&self, host: &[T]) -> Result<Vec<T>> {
         Ok(host.to_vec())
