@@ -265,13 +265,30 @@ pub fn mirrors() -> Vec<String> {
     }
 }
 
-fn fetch(agent: &ureq::Agent, url: &str) -> std::result::Result<Vec<u8>, String> {
-    let mut resp = agent.get(url).call().map_err(|e| e.to_string())?;
+/// Why one mirror did not give a file: it could not be reached (`network`), or it answered with
+/// something other than the right file (an HTTP error, bad gzip, a wrong checksum).
+struct Failure {
+    network: bool,
+    why: String,
+}
+
+fn fetch(agent: &ureq::Agent, url: &str) -> std::result::Result<Vec<u8>, Failure> {
+    let answered = |why: String| Failure { network: false, why };
+    let mut resp = agent.get(url).call().map_err(|e| match e {
+        ureq::Error::StatusCode(code) => answered(format!("HTTP {code}")),
+        other => Failure {
+            network: true,
+            why: other.to_string(),
+        },
+    })?;
     resp.body_mut()
         .with_config()
         .limit(64 << 20)
         .read_to_vec()
-        .map_err(|e| e.to_string())
+        .map_err(|e| Failure {
+            network: true,
+            why: e.to_string(),
+        })
 }
 
 /// Downloads whichever of the four files `dir` lacks (or holds with the wrong content), trying each
@@ -298,11 +315,12 @@ pub fn download(dir: &Path, mirrors: &[String]) -> Result<Vec<String>> {
         let mut done = false;
         for base in mirrors {
             let url = format!("{}/{name}.gz", base.trim_end_matches('/'));
+            let answered = |why: String| Failure { network: false, why };
             match fetch(&agent, &url).and_then(|gz| {
-                let raw = gunzip_if_gz(Path::new(&url), gz.clone()).map_err(|e| e.to_string())?;
+                let raw = gunzip_if_gz(Path::new(&url), gz.clone()).map_err(|e| answered(e.to_string()))?;
                 let got = sha256_hex(&raw);
                 if got != sha {
-                    Err(format!("SHA-256 {got} does not match {sha}"))
+                    Err(answered(format!("SHA-256 {got} does not match {sha}")))
                 } else {
                     Ok(gz)
                 }
@@ -314,13 +332,24 @@ pub fn download(dir: &Path, mirrors: &[String]) -> Result<Vec<String>> {
                     done = true;
                     break;
                 }
-                Err(e) => failures.push(format!("{url}: {e}")),
+                Err(f) => failures.push(f),
             }
         }
         if !done {
+            // the network is to blame only when no mirror answered at all
+            let why = if failures.iter().all(|f| f.network) {
+                "no mirror could be reached (is there a network connection?)"
+            } else {
+                "no mirror gave the file with its published checksum"
+            };
+            let tried: Vec<String> = mirrors
+                .iter()
+                .zip(&failures)
+                .map(|(m, f)| format!("{}/{name}.gz: {}", m.trim_end_matches('/'), f.why))
+                .collect();
             return Err(Error::msg(format!(
-                "cannot download {name} (is there a network connection?); tried:\n  {}\nor copy the four MNIST files into {}",
-                failures.join("\n  "),
+                "cannot download {name}: {why}; tried:\n  {}\nor copy the four MNIST files into {}",
+                tried.join("\n  "),
                 dir.display()
             )));
         }

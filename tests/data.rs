@@ -226,13 +226,24 @@ fn download_checks_checksums_and_fails_clearly() {
         e.contains("train-images-idx3-ubyte") && e.contains("does not match"),
         "{e}"
     );
+    assert!(
+        e.contains("no mirror gave the file") && !e.contains("network"),
+        "a wrong checksum is not a network problem: {e}"
+    );
     assert_eq!(
         std::fs::read_dir(&target).unwrap().count(),
         0,
         "nothing may be left behind"
     );
 
-    // 3. no network: a closed port on loopback refuses at once
+    // 3. a mirror without the files: HTTP 404, named as such, not blamed on the network
+    let mirror = serve(temp_dir("download_empty_src"), 4);
+    let target = temp_dir("download_404");
+    let e = data::download(&target, &[mirror]).unwrap_err().to_string();
+    assert!(e.contains("HTTP 404") && !e.contains("network"), "{e}");
+    assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0);
+
+    // 4. no network: a closed port on loopback refuses at once
     let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap(); // dropped: now closed
     let target = temp_dir("download_offline");
     let e = data::download(&target, &[format!("http://{closed}/")])
