@@ -112,16 +112,71 @@ pub fn save(path: &Path, ck: &Checkpoint) -> Result<()> {
     write_atomic(path, &bytes)
 }
 
+/// Why `bytes` is not a readable safetensors file, in the user's terms: cut short (a copy or a write
+/// that did not finish), or not a safetensors file at all.
+fn unreadable(bytes: &[u8], detail: &str) -> String {
+    let not_ours = format!("not a capsnet checkpoint (not a safetensors file: {detail})");
+    let Some(len) = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    else {
+        return format!("truncated or not a capsnet checkpoint: only {} bytes", bytes.len());
+    };
+    let body = &bytes[8..];
+    if body.first() != Some(&b'{') {
+        return not_ours;
+    }
+    if len > body.len() as u64 {
+        return format!(
+            "truncated: its header needs {len} bytes and only {} follow ({detail})",
+            body.len()
+        );
+    }
+    let Ok(header) = serde_json::from_slice::<serde_json::Value>(&body[..len as usize]) else {
+        return not_ours;
+    };
+    // the end of the last tensor's data, as the header states it
+    let needed = header
+        .as_object()
+        .into_iter()
+        .flat_map(|o| o.values())
+        .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    let have = body.len() as u64 - len;
+    if have < needed {
+        return format!(
+            "truncated: {} bytes of tensor data are missing ({detail})",
+            needed - have
+        );
+    }
+    format!("damaged: {detail}")
+}
+
 pub fn load(path: &Path) -> Result<Checkpoint> {
     let bad = |what: String| Error::file(path, format!("not a valid capsnet checkpoint: {what}"));
     let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read checkpoint: {e}")))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("{e}")))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::file(path, unreadable(&bytes, &e.to_string())))?;
     let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("{e}")))?;
     let meta = header.metadata().clone().unwrap_or_default();
-    let get = |k: &str| meta.get(k).ok_or_else(|| bad(format!("metadata has no '{k}'")));
-    if get("format")? != FORMAT {
-        return Err(bad(format!("format '{}', expected '{FORMAT}'", get("format")?)));
+    let Some(format) = meta.get("format") else {
+        return Err(Error::file(
+            path,
+            "not a capsnet checkpoint: a safetensors file without capsnet's 'format' metadata",
+        ));
+    };
+    if format != FORMAT {
+        let whose = if format.starts_with("capsnet/") {
+            "written by another version of capsnet"
+        } else {
+            "not a capsnet checkpoint"
+        };
+        return Err(Error::file(
+            path,
+            format!("{whose}: format '{format}', this version reads '{FORMAT}'"),
+        ));
     }
+    let get = |k: &str| meta.get(k).ok_or_else(|| bad(format!("metadata has no '{k}'")));
     let num = |k: &str| -> Result<u64> {
         get(k)?
             .parse()

@@ -265,10 +265,7 @@ fn corrupt_checkpoints_give_a_clean_error() {
     );
     let garbage = d.join("garbage.safetensors");
     std::fs::write(&garbage, b"this is not a checkpoint at all").unwrap();
-    assert_clean_error(
-        &eval(&garbage),
-        &["garbage.safetensors", "not a valid capsnet checkpoint"],
-    );
+    assert_clean_error(&eval(&garbage), &["garbage.safetensors", "not a capsnet checkpoint"]);
     // a real checkpoint, cut short
     let run = temp_dir("cli_bad_ckpt_run");
     let mut args = vec![
@@ -299,12 +296,34 @@ fn corrupt_checkpoints_give_a_clean_error() {
     let bytes = std::fs::read(run.join("last.safetensors")).unwrap();
     let cut = d.join("cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
-    assert_clean_error(&eval(&cut), &["cut.safetensors", "not a valid capsnet checkpoint"]);
+    assert_clean_error(
+        &eval(&cut),
+        &["cut.safetensors", "truncated: 1000 bytes of tensor data are missing"],
+    );
+    // cut inside its header
+    std::fs::write(&cut, &bytes[..100]).unwrap();
+    assert_clean_error(&eval(&cut), &["cut.safetensors", "truncated: its header needs"]);
+    // written by another version of the format
+    let other = d.join("other.safetensors");
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &[0u8; 4]).unwrap();
+    let meta = std::collections::HashMap::from([("format".to_string(), "capsnet/0".to_string())]);
+    std::fs::write(&other, safetensors::serialize([("w", view)], Some(meta)).unwrap()).unwrap();
+    assert_clean_error(
+        &eval(&other),
+        &["other.safetensors", "written by another version of capsnet"],
+    );
     // valid safetensors, but not ours
     let foreign = d.join("foreign.safetensors");
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &[0u8; 4]).unwrap();
     std::fs::write(&foreign, safetensors::serialize([("w", view)], None).unwrap()).unwrap();
-    assert_clean_error(&eval(&foreign), &["foreign.safetensors", "metadata has no 'format'"]);
+    assert_clean_error(
+        &eval(&foreign),
+        &[
+            "foreign.safetensors",
+            "not a capsnet checkpoint",
+            "without capsnet's 'format' metadata",
+        ],
+    );
 }
 
 #[test]
