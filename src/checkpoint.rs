@@ -34,6 +34,46 @@ pub struct TrainState {
     pub bad_epochs: usize,
     pub limit: Option<usize>,
     pub val_limit: Option<usize>,
+    /// How far into epoch `epoch` (0-based, not yet complete) a step checkpoint was taken; None at an
+    /// epoch's end.
+    pub partial: Option<EpochProgress>,
+}
+
+/// The part of an epoch done when a step checkpoint was taken: the batches of the epoch's shuffle
+/// already trained on and the running sums of its metrics, so the resumed epoch reports exactly what
+/// an uninterrupted one does.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EpochProgress {
+    pub batches: usize,
+    pub loss: f64,
+    pub margin: f64,
+    pub recon: f64,
+    pub correct: usize,
+    pub images: usize,
+    /// Training seconds spent on the epoch so far.
+    pub seconds: f64,
+}
+
+impl EpochProgress {
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "batches": self.batches, "loss": self.loss, "margin": self.margin, "recon": self.recon,
+            "correct": self.correct, "images": self.images, "seconds": self.seconds,
+        })
+    }
+    fn from_json(v: &serde_json::Value) -> Option<EpochProgress> {
+        let u = |k: &str| v.get(k)?.as_u64().map(|x| x as usize);
+        let f = |k: &str| v.get(k)?.as_f64();
+        Some(EpochProgress {
+            batches: u("batches")?,
+            loss: f("loss")?,
+            margin: f("margin")?,
+            recon: f("recon")?,
+            correct: u("correct")?,
+            images: u("images")?,
+            seconds: f("seconds")?,
+        })
+    }
 }
 
 impl TrainState {
@@ -59,6 +99,7 @@ impl TrainState {
             "seed": self.seed, "batch_size": self.batch_size, "lr": self.lr, "patience": self.patience,
             "best_val_loss": self.best_val_loss, "bad_epochs": self.bad_epochs,
             "limit": self.limit, "val_limit": self.val_limit,
+            "partial": self.partial.as_ref().map(EpochProgress::to_json),
         })
     }
 }
@@ -71,6 +112,9 @@ pub struct Checkpoint {
     pub params: Vec<Vec<f32>>,
     pub adam_m: Vec<Vec<f32>>,
     pub adam_v: Vec<Vec<f32>>,
+    /// The run's metrics.jsonl lines up to this checkpoint, one JSON object per completed epoch: the
+    /// file is rewritten from here, so a kill between two writes cannot leave it out of step.
+    pub history: Vec<serde_json::Value>,
 }
 
 fn to_bytes(v: &[f32]) -> Vec<u8> {
@@ -106,6 +150,10 @@ pub fn save(path: &Path, ck: &Checkpoint) -> Result<()> {
         ("step".to_string(), ck.state.step.to_string()),
         ("config".to_string(), ck.config.to_json().to_string()),
         ("train".to_string(), ck.state.to_json().to_string()),
+        (
+            "metrics".to_string(),
+            serde_json::Value::Array(ck.history.clone()).to_string(),
+        ),
     ]);
     let bytes =
         safetensors::serialize(views, Some(meta)).map_err(|e| Error::file(path, format!("cannot serialise: {e}")))?;
@@ -207,6 +255,17 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         bad_epochs: req_u64("bad_epochs")? as usize,
         limit: opt_usize("limit"),
         val_limit: opt_usize("val_limit"),
+        partial: match field("partial") {
+            serde_json::Value::Null => None,
+            p => Some(EpochProgress::from_json(&p).ok_or_else(|| bad("train state: malformed 'partial'".into()))?),
+        },
+    };
+    let history = match meta.get("metrics") {
+        None => vec![],
+        Some(_) => match parse_json("metrics")? {
+            serde_json::Value::Array(a) => a,
+            _ => return Err(bad("metadata 'metrics' is not a list".into())),
+        },
     };
     let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
         let t = st
@@ -244,6 +303,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         adam_v: group("adam.v.")?,
         config,
         state,
+        history,
     })
 }
 
@@ -264,6 +324,7 @@ mod tests {
             bad_epochs: 0,
             limit: None,
             val_limit: None,
+            partial: None,
         };
         let seen: Vec<(bool, bool)> = [1.0, 0.5, 0.5, 0.7, 0.4, 0.6, 0.6]
             .iter()

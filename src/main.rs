@@ -128,6 +128,13 @@ struct TrainArgs {
     /// Download MNIST into --data first if files are missing.
     #[arg(long)]
     download: bool,
+    /// Also write last.safetensors mid-epoch once this many minutes have passed since the last write
+    /// (0: only at the end of each epoch). Ctrl-C or SIGTERM always saves the last completed step.
+    #[arg(long, default_value_t = 2.0)]
+    checkpoint_minutes: f64,
+    /// Also write last.safetensors every N steps.
+    #[arg(long)]
+    checkpoint_steps: Option<u64>,
 }
 
 #[derive(Args)]
@@ -287,7 +294,28 @@ fn run(cli: Cli) -> Result<()> {
                 limit: a.limit,
                 val_limit: a.val_limit,
                 resume: a.resume,
+                checkpoint_every: match a.checkpoint_minutes {
+                    m if !(m.is_finite() && m >= 0.0) => {
+                        return Err(Error::msg(format!(
+                            "--checkpoint-minutes must be a number ≥ 0, got {m}"
+                        )));
+                    }
+                    0.0 => None,
+                    m => Some(std::time::Duration::from_secs_f64(m * 60.0)),
+                },
+                checkpoint_steps: match a.checkpoint_steps {
+                    Some(0) => return Err(Error::msg("--checkpoint-steps must be at least 1")),
+                    n => n,
+                },
             };
+            // Ctrl-C or SIGTERM: save the last completed step and stop; a second one exits at once
+            let _ = ctrlc::set_handler(|| {
+                if train::INTERRUPT.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    eprintln!("\nsecond interrupt: exiting now");
+                    std::process::exit(130);
+                }
+                eprintln!("\ninterrupt: saving the last completed step (interrupt again to exit at once)");
+            });
             with_backend!(sel, |be| train::train(be, &opts))?;
             Ok(())
         }
@@ -366,6 +394,8 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
+        // an interrupted training run saved its state and said how to continue
+        Ok(()) if train::interrupted() => ExitCode::from(130),
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -2,7 +2,8 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -10,7 +11,7 @@ use rand::seq::SliceRandom;
 
 use crate::adam::Adam;
 use crate::backend::Backend;
-use crate::checkpoint::{self, Checkpoint, TrainState};
+use crate::checkpoint::{self, Checkpoint, EpochProgress, TrainState};
 use crate::data::{self, Split, Which};
 use crate::float::Float;
 use crate::model::{CapsNet, Config, IMAGE_PIXELS, init_params};
@@ -37,6 +38,20 @@ pub struct TrainOptions {
     pub val_limit: Option<usize>,
     /// Continue from `run_dir/last.safetensors`.
     pub resume: bool,
+    /// Step checkpoints: last.safetensors is also written once this much time has passed since the
+    /// last write (None: only at the end of each epoch)...
+    pub checkpoint_every: Option<Duration>,
+    /// ...or every this many steps (None: not by count).
+    pub checkpoint_steps: Option<u64>,
+}
+
+/// Set (by the binary's Ctrl-C / SIGTERM handler) to ask a training run to save its last completed
+/// step and return; [`train`] then returns with [`interrupted`] true.
+pub static INTERRUPT: AtomicBool = AtomicBool::new(false);
+
+/// Whether the last [`train`] call stopped because of [`INTERRUPT`].
+pub fn interrupted() -> bool {
+    INTERRUPT.load(Ordering::SeqCst)
 }
 
 /// Per-epoch figures, as written to `metrics.jsonl`.
@@ -80,25 +95,19 @@ pub struct EvalReport {
 }
 
 /// Sums of batch figures weighted by batch size.
-#[derive(Default)]
-struct Running {
-    loss: f64,
-    margin: f64,
-    recon: f64,
-    correct: usize,
-    images: usize,
-}
+/// An epoch's running sums (saved in step checkpoints as they are).
+type Running = EpochProgress;
 
-impl Running {
-    fn mean(&self, x: f64) -> f64 {
-        x / self.images.max(1) as f64
-    }
+fn mean(r: &Running, x: f64) -> f64 {
+    x / r.images.max(1) as f64
 }
 
 /// A one-line progress bar on stderr: redrawn in place on a terminal, a line per quarter otherwise.
 struct Progress {
     label: String,
     total: usize,
+    /// Images already done when this bar started (a resumed epoch).
+    base: usize,
     start: Instant,
     last: Option<Instant>,
     tty: bool,
@@ -106,10 +115,11 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(label: String, total: usize) -> Self {
+    fn new(label: String, total: usize, base: usize) -> Self {
         Progress {
             label,
             total,
+            base,
             start: Instant::now(),
             last: None,
             tty: std::io::stderr().is_terminal(),
@@ -122,15 +132,25 @@ impl Progress {
         let line = || {
             let frac = done as f64 / self.total.max(1) as f64;
             let filled = (frac * 24.0) as usize;
+            let secs = self.start.elapsed().as_secs_f64();
+            let rate = (done - self.base.min(done)) as f64 / secs.max(1e-9);
+            let left = if finished {
+                String::new()
+            } else if rate > 0.0 {
+                format!(", {} left", clock((self.total - done) as f64 / rate))
+            } else {
+                ", ? left".into()
+            };
             format!(
-                "{} [{}{}] {done}/{} loss {:.4} acc {:.2}% {:.0} img/s",
+                "{} [{}{}] {done}/{} loss {:.4} acc {:.2}% {:.0} img/s {}{left}",
                 self.label,
                 "#".repeat(filled),
                 ".".repeat(24 - filled),
                 self.total,
-                r.mean(r.loss),
-                100.0 * r.mean(r.correct as f64),
-                done as f64 / self.start.elapsed().as_secs_f64().max(1e-9),
+                mean(r, r.loss),
+                100.0 * mean(r, r.correct as f64),
+                rate,
+                clock(secs),
             )
         };
         let mut err = std::io::stderr();
@@ -149,6 +169,16 @@ impl Progress {
     }
 }
 
+/// Seconds as m:ss, or h:mm:ss from an hour.
+fn clock(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    } else {
+        format!("{}:{:02}", s / 60, s % 60)
+    }
+}
+
 fn scalar<B: Backend>(t: &Tape<B>, v: crate::tape::Var) -> Result<f64> {
     Ok(t.backend().download(&t.value(v).buf)?[0].to_f64())
 }
@@ -164,7 +194,7 @@ pub fn evaluate<B: Backend>(
     let classes = model.cfg.classes;
     let mut confusion = vec![vec![0usize; classes]; classes];
     let mut r = Running::default();
-    let mut bar = Progress::new(label.to_string(), split.len());
+    let mut bar = Progress::new(label.to_string(), split.len(), 0);
     tape.set_recording(false);
     let idx: Vec<usize> = (0..split.len()).collect();
     let out = (|| {
@@ -190,10 +220,10 @@ pub fn evaluate<B: Backend>(
     tape.reset();
     out?;
     Ok(EvalReport {
-        loss: r.mean(r.loss),
-        margin: r.mean(r.margin),
-        recon: r.mean(r.recon),
-        accuracy: r.mean(r.correct as f64),
+        loss: mean(&r, r.loss),
+        margin: mean(&r, r.margin),
+        recon: mean(&r, r.recon),
+        accuracy: mean(&r, r.correct as f64),
         images: r.images,
         confusion,
     })
@@ -208,7 +238,13 @@ pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     idx
 }
 
-fn snapshot<B: Backend>(tape: &Tape<B>, adam: &Adam<B>, model: &CapsNet, state: TrainState) -> Result<Checkpoint> {
+fn snapshot<B: Backend>(
+    tape: &Tape<B>,
+    adam: &Adam<B>,
+    model: &CapsNet,
+    state: TrainState,
+    history: &[serde_json::Value],
+) -> Result<Checkpoint> {
     let be = tape.backend();
     let f32s = |buf: &B::Buf| -> Result<Vec<f32>> { Ok(be.download(buf)?.iter().map(|x| x.to_f64() as f32).collect()) };
     Ok(Checkpoint {
@@ -221,6 +257,7 @@ fn snapshot<B: Backend>(tape: &Tape<B>, adam: &Adam<B>, model: &CapsNet, state: 
             .collect::<Result<_>>()?,
         adam_m: adam.m.iter().map(f32s).collect::<Result<_>>()?,
         adam_v: adam.v.iter().map(f32s).collect::<Result<_>>()?,
+        history: history.to_vec(),
     })
 }
 
@@ -248,31 +285,156 @@ fn remove_leftover_temporaries(run_dir: &Path) {
     }
 }
 
-/// Keeps the lines of `metrics.jsonl` for epochs ≤ `epoch` (a resumed run rewrites what follows).
-fn truncate_metrics(path: &Path, epoch: usize) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v.get("epoch").and_then(|e| e.as_u64()))
-                .is_some_and(|e| e as usize <= epoch)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    crate::error::write_atomic(path, kept.as_bytes())
+/// Writes metrics.jsonl: one line per completed epoch, atomically.
+fn write_metrics(path: &Path, history: &[serde_json::Value]) -> Result<()> {
+    let text: String = history.iter().map(|m| format!("{m}\n")).collect();
+    crate::error::write_atomic(path, text.as_bytes())
 }
 
-fn append_line(path: &Path, line: &str) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
-    writeln!(f, "{line}").map_err(|e| Error::file(path, format!("cannot write: {e}")))
+/// When to write a step checkpoint: after `every` of time or `steps` steps since the last write.
+struct StepSaver {
+    every: Option<Duration>,
+    steps: Option<u64>,
+    last_time: Instant,
+    last_step: Option<u64>,
+}
+
+impl StepSaver {
+    fn new(opts: &TrainOptions) -> Self {
+        StepSaver {
+            every: opts.checkpoint_every,
+            steps: opts.checkpoint_steps,
+            last_time: Instant::now(),
+            last_step: None,
+        }
+    }
+    fn due(&self, step: u64) -> bool {
+        self.every.is_some_and(|d| self.last_time.elapsed() >= d)
+            || self.steps.is_some_and(|n| step >= self.last_step.unwrap_or(0) + n)
+    }
+    fn saved(&mut self, step: u64) {
+        self.last_time = Instant::now();
+        self.last_step = Some(step);
+    }
+}
+
+/// The command that continues this run: the one that started it, with --resume.
+fn resume_command() -> String {
+    let mut args: Vec<String> = std::env::args().collect();
+    if !args.iter().any(|a| a == "--resume") {
+        args.push("--resume".into());
+    }
+    args.iter()
+        .map(|a| {
+            if a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,".contains(c)) {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// One training step (forward, backward, Adam) on the images `chunk` of `set`; adds the batch to the
+/// running sums. A non-finite loss stops before the update, so the weights stay as they were.
+fn train_step<B: Backend>(
+    tape: &mut Tape<B>,
+    model: &CapsNet,
+    adam: &mut Adam<B>,
+    set: &Split,
+    chunk: &[usize],
+    r: &mut Running,
+) -> Result<()> {
+    tape.reset();
+    let (x, y) = set.batch::<B::E>(chunk);
+    let f = model.forward(tape, &x, &y, true)?;
+    tape.backward(f.loss)?;
+    let (loss, margin, recon) = (
+        scalar(tape, f.loss)?,
+        scalar(tape, f.margin)?,
+        scalar(tape, f.recon_loss)?,
+    );
+    if !loss.is_finite() {
+        let term = if !margin.is_finite() {
+            format!("margin loss is {margin}")
+        } else {
+            format!("reconstruction loss is {recon}")
+        };
+        return Err(Error::msg(format!(
+            "training diverged at step {}: the {term}; the run's last checkpoint is the last good state",
+            adam.step + 1
+        )));
+    }
+    adam.update(tape)?;
+    let n = chunk.len() as f64;
+    r.loss += n * loss;
+    r.margin += n * margin;
+    r.recon += n * recon;
+    let pred = tape.backend().download_idx(&f.pred)?;
+    r.correct += pred.iter().zip(&y).filter(|(p, t)| p == t).count();
+    r.images += chunk.len();
+    Ok(())
+}
+
+/// Epoch `state.epoch` over its shuffle, from where a step checkpoint left it (`state.partial`),
+/// writing step checkpoints as `saver` says. Returns the epoch's running sums, or None when
+/// [`INTERRUPT`] stopped it (the last completed step is then saved).
+#[allow(clippy::too_many_arguments)]
+fn run_epoch<B: Backend>(
+    tape: &mut Tape<B>,
+    model: &CapsNet,
+    adam: &mut Adam<B>,
+    set: &Split,
+    state: &mut TrainState,
+    opts: &TrainOptions,
+    saver: &mut StepSaver,
+    history: &[serde_json::Value],
+) -> Result<Option<Running>> {
+    let order = epoch_order(set.len(), state.seed, state.epoch);
+    let batches = order.len().div_ceil(state.batch_size);
+    let mut r = state.partial.take().unwrap_or_default();
+    let (start, before) = (Instant::now(), r.seconds);
+    let mut bar = Progress::new(
+        format!("epoch {}/{}", state.epoch + 1, opts.epochs),
+        set.len(),
+        r.images,
+    );
+    let last = opts.run_dir.join(LAST);
+    for chunk in order.chunks(state.batch_size).skip(r.batches) {
+        if INTERRUPT.load(Ordering::SeqCst) {
+            eprintln!(
+                "\ninterrupted before a new step: {} is the latest state",
+                last.display()
+            );
+            return Ok(None);
+        }
+        train_step(tape, model, adam, set, chunk, &mut r)?;
+        r.batches += 1;
+        r.seconds = before + start.elapsed().as_secs_f64();
+        bar.update(r.images, &r);
+        let stop = INTERRUPT.load(Ordering::SeqCst);
+        if stop || saver.due(adam.step) {
+            let mut st = state.clone();
+            st.step = adam.step;
+            st.partial = Some(r.clone());
+            checkpoint::save(&last, &snapshot(tape, adam, model, st, history)?)?;
+            saver.saved(adam.step);
+            if stop {
+                eprintln!(
+                    "\ninterrupted: saved step {} (epoch {}, batch {} of {batches}) to {}\ncontinue with:\n  {}",
+                    adam.step,
+                    state.epoch + 1,
+                    r.batches,
+                    last.display(),
+                    resume_command()
+                );
+                return Ok(None);
+            }
+        }
+    }
+    tape.reset();
+    Ok(Some(r))
 }
 
 /// Trains as `opts` says; returns the metrics of the epochs run in this call.
@@ -373,24 +535,25 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
         bad_epochs: 0,
         limit: opts.limit,
         val_limit: opts.val_limit,
+        partial: None,
     };
     let metrics_path = opts.run_dir.join(METRICS);
+    let mut history_json: Vec<serde_json::Value> = vec![];
     if let Some(ck) = resumed {
         adam.m = upload_all(tape.backend(), &ck.adam_m)?;
         adam.v = upload_all(tape.backend(), &ck.adam_v)?;
         adam.step = ck.state.step;
         state = ck.state;
-        truncate_metrics(&metrics_path, state.epoch)?;
-        eprintln!(
-            "resumed from {} after epoch {} (step {})",
-            last_path.display(),
-            state.epoch,
-            state.step
-        );
-    } else {
-        // a fresh run starts a fresh metrics file
-        crate::error::write_atomic(&metrics_path, b"")?;
+        history_json = ck.history;
+        // metrics.jsonl is what the checkpoint says it is, whatever a kill left in between
+        write_metrics(&metrics_path, &history_json)?;
+        let at = match &state.partial {
+            Some(p) => format!("epoch {} batch {}", state.epoch + 1, p.batches),
+            None => format!("the end of epoch {}", state.epoch),
+        };
+        eprintln!("resumed from {} at {at} (step {})", last_path.display(), state.step);
     }
+    let mut saver = StepSaver::new(opts);
 
     let mut history = vec![];
     if state.epoch >= opts.epochs {
@@ -409,57 +572,46 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
             );
             break;
         }
-        let start = Instant::now();
-        let order = epoch_order(train_set.len(), state.seed, state.epoch);
-        let mut r = Running::default();
-        let mut bar = Progress::new(format!("epoch {}/{}", state.epoch + 1, opts.epochs), train_set.len());
-        for chunk in order.chunks(state.batch_size) {
-            tape.reset();
-            let (x, y) = train_set.batch::<B::E>(chunk);
-            let f = model.forward(&mut tape, &x, &y, true)?;
-            tape.backward(f.loss)?;
-            adam.update(&mut tape)?;
-            let n = chunk.len() as f64;
-            let loss = scalar(&tape, f.loss)?;
-            if !loss.is_finite() {
-                return Err(Error::msg(format!(
-                    "training diverged: loss {loss} at step {}",
-                    adam.step
-                )));
-            }
-            r.loss += n * loss;
-            r.margin += n * scalar(&tape, f.margin)?;
-            r.recon += n * scalar(&tape, f.recon_loss)?;
-            let pred = tape.backend().download_idx(&f.pred)?;
-            r.correct += pred.iter().zip(&y).filter(|(p, t)| p == t).count();
-            r.images += chunk.len();
-            bar.update(r.images, &r);
-        }
-        tape.reset();
-        let train_secs = start.elapsed().as_secs_f64();
+        let Some(r) = run_epoch(
+            &mut tape,
+            &model,
+            &mut adam,
+            &train_set,
+            &mut state,
+            opts,
+            &mut saver,
+            &history_json,
+        )?
+        else {
+            // interrupted: the last completed step is saved
+            return Ok(history);
+        };
         let val = evaluate(&mut tape, &model, &val_set, state.batch_size, "  validation")?;
         state.epoch += 1;
         state.step = adam.step;
+        state.partial = None;
         let improved = state.record_val_loss(val.loss);
         let m = EpochMetrics {
             epoch: state.epoch,
             step: state.step,
-            train_loss: r.mean(r.loss),
-            train_margin: r.mean(r.margin),
-            train_recon: r.mean(r.recon),
-            train_acc: r.mean(r.correct as f64),
+            train_loss: mean(&r, r.loss),
+            train_margin: mean(&r, r.margin),
+            train_recon: mean(&r, r.recon),
+            train_acc: mean(&r, r.correct as f64),
             val_loss: val.loss,
             val_acc: val.accuracy,
-            seconds: train_secs,
-            images_per_s: r.images as f64 / train_secs.max(1e-9),
+            seconds: r.seconds,
+            images_per_s: r.images as f64 / r.seconds.max(1e-9),
             device_mib: tape.backend().device_bytes().map(|b| b as f64 / (1 << 20) as f64),
         };
-        let ck = snapshot(&tape, &adam, &model, state.clone())?;
+        history_json.push(m.to_json());
+        let ck = snapshot(&tape, &adam, &model, state.clone(), &history_json)?;
         if improved {
             checkpoint::save(&opts.run_dir.join(BEST), &ck)?;
         }
         checkpoint::save(&last_path, &ck)?;
-        append_line(&metrics_path, &m.to_json().to_string())?;
+        saver.saved(state.step);
+        write_metrics(&metrics_path, &history_json)?;
         let mem = m
             .device_mib
             .map(|mib| format!(", {mib:.0} MiB on the device"))

@@ -6,26 +6,35 @@ mod common;
 use std::path::Path;
 
 use capsnet::checkpoint;
-use common::{assert_clean_error, capsnet, mnist_dir, stderr, stdout, temp_dir};
+use common::{Lcg, assert_clean_error, capsnet, capsnet_command, mnist_dir, stderr, stdout, temp_dir};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// The metrics lines without the timing fields, which legitimately differ between runs.
+/// A metrics object without the timing fields, which legitimately differ between runs.
+fn without_timing(mut v: serde_json::Value) -> serde_json::Value {
+    let o = v.as_object_mut().unwrap();
+    o.remove("seconds");
+    o.remove("images_per_s");
+    o.remove("device_mib");
+    v
+}
+
+/// The metrics lines without the timing fields.
 fn metrics_without_timing(run: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("seconds");
-            o.remove("images_per_s");
-            o.remove("device_mib");
-            v
-        })
+        .map(|l| without_timing(serde_json::from_str(l).unwrap()))
         .collect()
+}
+
+/// A run's last checkpoint, its metrics history without timings (the rest must match exactly).
+fn last_checkpoint(run: &Path) -> checkpoint::Checkpoint {
+    let mut c = checkpoint::load(&run.join("last.safetensors")).unwrap();
+    c.history = c.history.into_iter().map(without_timing).collect();
+    c
 }
 
 const TINY: [&str; 12] = [
@@ -156,10 +165,7 @@ fn resume_equals_an_uninterrupted_run() {
     let (a, b) = (metrics_without_timing(&full), metrics_without_timing(&split));
     assert_eq!(a.len(), 3);
     assert_eq!(a, b, "losses, accuracies and steps must match exactly");
-    let (ca, cb) = (
-        checkpoint::load(&full.join("last.safetensors")).unwrap(),
-        checkpoint::load(&split.join("last.safetensors")).unwrap(),
-    );
+    let (ca, cb) = (last_checkpoint(&full), last_checkpoint(&split));
     assert_eq!(ca, cb, "weights, Adam moments and state must match exactly");
     assert_eq!((ca.state.epoch, ca.state.step), (3, 18));
 }
@@ -576,4 +582,157 @@ fn the_emulated_device_trains_like_the_cpu_and_says_what_it_is() {
             "{key}: cpu {a}, emulated {b}"
         );
     }
+}
+
+/// Ctrl-C (SIGINT) saves the last completed step and prints the command that continues; SIGKILL at
+/// random moments, inside checkpoint writes too, loses at most the steps since the last checkpoint.
+/// Every resume works, and each run ends with the weights, Adam moments, state and metrics of an
+/// uninterrupted run.
+#[test]
+fn interrupted_and_killed_runs_resume_to_the_same_weights() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let data = mnist_dir();
+    let args = |dir: &Path, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["train", "--data", s(&data), "--checkpoint-dir", s(dir), "--epochs", "4"]
+            .iter()
+            .map(|x| x.to_string())
+            .collect();
+        a.extend(TINY.iter().map(|x| x.to_string()));
+        a.extend(extra.iter().map(|x| x.to_string()));
+        if dir.join("last.safetensors").exists() {
+            a.push("--resume".into());
+        }
+        a
+    };
+    let strs = |a: &[String]| a.iter().map(String::clone).collect::<Vec<String>>();
+    let run = |a: &[String]| capsnet(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let spawn = |a: &[String]| {
+        capsnet_command(&a.iter().map(String::as_str).collect::<Vec<_>>())
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let full = temp_dir("cli_interrupt_full");
+    let o = run(&args(&full, &[]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (want, want_metrics) = (last_checkpoint(&full), metrics_without_timing(&full));
+
+    // Ctrl-C within the second epoch, with no step checkpoints due: it saves the step it completed
+    let int = temp_dir("cli_interrupt_sigint");
+    let child = spawn(&strs(&args(&int, &["--checkpoint-minutes", "0"])));
+    let t0 = Instant::now();
+    while !int.join("last.safetensors").exists() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("interrupted: saved step") && err.contains("continue with:"),
+        "{err}"
+    );
+    let cmd = err
+        .lines()
+        .skip_while(|l| !l.starts_with("continue with:"))
+        .nth(1)
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    assert!(
+        cmd.contains("--resume") && cmd.contains("--checkpoint-minutes 0"),
+        "{err}"
+    );
+    let saved = checkpoint::load(&int.join("last.safetensors")).unwrap();
+    assert!(
+        saved.state.partial.is_some(),
+        "the interrupt came mid-epoch: {:?}",
+        saved.state
+    );
+    let o = run(&args(&int, &["--checkpoint-minutes", "0"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        last_checkpoint(&int),
+        want,
+        "resumed after Ctrl-C: not the uninterrupted weights"
+    );
+    assert_eq!(metrics_without_timing(&int), want_metrics);
+
+    // SIGKILL at 20 or more random moments, a step checkpoint after every step: rounds until 20 kills
+    let mut rng = Lcg(2026);
+    let (mut kills, mut in_writes, mut round) = (0, 0, 0);
+    while kills < 20 {
+        round += 1;
+        let dir = temp_dir(&format!("cli_interrupt_kill{round}"));
+        loop {
+            let mut child = spawn(&args(&dir, &["--checkpoint-steps", "1"]));
+            std::thread::sleep(Duration::from_secs_f64(rng.uniform(0.3, 1.6)));
+            if kills < 20 && child.try_wait().unwrap().is_none() {
+                child.kill().unwrap();
+                let _ = child.wait();
+                kills += 1;
+                in_writes += std::fs::read_dir(&dir)
+                    .unwrap()
+                    .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".tmp"))
+                    .count();
+                continue;
+            }
+            let o = child.wait_with_output().unwrap();
+            assert!(o.status.success(), "resume after {kills} kills failed: {}", stderr(&o));
+            break;
+        }
+        assert_eq!(
+            last_checkpoint(&dir),
+            want,
+            "round {round}: not the uninterrupted weights"
+        );
+        assert_eq!(
+            metrics_without_timing(&dir),
+            want_metrics,
+            "round {round}: metrics differ"
+        );
+        let leftovers: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    }
+    eprintln!("{kills} kills in {round} round(s), {in_writes} of them inside a checkpoint write");
+}
+
+/// A loss that turns non-finite stops the run before the update, naming the step and the term; the
+/// last checkpoint stays as it was.
+#[test]
+fn a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint() {
+    let data = mnist_dir();
+    let run = temp_dir("cli_diverge");
+    let mut args = vec!["train", "--data", s(&data), "--checkpoint-dir", s(&run)];
+    args.extend(TINY);
+    let mut first = args.clone();
+    first.extend(["--epochs", "1"]);
+    assert!(capsnet(&first, &[]).status.success());
+    // weights so large (finite, so the checkpoint loads) that the next forward overflows
+    let last = run.join("last.safetensors");
+    let mut ck = checkpoint::load(&last).unwrap();
+    for p in &mut ck.params {
+        p.iter_mut().for_each(|x| *x = if *x >= 0.0 { f32::MAX } else { -f32::MAX });
+    }
+    checkpoint::save(&last, &ck).unwrap();
+    let before = std::fs::read(&last).unwrap();
+    args.extend(["--epochs", "2", "--resume"]);
+    let o = capsnet(&args, &[]);
+    assert_clean_error(&o, &["training diverged at step 7", "loss is"]);
+    assert_eq!(
+        std::fs::read(&last).unwrap(),
+        before,
+        "the last checkpoint must stay as it was"
+    );
 }

@@ -50,6 +50,15 @@ pub fn capsnet_bin() -> PathBuf {
 /// Runs the capsnet binary with `args`, CAPSNET_DATA removed unless given in `env`, in a directory of
 /// the tests' own: a default path (runs/capsnet, data/mnist) never reaches the user's files.
 pub fn capsnet(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = capsnet_command(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("the capsnet binary runs")
+}
+
+/// The command [`capsnet`] runs, to spawn and signal.
+pub fn capsnet_command(args: &[&str]) -> Command {
     static CWD: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     let cwd = CWD.get_or_init(|| temp_dir(&format!("cwd-{}", std::process::id())));
     let mut c = Command::new(capsnet_bin());
@@ -57,10 +66,7 @@ pub fn capsnet(args: &[&str], env: &[(&str, &str)]) -> Output {
         .args(args)
         .env_remove("CAPSNET_DATA")
         .env("MATMUL_NUM_THREADS", "2");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().expect("the capsnet binary runs")
+    c
 }
 
 pub fn stderr(o: &Output) -> String {
