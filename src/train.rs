@@ -247,14 +247,24 @@ fn snapshot<B: Backend>(
 ) -> Result<Checkpoint> {
     let be = tape.backend();
     let f32s = |buf: &B::Buf| -> Result<Vec<f32>> { Ok(be.download(buf)?.iter().map(|x| x.to_f64() as f32).collect()) };
+    let params: Vec<Vec<f32>> = model
+        .params
+        .iter()
+        .map(|&p| f32s(&tape.value(p).buf))
+        .collect::<Result<_>>()?;
+    // a gradient that was not finite leaves weights that are not: never save them over a good state
+    for (spec, p) in model.cfg.param_specs().iter().zip(&params) {
+        if let Some(i) = p.iter().position(|x| !x.is_finite()) {
+            return Err(Error::msg(format!(
+                "training diverged by step {}: {}[{i}] is {} (a non-finite gradient); the run's last checkpoint is the last good state",
+                state.step, spec.name, p[i]
+            )));
+        }
+    }
     Ok(Checkpoint {
         config: model.cfg.clone(),
         state,
-        params: model
-            .params
-            .iter()
-            .map(|&p| f32s(&tape.value(p).buf))
-            .collect::<Result<_>>()?,
+        params,
         adam_m: adam.m.iter().map(f32s).collect::<Result<_>>()?,
         adam_v: adam.v.iter().map(f32s).collect::<Result<_>>()?,
         history: history.to_vec(),
@@ -283,6 +293,20 @@ fn remove_leftover_temporaries(run_dir: &Path) {
             eprintln!("removed {}, left by an interrupted write", e.path().display());
         }
     }
+}
+
+/// The lines of metrics.jsonl for epochs ≤ `epoch` (none if the file is missing).
+fn read_metrics(path: &Path, epoch: usize) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v.get("epoch")
+                .and_then(|e| e.as_u64())
+                .is_some_and(|e| e as usize <= epoch)
+        })
+        .collect()
 }
 
 /// Writes metrics.jsonl: one line per completed epoch, atomically.
@@ -545,6 +569,10 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
         adam.step = ck.state.step;
         state = ck.state;
         history_json = ck.history;
+        if history_json.is_empty() && state.epoch > 0 {
+            // a checkpoint from before checkpoints carried the history: the file's lines up to it
+            history_json = read_metrics(&metrics_path, state.epoch);
+        }
         // metrics.jsonl is what the checkpoint says it is, whatever a kill left in between
         write_metrics(&metrics_path, &history_json)?;
         let at = match &state.partial {

@@ -723,7 +723,8 @@ fn a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint() {
     let last = run.join("last.safetensors");
     let mut ck = checkpoint::load(&last).unwrap();
     for p in &mut ck.params {
-        p.iter_mut().for_each(|x| *x = if *x >= 0.0 { f32::MAX } else { -f32::MAX });
+        p.iter_mut()
+            .for_each(|x| *x = if *x >= 0.0 { f32::MAX } else { -f32::MAX });
     }
     checkpoint::save(&last, &ck).unwrap();
     let before = std::fs::read(&last).unwrap();
