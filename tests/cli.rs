@@ -81,6 +81,14 @@ fn learns_mnist_well_above_chance() {
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
+    // the progress lines (stderr is not a terminal here: a line per quarter) say the time left
+    let progress: Vec<String> = stderr(&o)
+        .lines()
+        .filter(|l| l.starts_with("epoch 1/1 ["))
+        .map(str::to_string)
+        .collect();
+    assert!(progress.len() >= 4, "{}", stderr(&o));
+    assert!(progress[0].contains(" left"), "no time left in: {}", progress[0]);
     let m = metrics_without_timing(&run);
     assert_eq!(m.len(), 1);
     let val_acc = m[0]["val_acc"].as_f64().unwrap();
@@ -664,6 +672,30 @@ fn interrupted_and_killed_runs_resume_to_the_same_weights() {
         "resumed after Ctrl-C: not the uninterrupted weights"
     );
     assert_eq!(metrics_without_timing(&int), want_metrics);
+    // nothing left to do: said in words that fit the count
+    let o = run(&args(&int, &[]));
+    assert!(
+        stderr(&o).contains("nothing to do: 4 epochs done already"),
+        "{}",
+        stderr(&o)
+    );
+
+    // SIGTERM (a scheduler stopping the job) saves the same way
+    let term = temp_dir("cli_interrupt_sigterm");
+    let child = spawn(&strs(&args(&term, &["--checkpoint-minutes", "0"])));
+    let t0 = Instant::now();
+    while !term.join("last.safetensors").exists() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(stderr(&o).contains("interrupted: saved step"), "{}", stderr(&o));
 
     // SIGKILL at 20 or more random moments, a step checkpoint after every step: rounds until 20 kills
     let mut rng = Lcg(2026);
