@@ -613,7 +613,6 @@ fn interrupted_and_killed_runs_resume_to_the_same_weights() {
         }
         a
     };
-    let strs = |a: &[String]| a.iter().map(String::clone).collect::<Vec<String>>();
     let run = |a: &[String]| capsnet(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
     let spawn = |a: &[String]| {
         capsnet_command(&a.iter().map(String::as_str).collect::<Vec<_>>())
@@ -627,20 +626,25 @@ fn interrupted_and_killed_runs_resume_to_the_same_weights() {
     assert!(o.status.success(), "{}", stderr(&o));
     let (want, want_metrics) = (last_checkpoint(&full), metrics_without_timing(&full));
 
-    // Ctrl-C within the second epoch, with no step checkpoints due: it saves the step it completed
+    // a run with no step checkpoints, sent `signal` within its second epoch
+    let signalled = |dir: &Path, signal: &str| {
+        let child = spawn(&args(dir, &["--checkpoint-minutes", "0"]));
+        let t0 = Instant::now();
+        while !dir.join("last.safetensors").exists() && t0.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(150));
+        let sent = std::process::Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        child.wait_with_output().unwrap()
+    };
+
+    // Ctrl-C: it saves the step it completed
     let int = temp_dir("cli_interrupt_sigint");
-    let child = spawn(&strs(&args(&int, &["--checkpoint-minutes", "0"])));
-    let t0 = Instant::now();
-    while !int.join("last.safetensors").exists() && t0.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(150));
-    let sent = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    let o = child.wait_with_output().unwrap();
+    let o = signalled(&int, "-INT");
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(130), "{err}");
     assert!(
@@ -681,19 +685,7 @@ fn interrupted_and_killed_runs_resume_to_the_same_weights() {
     );
 
     // SIGTERM (a scheduler stopping the job) saves the same way
-    let term = temp_dir("cli_interrupt_sigterm");
-    let child = spawn(&strs(&args(&term, &["--checkpoint-minutes", "0"])));
-    let t0 = Instant::now();
-    while !term.join("last.safetensors").exists() && t0.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(150));
-    let sent = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    let o = child.wait_with_output().unwrap();
+    let o = signalled(&temp_dir("cli_interrupt_sigterm"), "-TERM");
     assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
     assert!(stderr(&o).contains("interrupted: saved step"), "{}", stderr(&o));
 
