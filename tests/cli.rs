@@ -37,6 +37,14 @@ fn last_checkpoint(run: &Path) -> checkpoint::Checkpoint {
     c
 }
 
+/// `capsnet train` of the tiny model ([`TINY`]) on `data` into `run`, then `extra`.
+fn train_tiny<'a>(data: &'a Path, run: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["train", "--data", s(data), "--checkpoint-dir", s(run)];
+    a.extend(TINY);
+    a.extend(extra);
+    a
+}
+
 const TINY: [&str; 12] = [
     "--conv1-channels",
     "4",
@@ -141,16 +149,7 @@ fn resume_equals_an_uninterrupted_run() {
     let data = mnist_dir();
     let (full, split) = (temp_dir("cli_resume_full"), temp_dir("cli_resume_split"));
     let train = |dir: &Path, epochs: &str, resume: bool| {
-        let mut args = vec![
-            "train",
-            "--data",
-            s(&data),
-            "--checkpoint-dir",
-            s(dir),
-            "--epochs",
-            epochs,
-        ];
-        args.extend(TINY);
+        let mut args = train_tiny(&data, dir, &["--epochs", epochs]);
         if resume {
             args.push("--resume");
         }
@@ -182,8 +181,7 @@ fn resume_equals_an_uninterrupted_run() {
 fn resume_refuses_other_settings_and_keeps_the_checkpoint() {
     let data = mnist_dir();
     let run = temp_dir("cli_resume_bad");
-    let mut args = vec!["train", "--data", s(&data), "--checkpoint-dir", s(&run)];
-    args.extend(TINY);
+    let args = train_tiny(&data, &run, &[]);
     let mut first = args.clone();
     first.extend(["--epochs", "1"]);
     assert!(capsnet(&first, &[]).status.success());
@@ -233,16 +231,7 @@ fn resume_refuses_other_settings_and_keeps_the_checkpoint() {
     let partial = temp_dir("cli_partial_run");
     std::fs::write(partial.join("best.safetensors"), b"best").unwrap();
     std::fs::write(partial.join("metrics.jsonl"), b"{}\n").unwrap();
-    let mut fresh = vec![
-        "train",
-        "--data",
-        s(&data),
-        "--checkpoint-dir",
-        s(&partial),
-        "--epochs",
-        "1",
-    ];
-    fresh.extend(TINY);
+    let fresh = train_tiny(&data, &partial, &["--epochs", "1"]);
     assert_clean_error(
         &capsnet(&fresh, &[]),
         &["already holds a run (best.safetensors, metrics.jsonl)"],
@@ -282,16 +271,7 @@ fn corrupt_checkpoints_give_a_clean_error() {
     assert_clean_error(&eval(&garbage), &["garbage.safetensors", "not a capsnet checkpoint"]);
     // a real checkpoint, cut short
     let run = temp_dir("cli_bad_ckpt_run");
-    let mut args = vec![
-        "train",
-        "--data",
-        s(&data),
-        "--checkpoint-dir",
-        s(&run),
-        "--epochs",
-        "1",
-    ];
-    args.extend(TINY);
+    let args = train_tiny(&data, &run, &["--epochs", "1"]);
     assert!(capsnet(&args, &[]).status.success());
     // a valid checkpoint, more test images than there are
     let o = capsnet(
@@ -502,18 +482,7 @@ fn early_stopping_ends_the_run_and_stays_ended_on_resume() {
     let data = mnist_dir();
     let run = temp_dir("cli_early_stop");
     // a learning rate far below f32 resolution leaves the weights, hence the validation loss, unchanged
-    let mut args = vec![
-        "train",
-        "--data",
-        s(&data),
-        "--checkpoint-dir",
-        s(&run),
-        "--patience",
-        "1",
-        "--lr",
-        "1e-12",
-    ];
-    args.extend(TINY);
+    let args = train_tiny(&data, &run, &["--patience", "1", "--lr", "1e-12"]);
     let mut first = args.clone();
     first.extend(["--epochs", "5"]);
     let o = capsnet(&first, &[]);
@@ -602,12 +571,11 @@ fn interrupted_and_killed_runs_resume_to_the_same_weights() {
     use std::time::{Duration, Instant};
     let data = mnist_dir();
     let args = |dir: &Path, extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = ["train", "--data", s(&data), "--checkpoint-dir", s(dir), "--epochs", "4"]
-            .iter()
-            .map(|x| x.to_string())
+        let mut a: Vec<String> = train_tiny(&data, dir, &["--epochs", "4"])
+            .into_iter()
+            .chain(extra.iter().copied())
+            .map(String::from)
             .collect();
-        a.extend(TINY.iter().map(|x| x.to_string()));
-        a.extend(extra.iter().map(|x| x.to_string()));
         if dir.join("last.safetensors").exists() {
             a.push("--resume".into());
         }
@@ -738,8 +706,7 @@ fn interrupted_and_killed_runs_resume_to_the_same_weights() {
 fn a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint() {
     let data = mnist_dir();
     let run = temp_dir("cli_diverge");
-    let mut args = vec!["train", "--data", s(&data), "--checkpoint-dir", s(&run)];
-    args.extend(TINY);
+    let mut args = train_tiny(&data, &run, &[]);
     let mut first = args.clone();
     first.extend(["--epochs", "1"]);
     assert!(capsnet(&first, &[]).status.success());
