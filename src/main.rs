@@ -346,11 +346,9 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench(a) => {
-            if a.batch_size == 0 || a.batch_size > Config::MAX_BATCH || a.steps == 0 {
-                return Err(Error::msg(format!(
-                    "bench: --batch-size must be between 1 and {} and --steps at least 1",
-                    Config::MAX_BATCH
-                )));
+            Config::check_batch_size(a.batch_size)?;
+            if a.steps == 0 {
+                return Err(Error::msg("bench: --steps must be at least 1"));
             }
             a.model.config().validate()?;
             let sel = select(a.device)?;

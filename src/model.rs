@@ -140,8 +140,19 @@ impl Config {
         Ok(())
     }
 
-    /// The largest training batch [`crate::train::train`] accepts.
+    /// The largest batch `train` and `bench` accept.
     pub const MAX_BATCH: usize = 4096;
+
+    /// `--batch-size` between 1 and [`Config::MAX_BATCH`], checked before anything is allocated.
+    pub fn check_batch_size(n: usize) -> Result<()> {
+        if n == 0 || n > Self::MAX_BATCH {
+            return Err(Error::msg(format!(
+                "--batch-size must be between 1 and {}, got {n}",
+                Self::MAX_BATCH
+            )));
+        }
+        Ok(())
+    }
 
     /// conv1 at batch `batch`: [B,28,28,1] → [B,20,20,C1].
     pub fn conv1_shape(&self, batch: usize) -> ConvShape {

@@ -463,13 +463,7 @@ fn run_epoch<B: Backend>(
 
 /// Trains as `opts` says; returns the metrics of the epochs run in this call.
 pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMetrics>> {
-    if opts.batch_size == 0 || opts.batch_size > Config::MAX_BATCH {
-        return Err(Error::msg(format!(
-            "--batch-size must be between 1 and {}, got {}",
-            Config::MAX_BATCH,
-            opts.batch_size
-        )));
-    }
+    Config::check_batch_size(opts.batch_size)?;
     if opts.epochs == 0 && !opts.resume {
         return Err(Error::msg("--epochs 0: nothing to train; give at least 1"));
     }
