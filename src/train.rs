@@ -320,25 +320,26 @@ struct StepSaver {
     every: Option<Duration>,
     steps: Option<u64>,
     last_time: Instant,
-    last_step: Option<u64>,
+    last_step: u64,
 }
 
 impl StepSaver {
-    fn new(opts: &TrainOptions) -> Self {
+    /// `step`: the step the run starts from (that of the checkpoint it resumed, or 0).
+    fn new(opts: &TrainOptions, step: u64) -> Self {
         StepSaver {
             every: opts.checkpoint_every,
             steps: opts.checkpoint_steps,
             last_time: Instant::now(),
-            last_step: None,
+            last_step: step,
         }
     }
     fn due(&self, step: u64) -> bool {
         self.every.is_some_and(|d| self.last_time.elapsed() >= d)
-            || self.steps.is_some_and(|n| step >= self.last_step.unwrap_or(0) + n)
+            || self.steps.is_some_and(|n| step >= self.last_step + n)
     }
     fn saved(&mut self, step: u64) {
         self.last_time = Instant::now();
-        self.last_step = Some(step);
+        self.last_step = step;
     }
 }
 
@@ -427,10 +428,14 @@ fn run_epoch<B: Backend>(
     let last = opts.run_dir.join(LAST);
     for chunk in order.chunks(state.batch_size).skip(r.batches) {
         if INTERRUPT.load(Ordering::SeqCst) {
-            eprintln!(
-                "\ninterrupted before a new step: {} is the latest state",
-                last.display()
-            );
+            if last.exists() {
+                eprintln!(
+                    "\ninterrupted before a new step: {} is the latest state",
+                    last.display()
+                );
+            } else {
+                eprintln!("\ninterrupted before the first step: nothing was trained");
+            }
             return Ok(None);
         }
         train_step(tape, model, adam, set, chunk, &mut r)?;
@@ -575,7 +580,7 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
         };
         eprintln!("resumed from {} at {at} (step {})", last_path.display(), state.step);
     }
-    let mut saver = StepSaver::new(opts);
+    let mut saver = StepSaver::new(opts, state.step);
 
     let mut history = vec![];
     if state.epoch >= opts.epochs {
