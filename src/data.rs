@@ -272,23 +272,31 @@ struct Failure {
     why: String,
 }
 
-fn fetch(agent: &ureq::Agent, url: &str) -> std::result::Result<Vec<u8>, Failure> {
-    let answered = |why: String| Failure { network: false, why };
-    let mut resp = agent.get(url).call().map_err(|e| match e {
-        ureq::Error::StatusCode(code) => answered(format!("HTTP {code}")),
-        other => Failure {
+impl Failure {
+    fn network(why: impl ToString) -> Self {
+        Failure {
             network: true,
-            why: other.to_string(),
-        },
+            why: why.to_string(),
+        }
+    }
+    fn answered(why: impl ToString) -> Self {
+        Failure {
+            network: false,
+            why: why.to_string(),
+        }
+    }
+}
+
+fn fetch(agent: &ureq::Agent, url: &str) -> std::result::Result<Vec<u8>, Failure> {
+    let mut resp = agent.get(url).call().map_err(|e| match e {
+        ureq::Error::StatusCode(code) => Failure::answered(format!("HTTP {code}")),
+        other => Failure::network(other),
     })?;
     resp.body_mut()
         .with_config()
         .limit(64 << 20)
         .read_to_vec()
-        .map_err(|e| Failure {
-            network: true,
-            why: e.to_string(),
-        })
+        .map_err(Failure::network)
 }
 
 /// Downloads whichever of the four files `dir` lacks (or holds with the wrong content), trying each
@@ -315,12 +323,11 @@ pub fn download(dir: &Path, mirrors: &[String]) -> Result<Vec<String>> {
         let mut done = false;
         for base in mirrors {
             let url = format!("{}/{name}.gz", base.trim_end_matches('/'));
-            let answered = |why: String| Failure { network: false, why };
             match fetch(&agent, &url).and_then(|gz| {
-                let raw = gunzip_if_gz(Path::new(&url), gz.clone()).map_err(|e| answered(e.to_string()))?;
+                let raw = gunzip_if_gz(Path::new(&url), gz.clone()).map_err(Failure::answered)?;
                 let got = sha256_hex(&raw);
                 if got != sha {
-                    Err(answered(format!("SHA-256 {got} does not match {sha}")))
+                    Err(Failure::answered(format!("SHA-256 {got} does not match {sha}")))
                 } else {
                     Ok(gz)
                 }
