@@ -164,7 +164,6 @@ pub fn build(variant: Variant) -> Result<PathBuf> {
     }
     let tmp = root.join(format!(".{}-{hash}.tmp{}", variant.name(), std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, e))?;
     std::fs::create_dir_all(tmp.join("kernels/emulator")).map_err(|e| Error::file(&tmp, e))?;
     for (n, s) in &files {
         std::fs::write(tmp.join(n), s).map_err(|e| Error::file(&tmp.join(n), e))?;
@@ -175,24 +174,20 @@ pub fn build(variant: Variant) -> Result<PathBuf> {
     for u in &units {
         let mut c = Command::new(cxx());
         // ThreadSanitizer instruments the kernels only: the scheduler's own bookkeeping is ordered by
-        // fiber switches that TSan must not see as synchronisation (emulator.cpp)
-        let unit_flags: Vec<&String> = flags
-            .iter()
-            .filter(|f| {
-                !(variant == Variant::Thread
-                    && u.as_str() == "kernels/emulator/emulator.cpp"
-                    && f.as_str() == "-fsanitize=thread")
-            })
-            .collect();
+        // fiber switches that TSan must not see as synchronisation (emulator.cpp), so its unit is
+        // built without -fsanitize=thread and told to drive TSan's fiber interface itself
+        let tsan_runtime = variant == Variant::Thread && u.as_str() == "kernels/emulator/emulator.cpp";
         c.current_dir(&tmp)
-            .args(unit_flags)
+            .args(
+                flags
+                    .iter()
+                    .filter(|f| !(tsan_runtime && f.as_str() == "-fsanitize=thread")),
+            )
+            .args(tsan_runtime.then_some("-DEMU_TSAN_FIBERS=1"))
             .arg("-c")
             .arg(u.as_str())
             .arg("-o")
             .arg(format!("{u}.o"));
-        if variant == Variant::Thread && u.as_str() == "kernels/emulator/emulator.cpp" {
-            c.arg("-DEMU_TSAN_FIBERS=1");
-        }
         let child = c
             .stderr(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
