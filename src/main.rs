@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use capsnet::backend::cpu::CpuBackend;
+use capsnet::backend::fast::FastCpu;
 use capsnet::cuda::{self, CudaBackend};
 use capsnet::model::Config;
 use capsnet::train::{self, TrainOptions};
@@ -42,7 +43,10 @@ enum Cmd {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Device {
+    /// The fast CPU backend: f32, SIMD GEMMs, every core.
     Cpu,
+    /// The CPU reference: f32 storage, every sum in f64 (the spec the others are tested against; slow).
+    CpuReference,
     Cuda,
     Auto,
     /// The CUDA backend on the emulated device: every kernel runs on the CPU, one fiber per CUDA
@@ -174,7 +178,8 @@ struct BenchArgs {
 
 /// The backend a command runs on.
 enum Selected {
-    Cpu(CpuBackend<f32>),
+    Cpu(FastCpu),
+    CpuReference(CpuBackend<f32>),
     Cuda(Box<CudaBackend>),
 }
 
@@ -188,7 +193,8 @@ fn select(device: Device) -> Result<Selected> {
             .map_err(|e| Error::msg(format!("--device {flag}: {e}")))
     };
     match device {
-        Device::Cpu => Ok(Selected::Cpu(CpuBackend::new())),
+        Device::Cpu => Ok(Selected::Cpu(FastCpu::new())),
+        Device::CpuReference => Ok(Selected::CpuReference(CpuBackend::new())),
         Device::Cuda => cuda("cuda"),
         Device::Emulated => {
             cuda::emulator::load(cuda::emulator::Variant::Plain)
@@ -199,7 +205,7 @@ fn select(device: Device) -> Result<Selected> {
             Ok(_) => cuda("auto (GPU 0 is there)"),
             Err(e) => {
                 eprintln!("note: no GPU ({e}); running on the CPU");
-                Ok(Selected::Cpu(CpuBackend::new()))
+                Ok(Selected::Cpu(FastCpu::new()))
             }
         },
     }
@@ -210,6 +216,7 @@ macro_rules! with_backend {
     ($sel:expr, |$be:ident| $body:expr) => {
         match $sel {
             Selected::Cpu($be) => $body,
+            Selected::CpuReference($be) => $body,
             Selected::Cuda($be) => {
                 let $be = *$be;
                 $body

@@ -8,9 +8,10 @@
 use std::borrow::Cow;
 use std::marker::PhantomData;
 
+use super::linalg::{col2im_add, gemm, im2col};
 use super::{
     Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape, LAMBDA, M_MINUS, M_PLUS, NORM_EPS,
-    RoutingSaved, check, check_adam_group, check_routing,
+    RoutingSaved, alloc_zeros, check, check_adam_group, check_routing, class_index,
 };
 use crate::float::Float;
 use crate::par::{par_map, par_rows};
@@ -40,47 +41,6 @@ fn f64s<T: Float>(x: &[T]) -> Cow<'_, [f64]> {
 fn add_into<T: Float>(dst: &mut [T], src: &[f64]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d = T::from_f64(d.to_f64() + s);
-    }
-}
-
-/// C (m×n, row-major) = A (m×k) · B (k×n) + beta·C, A and B given by (row stride, column stride).
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: &[f64],
-    (rsa, csa): (usize, usize),
-    b: &[f64],
-    (rsb, csb): (usize, usize),
-    c: &mut [f64],
-    beta: f64,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(k == 0 || (a.len() > last(m, k, rsa, csa) && b.len() > last(k, n, rsb, csb)));
-    assert!(c.len() >= m * n);
-    // SAFETY: the asserts above keep every element dgemm reads (A: m×k, B: k×n with the given
-    // strides) and writes (C: m×n, row-major) inside the slices; C does not alias A or B.
-    unsafe {
-        matrixmultiply::dgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a.as_ptr(),
-            rsa as isize,
-            csa as isize,
-            b.as_ptr(),
-            rsb as isize,
-            csb as isize,
-            beta,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        )
     }
 }
 
@@ -141,22 +101,10 @@ impl<T: Float> CpuBackend<T> {
         (CHUNK_ELEMS / row_elems.max(1)).max(1)
     }
 
-    /// Patch matrix of images b0..b0+nb: row (b, oy, ox), column (ky, kx, c).
+    /// Patch matrix of images b0..b0+nb, in f64.
     fn im2col(s: &ConvShape, x: &[T], b0: usize, nb: usize) -> Vec<f64> {
-        let (ow, npix, kd, ci) = (s.out_w(), s.out_h() * s.out_w(), s.patch_len(), s.in_c);
-        let mut col = vec![0.0; nb * npix * kd];
-        par_rows(&mut col, kd, kd, |r, row| {
-            let (bi, p) = (b0 + r / npix, r % npix);
-            let (oy, ox) = (p / ow, p % ow);
-            for ky in 0..s.k {
-                // for a fixed ky, the kx and c axes are one contiguous run of K·Cin values in x
-                let src = ((bi * s.in_h + oy * s.stride + ky) * s.in_w + ox * s.stride) * ci;
-                let dst = ky * s.k * ci;
-                for (o, v) in row[dst..dst + s.k * ci].iter_mut().zip(&x[src..src + s.k * ci]) {
-                    *o = v.to_f64();
-                }
-            }
-        });
+        let mut col = vec![0.0; nb * s.out_h() * s.out_w() * s.patch_len()];
+        im2col(s, x, b0, nb, &mut col, T::to_f64);
         col
     }
 }
@@ -175,16 +123,7 @@ impl<T: Float> Backend for CpuBackend<T> {
     }
 
     fn zeros(&self, n: usize) -> Result<Vec<T>> {
-        // a failed allocation is an error that says so, not an abort
-        let mut v = Vec::new();
-        v.try_reserve_exact(n).map_err(|_| {
-            Error::msg(format!(
-                "out of memory: cannot allocate {} MiB for a tensor of {n} values",
-                (n as u128 * std::mem::size_of::<T>() as u128) >> 20
-            ))
-        })?;
-        v.resize(n, T::default());
-        Ok(v)
+        alloc_zeros(n)
     }
     fn upload(&self, host: &[T]) -> Result<Vec<T>> {
         Ok(host.to_vec())
@@ -253,7 +192,7 @@ impl<T: Float> Backend for CpuBackend<T> {
         check(OP, "dz", dz.len(), s.y_len())?;
         check(OP, "w", w.len(), s.w_len())?;
         check(OP, "dx", dx.len(), s.x_len())?;
-        let (ow, npix, kd, co, ci) = (s.out_w(), s.out_h() * s.out_w(), s.patch_len(), s.out_c, s.in_c);
+        let (npix, kd, co, ci) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c, s.in_c);
         let img = s.in_h * s.in_w * ci;
         let wf = f64s(w);
         let chunk = Self::images_per_chunk(npix * kd);
@@ -263,21 +202,8 @@ impl<T: Float> Backend for CpuBackend<T> {
             // dcol = dz · Wᵀ, with W [kd, co] read transposed through its strides
             let mut dcol = vec![0.0; nb * npix * kd];
             gemm(nb * npix, co, kd, &dzf, (co, 1), &wf, (1, co), &mut dcol, 0.0);
-            // col2im: every patch adds its gradient back onto the pixels it was read from
             let mut dxf = vec![0.0; nb * img];
-            par_rows(&mut dxf, img, npix * kd, |bi, im| {
-                for p in 0..npix {
-                    let (oy, ox) = (p / ow, p % ow);
-                    let row = &dcol[(bi * npix + p) * kd..(bi * npix + p + 1) * kd];
-                    for ky in 0..s.k {
-                        let dst = ((oy * s.stride + ky) * s.in_w + ox * s.stride) * ci;
-                        let src = ky * s.k * ci;
-                        for (o, v) in im[dst..dst + s.k * ci].iter_mut().zip(&row[src..src + s.k * ci]) {
-                            *o += v;
-                        }
-                    }
-                }
-            });
+            col2im_add(s, &dcol, &mut dxf);
             add_into(&mut dx[b0 * img..(b0 + nb) * img], &dxf);
         }
         Ok(())
@@ -839,14 +765,6 @@ impl<T: Float> Backend for CpuBackend<T> {
             }
         }
         Ok(())
-    }
-}
-
-fn class_index(op: &str, k: u32, n: usize) -> Result<usize> {
-    if (k as usize) < n {
-        Ok(k as usize)
-    } else {
-        Err(Error::msg(format!("{op}: class index {k} out of range 0..{n}")))
     }
 }
 

@@ -12,6 +12,8 @@
 //!   host round trip inside a step; the incoming gradient of a loss (`dloss`) is such a buffer too.
 
 pub mod cpu;
+pub mod fast;
+pub(crate) mod linalg;
 
 use crate::float::Float;
 use crate::{Error, Result};
@@ -24,6 +26,28 @@ pub(crate) fn check(op: &str, what: &str, len: usize, expected: usize) -> Result
         )));
     }
     Ok(())
+}
+
+/// A zeroed vector of `n` values; a failed allocation is an error that says so, not an abort.
+pub(crate) fn alloc_zeros<T: Default + Clone>(n: usize) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        Error::msg(format!(
+            "out of memory: cannot allocate {} MiB for a tensor of {n} values",
+            (n as u128 * std::mem::size_of::<T>() as u128) >> 20
+        ))
+    })?;
+    v.resize(n, T::default());
+    Ok(v)
+}
+
+/// A class index (label or prediction) checked against the number of classes.
+pub(crate) fn class_index(op: &str, k: u32, n: usize) -> Result<usize> {
+    if (k as usize) < n {
+        Ok(k as usize)
+    } else {
+        Err(Error::msg(format!("{op}: class index {k} out of range 0..{n}")))
+    }
 }
 
 /// The routing op's common preconditions: at least one round, û and the saved buffers' lengths.

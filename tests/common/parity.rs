@@ -1,0 +1,498 @@
+//! The parity suite: every op of a backend against the CPU reference (CpuBackend<f64> on the same f32
+//! inputs), on seeded random inputs at shapes that do not divide any block or tile size, with written
+//! outputs poisoned (NaN) before each run and accumulated outputs starting from random values (so
+//! `+=` is checked too); then whole training steps. tests/cuda.rs runs it on the GPU (or the emulated
+//! device), tests/cpu_fast.rs on the fast CPU backend. Tolerance: |got − reference| ≤ atol +
+//! rtol·|reference|, stated per check.
+
+use capsnet::adam::Adam;
+use capsnet::backend::cpu::CpuBackend;
+use capsnet::backend::{Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape};
+use capsnet::float::Float;
+use capsnet::model::{CapsNet, Config, init_params};
+use capsnet::tape::Tape;
+
+use super::{Lcg, small_config};
+
+pub type Cpu = CpuBackend<f64>;
+
+/// f32-representable random values, so both backends see exactly the same inputs.
+pub fn rand(rng: &mut Lcg, n: usize, lo: f64, hi: f64) -> Vec<f32> {
+    rng.vec(n, lo, hi).into_iter().map(|x| x as f32).collect()
+}
+
+pub fn up<B: Backend>(be: &B, h: &[f32]) -> B::Buf {
+    be.upload(&h.iter().map(|&x| B::E::from_f64(x as f64)).collect::<Vec<_>>())
+        .unwrap()
+}
+
+pub fn down<B: Backend>(be: &B, b: &B::Buf) -> Vec<f64> {
+    be.download(b).unwrap().iter().map(|x| x.to_f64()).collect()
+}
+
+pub fn poisoned<B: Backend>(be: &B, n: usize) -> B::Buf {
+    let mut b = be.zeros(n).unwrap();
+    be.fill(&mut b, f64::NAN).unwrap();
+    b
+}
+
+/// |got − want| ≤ atol + rtol·|want|; false for NaN.
+pub fn within(got: f64, want: f64, atol: f64, rtol: f64) -> bool {
+    use std::cmp::Ordering::{Equal, Less};
+    matches!(
+        (got - want).abs().partial_cmp(&(atol + rtol * want.abs())),
+        Some(Less | Equal)
+    )
+}
+
+pub fn compare(name: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64) {
+    assert_eq!(got.len(), want.len(), "{name}: lengths differ");
+    let bad: Vec<usize> = (0..got.len())
+        .filter(|&i| !within(got[i], want[i], atol, rtol))
+        .collect();
+    if !bad.is_empty() {
+        // NaN (a value never written, or poisoned input read) shows as the worst difference
+        let worst = bad.iter().map(|&i| (got[i] - want[i]).abs()).fold(0.0, |a: f64, d| {
+            if d.is_nan() || a.is_nan() { f64::NAN } else { a.max(d) }
+        });
+        let first: Vec<String> = bad
+            .iter()
+            .take(6)
+            .map(|&i| format!("[{i}] got {} reference {}", got[i], want[i]))
+            .collect();
+        panic!(
+            "{name}: {} of {} differ (max |diff| {worst:e}; tolerance {atol:e} + {rtol:e}·|reference|); first: {}",
+            bad.len(),
+            got.len(),
+            first.join(", ")
+        );
+    }
+}
+
+/// Runs `$body` with `$be` bound to the CPU reference, then to the backend under test; yields
+/// (reference, got).
+macro_rules! both {
+    ($got:expr, |$be:ident| $body:expr) => {{
+        let cpu_backend = Cpu::new();
+        let want = {
+            let $be = &cpu_backend;
+            $body
+        };
+        let got = {
+            let $be = $got;
+            $body
+        };
+        (want, got)
+    }};
+}
+
+pub fn conv2d<B: Backend>(g: &B) {
+    // odd shapes (M, N, K not multiples of the 64x64x16 tiles), then the model's own two convolutions
+    let shapes = [
+        ConvShape {
+            batch: 3,
+            in_h: 13,
+            in_w: 11,
+            in_c: 5,
+            out_c: 7,
+            k: 3,
+            stride: 1,
+        },
+        ConvShape {
+            batch: 2,
+            in_h: 15,
+            in_w: 12,
+            in_c: 3,
+            out_c: 70,
+            k: 4,
+            stride: 2,
+        },
+        Config::default().conv1_shape(3),
+        Config::default().primary_shape(2),
+    ];
+    for (n, s) in shapes.iter().enumerate() {
+        let mut rng = Lcg(100 + n as u64);
+        let (x, w, b) = (
+            rand(&mut rng, s.x_len(), 0.0, 1.0),
+            rand(&mut rng, s.w_len(), -0.1, 0.1),
+            rand(&mut rng, s.out_c, -0.1, 0.1),
+        );
+        let (dz, dx0, dw0, db0) = (
+            rand(&mut rng, s.y_len(), -1.0, 1.0),
+            rand(&mut rng, s.x_len(), -1.0, 1.0),
+            rand(&mut rng, s.w_len(), -1.0, 1.0),
+            rand(&mut rng, s.out_c, -1.0, 1.0),
+        );
+        // K up to 20,736 products in f32: 1e-4 absolute + 1e-4 relative
+        let (atol, rtol) = (1e-4 * (s.patch_len() as f64).sqrt(), 1e-4);
+        for act in [Act::None, Act::Relu, Act::Sigmoid] {
+            let (want, got) = both!(g, |be| {
+                let mut y = poisoned(be, s.y_len());
+                be.conv2d_fwd(s, &up(be, &x), &up(be, &w), &up(be, &b), &mut y, act)
+                    .unwrap();
+                down(be, &y)
+            });
+            compare(&format!("conv2d_fwd {s:?} {act:?}"), &got, &want, atol, rtol);
+        }
+        let (want, got) = both!(g, |be| {
+            let mut dx = up(be, &dx0);
+            be.conv2d_bwd_input(s, &up(be, &dz), &up(be, &w), &mut dx).unwrap();
+            down(be, &dx)
+        });
+        compare(&format!("conv2d_bwd_input {s:?}"), &got, &want, atol, rtol);
+        let (want, got) = both!(g, |be| {
+            let mut dw = up(be, &dw0);
+            be.conv2d_bwd_weight(s, &up(be, &x), &up(be, &dz), &mut dw).unwrap();
+            down(be, &dw)
+        });
+        compare(
+            &format!("conv2d_bwd_weight {s:?}"),
+            &got,
+            &want,
+            1e-4 * (s.rows() as f64).sqrt(),
+            rtol,
+        );
+        let (want, got) = both!(g, |be| {
+            let mut db = up(be, &db0);
+            be.bias_bwd(s.rows(), s.out_c, &up(be, &dz), &mut db).unwrap();
+            down(be, &db)
+        });
+        compare(
+            &format!("bias_bwd {s:?}"),
+            &got,
+            &want,
+            1e-4 * (s.rows() as f64).sqrt(),
+            1e-5,
+        );
+    }
+}
+
+pub fn dense_and_elementwise<B: Backend>(g: &B) {
+    let mut rng = Lcg(7);
+    for s in [
+        DenseShape {
+            rows: 5,
+            inp: 160,
+            out: 512,
+        },
+        DenseShape {
+            rows: 67,
+            inp: 1024,
+            out: 784,
+        },
+        DenseShape {
+            rows: 3,
+            inp: 7,
+            out: 65,
+        },
+    ] {
+        let (x, w, b) = (
+            rand(&mut rng, s.rows * s.inp, -1.0, 1.0),
+            rand(&mut rng, s.inp * s.out, -0.1, 0.1),
+            rand(&mut rng, s.out, -0.1, 0.1),
+        );
+        let (dz, dx0, dw0) = (
+            rand(&mut rng, s.rows * s.out, -1.0, 1.0),
+            rand(&mut rng, s.rows * s.inp, -1.0, 1.0),
+            rand(&mut rng, s.inp * s.out, -1.0, 1.0),
+        );
+        // activation outputs for act_bwd: zeros (ReLU's off side) and values in (0, 1)
+        let y_act: Vec<f32> = rand(&mut rng, s.rows * s.out, -0.5, 1.0)
+            .iter()
+            .map(|&v| v.max(0.0))
+            .collect();
+        for act in [Act::None, Act::Relu, Act::Sigmoid] {
+            let (want, got) = both!(g, |be| {
+                let mut y = poisoned(be, s.rows * s.out);
+                be.dense_fwd(&s, &up(be, &x), &up(be, &w), &up(be, &b), &mut y, act)
+                    .unwrap();
+                down(be, &y)
+            });
+            compare(&format!("dense_fwd {s:?} {act:?}"), &got, &want, 1e-5, 1e-4);
+            let (want, got) = both!(g, |be| {
+                let mut dzb = poisoned(be, s.rows * s.out);
+                be.act_bwd(act, &up(be, &y_act), &up(be, &dz), &mut dzb).unwrap();
+                down(be, &dzb)
+            });
+            compare(&format!("act_bwd {act:?}"), &got, &want, 1e-6, 1e-5);
+        }
+        let (want, got) = both!(g, |be| {
+            let mut dx = up(be, &dx0);
+            be.dense_bwd_input(&s, &up(be, &dz), &up(be, &w), &mut dx).unwrap();
+            down(be, &dx)
+        });
+        compare(&format!("dense_bwd_input {s:?}"), &got, &want, 1e-5, 1e-4);
+        let (want, got) = both!(g, |be| {
+            let mut dw = up(be, &dw0);
+            be.dense_bwd_weight(&s, &up(be, &x), &up(be, &dz), &mut dw).unwrap();
+            down(be, &dw)
+        });
+        compare(&format!("dense_bwd_weight {s:?}"), &got, &want, 1e-5, 1e-4);
+    }
+    let n = 1001;
+    let (a, b) = (rand(&mut rng, n, -1.0, 1.0), rand(&mut rng, n, -1.0, 1.0));
+    let (want, got) = both!(g, |be| {
+        let mut out = poisoned(be, n);
+        be.add_fwd(&up(be, &a), &up(be, &b), &mut out).unwrap();
+        let mut acc = up(be, &a);
+        be.add_assign(&mut acc, &up(be, &b)).unwrap();
+        let mut f = poisoned(be, n);
+        be.fill(&mut f, 0.25).unwrap();
+        [down(be, &out), down(be, &acc), down(be, &f)].concat()
+    });
+    compare("add_fwd, add_assign, fill", &got, &want, 1e-6, 1e-6);
+    let (rows, cols) = (37, 784);
+    let (p, t, d0) = (
+        rand(&mut rng, rows * cols, 0.0, 1.0),
+        rand(&mut rng, rows * cols, 0.0, 1.0),
+        rand(&mut rng, rows * cols, -1.0, 1.0),
+    );
+    let (want, got) = both!(g, |be| {
+        let mut loss = poisoned(be, 1);
+        be.sq_err_fwd(rows, cols, &up(be, &p), &up(be, &t), 0.0005, &mut loss)
+            .unwrap();
+        let mut dp = up(be, &d0);
+        be.sq_err_bwd(rows, cols, &up(be, &p), &up(be, &t), 0.0005, &up(be, &[1.5]), &mut dp)
+            .unwrap();
+        [down(be, &loss), down(be, &dp)].concat()
+    });
+    compare("sq_err fwd and bwd", &got, &want, 1e-6, 1e-5);
+}
+
+pub fn adam<B: Backend>(g: &B) {
+    let mut rng = Lcg(9);
+    let sizes = [1, 257, 70_001];
+    let init: Vec<[Vec<f32>; 4]> = sizes
+        .iter()
+        .map(|&n| {
+            [
+                rand(&mut rng, n, -1.0, 1.0),
+                rand(&mut rng, n, -0.1, 0.1),
+                rand(&mut rng, n, -0.01, 0.01),
+                rand(&mut rng, n, 0.0, 1e-4),
+            ]
+        })
+        .collect();
+    let (want, got) = both!(g, |be| {
+        let mut bufs: Vec<_> = init
+            .iter()
+            .map(|t| [up(be, &t[0]), up(be, &t[1]), up(be, &t[2]), up(be, &t[3])])
+            .collect();
+        for step in 1..=3 {
+            let hp = AdamHyper {
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                step,
+            };
+            let mut groups: Vec<AdamGroup<'_, _>> = bufs
+                .iter_mut()
+                .map(|[p, gr, m, v]| AdamGroup {
+                    param: p,
+                    grad: &*gr,
+                    m,
+                    v,
+                })
+                .collect();
+            be.adam_step(&hp, &mut groups).unwrap();
+        }
+        bufs.iter()
+            .flat_map(|[p, _, m, v]| [down(be, p), down(be, m), down(be, v)].concat())
+            .collect::<Vec<f64>>()
+    });
+    compare("adam_step, 3 steps over 3 tensors", &got, &want, 1e-6, 1e-4);
+}
+
+pub fn capsule_ops<B: Backend>(g: &B) {
+    let mut rng = Lcg(11);
+    // squash and lengths, with a zero row
+    let (rows, dim) = (1153, 8);
+    let mut s = rand(&mut rng, rows * dim, -1.0, 1.0);
+    s[8..16].fill(0.0);
+    let (dv, ds0) = (
+        rand(&mut rng, rows * dim, -1.0, 1.0),
+        rand(&mut rng, rows * dim, -1.0, 1.0),
+    );
+    let (want, got) = both!(g, |be| {
+        let mut v = poisoned(be, rows * dim);
+        be.squash_fwd(rows, dim, &up(be, &s), &mut v).unwrap();
+        let mut ds = up(be, &ds0);
+        be.squash_bwd(rows, dim, &up(be, &s), &up(be, &dv), &mut ds).unwrap();
+        let mut l = poisoned(be, rows);
+        be.lengths_fwd(rows, dim, &up(be, &s), &mut l).unwrap();
+        let mut dvl = up(be, &ds0);
+        be.lengths_bwd(rows, dim, &up(be, &s), &l, &up(be, &dv[..rows]), &mut dvl)
+            .unwrap();
+        [down(be, &v), down(be, &ds), down(be, &l), down(be, &dvl)].concat()
+    });
+    compare("squash and lengths fwd/bwd", &got, &want, 1e-5, 1e-4);
+
+    // prediction vectors at the model's size and an odd one
+    for cs in [
+        Config::default().caps_shape(3),
+        CapsShape {
+            batch: 5,
+            in_caps: 37,
+            in_dim: 3,
+            out_caps: 7,
+            out_dim: 5,
+        },
+    ] {
+        let (u, w, duh) = (
+            rand(&mut rng, cs.u_len(), -1.0, 1.0),
+            rand(&mut rng, cs.w_len(), -0.5, 0.5),
+            rand(&mut rng, cs.uhat_len(), -1.0, 1.0),
+        );
+        let (du0, dw0) = (
+            rand(&mut rng, cs.u_len(), -1.0, 1.0),
+            rand(&mut rng, cs.w_len(), -1.0, 1.0),
+        );
+        let (want, got) = both!(g, |be| {
+            let mut uhat = poisoned(be, cs.uhat_len());
+            be.predict_fwd(&cs, &up(be, &u), &up(be, &w), &mut uhat).unwrap();
+            let mut du = up(be, &du0);
+            be.predict_bwd_input(&cs, &up(be, &duh), &up(be, &w), &mut du).unwrap();
+            let mut dw = up(be, &dw0);
+            be.predict_bwd_weight(&cs, &up(be, &u), &up(be, &duh), &mut dw).unwrap();
+            [down(be, &uhat), down(be, &du), down(be, &dw)].concat()
+        });
+        compare(&format!("predict fwd/bwd {cs:?}"), &got, &want, 1e-5, 1e-4);
+    }
+
+    // mask, argmax, margin loss
+    let (batch, caps, d) = (13, 10, 16);
+    let v = rand(&mut rng, batch * caps * d, -1.0, 1.0);
+    let l = rand(&mut rng, batch * caps, 0.0, 1.2);
+    let labels: Vec<u32> = (0..batch as u32).map(|i| (i * 7) % caps as u32).collect();
+    let (dout, dv0) = (
+        rand(&mut rng, batch * caps * d, -1.0, 1.0),
+        rand(&mut rng, batch * caps * d, -1.0, 1.0),
+    );
+    let dl0 = rand(&mut rng, batch * caps, -1.0, 1.0);
+    let (want, got) = both!(g, |be| {
+        let idx = be.upload_idx(&labels).unwrap();
+        let mut out = poisoned(be, batch * caps * d);
+        be.mask_fwd(batch, caps, d, &up(be, &v), &idx, &mut out).unwrap();
+        let mut dvb = up(be, &dv0);
+        be.mask_bwd(batch, caps, d, &up(be, &dout), &idx, &mut dvb).unwrap();
+        let mut am = be.upload_idx(&vec![99; batch]).unwrap();
+        be.argmax(batch, caps, &up(be, &l), &mut am).unwrap();
+        let mut loss = poisoned(be, 1);
+        be.margin_loss_fwd(batch, caps, &up(be, &l), &idx, &mut loss).unwrap();
+        let mut dl = up(be, &dl0);
+        be.margin_loss_bwd(batch, caps, &up(be, &l), &idx, &up(be, &[0.7]), &mut dl)
+            .unwrap();
+        let am: Vec<f64> = be.download_idx(&am).unwrap().iter().map(|&x| x as f64).collect();
+        [down(be, &out), down(be, &dvb), am, down(be, &loss), down(be, &dl)].concat()
+    });
+    compare("mask, argmax, margin loss", &got, &want, 1e-6, 1e-5);
+}
+
+pub fn routing_1_2_3_rounds<B: Backend>(g: &B) {
+    for (n, cs) in [
+        Config::default().caps_shape(3),
+        CapsShape {
+            batch: 2,
+            in_caps: 37,
+            in_dim: 8,
+            out_caps: 7,
+            out_dim: 5,
+        },
+    ]
+    .iter()
+    .enumerate()
+    {
+        for rounds in [1, 2, 3] {
+            let mut rng = Lcg(20 + 3 * n as u64 + rounds as u64);
+            let (uhat, dv, duh0) = (
+                rand(&mut rng, cs.uhat_len(), -0.2, 0.2),
+                rand(&mut rng, cs.v_len(), -1.0, 1.0),
+                rand(&mut rng, cs.uhat_len(), -1.0, 1.0),
+            );
+            let (want, got) = both!(g, |be| {
+                let u = up(be, &uhat);
+                let mut v = poisoned(be, cs.v_len());
+                let mut saved = be.routing_saved(cs, rounds).unwrap();
+                for b in [&mut saved.c, &mut saved.s, &mut saved.v] {
+                    be.fill(b, f64::NAN).unwrap();
+                }
+                be.routing_fwd(cs, rounds, &u, &mut v, &mut saved).unwrap();
+                let mut duh = up(be, &duh0);
+                be.routing_bwd(cs, rounds, &u, &saved, &up(be, &dv), &mut duh).unwrap();
+                [
+                    down(be, &v),
+                    down(be, &saved.c),
+                    down(be, &saved.s),
+                    down(be, &saved.v),
+                    down(be, &duh),
+                ]
+                .concat()
+            });
+            compare(
+                &format!("routing fwd+bwd {cs:?}, {rounds} rounds"),
+                &got,
+                &want,
+                1e-5,
+                1e-3,
+            );
+        }
+    }
+}
+
+/// Losses of `steps` training steps on fixed random images, and the gradients of the first step.
+pub fn train_steps<B: Backend>(be: B, steps: usize) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let cfg = small_config();
+    let mut rng = Lcg(5);
+    let batch = 6;
+    let images: Vec<B::E> = rng
+        .vec(batch * 784, 0.0, 1.0)
+        .iter()
+        .map(|&x| B::E::from_f64(x as f32 as f64))
+        .collect();
+    let labels: Vec<u32> = (0..batch as u32).map(|i| i % 10).collect();
+    let mut t = Tape::new(be);
+    let model = CapsNet::new(cfg.clone(), &mut t, &init_params(&cfg, 3)).unwrap();
+    let mut adam = Adam::new(&t, 1e-3).unwrap();
+    let (mut losses, mut grads) = (vec![], vec![]);
+    for s in 0..steps {
+        t.reset();
+        let f = model.forward(&mut t, &images, &labels, true).unwrap();
+        t.backward(f.loss).unwrap();
+        if s == 0 {
+            grads = model
+                .params
+                .iter()
+                .map(|&p| down(t.backend(), t.grad(p).unwrap()))
+                .collect();
+        }
+        adam.update(&mut t).unwrap();
+        losses.push(down(t.backend(), &t.value(f.loss).buf)[0]);
+    }
+    (losses, grads)
+}
+
+/// Ten training steps of the small model on `make()`'s backend against the reference: first-step
+/// gradients of every parameter, the losses, and the same losses bit for bit from a second backend.
+pub fn training_steps_match_reference<B: Backend>(make: impl Fn() -> B) {
+    let (cpu_losses, cpu_grads) = train_steps(Cpu::new(), 10);
+    let (got_losses, got_grads) = train_steps(make(), 10);
+    // first-step gradients: every parameter, scaled to its largest entry
+    for (k, spec) in small_config().param_specs().iter().enumerate() {
+        let scale = cpu_grads[k].iter().fold(0.0f64, |a, x| a.max(x.abs()));
+        compare(
+            &format!("gradient of {}", spec.name),
+            &got_grads[k],
+            &cpu_grads[k],
+            1e-3 * scale,
+            1e-3,
+        );
+    }
+    // ten Adam steps: the losses follow the same path
+    compare("losses over 10 steps", &got_losses, &cpu_losses, 1e-5, 2e-3);
+    let (again, _) = train_steps(make(), 10);
+    assert_eq!(
+        got_losses, again,
+        "same seed, same backend: the same losses, bit for bit"
+    );
+}

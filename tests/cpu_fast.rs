@@ -1,0 +1,84 @@
+//! The fast CPU backend (f32 arithmetic, SIMD loops) against the f64 reference: every op through the
+//! parity suite (tests/common/parity.rs, tolerances stated there per op), ten training steps of a
+//! small model, and one step of the full-size model (loss and every gradient).
+
+mod common;
+
+use capsnet::backend::Backend;
+use capsnet::backend::cpu::CpuBackend;
+use capsnet::backend::fast::FastCpu;
+use capsnet::float::Float;
+use capsnet::model::{CapsNet, Config, init_params};
+use capsnet::tape::Tape;
+use common::{Lcg, parity};
+
+#[test]
+fn fast_cpu_conv2d_matches_reference() {
+    parity::conv2d(&FastCpu::new());
+}
+
+#[test]
+fn fast_cpu_dense_and_elementwise_match_reference() {
+    parity::dense_and_elementwise(&FastCpu::new());
+}
+
+#[test]
+fn fast_cpu_adam_matches_reference() {
+    parity::adam(&FastCpu::new());
+}
+
+#[test]
+fn fast_cpu_capsule_ops_match_reference() {
+    parity::capsule_ops(&FastCpu::new());
+}
+
+#[test]
+fn fast_cpu_routing_matches_reference_for_1_2_3_rounds() {
+    parity::routing_1_2_3_rounds(&FastCpu::new());
+}
+
+#[test]
+fn fast_cpu_training_steps_match_reference_and_repeat_bit_for_bit() {
+    parity::training_steps_match_reference(FastCpu::new);
+}
+
+/// Loss terms and every parameter's gradient after one forward and backward of the default model.
+fn full_step<B: Backend>(be: B, images: &[f32], labels: &[u32]) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let cfg = Config::default();
+    let mut t = Tape::new(be);
+    let model = CapsNet::new(cfg.clone(), &mut t, &init_params(&cfg, 11)).unwrap();
+    let x: Vec<B::E> = images.iter().map(|&v| B::E::from_f64(v as f64)).collect();
+    let f = model.forward(&mut t, &x, labels, true).unwrap();
+    t.backward(f.loss).unwrap();
+    let val = |v| parity::down(t.backend(), &t.value(v).buf)[0];
+    let losses = vec![val(f.loss), val(f.margin), val(f.recon_loss)];
+    let grads = model
+        .params
+        .iter()
+        .map(|&p| parity::down(t.backend(), t.grad(p).unwrap()))
+        .collect();
+    (losses, grads)
+}
+
+#[test]
+fn fast_cpu_full_model_step_matches_reference() {
+    let batch = 3;
+    let mut rng = Lcg(77);
+    let images: Vec<f32> = rng.vec(batch * 784, 0.0, 1.0).iter().map(|&v| v as f32).collect();
+    let labels = [3u32, 0, 9];
+    let (want_l, want_g) = full_step(CpuBackend::<f64>::new(), &images, &labels);
+    let (got_l, got_g) = full_step(FastCpu::new(), &images, &labels);
+    // loss, margin and reconstruction terms: f32 sums over 20,736-long patches and 1,152 capsules
+    parity::compare("loss terms", &got_l, &want_l, 1e-6, 1e-4);
+    for (k, spec) in Config::default().param_specs().iter().enumerate() {
+        let scale = want_g[k].iter().fold(0.0f64, |a, x| a.max(x.abs()));
+        assert!(scale > 0.0, "the reference gradient of {} is all zeros", spec.name);
+        parity::compare(
+            &format!("gradient of {}", spec.name),
+            &got_g[k],
+            &want_g[k],
+            1e-3 * scale,
+            1e-3,
+        );
+    }
+}
