@@ -229,19 +229,40 @@ fn predict_fwd_body<A: Arith>(s: &CapsShape, b0: usize, block: &mut [f32], u: &[
 }
 simd_fn!(fn predict_fwd_block(s: &CapsShape, b0: usize, block: &mut [f32], u: &[f32], wt: &[f32]) => predict_fwd_body;);
 
-/// du[b,i,:] += Σ_jk dû[b,i,jk] · W[i,jk,:] for one image.
+/// du[b,i,:] += Σ_jk dû[b,i,jk] · W[i,jk,:] for a block of images, capsule i outer so that W[i]
+/// stays in L1 across the block.
 #[inline(always)]
-fn predict_bwd_input_body<A: Arith>(s: &CapsShape, b: usize, dub: &mut [f32], duhat: &[f32], w: &[f32]) {
+fn predict_bwd_input_body<A: Arith>(s: &CapsShape, b0: usize, block: &mut [f32], duhat: &[f32], w: &[f32]) {
     let (ni, din, njd) = (s.in_caps, s.in_dim, s.out_caps * s.out_dim);
+    let nb = block.len() / (ni * din);
     for i in 0..ni {
-        let g = &duhat[(b * ni + i) * njd..(b * ni + i + 1) * njd];
-        let acc = &mut dub[i * din..(i + 1) * din];
-        for (jk, &gv) in g.iter().enumerate() {
-            axpy::<A>(gv, &w[(i * njd + jk) * din..(i * njd + jk + 1) * din], acc);
+        let wi = &w[i * njd * din..(i + 1) * njd * din];
+        for bl in 0..nb {
+            let b = b0 + bl;
+            let g = &duhat[(b * ni + i) * njd..(b * ni + i + 1) * njd];
+            let acc = &mut block[(bl * ni + i) * din..(bl * ni + i + 1) * din];
+            if din == 8 {
+                // four independent accumulators: one chain of 160 dependent FMAs would wait on latency
+                let mut a = [[0f32; 8]; 4];
+                for (gq, wq) in g.chunks(4).zip(wi.chunks(32)) {
+                    for (lane, (&gv, wr)) in gq.iter().zip(wq.chunks_exact(8)).enumerate() {
+                        for l in 0..8 {
+                            a[lane][l] = A::fma(gv, wr[l], a[lane][l]);
+                        }
+                    }
+                }
+                for l in 0..8 {
+                    acc[l] += (a[0][l] + a[1][l]) + (a[2][l] + a[3][l]);
+                }
+            } else {
+                for (jk, &gv) in g.iter().enumerate() {
+                    axpy::<A>(gv, &wi[jk * din..(jk + 1) * din], acc);
+                }
+            }
         }
     }
 }
-simd_fn!(fn predict_bwd_input_image(s: &CapsShape, b: usize, dub: &mut [f32], duhat: &[f32], w: &[f32]) => predict_bwd_input_body;);
+simd_fn!(fn predict_bwd_input_block(s: &CapsShape, b0: usize, block: &mut [f32], duhat: &[f32], w: &[f32]) => predict_bwd_input_body;);
 
 /// dW[i,jk,:] += Σ_b dû[b,i,jk] · u[b,i,:] for one capsule i.
 #[inline(always)]
@@ -671,8 +692,8 @@ impl Backend for FastCpu {
         check("predict_bwd_input", "w", w.len(), s.w_len())?;
         check("predict_bwd_input", "du", du.len(), s.u_len())?;
         let work = s.w_len();
-        par_rows(du, s.in_caps * s.in_dim, work, |b, dub| {
-            predict_bwd_input_image(s, b, dub, duhat, w)
+        par_blocks(du, s.in_caps * s.in_dim, work, |b0, block| {
+            predict_bwd_input_block(s, b0, block, duhat, w)
         });
         Ok(())
     }
