@@ -139,3 +139,72 @@ pub fn op_bench<B: Backend>(be: &B, cfg: &Config, batch: usize, reps: usize) -> 
     }
     Ok(out)
 }
+
+/// What the PyTorch peer (benches/capsnet_torch_bench.py) reported for the same model and batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerReport {
+    pub torch: String,
+    pub median_ms: f64,
+    pub images_per_s: f64,
+}
+
+/// Runs the PyTorch peer `script` with `python3` (or `CAPSNET_PYTHON`) on `device` ("cpu" or "cuda")
+/// for the notebook's model (with `routing` rounds and W's init `w_std`) at `batch`, with `threads` CPU threads, and reads the JSON object its last
+/// line prints. Every way this can fail (no python, no torch, a script that fails or prints
+/// something else) is an error that says which.
+pub fn torch_peer(
+    script: &std::path::Path,
+    device: &str,
+    routing: usize,
+    w_std: f64,
+    batch: usize,
+    steps: usize,
+    warmup: usize,
+    threads: usize,
+) -> Result<PeerReport> {
+    use crate::Error;
+    if !script.is_file() {
+        return Err(Error::msg(format!("--peer {}: no such file", script.display())));
+    }
+    let python = std::env::var("CAPSNET_PYTHON").unwrap_or_else(|_| "python3".into());
+    let n = |x: usize| x.to_string();
+    let out = std::process::Command::new(&python)
+        .arg(script)
+        .args(["--device", device, "--batch-size", &n(batch), "--steps", &n(steps)])
+        .args(["--warmup", &n(warmup), "--routing-iters", &n(routing)])
+        .args(["--w-init-std", &w_std.to_string()])
+        .env("OMP_NUM_THREADS", n(threads))
+        .env("MKL_NUM_THREADS", n(threads))
+        .output()
+        .map_err(|e| Error::msg(format!("--peer: cannot run {python}: {e}")))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        let hint = if stderr.contains("No module named 'torch'") {
+            " (torch is not installed: pip install torch)"
+        } else {
+            ""
+        };
+        let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
+        return Err(Error::msg(format!(
+            "--peer {}: {python} exited with {}{hint}: {}",
+            script.display(),
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let bad = || {
+        Error::msg(format!(
+            "--peer {}: its last line is not the peer's JSON report: {last:?}",
+            script.display()
+        ))
+    };
+    let v: serde_json::Value = serde_json::from_str(last).map_err(|_| bad())?;
+    let num = |k: &str| v.get(k).and_then(|x| x.as_f64()).ok_or_else(bad);
+    Ok(PeerReport {
+        torch: v.get("torch").and_then(|x| x.as_str()).unwrap_or("?").to_string(),
+        median_ms: num("median_ms_per_step")?,
+        images_per_s: num("images_per_s")?,
+    })
+}

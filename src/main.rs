@@ -174,6 +174,10 @@ struct BenchArgs {
     /// Time each op at the model's shapes instead of whole steps.
     #[arg(long)]
     ops: bool,
+    /// Also run the PyTorch peer (needs python3 with torch) on the same device, batch and threads, and
+    /// print both figures and their ratio. FILE defaults to benches/capsnet_torch_bench.py.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "benches/capsnet_torch_bench.py")]
+    peer: Option<PathBuf>,
 }
 
 /// The backend a command runs on.
@@ -374,9 +378,29 @@ fn run(cli: Cli) -> Result<()> {
                 cfg.param_count(),
                 cfg.train_flops_per_image() / 1e9
             );
+            let peer_device = match (&a.peer, &sel) {
+                (None, _) => None,
+                (Some(_), _)
+                    if cfg
+                        != Config {
+                            routing_rounds: cfg.routing_rounds,
+                            w_std: cfg.w_std,
+                            ..Config::default()
+                        } =>
+                {
+                    return Err(Error::msg(
+                        "--peer: the PyTorch peer builds only the default model (--conv1-channels 256, --primary-maps 32)",
+                    ));
+                }
+                (Some(_), Selected::Cuda(_)) if cuda::emulator::loaded().is_some() => {
+                    return Err(Error::msg("--peer: there is no PyTorch peer for the emulated device"));
+                }
+                (Some(_), Selected::Cuda(_)) => Some("cuda"),
+                (Some(_), _) => Some("cpu"),
+            };
             let r = with_backend!(sel, |be| {
                 println!("backend: {}", capsnet::backend::Backend::name(&be));
-                train::bench(be, cfg, a.batch_size, a.steps, a.warmup)
+                train::bench(be, cfg.clone(), a.batch_size, a.steps, a.warmup)
             })?;
             println!(
                 "batch {}: median {:.1} ms/step over {} steps, {:.1} images/s, {:.1} GFLOP/s",
@@ -384,6 +408,24 @@ fn run(cli: Cli) -> Result<()> {
             );
             if let Some(mib) = r.device_mib {
                 println!("device memory held: {mib:.0} MiB");
+            }
+            if let (Some(script), Some(device)) = (&a.peer, peer_device) {
+                let threads = capsnet::par::threads();
+                let p = capsnet::bench::torch_peer(
+                    script,
+                    device,
+                    cfg.routing_rounds,
+                    cfg.w_std,
+                    a.batch_size,
+                    a.steps,
+                    a.warmup,
+                    threads,
+                )?;
+                println!(
+                    "peer: PyTorch {} on {device} ({threads} threads), batch {}: median {:.1} ms/step, {:.1} images/s",
+                    p.torch, a.batch_size, p.median_ms, p.images_per_s
+                );
+                println!("ratio: {:.2}x the peer's images/s", r.images_per_s / p.images_per_s);
             }
             Ok(())
         }

@@ -438,6 +438,82 @@ fn download_without_network_fails_clearly_and_writes_nothing() {
     assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0);
 }
 
+/// `bench --peer` with stand-in peers (the real one needs torch): what it passes, what it prints, and
+/// each way a peer can fail.
+#[test]
+fn bench_runs_a_peer_beside_it_and_says_why_one_fails() {
+    let d = temp_dir("cli_bench_peer");
+    let script = |name: &str, body: &str| {
+        let p = d.join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    };
+    // answers only the arguments the real peer needs for this run
+    let good = script(
+        "peer.py",
+        "import sys, json\n\
+         want = ['--device', 'cpu', '--batch-size', '2', '--steps', '1', '--warmup', '0', '--routing-iters', '3']\n\
+         if sys.argv[1:11] != want: sys.exit('unexpected arguments: %s' % sys.argv[1:])\n\
+         print('timed 1 steps')\n\
+         print(json.dumps({'torch': '9.9-stand-in', 'median_ms_per_step': 2000.0, 'images_per_s': 1.0}))\n",
+    );
+    let run = |peer: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "--batch-size",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--routing",
+            "3",
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--device", "cpu", "--peer", s(peer)]);
+        capsnet(&args, &[])
+    };
+    let o = run(&good, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("peer: PyTorch 9.9-stand-in on cpu"), "{out}");
+    assert!(out.contains("1.0 images/s"), "{out}");
+    // our images/s over the stand-in's 1.0
+    let ours: f64 = out
+        .lines()
+        .find(|l| l.starts_with("batch 2:"))
+        .and_then(|l| l.split(", ").find(|p| p.ends_with("images/s")))
+        .and_then(|p| p.trim_end_matches(" images/s").parse().ok())
+        .unwrap_or_else(|| panic!("no images/s figure in {out}"));
+    let ratio: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("ratio: "))
+        .and_then(|l| l.strip_suffix("x the peer's images/s"))
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("no ratio line in {out}"));
+    assert!(
+        (ratio - ours).abs() <= 0.051,
+        "ratio {ratio} for {ours} images/s against 1.0: {out}"
+    );
+
+    let o = run(&d.join("missing.py"), &[]);
+    assert_clean_error(&o, &["--peer", "missing.py: no such file"]);
+    let o = run(&script("notorch.py", "import torch_is_not_here as torch\n"), &[]);
+    assert_clean_error(&o, &["--peer", "exited with"]);
+    let o = run(
+        &script(
+            "torchless.py",
+            "raise ModuleNotFoundError(\"No module named 'torch'\")\n",
+        ),
+        &[],
+    );
+    assert_clean_error(&o, &["pip install torch"]);
+    let o = run(&script("chatty.py", "print('hello')\n"), &[]);
+    assert_clean_error(&o, &["not the peer's JSON report", "hello"]);
+    let o = run(&good, &["--conv1-channels", "16"]);
+    assert_clean_error(&o, &["--peer", "only the default model"]);
+}
+
 #[test]
 fn bench_reports_the_full_models_size_and_cost() {
     let o = capsnet(
