@@ -14,7 +14,9 @@
 //! Tested against the f64 reference ([`super::cpu`]) per op and for whole training steps
 //! (tests/cpu_fast.rs), at tolerances stated there.
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex};
 
 use super::linalg::{col2im_add, gemm, im2col};
 use super::{
@@ -30,16 +32,102 @@ const CHUNK_ELEMS: usize = 1 << 25;
 const ADAM_SLICE: usize = 1 << 15;
 const EPS: f32 = NORM_EPS as f32;
 
-/// The fast CPU backend. Holds one scratch buffer (im2col patches, transposed capsule weights),
-/// allocated on first use at the largest size asked for and reused by every later step.
+/// The fast CPU backend. Tensors come from a pool of freed buffers keyed by length, so once the first
+/// step has run, later steps of the same shapes allocate no tensor ([`FastCpu::fresh_allocations`]
+/// counts the allocations made). One scratch buffer (im2col patches, transposed capsule weights) is
+/// allocated at the largest size asked for and reused.
 #[derive(Debug, Default)]
 pub struct FastCpu {
     scratch: Mutex<Vec<f32>>,
+    pool: Arc<Mutex<Shelves>>,
+}
+
+/// Freed buffers by length.
+#[derive(Debug, Default)]
+struct Shelves {
+    free: HashMap<usize, Vec<Vec<f32>>>,
+    /// Bytes held in `free`, at most [`POOL_BYTES`].
+    bytes: usize,
+    /// Buffers allocated (not taken from the pool) so far.
+    fresh: usize,
+}
+
+/// The most freed memory the pool keeps; a buffer freed beyond it goes back to the allocator.
+const POOL_BYTES: usize = 1 << 30;
+
+/// A tensor of the fast CPU backend: f32 values that go back to the backend's pool when dropped.
+#[derive(Debug)]
+pub struct PoolBuf {
+    data: Vec<f32>,
+    pool: Arc<Mutex<Shelves>>,
+}
+
+impl Deref for PoolBuf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.data
+    }
+}
+
+impl DerefMut for PoolBuf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.data
+    }
+}
+
+impl<'a> IntoIterator for &'a PoolBuf {
+    type Item = &'a f32;
+    type IntoIter = std::slice::Iter<'a, f32>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.data.iter()
+    }
+}
+
+impl Drop for PoolBuf {
+    fn drop(&mut self) {
+        let data = std::mem::take(&mut self.data);
+        let bytes = data.len() * 4;
+        if let Ok(mut p) = self.pool.lock()
+            && bytes > 0
+            && p.bytes + bytes <= POOL_BYTES
+        {
+            p.bytes += bytes;
+            p.free.entry(data.len()).or_default().push(data);
+        }
+    }
 }
 
 impl FastCpu {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Tensors allocated so far (buffers reused from the pool are not counted).
+    pub fn fresh_allocations(&self) -> usize {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner()).fresh
+    }
+
+    /// A buffer of `n` values from the pool (else newly allocated), its contents set by `init`.
+    fn take(&self, n: usize, init: impl FnOnce(&mut [f32])) -> Result<PoolBuf> {
+        let reused = {
+            let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            let got = p.free.get_mut(&n).and_then(|shelf| shelf.pop());
+            match &got {
+                Some(_) => p.bytes -= n * 4,
+                None => p.fresh += 1,
+            }
+            got
+        };
+        let data = match reused {
+            Some(v) => v,
+            None => alloc_zeros(n)?,
+        };
+        let mut b = PoolBuf {
+            data,
+            pool: self.pool.clone(),
+        };
+        init(&mut b);
+        Ok(b)
     }
 
     /// Runs `f` on the first `n` values of the scratch buffer (old contents, not zeros).
@@ -425,7 +513,7 @@ simd_fn!(fn adam_slice(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k
 
 impl Backend for FastCpu {
     type E = f32;
-    type Buf = Vec<f32>;
+    type Buf = PoolBuf;
     type Idx = Vec<u32>;
 
     fn name(&self) -> String {
@@ -436,14 +524,14 @@ impl Backend for FastCpu {
         )
     }
 
-    fn zeros(&self, n: usize) -> Result<Vec<f32>> {
-        alloc_zeros(n)
+    fn zeros(&self, n: usize) -> Result<PoolBuf> {
+        self.take(n, |b| b.fill(0.0))
     }
-    fn upload(&self, host: &[f32]) -> Result<Vec<f32>> {
-        Ok(host.to_vec())
+    fn upload(&self, host: &[f32]) -> Result<PoolBuf> {
+        self.take(host.len(), |b| b.copy_from_slice(host))
     }
-    fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(buf.clone())
+    fn download(&self, buf: &PoolBuf) -> Result<Vec<f32>> {
+        Ok(buf.to_vec())
     }
     fn upload_idx(&self, host: &[u32]) -> Result<Vec<u32>> {
         Ok(host.to_vec())
@@ -451,19 +539,19 @@ impl Backend for FastCpu {
     fn download_idx(&self, idx: &Vec<u32>) -> Result<Vec<u32>> {
         Ok(idx.clone())
     }
-    fn buf_len(&self, buf: &Vec<f32>) -> usize {
+    fn buf_len(&self, buf: &PoolBuf) -> usize {
         buf.len()
     }
-    fn fill(&self, buf: &mut Vec<f32>, value: f64) -> Result<()> {
+    fn fill(&self, buf: &mut PoolBuf, value: f64) -> Result<()> {
         buf.fill(value as f32);
         Ok(())
     }
-    fn add_assign(&self, dst: &mut Vec<f32>, src: &Vec<f32>) -> Result<()> {
+    fn add_assign(&self, dst: &mut PoolBuf, src: &PoolBuf) -> Result<()> {
         check("add_assign", "src", src.len(), dst.len())?;
         dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
         Ok(())
     }
-    fn add_fwd(&self, a: &Vec<f32>, b: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
+    fn add_fwd(&self, a: &PoolBuf, b: &PoolBuf, out: &mut PoolBuf) -> Result<()> {
         check("add_fwd", "b", b.len(), a.len())?;
         check("add_fwd", "out", out.len(), a.len())?;
         for ((o, x), y) in out.iter_mut().zip(a).zip(b) {
@@ -477,10 +565,10 @@ impl Backend for FastCpu {
     fn conv2d_fwd(
         &self,
         s: &ConvShape,
-        x: &Vec<f32>,
-        w: &Vec<f32>,
-        b: &Vec<f32>,
-        y: &mut Vec<f32>,
+        x: &PoolBuf,
+        w: &PoolBuf,
+        b: &PoolBuf,
+        y: &mut PoolBuf,
         act: Act,
     ) -> Result<()> {
         const OP: &str = "conv2d_fwd";
@@ -500,7 +588,7 @@ impl Backend for FastCpu {
         })
     }
 
-    fn conv2d_bwd_input(&self, s: &ConvShape, dz: &Vec<f32>, w: &Vec<f32>, dx: &mut Vec<f32>) -> Result<()> {
+    fn conv2d_bwd_input(&self, s: &ConvShape, dz: &PoolBuf, w: &PoolBuf, dx: &mut PoolBuf) -> Result<()> {
         const OP: &str = "conv2d_bwd_input";
         check(OP, "dz", dz.len(), s.y_len())?;
         check(OP, "w", w.len(), s.w_len())?;
@@ -520,7 +608,7 @@ impl Backend for FastCpu {
         })
     }
 
-    fn conv2d_bwd_weight(&self, s: &ConvShape, x: &Vec<f32>, dz: &Vec<f32>, dw: &mut Vec<f32>) -> Result<()> {
+    fn conv2d_bwd_weight(&self, s: &ConvShape, x: &PoolBuf, dz: &PoolBuf, dw: &mut PoolBuf) -> Result<()> {
         const OP: &str = "conv2d_bwd_weight";
         check(OP, "x", x.len(), s.x_len())?;
         check(OP, "dz", dz.len(), s.y_len())?;
@@ -548,7 +636,7 @@ impl Backend for FastCpu {
         })
     }
 
-    fn bias_bwd(&self, rows: usize, cols: usize, dz: &Vec<f32>, db: &mut Vec<f32>) -> Result<()> {
+    fn bias_bwd(&self, rows: usize, cols: usize, dz: &PoolBuf, db: &mut PoolBuf) -> Result<()> {
         check("bias_bwd", "dz", dz.len(), rows * cols)?;
         check("bias_bwd", "db", db.len(), cols)?;
         // f32 sums over blocks of 64 rows, the blocks summed in f64
@@ -564,7 +652,7 @@ impl Backend for FastCpu {
         Ok(())
     }
 
-    fn act_bwd(&self, act: Act, y: &Vec<f32>, dy: &Vec<f32>, dz: &mut Vec<f32>) -> Result<()> {
+    fn act_bwd(&self, act: Act, y: &PoolBuf, dy: &PoolBuf, dz: &mut PoolBuf) -> Result<()> {
         check("act_bwd", "dy", dy.len(), y.len())?;
         check("act_bwd", "dz", dz.len(), y.len())?;
         const ROW: usize = 4096;
@@ -610,10 +698,10 @@ impl Backend for FastCpu {
     fn dense_fwd(
         &self,
         s: &DenseShape,
-        x: &Vec<f32>,
-        w: &Vec<f32>,
-        b: &Vec<f32>,
-        y: &mut Vec<f32>,
+        x: &PoolBuf,
+        w: &PoolBuf,
+        b: &PoolBuf,
+        y: &mut PoolBuf,
         act: Act,
     ) -> Result<()> {
         const OP: &str = "dense_fwd";
@@ -625,7 +713,7 @@ impl Backend for FastCpu {
         Ok(())
     }
 
-    fn dense_bwd_input(&self, s: &DenseShape, dz: &Vec<f32>, w: &Vec<f32>, dx: &mut Vec<f32>) -> Result<()> {
+    fn dense_bwd_input(&self, s: &DenseShape, dz: &PoolBuf, w: &PoolBuf, dx: &mut PoolBuf) -> Result<()> {
         const OP: &str = "dense_bwd_input";
         check(OP, "dz", dz.len(), s.rows * s.out)?;
         check(OP, "w", w.len(), s.inp * s.out)?;
@@ -634,7 +722,7 @@ impl Backend for FastCpu {
         Ok(())
     }
 
-    fn dense_bwd_weight(&self, s: &DenseShape, x: &Vec<f32>, dz: &Vec<f32>, dw: &mut Vec<f32>) -> Result<()> {
+    fn dense_bwd_weight(&self, s: &DenseShape, x: &PoolBuf, dz: &PoolBuf, dw: &mut PoolBuf) -> Result<()> {
         const OP: &str = "dense_bwd_weight";
         check(OP, "x", x.len(), s.rows * s.inp)?;
         check(OP, "dz", dz.len(), s.rows * s.out)?;
@@ -645,7 +733,7 @@ impl Backend for FastCpu {
 
     // ---- capsules -------------------------------------------------------------------------------
 
-    fn squash_fwd(&self, rows: usize, dim: usize, s: &Vec<f32>, v: &mut Vec<f32>) -> Result<()> {
+    fn squash_fwd(&self, rows: usize, dim: usize, s: &PoolBuf, v: &mut PoolBuf) -> Result<()> {
         check("squash_fwd", "s", s.len(), rows * dim)?;
         check("squash_fwd", "v", v.len(), rows * dim)?;
         let d = dim.max(1);
@@ -655,7 +743,7 @@ impl Backend for FastCpu {
         Ok(())
     }
 
-    fn squash_bwd(&self, rows: usize, dim: usize, s: &Vec<f32>, dv: &Vec<f32>, ds: &mut Vec<f32>) -> Result<()> {
+    fn squash_bwd(&self, rows: usize, dim: usize, s: &PoolBuf, dv: &PoolBuf, ds: &mut PoolBuf) -> Result<()> {
         check("squash_bwd", "s", s.len(), rows * dim)?;
         check("squash_bwd", "dv", dv.len(), rows * dim)?;
         check("squash_bwd", "ds", ds.len(), rows * dim)?;
@@ -666,7 +754,7 @@ impl Backend for FastCpu {
         Ok(())
     }
 
-    fn predict_fwd(&self, s: &CapsShape, u: &Vec<f32>, w: &Vec<f32>, uhat: &mut Vec<f32>) -> Result<()> {
+    fn predict_fwd(&self, s: &CapsShape, u: &PoolBuf, w: &PoolBuf, uhat: &mut PoolBuf) -> Result<()> {
         check("predict_fwd", "u", u.len(), s.u_len())?;
         check("predict_fwd", "w", w.len(), s.w_len())?;
         check("predict_fwd", "uhat", uhat.len(), s.uhat_len())?;
@@ -687,7 +775,7 @@ impl Backend for FastCpu {
         })
     }
 
-    fn predict_bwd_input(&self, s: &CapsShape, duhat: &Vec<f32>, w: &Vec<f32>, du: &mut Vec<f32>) -> Result<()> {
+    fn predict_bwd_input(&self, s: &CapsShape, duhat: &PoolBuf, w: &PoolBuf, du: &mut PoolBuf) -> Result<()> {
         check("predict_bwd_input", "duhat", duhat.len(), s.uhat_len())?;
         check("predict_bwd_input", "w", w.len(), s.w_len())?;
         check("predict_bwd_input", "du", du.len(), s.u_len())?;
@@ -698,7 +786,7 @@ impl Backend for FastCpu {
         Ok(())
     }
 
-    fn predict_bwd_weight(&self, s: &CapsShape, u: &Vec<f32>, duhat: &Vec<f32>, dw: &mut Vec<f32>) -> Result<()> {
+    fn predict_bwd_weight(&self, s: &CapsShape, u: &PoolBuf, duhat: &PoolBuf, dw: &mut PoolBuf) -> Result<()> {
         check("predict_bwd_weight", "u", u.len(), s.u_len())?;
         check("predict_bwd_weight", "duhat", duhat.len(), s.uhat_len())?;
         check("predict_bwd_weight", "dw", dw.len(), s.w_len())?;
@@ -714,9 +802,9 @@ impl Backend for FastCpu {
         &self,
         s: &CapsShape,
         rounds: usize,
-        uhat: &Vec<f32>,
-        v: &mut Vec<f32>,
-        saved: &mut RoutingSaved<Vec<f32>>,
+        uhat: &PoolBuf,
+        v: &mut PoolBuf,
+        saved: &mut RoutingSaved<PoolBuf>,
     ) -> Result<()> {
         const OP: &str = "routing_fwd";
         let (ni, nj, d) = (s.in_caps, s.out_caps, s.out_dim);
@@ -740,10 +828,10 @@ impl Backend for FastCpu {
         &self,
         s: &CapsShape,
         rounds: usize,
-        uhat: &Vec<f32>,
-        saved: &RoutingSaved<Vec<f32>>,
-        dv: &Vec<f32>,
-        duhat: &mut Vec<f32>,
+        uhat: &PoolBuf,
+        saved: &RoutingSaved<PoolBuf>,
+        dv: &PoolBuf,
+        duhat: &mut PoolBuf,
     ) -> Result<()> {
         const OP: &str = "routing_bwd";
         let (ni, nj, d) = (s.in_caps, s.out_caps, s.out_dim);
@@ -766,7 +854,7 @@ impl Backend for FastCpu {
         Ok(())
     }
 
-    fn lengths_fwd(&self, rows: usize, dim: usize, v: &Vec<f32>, l: &mut Vec<f32>) -> Result<()> {
+    fn lengths_fwd(&self, rows: usize, dim: usize, v: &PoolBuf, l: &mut PoolBuf) -> Result<()> {
         check("lengths_fwd", "v", v.len(), rows * dim)?;
         check("lengths_fwd", "l", l.len(), rows)?;
         for (o, vr) in l.iter_mut().zip(v.chunks(dim.max(1))) {
@@ -779,10 +867,10 @@ impl Backend for FastCpu {
         &self,
         rows: usize,
         dim: usize,
-        v: &Vec<f32>,
-        l: &Vec<f32>,
-        dl: &Vec<f32>,
-        dv: &mut Vec<f32>,
+        v: &PoolBuf,
+        l: &PoolBuf,
+        dl: &PoolBuf,
+        dv: &mut PoolBuf,
     ) -> Result<()> {
         check("lengths_bwd", "v", v.len(), rows * dim)?;
         check("lengths_bwd", "l", l.len(), rows)?;
@@ -799,9 +887,9 @@ impl Backend for FastCpu {
         batch: usize,
         caps: usize,
         dim: usize,
-        v: &Vec<f32>,
+        v: &PoolBuf,
         idx: &Vec<u32>,
-        out: &mut Vec<f32>,
+        out: &mut PoolBuf,
     ) -> Result<()> {
         check("mask_fwd", "v", v.len(), batch * caps * dim)?;
         check("mask_fwd", "idx", idx.len(), batch)?;
@@ -819,9 +907,9 @@ impl Backend for FastCpu {
         batch: usize,
         caps: usize,
         dim: usize,
-        dout: &Vec<f32>,
+        dout: &PoolBuf,
         idx: &Vec<u32>,
-        dv: &mut Vec<f32>,
+        dv: &mut PoolBuf,
     ) -> Result<()> {
         check("mask_bwd", "dout", dout.len(), batch * caps * dim)?;
         check("mask_bwd", "idx", idx.len(), batch)?;
@@ -836,7 +924,7 @@ impl Backend for FastCpu {
         Ok(())
     }
 
-    fn argmax(&self, rows: usize, cols: usize, x: &Vec<f32>, idx: &mut Vec<u32>) -> Result<()> {
+    fn argmax(&self, rows: usize, cols: usize, x: &PoolBuf, idx: &mut Vec<u32>) -> Result<()> {
         check("argmax", "x", x.len(), rows * cols)?;
         check("argmax", "idx", idx.len(), rows)?;
         for (o, r) in idx.iter_mut().zip(x.chunks(cols.max(1))) {
@@ -857,9 +945,9 @@ impl Backend for FastCpu {
         &self,
         batch: usize,
         classes: usize,
-        l: &Vec<f32>,
+        l: &PoolBuf,
         labels: &Vec<u32>,
-        loss: &mut Vec<f32>,
+        loss: &mut PoolBuf,
     ) -> Result<()> {
         check("margin_loss_fwd", "l", l.len(), batch * classes)?;
         check("margin_loss_fwd", "labels", labels.len(), batch)?;
@@ -884,10 +972,10 @@ impl Backend for FastCpu {
         &self,
         batch: usize,
         classes: usize,
-        l: &Vec<f32>,
+        l: &PoolBuf,
         labels: &Vec<u32>,
-        dloss: &Vec<f32>,
-        dl: &mut Vec<f32>,
+        dloss: &PoolBuf,
+        dl: &mut PoolBuf,
     ) -> Result<()> {
         check("margin_loss_bwd", "l", l.len(), batch * classes)?;
         check("margin_loss_bwd", "labels", labels.len(), batch)?;
@@ -914,10 +1002,10 @@ impl Backend for FastCpu {
         &self,
         rows: usize,
         cols: usize,
-        pred: &Vec<f32>,
-        target: &Vec<f32>,
+        pred: &PoolBuf,
+        target: &PoolBuf,
         scale: f64,
-        loss: &mut Vec<f32>,
+        loss: &mut PoolBuf,
     ) -> Result<()> {
         check("sq_err_fwd", "pred", pred.len(), rows * cols)?;
         check("sq_err_fwd", "target", target.len(), rows * cols)?;
@@ -931,11 +1019,11 @@ impl Backend for FastCpu {
         &self,
         rows: usize,
         cols: usize,
-        pred: &Vec<f32>,
-        target: &Vec<f32>,
+        pred: &PoolBuf,
+        target: &PoolBuf,
         scale: f64,
-        dloss: &Vec<f32>,
-        dpred: &mut Vec<f32>,
+        dloss: &PoolBuf,
+        dpred: &mut PoolBuf,
     ) -> Result<()> {
         check("sq_err_bwd", "pred", pred.len(), rows * cols)?;
         check("sq_err_bwd", "target", target.len(), rows * cols)?;
