@@ -148,20 +148,33 @@ pub struct PeerReport {
     pub images_per_s: f64,
 }
 
-/// Runs the PyTorch peer `script` with `python3` (or `CAPSNET_PYTHON`) on `device` ("cpu" or "cuda")
-/// for the notebook's model (with `routing` rounds and W's init `w_std`) at `batch`, with `threads` CPU threads, and reads the JSON object its last
-/// line prints. Every way this can fail (no python, no torch, a script that fails or prints
-/// something else) is an error that says which.
-pub fn torch_peer(
-    script: &std::path::Path,
-    device: &str,
-    routing: usize,
-    w_std: f64,
-    batch: usize,
-    steps: usize,
-    warmup: usize,
-    threads: usize,
-) -> Result<PeerReport> {
+/// What the peer is asked to run.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerRun<'a> {
+    /// "cpu" or "cuda".
+    pub device: &'a str,
+    pub routing: usize,
+    pub w_std: f64,
+    pub batch: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub threads: usize,
+}
+
+/// Runs the PyTorch peer `script` with `python3` (or `CAPSNET_PYTHON`): the notebook's model as `run`
+/// describes it, with `run.threads` CPU threads; reads the JSON object its last line prints. Every way
+/// this can fail (no python, no torch, a script that fails or prints something else) is an error that
+/// says which.
+pub fn torch_peer(script: &std::path::Path, run: &PeerRun<'_>) -> Result<PeerReport> {
+    let PeerRun {
+        device,
+        routing,
+        w_std,
+        batch,
+        steps,
+        warmup,
+        threads,
+    } = *run;
     use crate::Error;
     if !script.is_file() {
         return Err(Error::msg(format!("--peer {}: no such file", script.display())));

@@ -411,16 +411,16 @@ fn run(cli: Cli) -> Result<()> {
             }
             if let (Some(script), Some(device)) = (&a.peer, peer_device) {
                 let threads = capsnet::par::threads();
-                let p = capsnet::bench::torch_peer(
-                    script,
+                let run = capsnet::bench::PeerRun {
                     device,
-                    cfg.routing_rounds,
-                    cfg.w_std,
-                    a.batch_size,
-                    a.steps,
-                    a.warmup,
+                    routing: cfg.routing_rounds,
+                    w_std: cfg.w_std,
+                    batch: a.batch_size,
+                    steps: a.steps,
+                    warmup: a.warmup,
                     threads,
-                )?;
+                };
+                let p = capsnet::bench::torch_peer(script, &run)?;
                 println!(
                     "peer: PyTorch {} on {device} ({threads} threads), batch {}: median {:.1} ms/step, {:.1} images/s",
                     p.torch, a.batch_size, p.median_ms, p.images_per_s
