@@ -8,10 +8,11 @@
 use std::borrow::Cow;
 use std::marker::PhantomData;
 
+use super::host;
 use super::linalg::{col2im_add, gemm, im2col};
 use super::{
-    Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape, LAMBDA, M_MINUS, M_PLUS, NORM_EPS,
-    RoutingSaved, alloc_zeros, check, check_adam_group, check_routing, class_index,
+    Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape, NORM_EPS, RoutingSaved, alloc_zeros, check,
+    check_adam_group, check_routing,
 };
 use crate::float::Float;
 use crate::par::{par_map, par_rows};
@@ -593,18 +594,8 @@ impl<T: Float> Backend for CpuBackend<T> {
         idx: &Vec<u32>,
         out: &mut Vec<T>,
     ) -> Result<()> {
-        check("mask_fwd", "v", v.len(), batch * caps * dim)?;
-        check("mask_fwd", "idx", idx.len(), batch)?;
-        check("mask_fwd", "out", out.len(), batch * caps * dim)?;
-        out.fill(T::default());
-        for (b, &k) in idx.iter().enumerate() {
-            let k = class_index("mask_fwd", k, caps)?;
-            let at = (b * caps + k) * dim;
-            out[at..at + dim].copy_from_slice(&v[at..at + dim]);
-        }
-        Ok(())
+        host::mask_fwd(batch, caps, dim, v, idx, out)
     }
-
     fn mask_bwd(
         &self,
         batch: usize,
@@ -614,32 +605,10 @@ impl<T: Float> Backend for CpuBackend<T> {
         idx: &Vec<u32>,
         dv: &mut Vec<T>,
     ) -> Result<()> {
-        check("mask_bwd", "dout", dout.len(), batch * caps * dim)?;
-        check("mask_bwd", "idx", idx.len(), batch)?;
-        check("mask_bwd", "dv", dv.len(), batch * caps * dim)?;
-        for (b, &k) in idx.iter().enumerate() {
-            let k = class_index("mask_bwd", k, caps)?;
-            let at = (b * caps + k) * dim;
-            for (o, g) in dv[at..at + dim].iter_mut().zip(&dout[at..at + dim]) {
-                *o = T::from_f64(o.to_f64() + g.to_f64());
-            }
-        }
-        Ok(())
+        host::mask_bwd(batch, caps, dim, dout, idx, dv)
     }
-
     fn argmax(&self, rows: usize, cols: usize, x: &Vec<T>, idx: &mut Vec<u32>) -> Result<()> {
-        check("argmax", "x", x.len(), rows * cols)?;
-        check("argmax", "idx", idx.len(), rows)?;
-        for (o, r) in idx.iter_mut().zip(x.chunks(cols.max(1))) {
-            let mut best = 0;
-            for (c, v) in r.iter().enumerate() {
-                if v.to_f64() > r[best].to_f64() {
-                    best = c;
-                }
-            }
-            *o = best as u32;
-        }
-        Ok(())
+        host::argmax(rows, cols, x, idx)
     }
 
     // ---- losses ---------------------------------------------------------------------------------
@@ -652,25 +621,8 @@ impl<T: Float> Backend for CpuBackend<T> {
         labels: &Vec<u32>,
         loss: &mut Vec<T>,
     ) -> Result<()> {
-        check("margin_loss_fwd", "l", l.len(), batch * classes)?;
-        check("margin_loss_fwd", "labels", labels.len(), batch)?;
-        check("margin_loss_fwd", "loss", loss.len(), 1)?;
-        let mut total = 0.0;
-        for (b, &y) in labels.iter().enumerate() {
-            let y = class_index("margin_loss_fwd", y, classes)?;
-            for k in 0..classes {
-                let len = l[b * classes + k].to_f64();
-                total += if k == y {
-                    (M_PLUS - len).max(0.0).powi(2)
-                } else {
-                    LAMBDA * (len - M_MINUS).max(0.0).powi(2)
-                };
-            }
-        }
-        loss[0] = T::from_f64(total / batch.max(1) as f64);
-        Ok(())
+        host::margin_loss_fwd(batch, classes, l, labels, loss)
     }
-
     fn margin_loss_bwd(
         &self,
         batch: usize,
@@ -680,27 +632,8 @@ impl<T: Float> Backend for CpuBackend<T> {
         dloss: &Vec<T>,
         dl: &mut Vec<T>,
     ) -> Result<()> {
-        check("margin_loss_bwd", "l", l.len(), batch * classes)?;
-        check("margin_loss_bwd", "labels", labels.len(), batch)?;
-        check("margin_loss_bwd", "dloss", dloss.len(), 1)?;
-        check("margin_loss_bwd", "dl", dl.len(), batch * classes)?;
-        let g = dloss[0].to_f64() / batch.max(1) as f64;
-        for (b, &y) in labels.iter().enumerate() {
-            let y = class_index("margin_loss_bwd", y, classes)?;
-            for k in 0..classes {
-                let len = l[b * classes + k].to_f64();
-                let d = if k == y {
-                    -2.0 * (M_PLUS - len).max(0.0)
-                } else {
-                    2.0 * LAMBDA * (len - M_MINUS).max(0.0)
-                };
-                let o = &mut dl[b * classes + k];
-                *o = T::from_f64(o.to_f64() + g * d);
-            }
-        }
-        Ok(())
+        host::margin_loss_bwd(batch, classes, l, labels, dloss, dl)
     }
-
     fn sq_err_fwd(
         &self,
         rows: usize,
@@ -710,18 +643,8 @@ impl<T: Float> Backend for CpuBackend<T> {
         scale: f64,
         loss: &mut Vec<T>,
     ) -> Result<()> {
-        check("sq_err_fwd", "pred", pred.len(), rows * cols)?;
-        check("sq_err_fwd", "target", target.len(), rows * cols)?;
-        check("sq_err_fwd", "loss", loss.len(), 1)?;
-        let total: f64 = pred
-            .iter()
-            .zip(target)
-            .map(|(p, t)| (p.to_f64() - t.to_f64()).powi(2))
-            .sum();
-        loss[0] = T::from_f64(scale * total / rows.max(1) as f64);
-        Ok(())
+        host::sq_err_fwd(rows, cols, pred, target, scale, loss)
     }
-
     fn sq_err_bwd(
         &self,
         rows: usize,
@@ -732,15 +655,7 @@ impl<T: Float> Backend for CpuBackend<T> {
         dloss: &Vec<T>,
         dpred: &mut Vec<T>,
     ) -> Result<()> {
-        check("sq_err_bwd", "pred", pred.len(), rows * cols)?;
-        check("sq_err_bwd", "target", target.len(), rows * cols)?;
-        check("sq_err_bwd", "dloss", dloss.len(), 1)?;
-        check("sq_err_bwd", "dpred", dpred.len(), rows * cols)?;
-        let g = 2.0 * scale * dloss[0].to_f64() / rows.max(1) as f64;
-        for ((o, p), t) in dpred.iter_mut().zip(pred).zip(target) {
-            *o = T::from_f64(o.to_f64() + g * (p.to_f64() - t.to_f64()));
-        }
-        Ok(())
+        host::sq_err_bwd(rows, cols, pred, target, scale, dloss, dpred)
     }
 
     // ---- optimiser ------------------------------------------------------------------------------

@@ -18,10 +18,11 @@ use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 
+use super::host;
 use super::linalg::{col2im_add, gemm, im2col};
 use super::{
-    Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape, LAMBDA, M_MINUS, M_PLUS, NORM_EPS,
-    RoutingSaved, alloc_zeros, check, check_adam_group, check_routing, class_index,
+    Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape, NORM_EPS, RoutingSaved, alloc_zeros, check,
+    check_adam_group, check_routing,
 };
 use crate::par::{par_blocks, par_items, par_rows};
 use crate::{Error, Result};
@@ -891,17 +892,8 @@ impl Backend for FastCpu {
         idx: &Vec<u32>,
         out: &mut PoolBuf,
     ) -> Result<()> {
-        check("mask_fwd", "v", v.len(), batch * caps * dim)?;
-        check("mask_fwd", "idx", idx.len(), batch)?;
-        check("mask_fwd", "out", out.len(), batch * caps * dim)?;
-        out.fill(0.0);
-        for (b, &k) in idx.iter().enumerate() {
-            let at = (b * caps + class_index("mask_fwd", k, caps)?) * dim;
-            out[at..at + dim].copy_from_slice(&v[at..at + dim]);
-        }
-        Ok(())
+        host::mask_fwd(batch, caps, dim, v, idx, out)
     }
-
     fn mask_bwd(
         &self,
         batch: usize,
@@ -911,35 +903,13 @@ impl Backend for FastCpu {
         idx: &Vec<u32>,
         dv: &mut PoolBuf,
     ) -> Result<()> {
-        check("mask_bwd", "dout", dout.len(), batch * caps * dim)?;
-        check("mask_bwd", "idx", idx.len(), batch)?;
-        check("mask_bwd", "dv", dv.len(), batch * caps * dim)?;
-        for (b, &k) in idx.iter().enumerate() {
-            let at = (b * caps + class_index("mask_bwd", k, caps)?) * dim;
-            dv[at..at + dim]
-                .iter_mut()
-                .zip(&dout[at..at + dim])
-                .for_each(|(o, g)| *o += g);
-        }
-        Ok(())
+        host::mask_bwd(batch, caps, dim, dout, idx, dv)
     }
-
     fn argmax(&self, rows: usize, cols: usize, x: &PoolBuf, idx: &mut Vec<u32>) -> Result<()> {
-        check("argmax", "x", x.len(), rows * cols)?;
-        check("argmax", "idx", idx.len(), rows)?;
-        for (o, r) in idx.iter_mut().zip(x.chunks(cols.max(1))) {
-            let mut best = 0;
-            for (c, v) in r.iter().enumerate() {
-                if *v > r[best] {
-                    best = c;
-                }
-            }
-            *o = best as u32;
-        }
-        Ok(())
+        host::argmax(rows, cols, x, idx)
     }
 
-    // ---- losses: a few thousand terms, summed in f64 ---------------------------------------------
+    // ---- losses ---------------------------------------------------------------------------------
 
     fn margin_loss_fwd(
         &self,
@@ -949,25 +919,8 @@ impl Backend for FastCpu {
         labels: &Vec<u32>,
         loss: &mut PoolBuf,
     ) -> Result<()> {
-        check("margin_loss_fwd", "l", l.len(), batch * classes)?;
-        check("margin_loss_fwd", "labels", labels.len(), batch)?;
-        check("margin_loss_fwd", "loss", loss.len(), 1)?;
-        let mut total = 0.0;
-        for (b, &y) in labels.iter().enumerate() {
-            let y = class_index("margin_loss_fwd", y, classes)?;
-            for k in 0..classes {
-                let len = l[b * classes + k] as f64;
-                total += if k == y {
-                    (M_PLUS - len).max(0.0).powi(2)
-                } else {
-                    LAMBDA * (len - M_MINUS).max(0.0).powi(2)
-                };
-            }
-        }
-        loss[0] = (total / batch.max(1) as f64) as f32;
-        Ok(())
+        host::margin_loss_fwd(batch, classes, l, labels, loss)
     }
-
     fn margin_loss_bwd(
         &self,
         batch: usize,
@@ -977,27 +930,8 @@ impl Backend for FastCpu {
         dloss: &PoolBuf,
         dl: &mut PoolBuf,
     ) -> Result<()> {
-        check("margin_loss_bwd", "l", l.len(), batch * classes)?;
-        check("margin_loss_bwd", "labels", labels.len(), batch)?;
-        check("margin_loss_bwd", "dloss", dloss.len(), 1)?;
-        check("margin_loss_bwd", "dl", dl.len(), batch * classes)?;
-        let g = dloss[0] / batch.max(1) as f32;
-        let (mp, mm, lambda) = (M_PLUS as f32, M_MINUS as f32, LAMBDA as f32);
-        for (b, &y) in labels.iter().enumerate() {
-            let y = class_index("margin_loss_bwd", y, classes)?;
-            for k in 0..classes {
-                let len = l[b * classes + k];
-                let d = if k == y {
-                    -2.0 * (mp - len).max(0.0)
-                } else {
-                    2.0 * lambda * (len - mm).max(0.0)
-                };
-                dl[b * classes + k] += g * d;
-            }
-        }
-        Ok(())
+        host::margin_loss_bwd(batch, classes, l, labels, dloss, dl)
     }
-
     fn sq_err_fwd(
         &self,
         rows: usize,
@@ -1007,14 +941,8 @@ impl Backend for FastCpu {
         scale: f64,
         loss: &mut PoolBuf,
     ) -> Result<()> {
-        check("sq_err_fwd", "pred", pred.len(), rows * cols)?;
-        check("sq_err_fwd", "target", target.len(), rows * cols)?;
-        check("sq_err_fwd", "loss", loss.len(), 1)?;
-        let total: f64 = pred.iter().zip(target).map(|(p, t)| ((p - t) as f64).powi(2)).sum();
-        loss[0] = (scale * total / rows.max(1) as f64) as f32;
-        Ok(())
+        host::sq_err_fwd(rows, cols, pred, target, scale, loss)
     }
-
     fn sq_err_bwd(
         &self,
         rows: usize,
@@ -1025,15 +953,7 @@ impl Backend for FastCpu {
         dloss: &PoolBuf,
         dpred: &mut PoolBuf,
     ) -> Result<()> {
-        check("sq_err_bwd", "pred", pred.len(), rows * cols)?;
-        check("sq_err_bwd", "target", target.len(), rows * cols)?;
-        check("sq_err_bwd", "dloss", dloss.len(), 1)?;
-        check("sq_err_bwd", "dpred", dpred.len(), rows * cols)?;
-        let g = (2.0 * scale * dloss[0] as f64 / rows.max(1) as f64) as f32;
-        for ((o, p), t) in dpred.iter_mut().zip(pred).zip(target) {
-            *o += g * (p - t);
-        }
-        Ok(())
+        host::sq_err_bwd(rows, cols, pred, target, scale, dloss, dpred)
     }
 
     // ---- optimiser ------------------------------------------------------------------------------

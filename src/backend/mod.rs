@@ -13,6 +13,7 @@
 
 pub mod cpu;
 pub mod fast;
+mod host;
 pub(crate) mod linalg;
 
 use crate::float::Float;
