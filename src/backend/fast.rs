@@ -1,7 +1,7 @@
 //! The fast CPU backend: f32 storage and f32 arithmetic on every core, for training.
 //!
-//! - Convolutions and dense layers are GEMMs (`matrixmultiply::sgemm`, which picks its AVX-512, AVX2
-//!   or SSE kernel at run time). A convolution is im2col over chunks of images into one reused
+//! - Convolutions and dense layers are GEMMs (`matrixmultiply::sgemm`, which picks its FMA, AVX or
+//!   SSE2 kernel at run time). A convolution is im2col over chunks of images into one reused
 //!   scratch buffer, with the bias loaded into the GEMM's output (beta = 1) and the activation applied
 //!   while the chunk is hot. The input gradient is dz·Wᵀ followed by col2im, so the stride-2 conv never
 //!   multiplies by the zeros a transposed convolution would stuff between its inputs. Weight gradients
@@ -27,7 +27,7 @@ use super::{
 use crate::par::{par_blocks, par_items, par_rows};
 use crate::{Error, Result};
 
-/// Largest im2col chunk, in f32 elements (32 MiB).
+/// Largest im2col chunk, in f32 elements (128 MiB).
 const CHUNK_ELEMS: usize = 1 << 25;
 /// Adam updates parameters in slices of this many values, split over the threads.
 const ADAM_SLICE: usize = 1 << 15;
@@ -148,8 +148,11 @@ impl FastCpu {
     }
 }
 
-fn images_per_chunk(row_elems: usize) -> usize {
-    (CHUNK_ELEMS / row_elems.max(1)).max(1)
+/// Images per im2col chunk for `batch` images of `elems` patch values each: as few chunks as
+/// [`CHUNK_ELEMS`] allows, of equal size (a small last chunk would make an inefficient GEMM).
+fn images_per_chunk(batch: usize, elems: usize) -> usize {
+    let most = (CHUNK_ELEMS / elems.max(1)).max(1);
+    batch.div_ceil(batch.div_ceil(most).max(1)).max(1)
 }
 
 /// Whether the AVX2+FMA versions of the loops below can run here.
@@ -578,8 +581,8 @@ impl Backend for FastCpu {
         check(OP, "b", b.len(), s.out_c)?;
         check(OP, "y", y.len(), s.y_len())?;
         let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
-        let chunk = images_per_chunk(npix * kd);
-        self.with_scratch(chunk.min(s.batch) * npix * kd, |col| {
+        let chunk = images_per_chunk(s.batch, npix * kd);
+        self.with_scratch(chunk * npix * kd, |col| {
             for b0 in (0..s.batch).step_by(chunk) {
                 let nb = chunk.min(s.batch - b0);
                 im2col(s, x, b0, nb, col, |v| v);
@@ -596,8 +599,8 @@ impl Backend for FastCpu {
         check(OP, "dx", dx.len(), s.x_len())?;
         let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
         let img = s.in_h * s.in_w * s.in_c;
-        let chunk = images_per_chunk(npix * kd);
-        self.with_scratch(chunk.min(s.batch) * npix * kd, |dcol| {
+        let chunk = images_per_chunk(s.batch, npix * kd);
+        self.with_scratch(chunk * npix * kd, |dcol| {
             for b0 in (0..s.batch).step_by(chunk) {
                 let nb = chunk.min(s.batch - b0);
                 let dcol = &mut dcol[..nb * npix * kd];
@@ -615,8 +618,8 @@ impl Backend for FastCpu {
         check(OP, "dz", dz.len(), s.y_len())?;
         check(OP, "dw", dw.len(), s.w_len())?;
         let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
-        let chunk = images_per_chunk(npix * kd);
-        self.with_scratch(chunk.min(s.batch) * npix * kd, |col| {
+        let chunk = images_per_chunk(s.batch, npix * kd);
+        self.with_scratch(chunk * npix * kd, |col| {
             for b0 in (0..s.batch).step_by(chunk) {
                 let nb = chunk.min(s.batch - b0);
                 im2col(s, x, b0, nb, col, |v| v);
