@@ -537,6 +537,30 @@ fn bench_reports_the_full_models_size_and_cost() {
         "{out}"
     );
     assert!(out.contains("images/s"), "{out}");
+    assert!(
+        out.contains("backend: cpu (") && out.contains(", f32, "),
+        "--device cpu is the fast backend: {out}"
+    );
+    let o = capsnet(
+        &[
+            "bench",
+            "--batch-size",
+            "1",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu-reference",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("f64 sums"),
+        "--device cpu-reference is the reference: {}",
+        stdout(&o)
+    );
     let o = capsnet(
         &["bench", "--ops", "--batch-size", "1", "--steps", "1", "--device", "cpu"],
         &[],
