@@ -85,22 +85,5 @@ fn fast_cpu_full_model_step_matches_reference() {
 
 #[test]
 fn fast_cpu_steps_after_the_first_allocate_no_tensor() {
-    let cfg = common::small_config();
-    let mut rng = Lcg(3);
-    let images: Vec<f32> = rng.vec(4 * 784, 0.0, 1.0).iter().map(|&v| v as f32).collect();
-    let labels = [1u32, 2, 3, 4];
-    let mut t = Tape::new(FastCpu::new());
-    let model = CapsNet::new(cfg.clone(), &mut t, &init_params(&cfg, 1)).unwrap();
-    let mut adam = capsnet::adam::Adam::new(&t, 1e-3).unwrap();
-    let mut fresh = vec![];
-    for _ in 0..3 {
-        t.reset();
-        let f = model.forward(&mut t, &images, &labels, true).unwrap();
-        t.backward(f.loss).unwrap();
-        adam.update(&mut t).unwrap();
-        fresh.push(t.backend().fresh_allocations());
-    }
-    assert!(fresh[0] > 0);
-    assert_eq!(fresh[0], fresh[1], "the second step allocated tensors: {fresh:?}");
-    assert_eq!(fresh[1], fresh[2], "the third step allocated tensors: {fresh:?}");
+    parity::steps_after_the_first_allocate_nothing(FastCpu::new(), FastCpu::fresh_allocations);
 }

@@ -6,12 +6,8 @@
 
 mod common;
 
-use capsnet::adam::Adam;
-use capsnet::backend::Backend;
 use capsnet::cuda::CudaBackend;
-use capsnet::model::{CapsNet, init_params};
-use capsnet::tape::Tape;
-use common::{parity, small_config};
+use common::parity;
 
 fn gpu() -> Option<CudaBackend> {
     common::cuda_backend()
@@ -58,22 +54,5 @@ fn cuda_training_step_matches_cpu_and_is_deterministic() {
 #[test]
 fn cuda_steps_after_the_first_allocate_nothing() {
     let Some(g) = gpu() else { return };
-    let cfg = small_config();
-    let images = vec![0.5f32; 4 * 784];
-    let labels = vec![1u32, 2, 3, 4];
-    let mut t = Tape::new(g);
-    let model = CapsNet::new(cfg.clone(), &mut t, &init_params(&cfg, 1)).unwrap();
-    let mut adam = Adam::new(&t, 1e-3).unwrap();
-    let mut fresh = vec![];
-    for _ in 0..3 {
-        t.reset();
-        let f = model.forward(&mut t, &images, &labels, true).unwrap();
-        t.backward(f.loss).unwrap();
-        adam.update(&mut t).unwrap();
-        let _ = t.backend().download(&t.value(f.loss).buf).unwrap();
-        fresh.push(t.backend().fresh_allocations());
-    }
-    assert!(fresh[0] > 0);
-    assert_eq!(fresh[1], fresh[2], "the third step allocated device memory: {fresh:?}");
-    assert_eq!(fresh[0], fresh[1], "the second step allocated device memory: {fresh:?}");
+    parity::steps_after_the_first_allocate_nothing(g, CudaBackend::fresh_allocations);
 }

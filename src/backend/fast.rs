@@ -289,6 +289,23 @@ fn act_in_place(act: Act, rows: &mut [f32], cols: usize) {
     }
 }
 
+/// dz = dy · act'(y), from the activation's output y.
+fn act_grad(act: Act, y: &[f32], dy: &[f32], dz: &mut [f32]) {
+    match act {
+        Act::None => dz.copy_from_slice(dy),
+        Act::Relu => {
+            for ((o, yv), g) in dz.iter_mut().zip(y).zip(dy) {
+                *o = if *yv > 0.0 { *g } else { 0.0 };
+            }
+        }
+        Act::Sigmoid => {
+            for ((o, yv), g) in dz.iter_mut().zip(y).zip(dy) {
+                *o = g * (yv * (1.0 - yv));
+            }
+        }
+    }
+}
+
 /// y rows = bias, then y += x·w (the GEMM's epilogue is the bias it starts from), then the activation.
 #[allow(clippy::too_many_arguments)]
 fn affine(m: usize, k: usize, n: usize, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], act: Act) {
@@ -661,39 +678,11 @@ impl Backend for FastCpu {
         check("act_bwd", "dz", dz.len(), y.len())?;
         const ROW: usize = 4096;
         par_rows(dz, ROW, ROW, |r, out| {
-            let (yr, gr) = (&y[r * ROW..][..out.len()], &dy[r * ROW..][..out.len()]);
-            match act {
-                Act::None => out.copy_from_slice(gr),
-                Act::Relu => {
-                    for ((o, yv), g) in out.iter_mut().zip(yr).zip(gr) {
-                        *o = if *yv > 0.0 { *g } else { 0.0 };
-                    }
-                }
-                Act::Sigmoid => {
-                    for ((o, yv), g) in out.iter_mut().zip(yr).zip(gr) {
-                        *o = g * (yv * (1.0 - yv));
-                    }
-                }
-            }
+            act_grad(act, &y[r * ROW..][..out.len()], &dy[r * ROW..][..out.len()], out)
         });
         // par_rows hands out whole rows only: the tail shorter than ROW
         let tail = dz.len() / ROW * ROW;
-        if tail < dz.len() {
-            let (yr, gr, out) = (&y[tail..], &dy[tail..], &mut dz[tail..]);
-            for ((o, yv), g) in out.iter_mut().zip(yr).zip(gr) {
-                *o = match act {
-                    Act::None => *g,
-                    Act::Relu => {
-                        if *yv > 0.0 {
-                            *g
-                        } else {
-                            0.0
-                        }
-                    }
-                    Act::Sigmoid => g * (yv * (1.0 - yv)),
-                };
-            }
-        }
+        act_grad(act, &y[tail..], &dy[tail..], &mut dz[tail..]);
         Ok(())
     }
 

@@ -496,3 +496,26 @@ pub fn training_steps_match_reference<B: Backend>(make: impl Fn() -> B) {
         "same seed, same backend: the same losses, bit for bit"
     );
 }
+
+/// Three training steps of the small model on `be`, with `fresh(be)` (the backend's count of
+/// allocations) read after each: the first allocates, the second and third allocate nothing.
+pub fn steps_after_the_first_allocate_nothing<B: Backend>(be: B, fresh: impl Fn(&B) -> usize) {
+    let cfg = small_config();
+    let images: Vec<B::E> = vec![B::E::from_f64(0.5); 4 * 784];
+    let labels = vec![1u32, 2, 3, 4];
+    let mut t = Tape::new(be);
+    let model = CapsNet::new(cfg.clone(), &mut t, &init_params(&cfg, 1)).unwrap();
+    let mut adam = Adam::new(&t, 1e-3).unwrap();
+    let mut counts = vec![];
+    for _ in 0..3 {
+        t.reset();
+        let f = model.forward(&mut t, &images, &labels, true).unwrap();
+        t.backward(f.loss).unwrap();
+        adam.update(&mut t).unwrap();
+        let _ = t.backend().download(&t.value(f.loss).buf).unwrap(); // waits for an asynchronous backend
+        counts.push(fresh(t.backend()));
+    }
+    assert!(counts[0] > 0);
+    assert_eq!(counts[1], counts[2], "the third step allocated memory: {counts:?}");
+    assert_eq!(counts[0], counts[1], "the second step allocated memory: {counts:?}");
+}
