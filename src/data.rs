@@ -13,11 +13,15 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use crate::error::write_atomic;
-use crate::model::IMAGE_PIXELS;
 use crate::{Error, Result};
 
 const IMAGES_MAGIC: u32 = 0x0000_0803;
 const LABELS_MAGIC: u32 = 0x0000_0801;
+
+/// MNIST's images are this many pixels on a side.
+pub const MNIST_SIDE: usize = 28;
+pub const MNIST_PIXELS: usize = MNIST_SIDE * MNIST_SIDE;
+const IMAGE_PIXELS: usize = MNIST_PIXELS;
 
 /// The last this-many training images are the validation set (never the test set).
 pub const VALIDATION_IMAGES: usize = 5000;

@@ -19,15 +19,17 @@ use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal, Uniform};
 
 use crate::backend::{Act, Backend, CapsShape, ConvShape, DenseShape};
+use crate::checkpoint::Checkpoint;
 use crate::float::Float;
 use crate::tape::{Tape, Var};
 use crate::{Error, Result, ops};
 
-pub const IMAGE_SIDE: usize = 28;
-pub const IMAGE_PIXELS: usize = IMAGE_SIDE * IMAGE_SIDE;
+/// Both convolutions' kernel side.
 pub const KERNEL: usize = 9;
-pub const CONV1_OUT: usize = IMAGE_SIDE - KERNEL + 1; // 20
-pub const PRIMARY_SIDE: usize = (CONV1_OUT - KERNEL) / 2 + 1; // 6
+/// The smallest input side: conv1 must leave room for one primary-capsule position.
+pub const MIN_IMAGE_SIDE: usize = 2 * KERNEL - 1;
+/// The largest input side (36 is MultiMNIST's; beyond this is a mistake, not a dataset).
+pub const MAX_IMAGE_SIDE: usize = 256;
 
 /// Upper limits of the configuration (checked by [`Config::validate`]): conv1 channels and primary
 /// maps at most this many (the decoder's widths four times as many).
@@ -37,6 +39,8 @@ pub const MAX_ROUTING_ROUNDS: usize = 16;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
+    /// Side of the square one-channel input image (MNIST: 28).
+    pub image_side: usize,
     /// conv1 filters (256).
     pub conv1_channels: usize,
     /// Primary capsule types M; the primary conv has M·caps1_dim filters (32 → 256).
@@ -55,6 +59,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            image_side: 28,
             conv1_channels: 256,
             primary_maps: 32,
             caps1_dim: 8,
@@ -90,8 +95,22 @@ pub struct ParamSpec {
 }
 
 impl Config {
+    pub fn image_pixels(&self) -> usize {
+        self.image_side * self.image_side
+    }
+
+    /// conv1's output side (28 → 20).
+    pub fn conv1_side(&self) -> usize {
+        self.image_side + 1 - KERNEL
+    }
+
+    /// The primary capsules' grid side (28 → 6, 36 → 10).
+    pub fn primary_side(&self) -> usize {
+        (self.conv1_side() - KERNEL) / 2 + 1
+    }
+
     pub fn primary_caps(&self) -> usize {
-        PRIMARY_SIDE * PRIMARY_SIDE * self.primary_maps
+        self.primary_side() * self.primary_side() * self.primary_maps
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -109,6 +128,12 @@ impl Config {
             if n == 0 {
                 return Err(Error::msg(format!("model config: {what} must be at least 1")));
             }
+        }
+        if !(MIN_IMAGE_SIDE..=MAX_IMAGE_SIDE).contains(&self.image_side) {
+            return Err(Error::msg(format!(
+                "model config: image side must be between {MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE}, got {}",
+                self.image_side
+            )));
         }
         // sizes beyond these are mistakes, and would ask for more memory than any machine has
         let bounded = [
@@ -156,7 +181,7 @@ impl Config {
 
     /// conv1 at batch `batch`: [B,28,28,1] → [B,20,20,C1].
     pub fn conv1_shape(&self, batch: usize) -> ConvShape {
-        let (side, c) = (IMAGE_SIDE, self.conv1_channels);
+        let (side, c) = (self.image_side, self.conv1_channels);
         ConvShape {
             batch,
             in_h: side,
@@ -170,7 +195,7 @@ impl Config {
 
     /// The primary-capsule conv at batch `batch`: [B,20,20,C1] → [B,6,6,M·8].
     pub fn primary_shape(&self, batch: usize) -> ConvShape {
-        let (side, c) = (CONV1_OUT, self.conv1_channels);
+        let (side, c) = (self.conv1_side(), self.conv1_channels);
         ConvShape {
             batch,
             in_h: side,
@@ -197,7 +222,11 @@ impl Config {
     pub fn decoder_shapes(&self, batch: usize) -> [DenseShape; 3] {
         let [h1, h2] = self.decoder_hidden;
         let d = |inp, out| DenseShape { rows: batch, inp, out };
-        [d(self.classes * self.caps2_dim, h1), d(h1, h2), d(h2, IMAGE_PIXELS)]
+        [
+            d(self.classes * self.caps2_dim, h1),
+            d(h1, h2),
+            d(h2, self.image_pixels()),
+        ]
     }
 
     pub fn param_specs(&self) -> Vec<ParamSpec> {
@@ -225,8 +254,12 @@ impl Config {
             p("decoder.fc1.bias", &[h1], Init::Zeros),
             p("decoder.fc2.weight", &[h1, h2], glorot(h1, h2)),
             p("decoder.fc2.bias", &[h2], Init::Zeros),
-            p("decoder.fc3.weight", &[h2, IMAGE_PIXELS], glorot(h2, IMAGE_PIXELS)),
-            p("decoder.fc3.bias", &[IMAGE_PIXELS], Init::Zeros),
+            p(
+                "decoder.fc3.weight",
+                &[h2, self.image_pixels()],
+                glorot(h2, self.image_pixels()),
+            ),
+            p("decoder.fc3.bias", &[self.image_pixels()], Init::Zeros),
         ]
     }
 
@@ -239,6 +272,7 @@ impl Config {
 
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
+            "image_side": self.image_side,
             "conv1_channels": self.conv1_channels,
             "primary_maps": self.primary_maps,
             "caps1_dim": self.caps1_dim,
@@ -269,6 +303,11 @@ impl Config {
             .filter(|a| a.len() == 2 && a.iter().all(|x| x.as_u64().is_some()))
             .ok_or_else(|| Error::msg("model config: 'decoder_hidden' must be two integers"))?;
         let cfg = Config {
+            // checkpoints from before the side was configurable are MNIST's
+            image_side: match v.get("image_side") {
+                None => 28,
+                Some(_) => n("image_side")?,
+            },
             conv1_channels: n("conv1_channels")?,
             primary_maps: n("primary_maps")?,
             caps1_dim: n("caps1_dim")?,
@@ -310,11 +349,82 @@ pub fn init_params(cfg: &Config, seed: u64) -> Vec<Vec<f64>> {
         .collect()
 }
 
+/// A layer's weight and bias on the tape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layer {
+    pub weight: Var,
+    pub bias: Var,
+}
+
+/// The parameters on the tape, by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Params {
+    pub conv1: Layer,
+    pub primary: Layer,
+    /// The transformation matrices W [I, classes, 16, 8] of the digit capsules.
+    pub digit_w: Var,
+    /// fc1 (ReLU), fc2 (ReLU), fc3 (sigmoid).
+    pub decoder: [Layer; 3],
+}
+
+impl Params {
+    /// Every parameter in [`Config::param_specs`] order (the order of checkpoints and of Adam).
+    pub fn all(&self) -> [Var; 11] {
+        let [d1, d2, d3] = self.decoder;
+        [
+            self.conv1.weight,
+            self.conv1.bias,
+            self.primary.weight,
+            self.primary.bias,
+            self.digit_w,
+            d1.weight,
+            d1.bias,
+            d2.weight,
+            d2.bias,
+            d3.weight,
+            d3.bias,
+        ]
+    }
+
+    fn from_spec_order(v: &[Var]) -> Params {
+        let layer = |i: usize| Layer {
+            weight: v[i],
+            bias: v[i + 1],
+        };
+        Params {
+            conv1: layer(0),
+            primary: layer(2),
+            digit_w: v[4],
+            decoder: [layer(5), layer(7), layer(9)],
+        }
+    }
+}
+
 /// The model: its config and the tape variables of its parameters.
 pub struct CapsNet {
     pub cfg: Config,
-    /// Parameter variables in [`Config::param_specs`] order.
-    pub params: Vec<Var>,
+    pub params: Params,
+}
+
+/// The encoder's variables for one batch of images.
+pub struct Encoded<Idx> {
+    /// The images [B, side, side, 1].
+    pub x: Var,
+    /// Digit capsules v [B, classes, 16].
+    pub v: Var,
+    /// Capsule lengths [B, classes]: the class probabilities.
+    pub lengths: Var,
+    /// The predicted class of every image (the longest capsule).
+    pub pred: Rc<Idx>,
+}
+
+/// The terms of the loss.
+pub struct Losses {
+    pub margin: Var,
+    /// The reconstruction term, weight included.
+    pub recon: Var,
+    /// margin + recon, mean over the batch.
+    pub total: Var,
 }
 
 /// The variables of one forward pass.
@@ -344,19 +454,87 @@ impl CapsNet {
                 specs.len()
             )));
         }
-        let mut params = vec![];
+        let mut vars = vec![];
         for (spec, vals) in specs.iter().zip(values) {
             let host: Vec<B::E> = vals.iter().map(|&x| B::E::from_f64(x)).collect();
             let buf = tape.backend().upload(&host)?;
-            params.push(
+            vars.push(
                 tape.param(buf, &spec.shape)
                     .map_err(|e| Error::msg(format!("{}: {e}", spec.name)))?,
             );
         }
-        Ok(CapsNet { cfg, params })
+        Ok(CapsNet {
+            cfg,
+            params: Params::from_spec_order(&vars),
+        })
     }
 
-    /// Runs the network on `images` ([B·784] pixels in [0, 1]) with `labels` [B]. The decoder sees
+    /// The model a checkpoint holds (its config and weights; its optimiser state is not needed).
+    pub fn from_checkpoint<B: Backend>(tape: &mut Tape<B>, ck: &Checkpoint) -> Result<CapsNet> {
+        let values: Vec<Vec<f64>> = ck
+            .params
+            .iter()
+            .map(|v| v.iter().map(|&x| x as f64).collect())
+            .collect();
+        CapsNet::new(ck.config.clone(), tape, &values)
+    }
+
+    /// Images ([B·side²] pixels in [0, 1], row-major) → digit capsules, their lengths and the
+    /// predicted classes.
+    pub fn encode<B: Backend>(&self, t: &mut Tape<B>, images: &[B::E]) -> Result<Encoded<B::Idx>> {
+        let (cfg, p) = (&self.cfg, &self.params);
+        let pixels = cfg.image_pixels();
+        if images.is_empty() || images.len() % pixels != 0 {
+            return Err(Error::msg(format!(
+                "model: {} pixels is not a whole number of {}x{} images",
+                images.len(),
+                cfg.image_side,
+                cfg.image_side
+            )));
+        }
+        let batch = images.len() / pixels;
+        let side = cfg.image_side;
+        let x = t.input(t.backend().upload(images)?, &[batch, side, side, 1])?;
+        let h = ops::conv2d(t, x, p.conv1.weight, p.conv1.bias, 1, Act::Relu)?;
+        let prim = ops::conv2d(t, h, p.primary.weight, p.primary.bias, 2, Act::Relu)?;
+        t.reshape(prim, &[batch, cfg.primary_caps(), cfg.caps1_dim])?;
+        let u = ops::squash(t, prim)?;
+        let uhat = ops::predict(t, u, p.digit_w)?;
+        let v = ops::routing(t, uhat, cfg.routing_rounds)?;
+        let lengths = ops::lengths(t, v)?;
+        let pred = ops::argmax(t, lengths)?;
+        Ok(Encoded { x, v, lengths, pred })
+    }
+
+    /// Digit capsules v [B, classes, 16], each image's all but capsule `keep[b]` zeroed → the
+    /// reconstruction [B, side²] in [0, 1].
+    pub fn decode<B: Backend>(&self, t: &mut Tape<B>, v: Var, keep: Rc<B::Idx>) -> Result<Var> {
+        let [d1, d2, d3] = self.params.decoder;
+        let masked = ops::mask(t, v, keep)?;
+        let h1 = ops::dense(t, masked, d1.weight, d1.bias, Act::Relu)?;
+        let h2 = ops::dense(t, h1, d2.weight, d2.bias, Act::Relu)?;
+        ops::dense(t, h2, d3.weight, d3.bias, Act::Sigmoid)
+    }
+
+    /// Margin loss of the lengths against `labels`, plus the weighted squared error of the
+    /// reconstruction against the encoded images.
+    pub fn loss<B: Backend>(
+        &self,
+        t: &mut Tape<B>,
+        enc: &Encoded<B::Idx>,
+        recon: Var,
+        labels: Rc<B::Idx>,
+    ) -> Result<Losses> {
+        let batch = t.value(enc.x).shape[0];
+        let margin = ops::margin_loss(t, enc.lengths, labels)?;
+        // the image is the reconstruction target: view it as [B, side²] (conv1 kept its own shape)
+        t.reshape(enc.x, &[batch, self.cfg.image_pixels()])?;
+        let recon = ops::sq_err(t, recon, enc.x, self.cfg.recon_weight)?;
+        let total = ops::add(t, margin, recon)?;
+        Ok(Losses { margin, recon, total })
+    }
+
+    /// Runs the network on `images` ([B·side²] pixels in [0, 1]) with `labels` [B]. The decoder sees
     /// the label's capsule when `mask_with_labels`, else the predicted one's.
     pub fn forward<B: Backend>(
         &self,
@@ -366,38 +544,26 @@ impl CapsNet {
         mask_with_labels: bool,
     ) -> Result<Forward<B::Idx>> {
         let batch = labels.len();
-        if images.len() != batch * IMAGE_PIXELS {
+        if images.len() != batch * self.cfg.image_pixels() {
             return Err(Error::msg(format!("model: {} pixels for {batch} labels", images.len())));
         }
-        let p = &self.params;
-        let cfg = &self.cfg;
-        let x = t.input(t.backend().upload(images)?, &[batch, IMAGE_SIDE, IMAGE_SIDE, 1])?;
-        let h = ops::conv2d(t, x, p[0], p[1], 1, Act::Relu)?;
-        let prim = ops::conv2d(t, h, p[2], p[3], 2, Act::Relu)?;
-        t.reshape(prim, &[batch, cfg.primary_caps(), cfg.caps1_dim])?;
-        let u = ops::squash(t, prim)?;
-        let uhat = ops::predict(t, u, p[4])?;
-        let v = ops::routing(t, uhat, cfg.routing_rounds)?;
-        let lengths = ops::lengths(t, v)?;
-        let pred = ops::argmax(t, lengths)?;
+        let enc = self.encode(t, images)?;
         let label_idx = Rc::new(t.backend().upload_idx(labels)?);
-        let margin = ops::margin_loss(t, lengths, label_idx.clone())?;
-        let masked = ops::mask(t, v, if mask_with_labels { label_idx } else { pred.clone() })?;
-        let d1 = ops::dense(t, masked, p[5], p[6], Act::Relu)?;
-        let d2 = ops::dense(t, d1, p[7], p[8], Act::Relu)?;
-        let recon = ops::dense(t, d2, p[9], p[10], Act::Sigmoid)?;
-        // the image is the reconstruction target: view it as [B, 784] (conv1 kept its own shape)
-        t.reshape(x, &[batch, IMAGE_PIXELS])?;
-        let recon_loss = ops::sq_err(t, recon, x, cfg.recon_weight)?;
-        let loss = ops::add(t, margin, recon_loss)?;
+        let keep = if mask_with_labels {
+            label_idx.clone()
+        } else {
+            enc.pred.clone()
+        };
+        let recon = self.decode(t, enc.v, keep)?;
+        let l = self.loss(t, &enc, recon, label_idx)?;
         Ok(Forward {
-            v,
-            lengths,
-            pred,
+            v: enc.v,
+            lengths: enc.lengths,
+            pred: enc.pred,
             recon,
-            margin,
-            recon_loss,
-            loss,
+            margin: l.margin,
+            recon_loss: l.recon,
+            loss: l.total,
         })
     }
 }
@@ -408,13 +574,14 @@ impl Config {
     pub fn train_flops_per_image(&self) -> f64 {
         let (c1, pc) = (self.conv1_channels, self.primary_maps * self.caps1_dim);
         let kk = KERNEL * KERNEL;
-        let conv1 = CONV1_OUT * CONV1_OUT * c1 * kk;
-        let conv2 = PRIMARY_SIDE * PRIMARY_SIDE * pc * c1 * kk;
+        let (s1, s2) = (self.conv1_side(), self.primary_side());
+        let conv1 = s1 * s1 * c1 * kk;
+        let conv2 = s2 * s2 * pc * c1 * kk;
         let caps = self.primary_caps() * self.classes * self.caps2_dim;
         let uhat = caps * self.caps1_dim;
         let routing = (2 * self.routing_rounds - 1) * caps;
         let [h1, h2] = self.decoder_hidden;
-        let decoder = self.classes * self.caps2_dim * h1 + h1 * h2 + h2 * IMAGE_PIXELS;
+        let decoder = self.classes * self.caps2_dim * h1 + h1 * h2 + h2 * self.image_pixels();
         2.0 * (2 * conv1 + 3 * (conv2 + uhat + routing + decoder)) as f64
     }
 }
@@ -446,7 +613,7 @@ mod tests {
             assert_eq!(c.primary_shape(4).w_len(), numel[2]);
             assert_eq!(
                 (c.primary_shape(4).out_h(), c.primary_shape(4).out_w()),
-                (PRIMARY_SIDE, PRIMARY_SIDE)
+                (c.primary_side(), c.primary_side())
             );
             assert_eq!(c.caps_shape(4).w_len(), numel[4]);
             assert_eq!(
@@ -462,8 +629,36 @@ mod tests {
     }
 
     #[test]
+    fn sizes_follow_the_image_side() {
+        let multi = Config {
+            image_side: 36,
+            ..Config::default()
+        };
+        // MultiMNIST: conv1 28x28, a 10x10 grid of 32 capsule types
+        assert_eq!(
+            (multi.conv1_side(), multi.primary_side(), multi.primary_caps()),
+            (28, 10, 3200)
+        );
+        assert_eq!(multi.decoder_shapes(1)[2].out, 36 * 36);
+        let d = Config::default();
+        assert_eq!((d.conv1_side(), d.primary_side()), (20, 6));
+        for side in [MIN_IMAGE_SIDE - 1, MAX_IMAGE_SIDE + 1] {
+            let c = Config {
+                image_side: side,
+                ..Config::default()
+            };
+            assert!(c.validate().unwrap_err().to_string().contains("image side"), "{side}");
+        }
+        // a config written before the side was stored is MNIST's
+        let mut old = d.to_json();
+        old.as_object_mut().unwrap().remove("image_side");
+        assert_eq!(Config::from_json(&old).unwrap(), d);
+    }
+
+    #[test]
     fn config_round_trips_through_json() {
         let c = Config {
+            image_side: 36,
             routing_rounds: 3,
             conv1_channels: 7,
             ..Config::default()

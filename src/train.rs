@@ -12,9 +12,10 @@ use rand::seq::SliceRandom;
 use crate::adam::Adam;
 use crate::backend::Backend;
 use crate::checkpoint::{self, Checkpoint, EpochProgress, TrainState};
+use crate::data::MNIST_PIXELS;
 use crate::data::{self, Split, Which};
 use crate::float::Float;
-use crate::model::{CapsNet, Config, IMAGE_PIXELS, init_params};
+use crate::model::{CapsNet, Config, init_params};
 use crate::tape::Tape;
 use crate::{Error, Result};
 
@@ -249,6 +250,7 @@ fn snapshot<B: Backend>(
     let f32s = |buf: &B::Buf| -> Result<Vec<f32>> { Ok(be.download(buf)?.iter().map(|x| x.to_f64() as f32).collect()) };
     let params: Vec<Vec<f32>> = model
         .params
+        .all()
         .iter()
         .map(|&p| f32s(&tape.value(p).buf))
         .collect::<Result<_>>()?;
@@ -518,6 +520,7 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
         .map(|c| c.config.clone())
         .unwrap_or_else(|| opts.config.clone());
     cfg.validate()?;
+    check_mnist_side(&cfg, &last_path)?;
     std::fs::create_dir_all(&opts.run_dir)
         .map_err(|e| Error::file(&opts.run_dir, format!("cannot create run directory: {e}")))?;
     remove_leftover_temporaries(&opts.run_dir);
@@ -537,15 +540,13 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
     );
 
     let mut tape = Tape::new(backend);
-    let values: Vec<Vec<f64>> = match &resumed {
-        Some(ck) => ck
-            .params
-            .iter()
-            .map(|v| v.iter().map(|&x| x as f64).collect())
-            .collect(),
-        None => init_params(&cfg, opts.seed),
+    let model = match &resumed {
+        Some(ck) => CapsNet::from_checkpoint(&mut tape, ck)?,
+        None => {
+            let values = init_params(&cfg, opts.seed);
+            CapsNet::new(cfg, &mut tape, &values)?
+        }
     };
-    let model = CapsNet::new(cfg, &mut tape, &values)?;
     let mut adam = Adam::new(&tape, opts.lr)?;
     let mut state = TrainState {
         epoch: 0,
@@ -705,6 +706,21 @@ fn check_resume(ck: &Checkpoint, opts: &TrainOptions) -> Result<()> {
     }
 }
 
+/// MNIST's images are 28x28: a model for another size cannot run on them.
+pub fn check_mnist_side(cfg: &Config, source: &Path) -> Result<()> {
+    if cfg.image_side != data::MNIST_SIDE {
+        return Err(Error::file(
+            source,
+            format!(
+                "the model takes {0}x{0} images, MNIST's are {1}x{1}",
+                cfg.image_side,
+                data::MNIST_SIDE
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Test-set evaluation of a checkpoint.
 pub fn eval_checkpoint<B: Backend>(
     backend: B,
@@ -727,13 +743,9 @@ pub fn eval_checkpoint<B: Backend>(
         }
         test = test.slice(0..n);
     }
+    check_mnist_side(&ck.config, ckpt)?;
     let mut tape = Tape::new(backend);
-    let values: Vec<Vec<f64>> = ck
-        .params
-        .iter()
-        .map(|v| v.iter().map(|&x| x as f64).collect())
-        .collect();
-    let model = CapsNet::new(ck.config, &mut tape, &values)?;
+    let model = CapsNet::from_checkpoint(&mut tape, &ck)?;
     evaluate(&mut tape, &model, &test, batch_size, "test")
 }
 
@@ -761,7 +773,7 @@ pub fn bench<B: Backend>(
     }
     let mut rng = StdRng::seed_from_u64(7);
     let split = Split {
-        images: (0..batch_size * IMAGE_PIXELS)
+        images: (0..batch_size * MNIST_PIXELS)
             .map(|_| rand::RngExt::random::<u8>(&mut rng))
             .collect(),
         labels: (0..batch_size).map(|i| (i % cfg.classes) as u8).collect(),

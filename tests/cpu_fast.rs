@@ -54,6 +54,7 @@ fn full_step<B: Backend>(be: B, images: &[f32], labels: &[u32]) -> (Vec<f64>, Ve
     let losses = vec![val(f.loss), val(f.margin), val(f.recon_loss)];
     let grads = model
         .params
+        .all()
         .iter()
         .map(|&p| parity::down(t.backend(), t.grad(p).unwrap()))
         .collect();

@@ -327,7 +327,7 @@ fn step_outputs(be: CudaBackend) -> Vec<f32> {
         out.extend(t.backend().download(&t.value(f.loss).buf).unwrap());
         if train {
             t.backward(f.loss).unwrap();
-            for &p in &model.params {
+            for p in model.params.all() {
                 out.extend(t.backend().download(t.grad(p).unwrap()).unwrap());
             }
             adam.update(&mut t).unwrap();

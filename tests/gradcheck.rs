@@ -305,9 +305,13 @@ fn tiny_config(rounds: usize) -> Config {
 
 /// The whole loss, every parameter tensor, through the model's own forward.
 fn check_model(rounds: usize, mask_with_labels: bool) {
-    let cfg = tiny_config(rounds);
+    check_model_at(tiny_config(rounds), mask_with_labels)
+}
+
+fn check_model_at(cfg: Config, mask_with_labels: bool) {
+    let rounds = cfg.routing_rounds;
     let mut rng = Lcg(81 + rounds as u64);
-    let images = rng.vec(2 * 784, 0.0, 1.0);
+    let images = rng.vec(2 * cfg.image_pixels(), 0.0, 1.0);
     let labels = [3u32, 7];
     let loss_at = |params: &[Vec<f64>], backward: bool| {
         let mut t = Tape::new(Cpu::new());
@@ -316,7 +320,7 @@ fn check_model(rounds: usize, mask_with_labels: bool) {
         let value = t.value(f.loss).buf[0];
         let grads = if backward {
             t.backward(f.loss).unwrap();
-            model.params.iter().map(|&p| t.grad(p).unwrap().clone()).collect()
+            model.params.all().iter().map(|&p| t.grad(p).unwrap().clone()).collect()
         } else {
             vec![]
         };
@@ -351,7 +355,8 @@ fn check_model(rounds: usize, mask_with_labels: bool) {
     }
     report(
         &format!(
-            "whole loss, {rounds} rounds, mask by {}",
+            "whole loss, {0}x{0} images, {rounds} rounds, mask by {1}",
+            cfg.image_side,
             if mask_with_labels { "label" } else { "prediction" }
         ),
         &bad,
@@ -367,4 +372,16 @@ fn whole_loss_gradients_2_rounds() {
 #[test]
 fn whole_loss_gradients_3_rounds_masked_by_prediction() {
     check_model(3, false);
+}
+
+/// The image side comes from the config: 21x21 gives conv1 13x13 and a 3x3 capsule grid (nothing
+/// divides evenly), and every gradient still matches.
+#[test]
+fn whole_loss_gradients_at_another_image_side() {
+    let cfg = Config {
+        image_side: 21,
+        ..tiny_config(2)
+    };
+    assert_eq!((cfg.conv1_side(), cfg.primary_side(), cfg.primary_caps()), (13, 3, 9));
+    check_model_at(cfg, true);
 }

@@ -462,6 +462,7 @@ pub fn train_steps<B: Backend>(be: B, steps: usize) -> (Vec<f64>, Vec<Vec<f64>>)
         if s == 0 {
             grads = model
                 .params
+                .all()
                 .iter()
                 .map(|&p| down(t.backend(), t.grad(p).unwrap()))
                 .collect();
