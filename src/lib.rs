@@ -36,10 +36,12 @@ pub mod cuda;
 pub mod data;
 pub mod error;
 pub mod float;
+pub mod infer;
 pub mod kernels;
 pub mod model;
 pub mod ops;
 pub mod par;
+pub mod predict;
 pub mod tape;
 pub mod train;
 

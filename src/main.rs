@@ -10,7 +10,7 @@ use capsnet::backend::fast::FastCpu;
 use capsnet::cuda::{self, CudaBackend};
 use capsnet::model::Config;
 use capsnet::train::{self, TrainOptions};
-use capsnet::{Error, Result, data};
+use capsnet::{Error, Result, data, predict};
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +32,10 @@ enum Cmd {
     /// Test accuracy and confusion matrix of a checkpoint.
     #[command(allow_negative_numbers = true)]
     Eval(EvalArgs),
+    /// Classify your own images (PNG, JPEG, GIF, BMP, WebP, PNM; any size and colour), each prepared
+    /// as MNIST's digits were: grey, inverted when dark on light, cropped to the digit, scaled to fit
+    /// 20x20 and centred by its centre of mass in 28x28 (a 28x28 image is taken as it is).
+    Predict(PredictArgs),
     /// Time full training steps (forward, backward, Adam) on random images.
     #[command(allow_negative_numbers = true)]
     Bench(BenchArgs),
@@ -158,6 +162,31 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
+struct PredictArgs {
+    /// A checkpoint written by `capsnet train`.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The image files.
+    #[arg(required = true, value_name = "IMAGE")]
+    images: Vec<PathBuf>,
+    /// Also report every other digit whose capsule is longer than this (lengths are probabilities
+    /// that need not sum to 1, so one image can hold two digits).
+    #[arg(long, default_value_t = 0.5)]
+    threshold: f32,
+    /// One JSON object per image on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Write the 28x28 input the model saw (NAME.input.png) and its reconstruction (NAME.recon.png)
+    /// into this directory.
+    #[arg(long, value_name = "DIR")]
+    save_input: Option<PathBuf>,
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+}
+
+#[derive(Args)]
 struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -275,6 +304,105 @@ fn info(a: InfoArgs) -> Result<()> {
     if device.is_ok() {
         let be = CudaBackend::new(0)?;
         println!("kernels: all load on {}", capsnet::backend::Backend::name(&be));
+    }
+    Ok(())
+}
+
+fn predict(a: PredictArgs) -> Result<()> {
+    if !(a.threshold.is_finite() && (0.0..=1.0).contains(&a.threshold)) {
+        return Err(Error::msg(format!(
+            "--threshold must be between 0 and 1 (a capsule length), got {}",
+            a.threshold
+        )));
+    }
+    if a.batch_size == 0 || a.batch_size > Config::MAX_BATCH {
+        return Err(Error::msg(format!(
+            "--batch-size must be between 1 and {}, got {}",
+            Config::MAX_BATCH,
+            a.batch_size
+        )));
+    }
+    let ck = capsnet::checkpoint::load(&a.checkpoint)?;
+    if let Some(dir) = &a.save_input {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::file(dir, format!("--save-input: cannot create the directory: {e}")))?;
+    }
+    let sel = select(a.device)?;
+    let results = with_backend!(sel, |be| {
+        let mut tape = capsnet::tape::Tape::new(be);
+        let model = capsnet::model::CapsNet::from_checkpoint(&mut tape, &ck)?;
+        predict::predict_files(&mut tape, &model, &a.images, a.threshold, a.batch_size)
+    })?;
+    let side = ck.config.image_side;
+    let mut stems = std::collections::HashMap::<String, usize>::new();
+    let mut failed = 0;
+    for (file, r) in &results {
+        let p = match r {
+            Ok(p) => p,
+            Err(e) => {
+                failed += 1;
+                eprintln!("error: {e}");
+                if a.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "file": file.display().to_string(), "error": e.to_string() })
+                    );
+                }
+                continue;
+            }
+        };
+        if let Some(dir) = &a.save_input {
+            // NAME.input.png, NAME-2.input.png for a second file of the same name
+            let stem = file
+                .file_stem()
+                .map_or("image".into(), |s| s.to_string_lossy().into_owned());
+            let n = stems.entry(stem.clone()).or_insert(0);
+            *n += 1;
+            let name = if *n == 1 { stem } else { format!("{stem}-{n}") };
+            for (what, px) in [("input", &p.prepared.pixels), ("recon", &p.recon)] {
+                let path = dir.join(format!("{name}.{what}.png"));
+                capsnet::error::write_atomic(&path, &predict::gray_png(px, side)?)?;
+            }
+        }
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "file": file.display().to_string(),
+                    "digit": p.digit,
+                    "present": p.present,
+                    "lengths": p.lengths,
+                    "inverted": p.prepared.inverted,
+                    "resized": !p.prepared.as_is,
+                })
+            );
+        } else {
+            let also: Vec<String> = p
+                .present
+                .iter()
+                .filter(|&&d| d != p.digit)
+                .map(|&d| format!("{d} ({:.3})", p.lengths[d]))
+                .collect();
+            let also = if also.is_empty() {
+                String::new()
+            } else {
+                format!(", also {}", also.join(", "))
+            };
+            println!("{}: {} ({:.3}){also}", file.display(), p.digit, p.lengths[p.digit]);
+            let lengths: Vec<String> = p
+                .lengths
+                .iter()
+                .enumerate()
+                .map(|(k, l)| format!("{k}:{l:.3}"))
+                .collect();
+            println!("  lengths {}", lengths.join(" "));
+        }
+    }
+    if failed > 0 {
+        return Err(Error::msg(format!(
+            "{failed} of {} images could not be predicted (each is named above)",
+            results.len()
+        )));
     }
     Ok(())
 }
@@ -429,6 +557,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Predict(a) => predict(a),
         Cmd::Info(a) => info(a),
         Cmd::Download(a) => {
             for line in data::download(&a.data, &data::mirrors())? {
