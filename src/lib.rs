@@ -35,6 +35,7 @@ pub mod checkpoint;
 pub mod cuda;
 pub mod data;
 pub mod error;
+pub mod figures;
 pub mod float;
 pub mod infer;
 pub mod kernels;

@@ -32,6 +32,10 @@ enum Cmd {
     /// Test accuracy and confusion matrix of a checkpoint.
     #[command(allow_negative_numbers = true)]
     Eval(EvalArgs),
+    /// The notebook's pictures of a checkpoint as PNGs: test digits over their reconstructions, what
+    /// each capsule dimension encodes, training curves, misclassified digits, the confusion matrix.
+    #[command(allow_negative_numbers = true)]
+    Figures(FiguresArgs),
     /// Classify your own images (PNG, JPEG, GIF, BMP, WebP, PNM; any size and colour), each prepared
     /// as MNIST's digits were: grey, inverted when dark on light, cropped to the digit, scaled to fit
     /// 20x20 and centred by its centre of mass in 28x28 (a 28x28 image is taken as it is).
@@ -159,6 +163,60 @@ struct EvalArgs {
     batch_size: usize,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    /// Also write the figures (as `capsnet figures`) into this directory.
+    #[arg(long, value_name = "DIR")]
+    figures: Option<PathBuf>,
+    #[command(flatten)]
+    figure: FigureArgs,
+}
+
+#[derive(Args)]
+struct FigureArgs {
+    /// Test digits shown over their reconstructions.
+    #[arg(long, default_value_t = 10)]
+    count: usize,
+    /// Digits per capsule dimension in tweaks.png (each dimension shifted from -0.25 to +0.25 in 11 steps).
+    #[arg(long, default_value_t = 3)]
+    tweak_digits: usize,
+    /// Screen pixels per image pixel.
+    #[arg(long, default_value_t = 2)]
+    scale: u32,
+    /// Misclassified test digits shown in errors.png at most.
+    #[arg(long, default_value_t = 50)]
+    max_errors: usize,
+}
+
+impl FigureArgs {
+    fn options(&self) -> capsnet::figures::FigureOptions {
+        capsnet::figures::FigureOptions {
+            count: self.count,
+            tweak_digits: self.tweak_digits,
+            scale: self.scale,
+            max_errors: self.max_errors,
+        }
+    }
+}
+
+#[derive(Args)]
+struct FiguresArgs {
+    /// A checkpoint written by `capsnet train` (curves come from metrics.jsonl beside it, else from
+    /// the history the checkpoint carries).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Directory for the PNGs (created if missing; files of the same names are replaced).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    #[command(flatten)]
+    data: DataArg,
+    /// Evaluate the first N test images only (errors.png and confusion.png cover these).
+    #[arg(long)]
+    limit: Option<usize>,
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+    #[command(flatten)]
+    figure: FigureArgs,
 }
 
 #[derive(Args)]
@@ -407,6 +465,24 @@ fn predict(a: PredictArgs) -> Result<()> {
     Ok(())
 }
 
+fn print_eval(r: &train::EvalReport) {
+    println!("test images: {}", r.images);
+    println!("test accuracy: {:.4}%", 100.0 * r.accuracy);
+    println!(
+        "test loss: {:.6} (margin {:.6}, reconstruction {:.6})",
+        r.loss, r.margin, r.recon
+    );
+    println!("confusion matrix (rows: true class, columns: predicted):");
+    print!("     ");
+    (0..r.confusion.len()).for_each(|c| print!("{c:>6}"));
+    println!();
+    for (t, row) in r.confusion.iter().enumerate() {
+        print!("{t:>4} ");
+        row.iter().for_each(|n| print!("{n:>6}"));
+        println!();
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Train(a) => {
@@ -460,27 +536,36 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Eval(a) => {
             let sel = select(a.device)?;
-            let r = with_backend!(sel, |be| train::eval_checkpoint(
+            let opts = a.figure.options();
+            let figures = a.figures.as_deref().map(|d| (d, &opts));
+            let (r, written) = with_backend!(sel, |be| train::eval_with_figures(
                 be,
                 &a.checkpoint,
                 &a.data.data,
                 a.limit,
-                a.batch_size
+                a.batch_size,
+                figures
             ))?;
-            println!("test images: {}", r.images);
-            println!("test accuracy: {:.4}%", 100.0 * r.accuracy);
-            println!(
-                "test loss: {:.6} (margin {:.6}, reconstruction {:.6})",
-                r.loss, r.margin, r.recon
-            );
-            println!("confusion matrix (rows: true class, columns: predicted):");
-            print!("     ");
-            (0..r.confusion.len()).for_each(|c| print!("{c:>6}"));
-            println!();
-            for (t, row) in r.confusion.iter().enumerate() {
-                print!("{t:>4} ");
-                row.iter().for_each(|n| print!("{n:>6}"));
-                println!();
+            print_eval(&r);
+            for f in written {
+                println!("wrote {}", f.display());
+            }
+            Ok(())
+        }
+        Cmd::Figures(a) => {
+            let sel = select(a.device)?;
+            let opts = a.figure.options();
+            let (r, written) = with_backend!(sel, |be| train::eval_with_figures(
+                be,
+                &a.checkpoint,
+                &a.data.data,
+                a.limit,
+                a.batch_size,
+                Some((&a.out, &opts))
+            ))?;
+            println!("test images: {}, accuracy {:.4}%", r.images, 100.0 * r.accuracy);
+            for f in written {
+                println!("wrote {}", f.display());
             }
             Ok(())
         }

@@ -14,6 +14,7 @@ use crate::backend::Backend;
 use crate::checkpoint::{self, Checkpoint, EpochProgress, TrainState};
 use crate::data::MNIST_PIXELS;
 use crate::data::{self, Split, Which};
+use crate::figures;
 use crate::float::Float;
 use crate::model::{CapsNet, Config, init_params};
 use crate::tape::Tape;
@@ -93,6 +94,8 @@ pub struct EvalReport {
     pub images: usize,
     /// confusion[true][predicted].
     pub confusion: Vec<Vec<usize>>,
+    /// The predicted class of every image, in the split's order.
+    pub predictions: Vec<u32>,
 }
 
 /// Sums of batch figures weighted by batch size.
@@ -195,6 +198,7 @@ pub fn evaluate<B: Backend>(
     let classes = model.cfg.classes;
     let mut confusion = vec![vec![0usize; classes]; classes];
     let mut r = Running::default();
+    let mut predictions = Vec::with_capacity(split.len());
     let mut bar = Progress::new(label.to_string(), split.len(), 0);
     tape.set_recording(false);
     let idx: Vec<usize> = (0..split.len()).collect();
@@ -212,6 +216,7 @@ pub fn evaluate<B: Backend>(
                 confusion[t as usize][p as usize] += 1;
                 r.correct += (t == p) as usize;
             }
+            predictions.extend(pred);
             r.images += chunk.len();
             bar.update(r.images, &r);
         }
@@ -227,6 +232,7 @@ pub fn evaluate<B: Backend>(
         accuracy: mean(&r, r.correct as f64),
         images: r.images,
         confusion,
+        predictions,
     })
 }
 
@@ -729,10 +735,48 @@ pub fn eval_checkpoint<B: Backend>(
     limit: Option<usize>,
     batch_size: usize,
 ) -> Result<EvalReport> {
+    Ok(eval_with_figures(backend, ckpt, data_dir, limit, batch_size, None)?.0)
+}
+
+/// The epochs of the run that wrote `ckpt`: its directory's metrics.jsonl when there is one (the
+/// whole run, also past a best checkpoint's epoch), else the history the checkpoint carries.
+pub fn run_history(ckpt: &Path, ck: &Checkpoint) -> Result<Vec<figures::EpochPoint>> {
+    let beside = ckpt.parent().map(|d| d.join(METRICS)).filter(|p| p.is_file());
+    if let Some(path) = beside {
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, format!("cannot read: {e}")))?;
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .enumerate()
+            .map(|(i, l)| serde_json::from_str(l).map_err(|e| Error::file(&path, format!("line {}: {e}", i + 1))))
+            .collect::<Result<_>>()?;
+        return figures::epoch_points(&lines, &path);
+    }
+    figures::epoch_points(&ck.history, ckpt)
+}
+
+/// Test-set evaluation of a checkpoint, and its figures in `figures.0` when asked
+/// ([`figures::write_all`]). Returns the report and the files written.
+pub fn eval_with_figures<B: Backend>(
+    backend: B,
+    ckpt: &Path,
+    data_dir: &Path,
+    limit: Option<usize>,
+    batch_size: usize,
+    figures: Option<(&Path, &figures::FigureOptions)>,
+) -> Result<(EvalReport, Vec<PathBuf>)> {
     if batch_size == 0 || limit == Some(0) {
         return Err(Error::msg("--batch-size and --limit must be at least 1"));
     }
+    if let Some((_, opts)) = figures {
+        opts.validate()?;
+    }
     let ck = checkpoint::load(ckpt)?;
+    check_mnist_side(&ck.config, ckpt)?;
+    let history = match figures {
+        Some(_) => run_history(ckpt, &ck)?,
+        None => vec![],
+    };
     let mut test = data::load(data_dir, Which::Test)?;
     if let Some(n) = limit {
         if n > test.len() {
@@ -743,10 +787,14 @@ pub fn eval_checkpoint<B: Backend>(
         }
         test = test.slice(0..n);
     }
-    check_mnist_side(&ck.config, ckpt)?;
     let mut tape = Tape::new(backend);
     let model = CapsNet::from_checkpoint(&mut tape, &ck)?;
-    evaluate(&mut tape, &model, &test, batch_size, "test")
+    let report = evaluate(&mut tape, &model, &test, batch_size, "test")?;
+    let written = match figures {
+        Some((out, opts)) => figures::write_all(&mut tape, &model, &test, &report, &history, out, opts)?,
+        None => vec![],
+    };
+    Ok((report, written))
 }
 
 #[derive(Clone, Debug)]

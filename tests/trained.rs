@@ -328,3 +328,240 @@ fn predict_text_output_threshold_and_saved_inputs() {
     let o = capsnet(&["predict", "--checkpoint", ck, "--threshold", "1.5", names[0]], &[]);
     assert_clean_error(&o, &["--threshold", "1.5"]);
 }
+
+fn trained_model() -> (Tape<FastCpu>, CapsNet) {
+    let ck = checkpoint::load(trained()).unwrap();
+    let mut tape = Tape::new(FastCpu::new());
+    let model = CapsNet::from_checkpoint(&mut tape, &ck).unwrap();
+    (tape, model)
+}
+
+/// The grey level the sheets draw for a pixel value.
+fn shade(p: f32) -> u8 {
+    255 - (p.clamp(0.0, 1.0) * 255.0).round() as u8
+}
+
+#[test]
+fn reconstructions_are_the_decoders_and_follow_the_capsules() {
+    use capsnet::figures::{self, LABEL, PAD, RECON_LEFT};
+    let (n, side, scale) = (6usize, 28usize, 2u32);
+    let split = test_split(n);
+    let (mut tape, model) = trained_model();
+    let (x, y) = split.batch::<f32>(&(0..n).collect::<Vec<_>>());
+    let c = infer::classify(&mut tape, &model, &x, 100).unwrap();
+    let recon = infer::reconstruct(&mut tape, &model, &c.v, &c.pred, 100).unwrap();
+    let sheet = figures::reconstructions(&x, &recon, &c.pred, &y, side, scale).unwrap();
+    let cell = side as u32 * scale;
+    assert_eq!(
+        sheet.img.dimensions(),
+        (
+            RECON_LEFT + n as u32 * (cell + PAD) + PAD,
+            LABEL + 2 * (cell + PAD) + PAD
+        )
+    );
+    // every cell of the lower row is the decoder's output, pixel for pixel
+    let px = side * side;
+    for k in 0..n {
+        for i in 0..px {
+            let (cx, cy) = (RECON_LEFT + k as u32 * (cell + PAD), LABEL + cell + PAD);
+            let (sx, sy) = (cx + (i % side) as u32 * scale, cy + (i / side) as u32 * scale);
+            assert_eq!(sheet.img.get_pixel(sx + 1, sy + 1).0[0], shade(recon[k * px + i]));
+            let top = sheet.img.get_pixel(sx, LABEL + (i / side) as u32 * scale).0[0];
+            assert_eq!(top, shade(x[k * px + i]), "the upper row is the input");
+        }
+    }
+    // another capsule, another picture: shrink the predicted capsules, and the lower row changes
+    let mut v = c.v.clone();
+    v.iter_mut().for_each(|e| *e *= 0.3);
+    let faint = infer::reconstruct(&mut tape, &model, &v, &c.pred, 100).unwrap();
+    let diff = recon
+        .iter()
+        .zip(&faint)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff > 0.2, "the decoder ignores its capsules: largest change {diff}");
+    let other = figures::reconstructions(&x, &faint, &c.pred, &y, side, scale).unwrap();
+    let band = |s: &figures::Sheet, y0: u32, y1: u32| -> Vec<u8> {
+        (y0..y1)
+            .flat_map(|yy| (0..s.img.width()).map(move |xx| (xx, yy)))
+            .map(|(xx, yy)| s.img.get_pixel(xx, yy).0[0])
+            .collect()
+    };
+    let (upper, lower) = ((LABEL, LABEL + cell), (LABEL + cell + PAD, LABEL + 2 * cell + PAD));
+    assert_eq!(band(&sheet, upper.0, upper.1), band(&other, upper.0, upper.1));
+    assert_ne!(band(&sheet, lower.0, lower.1), band(&other, lower.0, lower.1));
+}
+
+#[test]
+fn tweak_rows_change_along_the_row_and_pass_through_the_plain_reconstruction() {
+    use capsnet::figures::{self, LABEL, PAD, TWEAK_LEFT, TWEAK_STEPS};
+    let (digits, side) = (2usize, 28usize);
+    let split = test_split(digits);
+    let (mut tape, model) = trained_model();
+    let (x, _) = split.batch::<f32>(&(0..digits).collect::<Vec<_>>());
+    let c = infer::classify(&mut tape, &model, &x, 100).unwrap();
+    let plain = infer::reconstruct(&mut tape, &model, &c.v, &c.pred, 100).unwrap();
+    let dims = model.cfg.caps2_dim;
+    let (tv, keep) = figures::tweaked_capsules(&c, digits, model.cfg.classes, dims);
+    assert_eq!(keep.len(), dims * digits * TWEAK_STEPS);
+    let recon = infer::reconstruct(&mut tape, &model, &tv, &keep, 176).unwrap();
+    let px = side * side;
+    let at = |d: usize, k: usize, step: usize| &recon[((d * digits + k) * TWEAK_STEPS + step) * px..][..px];
+    let mut moved = vec![];
+    for d in 0..dims {
+        for k in 0..digits {
+            // the middle step shifts by exactly 0: the plain reconstruction
+            let mid = at(d, k, TWEAK_STEPS / 2);
+            let off = mid
+                .iter()
+                .zip(&plain[k * px..(k + 1) * px])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(off < 1e-5, "dim {d}, digit {k}: the unshifted picture differs by {off}");
+            let ends = at(d, k, 0)
+                .iter()
+                .zip(at(d, k, TWEAK_STEPS - 1))
+                .map(|(a, b)| (a - b).abs())
+                .sum::<f32>();
+            moved.push(ends);
+            for s in 1..TWEAK_STEPS {
+                assert_ne!(
+                    at(d, k, s - 1),
+                    at(d, k, s),
+                    "dim {d}, digit {k}: steps {} and {s} are the same picture",
+                    s - 1
+                );
+            }
+        }
+    }
+    // the pictures really change, not by rounding: on average the ends of a row differ by many grey levels
+    let mean = moved.iter().sum::<f32>() / moved.len() as f32;
+    assert!(mean > 1.0, "rows barely change: mean summed difference {mean}");
+    let sheet = figures::tweaks(&recon, dims, digits, side, 1).unwrap();
+    let group = TWEAK_STEPS as u32 * side as u32;
+    assert_eq!(
+        sheet.img.dimensions(),
+        (
+            TWEAK_LEFT + digits as u32 * (group + 3 * PAD),
+            LABEL + dims as u32 * side as u32 + PAD
+        )
+    );
+}
+
+#[test]
+fn figures_and_eval_figures_write_every_png_and_refuse_bad_flags() {
+    let data = mnist_dir();
+    let ck = trained().to_str().unwrap().to_string();
+    let dir = temp_dir("figures-cli");
+    let out = dir.join("figs");
+    let o = capsnet(
+        &[
+            "figures",
+            "--checkpoint",
+            &ck,
+            "--out",
+            out.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--limit",
+            "300",
+            "--count",
+            "7",
+            "--tweak-digits",
+            "2",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dims = |name: &str| image::image_dimensions(out.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let cell = 56;
+    use capsnet::figures::{LABEL, PAD, RECON_LEFT, TWEAK_LEFT, TWEAK_STEPS};
+    assert_eq!(
+        dims("reconstructions.png"),
+        (RECON_LEFT + 7 * (cell + PAD) + PAD, LABEL + 2 * (cell + PAD) + PAD)
+    );
+    let group = TWEAK_STEPS as u32 * cell;
+    assert_eq!(
+        dims("tweaks.png"),
+        (TWEAK_LEFT + 2 * (group + 3 * PAD), LABEL + 16 * cell + PAD)
+    );
+    assert_eq!(dims("curves.png"), (1000, 400));
+    assert_eq!(dims("confusion.png"), (64 + 10 * 44 + 8, 40 + 10 * 44 + 8));
+    // about 7% of 300 are wrong: at least a row of 10
+    let (ew, eh) = dims("errors.png");
+    assert!(ew == 10 * (cell + PAD) + PAD && eh >= LABEL + cell + PAD, "{ew}x{eh}");
+    // no temporary file is left behind
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 5, "{names:?}");
+    // eval --figures: the usual report and the same files
+    let out2 = dir.join("eval-figs");
+    let o = capsnet(
+        &[
+            "eval",
+            "--checkpoint",
+            &ck,
+            "--data",
+            data.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--limit",
+            "200",
+            "--figures",
+            out2.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("test accuracy:") && text.contains("confusion matrix"),
+        "{text}"
+    );
+    for f in [
+        "reconstructions.png",
+        "tweaks.png",
+        "errors.png",
+        "confusion.png",
+        "curves.png",
+    ] {
+        assert!(
+            text.contains(&format!("wrote {}", out2.join(f).display())),
+            "{f}: {text}"
+        );
+        assert!(out2.join(f).is_file(), "{f}");
+    }
+    // bad flags are refused before the evaluation
+    for (flag, value) in [("--count", "0"), ("--scale", "20"), ("--tweak-digits", "11")] {
+        let o = capsnet(
+            &[
+                "figures",
+                "--checkpoint",
+                &ck,
+                "--out",
+                out.to_str().unwrap(),
+                "--data",
+                "/nonexistent",
+                flag,
+                value,
+            ],
+            &[],
+        );
+        assert_clean_error(&o, &[flag, value]);
+    }
+    let o = capsnet(
+        &[
+            "figures",
+            "--checkpoint",
+            "/nonexistent.safetensors",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_clean_error(&o, &["/nonexistent.safetensors"]);
+}
