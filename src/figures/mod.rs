@@ -379,14 +379,16 @@ pub fn curves(points: &[EpochPoint]) -> Result<Sheet> {
         .map_err(|x| e(x.to_string()))?
         .label("validation")
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], red.stroke_width(2)));
-        let series: [(fn(&EpochPoint) -> f64, RGBColor); 2] = [(|p| p.train_loss, blue), (|p| p.val_loss, red)];
-        for (get, colour) in series {
-            c.draw_series(
-                points
-                    .iter()
-                    .map(|p| Circle::new((p.epoch, get(p)), 3, colour.filled())),
-            )
-            .map_err(|x| e(x.to_string()))?;
+        let losses = [
+            (points.iter().map(|p| p.train_loss).collect::<Vec<_>>(), blue),
+            (points.iter().map(|p| p.val_loss).collect(), red),
+        ];
+        for (ys, colour) in losses {
+            let dots = points
+                .iter()
+                .zip(ys)
+                .map(|(p, y)| Circle::new((p.epoch, y), 3, colour.filled()));
+            c.draw_series(dots).map_err(|x| e(x.to_string()))?;
         }
         c.configure_series_labels()
             .label_font(font(12))
