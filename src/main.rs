@@ -34,6 +34,7 @@ enum Cmd {
     Eval(EvalArgs),
     /// The notebook's pictures of a checkpoint as PNGs: test digits over their reconstructions, what
     /// each capsule dimension encodes, training curves, misclassified digits, the confusion matrix.
+    /// The curves come from metrics.jsonl beside the checkpoint, else from the history it carries.
     #[command(allow_negative_numbers = true)]
     Figures(FiguresArgs),
     /// Classify your own images (PNG, JPEG, GIF, BMP, WebP, PNM; any size and colour), each prepared
@@ -149,8 +150,9 @@ struct TrainArgs {
     checkpoint_steps: Option<u64>,
 }
 
+/// A checkpoint and the test set it is evaluated on.
 #[derive(Args)]
-struct EvalArgs {
+struct TestSetArgs {
     /// A checkpoint written by `capsnet train`.
     #[arg(long)]
     checkpoint: PathBuf,
@@ -163,6 +165,12 @@ struct EvalArgs {
     batch_size: usize,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    test: TestSetArgs,
     /// Also write the figures (as `capsnet figures`) into this directory.
     #[arg(long, value_name = "DIR")]
     figures: Option<PathBuf>,
@@ -197,24 +205,15 @@ impl FigureArgs {
     }
 }
 
+/// `figures`: curves come from metrics.jsonl beside the checkpoint, else from the history the
+/// checkpoint carries; errors.png and confusion.png cover the evaluated test images.
 #[derive(Args)]
 struct FiguresArgs {
-    /// A checkpoint written by `capsnet train` (curves come from metrics.jsonl beside it, else from
-    /// the history the checkpoint carries).
-    #[arg(long)]
-    checkpoint: PathBuf,
+    #[command(flatten)]
+    test: TestSetArgs,
     /// Directory for the PNGs (created if missing; files of the same names are replaced).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    #[command(flatten)]
-    data: DataArg,
-    /// Evaluate the first N test images only (errors.png and confusion.png cover these).
-    #[arg(long)]
-    limit: Option<usize>,
-    #[arg(long, default_value_t = 100)]
-    batch_size: usize,
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
-    device: Device,
     #[command(flatten)]
     figure: FigureArgs,
 }
@@ -314,6 +313,23 @@ macro_rules! with_backend {
             }
         }
     };
+}
+
+impl TestSetArgs {
+    /// Evaluates, and writes the figures into `out` when given.
+    fn run(&self, out: Option<&std::path::Path>, figure: &FigureArgs) -> Result<(train::EvalReport, Vec<PathBuf>)> {
+        let sel = select(self.device)?;
+        let opts = figure.options();
+        let figures = out.map(|d| (d, &opts));
+        with_backend!(sel, |be| train::eval_with_figures(
+            be,
+            &self.checkpoint,
+            &self.data.data,
+            self.limit,
+            self.batch_size,
+            figures
+        ))
+    }
 }
 
 fn info(a: InfoArgs) -> Result<()> {
@@ -535,38 +551,15 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Eval(a) => {
-            let sel = select(a.device)?;
-            let opts = a.figure.options();
-            let figures = a.figures.as_deref().map(|d| (d, &opts));
-            let (r, written) = with_backend!(sel, |be| train::eval_with_figures(
-                be,
-                &a.checkpoint,
-                &a.data.data,
-                a.limit,
-                a.batch_size,
-                figures
-            ))?;
+            let (r, written) = a.test.run(a.figures.as_deref(), &a.figure)?;
             print_eval(&r);
-            for f in written {
-                println!("wrote {}", f.display());
-            }
+            written.iter().for_each(|f| println!("wrote {}", f.display()));
             Ok(())
         }
         Cmd::Figures(a) => {
-            let sel = select(a.device)?;
-            let opts = a.figure.options();
-            let (r, written) = with_backend!(sel, |be| train::eval_with_figures(
-                be,
-                &a.checkpoint,
-                &a.data.data,
-                a.limit,
-                a.batch_size,
-                Some((&a.out, &opts))
-            ))?;
+            let (r, written) = a.test.run(Some(&a.out), &a.figure)?;
             println!("test images: {}, accuracy {:.4}%", r.images, 100.0 * r.accuracy);
-            for f in written {
-                println!("wrote {}", f.display());
-            }
+            written.iter().for_each(|f| println!("wrote {}", f.display()));
             Ok(())
         }
         Cmd::Bench(a) => {

@@ -322,6 +322,49 @@ pub fn epoch_points(history: &[serde_json::Value], source: &Path) -> Result<Vec<
         .collect()
 }
 
+type Chart<'a, 'b> = ChartContext<
+    'a,
+    BitMapBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// A chart over epochs 1..=`last` on `area`, with its axes drawn: whole epochs on x, `y` with
+/// `digits` decimals.
+fn epoch_chart<'a, 'b>(
+    area: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    title: &str,
+    last: f64,
+    y: std::ops::Range<f64>,
+    digits: usize,
+) -> Result<Chart<'a, 'b>> {
+    let e = draw_err("curves.png");
+    let mut c = ChartBuilder::on(area)
+        .caption(title, font(16))
+        .margin(10)
+        .x_label_area_size(36)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0.5..last + 0.5, y)
+        .map_err(|x| e(x.to_string()))?;
+    let whole = |x: &f64| {
+        if x.fract() == 0.0 {
+            format!("{x:.0}")
+        } else {
+            String::new()
+        }
+    };
+    c.configure_mesh()
+        .x_desc("epoch")
+        .x_labels((last as usize).min(20) + 1)
+        .x_label_formatter(&whole)
+        .light_line_style(WHITE)
+        .label_style(font(12))
+        .axis_desc_style(font(13))
+        .y_label_formatter(&|y| format!("{y:.digits$}"))
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    Ok(c)
+}
+
 /// Training and validation loss (left) and validation accuracy (right) per epoch.
 pub fn curves(points: &[EpochPoint]) -> Result<Sheet> {
     if points.is_empty() {
@@ -334,61 +377,22 @@ pub fn curves(points: &[EpochPoint]) -> Result<Sheet> {
         let (l, r) = area.split_horizontally(w / 2);
         let e = draw_err("curves.png");
         let last = points.iter().map(|p| p.epoch).fold(1.0, f64::max);
-        let (lo, hi) = points
-            .iter()
-            .flat_map(|p| [p.train_loss, p.val_loss])
-            .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
-        let mut c = ChartBuilder::on(&l)
-            .caption("loss", font(16))
-            .margin(10)
-            .x_label_area_size(36)
-            .y_label_area_size(64)
-            .build_cartesian_2d(0.5..last + 0.5, (lo * 0.9).max(0.0)..hi * 1.05)
-            .map_err(|x| e(x.to_string()))?;
-        let epochs = points.len().min(20) + 1;
-        let whole = |x: &f64| {
-            if x.fract() == 0.0 {
-                format!("{x:.0}")
-            } else {
-                String::new()
-            }
-        };
-        c.configure_mesh()
-            .x_desc("epoch")
-            .x_labels(epochs)
-            .x_label_formatter(&whole)
-            .light_line_style(WHITE)
-            .label_style(font(12))
-            .axis_desc_style(font(13))
-            .y_label_formatter(&|y| format!("{y:.3}"))
-            .draw()
-            .map_err(|x| e(x.to_string()))?;
-        let blue = RGBColor(40, 90, 200);
-        let red = RGBColor(200, 40, 40);
-        c.draw_series(LineSeries::new(
-            points.iter().map(|p| (p.epoch, p.train_loss)),
-            blue.stroke_width(2),
-        ))
-        .map_err(|x| e(x.to_string()))?
-        .label("train")
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], blue.stroke_width(2)));
-        c.draw_series(LineSeries::new(
-            points.iter().map(|p| (p.epoch, p.val_loss)),
-            red.stroke_width(2),
-        ))
-        .map_err(|x| e(x.to_string()))?
-        .label("validation")
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], red.stroke_width(2)));
+        let range = |ys: &mut dyn Iterator<Item = f64>| ys.fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
+        let (lo, hi) = range(&mut points.iter().flat_map(|p| [p.train_loss, p.val_loss]));
+        let mut c = epoch_chart(&l, "loss", last, (lo * 0.9).max(0.0)..hi * 1.05, 3)?;
+        let (blue, red) = (RGBColor(40, 90, 200), RGBColor(200, 40, 40));
         let losses = [
-            (points.iter().map(|p| p.train_loss).collect::<Vec<_>>(), blue),
-            (points.iter().map(|p| p.val_loss).collect(), red),
+            ("train", points.iter().map(|p| p.train_loss).collect::<Vec<_>>(), blue),
+            ("validation", points.iter().map(|p| p.val_loss).collect(), red),
         ];
-        for (ys, colour) in losses {
-            let dots = points
-                .iter()
-                .zip(ys)
-                .map(|(p, y)| Circle::new((p.epoch, y), 3, colour.filled()));
-            c.draw_series(dots).map_err(|x| e(x.to_string()))?;
+        for (name, ys, colour) in losses {
+            let at: Vec<(f64, f64)> = points.iter().zip(ys).map(|(p, y)| (p.epoch, y)).collect();
+            c.draw_series(LineSeries::new(at.clone(), colour.stroke_width(2)))
+                .map_err(|x| e(x.to_string()))?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2)));
+            c.draw_series(at.into_iter().map(|p| Circle::new(p, 3, colour.filled())))
+                .map_err(|x| e(x.to_string()))?;
         }
         c.configure_series_labels()
             .label_font(font(12))
@@ -396,39 +400,20 @@ pub fn curves(points: &[EpochPoint]) -> Result<Sheet> {
             .border_style(BLACK)
             .draw()
             .map_err(|x| e(x.to_string()))?;
-        let (alo, ahi) = points
-            .iter()
-            .map(|p| 100.0 * p.val_acc)
-            .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
+        let (alo, ahi) = range(&mut points.iter().map(|p| 100.0 * p.val_acc));
         let pad = ((ahi - alo) * 0.1).max(0.05);
-        let mut c = ChartBuilder::on(&r)
-            .caption("validation accuracy (%)", font(16))
-            .margin(10)
-            .x_label_area_size(36)
-            .y_label_area_size(64)
-            .build_cartesian_2d(0.5..last + 0.5, alo - pad..(ahi + pad).min(100.0 + pad))
+        let mut c = epoch_chart(
+            &r,
+            "validation accuracy (%)",
+            last,
+            alo - pad..(ahi + pad).min(100.0 + pad),
+            2,
+        )?;
+        let at: Vec<(f64, f64)> = points.iter().map(|p| (p.epoch, 100.0 * p.val_acc)).collect();
+        c.draw_series(LineSeries::new(at.clone(), red.stroke_width(2)))
             .map_err(|x| e(x.to_string()))?;
-        c.configure_mesh()
-            .x_desc("epoch")
-            .x_labels(epochs)
-            .x_label_formatter(&whole)
-            .light_line_style(WHITE)
-            .label_style(font(12))
-            .axis_desc_style(font(13))
-            .y_label_formatter(&|y| format!("{y:.2}"))
-            .draw()
+        c.draw_series(at.into_iter().map(|p| Circle::new(p, 3, red.filled())))
             .map_err(|x| e(x.to_string()))?;
-        c.draw_series(LineSeries::new(
-            points.iter().map(|p| (p.epoch, 100.0 * p.val_acc)),
-            red.stroke_width(2),
-        ))
-        .map_err(|x| e(x.to_string()))?;
-        c.draw_series(
-            points
-                .iter()
-                .map(|p| Circle::new((p.epoch, 100.0 * p.val_acc), 3, red.filled())),
-        )
-        .map_err(|x| e(x.to_string()))?;
         area.present().map_err(|x| e(x.to_string()))?;
     }
     Ok(s)
