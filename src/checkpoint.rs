@@ -34,6 +34,11 @@ pub struct TrainState {
     pub bad_epochs: usize,
     pub limit: Option<usize>,
     pub val_limit: Option<usize>,
+    /// Training images are shifted by up to this many pixels each way (0: not at all).
+    pub shift: usize,
+    /// The learning rate is lr · lr_decay^(step / lr_decay_steps) (1: constant).
+    pub lr_decay: f64,
+    pub lr_decay_steps: u64,
     /// How far into epoch `epoch` (0-based, not yet complete) a step checkpoint was taken; None at an
     /// epoch's end.
     pub partial: Option<EpochProgress>,
@@ -99,6 +104,7 @@ impl TrainState {
             "seed": self.seed, "batch_size": self.batch_size, "lr": self.lr, "patience": self.patience,
             "best_val_loss": self.best_val_loss, "bad_epochs": self.bad_epochs,
             "limit": self.limit, "val_limit": self.val_limit,
+            "shift": self.shift, "lr_decay": self.lr_decay, "lr_decay_steps": self.lr_decay_steps,
             "partial": self.partial.as_ref().map(EpochProgress::to_json),
         })
     }
@@ -255,6 +261,12 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         bad_epochs: req_u64("bad_epochs")? as usize,
         limit: opt_usize("limit"),
         val_limit: opt_usize("val_limit"),
+        // checkpoints from before shifts and decay were: none
+        shift: opt_usize("shift").unwrap_or(0),
+        lr_decay: field("lr_decay").as_f64().unwrap_or(1.0),
+        lr_decay_steps: field("lr_decay_steps")
+            .as_u64()
+            .unwrap_or(crate::train::DEFAULT_DECAY_STEPS),
         partial: match field("partial") {
             serde_json::Value::Null => None,
             p => Some(EpochProgress::from_json(&p).ok_or_else(|| bad("train state: malformed 'partial'".into()))?),
@@ -323,6 +335,9 @@ mod tests {
             best_val_loss: None,
             bad_epochs: 0,
             limit: None,
+            shift: 0,
+            lr_decay: 1.0,
+            lr_decay_steps: 2000,
             val_limit: None,
             partial: None,
         };

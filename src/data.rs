@@ -87,6 +87,53 @@ impl Split {
     }
 }
 
+/// SplitMix64's finaliser: a well-mixed 64-bit hash of `x`.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The random shift (dx, dy) of training image `index` in epoch `epoch` (0-based), each uniform in
+/// −max..=max: a function of (seed, epoch, index) only, so a resumed run shifts every image as an
+/// uninterrupted one does, whatever the batch it falls in.
+pub fn shift_of(seed: u64, epoch: usize, index: usize, max: usize) -> (i32, i32) {
+    if max == 0 {
+        return (0, 0);
+    }
+    let h = mix(mix(mix(seed) ^ epoch as u64) ^ index as u64);
+    let n = 2 * max as u64 + 1;
+    ((h % n) as i32 - max as i32, ((h >> 32) % n) as i32 - max as i32)
+}
+
+/// Moves each side x side image of `x` by its (dx, dy) (right and down positive), filling the
+/// uncovered pixels with 0 (the background): the paper's augmentation.
+pub fn shift_images<E: Copy + Default>(x: &mut [E], side: usize, shifts: &[(i32, i32)]) {
+    let px = side * side;
+    debug_assert_eq!(x.len(), shifts.len() * px);
+    let mut tmp = vec![E::default(); px];
+    for (img, &(dx, dy)) in x.chunks_mut(px).zip(shifts) {
+        if (dx, dy) == (0, 0) {
+            continue;
+        }
+        tmp.fill(E::default());
+        for y in 0..side as i32 {
+            let sy = y - dy;
+            if !(0..side as i32).contains(&sy) {
+                continue;
+            }
+            for xx in 0..side as i32 {
+                let sx = xx - dx;
+                if (0..side as i32).contains(&sx) {
+                    tmp[(y * side as i32 + xx) as usize] = img[(sy * side as i32 + sx) as usize];
+                }
+            }
+        }
+        img.copy_from_slice(&tmp);
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Which {
     Train,
@@ -366,4 +413,59 @@ pub fn download(dir: &Path, mirrors: &[String]) -> Result<Vec<String>> {
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shifts_are_seeded_bounded_and_cover_the_range() {
+        let draws: Vec<(i32, i32)> = (0..5000).map(|i| shift_of(42, 3, i, 2)).collect();
+        assert_eq!(draws, (0..5000).map(|i| shift_of(42, 3, i, 2)).collect::<Vec<_>>());
+        assert!(draws.iter().all(|&(x, y)| x.abs() <= 2 && y.abs() <= 2));
+        // all 25 shifts occur, each about 1/25 of the time
+        for dx in -2..=2 {
+            for dy in -2..=2 {
+                let n = draws.iter().filter(|&&d| d == (dx, dy)).count();
+                assert!((140..=260).contains(&n), "({dx}, {dy}) drawn {n} times of 5000");
+            }
+        }
+        // another epoch or seed, other shifts; no shift at 0
+        let other: Vec<_> = (0..5000).map(|i| shift_of(42, 4, i, 2)).collect();
+        assert!(draws.iter().zip(&other).filter(|(a, b)| a != b).count() > 4000);
+        assert_ne!(draws, (0..5000).map(|i| shift_of(43, 3, i, 2)).collect::<Vec<_>>());
+        assert_eq!(shift_of(42, 3, 7, 0), (0, 0));
+    }
+
+    #[test]
+    fn a_shift_moves_the_pixels_and_pads_with_zeros() {
+        let side = 5;
+        let img: Vec<u8> = (1..=25).collect();
+        let mut x = [img.clone(), img.clone(), img.clone()].concat();
+        shift_images(&mut x, side, &[(0, 0), (2, 1), (-1, -2)]);
+        assert_eq!(&x[..25], &img[..]);
+        let moved = &x[25..50];
+        for y in 0..side {
+            for c in 0..side {
+                let want = if y >= 1 && c >= 2 {
+                    img[(y - 1) * side + c - 2]
+                } else {
+                    0
+                };
+                assert_eq!(moved[y * side + c], want, "right 2, down 1 at ({c}, {y})");
+            }
+        }
+        let back = &x[50..];
+        for y in 0..side {
+            for c in 0..side {
+                let want = if y + 2 < side && c + 1 < side {
+                    img[(y + 2) * side + c + 1]
+                } else {
+                    0
+                };
+                assert_eq!(back[y * side + c], want, "left 1, up 2 at ({c}, {y})");
+            }
+        }
+    }
 }

@@ -79,9 +79,9 @@ struct DataArg {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// Routing-by-agreement rounds (the notebook: 2, the paper: 3).
-    #[arg(long, default_value_t = 2)]
-    routing: usize,
+    /// Routing-by-agreement rounds (the notebook: 2, the paper: 3) [default: 2, or the preset's].
+    #[arg(long)]
+    routing: Option<usize>,
     /// conv1 filters.
     #[arg(long, default_value_t = 256)]
     conv1_channels: usize,
@@ -94,13 +94,57 @@ struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn config(&self) -> Config {
+    /// The model with `routing` rounds unless --routing says otherwise.
+    fn config_with(&self, routing: usize) -> Config {
         Config {
-            routing_rounds: self.routing,
+            routing_rounds: self.routing.unwrap_or(routing),
             conv1_channels: self.conv1_channels,
             primary_maps: self.primary_maps,
             w_std: self.w_std,
             ..Config::default()
+        }
+    }
+
+    fn config(&self) -> Config {
+        self.config_with(Preset::Notebook.values().routing)
+    }
+}
+
+/// A named training configuration; single flags override what it sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Preset {
+    /// Géron's notebook: 2 routing rounds, batch 50, no shifts, a constant learning rate.
+    Notebook,
+    /// Sabour et al.'s MNIST setup (their official code): 3 routing rounds, batch 128, random shifts
+    /// of up to 2 px, learning rate × 0.96 every 2,000 steps.
+    Paper,
+}
+
+struct PresetValues {
+    routing: usize,
+    batch_size: usize,
+    shift: usize,
+    lr_decay: f64,
+    lr_decay_steps: u64,
+}
+
+impl Preset {
+    fn values(self) -> PresetValues {
+        match self {
+            Preset::Notebook => PresetValues {
+                routing: 2,
+                batch_size: 50,
+                shift: 0,
+                lr_decay: 1.0,
+                lr_decay_steps: train::DEFAULT_DECAY_STEPS,
+            },
+            Preset::Paper => PresetValues {
+                routing: 3,
+                batch_size: 128,
+                shift: 2,
+                lr_decay: 0.96,
+                lr_decay_steps: train::DEFAULT_DECAY_STEPS,
+            },
         }
     }
 }
@@ -111,11 +155,28 @@ struct TrainArgs {
     data: DataArg,
     #[command(flatten)]
     model: ModelArgs,
+    /// notebook: --routing 2 --batch-size 50 --shift 0 --lr-decay 1.
+    /// paper: --routing 3 --batch-size 128 --shift 2 --lr-decay 0.96 --lr-decay-steps 2000.
+    /// A flag given beside the preset overrides it.
+    #[arg(long, value_enum, default_value_t = Preset::Notebook, verbatim_doc_comment)]
+    preset: Preset,
     /// Epochs to reach in total (a resumed run continues up to this count).
     #[arg(long, default_value_t = 10)]
     epochs: usize,
-    #[arg(long, default_value_t = 50)]
-    batch_size: usize,
+    /// Images per step [default: the preset's].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Shift each training image by a random whole number of pixels, up to this many in each
+    /// direction (zero padding), drawn per image per epoch from the seed [default: the preset's].
+    #[arg(long)]
+    shift: Option<usize>,
+    /// Multiply the learning rate by this every --lr-decay-steps steps, continuously (1: constant)
+    /// [default: the preset's].
+    #[arg(long)]
+    lr_decay: Option<f64>,
+    /// The interval of --lr-decay, in steps [default: 2000].
+    #[arg(long)]
+    lr_decay_steps: Option<u64>,
     /// Adam learning rate.
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
@@ -513,12 +574,16 @@ fn run(cli: Cli) -> Result<()> {
                     eprintln!("{line}");
                 }
             }
+            let preset = a.preset.values();
             let opts = TrainOptions {
                 data_dir: a.data.data,
                 run_dir: a.checkpoint_dir,
-                config: a.model.config(),
+                config: a.model.config_with(preset.routing),
                 epochs: a.epochs,
-                batch_size: a.batch_size,
+                batch_size: a.batch_size.unwrap_or(preset.batch_size),
+                shift: a.shift.unwrap_or(preset.shift),
+                lr_decay: a.lr_decay.unwrap_or(preset.lr_decay),
+                lr_decay_steps: a.lr_decay_steps.unwrap_or(preset.lr_decay_steps),
                 lr: a.lr,
                 seed: a.seed,
                 patience: a.patience,

@@ -45,6 +45,25 @@ pub struct TrainOptions {
     pub checkpoint_every: Option<Duration>,
     /// ...or every this many steps (None: not by count).
     pub checkpoint_steps: Option<u64>,
+    /// Shift each training image by up to this many pixels each way, per image per epoch (0: never).
+    pub shift: usize,
+    /// Learning rate lr · lr_decay^(step / lr_decay_steps) (1: constant).
+    pub lr_decay: f64,
+    pub lr_decay_steps: u64,
+}
+
+/// The official code's decay interval: 0.96 every 2,000 steps.
+pub const DEFAULT_DECAY_STEPS: u64 = 2000;
+/// The largest `--shift` (a 28x28 digit moved further leaves the canvas).
+pub const MAX_SHIFT: usize = 8;
+
+/// The learning rate of update `step` (0-based: the updates made before it), the exponential decay
+/// of the official code (TensorFlow's exponential_decay, not staircase).
+pub fn lr_at(lr: f64, decay: f64, decay_steps: u64, step: u64) -> f64 {
+    if decay == 1.0 {
+        return lr;
+    }
+    lr * decay.powf(step as f64 / decay_steps as f64)
 }
 
 /// Set (by the binary's Ctrl-C / SIGTERM handler) to ask a training run to save its last completed
@@ -377,10 +396,19 @@ fn train_step<B: Backend>(
     adam: &mut Adam<B>,
     set: &Split,
     chunk: &[usize],
+    state: &TrainState,
     r: &mut Running,
 ) -> Result<()> {
     tape.reset();
-    let (x, y) = set.batch::<B::E>(chunk);
+    let (mut x, y) = set.batch::<B::E>(chunk);
+    if state.shift > 0 {
+        let shifts: Vec<(i32, i32)> = chunk
+            .iter()
+            .map(|&i| data::shift_of(state.seed, state.epoch, i, state.shift))
+            .collect();
+        data::shift_images(&mut x, data::MNIST_SIDE, &shifts);
+    }
+    adam.lr = lr_at(state.lr, state.lr_decay, state.lr_decay_steps, adam.step);
     let f = model.forward(tape, &x, &y, true)?;
     tape.backward(f.loss)?;
     let (loss, margin, recon) = (
@@ -446,7 +474,7 @@ fn run_epoch<B: Backend>(
             }
             return Ok(None);
         }
-        train_step(tape, model, adam, set, chunk, &mut r)?;
+        train_step(tape, model, adam, set, chunk, state, &mut r)?;
         r.batches += 1;
         r.seconds = before + start.elapsed().as_secs_f64();
         bar.update(r.images, &r);
@@ -482,6 +510,21 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
     }
     if !(opts.lr.is_finite() && opts.lr > 0.0) {
         return Err(Error::msg(format!("--lr must be a positive number, got {}", opts.lr)));
+    }
+    if opts.shift > MAX_SHIFT {
+        return Err(Error::msg(format!(
+            "--shift must be between 0 and {MAX_SHIFT} pixels, got {}",
+            opts.shift
+        )));
+    }
+    if !(opts.lr_decay.is_finite() && opts.lr_decay > 0.0 && opts.lr_decay <= 1.0) {
+        return Err(Error::msg(format!(
+            "--lr-decay must be in (0, 1] (1: a constant learning rate), got {}",
+            opts.lr_decay
+        )));
+    }
+    if opts.lr_decay_steps == 0 {
+        return Err(Error::msg("--lr-decay-steps must be at least 1"));
     }
     for (flag, v) in [("--limit", opts.limit), ("--val-limit", opts.val_limit)] {
         if v == Some(0) {
@@ -565,6 +608,9 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
         bad_epochs: 0,
         limit: opts.limit,
         val_limit: opts.val_limit,
+        shift: opts.shift,
+        lr_decay: opts.lr_decay,
+        lr_decay_steps: opts.lr_decay_steps,
         partial: None,
     };
     let metrics_path = opts.run_dir.join(METRICS);
@@ -696,6 +742,15 @@ fn check_resume(ck: &Checkpoint, opts: &TrainOptions) -> Result<()> {
             "--val-limit {} vs stored {}",
             limit(opts.val_limit),
             limit(s.val_limit)
+        ));
+    }
+    if opts.shift != s.shift {
+        diffs.push(format!("--shift {} vs stored {}", opts.shift, s.shift));
+    }
+    if (opts.lr_decay, opts.lr_decay_steps) != (s.lr_decay, s.lr_decay_steps) {
+        diffs.push(format!(
+            "--lr-decay {} --lr-decay-steps {} vs stored {} every {} steps",
+            opts.lr_decay, opts.lr_decay_steps, s.lr_decay, s.lr_decay_steps
         ));
     }
     if opts.patience != s.patience {
@@ -854,4 +909,18 @@ pub fn bench<B: Backend>(
         gflops: flops / (median_ms / 1e3) / 1e9,
         device_mib: tape.backend().device_bytes().map(|b| b as f64 / (1 << 20) as f64),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_learning_rate_decays_continuously_as_the_official_code_does() {
+        assert_eq!(lr_at(1e-3, 1.0, 2000, 123_456), 1e-3);
+        assert_eq!(lr_at(1e-3, 0.96, 2000, 0), 1e-3);
+        assert!((lr_at(1e-3, 0.96, 2000, 2000) - 0.96e-3).abs() < 1e-15);
+        assert!((lr_at(1e-3, 0.96, 2000, 1000) - 1e-3 * 0.96f64.sqrt()).abs() < 1e-15);
+        assert!((lr_at(1e-3, 0.96, 2000, 20_000) - 1e-3 * 0.96f64.powi(10)).abs() < 1e-15);
+    }
 }

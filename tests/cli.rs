@@ -146,10 +146,41 @@ fn learns_mnist_well_above_chance() {
 
 #[test]
 fn resume_equals_an_uninterrupted_run() {
+    resume_equals_an_uninterrupted_run_with(&[], "plain");
+}
+
+/// With the paper's augmentation and a fast-decaying learning rate too: both are functions of the
+/// seed, epoch, image and step, so a resumed run stays exact.
+#[test]
+fn resume_equals_an_uninterrupted_run_with_shifts_and_lr_decay() {
+    let flags = ["--shift", "2", "--lr-decay", "0.5", "--lr-decay-steps", "4"];
+    let shifted = resume_equals_an_uninterrupted_run_with(&flags, "shifted");
+    // and they change training: the first epoch without them ends elsewhere
     let data = mnist_dir();
-    let (full, split) = (temp_dir("cli_resume_full"), temp_dir("cli_resume_split"));
+    let plain = temp_dir("cli_unshifted");
+    let o = capsnet(&train_tiny(&data, &plain, &["--epochs", "1"]), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plain = metrics_without_timing(&plain);
+    assert_ne!(plain[0]["train_loss"], shifted[0]["train_loss"]);
+    assert_eq!(plain[0]["step"], shifted[0]["step"]);
+    // a resume with another schedule is refused
+    let split = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli_resume_split_shifted");
+    let mut other = train_tiny(&data, &split, &["--epochs", "4", "--resume", "--shift", "1"]);
+    other.extend(&flags[2..]);
+    assert_clean_error(&capsnet(&other, &[]), &["--shift 1 vs stored 2"]);
+}
+
+/// Trains 3 epochs at once and 1 + 2 with a resume, with `flags`; asserts the two runs are equal and
+/// returns the metrics.
+fn resume_equals_an_uninterrupted_run_with(flags: &[&str], name: &str) -> Vec<serde_json::Value> {
+    let data = mnist_dir();
+    let (full, split) = (
+        temp_dir(&format!("cli_resume_full_{name}")),
+        temp_dir(&format!("cli_resume_split_{name}")),
+    );
     let train = |dir: &Path, epochs: &str, resume: bool| {
         let mut args = train_tiny(&data, dir, &["--epochs", epochs]);
+        args.extend(flags);
         if resume {
             args.push("--resume");
         }
@@ -175,6 +206,88 @@ fn resume_equals_an_uninterrupted_run() {
     let (ca, cb) = (last_checkpoint(&full), last_checkpoint(&split));
     assert_eq!(ca, cb, "weights, Adam moments and state must match exactly");
     assert_eq!((ca.state.epoch, ca.state.step), (3, 18));
+    a
+}
+
+/// --preset paper sets the paper's settings, and a flag beside it wins.
+#[test]
+fn the_paper_preset_sets_its_values_and_flags_override_them() {
+    let data = mnist_dir();
+    let run = temp_dir("cli_preset_paper");
+    let o = capsnet(
+        &[
+            "train",
+            "--preset",
+            "paper",
+            "--data",
+            s(&data),
+            "--checkpoint-dir",
+            s(&run),
+            "--conv1-channels",
+            "4",
+            "--primary-maps",
+            "2",
+            "--limit",
+            "256",
+            "--val-limit",
+            "100",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ck = last_checkpoint(&run);
+    assert_eq!(ck.config.routing_rounds, 3);
+    let st = &ck.state;
+    assert_eq!(
+        (st.batch_size, st.shift, st.lr_decay, st.lr_decay_steps, st.step),
+        (128, 2, 0.96, 2000, 2)
+    );
+    let run = temp_dir("cli_preset_override");
+    let o = capsnet(
+        &[
+            "train",
+            "--preset",
+            "paper",
+            "--routing",
+            "1",
+            "--batch-size",
+            "64",
+            "--shift",
+            "0",
+            "--data",
+            s(&data),
+            "--checkpoint-dir",
+            s(&run),
+            "--conv1-channels",
+            "4",
+            "--primary-maps",
+            "2",
+            "--limit",
+            "128",
+            "--val-limit",
+            "100",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ck = last_checkpoint(&run);
+    assert_eq!(
+        (
+            ck.config.routing_rounds,
+            ck.state.batch_size,
+            ck.state.shift,
+            ck.state.lr_decay
+        ),
+        (1, 64, 0, 0.96)
+    );
 }
 
 #[test]
@@ -340,6 +453,23 @@ fn bad_flags_give_a_clean_error() {
     // a negative number is a value, not a flag
     let o = capsnet(&["train", "--lr", "-0.001", "--data", s(&data), "--device", "cpu"], &[]);
     assert_clean_error(&o, &["--lr must be a positive number, got -0.001"]);
+    for (flag, value, says) in [
+        ("--shift", "9", "--shift must be between 0 and 8 pixels, got 9"),
+        ("--lr-decay", "1.5", "--lr-decay must be in (0, 1]"),
+        ("--lr-decay", "0", "--lr-decay must be in (0, 1]"),
+        ("--lr-decay-steps", "0", "--lr-decay-steps must be at least 1"),
+    ] {
+        let o = capsnet(&["train", flag, value, "--data", s(&data), "--device", "cpu"], &[]);
+        assert_clean_error(&o, &[says]);
+    }
+    // clap's usage error (status 2) names the flag and what it takes
+    let o = capsnet(&["train", "--preset", "tf"], &[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("'tf'") && err.contains("notebook, paper") && !err.contains("panicked"),
+        "{err}"
+    );
     // more images than there are is refused, not quietly capped
     let o = capsnet(
         &["train", "--limit", "100000", "--data", s(&data), "--device", "cpu"],
