@@ -8,7 +8,8 @@
 //   lengths_fwd     l[r] = √(‖v[r,:]‖² + ε);  lengths_bwd  dv[r,:] += dl[r] v[r,:] / l[r]
 //   mask_fwd        out[b,:] = v[b,:,:] with every capsule but idx[b] zeroed;  mask_bwd the reverse
 //   argmax_f32      idx[r] = the first index of the row maximum
-//   margin_loss_fwd loss[0] = mean_b Σ_k T max(0, 0.9−l)² + 0.5 (1−T) max(0, l−0.1)²  (one block)
+//   margin_loss_fwd loss[0] = mean_b Σ_k T max(0, 0.9−l)² + 0.5 (1−T) max(0, l−0.1)²  (one block);
+//                   T = 1 for each of the image's `per` labels ([batch, per]: MultiMNIST has two)
 //   margin_loss_bwd dl[b,k] += dloss[0] / B · d/dl of that term
 //
 // Version 1: one thread per output element; every sum is owned by one thread (deterministic).
@@ -124,22 +125,29 @@ __device__ __forceinline__ float margin_term(float len, bool present) {
     return LAMBDA * d * d;
 }
 
+// Whether class k is one of image b's `per` labels (labels is [batch, per]).
+__device__ __forceinline__ bool is_label(const unsigned* labels, int b, int k, int per) {
+    bool present = false;
+    for (int j = 0; j < per; ++j) present |= labels[b * per + j] == (unsigned)k;
+    return present;
+}
+
 // One block of MARGIN_LOSS_FWD_THREADS threads.
 extern "C" __global__ void __launch_bounds__(MARGIN_LOSS_FWD_THREADS)
-margin_loss_fwd(const float* l, const unsigned* labels, float* loss, int batch, int classes) {
+margin_loss_fwd(const float* l, const unsigned* labels, float* loss, int batch, int classes, int per) {
     __shared__ float scratch[MARGIN_LOSS_FWD_THREADS];
     float s = 0.f;
     for (int e = threadIdx.x; e < batch * classes; e += blockDim.x)
-        s += margin_term(l[e], (unsigned)(e % classes) == labels[e / classes]);
+        s += margin_term(l[e], is_label(labels, e / classes, e % classes, per));
     s = block_sum(s, scratch);
     if (threadIdx.x == 0) loss[0] = s / (float)max(batch, 1);
 }
 
 extern "C" __global__ void margin_loss_bwd(const float* l, const unsigned* labels, const float* dloss, float* dl,
-                                           int batch, int classes) {
+                                           int batch, int classes, int per) {
     const float g = dloss[0] / (float)max(batch, 1);
     GRID_STRIDE(e, (size_t)batch * classes) {
-        const bool present = (unsigned)(e % classes) == labels[e / classes];
+        const bool present = is_label(labels, (int)(e / classes), (int)(e % classes), per);
         const float d = present ? -2.f * fmaxf(M_PLUS - l[e], 0.f) : 2.f * LAMBDA * fmaxf(l[e] - M_MINUS, 0.f);
         dl[e] += g * d;
     }

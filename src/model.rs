@@ -526,7 +526,7 @@ impl CapsNet {
         labels: Rc<B::Idx>,
     ) -> Result<Losses> {
         let batch = t.value(enc.x).shape[0];
-        let margin = ops::margin_loss(t, enc.lengths, labels)?;
+        let margin = ops::margin_loss(t, enc.lengths, labels, 1)?;
         // the image is the reconstruction target: view it as [B, side²] (conv1 kept its own shape)
         t.reshape(enc.x, &[batch, self.cfg.image_pixels()])?;
         let recon = ops::sq_err(t, recon, enc.x, self.cfg.recon_weight)?;

@@ -268,8 +268,12 @@ fn margin_loss_gradients() {
     let mut rng = Lcg(51);
     // lengths spread over both sides of m− = 0.1 and m+ = 0.9
     let inputs = vec![random(&mut rng, &[4, 5], 0.0, 1.2)];
-    check("margin_loss", inputs, &|t, v| {
-        ops::margin_loss(t, v[0], Rc::new(vec![1, 4, 0, 4]))
+    check("margin_loss", inputs.clone(), &|t, v| {
+        ops::margin_loss(t, v[0], Rc::new(vec![1, 4, 0, 4]), 1)
+    });
+    // two labels per image, both present (MultiMNIST)
+    check("margin_loss, two labels", inputs, &|t, v| {
+        ops::margin_loss(t, v[0], Rc::new(vec![1, 3, 4, 0, 0, 2, 4, 1]), 2)
     });
 }
 
@@ -384,4 +388,21 @@ fn whole_loss_gradients_at_another_image_side() {
     };
     assert_eq!((cfg.conv1_side(), cfg.primary_side(), cfg.primary_caps()), (13, 3, 9));
     check_model_at(cfg, true);
+}
+
+/// Every label of an image is a present class: lengths (0.95, 0.5, 0.05) with the labels {0, 1} give
+/// (0.9 − 0.5)² = 0.16, with {0} alone 0.5 · (0.5 − 0.1)² = 0.08.
+#[test]
+fn margin_loss_counts_every_label_as_present() {
+    for (labels, per, want) in [(vec![0u32, 1], 2, 0.16), (vec![0], 1, 0.08), (vec![1, 0], 2, 0.16)] {
+        let mut t = Tape::new(Cpu::new());
+        let l = t.leaf(vec![0.95, 0.5, 0.05], &[1, 3]).unwrap();
+        let loss = ops::margin_loss(&mut t, l, Rc::new(labels.clone()), per).unwrap();
+        let got = t.value(loss).buf[0];
+        assert!((got - want).abs() < 1e-12, "labels {labels:?}: {got}, want {want}");
+    }
+    let mut t = Tape::new(Cpu::new());
+    let l = t.leaf(vec![0.5; 6], &[2, 3]).unwrap();
+    let e = ops::margin_loss(&mut t, l, Rc::new(vec![0, 1, 2]), 2).unwrap_err();
+    assert!(e.to_string().contains("labels"), "{e}");
 }

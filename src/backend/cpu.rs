@@ -617,22 +617,24 @@ impl<T: Float> Backend for CpuBackend<T> {
         &self,
         batch: usize,
         classes: usize,
+        per: usize,
         l: &Vec<T>,
         labels: &Vec<u32>,
         loss: &mut Vec<T>,
     ) -> Result<()> {
-        host::margin_loss_fwd(batch, classes, l, labels, loss)
+        host::margin_loss_fwd(batch, classes, per, l, labels, loss)
     }
     fn margin_loss_bwd(
         &self,
         batch: usize,
         classes: usize,
+        per: usize,
         l: &Vec<T>,
         labels: &Vec<u32>,
         dloss: &Vec<T>,
         dl: &mut Vec<T>,
     ) -> Result<()> {
-        host::margin_loss_bwd(batch, classes, l, labels, dloss, dl)
+        host::margin_loss_bwd(batch, classes, per, l, labels, dloss, dl)
     }
     fn sq_err_fwd(
         &self,

@@ -907,22 +907,24 @@ impl Backend for FastCpu {
         &self,
         batch: usize,
         classes: usize,
+        per: usize,
         l: &PoolBuf,
         labels: &Vec<u32>,
         loss: &mut PoolBuf,
     ) -> Result<()> {
-        host::margin_loss_fwd(batch, classes, l, labels, loss)
+        host::margin_loss_fwd(batch, classes, per, l, labels, loss)
     }
     fn margin_loss_bwd(
         &self,
         batch: usize,
         classes: usize,
+        per: usize,
         l: &PoolBuf,
         labels: &Vec<u32>,
         dloss: &PoolBuf,
         dl: &mut PoolBuf,
     ) -> Result<()> {
-        host::margin_loss_bwd(batch, classes, l, labels, dloss, dl)
+        host::margin_loss_bwd(batch, classes, per, l, labels, dloss, dl)
     }
     fn sq_err_fwd(
         &self,

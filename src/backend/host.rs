@@ -1,7 +1,7 @@
 //! Small ops both CPU backends run the same way, on host slices of any [`Float`]: masking, argmax and
 //! the losses (a few thousand terms per batch, summed in f64).
 
-use super::{LAMBDA, M_MINUS, M_PLUS, check, class_index};
+use super::{LAMBDA, M_MINUS, M_PLUS, check, check_labels, class_index};
 use crate::Result;
 use crate::float::Float;
 
@@ -64,23 +64,33 @@ pub(crate) fn argmax<T: Float>(rows: usize, cols: usize, x: &[T], idx: &mut [u32
     Ok(())
 }
 
+/// Whether class k is one of an image's `per` labels, each checked to be a class.
+fn present_classes(op: &str, labels: &[u32], classes: usize) -> Result<Vec<bool>> {
+    let mut t = vec![false; classes];
+    for &y in labels {
+        t[class_index(op, y, classes)?] = true;
+    }
+    Ok(t)
+}
+
 /// [`super::Backend::margin_loss_fwd`] on host slices.
 pub(crate) fn margin_loss_fwd<T: Float>(
     batch: usize,
     classes: usize,
+    per: usize,
     l: &[T],
     labels: &[u32],
     loss: &mut [T],
 ) -> Result<()> {
     check("margin_loss_fwd", "l", l.len(), batch * classes)?;
-    check("margin_loss_fwd", "labels", labels.len(), batch)?;
+    check_labels("margin_loss_fwd", batch, per, labels.len())?;
     check("margin_loss_fwd", "loss", loss.len(), 1)?;
     let mut total = 0.0;
-    for (b, &y) in labels.iter().enumerate() {
-        let y = class_index("margin_loss_fwd", y, classes)?;
-        for k in 0..classes {
+    for (b, ys) in labels.chunks(per).enumerate() {
+        let present = present_classes("margin_loss_fwd", ys, classes)?;
+        for (k, &t) in present.iter().enumerate() {
             let len = l[b * classes + k].to_f64();
-            total += if k == y {
+            total += if t {
                 (M_PLUS - len).max(0.0).powi(2)
             } else {
                 LAMBDA * (len - M_MINUS).max(0.0).powi(2)
@@ -95,21 +105,22 @@ pub(crate) fn margin_loss_fwd<T: Float>(
 pub(crate) fn margin_loss_bwd<T: Float>(
     batch: usize,
     classes: usize,
+    per: usize,
     l: &[T],
     labels: &[u32],
     dloss: &[T],
     dl: &mut [T],
 ) -> Result<()> {
     check("margin_loss_bwd", "l", l.len(), batch * classes)?;
-    check("margin_loss_bwd", "labels", labels.len(), batch)?;
+    check_labels("margin_loss_bwd", batch, per, labels.len())?;
     check("margin_loss_bwd", "dloss", dloss.len(), 1)?;
     check("margin_loss_bwd", "dl", dl.len(), batch * classes)?;
     let g = dloss[0].to_f64() / batch.max(1) as f64;
-    for (b, &y) in labels.iter().enumerate() {
-        let y = class_index("margin_loss_bwd", y, classes)?;
-        for k in 0..classes {
+    for (b, ys) in labels.chunks(per).enumerate() {
+        let present = present_classes("margin_loss_bwd", ys, classes)?;
+        for (k, &t) in present.iter().enumerate() {
             let len = l[b * classes + k].to_f64();
-            let d = if k == y {
+            let d = if t {
                 -2.0 * (M_PLUS - len).max(0.0)
             } else {
                 2.0 * LAMBDA * (len - M_MINUS).max(0.0)

@@ -51,6 +51,14 @@ pub(crate) fn class_index(op: &str, k: u32, n: usize) -> Result<usize> {
     }
 }
 
+/// `per` labels for each of `batch` images: at least one each, `labels` of them in all.
+pub(crate) fn check_labels(op: &str, batch: usize, per: usize, labels: usize) -> Result<()> {
+    if per == 0 {
+        return Err(Error::msg(format!("{op}: at least one label per image is needed")));
+    }
+    check(op, "labels", labels, batch * per)
+}
+
 /// The routing op's common preconditions: at least one round, û and the saved buffers' lengths.
 pub(crate) fn check_routing(op: &str, s: &CapsShape, rounds: usize, uhat: usize, saved: [usize; 3]) -> Result<()> {
     if rounds == 0 {
@@ -339,19 +347,23 @@ pub trait Backend: 'static {
     fn argmax(&self, rows: usize, cols: usize, x: &Self::Buf, idx: &mut Self::Idx) -> Result<()>;
 
     // ---- losses ---------------------------------------------------------------------------------
-    /// loss[0] = mean over the batch of Σ_k margin terms (see [`M_PLUS`]).
+    /// loss[0] = mean over the batch of Σ_k margin terms (see [`M_PLUS`]). `labels` holds `per`
+    /// classes per image ([batch, per]): each is present (T_k = 1), as MultiMNIST's two digits are.
     fn margin_loss_fwd(
         &self,
         batch: usize,
         classes: usize,
+        per: usize,
         l: &Self::Buf,
         labels: &Self::Idx,
         loss: &mut Self::Buf,
     ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
     fn margin_loss_bwd(
         &self,
         batch: usize,
         classes: usize,
+        per: usize,
         l: &Self::Buf,
         labels: &Self::Idx,
         dloss: &Self::Buf,

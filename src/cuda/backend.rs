@@ -20,7 +20,7 @@ use super::registry::{self as reg, Kernel};
 use super::{DeviceInfo, compile_all, device_info, open_device};
 use crate::backend::{
     Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape, RoutingSaved, check, check_adam_group,
-    check_routing,
+    check_labels, check_routing,
 };
 use crate::{Error, Result};
 
@@ -708,42 +708,46 @@ impl Backend for CudaBackend {
         &self,
         batch: usize,
         classes: usize,
+        per: usize,
         l: &CudaBuf,
         labels: &CudaIdx,
         loss: &mut CudaBuf,
     ) -> Result<()> {
         check("margin_loss_fwd", "l", l.len(), batch * classes)?;
-        check("margin_loss_fwd", "labels", labels.len(), batch)?;
+        check_labels("margin_loss_fwd", batch, per, labels.len())?;
         check("margin_loss_fwd", "loss", loss.len(), 1)?;
-        let (b, c) = (batch as i32, classes as i32);
-        // SAFETY: margin_loss_fwd(l, labels, loss [1], int batch, int classes), one block of 256 threads.
+        let (b, c, k) = (batch as i32, classes as i32, per as i32);
+        // SAFETY: margin_loss_fwd(l, labels [batch, per], loss [1], int batch, int classes, int per),
+        // one block of 256 threads; lengths checked above.
         launch!(
             self,
             reg::MARGIN_LOSS_FWD,
             single(reg::MARGIN_LOSS_FWD_THREADS),
-            [l.slice(), labels.slice(), loss.slice_mut(), &b, &c]
+            [l.slice(), labels.slice(), loss.slice_mut(), &b, &c, &k]
         )
     }
     fn margin_loss_bwd(
         &self,
         batch: usize,
         classes: usize,
+        per: usize,
         l: &CudaBuf,
         labels: &CudaIdx,
         dloss: &CudaBuf,
         dl: &mut CudaBuf,
     ) -> Result<()> {
         check("margin_loss_bwd", "l", l.len(), batch * classes)?;
-        check("margin_loss_bwd", "labels", labels.len(), batch)?;
+        check_labels("margin_loss_bwd", batch, per, labels.len())?;
         check("margin_loss_bwd", "dloss", dloss.len(), 1)?;
         check("margin_loss_bwd", "dl", dl.len(), batch * classes)?;
-        let (b, c) = (batch as i32, classes as i32);
-        // SAFETY: margin_loss_bwd(l, labels, dloss [1], dl, int batch, int classes); lengths checked above.
+        let (b, c, k) = (batch as i32, classes as i32, per as i32);
+        // SAFETY: margin_loss_bwd(l, labels [batch, per], dloss [1], dl, int batch, int classes, int per);
+        // lengths checked above.
         launch!(
             self,
             reg::MARGIN_LOSS_BWD,
             flat(batch * classes),
-            [l.slice(), labels.slice(), dloss.slice(), dl.slice_mut(), &b, &c]
+            [l.slice(), labels.slice(), dloss.slice(), dl.slice_mut(), &b, &c, &k]
         )
     }
     fn sq_err_fwd(

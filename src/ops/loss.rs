@@ -1,5 +1,6 @@
 //! Losses and the scalar sum that joins them.
-//! - margin_loss: lengths [B, K], labels → [1], mean over the batch of the paper's margin terms
+//! - margin_loss: lengths [B, K], labels [B, per] → [1], mean over the batch of the paper's margin
+//!   terms, every label of an image present
 //! - sq_err: pred [B, P], target [B, P] → [1], scale · mean over the batch of Σ_p (pred − target)²
 //! - add: a + b, same shapes
 
@@ -10,7 +11,7 @@ use crate::Result;
 use crate::backend::Backend;
 use crate::tape::{BackwardOp, Ctx, GradStore, Tape, Var};
 
-pub fn margin_loss<B: Backend>(t: &mut Tape<B>, l: Var, labels: Rc<B::Idx>) -> Result<Var> {
+pub fn margin_loss<B: Backend>(t: &mut Tape<B>, l: Var, labels: Rc<B::Idx>, per: usize) -> Result<Var> {
     let ls = &t.value(l).shape;
     if ls.len() != 2 {
         return shape_err("margin_loss", format!("needs lengths [B, K], got {ls:?}"));
@@ -18,7 +19,7 @@ pub fn margin_loss<B: Backend>(t: &mut Tape<B>, l: Var, labels: Rc<B::Idx>) -> R
     let (batch, classes) = (ls[0], ls[1]);
     let mut loss = t.backend().zeros(1)?;
     t.backend()
-        .margin_loss_fwd(batch, classes, &t.value(l).buf, &labels, &mut loss)?;
+        .margin_loss_fwd(batch, classes, per, &t.value(l).buf, &labels, &mut loss)?;
     t.push_op(
         loss,
         &[1],
@@ -27,6 +28,7 @@ pub fn margin_loss<B: Backend>(t: &mut Tape<B>, l: Var, labels: Rc<B::Idx>) -> R
             l,
             batch,
             classes,
+            per,
             labels,
         },
     )
@@ -36,6 +38,7 @@ struct MarginBackward<B: Backend> {
     l: Var,
     batch: usize,
     classes: usize,
+    per: usize,
     labels: Rc<B::Idx>,
 }
 
@@ -45,8 +48,15 @@ impl<B: Backend> BackwardOp<B> for MarginBackward<B> {
     }
     fn backward(&self, ctx: &Ctx<'_, B>, g: &mut GradStore<'_, B>) -> Result<()> {
         if let Some(dl) = g.get(self.l)? {
-            ctx.backend
-                .margin_loss_bwd(self.batch, self.classes, ctx.value(self.l), &self.labels, ctx.dout, dl)?;
+            ctx.backend.margin_loss_bwd(
+                self.batch,
+                self.classes,
+                self.per,
+                ctx.value(self.l),
+                &self.labels,
+                ctx.dout,
+                dl,
+            )?;
         }
         Ok(())
     }

@@ -365,6 +365,7 @@ pub fn capsule_ops<B: Backend>(g: &B) {
     let v = rand(&mut rng, batch * caps * d, -1.0, 1.0);
     let l = rand(&mut rng, batch * caps, 0.0, 1.2);
     let labels: Vec<u32> = (0..batch as u32).map(|i| (i * 7) % caps as u32).collect();
+    let labels2: Vec<u32> = labels.iter().flat_map(|&y| [y, (y + 3) % caps as u32]).collect();
     let (dout, dv0) = (
         rand(&mut rng, batch * caps * d, -1.0, 1.0),
         rand(&mut rng, batch * caps * d, -1.0, 1.0),
@@ -379,12 +380,30 @@ pub fn capsule_ops<B: Backend>(g: &B) {
         let mut am = be.upload_idx(&vec![99; batch]).unwrap();
         be.argmax(batch, caps, &up(be, &l), &mut am).unwrap();
         let mut loss = poisoned(be, 1);
-        be.margin_loss_fwd(batch, caps, &up(be, &l), &idx, &mut loss).unwrap();
+        be.margin_loss_fwd(batch, caps, 1, &up(be, &l), &idx, &mut loss)
+            .unwrap();
         let mut dl = up(be, &dl0);
-        be.margin_loss_bwd(batch, caps, &up(be, &l), &idx, &up(be, &[0.7]), &mut dl)
+        be.margin_loss_bwd(batch, caps, 1, &up(be, &l), &idx, &up(be, &[0.7]), &mut dl)
+            .unwrap();
+        // two labels per image (MultiMNIST)
+        let idx2 = be.upload_idx(&labels2).unwrap();
+        let mut loss2 = poisoned(be, 1);
+        be.margin_loss_fwd(batch, caps, 2, &up(be, &l), &idx2, &mut loss2)
+            .unwrap();
+        let mut dl2 = up(be, &dl0);
+        be.margin_loss_bwd(batch, caps, 2, &up(be, &l), &idx2, &up(be, &[0.7]), &mut dl2)
             .unwrap();
         let am: Vec<f64> = be.download_idx(&am).unwrap().iter().map(|&x| x as f64).collect();
-        [down(be, &out), down(be, &dvb), am, down(be, &loss), down(be, &dl)].concat()
+        [
+            down(be, &out),
+            down(be, &dvb),
+            am,
+            down(be, &loss),
+            down(be, &dl),
+            down(be, &loss2),
+            down(be, &dl2),
+        ]
+        .concat()
     });
     compare("mask, argmax, margin loss", &got, &want, 1e-6, 1e-5);
 }
