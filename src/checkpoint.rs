@@ -34,6 +34,8 @@ pub struct TrainState {
     pub bad_epochs: usize,
     pub limit: Option<usize>,
     pub val_limit: Option<usize>,
+    /// What the run trains on.
+    pub dataset: crate::dataset::Dataset,
     /// Training images are shifted by up to this many pixels each way (0: not at all).
     pub shift: usize,
     /// The learning rate is lr · lr_decay^(step / lr_decay_steps) (1: constant).
@@ -104,7 +106,7 @@ impl TrainState {
             "seed": self.seed, "batch_size": self.batch_size, "lr": self.lr, "patience": self.patience,
             "best_val_loss": self.best_val_loss, "bad_epochs": self.bad_epochs,
             "limit": self.limit, "val_limit": self.val_limit,
-            "shift": self.shift, "lr_decay": self.lr_decay, "lr_decay_steps": self.lr_decay_steps,
+            "dataset": self.dataset.name(), "shift": self.shift, "lr_decay": self.lr_decay, "lr_decay_steps": self.lr_decay_steps,
             "partial": self.partial.as_ref().map(EpochProgress::to_json),
         })
     }
@@ -261,7 +263,11 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         bad_epochs: req_u64("bad_epochs")? as usize,
         limit: opt_usize("limit"),
         val_limit: opt_usize("val_limit"),
-        // checkpoints from before shifts and decay were: none
+        // checkpoints from before datasets, shifts and decay were: MNIST, none
+        dataset: match field("dataset").as_str() {
+            None => crate::dataset::Dataset::Mnist,
+            Some(name) => crate::dataset::Dataset::from_name(name).map_err(|e| bad(format!("train state: {e}")))?,
+        },
         shift: opt_usize("shift").unwrap_or(0),
         lr_decay: field("lr_decay").as_f64().unwrap_or(1.0),
         lr_decay_steps: field("lr_decay_steps")
@@ -335,6 +341,7 @@ mod tests {
             best_val_loss: None,
             bad_epochs: 0,
             limit: None,
+            dataset: crate::dataset::Dataset::Mnist,
             shift: 0,
             lr_decay: 1.0,
             lr_decay_steps: 2000,

@@ -44,6 +44,8 @@ enum Cmd {
     /// Time full training steps (forward, backward, Adam) on random images.
     #[command(allow_negative_numbers = true)]
     Bench(BenchArgs),
+    /// Write MultiMNIST examples (two overlapping digits, 36x36) as IDX files and a sample grid PNG.
+    Multimnist(MultiMnistArgs),
     /// Fetch the four MNIST files, checked by SHA-256, into the data directory.
     Download(DataArg),
     /// The GPU, the CUDA driver and NVRTC versions, and whether every kernel compiles.
@@ -61,6 +63,53 @@ enum Device {
     /// The CUDA backend on the emulated device: every kernel runs on the CPU, one fiber per CUDA
     /// thread (slow; for checking kernels without a GPU). Needs g++ and NVRTC.
     Emulated,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DatasetArg {
+    /// 28x28 digits, one each.
+    Mnist,
+    /// 36x36 overlays of two digits of different classes (Sabour et al. 2017, section 6), generated
+    /// from MNIST on the fly.
+    Multimnist,
+}
+
+impl DatasetArg {
+    fn dataset(self) -> capsnet::dataset::Dataset {
+        match self {
+            DatasetArg::Mnist => capsnet::dataset::Dataset::Mnist,
+            DatasetArg::Multimnist => capsnet::dataset::Dataset::MultiMnist,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum SplitArg {
+    /// Pairs of the first 55,000 training digits (what `train --dataset multimnist` trains on).
+    Train,
+    /// Pairs of the last 5,000 training digits (its validation examples).
+    Validation,
+    /// Pairs of the 10,000 test digits (what `eval` tests).
+    Test,
+}
+
+#[derive(Args)]
+struct MultiMnistArgs {
+    /// Output directory: multimnist-SPLIT-images-idx3-ubyte ([N, 36, 36] bytes),
+    /// multimnist-SPLIT-labels-idx2-ubyte ([N, 2]: both digits) and multimnist-SPLIT-sample.png.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Examples to write: every digit's first pairing, then every digit's second, and so on.
+    #[arg(long, default_value_t = 100)]
+    count: usize,
+    #[arg(long, value_enum, default_value_t = SplitArg::Test)]
+    split: SplitArg,
+    /// The generator's seed [default: 2017 for the test split, as eval uses; 42, train's default, for
+    /// the others].
+    #[arg(long)]
+    seed: Option<u64>,
+    #[command(flatten)]
+    data: DataArg,
 }
 
 #[derive(Args)]
@@ -94,9 +143,10 @@ struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// The model with `routing` rounds unless --routing says otherwise.
-    fn config_with(&self, routing: usize) -> Config {
+    /// The model for `side` x `side` images, with `routing` rounds unless --routing says otherwise.
+    fn config_with(&self, routing: usize, side: usize) -> Config {
         Config {
+            image_side: side,
             routing_rounds: self.routing.unwrap_or(routing),
             conv1_channels: self.conv1_channels,
             primary_maps: self.primary_maps,
@@ -106,7 +156,7 @@ impl ModelArgs {
     }
 
     fn config(&self) -> Config {
-        self.config_with(Preset::Notebook.values().routing)
+        self.config_with(Preset::Notebook.values().routing, data::MNIST_SIDE)
     }
 }
 
@@ -155,6 +205,10 @@ struct TrainArgs {
     data: DataArg,
     #[command(flatten)]
     model: ModelArgs,
+    /// MNIST, or MultiMNIST pairs generated from its digits (36x36, two labels; the model's sizes
+    /// follow).
+    #[arg(long, value_enum, default_value_t = DatasetArg::Mnist)]
+    dataset: DatasetArg,
     /// notebook: --routing 2 --batch-size 50 --shift 0 --lr-decay 1.
     /// paper: --routing 3 --batch-size 128 --shift 2 --lr-decay 0.96 --lr-decay-steps 2000.
     /// A flag given beside the preset overrides it.
@@ -219,13 +273,19 @@ struct TestSetArgs {
     checkpoint: PathBuf,
     #[command(flatten)]
     data: DataArg,
-    /// Evaluate the first N test images only.
+    /// Evaluate the first N test images only (MultiMNIST: pairs built on the first N test digits).
     #[arg(long)]
     limit: Option<usize>,
     #[arg(long, default_value_t = 100)]
     batch_size: usize,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    /// The test set [default: the dataset the checkpoint was trained on].
+    #[arg(long, value_enum)]
+    dataset: Option<DatasetArg>,
+    /// MultiMNIST: test examples per test digit (the paper's 1,000 make 10M).
+    #[arg(long, default_value_t = 1)]
+    pairs_per_digit: usize,
 }
 
 #[derive(Args)]
@@ -380,15 +440,19 @@ impl TestSetArgs {
     /// Evaluates, and writes the figures into `out` when given.
     fn run(&self, out: Option<&std::path::Path>, figure: &FigureArgs) -> Result<(train::EvalReport, Vec<PathBuf>)> {
         let sel = select(self.device)?;
-        let opts = figure.options();
-        let figures = out.map(|d| (d, &opts));
+        let fig = figure.options();
+        let opts = train::EvalOptions {
+            limit: self.limit,
+            batch_size: self.batch_size,
+            dataset: self.dataset.map(DatasetArg::dataset),
+            pairs: self.pairs_per_digit,
+            figures: out.map(|d| (d, &fig)),
+        };
         with_backend!(sel, |be| train::eval_with_figures(
             be,
             &self.checkpoint,
             &self.data.data,
-            self.limit,
-            self.batch_size,
-            figures
+            &opts
         ))
     }
 }
@@ -542,8 +606,91 @@ fn predict(a: PredictArgs) -> Result<()> {
     Ok(())
 }
 
+fn write_multimnist(a: MultiMnistArgs) -> Result<()> {
+    use capsnet::multimnist::{self, MultiMnist};
+    const MAX: usize = 10_000_000;
+    if a.count == 0 || a.count > MAX {
+        return Err(Error::msg(format!(
+            "--count must be between 1 and {MAX}, got {}",
+            a.count
+        )));
+    }
+    let (digits, name) = match a.split {
+        SplitArg::Test => (data::load(&a.data.data, data::Which::Test)?, "test"),
+        SplitArg::Train | SplitArg::Validation => {
+            let (t, v) = data::train_val(data::load(&a.data.data, data::Which::Train)?, None, None)?;
+            if a.split == SplitArg::Train {
+                (t, "train")
+            } else {
+                (v, "validation")
+            }
+        }
+    };
+    let seed = a.seed.unwrap_or(if a.split == SplitArg::Test {
+        multimnist::TEST_SEED
+    } else {
+        42
+    });
+    let m = MultiMnist::new(&digits, seed)?;
+    if a.count > m.len() {
+        return Err(Error::msg(format!(
+            "--count {} exceeds the {} examples of the {name} split",
+            a.count,
+            m.len()
+        )));
+    }
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::file(&a.out, format!("cannot create the directory: {e}")))?;
+    let (mut images, mut labels) = (Vec::with_capacity(a.count * multimnist::PIXELS), vec![]);
+    for j in 0..a.count {
+        let e = m.example(m.nth(j));
+        images.extend(&e.image);
+        labels.extend(e.labels);
+    }
+    let files = [
+        (
+            format!("multimnist-{name}-images-idx3-ubyte"),
+            multimnist::idx_images(&images, a.count, multimnist::SIDE),
+        ),
+        (
+            format!("multimnist-{name}-labels-idx2-ubyte"),
+            multimnist::idx_label_pairs(&labels, a.count),
+        ),
+    ];
+    for (f, bytes) in files {
+        let p = a.out.join(f);
+        capsnet::error::write_atomic(&p, &bytes)?;
+        println!("wrote {} ({} bytes)", p.display(), bytes.len());
+    }
+    let shown = a.count.min(100);
+    let sheet = multimnist::sample_sheet(&images[..shown * multimnist::PIXELS], &labels[..2 * shown], 2)?;
+    let p = a.out.join(format!("multimnist-{name}-sample.png"));
+    sheet.save(&p)?;
+    println!(
+        "wrote {} (the first {shown} examples; seed {seed}; pixels combined by clipped sum)",
+        p.display()
+    );
+    Ok(())
+}
+
 fn print_eval(r: &train::EvalReport) {
     println!("test images: {}", r.images);
+    if r.per > 1 {
+        println!(
+            "test accuracy: {:.4}% (the {} longest capsules are exactly the labels), error rate {:.4}%",
+            100.0 * r.accuracy,
+            r.per,
+            100.0 * (1.0 - r.accuracy)
+        );
+        println!(
+            "per-digit accuracy: {:.4}% (labels among the longest capsules)",
+            100.0 * r.digit_accuracy
+        );
+        println!(
+            "test loss: {:.6} (margin {:.6}, reconstruction {:.6}; each decoder pass masked by its label)",
+            r.loss, r.margin, r.recon
+        );
+        return;
+    }
     println!("test accuracy: {:.4}%", 100.0 * r.accuracy);
     println!(
         "test loss: {:.6} (margin {:.6}, reconstruction {:.6})",
@@ -578,7 +725,8 @@ fn run(cli: Cli) -> Result<()> {
             let opts = TrainOptions {
                 data_dir: a.data.data,
                 run_dir: a.checkpoint_dir,
-                config: a.model.config_with(preset.routing),
+                config: a.model.config_with(preset.routing, a.dataset.dataset().side()),
+                dataset: a.dataset.dataset(),
                 epochs: a.epochs,
                 batch_size: a.batch_size.unwrap_or(preset.batch_size),
                 shift: a.shift.unwrap_or(preset.shift),
@@ -701,6 +849,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Predict(a) => predict(a),
+        Cmd::Multimnist(a) => write_multimnist(a),
         Cmd::Info(a) => info(a),
         Cmd::Download(a) => {
             for line in data::download(&a.data, &data::mirrors())? {

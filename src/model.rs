@@ -516,20 +516,49 @@ impl CapsNet {
         ops::dense(t, h2, d3.weight, d3.bias, Act::Sigmoid)
     }
 
-    /// Margin loss of the lengths against `labels`, plus the weighted squared error of the
-    /// reconstruction against the encoded images.
+    /// Margin loss of the lengths against `labels` ([B, per], each present), plus the weighted
+    /// squared error of each reconstruction in `recons` (one per label) against its target: the
+    /// encoded images themselves when `targets` is None (one label), else `targets` [per, B, side²],
+    /// each label's digit alone. The reconstruction terms are summed.
     pub fn loss<B: Backend>(
         &self,
         t: &mut Tape<B>,
         enc: &Encoded<B::Idx>,
-        recon: Var,
+        recons: &[Var],
         labels: Rc<B::Idx>,
+        targets: Option<&[B::E]>,
     ) -> Result<Losses> {
         let batch = t.value(enc.x).shape[0];
-        let margin = ops::margin_loss(t, enc.lengths, labels, 1)?;
-        // the image is the reconstruction target: view it as [B, side²] (conv1 kept its own shape)
-        t.reshape(enc.x, &[batch, self.cfg.image_pixels()])?;
-        let recon = ops::sq_err(t, recon, enc.x, self.cfg.recon_weight)?;
+        let (per, px) = (recons.len(), self.cfg.image_pixels());
+        if per == 0 || (targets.is_none() && per != 1) {
+            return Err(Error::msg(format!(
+                "model: {per} reconstructions need a target image each (only one can be the input)"
+            )));
+        }
+        let margin = ops::margin_loss(t, enc.lengths, labels, per)?;
+        let mut recon = None;
+        for (j, &r) in recons.iter().enumerate() {
+            let target = match targets {
+                None => {
+                    // the image is the reconstruction target: view it as [B, side²] (conv1 kept its shape)
+                    t.reshape(enc.x, &[batch, px])?;
+                    enc.x
+                }
+                Some(all) => {
+                    let part = all.get(j * batch * px..(j + 1) * batch * px).ok_or_else(|| {
+                        Error::msg(format!("model: {} target pixels for {per} x {batch} images", all.len()))
+                    })?;
+                    let buf = t.backend().upload(part)?;
+                    t.input(buf, &[batch, px])?
+                }
+            };
+            let term = ops::sq_err(t, r, target, self.cfg.recon_weight)?;
+            recon = Some(match recon {
+                None => term,
+                Some(sum) => ops::add(t, sum, term)?,
+            });
+        }
+        let recon = recon.expect("at least one reconstruction");
         let total = ops::add(t, margin, recon)?;
         Ok(Losses { margin, recon, total })
     }
@@ -555,12 +584,53 @@ impl CapsNet {
             enc.pred.clone()
         };
         let recon = self.decode(t, enc.v, keep)?;
-        let l = self.loss(t, &enc, recon, label_idx)?;
+        let l = self.loss(t, &enc, &[recon], label_idx, None)?;
         Ok(Forward {
             v: enc.v,
             lengths: enc.lengths,
             pred: enc.pred,
             recon,
+            margin: l.margin,
+            recon_loss: l.recon,
+            loss: l.total,
+        })
+    }
+
+    /// Runs the network on images that each hold `per` digits (MultiMNIST: 2): `labels` [B, per],
+    /// `targets` [per, B, side²] each label's digit alone. The decoder runs once per label, masked by
+    /// that label's capsule, against that digit's target. `recon` of the result is the first pass.
+    pub fn forward_multi<B: Backend>(
+        &self,
+        t: &mut Tape<B>,
+        images: &[B::E],
+        labels: &[u32],
+        per: usize,
+        targets: &[B::E],
+    ) -> Result<Forward<B::Idx>> {
+        let px = self.cfg.image_pixels();
+        let batch = images.len() / px;
+        if per == 0 || images.len() != batch * px || labels.len() != batch * per || targets.len() != per * batch * px {
+            return Err(Error::msg(format!(
+                "model: {} pixels, {} labels and {} target pixels are not {per} digits in each {px}-pixel image",
+                images.len(),
+                labels.len(),
+                targets.len()
+            )));
+        }
+        let enc = self.encode(t, images)?;
+        let label_idx = Rc::new(t.backend().upload_idx(labels)?);
+        let mut recons = vec![];
+        for j in 0..per {
+            let keep: Vec<u32> = (0..batch).map(|b| labels[b * per + j]).collect();
+            let keep = Rc::new(t.backend().upload_idx(&keep)?);
+            recons.push(self.decode(t, enc.v, keep)?);
+        }
+        let l = self.loss(t, &enc, &recons, label_idx, Some(targets))?;
+        Ok(Forward {
+            v: enc.v,
+            lengths: enc.lengths,
+            pred: enc.pred,
+            recon: recons[0],
             margin: l.margin,
             recon_loss: l.recon,
             loss: l.total,

@@ -14,9 +14,11 @@ use crate::backend::Backend;
 use crate::checkpoint::{self, Checkpoint, EpochProgress, TrainState};
 use crate::data::MNIST_PIXELS;
 use crate::data::{self, Split, Which};
+use crate::dataset::{self, Dataset, Source};
 use crate::figures;
 use crate::float::Float;
 use crate::model::{CapsNet, Config, init_params};
+use crate::multimnist;
 use crate::tape::Tape;
 use crate::{Error, Result};
 
@@ -45,6 +47,8 @@ pub struct TrainOptions {
     pub checkpoint_every: Option<Duration>,
     /// ...or every this many steps (None: not by count).
     pub checkpoint_steps: Option<u64>,
+    /// MNIST, or MultiMNIST pairs of its digits.
+    pub dataset: Dataset,
     /// Shift each training image by up to this many pixels each way, per image per epoch (0: never).
     pub shift: usize,
     /// Learning rate lr · lr_decay^(step / lr_decay_steps) (1: constant).
@@ -109,12 +113,20 @@ pub struct EvalReport {
     pub loss: f64,
     pub margin: f64,
     pub recon: f64,
+    /// Images whose predicted digits are exactly their labels (MultiMNIST: the two longest capsules
+    /// are the two labels).
     pub accuracy: f64,
+    /// Labels found among their image's predicted digits (MNIST: the accuracy again).
+    pub digit_accuracy: f64,
     pub images: usize,
-    /// confusion[true][predicted].
+    /// Digits per image.
+    pub per: usize,
+    /// confusion[true][predicted] (one digit per image only; empty otherwise).
     pub confusion: Vec<Vec<usize>>,
-    /// The predicted class of every image, in the split's order.
+    /// The predicted digits of every image ([images, per], longest capsule first), in order.
     pub predictions: Vec<u32>,
+    /// The labels, likewise.
+    pub labels: Vec<u32>,
 }
 
 /// Sums of batch figures weighted by batch size.
@@ -206,36 +218,49 @@ fn scalar<B: Backend>(t: &Tape<B>, v: crate::tape::Var) -> Result<f64> {
     Ok(t.backend().download(&t.value(v).buf)?[0].to_f64())
 }
 
-/// Evaluates on `split` with the decoder masked by the predicted class (as at test time).
+/// Evaluates `examples` of `src`: on MNIST with the decoder masked by the predicted class (as at test
+/// time); on MultiMNIST with each pass masked by its label (the loss is then the training objective
+/// on held-out pairs) and the two longest capsules as the prediction.
 pub fn evaluate<B: Backend>(
     tape: &mut Tape<B>,
     model: &CapsNet,
-    split: &Split,
+    src: &Source,
+    examples: &[usize],
     batch_size: usize,
     label: &str,
 ) -> Result<EvalReport> {
     let classes = model.cfg.classes;
-    let mut confusion = vec![vec![0usize; classes]; classes];
+    let per = src.dataset().per_image();
+    let mut confusion = if per == 1 {
+        vec![vec![0usize; classes]; classes]
+    } else {
+        vec![]
+    };
     let mut r = Running::default();
-    let mut predictions = Vec::with_capacity(split.len());
-    let mut bar = Progress::new(label.to_string(), split.len(), 0);
+    let mut digits_found = 0;
+    let (mut predictions, mut labels) = (vec![], vec![]);
+    let mut bar = Progress::new(label.to_string(), examples.len(), 0);
     tape.set_recording(false);
-    let idx: Vec<usize> = (0..split.len()).collect();
     let out = (|| {
-        for chunk in idx.chunks(batch_size.max(1)) {
+        for chunk in examples.chunks(batch_size.max(1)) {
             tape.reset();
-            let (x, y) = split.batch::<B::E>(chunk);
-            let f = model.forward(tape, &x, &y, false)?;
-            let pred = tape.backend().download_idx(&f.pred)?;
+            let b = src.batch::<B::E>(chunk);
+            let f = b.forward(model, tape, false)?;
             let n = chunk.len() as f64;
             r.loss += n * scalar(tape, f.loss)?;
             r.margin += n * scalar(tape, f.margin)?;
             r.recon += n * scalar(tape, f.recon_loss)?;
-            for (&t, &p) in y.iter().zip(&pred) {
-                confusion[t as usize][p as usize] += 1;
-                r.correct += (t == p) as usize;
+            let pred = predicted(tape, &f, classes, per)?;
+            let (exact, found) = dataset::count_correct(&pred, &b.labels, per);
+            r.correct += exact;
+            digits_found += found;
+            if per == 1 {
+                for (&t, &p) in b.labels.iter().zip(&pred) {
+                    confusion[t as usize][p as usize] += 1;
+                }
             }
             predictions.extend(pred);
+            labels.extend(b.labels);
             r.images += chunk.len();
             bar.update(r.images, &r);
         }
@@ -249,10 +274,33 @@ pub fn evaluate<B: Backend>(
         margin: mean(&r, r.margin),
         recon: mean(&r, r.recon),
         accuracy: mean(&r, r.correct as f64),
+        digit_accuracy: digits_found as f64 / (r.images * per).max(1) as f64,
         images: r.images,
+        per,
         confusion,
         predictions,
+        labels,
     })
+}
+
+/// The predicted digits of a forward pass, [B, per]: the argmax for one digit per image, else the
+/// `per` longest capsules.
+fn predicted<B: Backend>(
+    tape: &Tape<B>,
+    f: &crate::model::Forward<B::Idx>,
+    classes: usize,
+    per: usize,
+) -> Result<Vec<u32>> {
+    if per == 1 {
+        return tape.backend().download_idx(&f.pred);
+    }
+    let lengths: Vec<f32> = tape
+        .backend()
+        .download(&tape.value(f.lengths).buf)?
+        .iter()
+        .map(|x| x.to_f64() as f32)
+        .collect();
+    Ok(dataset::top_classes(&lengths, classes, per))
 }
 
 /// The shuffle of epoch `epoch` (0-based): a function of the seed and the epoch only, so a resumed
@@ -388,28 +436,30 @@ fn resume_command() -> String {
         .join(" ")
 }
 
-/// One training step (forward, backward, Adam) on the images `chunk` of `set`; adds the batch to the
-/// running sums. A non-finite loss stops before the update, so the weights stay as they were.
+/// One training step (forward, backward, Adam) on the base digits `chunk` of `src` (the examples
+/// of epoch `state.epoch`); adds the batch to the running sums. A non-finite loss stops before the
+/// update, so the weights stay as they were.
 fn train_step<B: Backend>(
     tape: &mut Tape<B>,
     model: &CapsNet,
     adam: &mut Adam<B>,
-    set: &Split,
+    src: &Source,
     chunk: &[usize],
     state: &TrainState,
     r: &mut Running,
 ) -> Result<()> {
     tape.reset();
-    let (mut x, y) = set.batch::<B::E>(chunk);
+    let examples: Vec<usize> = chunk.iter().map(|&d| src.example_of(d, state.epoch)).collect();
+    let mut b = src.batch::<B::E>(&examples);
     if state.shift > 0 {
         let shifts: Vec<(i32, i32)> = chunk
             .iter()
             .map(|&i| data::shift_of(state.seed, state.epoch, i, state.shift))
             .collect();
-        data::shift_images(&mut x, data::MNIST_SIDE, &shifts);
+        data::shift_images(&mut b.images, model.cfg.image_side, &shifts);
     }
     adam.lr = lr_at(state.lr, state.lr_decay, state.lr_decay_steps, adam.step);
-    let f = model.forward(tape, &x, &y, true)?;
+    let f = b.forward(model, tape, true)?;
     tape.backward(f.loss)?;
     let (loss, margin, recon) = (
         scalar(tape, f.loss)?,
@@ -432,8 +482,8 @@ fn train_step<B: Backend>(
     r.loss += n * loss;
     r.margin += n * margin;
     r.recon += n * recon;
-    let pred = tape.backend().download_idx(&f.pred)?;
-    r.correct += pred.iter().zip(&y).filter(|(p, t)| p == t).count();
+    let pred = predicted(tape, &f, model.cfg.classes, b.per)?;
+    r.correct += dataset::count_correct(&pred, &b.labels, b.per).0;
     r.images += chunk.len();
     Ok(())
 }
@@ -446,19 +496,19 @@ fn run_epoch<B: Backend>(
     tape: &mut Tape<B>,
     model: &CapsNet,
     adam: &mut Adam<B>,
-    set: &Split,
+    set: &Source,
     state: &mut TrainState,
     opts: &TrainOptions,
     saver: &mut StepSaver,
     history: &[serde_json::Value],
 ) -> Result<Option<Running>> {
-    let order = epoch_order(set.len(), state.seed, state.epoch);
+    let order = epoch_order(set.digits(), state.seed, state.epoch);
     let batches = order.len().div_ceil(state.batch_size);
     let mut r = state.partial.take().unwrap_or_default();
     let (start, before) = (Instant::now(), r.seconds);
     let mut bar = Progress::new(
         format!("epoch {}/{}", state.epoch + 1, opts.epochs),
-        set.len(),
+        set.digits(),
         r.images,
     );
     let last = opts.run_dir.join(LAST);
@@ -510,6 +560,11 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
     }
     if !(opts.lr.is_finite() && opts.lr > 0.0) {
         return Err(Error::msg(format!("--lr must be a positive number, got {}", opts.lr)));
+    }
+    if opts.shift > 0 && opts.dataset == Dataset::MultiMnist {
+        return Err(Error::msg(
+            "--shift: MultiMNIST examples are shifted already (each digit by up to 4 px); leave it at 0",
+        ));
     }
     if opts.shift > MAX_SHIFT {
         return Err(Error::msg(format!(
@@ -569,7 +624,7 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
         .map(|c| c.config.clone())
         .unwrap_or_else(|| opts.config.clone());
     cfg.validate()?;
-    check_mnist_side(&cfg, &last_path)?;
+    check_side(&cfg, opts.dataset, &last_path)?;
     std::fs::create_dir_all(&opts.run_dir)
         .map_err(|e| Error::file(&opts.run_dir, format!("cannot create run directory: {e}")))?;
     remove_leftover_temporaries(&opts.run_dir);
@@ -581,12 +636,25 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
         cfg.primary_caps(),
         cfg.routing_rounds
     );
-    eprintln!(
-        "data: {} training, {} validation images from {}",
-        train_set.len(),
-        val_set.len(),
-        opts.data_dir.display()
-    );
+    let train_src = Source::new(opts.dataset, &train_set, opts.seed)?;
+    let val_src = Source::new(opts.dataset, &val_set, opts.seed)?;
+    // validation: each held-out digit once, in its first pairing
+    let val_examples = val_src.eval_examples(1);
+    match opts.dataset {
+        Dataset::Mnist => eprintln!(
+            "data: {} training, {} validation images from {}",
+            train_set.len(),
+            val_set.len(),
+            opts.data_dir.display()
+        ),
+        Dataset::MultiMnist => eprintln!(
+            "data: MultiMNIST pairs of {} training digits (a new pairing each epoch), {} validation pairs of the {} held-out digits, from {}",
+            train_set.len(),
+            val_examples.len(),
+            val_set.len(),
+            opts.data_dir.display()
+        ),
+    }
 
     let mut tape = Tape::new(backend);
     let model = match &resumed {
@@ -608,6 +676,7 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
         bad_epochs: 0,
         limit: opts.limit,
         val_limit: opts.val_limit,
+        dataset: opts.dataset,
         shift: opts.shift,
         lr_decay: opts.lr_decay,
         lr_decay_steps: opts.lr_decay_steps,
@@ -656,7 +725,7 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
             &mut tape,
             &model,
             &mut adam,
-            &train_set,
+            &train_src,
             &mut state,
             opts,
             &mut saver,
@@ -666,7 +735,14 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
             // interrupted: the last completed step is saved
             return Ok(history);
         };
-        let val = evaluate(&mut tape, &model, &val_set, state.batch_size, "  validation")?;
+        let val = evaluate(
+            &mut tape,
+            &model,
+            &val_src,
+            &val_examples,
+            state.batch_size,
+            "  validation",
+        )?;
         state.epoch += 1;
         state.step = adam.step;
         state.partial = None;
@@ -744,6 +820,13 @@ fn check_resume(ck: &Checkpoint, opts: &TrainOptions) -> Result<()> {
             limit(s.val_limit)
         ));
     }
+    if opts.dataset != s.dataset {
+        diffs.push(format!(
+            "--dataset {} vs stored {}",
+            opts.dataset.name(),
+            s.dataset.name()
+        ));
+    }
     if opts.shift != s.shift {
         diffs.push(format!("--shift {} vs stored {}", opts.shift, s.shift));
     }
@@ -767,15 +850,16 @@ fn check_resume(ck: &Checkpoint, opts: &TrainOptions) -> Result<()> {
     }
 }
 
-/// MNIST's images are 28x28: a model for another size cannot run on them.
-pub fn check_mnist_side(cfg: &Config, source: &Path) -> Result<()> {
-    if cfg.image_side != data::MNIST_SIDE {
+/// A model runs only on images of its own side.
+pub fn check_side(cfg: &Config, dataset: Dataset, source: &Path) -> Result<()> {
+    if cfg.image_side != dataset.side() {
         return Err(Error::file(
             source,
             format!(
-                "the model takes {0}x{0} images, MNIST's are {1}x{1}",
+                "the model takes {0}x{0} images, {1}'s are {2}x{2}",
                 cfg.image_side,
-                data::MNIST_SIDE
+                dataset.name(),
+                dataset.side()
             ),
         ));
     }
@@ -790,7 +874,38 @@ pub fn eval_checkpoint<B: Backend>(
     limit: Option<usize>,
     batch_size: usize,
 ) -> Result<EvalReport> {
-    Ok(eval_with_figures(backend, ckpt, data_dir, limit, batch_size, None)?.0)
+    let opts = EvalOptions {
+        limit,
+        batch_size,
+        ..EvalOptions::default()
+    };
+    Ok(eval_with_figures(backend, ckpt, data_dir, &opts)?.0)
+}
+
+/// What `eval` and `figures` evaluate.
+#[derive(Clone, Debug)]
+pub struct EvalOptions<'a> {
+    /// The first this-many test digits only.
+    pub limit: Option<usize>,
+    pub batch_size: usize,
+    /// The dataset (None: the one the checkpoint was trained on).
+    pub dataset: Option<Dataset>,
+    /// MultiMNIST: examples per test digit (the paper's 1,000 make 10M).
+    pub pairs: usize,
+    /// Also write the figures into this directory.
+    pub figures: Option<(&'a Path, &'a figures::FigureOptions)>,
+}
+
+impl Default for EvalOptions<'_> {
+    fn default() -> Self {
+        EvalOptions {
+            limit: None,
+            batch_size: 100,
+            dataset: None,
+            pairs: 1,
+            figures: None,
+        }
+    }
 }
 
 /// The epochs of the run that wrote `ckpt`: its directory's metrics.jsonl when there is one (the
@@ -810,30 +925,36 @@ pub fn run_history(ckpt: &Path, ck: &Checkpoint) -> Result<Vec<figures::EpochPoi
     figures::epoch_points(&ck.history, ckpt)
 }
 
-/// Test-set evaluation of a checkpoint, and its figures in `figures.0` when asked
-/// ([`figures::write_all`]). Returns the report and the files written.
+/// Test-set evaluation of a checkpoint, and its figures when asked ([`figures::write_all`], or
+/// [`figures::write_multi`] on MultiMNIST). Returns the report and the files written.
 pub fn eval_with_figures<B: Backend>(
     backend: B,
     ckpt: &Path,
     data_dir: &Path,
-    limit: Option<usize>,
-    batch_size: usize,
-    figures: Option<(&Path, &figures::FigureOptions)>,
+    opts: &EvalOptions,
 ) -> Result<(EvalReport, Vec<PathBuf>)> {
-    if batch_size == 0 || limit == Some(0) {
+    if opts.batch_size == 0 || opts.limit == Some(0) {
         return Err(Error::msg("--batch-size and --limit must be at least 1"));
     }
-    if let Some((_, opts)) = figures {
-        opts.validate()?;
+    if !(1..=multimnist::PAIRS_PER_DIGIT).contains(&opts.pairs) {
+        return Err(Error::msg(format!(
+            "--pairs-per-digit must be between 1 and {}, got {}",
+            multimnist::PAIRS_PER_DIGIT,
+            opts.pairs
+        )));
+    }
+    if let Some((_, f)) = opts.figures {
+        f.validate()?;
     }
     let ck = checkpoint::load(ckpt)?;
-    check_mnist_side(&ck.config, ckpt)?;
-    let history = match figures {
+    let dataset = opts.dataset.unwrap_or(ck.state.dataset);
+    check_side(&ck.config, dataset, ckpt)?;
+    let history = match opts.figures {
         Some(_) => run_history(ckpt, &ck)?,
         None => vec![],
     };
     let mut test = data::load(data_dir, Which::Test)?;
-    if let Some(n) = limit {
+    if let Some(n) = opts.limit {
         if n > test.len() {
             return Err(Error::msg(format!(
                 "--limit {n} exceeds the {} test images",
@@ -842,12 +963,19 @@ pub fn eval_with_figures<B: Backend>(
         }
         test = test.slice(0..n);
     }
+    let src = Source::new(dataset, &test, multimnist::TEST_SEED)?;
+    let examples = src.eval_examples(opts.pairs);
     let mut tape = Tape::new(backend);
     let model = CapsNet::from_checkpoint(&mut tape, &ck)?;
-    let report = evaluate(&mut tape, &model, &test, batch_size, "test")?;
-    let written = match figures {
-        Some((out, opts)) => figures::write_all(&mut tape, &model, &test, &report, &history, out, opts)?,
-        None => vec![],
+    let report = evaluate(&mut tape, &model, &src, &examples, opts.batch_size, "test")?;
+    let written = match (opts.figures, &src) {
+        (None, _) => vec![],
+        (Some((out, f)), Source::Mnist(test)) => {
+            figures::write_all(&mut tape, &model, test, &report, &history, out, f)?
+        }
+        (Some((out, f)), Source::Multi(m)) => {
+            figures::write_multi(&mut tape, &model, m, &examples, &report, &history, out, f)?
+        }
     };
     Ok((report, written))
 }

@@ -406,3 +406,65 @@ fn margin_loss_counts_every_label_as_present() {
     let e = ops::margin_loss(&mut t, l, Rc::new(vec![0, 1, 2]), 2).unwrap_err();
     assert!(e.to_string().contains("labels"), "{e}");
 }
+
+/// MultiMNIST's loss: two labels present in the margin loss, and two decoder passes, each masked by
+/// one label's capsule and compared with its own target, through the model's own forward.
+#[test]
+fn whole_loss_gradients_with_two_digits_per_image() {
+    let cfg = Config {
+        image_side: 21,
+        ..tiny_config(2)
+    };
+    let mut rng = Lcg(97);
+    let px = cfg.image_pixels();
+    let images = rng.vec(2 * px, 0.0, 1.0);
+    let targets = rng.vec(2 * 2 * px, 0.0, 1.0);
+    let labels = [3u32, 7, 0, 9];
+    let loss_at = |params: &[Vec<f64>], backward: bool| {
+        let mut t = Tape::new(Cpu::new());
+        let model = CapsNet::new(cfg.clone(), &mut t, params).unwrap();
+        let f = model.forward_multi(&mut t, &images, &labels, 2, &targets).unwrap();
+        let value = t.value(f.loss).buf[0];
+        let grads = if backward {
+            t.backward(f.loss).unwrap();
+            model.params.all().iter().map(|&p| t.grad(p).unwrap().clone()).collect()
+        } else {
+            vec![]
+        };
+        (value, grads)
+    };
+    let params = init_params(&cfg, 6);
+    let (loss, grads): (f64, Vec<Vec<f64>>) = loss_at(&params, true);
+    // the second pass counts: the loss is more than one label's
+    let mut t = Tape::new(Cpu::new());
+    let model = CapsNet::new(cfg.clone(), &mut t, &params).unwrap();
+    let one = model
+        .forward_multi(&mut t, &images, &[3, 0], 1, &targets[..2 * px])
+        .unwrap();
+    assert!(
+        loss > t.value(one.loss).buf[0],
+        "two digits' loss {loss} not above one's"
+    );
+    let mut bad = vec![];
+    let mut checked = 0;
+    for (k, spec) in cfg.param_specs().iter().enumerate() {
+        let idx: Vec<usize> = sample_indices(params[k].len(), 200 + k as u64)
+            .into_iter()
+            .step_by(6)
+            .collect();
+        let numeric: Vec<f64> = idx
+            .iter()
+            .map(|&i| {
+                let at = |delta: f64| {
+                    let mut p = params.clone();
+                    p[k][i] += delta;
+                    loss_at(&p, false).0
+                };
+                (at(H) - at(-H)) / (2.0 * H)
+            })
+            .collect();
+        checked += idx.len();
+        bad.extend(compare(spec.name, &idx, &grads[k], &numeric));
+    }
+    report("whole loss, two digits per image", &bad, checked);
+}

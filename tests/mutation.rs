@@ -126,6 +126,7 @@ fn tiny_checkpoint() -> Checkpoint {
             bad_epochs: 0,
             limit: Some(300),
             val_limit: None,
+            dataset: capsnet::dataset::Dataset::Mnist,
             shift: 0,
             lr_decay: 1.0,
             lr_decay_steps: 2000,

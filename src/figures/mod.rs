@@ -528,3 +528,102 @@ pub fn write_all<B: Backend>(
     }
     Ok(written)
 }
+
+/// Two reconstructions overlaid on white, `a` in red ink and `b` in blue (dark where both are).
+pub fn overlay(s: &mut Sheet, x: u32, y: u32, a: &[f32], b: &[f32], side: usize, scale: u32) {
+    for i in 0..side * side {
+        let (ia, ib) = (a[i].clamp(0.0, 1.0), b[i].clamp(0.0, 1.0));
+        let c = [1.0 - ib, (1.0 - ia) * (1.0 - ib), 1.0 - ia].map(|v| (v * 255.0).round() as u8);
+        let (px, py) = (x + (i % side) as u32 * scale, y + (i / side) as u32 * scale);
+        s.fill(px, py, scale, scale, c);
+    }
+}
+
+/// The paper's Figure 5: MultiMNIST inputs over the reconstructions from their two longest capsules,
+/// the longer in red, the other in blue; heads "L:a,b" (labels) and "R:c,d" (the two capsules, red
+/// when they are not the labels). `inputs` [n, side²], `recons` [2, n, side²].
+pub fn multi_reconstructions(
+    inputs: &[f32],
+    recons: &[f32],
+    pred: &[u32],
+    labels: &[u32],
+    side: usize,
+    scale: u32,
+) -> Result<Sheet> {
+    let n = labels.len() / 2;
+    let cell = side as u32 * scale;
+    let px = side * side;
+    let mut s = Sheet::new(n as u32 * (cell + PAD) + PAD, 2 * LABEL + 2 * (cell + PAD) + PAD);
+    for k in 0..n {
+        let x = PAD + k as u32 * (cell + PAD);
+        let (l, p) = (&labels[2 * k..2 * k + 2], &pred[2 * k..2 * k + 2]);
+        let right = l.iter().all(|d| p.contains(d));
+        s.text(x as i32 + 2, 1, &format!("L:{},{}", l[0], l[1]), 12, INK)?;
+        s.digit(x, LABEL, &inputs[k * px..(k + 1) * px], side, scale);
+        let c = if right { INK } else { RED };
+        s.text(
+            x as i32 + 2,
+            (LABEL + cell + PAD) as i32,
+            &format!("R:{},{}", p[0], p[1]),
+            12,
+            c,
+        )?;
+        let a = &recons[k * px..(k + 1) * px];
+        let b = &recons[(n + k) * px..(n + k + 1) * px];
+        overlay(&mut s, x, 2 * LABEL + cell + PAD, a, b, side, scale);
+    }
+    Ok(s)
+}
+
+/// MultiMNIST's figures: multimnist.png ([`multi_reconstructions`] of `opts.count` test examples,
+/// about a third of them misread ones when there are any) and curves.png. `examples` and `report`
+/// are the evaluation's.
+#[allow(clippy::too_many_arguments)]
+pub fn write_multi<B: Backend>(
+    tape: &mut Tape<B>,
+    model: &CapsNet,
+    m: &crate::multimnist::MultiMnist,
+    examples: &[usize],
+    report: &EvalReport,
+    history: &[EpochPoint],
+    out: &Path,
+    opts: &FigureOptions,
+) -> Result<Vec<PathBuf>> {
+    opts.validate()?;
+    if report.per != 2 || report.predictions.len() != 2 * examples.len() {
+        return Err(Error::msg("figures: the report is not of these MultiMNIST examples"));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::file(out, format!("cannot create the directory: {e}")))?;
+    let wrong_at = |i: usize| {
+        let (p, l) = (&report.predictions[2 * i..2 * i + 2], &report.labels[2 * i..2 * i + 2]);
+        !l.iter().all(|d| p.contains(d))
+    };
+    let wrong: Vec<usize> = (0..examples.len())
+        .filter(|&i| wrong_at(i))
+        .take(opts.count / 3)
+        .collect();
+    let right = (0..examples.len())
+        .filter(|&i| !wrong_at(i))
+        .take(opts.count - wrong.len());
+    let chosen: Vec<usize> = right.chain(wrong.iter().copied()).map(|i| examples[i]).collect();
+    let (x, y, _) = m.batch::<f32>(&chosen);
+    let c = infer::classify(tape, model, &x, 100)?;
+    let top = crate::dataset::top_classes(&c.lengths, model.cfg.classes, 2);
+    let firsts: Vec<u32> = top.iter().step_by(2).copied().collect();
+    let seconds: Vec<u32> = top.iter().skip(1).step_by(2).copied().collect();
+    let mut recons = infer::reconstruct(tape, model, &c.v, &firsts, 100)?;
+    recons.extend(infer::reconstruct(tape, model, &c.v, &seconds, 100)?);
+    let mut written = vec![];
+    let side = model.cfg.image_side;
+    let sheet = multi_reconstructions(&x, &recons, &top, &y, side, opts.scale)?;
+    let p = out.join("multimnist.png");
+    sheet.save(&p)?;
+    written.push(p);
+    let p = out.join("curves.png");
+    match history.is_empty() {
+        false => curves(history)?.save(&p)?,
+        true => note("no epochs recorded: no metrics.jsonl beside the checkpoint, no history in it")?.save(&p)?,
+    }
+    written.push(p);
+    Ok(written)
+}
