@@ -350,6 +350,29 @@ fn every_kernel_gives_the_same_bits_in_order_and_reversed() {
         be.add_assign(&mut o, &a).unwrap();
         be.fill(&mut o, 0.25).unwrap();
         extra.push(be.download(&o).unwrap());
+        // routing version 2, which the small model's steps do not need
+        let cs = capsnet::backend::CapsShape {
+            batch: 2,
+            in_caps: 37,
+            in_dim: 8,
+            out_caps: 7,
+            out_dim: 5,
+        };
+        be.set_routing_v2_always(true);
+        let u = be
+            .upload(
+                &(0..cs.uhat_len())
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.004)
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+        let mut v = be.zeros(cs.v_len()).unwrap();
+        let mut saved = be.routing_saved(&cs, 3).unwrap();
+        be.routing_fwd(&cs, 3, &u, &mut v, &mut saved).unwrap();
+        let mut duh = be.zeros(cs.uhat_len()).unwrap();
+        be.routing_bwd(&cs, 3, &u, &saved, &v, &mut duh).unwrap();
+        be.set_routing_v2_always(false);
+        extra.push([be.download(&v).unwrap(), be.download(&duh).unwrap()].concat());
     }
     emulator::set_reversed_schedule(false).unwrap();
     let fwd = step_outputs(be);
@@ -359,7 +382,8 @@ fn every_kernel_gives_the_same_bits_in_order_and_reversed() {
         emulator::set_reversed_schedule(true).unwrap();
         let rev = step_outputs(common::cuda_backend().unwrap());
         emulator::set_reversed_schedule(false).unwrap();
-        assert_eq!(extra[0], extra[1], "add and fill differ between schedules");
+        assert_eq!(extra[0], extra[2], "add and fill differ between schedules");
+        assert_eq!(extra[1], extra[3], "routing v2 differs between schedules");
         assert_eq!(fwd.len(), rev.len());
         let differ = fwd.iter().zip(&rev).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
         assert_eq!(

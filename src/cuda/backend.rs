@@ -91,6 +91,8 @@ pub struct CudaBackend {
     pool: PoolRef,
     /// The fused Adam step's table of tensors, kept between steps.
     adam_table: RefCell<Option<CudaSlice<AdamTensor>>>,
+    /// Routing version 2 even where version 1 fits (for tests and comparisons).
+    routing_v2_always: std::cell::Cell<bool>,
 }
 
 fn de(op: &str) -> impl Fn(DriverError) -> Error + '_ {
@@ -162,7 +164,12 @@ impl CudaBackend {
             }
         }
         // routing keeps per-image state in dynamic shared memory: allow up to the device's opt-in limit
-        for k in [reg::ROUTING_FWD, reg::ROUTING_BWD] {
+        for k in [
+            reg::ROUTING_FWD_V1,
+            reg::ROUTING_BWD_V1,
+            reg::ROUTING_FWD_V2,
+            reg::ROUTING_BWD_V2,
+        ] {
             funcs[k.name]
                 .set_attribute(
                     cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -178,6 +185,7 @@ impl CudaBackend {
             funcs,
             pool: PoolRef::default(),
             adam_table: RefCell::new(None),
+            routing_v2_always: std::cell::Cell::new(false),
         })
     }
 
@@ -225,16 +233,43 @@ impl CudaBackend {
         &self.funcs[k.name]
     }
 
-    fn routing_smem(&self, s: &CapsShape, forward: bool) -> Result<u32> {
+    /// Launch routing version 2 even where version 1 fits (v1 is the default where it fits).
+    pub fn set_routing_v2_always(&self, on: bool) {
+        self.routing_v2_always.set(on);
+    }
+
+    /// The routing kernel for `s` and `rounds`, with its dynamic shared memory: v1 (every per-image
+    /// array in shared memory: 2·I·J + 2 or 4·J·D floats) where the device allows that much, else v2
+    /// (only (R + 1)·J·D or 4·J·D floats; any number of input capsules).
+    fn routing_kernel(&self, s: &CapsShape, rounds: usize, forward: bool) -> Result<(Kernel, u32)> {
         let (ij, jd) = (s.in_caps * s.out_caps, s.out_caps * s.out_dim);
-        let bytes = 4 * (2 * ij + if forward { 2 } else { 4 } * jd);
-        if bytes > self.info.max_smem_optin as usize {
+        let v1 = 4 * (2 * ij + if forward { 2 } else { 4 } * jd);
+        let limit = self.info.max_smem_optin as usize;
+        if v1 <= limit && !self.routing_v2_always.get() {
+            return Ok((
+                if forward {
+                    reg::ROUTING_FWD_V1
+                } else {
+                    reg::ROUTING_BWD_V1
+                },
+                v1 as u32,
+            ));
+        }
+        let v2 = 4 * jd * if forward { rounds + 1 } else { 4 };
+        if v2 > limit {
             return Err(Error::msg(format!(
-                "routing: {} x {} capsules need {bytes} bytes of shared memory per image; this GPU allows {}",
-                s.in_caps, s.out_caps, self.info.max_smem_optin
+                "routing: {} x {} capsules of {} dimensions over {rounds} rounds need {v2} bytes of shared memory per image; this GPU allows {limit}",
+                s.in_caps, s.out_caps, s.out_dim
             )));
         }
-        Ok(bytes as u32)
+        Ok((
+            if forward {
+                reg::ROUTING_FWD_V2
+            } else {
+                reg::ROUTING_BWD_V2
+            },
+            v2 as u32,
+        ))
     }
 }
 
@@ -559,17 +594,18 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let (p, r) = (CapsParams::new(s)?, rounds as i32);
+        let (kernel, smem) = self.routing_kernel(s, rounds, true)?;
         let cfg = LaunchConfig {
             grid_dim: (s.batch as u32, 1, 1),
             block_dim: (reg::ROUTING_THREADS, 1, 1),
-            shared_mem_bytes: self.routing_smem(s, true)?,
+            shared_mem_bytes: smem,
         };
         let RoutingSaved { c, s: ss, v: sv } = saved;
-        // SAFETY: routing_fwd_v1(uhat, v, saved_c, saved_s, saved_v, CapsParams, int rounds), one block
-        // per image with the dynamic shared memory routing_smem computes; lengths checked above.
+        // SAFETY: routing_fwd_v1 and _v2 (uhat, v, saved_c, saved_s, saved_v, CapsParams, int rounds), one
+        // block per image with the dynamic shared memory routing_kernel computes; lengths checked above.
         launch!(
             self,
-            reg::ROUTING_FWD,
+            kernel,
             cfg,
             [
                 uhat.slice(),
@@ -599,16 +635,40 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let (p, r) = (CapsParams::new(s)?, rounds as i32);
+        let (kernel, smem) = self.routing_kernel(s, rounds, false)?;
         let cfg = LaunchConfig {
             grid_dim: (s.batch as u32, 1, 1),
             block_dim: (reg::ROUTING_THREADS, 1, 1),
-            shared_mem_bytes: self.routing_smem(s, false)?,
+            shared_mem_bytes: smem,
         };
-        // SAFETY: routing_bwd_v1(uhat, saved_c, saved_s, saved_v, dv, duhat, CapsParams, int rounds), one
-        // block per image with the dynamic shared memory routing_smem computes; lengths checked above.
+        if kernel == reg::ROUTING_BWD_V1 {
+            // SAFETY: routing_bwd_v1(uhat, saved_c, saved_s, saved_v, dv, duhat, CapsParams, int rounds), one
+            // block per image with the dynamic shared memory routing_kernel computes; lengths checked above.
+            return launch!(
+                self,
+                kernel,
+                cfg,
+                [
+                    uhat.slice(),
+                    saved.c.slice(),
+                    saved.s.slice(),
+                    saved.v.slice(),
+                    dv.slice(),
+                    duhat.slice_mut(),
+                    &p,
+                    &r
+                ]
+            );
+        }
+        // v2 keeps db [B, I, J] in global memory: a pooled buffer the kernel zeroes first (the stream
+        // orders its next user after this launch)
+        let mut scratch = self.take::<f32>(s.batch * s.in_caps * s.out_caps)?;
+        // SAFETY: routing_bwd_v2(uhat, saved_c, saved_s, saved_v, dv, duhat, CapsParams, int rounds,
+        // scratch [B, I, J]), one block per image with the dynamic shared memory routing_kernel computes;
+        // lengths checked above, scratch sized here.
         launch!(
             self,
-            reg::ROUTING_BWD,
+            kernel,
             cfg,
             [
                 uhat.slice(),
@@ -618,7 +678,8 @@ impl Backend for CudaBackend {
                 dv.slice(),
                 duhat.slice_mut(),
                 &p,
-                &r
+                &r,
+                scratch.slice_mut()
             ]
         )
     }

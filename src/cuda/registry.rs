@@ -46,6 +46,8 @@ kernels! {
     MARGIN_LOSS_BWD = "capsules.cu": "margin_loss_bwd";
     ROUTING_FWD_V1 = "routing.cu": "routing_fwd_v1";
     ROUTING_BWD_V1 = "routing.cu": "routing_bwd_v1";
+    ROUTING_FWD_V2 = "routing.cu": "routing_fwd_v2";
+    ROUTING_BWD_V2 = "routing.cu": "routing_bwd_v2";
 }
 
 // The defaults the backend launches.
@@ -56,6 +58,8 @@ pub const DENSE_FWD: Kernel = DENSE_FWD_V1;
 pub const DENSE_BWD_INPUT: Kernel = DENSE_BWD_INPUT_V1;
 pub const DENSE_BWD_WEIGHT: Kernel = DENSE_BWD_WEIGHT_V1;
 pub const ADAM_STEP: Kernel = ADAM_STEP_V1;
+/// Routing: v1 (all state in shared memory) where it fits the device, else v2 (state in global
+/// memory, any number of input capsules); see CudaBackend::routing_version.
 pub const ROUTING_FWD: Kernel = ROUTING_FWD_V1;
 pub const ROUTING_BWD: Kernel = ROUTING_BWD_V1;
 

@@ -409,7 +409,7 @@ pub fn capsule_ops<B: Backend>(g: &B) {
 }
 
 pub fn routing_1_2_3_rounds<B: Backend>(g: &B) {
-    for (n, cs) in [
+    let shapes = [
         Config::default().caps_shape(3),
         CapsShape {
             batch: 2,
@@ -418,11 +418,14 @@ pub fn routing_1_2_3_rounds<B: Backend>(g: &B) {
             out_caps: 7,
             out_dim: 5,
         },
-    ]
-    .iter()
-    .enumerate()
-    {
-        for rounds in [1, 2, 3] {
+    ];
+    routing_at(g, &shapes, &[1, 2, 3]);
+}
+
+/// Routing forward and backward at each shape and number of rounds, against the CPU reference.
+pub fn routing_at<B: Backend>(g: &B, shapes: &[CapsShape], round_counts: &[usize]) {
+    for (n, cs) in shapes.iter().enumerate() {
+        for &rounds in round_counts {
             let mut rng = Lcg(20 + 3 * n as u64 + rounds as u64);
             let (uhat, dv, duh0) = (
                 rand(&mut rng, cs.uhat_len(), -0.2, 0.2),
