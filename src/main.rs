@@ -165,8 +165,8 @@ impl ModelArgs {
 enum Preset {
     /// Géron's notebook: 2 routing rounds, batch 50, no shifts, a constant learning rate.
     Notebook,
-    /// Sabour et al.'s MNIST setup (their official code): 3 routing rounds, batch 128, random shifts
-    /// of up to 2 px, learning rate × 0.96 every 2,000 steps.
+    /// Sabour et al.'s setup (their official code): 3 routing rounds, batch 128, random shifts of up
+    /// to 2 px (MNIST only: MultiMNIST is shifted already), learning rate × 0.96 every 2,000 steps.
     Paper,
 }
 
@@ -729,7 +729,11 @@ fn run(cli: Cli) -> Result<()> {
                 dataset: a.dataset.dataset(),
                 epochs: a.epochs,
                 batch_size: a.batch_size.unwrap_or(preset.batch_size),
-                shift: a.shift.unwrap_or(preset.shift),
+                // MultiMNIST examples are shifted already: a preset's shift is for MNIST only
+                shift: a.shift.unwrap_or(match a.dataset {
+                    DatasetArg::Mnist => preset.shift,
+                    DatasetArg::Multimnist => 0,
+                }),
                 lr_decay: a.lr_decay.unwrap_or(preset.lr_decay),
                 lr_decay_steps: a.lr_decay_steps.unwrap_or(preset.lr_decay_steps),
                 lr: a.lr,
