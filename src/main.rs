@@ -533,7 +533,7 @@ fn predict(a: PredictArgs) -> Result<()> {
         predict::predict_files(&mut tape, &model, &a.images, a.threshold, a.batch_size)
     })?;
     let side = ck.config.image_side;
-    let mut stems = std::collections::HashMap::<String, usize>::new();
+    let mut used = std::collections::HashSet::<String>::new();
     let mut failed = 0;
     for (file, r) in &results {
         let p = match r {
@@ -551,13 +551,17 @@ fn predict(a: PredictArgs) -> Result<()> {
             }
         };
         if let Some(dir) = &a.save_input {
-            // NAME.input.png, NAME-2.input.png for a second file of the same name
+            // NAME.input.png, NAME-2.input.png for a second file of the same name (or the next
+            // number no file of this run has taken)
             let stem = file
                 .file_stem()
                 .map_or("image".into(), |s| s.to_string_lossy().into_owned());
-            let n = stems.entry(stem.clone()).or_insert(0);
-            *n += 1;
-            let name = if *n == 1 { stem } else { format!("{stem}-{n}") };
+            let mut name = stem.clone();
+            let mut n = 1;
+            while !used.insert(name.clone()) {
+                n += 1;
+                name = format!("{stem}-{n}");
+            }
             for (what, px) in [("input", &p.prepared.pixels), ("recon", &p.recon)] {
                 let path = dir.join(format!("{name}.{what}.png"));
                 capsnet::error::write_atomic(&path, &predict::gray_png(px, side)?)?;

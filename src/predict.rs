@@ -3,21 +3,24 @@
 //! ratio, centred by its centre of mass in 28x28.
 //!
 //! Steps, for an image of any size and colour:
-//! 1. decode (PNG, JPEG, GIF, BMP, WebP, PNM); transparency is laid over white; grey = the luma of
-//!    the colour (Rec. 709 weights, as the `image` crate converts);
+//! 1. decode (PNG, JPEG, GIF, BMP, WebP, PNM), turned as its EXIF orientation says; transparency
+//!    is laid over white; grey = the luma of the colour (Rec. 709 weights, as `image` converts);
 //! 2. the background is the median of the border pixels; when it is lighter than mid-grey the
 //!    image is a dark digit on light paper and is inverted;
-//! 3. contrast: the background goes to 0 and the darkest ink (after inversion: the lightest
-//!    pixel) to 1, clamped;
-//! 4. the digit's bounding box: every pixel above [`INK`];
-//! 5. the box scaled to fit a square of side·20/28 (20 for 28), with a triangle (bilinear) filter
-//!    widened to the scale when shrinking, so a photo is averaged rather than sampled;
+//! 3. contrast: the background goes to 0 and the ink's level to 1, clamped. The ink's level is the
+//!    99.9th percentile, so a few bright specks do not set it;
+//! 4. the digit's bounding box: of the rows (and the columns) with ink above [`INK`], the stretch
+//!    holding the most ink, where gaps under a tenth of the image do not part it; so a speck or a
+//!    shadow apart from the digit does not stretch the box;
+//! 5. the box scaled to fit a 20x20 square (MNIST's digit box; less for a model under 28x28),
+//!    keeping its aspect ratio, with a triangle filter widened to the scale when shrinking, so a
+//!    photo is averaged rather than sampled; then stretched again so its brightest pixel is 1;
 //! 6. placed in the side x side canvas with its centre of mass at the centre, rounded to a whole
 //!    pixel (and kept inside the canvas).
 //!
 //! An image that is already the model's size (28x28 for MNIST) is taken as it is, after steps 1
 //! and 2 only: MNIST's own digits are already cropped, scaled and centred, and redoing it would
-//! move them by rounding.
+//! move them by rounding. Memory: the decoded image, one grey copy and the cropped box.
 
 use std::path::Path;
 
@@ -94,7 +97,13 @@ pub fn load_gray(path: &Path) -> Result<Gray> {
     limits.max_image_height = Some(MAX_SIDE);
     limits.max_alloc = Some(MAX_DECODE_BYTES);
     r.limits(limits);
-    let img = r.decode().map_err(not_image)?;
+    // a phone photo's pixels may be stored turned: its EXIF orientation says how to show them
+    let mut decoder = r.into_decoder().map_err(not_image)?;
+    let orientation =
+        image::ImageDecoder::orientation(&mut decoder).unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = image::DynamicImage::from_decoder(decoder).map_err(not_image)?;
+    img.apply_orientation(orientation);
+    let (w, h) = (img.width(), img.height());
     let la = img.to_luma_alpha8();
     drop(img);
     let pixels = la
@@ -121,6 +130,37 @@ fn median(mut xs: Vec<f32>) -> f32 {
     xs[xs.len() / 2]
 }
 
+/// The `q`-quantile (0..1) of `xs`, from at most about a million evenly spaced samples.
+fn quantile(xs: &[f32], q: f64) -> f32 {
+    let step = (xs.len() / (1 << 20)).max(1);
+    let mut sample: Vec<f32> = xs.iter().step_by(step).copied().collect();
+    sample.sort_by(f32::total_cmp);
+    sample[((sample.len() - 1) as f64 * q).round() as usize]
+}
+
+/// The span of `mass` (a row or column profile of the ink) that holds the most ink, where stretches
+/// of ink count as one when less than `gap` empty entries part them: the digit, without a speck or a
+/// shadow that lies apart from it.
+fn main_span(mass: &[f64], gap: usize) -> (usize, usize) {
+    let mut spans: Vec<(usize, usize, f64)> = vec![];
+    for (i, &m) in mass.iter().enumerate() {
+        if m == 0.0 {
+            continue;
+        }
+        match spans.last_mut() {
+            Some(last) if i - last.1 <= gap => {
+                last.1 = i;
+                last.2 += m;
+            }
+            _ => spans.push((i, i, m)),
+        }
+    }
+    spans
+        .into_iter()
+        .max_by(|a, b| a.2.total_cmp(&b.2))
+        .map_or((0, 0), |(a, b, _)| (a, b))
+}
+
 /// The grey image `g` as the model's side x side input (the steps in the module's documentation).
 /// A blank image (no contrast) is an error.
 pub fn prepare(g: &Gray, side: usize) -> Result<Prepared> {
@@ -128,17 +168,27 @@ pub fn prepare(g: &Gray, side: usize) -> Result<Prepared> {
     if w == 0 || h == 0 || g.pixels.len() != w * h {
         return Err(Error::msg(format!("a {w}x{h} image with {} pixels", g.pixels.len())));
     }
+    if g.pixels.iter().any(|p| !p.is_finite()) {
+        return Err(Error::msg("the image has pixels that are not numbers"));
+    }
     let border: Vec<f32> = (0..h)
         .flat_map(|y| (0..w).map(move |x| (x, y)))
         .filter(|&(x, y)| x == 0 || y == 0 || x == w - 1 || y == h - 1)
         .map(|(x, y)| g.pixels[y * w + x])
         .collect();
-    let inverted = median(border.clone()) > 0.5;
-    let ink: Vec<f32> = if inverted {
-        g.pixels.iter().map(|&p| 1.0 - p).collect()
-    } else {
-        g.pixels.clone()
-    };
+    let paper = median(border);
+    let inverted = paper > 0.5;
+    // the one working copy: ink bright on a dark background
+    let mut ink = g.pixels.clone();
+    if inverted {
+        ink.iter_mut().for_each(|p| *p = 1.0 - *p);
+    }
+    let bg = if inverted { 1.0 - paper } else { paper };
+    let top = quantile(&ink, 0.999).max(bg);
+    let blank = || Error::msg("no digit found: the image is blank (no contrast between background and ink)");
+    if top - bg < MIN_CONTRAST && ink.iter().copied().fold(f32::MIN, f32::max) - bg < MIN_CONTRAST {
+        return Err(blank());
+    }
     if w == side && h == side {
         return Ok(Prepared {
             pixels: ink,
@@ -146,36 +196,51 @@ pub fn prepare(g: &Gray, side: usize) -> Result<Prepared> {
             as_is: true,
         });
     }
-    let bg = if inverted { 1.0 - median(border) } else { median(border) };
-    let top = ink.iter().copied().fold(f32::MIN, f32::max);
-    if top - bg < MIN_CONTRAST {
-        return Err(Error::msg(
-            "no digit found: the image is blank (no contrast between background and ink)",
-        ));
-    }
-    let norm: Vec<f32> = ink.iter().map(|&p| ((p - bg) / (top - bg)).clamp(0.0, 1.0)).collect();
-    // bounding box of the ink
-    let (mut x0, mut y0, mut x1, mut y1) = (w, h, 0, 0);
+    // a digit thinner than 0.1% of the image: its own brightest pixels set the level
+    let top = if top - bg < MIN_CONTRAST {
+        ink.iter().copied().fold(f32::MIN, f32::max)
+    } else {
+        top
+    };
+    ink.iter_mut()
+        .for_each(|p| *p = ((*p - bg) / (top - bg)).clamp(0.0, 1.0));
+    // the box: by rows and by columns, the span with most of the ink (parts apart by a tenth of the
+    // image or more are something else)
+    let (mut rows, mut cols) = (vec![0f64; h], vec![0f64; w]);
     for y in 0..h {
         for x in 0..w {
-            if norm[y * w + x] > INK {
-                (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
+            let p = ink[y * w + x];
+            if p > INK {
+                rows[y] += p as f64;
+                cols[x] += p as f64;
             }
         }
     }
+    if rows.iter().all(|&m| m == 0.0) {
+        return Err(blank());
+    }
+    let gap = (w.max(h) / 10).max(2);
+    let (y0, y1) = main_span(&rows, gap);
+    let (x0, x1) = main_span(&cols, gap);
     let (bw, bh) = (x1 + 1 - x0, y1 + 1 - y0);
     let crop: ImageBuffer<Luma<f32>, Vec<f32>> = ImageBuffer::from_fn(bw as u32, bh as u32, |x, y| {
-        Luma([norm[(y0 + y as usize) * w + x0 + x as usize]])
+        Luma([ink[(y0 + y as usize) * w + x0 + x as usize]])
     });
-    // the box's longer side becomes 20/28 of the canvas
-    let fit = ((side * 20) as f64 / 28.0).round().max(1.0) as usize;
+    drop(ink);
+    // MNIST's digits fit a 20x20 box; a model for smaller images gets a proportionally smaller one
+    let fit = 20.min(((side * 20) as f64 / 28.0).round().max(1.0) as usize);
     let scale = fit as f64 / bw.max(bh) as f64;
     let (sw, sh) = (
         ((bw as f64 * scale).round() as usize).clamp(1, fit),
         ((bh as f64 * scale).round() as usize).clamp(1, fit),
     );
     let small = image::imageops::resize(&crop, sw as u32, sh as u32, image::imageops::FilterType::Triangle);
-    let small: Vec<f32> = small.into_raw().into_iter().map(|p| p.clamp(0.0, 1.0)).collect();
+    let mut small: Vec<f32> = small.into_raw().into_iter().map(|p| p.clamp(0.0, 1.0)).collect();
+    // thin strokes averaged down come out faint: MNIST's strokes reach full ink
+    let peak = small.iter().copied().fold(0f32, f32::max);
+    if peak > 0.0 {
+        small.iter_mut().for_each(|p| *p /= peak);
+    }
     // centre of mass (pixel centres at +0.5) onto the canvas centre
     let mass: f64 = small.iter().map(|&p| p as f64).sum();
     let (mut cx, mut cy) = (sw as f64 / 2.0, sh as f64 / 2.0);
@@ -285,6 +350,63 @@ mod tests {
         assert!(prepare(&blank, 28).unwrap_err().to_string().contains("blank"));
         let one = gray(1, 1, |_, _| 0.3);
         assert!(prepare(&one, 28).is_err());
+    }
+
+    #[test]
+    fn a_speck_far_away_does_not_stretch_the_box_and_a_36_canvas_gets_mnists_20_px() {
+        // the bar of the test above, plus a bright speck in the far corner and a faint shadow edge
+        let g = gray(100, 80, |x, y| match (x, y) {
+            (95, 75) => 0.0,
+            (5..15, 3..43) => 0.1,
+            (60.., 70..) => 0.85,
+            _ => 0.95,
+        });
+        let p = prepare(&g, 28).unwrap();
+        let on: Vec<usize> = (0..28 * 28).filter(|&i| p.pixels[i] > 0.5).collect();
+        let rows: std::collections::BTreeSet<usize> = on.iter().map(|i| i / 28).collect();
+        let cols: std::collections::BTreeSet<usize> = on.iter().map(|i| i % 28).collect();
+        assert_eq!((rows.len(), cols.len()), (20, 5), "rows {rows:?} cols {cols:?}");
+        // a MultiMNIST model (36x36) sees digits of MNIST's size, not scaled up to 26 px
+        let p = prepare(&g, 36).unwrap();
+        let rows: std::collections::BTreeSet<usize> =
+            (0..36 * 36).filter(|&i| p.pixels[i] > 0.5).map(|i| i / 36).collect();
+        assert_eq!(rows.len(), 20);
+    }
+
+    #[test]
+    fn blank_and_broken_pixels_are_errors_at_any_size() {
+        let blank = gray(28, 28, |_, _| 0.0);
+        assert!(prepare(&blank, 28).unwrap_err().to_string().contains("blank"));
+        let mut nan = gray(40, 40, |x, _| x as f32 / 40.0);
+        nan.pixels[5] = f32::NAN;
+        assert!(prepare(&nan, 28).unwrap_err().to_string().contains("not numbers"));
+    }
+
+    /// A JPEG whose EXIF orientation is 6 (stored turned 90° anticlockwise, shown turned clockwise)
+    /// is read as it is shown.
+    #[test]
+    fn a_photos_exif_orientation_is_applied() {
+        let img = image::GrayImage::from_fn(40, 20, |x, _| image::Luma([if x < 10 { 0 } else { 255 }]));
+        let mut jpeg = vec![];
+        img.write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+            .unwrap();
+        // APP1 "Exif": a little-endian TIFF header and one IFD entry, Orientation (0x0112) = 6
+        let mut tiff = b"II*\0\x08\0\0\0".to_vec();
+        tiff.extend([1, 0, 0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0]);
+        let mut app1 = b"Exif\0\0".to_vec();
+        app1.extend(&tiff);
+        let mut seg = vec![0xFF, 0xE1];
+        seg.extend(((app1.len() + 2) as u16).to_be_bytes());
+        seg.extend(&app1);
+        let with_exif = [&jpeg[..2], &seg[..], &jpeg[2..]].concat();
+        let path = std::env::temp_dir().join(format!("capsnet-exif-{}.jpg", std::process::id()));
+        std::fs::write(&path, &with_exif).unwrap();
+        let g = load_gray(&path);
+        let _ = std::fs::remove_file(&path);
+        let g = g.unwrap();
+        assert_eq!((g.width, g.height), (20, 40), "turned upright");
+        // the dark band was on the left; turned clockwise it is at the top
+        assert!(g.pixels[..20].iter().all(|&p| p < 0.2) && g.pixels[39 * 20..].iter().all(|&p| p > 0.8));
     }
 
     #[test]

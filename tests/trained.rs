@@ -302,17 +302,22 @@ fn predict_text_output_threshold_and_saved_inputs() {
         "--save-input",
         out.to_str().unwrap(),
     ];
-    let names: Vec<&str> = files.iter().map(|f| f.to_str().unwrap()).collect();
+    // a file whose own name is what the second "d" became: it must not overwrite that one's files
+    let taken = dir.join("in/c/d-2.png");
+    std::fs::create_dir_all(taken.parent().unwrap()).unwrap();
+    render(&digit(&split, 2), Variant::Big).save(&taken).unwrap();
+    let mut names: Vec<&str> = files.iter().map(|f| f.to_str().unwrap()).collect();
+    names.push(taken.to_str().unwrap());
     args.extend(&names);
     let o = capsnet(&args, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
     assert_eq!(
         text.lines().filter(|l| l.starts_with("  lengths 0:")).count(),
-        3,
+        4,
         "{text}"
     );
-    for n in ["d", "d-2", "d-3"] {
+    for n in ["d", "d-2", "d-3", "d-2-2"] {
         for what in ["input", "recon"] {
             let f = out.join(format!("{n}.{what}.png"));
             assert_eq!(image::image_dimensions(&f).unwrap(), (28, 28), "{}", f.display());

@@ -59,7 +59,7 @@ pub const DENSE_BWD_INPUT: Kernel = DENSE_BWD_INPUT_V1;
 pub const DENSE_BWD_WEIGHT: Kernel = DENSE_BWD_WEIGHT_V1;
 pub const ADAM_STEP: Kernel = ADAM_STEP_V1;
 /// Routing: v1 (all state in shared memory) where it fits the device, else v2 (state in global
-/// memory, any number of input capsules); see CudaBackend::routing_version.
+/// memory, any number of input capsules); see CudaBackend::routing_kernel.
 pub const ROUTING_FWD: Kernel = ROUTING_FWD_V1;
 pub const ROUTING_BWD: Kernel = ROUTING_BWD_V1;
 
