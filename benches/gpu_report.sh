@@ -3,7 +3,8 @@
 # and a summary written into OUT. Run on the GPU machine from the project root, with .gpu/ packed by
 # ../shared/gpu/pack beside it:
 #
-#   bash benches/gpu_report.sh OUT [PHASE...]      phases: tests sanitize info bench train (default: all)
+#   bash benches/gpu_report.sh OUT [PHASE...]
+#        phases: tests sanitize info bench train paper multimnist (default: the first five)
 #
 #   tests     every test executable with CAPSNET_REQUIRE_GPU=1 (a GPU test that cannot find the GPU fails)
 #   sanitize  compute-sanitizer memcheck, then racecheck, over the CUDA tests
@@ -12,12 +13,15 @@
 #             same batch sizes (fp32, and its fastest: bf16-autocast with torch.compile), same machine
 #   train     the notebook's configuration, then its test accuracy (REPORT_EPOCHS, default 10; the
 #             phase stops at 9 minutes, and the run resumes where it stopped on the next call)
+#   paper     the same for --preset paper on MNIST (REPORT_PAPER_EPOCHS, default 30)
+#   multimnist  the same for --preset paper on MultiMNIST (REPORT_MULTI_EPOCHS, default 10), its
+#             error rate and per-digit accuracy on the test pairs
 #
 # Three device-tool calls cover it: "tests sanitize info", "bench", "train". OUT/summary.txt gets one
 # line per phase (exit status, seconds) and the figures worth copying into docs/BENCHMARKS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash benches/gpu_report.sh OUT [tests|sanitize|info|bench|train ...]}
+out=${1:?usage: bash benches/gpu_report.sh OUT [tests|sanitize|info|bench|train|paper|multimnist ...]}
 shift
 phases=("$@")
 [ ${#phases[@]} -eq 0 ] && phases=(tests sanitize info bench train)
@@ -37,7 +41,7 @@ note() { echo "$*" | tee -a "$summary"; }
 phase() {
   local name=$1
   local t0=$SECONDS
-  timeout --kill-after=10 "$limit" bash -c "set -uo pipefail; $(declare -f "$name"); $name" > "$out/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" bash -c "set -uo pipefail; $(declare -f run_to "$name"); $name" > "$out/$name.log" 2>&1
   local rc=$?
   note "$name: rc $rc, $((SECONDS - t0)) s$([ $rc -eq 124 ] && echo ' (stopped at the time limit)')"
   return 0
@@ -82,15 +86,21 @@ bench() {
 
 info() { .gpu/bin/capsnet info; }
 
-train() {
-  local dir="$out/run" epochs=${REPORT_EPOCHS:-10} resume=()
+# run_to DIR FLAGS...: train into OUT/DIR (resuming a run left there), stopped in time for the
+# evaluation of its best checkpoint within the phase
+run_to() {
+  local dir="$out/$1" resume=()
+  shift
   [ -f "$dir/last.safetensors" ] && resume=(--resume)
-  # stop the training in time for the evaluation within the phase
-  timeout --kill-after=10 $((limit - 60)) .gpu/bin/capsnet train --device cuda --epochs "$epochs" \
-    --checkpoint-dir "$dir" "${resume[@]}"
+  timeout --kill-after=10 $((limit - 60)) .gpu/bin/capsnet train --device cuda --checkpoint-dir "$dir" \
+    "$@" "${resume[@]}"
   echo "=== eval (best.safetensors, test set)"
   .gpu/bin/capsnet eval --device cuda --checkpoint "$dir/best.safetensors"
 }
+
+train() { run_to run --epochs "${REPORT_EPOCHS:-10}"; }
+paper() { run_to paper --preset paper --epochs "${REPORT_PAPER_EPOCHS:-30}"; }
+multimnist() { run_to multimnist --dataset multimnist --preset paper --epochs "${REPORT_MULTI_EPOCHS:-10}"; }
 
 for p in "${phases[@]}"; do
   case "$p" in
@@ -98,9 +108,9 @@ for p in "${phases[@]}"; do
     bench)
       phase bench
       grep -E "^batch |images/s|\"images_per_s\"" "$out/bench.log" | sed 's/^/  /' | tee -a "$summary" ;;
-    train)
-      phase train
-      grep -E "^epoch|test accuracy" "$out/train.log" | tail -4 | sed 's/^/  /' | tee -a "$summary" ;;
-    *) echo "unknown phase $p (tests sanitize info bench train)" >&2; exit 2 ;;
+    train | paper | multimnist)
+      phase "$p"
+      grep -E "^epoch|test accuracy|per-digit" "$out/$p.log" | tail -4 | sed 's/^/  /' | tee -a "$summary" ;;
+    *) echo "unknown phase $p (tests sanitize info bench train paper multimnist)" >&2; exit 2 ;;
   esac
 done
