@@ -117,6 +117,13 @@ struct InfoArgs {
     /// Report on the emulated device instead of GPU 0.
     #[arg(long)]
     emulated: bool,
+    /// The static kernel report instead, no GPU needed: every kernel's registers, spills, stack,
+    /// shared memory and theoretical occupancy, from ptxas's own report through NVRTC.
+    #[arg(long)]
+    kernels: bool,
+    /// The architecture of --kernels (occupancy is computed for sm_80 and sm_90).
+    #[arg(long, default_value = "sm_90")]
+    arch: String,
 }
 
 #[derive(Args)]
@@ -457,7 +464,46 @@ impl TestSetArgs {
     }
 }
 
+fn kernel_report(arch: &str) -> Result<()> {
+    let report = cuda::report::kernel_report(arch).map_err(|e| Error::msg(format!("info --kernels: {e}")))?;
+    let (major, minor) = cuda::nvrtc_version()?;
+    println!(
+        "kernels compiled for {arch} by NVRTC {major}.{minor}; ptxas's figures, occupancy at the launch block size"
+    );
+    println!(
+        "{:<22} {:<15} {:>7} {:>5} {:>12} {:>6} {:>7} {:>8}  occupancy",
+        "kernel", "file", "threads", "regs", "spill st/ld", "stack", "smem", "dyn smem"
+    );
+    for k in &report {
+        let occ = match k.occupancy {
+            Some(o) => format!(
+                "{:>3.0}% ({} blocks, by {})",
+                100.0 * o.fraction,
+                o.blocks,
+                o.limited_by
+            ),
+            None => "- (limits of this architecture not known)".into(),
+        };
+        println!(
+            "{:<22} {:<15} {:>7} {:>5} {:>12} {:>6} {:>7} {:>8}  {occ}",
+            k.kernel.name,
+            k.kernel.file,
+            k.kernel.threads,
+            k.registers,
+            format!("{}/{}", k.spill_stores, k.spill_loads),
+            k.stack,
+            k.static_smem,
+            k.dynamic_smem
+        );
+    }
+    println!("dyn smem: at the default model's shapes (routing); spills in bytes");
+    Ok(())
+}
+
 fn info(a: InfoArgs) -> Result<()> {
+    if a.kernels {
+        return kernel_report(&a.arch);
+    }
     println!("capsnet {}", env!("CARGO_PKG_VERSION"));
     if a.emulated {
         cuda::emulator::load(cuda::emulator::Variant::Plain)?;

@@ -96,3 +96,44 @@ fn a_compile_error_names_the_file_and_shows_the_log() {
     let e = compile::compile_file("no_such.cu", "sm_90").unwrap_err().to_string();
     assert!(e.contains("kernels/no_such.cu"), "{e}");
 }
+
+/// The static kernel report (ptxas's own figures, through NVRTC): every kernel of the registry is in
+/// it for sm_90, no kernel of the training step spills, and the occupancy follows from its figures.
+#[test]
+fn the_kernel_report_covers_every_kernel_and_no_hot_kernel_spills() {
+    use capsnet::cuda::report::{is_hot, kernel_report};
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let report = kernel_report("sm_90").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.len(), registry::ALL.len());
+    let mut spilling = vec![];
+    for k in &report {
+        assert!(k.registers > 0, "{}: no registers reported", k.kernel.name);
+        let o = k.occupancy.expect("sm_90's limits are known");
+        assert!(
+            o.blocks >= 1 && o.fraction > 0.0 && o.fraction <= 1.0,
+            "{}: {o:?}",
+            k.kernel.name
+        );
+        if is_hot(k.kernel) && (k.spill_stores > 0 || k.spill_loads > 0) {
+            spilling.push(format!(
+                "{} ({} B stores, {} B loads)",
+                k.kernel.name, k.spill_stores, k.spill_loads
+            ));
+        }
+    }
+    assert!(spilling.is_empty(), "hot kernels spill on sm_90: {spilling:?}");
+    // routing v1 holds 2·I·J floats per image: at the default model 93,440 bytes, 2 blocks per SM
+    let r = report.iter().find(|k| k.kernel == registry::ROUTING_FWD_V1).unwrap();
+    assert_eq!(r.dynamic_smem, 93_440);
+    assert_eq!(r.occupancy.unwrap().limited_by, "shared memory");
+    // a target whose limits are unknown still gets ptxas's figures; a virtual one is refused
+    assert!(kernel_report("sm_86").unwrap().iter().all(|k| k.occupancy.is_none()));
+    assert!(
+        kernel_report("compute_90")
+            .unwrap_err()
+            .to_string()
+            .contains("real architecture")
+    );
+}

@@ -101,10 +101,10 @@ fn de(op: &str) -> impl Fn(DriverError) -> Error + '_ {
 
 /// Blocks of 256 threads covering n elements in a grid-stride loop.
 fn flat(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(256).clamp(1, 1 << 16) as u32;
+    let blocks = n.div_ceil(reg::FLAT_THREADS as usize).clamp(1, 1 << 16) as u32;
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (reg::FLAT_THREADS, 1, 1),
         shared_mem_bytes: 0,
     }
 }
@@ -914,8 +914,12 @@ impl Backend for CudaBackend {
             bc2: (1.0 - hp.beta2.powf(hp.step as f64)) as f32,
         };
         let cfg = LaunchConfig {
-            grid_dim: (longest.div_ceil(256).clamp(1, 1024) as u32, table.len() as u32, 1),
-            block_dim: (256, 1, 1),
+            grid_dim: (
+                longest.div_ceil(reg::FLAT_THREADS as usize).clamp(1, 1024) as u32,
+                table.len() as u32,
+                1,
+            ),
+            block_dim: (reg::FLAT_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: adam_step_v1(const AdamTensor* table, AdamParams): blockIdx.y < table.len() picks a row;

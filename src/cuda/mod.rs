@@ -10,6 +10,7 @@ pub mod compile;
 pub mod emulator;
 pub mod params;
 pub mod registry;
+pub mod report;
 
 use std::sync::Arc;
 
