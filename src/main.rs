@@ -914,7 +914,26 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// `capsnet eval | head` closes stdout early: println! then panics on the broken pipe. End quietly
+/// instead, with the status a shell gives a command killed by SIGPIPE (128 + 13), as Unix tools do.
+fn quiet_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_broken_pipe();
     match run(Cli::parse()) {
         // an interrupted training run saved its state and said how to continue
         Ok(()) if train::interrupted() => ExitCode::from(130),

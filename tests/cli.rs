@@ -958,3 +958,18 @@ fn a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint() {
         "the last checkpoint must stay as it was"
     );
 }
+
+/// `capsnet ... | head` closes the pipe early: the command ends quietly (the status of a SIGPIPE,
+/// 141, or 0 if it had written everything), never with a panic.
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let mut c = common::capsnet_command(&["info"]);
+    c.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    drop(child.stdout.take()); // the reader goes away before the first line
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+    assert!(matches!(o.status.code(), Some(141) | Some(0)), "{:?}: {err}", o.status);
+}
