@@ -38,7 +38,7 @@ fn device<B: Backend>(xs: &[f32]) -> Vec<B::E> {
 }
 
 /// Runs `f` with the tape not recording, and leaves the tape empty and recording again.
-fn untaped<B: Backend, T>(tape: &mut Tape<B>, f: impl FnOnce(&mut Tape<B>) -> Result<T>) -> Result<T> {
+pub(crate) fn untaped<B: Backend, T>(tape: &mut Tape<B>, f: impl FnOnce(&mut Tape<B>) -> Result<T>) -> Result<T> {
     tape.set_recording(false);
     let out = f(tape);
     tape.set_recording(true);

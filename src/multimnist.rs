@@ -10,7 +10,7 @@
 //!   so 1,000 epochs see each of the paper's examples once.
 //! - The validation examples pair the 5,000 held-out training digits among themselves.
 
-use crate::data::{MNIST_PIXELS, MNIST_SIDE, Split};
+use crate::data::{MNIST_PIXELS, MNIST_SIDE, Split, mix};
 use crate::{Error, Result};
 
 /// The canvas side.
@@ -42,13 +42,6 @@ pub struct MultiMnist<'a> {
     seed: u64,
     /// The indices of each class's digits, for drawing a partner of another class.
     by_class: Vec<Vec<usize>>,
-}
-
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 /// A 28x28 digit placed on the canvas with its top-left corner at (4 + dx, 4 + dy).

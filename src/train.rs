@@ -240,8 +240,7 @@ pub fn evaluate<B: Backend>(
     let mut digits_found = 0;
     let (mut predictions, mut labels) = (vec![], vec![]);
     let mut bar = Progress::new(label.to_string(), examples.len(), 0);
-    tape.set_recording(false);
-    let out = (|| {
+    crate::infer::untaped(tape, |tape| {
         for chunk in examples.chunks(batch_size.max(1)) {
             tape.reset();
             let b = src.batch::<B::E>(chunk);
@@ -265,10 +264,7 @@ pub fn evaluate<B: Backend>(
             bar.update(r.images, &r);
         }
         Ok(())
-    })();
-    tape.set_recording(true);
-    tape.reset();
-    out?;
+    })?;
     Ok(EvalReport {
         loss: mean(&r, r.loss),
         margin: mean(&r, r.margin),

@@ -295,6 +295,40 @@ fn add_gradients_with_fan_out() {
     check("add(a, a)", inputs, &|t, v| ops::add(t, v[0], v[0]));
 }
 
+/// Every parameter tensor's gradient `grads` against central differences of `loss` at `params`, at
+/// every `step`-th of the indices sampled with seed `seed + k` for tensor k: the mismatches and how
+/// many entries were checked.
+fn param_gradients_match(
+    cfg: &Config,
+    params: &[Vec<f64>],
+    grads: &[Vec<f64>],
+    loss: &dyn Fn(&[Vec<f64>]) -> f64,
+    seed: u64,
+    step: usize,
+) -> (Vec<Mismatch>, usize) {
+    let (mut bad, mut checked) = (vec![], 0);
+    for (k, spec) in cfg.param_specs().iter().enumerate() {
+        let idx: Vec<usize> = sample_indices(params[k].len(), seed + k as u64)
+            .into_iter()
+            .step_by(step)
+            .collect();
+        let numeric: Vec<f64> = idx
+            .iter()
+            .map(|&i| {
+                let at = |delta: f64| {
+                    let mut p = params.to_vec();
+                    p[k][i] += delta;
+                    loss(&p)
+                };
+                (at(H) - at(-H)) / (2.0 * H)
+            })
+            .collect();
+        checked += idx.len();
+        bad.extend(compare(spec.name, &idx, &grads[k], &numeric));
+    }
+    (bad, checked)
+}
+
 fn tiny_config(rounds: usize) -> Config {
     Config {
         conv1_channels: 2,
@@ -333,29 +367,9 @@ fn check_model_at(cfg: Config, mask_with_labels: bool) {
     let params = init_params(&cfg, 5);
     let (loss, grads) = loss_at(&params, true);
     assert!(loss.is_finite() && loss > 0.0);
-    let mut bad = vec![];
-    let mut checked = 0;
-    for (k, spec) in cfg.param_specs().iter().enumerate() {
-        let idx = sample_indices(params[k].len(), 100 + k as u64);
-        let idx: Vec<usize> = idx.into_iter().step_by(5).collect(); // ~30 per tensor keeps it quick
-        let numeric: Vec<f64> = idx
-            .iter()
-            .map(|&i| {
-                let at = |delta: f64| {
-                    let mut p = params.clone();
-                    p[k][i] += delta;
-                    loss_at(&p, false).0
-                };
-                (at(H) - at(-H)) / (2.0 * H)
-            })
-            .collect();
-        checked += idx.len();
-        bad.extend(compare(spec.name, &idx, &grads[k], &numeric));
-        assert!(
-            grads[k].iter().any(|&g| g != 0.0),
-            "{}: no gradient reached it",
-            spec.name
-        );
+    let (bad, checked) = param_gradients_match(&cfg, &params, &grads, &|p| loss_at(p, false).0, 100, 5);
+    for (spec, g) in cfg.param_specs().iter().zip(&grads) {
+        assert!(g.iter().any(|&g| g != 0.0), "{}: no gradient reached it", spec.name);
     }
     report(
         &format!(
@@ -445,26 +459,6 @@ fn whole_loss_gradients_with_two_digits_per_image() {
         loss > t.value(one.loss).buf[0],
         "two digits' loss {loss} not above one's"
     );
-    let mut bad = vec![];
-    let mut checked = 0;
-    for (k, spec) in cfg.param_specs().iter().enumerate() {
-        let idx: Vec<usize> = sample_indices(params[k].len(), 200 + k as u64)
-            .into_iter()
-            .step_by(6)
-            .collect();
-        let numeric: Vec<f64> = idx
-            .iter()
-            .map(|&i| {
-                let at = |delta: f64| {
-                    let mut p = params.clone();
-                    p[k][i] += delta;
-                    loss_at(&p, false).0
-                };
-                (at(H) - at(-H)) / (2.0 * H)
-            })
-            .collect();
-        checked += idx.len();
-        bad.extend(compare(spec.name, &idx, &grads[k], &numeric));
-    }
+    let (bad, checked) = param_gradients_match(&cfg, &params, &grads, &|p| loss_at(p, false).0, 200, 6);
     report("whole loss, two digits per image", &bad, checked);
 }

@@ -419,6 +419,14 @@ pub fn curves(points: &[EpochPoint]) -> Result<Sheet> {
     Ok(s)
 }
 
+/// curves.png's sheet: the curves, or a note that the run recorded no epochs.
+fn curves_or_note(history: &[EpochPoint]) -> Result<Sheet> {
+    match history.is_empty() {
+        false => curves(history),
+        true => note("no epochs recorded: no metrics.jsonl beside the checkpoint, no history in it"),
+    }
+}
+
 /// What [`write_all`] draws.
 #[derive(Clone, Debug)]
 pub struct FigureOptions {
@@ -519,13 +527,8 @@ pub fn write_all<B: Backend>(
         None => save("errors.png", &note(&none)?)?,
     }
     save("confusion.png", &confusion(&report.confusion)?)?;
-    match history.is_empty() {
-        false => save("curves.png", &curves(history)?)?,
-        true => save(
-            "curves.png",
-            &note("no epochs recorded: no metrics.jsonl beside the checkpoint, no history in it")?,
-        )?,
-    }
+    save("curves.png", &curves_or_note(history)?)?;
+
     Ok(written)
 }
 
@@ -620,10 +623,7 @@ pub fn write_multi<B: Backend>(
     sheet.save(&p)?;
     written.push(p);
     let p = out.join("curves.png");
-    match history.is_empty() {
-        false => curves(history)?.save(&p)?,
-        true => note("no epochs recorded: no metrics.jsonl beside the checkpoint, no history in it")?.save(&p)?,
-    }
+    curves_or_note(history)?.save(&p)?;
     written.push(p);
     Ok(written)
 }
