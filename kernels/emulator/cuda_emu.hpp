@@ -42,12 +42,25 @@ struct BlockCoords {
 extern thread_local const uint3* tls_tid;
 extern thread_local BlockCoords tls_block;
 
-enum Op : int { OP_SYNCWARP, OP_SHFL_IDX, OP_SHFL_UP, OP_SHFL_DOWN, OP_SHFL_XOR, OP_BALLOT, OP_ANY, OP_ALL };
+enum Op : int { OP_SYNCWARP, OP_SHFL_IDX, OP_SHFL_UP, OP_SHFL_DOWN, OP_SHFL_XOR, OP_BALLOT, OP_ANY, OP_ALL, OP_GATHER };
 
 void barrier(const char* file, int line);
 // A warp collective of the lanes in `mask`: every one posts (op, value, arg, width) and waits until all
 // have; returns this lane's result (the value read, or the vote).
 uint64_t collective(Op op, unsigned mask, uint64_t value, int arg, int width, const char* file, int line);
+
+// OP_GATHER, for the emulated bodies of warp-wide instructions (mma.sync, ldmatrix in kernels/mma.cuh):
+// every lane of the full warp posts a value (a pointer to its operands); returns the warp's 32 values,
+// valid until the warp's next collective. A lane's operands on its stack stay valid only until it
+// returns, so a body that reads other lanes' stacks ends with __syncwarp().
+inline const uint64_t* gather(uint64_t value, const char* file, int line) {
+    return reinterpret_cast<const uint64_t*>(collective(OP_GATHER, 0xffffffffu, value, 0, 32, file, line));
+}
+// The calling thread's lane: its linear index in the block, modulo 32 (warps are consecutive threads).
+inline unsigned lane_id() {
+    const uint3& t = *tls_tid;
+    return (t.x + tls_block.dim.x * (t.y + tls_block.dim.y * t.z)) % 32;
+}
 
 template <class T>
 inline uint64_t to_bits(T v) {
@@ -100,6 +113,7 @@ struct Registrar {
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
 #define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static thread_local
 #define DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(::emu::tls_block.dyn_smem)
 

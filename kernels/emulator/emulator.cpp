@@ -182,6 +182,8 @@ struct Block {
     std::string error;
     unsigned barrier_gen = 0;
     std::vector<unsigned> warp_gen;
+    // OP_GATHER's results: the 32 values each warp's lanes posted, per warp
+    std::vector<uint64_t> warp_table;
     // release/acquire tokens for ThreadSanitizer, alternating per generation
     char barrier_token[2] = {0, 0};
     std::vector<char> warp_token;
@@ -323,6 +325,10 @@ bool complete_collectives(Block& b) {
                     return false;
                 }
                 g.result = b.fibers[base + src].value;
+            } else if (g.op == OP_GATHER) {
+                uint64_t* table = &b.warp_table[warp * 32];
+                table[l] = g.value;
+                g.result = (uint64_t)(uintptr_t)table;
             } else if (g.op == OP_BALLOT || g.op == OP_ANY || g.op == OP_ALL) {
                 unsigned votes = 0;
                 for (unsigned k = 0; k < 32; ++k)
@@ -376,6 +382,7 @@ std::string run_block(const char* name, void (*run)(void**), void** params, uint
     const unsigned n = bdim.x * bdim.y * bdim.z;
     b.fibers.resize(n);
     b.warp_gen.assign((n + 31) / 32, 0);
+    b.warp_table.assign((n + 31) / 32 * 32, 0);
     b.warp_token.assign((n + 31) / 32 * 2, 0);
     unsigned char* smem = (unsigned char*)malloc(dyn_bytes + REDZONE);
     if (smem == nullptr && dyn_bytes + REDZONE > 0) return "cannot allocate the block's dynamic shared memory";
