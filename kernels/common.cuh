@@ -6,7 +6,8 @@
 #pragma once
 
 #if !defined(GEMM_BM) || !defined(GEMM_BN) || !defined(GEMM_BK) || !defined(GEMM_THREADS) || !defined(BIAS_BWD_THREADS) || !defined(SQ_ERR_FWD_THREADS) || \
-    !defined(MARGIN_LOSS_FWD_THREADS) || !defined(ROUTING_THREADS)
+    !defined(MARGIN_LOSS_FWD_THREADS) || !defined(ROUTING_THREADS) || !defined(FLAT_THREADS) || \
+    !defined(MMA_BM) || !defined(MMA_BN) || !defined(MMA_BK) || !defined(MMA_THREADS)
 #error "compile with the -D definitions of src/cuda/registry.rs (DEFINES)"
 #endif
 

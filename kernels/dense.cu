@@ -8,6 +8,7 @@
 // Shapes: the decoder, 160→512 ReLU, 512→1024 ReLU, 1024→784 sigmoid. Version 1: gemm_tile_v1.
 #include "common.cuh"
 #include "gemm.cuh"
+#include "gemm_mma.cuh"
 
 struct Mat {  // element (i, j) with strides (rs, cs): row-major or a transposed view
     const float* a;
@@ -32,4 +33,51 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
 dense_bwd_weight_v1(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw, DenseParams p) {
     auto store = [=](int m, int n, float acc) { dw[(size_t)m * p.out + n] += acc; };
     gemm_tile_v1(p.in, p.out, p.rows, Mat{x, 1, p.in}, Mat{dz, p.out, 1}, store);
+}
+
+// ---- tensor-core versions (gemm_mma.cuh): tf32 and bf16 inputs, fp32 sums ------------------------------
+
+template <bool BF16>
+__device__ void dense_fwd_mma(const float* x, const float* w, const float* bias, float* y, DenseParams p, int act) {
+    auto store = [=](int m, int n, float acc) { y[(size_t)m * p.out + n] = act_fwd(act, acc + bias[n]); };
+    gemm_tile_mma<BF16>(p.rows, p.out, p.in, StridedOp{x, p.in, 1}, StridedOp{w, p.out, 1}, store);
+}
+
+template <bool BF16>
+__device__ void dense_bwd_input_mma(const float* dz, const float* w, float* dx, DenseParams p) {
+    auto store = [=](int m, int n, float acc) { dx[(size_t)m * p.in + n] += acc; };
+    gemm_tile_mma<BF16>(p.rows, p.in, p.out, StridedOp{dz, p.out, 1}, StridedOp{w, 1, p.out}, store);
+}
+
+template <bool BF16>
+__device__ void dense_bwd_weight_mma(const float* x, const float* dz, float* dw, DenseParams p) {
+    auto store = [=](int m, int n, float acc) { dw[(size_t)m * p.out + n] += acc; };
+    gemm_tile_mma<BF16>(p.in, p.out, p.rows, StridedOp{x, 1, p.in}, StridedOp{dz, p.out, 1}, store);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+dense_fwd_tf32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
+               float* __restrict__ y, DenseParams p, int act) {
+    dense_fwd_mma<false>(x, w, bias, y, p, act);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+dense_fwd_bf16(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
+               float* __restrict__ y, DenseParams p, int act) {
+    dense_fwd_mma<true>(x, w, bias, y, p, act);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+dense_bwd_input_tf32(const float* __restrict__ dz, const float* __restrict__ w, float* __restrict__ dx, DenseParams p) {
+    dense_bwd_input_mma<false>(dz, w, dx, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+dense_bwd_input_bf16(const float* __restrict__ dz, const float* __restrict__ w, float* __restrict__ dx, DenseParams p) {
+    dense_bwd_input_mma<true>(dz, w, dx, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+dense_bwd_weight_tf32(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw, DenseParams p) {
+    dense_bwd_weight_mma<false>(x, dz, dw, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+dense_bwd_weight_bf16(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw, DenseParams p) {
+    dense_bwd_weight_mma<true>(x, dz, dw, p);
 }

@@ -41,3 +41,83 @@ impl Float for f64 {
         Some(s)
     }
 }
+
+/// What a GEMM multiplies in: fp32 is exact single precision on CUDA cores; tf32 and bf16 round the
+/// GEMM's inputs (to 10 and 7 mantissa bits) and sum in fp32 on tensor cores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Precision {
+    Fp32,
+    Tf32,
+    Bf16,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 3] = [Precision::Fp32, Precision::Tf32, Precision::Bf16];
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Tf32 => "tf32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Precision> {
+        Self::ALL.into_iter().find(|p| p.name() == s)
+    }
+    /// Mantissa bits kept of each GEMM input.
+    pub fn mantissa_bits(self) -> u32 {
+        match self {
+            Precision::Fp32 => 23,
+            Precision::Tf32 => 10,
+            Precision::Bf16 => 7,
+        }
+    }
+    /// `x` as the tensor cores see it: tf32 rounds to nearest with ties away from zero (PTX's
+    /// cvt.rna.tf32.f32), bf16 to nearest with ties to even (cvt.rn.bf16x2.f32); infinities and NaN
+    /// stay as they are.
+    pub fn round(self, x: f32) -> f32 {
+        let b = x.to_bits();
+        if b & 0x7f80_0000 == 0x7f80_0000 {
+            return x;
+        }
+        f32::from_bits(match self {
+            Precision::Fp32 => b,
+            Precision::Tf32 => (b + 0x1000) & !0x1fff,
+            Precision::Bf16 => (b + 0x7fff + ((b >> 16) & 1)) & 0xffff_0000,
+        })
+    }
+}
+
+/// The bound on the error of one output of a GEMM whose inputs are rounded to `mantissa_bits` bits and
+/// whose K products are summed in f32, as a fraction of Σ_k |a_k|·|b_k|: each product of two rounded
+/// inputs is off by at most 2·2^-p + 2^-2p of itself (truncation as well as rounding; at p = 23 this is
+/// the f32 product's own rounding, which an f64 reference does not make), and an f32 sum of K terms by
+/// about √K·2^-24 of Σ|terms| (the probabilistic bound of Higham and Mary, with λ = 4).
+pub fn gemm_error_bound(mantissa_bits: u32, k: usize) -> f64 {
+    let p = mantissa_bits as f64;
+    2.0 * 2f64.powf(-p) + 2f64.powf(-2.0 * p) + 4.0 * (k as f64).sqrt() * 2f64.powi(-24)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Precision;
+
+    #[test]
+    fn rounding_keeps_the_precisions_bits_and_breaks_ties_as_ptx_does() {
+        let one_plus = |bits: u32| f32::from_bits(0x3f80_0000 | bits);
+        // tf32: 1 + 2^-11 is halfway between 1 and 1 + 2^-10: away from zero
+        assert_eq!(Precision::Tf32.round(one_plus(1 << 12)), one_plus(1 << 13));
+        assert_eq!(Precision::Tf32.round(-one_plus(1 << 12)), -one_plus(1 << 13));
+        assert_eq!(Precision::Tf32.round(one_plus((1 << 12) - 1)), 1.0);
+        // bf16: 1 + 2^-8 is halfway between 1 (even) and 1 + 2^-7: to even; 1 + 3·2^-8 up to 1 + 2^-6
+        assert_eq!(Precision::Bf16.round(one_plus(1 << 15)), 1.0);
+        assert_eq!(Precision::Bf16.round(one_plus(3 << 15)), one_plus(1 << 16));
+        assert_eq!(Precision::Fp32.round(0.1), 0.1);
+        assert!(Precision::Bf16.round(f32::NAN).is_nan());
+        for x in [0.1f32, -3.7, 1234.5678, 1e-20] {
+            assert_eq!(Precision::Tf32.round(x).to_bits() & 0x1fff, 0);
+            assert_eq!(Precision::Bf16.round(x).to_bits() & 0xffff, 0);
+            assert!(((Precision::Bf16.round(x) - x) / x).abs() <= 2f32.powi(-8));
+            assert!(((Precision::Tf32.round(x) - x) / x).abs() <= 2f32.powi(-11));
+        }
+    }
+}

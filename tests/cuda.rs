@@ -47,7 +47,7 @@ fn cuda_routing_matches_cpu_for_1_2_3_rounds() {
 #[test]
 fn cuda_routing_v2_matches_cpu_for_1_2_3_rounds() {
     let Some(g) = gpu() else { return };
-    g.set_routing_v2_always(true);
+    g.set_version("routing", "v2").unwrap();
     parity::routing_1_2_3_rounds(&g);
 }
 
@@ -77,7 +77,7 @@ fn cuda_routing_v2_equals_v1_bit_for_bit() {
     let uhat: Vec<f32> = rng.vec(cs.uhat_len(), -0.2, 0.2).iter().map(|&x| x as f32).collect();
     let dv: Vec<f32> = rng.vec(cs.v_len(), -1.0, 1.0).iter().map(|&x| x as f32).collect();
     let run = |v2: bool| -> Vec<f32> {
-        g.set_routing_v2_always(v2);
+        g.set_version("routing", if v2 { "v2" } else { "v1" }).unwrap();
         let u = g.upload(&uhat).unwrap();
         let mut v = g.zeros(cs.v_len()).unwrap();
         let mut saved = g.routing_saved(&cs, 3).unwrap();
@@ -91,7 +91,7 @@ fn cuda_routing_v2_equals_v1_bit_for_bit() {
             .collect()
     };
     let (a, b) = (run(false), run(true));
-    g.set_routing_v2_always(false);
+    g.set_kernels(Default::default());
     assert_eq!(a.len(), b.len());
     let differ = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
     assert_eq!(differ, 0, "{differ} of {} values differ between v1 and v2", a.len());
@@ -105,8 +105,66 @@ fn cuda_training_step_matches_cpu_and_is_deterministic() {
     parity::training_steps_match_reference(|| gpu().expect("the device opened above"));
 }
 
+/// Whole training steps with every GEMM in tf32, then in bf16, against the reference that rounds the
+/// same GEMM inputs the same way: gradients and losses within the fp32 tolerances, and the losses
+/// repeated bit for bit.
+#[test]
+fn cuda_training_steps_in_tf32_and_bf16_match_the_rounded_reference() {
+    use capsnet::cuda::registry::{KernelSet, Precision};
+    if gpu().is_none() {
+        return;
+    }
+    for p in [Precision::Tf32, Precision::Bf16] {
+        parity::training_steps_match_rounded_reference(
+            || {
+                let g = gpu().expect("the device opened above");
+                g.set_kernels(KernelSet::for_precision(p));
+                g
+            },
+            p,
+        );
+    }
+}
+
 #[test]
 fn cuda_steps_after_the_first_allocate_nothing() {
     let Some(g) = gpu() else { return };
     parity::steps_after_the_first_allocate_nothing(g, CudaBackend::fresh_allocations);
+}
+
+/// Launches of kernel `name` so far on the emulated device (which counts them); `None` on a GPU.
+fn launches(name: &str) -> Option<u64> {
+    capsnet::cuda::emulator::loaded().map(|_| capsnet::cuda::emulator::launches(name).unwrap())
+}
+
+/// Every version of every op in the registry against the CPU reference, one version at a time with
+/// the defaults elsewhere; GEMM-shaped ops within the bound their precision allows (parity::gemm_bound).
+#[test]
+fn cuda_every_kernel_version_matches_cpu() {
+    use capsnet::cuda::registry::{KernelSet, OPS};
+    let Some(g) = gpu() else { return };
+    let mut checked = 0;
+    for (op, ks) in KernelSet::each_version() {
+        let version = ks.version(op);
+        let name = OPS[op.0].name;
+        let before: Vec<Option<u64>> = version.kernels.iter().map(|k| launches(k.name)).collect();
+        let t = std::time::Instant::now();
+        g.set_kernels(ks.clone());
+        if let Some(gop) = parity::GemmOp::from_name(name) {
+            parity::gemm_op(&g, gop, version.precision.mantissa_bits());
+        } else if name == "routing" {
+            parity::routing_1_2_3_rounds(&g);
+        } else {
+            panic!("no parity check for op {name}");
+        }
+        for (k, n0) in version.kernels.iter().zip(before) {
+            if let (Some(n0), Some(n1)) = (n0, launches(k.name)) {
+                assert!(n1 > n0, "{name} {}: {} never ran", version.label, k.name);
+            }
+        }
+        eprintln!("{name} {}: {:.1} s", version.label, t.elapsed().as_secs_f64());
+        checked += 1;
+    }
+    g.set_kernels(KernelSet::default());
+    assert_eq!(checked, OPS.iter().map(|o| o.versions.len()).sum::<usize>());
 }

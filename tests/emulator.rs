@@ -336,6 +336,17 @@ fn step_outputs(be: CudaBackend) -> Vec<f32> {
     out
 }
 
+/// [`step_outputs`] with the fp32 kernel versions, then the tf32 ones, then the bf16 ones.
+fn steps_in_every_precision() -> Vec<f32> {
+    let mut out = vec![];
+    for p in registry::Precision::ALL {
+        let be = common::cuda_backend().unwrap();
+        be.set_kernels(registry::KernelSet::for_precision(p));
+        out.extend(step_outputs(be));
+    }
+    out
+}
+
 #[test]
 fn every_kernel_gives_the_same_bits_in_order_and_reversed() {
     let Some(be) = emulated() else { return };
@@ -358,7 +369,7 @@ fn every_kernel_gives_the_same_bits_in_order_and_reversed() {
             out_caps: 7,
             out_dim: 5,
         };
-        be.set_routing_v2_always(true);
+        be.set_version("routing", "v2").unwrap();
         let u = be
             .upload(
                 &(0..cs.uhat_len())
@@ -371,19 +382,42 @@ fn every_kernel_gives_the_same_bits_in_order_and_reversed() {
         be.routing_fwd(&cs, 3, &u, &mut v, &mut saved).unwrap();
         let mut duh = be.zeros(cs.uhat_len()).unwrap();
         be.routing_bwd(&cs, 3, &u, &saved, &v, &mut duh).unwrap();
-        be.set_routing_v2_always(false);
+        be.set_kernels(Default::default());
         extra.push([be.download(&v).unwrap(), be.download(&duh).unwrap()].concat());
+        // the stride-2 input gradient's version 1, which the default set does not launch
+        let s = capsnet::backend::ConvShape {
+            batch: 2,
+            in_h: 9,
+            in_w: 8,
+            in_c: 3,
+            out_c: 5,
+            k: 3,
+            stride: 2,
+        };
+        be.set_version("conv2d_bwd_input", "v1").unwrap();
+        let dz = be
+            .upload(&(0..s.y_len()).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect::<Vec<_>>())
+            .unwrap();
+        let w = be
+            .upload(&(0..s.w_len()).map(|i| (i % 7) as f32 * 0.05 - 0.15).collect::<Vec<_>>())
+            .unwrap();
+        let mut dx = be.zeros(s.x_len()).unwrap();
+        be.conv2d_bwd_input(&s, &dz, &w, &mut dx).unwrap();
+        be.set_kernels(Default::default());
+        extra.push(be.download(&dx).unwrap());
     }
     emulator::set_reversed_schedule(false).unwrap();
-    let fwd = step_outputs(be);
+    drop(be);
+    let fwd = steps_in_every_precision();
     assert!(fwd.iter().all(|x| x.is_finite()), "a non-finite output in order");
     // under a sanitizer (a child of the tests below) the sanitizer is the check: one schedule is enough
     if !in_child() {
         emulator::set_reversed_schedule(true).unwrap();
-        let rev = step_outputs(common::cuda_backend().unwrap());
+        let rev = steps_in_every_precision();
         emulator::set_reversed_schedule(false).unwrap();
-        assert_eq!(extra[0], extra[2], "add and fill differ between schedules");
-        assert_eq!(extra[1], extra[3], "routing v2 differs between schedules");
+        assert_eq!(extra[0], extra[3], "add and fill differ between schedules");
+        assert_eq!(extra[1], extra[4], "routing v2 differs between schedules");
+        assert_eq!(extra[2], extra[5], "conv2d_bwd_input v1 differs between schedules");
         assert_eq!(fwd.len(), rev.len());
         let differ = fwd.iter().zip(&rev).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
         assert_eq!(

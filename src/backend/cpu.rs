@@ -14,7 +14,7 @@ use super::{
     Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape, NORM_EPS, RoutingSaved, alloc_zeros, check,
     check_adam_group, check_routing,
 };
-use crate::float::Float;
+use crate::float::{Float, Precision};
 use crate::par::{par_map, par_rows};
 use crate::{Error, Result};
 
@@ -24,11 +24,41 @@ const CHUNK_ELEMS: usize = 1 << 22;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend<T: Float = f32> {
     _t: PhantomData<T>,
+    /// Rounds every GEMM input (the convolutions' and dense layers') as the tensor cores do, then
+    /// computes in f64 as always: the specification of the GPU's tf32 and bf16 kernel versions.
+    gemm_inputs: Option<Precision>,
 }
 
 impl<T: Float> CpuBackend<T> {
     pub fn new() -> Self {
-        CpuBackend { _t: PhantomData }
+        CpuBackend {
+            _t: PhantomData,
+            gemm_inputs: None,
+        }
+    }
+
+    /// The reference with every GEMM input rounded to `p` (through f32, as the GPU holds it).
+    pub fn with_gemm_inputs(p: Precision) -> Self {
+        CpuBackend {
+            _t: PhantomData,
+            gemm_inputs: (p != Precision::Fp32).then_some(p),
+        }
+    }
+
+    /// A GEMM operand as f64, rounded when this backend rounds GEMM inputs.
+    fn operand<'a>(&self, x: &'a [T]) -> Cow<'a, [f64]> {
+        match self.gemm_inputs {
+            None => f64s(x),
+            Some(p) => Cow::Owned(x.iter().map(|v| p.round(v.to_f64() as f32) as f64).collect()),
+        }
+    }
+
+    /// An im2col patch matrix rounded in place when this backend rounds GEMM inputs.
+    fn round_patch(&self, mut col: Vec<f64>) -> Vec<f64> {
+        if let Some(p) = self.gemm_inputs {
+            col.iter_mut().for_each(|v| *v = p.round(*v as f32) as f64);
+        }
+        col
     }
 }
 
@@ -170,12 +200,12 @@ impl<T: Float> Backend for CpuBackend<T> {
         check(OP, "b", b.len(), s.out_c)?;
         check(OP, "y", y.len(), s.y_len())?;
         let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
-        let wf = f64s(w);
+        let wf = self.operand(w);
         let bias: Vec<f64> = b.iter().map(|v| v.to_f64()).collect();
         let chunk = Self::images_per_chunk(npix * kd);
         for b0 in (0..s.batch).step_by(chunk) {
             let nb = chunk.min(s.batch - b0);
-            let col = Self::im2col(s, x, b0, nb);
+            let col = self.round_patch(Self::im2col(s, x, b0, nb));
             let mut out = vec![0.0; nb * npix * co];
             gemm(nb * npix, kd, co, &col, (kd, 1), &wf, (co, 1), &mut out, 0.0);
             let ys = &mut y[b0 * npix * co..(b0 + nb) * npix * co];
@@ -195,11 +225,11 @@ impl<T: Float> Backend for CpuBackend<T> {
         check(OP, "dx", dx.len(), s.x_len())?;
         let (npix, kd, co, ci) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c, s.in_c);
         let img = s.in_h * s.in_w * ci;
-        let wf = f64s(w);
+        let wf = self.operand(w);
         let chunk = Self::images_per_chunk(npix * kd);
         for b0 in (0..s.batch).step_by(chunk) {
             let nb = chunk.min(s.batch - b0);
-            let dzf = f64s(&dz[b0 * npix * co..(b0 + nb) * npix * co]);
+            let dzf = self.operand(&dz[b0 * npix * co..(b0 + nb) * npix * co]);
             // dcol = dz · Wᵀ, with W [kd, co] read transposed through its strides
             let mut dcol = vec![0.0; nb * npix * kd];
             gemm(nb * npix, co, kd, &dzf, (co, 1), &wf, (1, co), &mut dcol, 0.0);
@@ -220,8 +250,8 @@ impl<T: Float> Backend for CpuBackend<T> {
         let chunk = Self::images_per_chunk(npix * kd);
         for b0 in (0..s.batch).step_by(chunk) {
             let nb = chunk.min(s.batch - b0);
-            let col = Self::im2col(s, x, b0, nb);
-            let dzf = f64s(&dz[b0 * npix * co..(b0 + nb) * npix * co]);
+            let col = self.round_patch(Self::im2col(s, x, b0, nb));
+            let dzf = self.operand(&dz[b0 * npix * co..(b0 + nb) * npix * co]);
             // dW += colᵀ · dz, with col [rows, kd] read transposed through its strides
             gemm(kd, nb * npix, co, &col, (1, kd), &dzf, (co, 1), &mut dwf, 1.0);
         }
@@ -264,9 +294,9 @@ impl<T: Float> Backend for CpuBackend<T> {
             s.rows,
             s.inp,
             s.out,
-            &f64s(x),
+            &self.operand(x),
             (s.inp, 1),
-            &f64s(w),
+            &self.operand(w),
             (s.out, 1),
             &mut out,
             0.0,
@@ -289,9 +319,9 @@ impl<T: Float> Backend for CpuBackend<T> {
             s.rows,
             s.out,
             s.inp,
-            &f64s(dz),
+            &self.operand(dz),
             (s.out, 1),
-            &f64s(w),
+            &self.operand(w),
             (1, s.out),
             &mut dxf,
             0.0,
@@ -310,9 +340,9 @@ impl<T: Float> Backend for CpuBackend<T> {
             s.inp,
             s.rows,
             s.out,
-            &f64s(x),
+            &self.operand(x),
             (1, s.inp),
-            &f64s(dz),
+            &self.operand(dz),
             (s.out, 1),
             &mut dwf,
             0.0,

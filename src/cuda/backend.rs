@@ -91,8 +91,8 @@ pub struct CudaBackend {
     pool: PoolRef,
     /// The fused Adam step's table of tensors, kept between steps.
     adam_table: RefCell<Option<CudaSlice<AdamTensor>>>,
-    /// Routing version 2 even where version 1 fits (for tests and comparisons).
-    routing_v2_always: std::cell::Cell<bool>,
+    /// The version of each op this backend launches.
+    kernels: RefCell<reg::KernelSet>,
 }
 
 fn de(op: &str) -> impl Fn(DriverError) -> Error + '_ {
@@ -118,12 +118,14 @@ fn single(threads: u32) -> LaunchConfig {
     }
 }
 
-/// The grid of a GEMM with an M×N output; `None` when the output is empty (nothing to launch).
-fn gemm_grid(m: usize, n: usize) -> Result<Option<LaunchConfig>> {
+/// The grid of GEMM kernel `k` over an M×N output; `None` when the output is empty (nothing to launch).
+fn gemm_grid(k: Kernel, m: usize, n: usize) -> Result<Option<LaunchConfig>> {
     if m == 0 || n == 0 {
         return Ok(None);
     }
-    let (gx, gy) = (n.div_ceil(reg::GEMM_TILE), m.div_ceil(reg::GEMM_TILE));
+    let (tm, tn) = (k.tile.0 as usize, k.tile.1 as usize);
+    assert!(tm > 0 && tn > 0, "{} is not a GEMM kernel", k.name);
+    let (gx, gy) = (n.div_ceil(tn), m.div_ceil(tm));
     if gy > 65535 {
         return Err(Error::msg(format!(
             "GEMM with {m} rows exceeds the grid's 65535 row tiles"
@@ -131,14 +133,24 @@ fn gemm_grid(m: usize, n: usize) -> Result<Option<LaunchConfig>> {
     }
     Ok(Some(LaunchConfig {
         grid_dim: (gx as u32, gy as u32, 1),
-        block_dim: (reg::GEMM_THREADS, 1, 1),
+        block_dim: (k.threads, 1, 1),
         shared_mem_bytes: 0,
     }))
 }
 
 impl CudaBackend {
-    /// Opens GPU `ordinal`, compiles every kernel for its architecture (once per process) and loads them.
+    /// Opens GPU `ordinal`, compiles every kernel for its architecture (once per process) and loads them;
+    /// launches the default versions, changed by `CAPSNET_KERNELS=op=version,...` when it is set.
     pub fn new(ordinal: usize) -> Result<Self> {
+        let mut ks = reg::KernelSet::default();
+        if let Ok(spec) = std::env::var("CAPSNET_KERNELS") {
+            ks.apply(&spec, "CAPSNET_KERNELS")?;
+        }
+        Self::with_kernels(ordinal, ks)
+    }
+
+    /// [`CudaBackend::new`] launching the versions of `kernels`.
+    pub fn with_kernels(ordinal: usize, kernels: reg::KernelSet) -> Result<Self> {
         let ctx = open_device(ordinal)?;
         let info = device_info(&ctx)?;
         let (maj, min) = info.compute_capability;
@@ -185,7 +197,7 @@ impl CudaBackend {
             funcs,
             pool: PoolRef::default(),
             adam_table: RefCell::new(None),
-            routing_v2_always: std::cell::Cell::new(false),
+            kernels: RefCell::new(kernels),
         })
     }
 
@@ -233,19 +245,42 @@ impl CudaBackend {
         &self.funcs[k.name]
     }
 
-    /// Launch routing version 2 even where version 1 fits (v1 is the default where it fits).
-    pub fn set_routing_v2_always(&self, on: bool) {
-        self.routing_v2_always.set(on);
+    /// The versions this backend launches.
+    pub fn kernels(&self) -> reg::KernelSet {
+        self.kernels.borrow().clone()
+    }
+
+    /// Launch the versions of `ks` from now on.
+    pub fn set_kernels(&self, ks: reg::KernelSet) {
+        *self.kernels.borrow_mut() = ks;
+    }
+
+    /// An event recorded on the stream now, with timing enabled (for `CudaEvent::elapsed_ms`).
+    pub fn record_timing_event(&self) -> Result<cudarc::driver::CudaEvent> {
+        self.stream
+            .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(de("cuEventRecord"))
+    }
+
+    /// Launch version `label` of the op named `op` from now on.
+    pub fn set_version(&self, op: &str, label: &str) -> Result<()> {
+        self.kernels.borrow_mut().set(op, label)
+    }
+
+    /// The kernels of the version of `op` this backend launches.
+    fn version(&self, op: reg::OpId) -> &'static [Kernel] {
+        self.kernels.borrow().version(op).kernels
     }
 
     /// The routing kernel for `s` and `rounds`, with its dynamic shared memory: v1 (every per-image
     /// array in shared memory: 2·I·J + 2 or 4·J·D floats) where the device allows that much, else v2
-    /// (only (R + 1)·J·D or 4·J·D floats; any number of input capsules).
+    /// (only (R + 1)·J·D or 4·J·D floats; any number of input capsules). A set that names v2 always
+    /// gets v2.
     fn routing_kernel(&self, s: &CapsShape, rounds: usize, forward: bool) -> Result<(Kernel, u32)> {
         let (ij, jd) = (s.in_caps * s.out_caps, s.out_caps * s.out_dim);
         let v1 = 4 * (2 * ij + if forward { 2 } else { 4 } * jd);
         let limit = self.info.max_smem_optin as usize;
-        if v1 <= limit && !self.routing_v2_always.get() {
+        if v1 <= limit && self.kernels.borrow().version(reg::ROUTING).label == "v1" {
             return Ok((
                 if forward {
                     reg::ROUTING_FWD_V1
@@ -395,11 +430,12 @@ impl Backend for CudaBackend {
         check(OP, "y", y.len(), s.y_len())?;
         let p = ConvParams::new(s)?;
         let a = act as i32;
-        // SAFETY: conv2d_fwd_v1(x, w, bias, y, ConvParams, int act): lengths checked against p above.
+        let k = self.version(reg::CONV2D_FWD)[0];
+        // SAFETY: conv2d_fwd_*(x, w, bias, y, ConvParams, int act): lengths checked against p above.
         launch_gemm!(
             self,
-            reg::CONV2D_FWD,
-            gemm_grid(s.rows(), s.out_c)?,
+            k,
+            gemm_grid(k, s.rows(), s.out_c)?,
             [x.slice(), w.slice(), b.slice(), y.slice_mut(), &p, &a]
         )
     }
@@ -409,14 +445,50 @@ impl Backend for CudaBackend {
         check(OP, "w", w.len(), s.w_len())?;
         check(OP, "dx", dx.len(), s.x_len())?;
         let p = ConvParams::new(s)?;
-        let grid = gemm_grid(s.batch * s.in_h * s.in_w, s.in_c)?;
-        // SAFETY: conv2d_bwd_input_v1(dz, w, dx, ConvParams): lengths checked against p above.
-        launch_gemm!(
-            self,
-            reg::CONV2D_BWD_INPUT,
-            grid,
-            [dz.slice(), w.slice(), dx.slice_mut(), &p]
-        )
+        let ks = self.version(reg::CONV2D_BWD_INPUT);
+        if let [k] = ks {
+            let grid = gemm_grid(*k, s.batch * s.in_h * s.in_w, s.in_c)?;
+            // SAFETY: conv2d_bwd_input_v1(dz, w, dx, ConvParams): lengths checked against p above.
+            return launch_gemm!(self, *k, grid, [dz.slice(), w.slice(), dx.slice_mut(), &p]);
+        }
+        let [gemm, col2im] = ks else {
+            unreachable!("conv2d_bwd_input versions launch one kernel or a GEMM and col2im")
+        };
+        // cols [images·OH·OW, K·K·Cin] for as many images at a time as COLS_CHUNK_FLOATS allows
+        let per_image = s.out_h() * s.out_w() * s.patch_len();
+        if per_image == 0 || s.batch == 0 {
+            return Ok(());
+        }
+        let chunk = (reg::COLS_CHUNK_FLOATS / per_image).clamp(1, s.batch);
+        if chunk * per_image > i32::MAX as usize || chunk * s.in_h * s.in_w * s.in_c > i32::MAX as usize {
+            return Err(Error::msg(format!(
+                "{OP}: one image of {}x{}x{} needs {per_image} floats of cols, more than 32-bit indices reach",
+                s.in_h, s.in_w, s.in_c
+            )));
+        }
+        let mut cols = self.take::<f32>(chunk * per_image)?;
+        for b0 in (0..s.batch).step_by(chunk) {
+            let nb = chunk.min(s.batch - b0);
+            let (b0i, nbi) = (b0 as i32, nb as i32);
+            let grid = gemm_grid(*gemm, nb * s.out_h() * s.out_w(), s.patch_len())?;
+            // SAFETY: conv2d_bwd_cols_v2(dz, w, cols, ConvParams, b0, nb) writes nb·OH·OW·K·K·Cin ≤
+            // cols.len() floats and reads images b0..b0+nb < batch of dz; lengths checked above.
+            launch_gemm!(
+                self,
+                *gemm,
+                grid,
+                [dz.slice(), w.slice(), cols.slice_mut(), &p, &b0i, &nbi]
+            )?;
+            // SAFETY: col2im_add_v2(cols, dx, ConvParams, b0, nb) reads what the GEMM wrote and adds
+            // to images b0..b0+nb of dx, one thread per element.
+            launch!(
+                self,
+                *col2im,
+                flat(nb * s.in_h * s.in_w * s.in_c),
+                [cols.slice(), dx.slice_mut(), &p, &b0i, &nbi]
+            )?;
+        }
+        Ok(())
     }
     fn conv2d_bwd_weight(&self, s: &ConvShape, x: &CudaBuf, dz: &CudaBuf, dw: &mut CudaBuf) -> Result<()> {
         const OP: &str = "conv2d_bwd_weight";
@@ -424,11 +496,12 @@ impl Backend for CudaBackend {
         check(OP, "dz", dz.len(), s.y_len())?;
         check(OP, "dw", dw.len(), s.w_len())?;
         let p = ConvParams::new(s)?;
-        // SAFETY: conv2d_bwd_weight_v1(x, dz, dw, ConvParams): lengths checked against p above.
+        let k = self.version(reg::CONV2D_BWD_WEIGHT)[0];
+        // SAFETY: conv2d_bwd_weight_*(x, dz, dw, ConvParams): lengths checked against p above.
         launch_gemm!(
             self,
-            reg::CONV2D_BWD_WEIGHT,
-            gemm_grid(s.patch_len(), s.out_c)?,
+            k,
+            gemm_grid(k, s.patch_len(), s.out_c)?,
             [x.slice(), dz.slice(), dw.slice_mut(), &p]
         )
     }
@@ -481,11 +554,12 @@ impl Backend for CudaBackend {
         check(OP, "b", b.len(), s.out)?;
         check(OP, "y", y.len(), s.rows * s.out)?;
         let (p, a) = (DenseParams::new(s)?, act as i32);
-        // SAFETY: dense_fwd_v1(x, w, bias, y, DenseParams, int act): lengths checked above.
+        let k = self.version(reg::DENSE_FWD)[0];
+        // SAFETY: dense_fwd_*(x, w, bias, y, DenseParams, int act): lengths checked above.
         launch_gemm!(
             self,
-            reg::DENSE_FWD,
-            gemm_grid(s.rows, s.out)?,
+            k,
+            gemm_grid(k, s.rows, s.out)?,
             [x.slice(), w.slice(), b.slice(), y.slice_mut(), &p, &a]
         )
     }
@@ -495,11 +569,12 @@ impl Backend for CudaBackend {
         check(OP, "w", w.len(), s.inp * s.out)?;
         check(OP, "dx", dx.len(), s.rows * s.inp)?;
         let p = DenseParams::new(s)?;
-        // SAFETY: dense_bwd_input_v1(dz, w, dx, DenseParams): lengths checked above.
+        let k = self.version(reg::DENSE_BWD_INPUT)[0];
+        // SAFETY: dense_bwd_input_*(dz, w, dx, DenseParams): lengths checked above.
         launch_gemm!(
             self,
-            reg::DENSE_BWD_INPUT,
-            gemm_grid(s.rows, s.inp)?,
+            k,
+            gemm_grid(k, s.rows, s.inp)?,
             [dz.slice(), w.slice(), dx.slice_mut(), &p]
         )
     }
@@ -509,11 +584,12 @@ impl Backend for CudaBackend {
         check(OP, "dz", dz.len(), s.rows * s.out)?;
         check(OP, "dw", dw.len(), s.inp * s.out)?;
         let p = DenseParams::new(s)?;
-        // SAFETY: dense_bwd_weight_v1(x, dz, dw, DenseParams): lengths checked above.
+        let k = self.version(reg::DENSE_BWD_WEIGHT)[0];
+        // SAFETY: dense_bwd_weight_*(x, dz, dw, DenseParams): lengths checked above.
         launch_gemm!(
             self,
-            reg::DENSE_BWD_WEIGHT,
-            gemm_grid(s.inp, s.out)?,
+            k,
+            gemm_grid(k, s.inp, s.out)?,
             [x.slice(), dz.slice(), dw.slice_mut(), &p]
         )
     }

@@ -498,13 +498,20 @@ pub fn train_steps<B: Backend>(be: B, steps: usize) -> (Vec<f64>, Vec<Vec<f64>>)
 /// Ten training steps of the small model on `make()`'s backend against the reference: first-step
 /// gradients of every parameter, the losses, and the same losses bit for bit from a second backend.
 pub fn training_steps_match_reference<B: Backend>(make: impl Fn() -> B) {
-    let (cpu_losses, cpu_grads) = train_steps(Cpu::new(), 10);
+    training_steps_match_rounded_reference(make, capsnet::float::Precision::Fp32)
+}
+
+/// [`training_steps_match_reference`] against the reference that rounds every GEMM input to `p`
+/// (CpuBackend::with_gemm_inputs), as a backend launching `p`'s kernel versions does: what is left is
+/// the order of f32 sums, so the fp32 tolerances hold.
+pub fn training_steps_match_rounded_reference<B: Backend>(make: impl Fn() -> B, p: capsnet::float::Precision) {
+    let (cpu_losses, cpu_grads) = train_steps(Cpu::with_gemm_inputs(p), 10);
     let (got_losses, got_grads) = train_steps(make(), 10);
     // first-step gradients: every parameter, scaled to its largest entry
     for (k, spec) in small_config().param_specs().iter().enumerate() {
         let scale = cpu_grads[k].iter().fold(0.0f64, |a, x| a.max(x.abs()));
         compare(
-            &format!("gradient of {}", spec.name),
+            &format!("gradient of {} ({})", spec.name, p.name()),
             &got_grads[k],
             &cpu_grads[k],
             1e-3 * scale,
@@ -512,7 +519,13 @@ pub fn training_steps_match_reference<B: Backend>(make: impl Fn() -> B) {
         );
     }
     // ten Adam steps: the losses follow the same path
-    compare("losses over 10 steps", &got_losses, &cpu_losses, 1e-5, 2e-3);
+    compare(
+        &format!("losses over 10 steps ({})", p.name()),
+        &got_losses,
+        &cpu_losses,
+        1e-5,
+        2e-3,
+    );
     let (again, _) = train_steps(make(), 10);
     assert_eq!(
         got_losses, again,
@@ -541,4 +554,328 @@ pub fn steps_after_the_first_allocate_nothing<B: Backend>(be: B, fresh: impl Fn(
     assert!(counts[0] > 0);
     assert_eq!(counts[1], counts[2], "the third step allocated memory: {counts:?}");
     assert_eq!(counts[0], counts[1], "the second step allocated memory: {counts:?}");
+}
+
+/// The bound on |got − reference| of one output of a GEMM-shaped op, in units of Σ_k |a_k|·|b_k|.
+pub fn gemm_bound(mantissa_bits: u32, k: usize) -> f64 {
+    capsnet::float::gemm_error_bound(mantissa_bits, k)
+}
+
+/// Compares `got` with `want` elementwise against `bound`·`abs_ref` + 1e-6 (abs_ref: the op run by the
+/// reference on absolute values; ReLU and sigmoid are 1-Lipschitz, so the bound holds after them).
+pub fn compare_bounded(name: &str, got: &[f64], want: &[f64], abs_ref: &[f64], bound: f64) {
+    assert_eq!(got.len(), want.len(), "{name}: lengths differ");
+    let bad: Vec<usize> = (0..got.len())
+        .filter(|&i| !within(got[i], want[i], 1e-6 + bound * abs_ref[i], 0.0))
+        .collect();
+    if let Some(&i) = bad.first() {
+        panic!(
+            "{name}: {} of {} outside {bound:.3e}·Σ|a||b| + 1e-6; first [{i}]: got {} reference {} (Σ|a||b| {})",
+            bad.len(),
+            got.len(),
+            got[i],
+            want[i],
+            abs_ref[i]
+        );
+    }
+}
+
+/// Which GEMM-shaped op [`gemm_op`] checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmOp {
+    ConvFwd,
+    ConvBwdInput,
+    ConvBwdWeight,
+    DenseFwd,
+    DenseBwdInput,
+    DenseBwdWeight,
+}
+
+impl GemmOp {
+    /// The op of the kernel registry's name.
+    pub fn from_name(name: &str) -> Option<GemmOp> {
+        Some(match name {
+            "conv2d_fwd" => GemmOp::ConvFwd,
+            "conv2d_bwd_input" => GemmOp::ConvBwdInput,
+            "conv2d_bwd_weight" => GemmOp::ConvBwdWeight,
+            "dense_fwd" => GemmOp::DenseFwd,
+            "dense_bwd_input" => GemmOp::DenseBwdInput,
+            "dense_bwd_weight" => GemmOp::DenseBwdWeight,
+            _ => return None,
+        })
+    }
+}
+
+fn abs(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|x| x.abs()).collect()
+}
+
+/// One GEMM-shaped op of `g` against the CPU reference at odd shapes and the model's own, with the
+/// bound of [`gemm_bound`] for inputs rounded to `mantissa_bits` (23: fp32, 10: tf32, 7: bf16).
+/// Written outputs start poisoned, accumulated ones from random values.
+pub fn gemm_op<B: Backend>(g: &B, op: GemmOp, mantissa_bits: u32) {
+    let cpu = Cpu::new();
+    let conv_shapes = [
+        ConvShape {
+            batch: 3,
+            in_h: 13,
+            in_w: 11,
+            in_c: 5,
+            out_c: 7,
+            k: 3,
+            stride: 1,
+        },
+        ConvShape {
+            batch: 2,
+            in_h: 15,
+            in_w: 12,
+            in_c: 3,
+            out_c: 70,
+            k: 4,
+            stride: 2,
+        },
+        ConvShape {
+            batch: 2,
+            in_h: 14,
+            in_w: 14,
+            in_c: 40,
+            out_c: 24,
+            k: 5,
+            stride: 3,
+        },
+        Config::default().conv1_shape(3),
+        Config::default().primary_shape(2),
+    ];
+    let dense_shapes = [
+        DenseShape {
+            rows: 5,
+            inp: 160,
+            out: 512,
+        },
+        DenseShape {
+            rows: 67,
+            inp: 1024,
+            out: 784,
+        },
+        DenseShape {
+            rows: 3,
+            inp: 7,
+            out: 65,
+        },
+    ];
+    let bound = |k: usize| gemm_bound(mantissa_bits, k);
+    match op {
+        GemmOp::ConvFwd | GemmOp::ConvBwdInput | GemmOp::ConvBwdWeight => {
+            for (n, s) in conv_shapes.iter().enumerate() {
+                if op == GemmOp::ConvBwdInput && s.in_c == 1 {
+                    continue;
+                }
+                let mut rng = Lcg(300 + n as u64);
+                let (x, w, b) = (
+                    rand(&mut rng, s.x_len(), 0.0, 1.0),
+                    rand(&mut rng, s.w_len(), -0.1, 0.1),
+                    rand(&mut rng, s.out_c, -0.1, 0.1),
+                );
+                let (dz, acc0) = (
+                    rand(&mut rng, s.y_len(), -1.0, 1.0),
+                    rand(&mut rng, s.x_len().max(s.w_len()), -1.0, 1.0),
+                );
+                match op {
+                    GemmOp::ConvFwd => {
+                        let zero = vec![0f32; s.out_c];
+                        let abs_ref = {
+                            let mut y = cpu.zeros(s.y_len()).unwrap();
+                            cpu.conv2d_fwd(
+                                s,
+                                &up(&cpu, &abs(&x)),
+                                &up(&cpu, &abs(&w)),
+                                &up(&cpu, &zero),
+                                &mut y,
+                                Act::None,
+                            )
+                            .unwrap();
+                            down(&cpu, &y)
+                        };
+                        // every activation at the odd shapes, the model's own (ReLU) at its shapes
+                        let acts: &[Act] = if n < 3 {
+                            &[Act::None, Act::Relu, Act::Sigmoid]
+                        } else {
+                            &[Act::Relu]
+                        };
+                        for &act in acts {
+                            let (want, got) = both!(g, |be| {
+                                let mut y = poisoned(be, s.y_len());
+                                be.conv2d_fwd(s, &up(be, &x), &up(be, &w), &up(be, &b), &mut y, act)
+                                    .unwrap();
+                                down(be, &y)
+                            });
+                            let bias_abs: Vec<f64> = abs_ref
+                                .iter()
+                                .enumerate()
+                                .map(|(i, a)| a + b[i % s.out_c].abs() as f64)
+                                .collect();
+                            compare_bounded(
+                                &format!("conv2d_fwd {s:?} {act:?}"),
+                                &got,
+                                &want,
+                                &bias_abs,
+                                bound(s.patch_len() + 1),
+                            );
+                        }
+                    }
+                    GemmOp::ConvBwdInput => {
+                        let dx0 = &acc0[..s.x_len()];
+                        let abs_ref = {
+                            let mut dx = cpu.zeros(s.x_len()).unwrap();
+                            cpu.conv2d_bwd_input(s, &up(&cpu, &abs(&dz)), &up(&cpu, &abs(&w)), &mut dx)
+                                .unwrap();
+                            down(&cpu, &dx)
+                                .iter()
+                                .zip(dx0)
+                                .map(|(a, d)| a + d.abs() as f64)
+                                .collect::<Vec<_>>()
+                        };
+                        let (want, got) = both!(g, |be| {
+                            let mut dx = up(be, dx0);
+                            be.conv2d_bwd_input(s, &up(be, &dz), &up(be, &w), &mut dx).unwrap();
+                            down(be, &dx)
+                        });
+                        compare_bounded(
+                            &format!("conv2d_bwd_input {s:?}"),
+                            &got,
+                            &want,
+                            &abs_ref,
+                            bound(s.k * s.k * s.out_c + 1),
+                        );
+                    }
+                    _ => {
+                        let dw0 = &acc0[..s.w_len()];
+                        let abs_ref = {
+                            let mut dw = cpu.zeros(s.w_len()).unwrap();
+                            cpu.conv2d_bwd_weight(s, &up(&cpu, &abs(&x)), &up(&cpu, &abs(&dz)), &mut dw)
+                                .unwrap();
+                            down(&cpu, &dw)
+                                .iter()
+                                .zip(dw0)
+                                .map(|(a, d)| a + d.abs() as f64)
+                                .collect::<Vec<_>>()
+                        };
+                        let (want, got) = both!(g, |be| {
+                            let mut dw = up(be, dw0);
+                            be.conv2d_bwd_weight(s, &up(be, &x), &up(be, &dz), &mut dw).unwrap();
+                            down(be, &dw)
+                        });
+                        compare_bounded(
+                            &format!("conv2d_bwd_weight {s:?}"),
+                            &got,
+                            &want,
+                            &abs_ref,
+                            bound(s.rows() + 1),
+                        );
+                    }
+                }
+            }
+        }
+        _ => {
+            for (n, s) in dense_shapes.iter().enumerate() {
+                let mut rng = Lcg(400 + n as u64);
+                let (x, w, b) = (
+                    rand(&mut rng, s.rows * s.inp, -1.0, 1.0),
+                    rand(&mut rng, s.inp * s.out, -0.1, 0.1),
+                    rand(&mut rng, s.out, -0.1, 0.1),
+                );
+                let (dz, acc0) = (
+                    rand(&mut rng, s.rows * s.out, -1.0, 1.0),
+                    rand(&mut rng, (s.rows * s.inp).max(s.inp * s.out), -1.0, 1.0),
+                );
+                match op {
+                    GemmOp::DenseFwd => {
+                        let zero = vec![0f32; s.out];
+                        let abs_ref = {
+                            let mut y = cpu.zeros(s.rows * s.out).unwrap();
+                            cpu.dense_fwd(
+                                s,
+                                &up(&cpu, &abs(&x)),
+                                &up(&cpu, &abs(&w)),
+                                &up(&cpu, &zero),
+                                &mut y,
+                                Act::None,
+                            )
+                            .unwrap();
+                            down(&cpu, &y)
+                                .iter()
+                                .enumerate()
+                                .map(|(i, a)| a + b[i % s.out].abs() as f64)
+                                .collect::<Vec<_>>()
+                        };
+                        for act in [Act::None, Act::Relu, Act::Sigmoid] {
+                            let (want, got) = both!(g, |be| {
+                                let mut y = poisoned(be, s.rows * s.out);
+                                be.dense_fwd(s, &up(be, &x), &up(be, &w), &up(be, &b), &mut y, act)
+                                    .unwrap();
+                                down(be, &y)
+                            });
+                            compare_bounded(
+                                &format!("dense_fwd {s:?} {act:?}"),
+                                &got,
+                                &want,
+                                &abs_ref,
+                                bound(s.inp + 1),
+                            );
+                        }
+                    }
+                    GemmOp::DenseBwdInput => {
+                        let dx0 = &acc0[..s.rows * s.inp];
+                        let abs_ref = {
+                            let mut dx = cpu.zeros(s.rows * s.inp).unwrap();
+                            cpu.dense_bwd_input(s, &up(&cpu, &abs(&dz)), &up(&cpu, &abs(&w)), &mut dx)
+                                .unwrap();
+                            down(&cpu, &dx)
+                                .iter()
+                                .zip(dx0)
+                                .map(|(a, d)| a + d.abs() as f64)
+                                .collect::<Vec<_>>()
+                        };
+                        let (want, got) = both!(g, |be| {
+                            let mut dx = up(be, dx0);
+                            be.dense_bwd_input(s, &up(be, &dz), &up(be, &w), &mut dx).unwrap();
+                            down(be, &dx)
+                        });
+                        compare_bounded(
+                            &format!("dense_bwd_input {s:?}"),
+                            &got,
+                            &want,
+                            &abs_ref,
+                            bound(s.out + 1),
+                        );
+                    }
+                    _ => {
+                        let dw0 = &acc0[..s.inp * s.out];
+                        let abs_ref = {
+                            let mut dw = cpu.zeros(s.inp * s.out).unwrap();
+                            cpu.dense_bwd_weight(s, &up(&cpu, &abs(&x)), &up(&cpu, &abs(&dz)), &mut dw)
+                                .unwrap();
+                            down(&cpu, &dw)
+                                .iter()
+                                .zip(dw0)
+                                .map(|(a, d)| a + d.abs() as f64)
+                                .collect::<Vec<_>>()
+                        };
+                        let (want, got) = both!(g, |be| {
+                            let mut dw = up(be, dw0);
+                            be.dense_bwd_weight(s, &up(be, &x), &up(be, &dz), &mut dw).unwrap();
+                            down(be, &dw)
+                        });
+                        compare_bounded(
+                            &format!("dense_bwd_weight {s:?}"),
+                            &got,
+                            &want,
+                            &abs_ref,
+                            bound(s.rows + 1),
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
