@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use crate::Result;
 use crate::backend::{Act, Backend};
-use crate::float::Float;
+use crate::float::{Float, Precision};
 use crate::model::Config;
 
 pub struct OpTiming {
@@ -220,4 +220,328 @@ pub fn torch_peer(script: &std::path::Path, run: &PeerRun<'_>) -> Result<PeerRep
         median_ms: num("median_ms_per_step")?,
         images_per_s: num("images_per_s")?,
     })
+}
+
+// ---- every kernel version of the CUDA backend -----------------------------------------------------
+
+/// The peak rates of a GPU: fp32 on CUDA cores, dense tf32 and bf16 on tensor cores, and memory.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Peak {
+    pub name: &'static str,
+    pub fp32_tflops: f64,
+    pub tf32_tflops: f64,
+    pub bf16_tflops: f64,
+    pub hbm_gbs: f64,
+}
+
+impl Peak {
+    pub fn tflops(&self, p: Precision) -> f64 {
+        match p {
+            Precision::Fp32 => self.fp32_tflops,
+            Precision::Tf32 => self.tf32_tflops,
+            Precision::Bf16 => self.bf16_tflops,
+        }
+    }
+}
+
+/// The datasheet peaks (dense, no sparsity) of the GPUs this project is measured on, by the device's
+/// name and SM count; the emulated device reports an H100's limits, so it gets the H100 SXM's.
+pub fn peak_of(name: &str, sms: i32) -> Option<Peak> {
+    let sxm = |name| Peak {
+        name,
+        fp32_tflops: 67.0,
+        tf32_tflops: 494.7,
+        bf16_tflops: 989.4,
+        hbm_gbs: 3350.0,
+    };
+    if name.contains("H200") {
+        return Some(Peak {
+            hbm_gbs: 4800.0,
+            ..sxm("H200 SXM")
+        });
+    }
+    if name.contains("H100") && sms <= 114 {
+        return Some(Peak {
+            name: "H100 PCIe",
+            fp32_tflops: 51.2,
+            tf32_tflops: 378.0,
+            bf16_tflops: 756.0,
+            hbm_gbs: 2000.0,
+        });
+    }
+    if name.contains("H100") {
+        return Some(sxm("H100 SXM"));
+    }
+    None
+}
+
+/// One version of one op at one of the model's shapes, timed after it matched the reference.
+#[derive(Clone, Debug)]
+pub struct VersionTiming {
+    /// The op and the layer, e.g. "conv2d_fwd primary 256->256 9x9/2".
+    pub op: String,
+    pub version: &'static str,
+    pub precision: Precision,
+    pub ms: f64,
+    /// Useful FLOPs (2 per multiply-add of the op itself, whatever the version computes).
+    pub flops: f64,
+    /// Bytes the version must move at least: its inputs and outputs once, and its own buffers.
+    pub bytes: f64,
+    /// The largest |got − reference| as a fraction of what the precision allows (≤ 1 to be timed).
+    pub error_ratio: f64,
+}
+
+impl VersionTiming {
+    /// The roofline floor: the time at the device's peak rate for this precision or at its memory
+    /// bandwidth, whichever is longer.
+    pub fn floor_ms(&self, peak: &Peak) -> f64 {
+        (self.flops / (peak.tflops(self.precision) * 1e12)).max(self.bytes / (peak.hbm_gbs * 1e9)) * 1e3
+    }
+}
+
+/// One op of the model at one shape on one backend, its inputs on the device: `launch` runs it
+/// (accumulating ops add into their output), `output` reads the output back.
+struct Case<'a> {
+    layer: String,
+    flops: f64,
+    bytes: f64,
+    /// Products each output sums (None: not a GEMM).
+    k: Option<usize>,
+    launch: Box<dyn FnMut() -> Result<()> + 'a>,
+    output: Box<dyn Fn() -> Result<Vec<f32>> + 'a>,
+}
+
+/// Seeded inputs in [lo, hi), or their absolute values.
+fn host_inputs(n: usize, seed: usize, lo: f64, hi: f64, abs: bool) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let u = crate::data::mix((seed as u64) << 40 ^ i as u64) as f64 / u64::MAX as f64;
+            let x = (lo + (hi - lo) * u) as f32;
+            if abs { x.abs() } else { x }
+        })
+        .collect()
+}
+
+/// The cases of the op named `op` (a name of the registry's OPS) at the model's shapes and `batch`;
+/// `abs`: every input replaced by its absolute value and the biases by zero (the reference's
+/// Σ|a|·|b|, which bounds the rounding error).
+fn op_cases<'a, B: Backend<E = f32>>(be: &'a B, op: &str, cfg: &Config, batch: usize, abs: bool) -> Result<Vec<Case<'a>>> {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let up = |n: usize, seed: usize, lo: f64, hi: f64| be.upload(&host_inputs(n, seed, lo, hi, abs));
+    let bias = |n: usize, seed: usize| be.upload(&host_inputs(n, seed, -0.1, 0.1, false).iter().map(|&b| if abs { 0.0 } else { b }).collect::<Vec<_>>());
+    let mut cases = vec![];
+    let f = 4.0; // bytes per float
+    match op {
+        "conv2d_fwd" | "conv2d_bwd_input" | "conv2d_bwd_weight" => {
+            for (name, s) in [("conv1", cfg.conv1_shape(batch)), ("primary", cfg.primary_shape(batch))] {
+                if op == "conv2d_bwd_input" && s.in_c == 1 {
+                    continue; // the image needs no gradient
+                }
+                let layer = format!("{name} {}->{} {}x{}/{}", s.in_c, s.out_c, s.k, s.k, s.stride);
+                let flops = 2.0 * s.macs() as f64;
+                let (x, w, dz) = (up(s.x_len(), 1, 0.0, 1.0)?, up(s.w_len(), 2, -0.1, 0.1)?, up(s.y_len(), 3, -1.0, 1.0)?);
+                let (xl, wl, yl) = (s.x_len() as f64, s.w_len() as f64, s.y_len() as f64);
+                let case = match op {
+                    "conv2d_fwd" => {
+                        let b = bias(s.out_c, 4)?;
+                        let y = Rc::new(RefCell::new(be.zeros(s.y_len())?));
+                        let y2 = y.clone();
+                        Case {
+                            layer,
+                            flops,
+                            bytes: f * (xl + wl + yl),
+                            k: Some(s.patch_len() + 1),
+                            launch: Box::new(move || be.conv2d_fwd(&s, &x, &w, &b, &mut y.borrow_mut(), Act::Relu)),
+                            output: Box::new(move || be.download(&y2.borrow())),
+                        }
+                    }
+                    "conv2d_bwd_input" => {
+                        let dx = Rc::new(RefCell::new(be.zeros(s.x_len())?));
+                        let dx2 = dx.clone();
+                        Case {
+                            layer,
+                            flops,
+                            // dz, W, dx read and written, and (v2 and after) cols written and read
+                            bytes: f * (yl + wl + 2.0 * xl + 2.0 * (s.rows() * s.patch_len()) as f64),
+                            k: Some(s.k * s.k * s.out_c + 1),
+                            launch: Box::new(move || be.conv2d_bwd_input(&s, &dz, &w, &mut dx.borrow_mut())),
+                            output: Box::new(move || be.download(&dx2.borrow())),
+                        }
+                    }
+                    _ => {
+                        let dw = Rc::new(RefCell::new(be.zeros(s.w_len())?));
+                        let dw2 = dw.clone();
+                        Case {
+                            layer,
+                            flops,
+                            bytes: f * (xl + yl + 2.0 * wl),
+                            k: Some(s.rows() + 1),
+                            launch: Box::new(move || be.conv2d_bwd_weight(&s, &x, &dz, &mut dw.borrow_mut())),
+                            output: Box::new(move || be.download(&dw2.borrow())),
+                        }
+                    }
+                };
+                cases.push(case);
+            }
+        }
+        "dense_fwd" | "dense_bwd_input" | "dense_bwd_weight" => {
+            for (n, d) in cfg.decoder_shapes(batch).into_iter().enumerate() {
+                let layer = format!("fc{} {}->{}", n + 1, d.inp, d.out);
+                let flops = 2.0 * (d.rows * d.inp * d.out) as f64;
+                let (xl, wl, yl) = ((d.rows * d.inp) as f64, (d.inp * d.out) as f64, (d.rows * d.out) as f64);
+                let (x, w, dz) = (up(d.rows * d.inp, 5, -1.0, 1.0)?, up(d.inp * d.out, 6, -0.1, 0.1)?, up(d.rows * d.out, 7, -1.0, 1.0)?);
+                let case = match op {
+                    "dense_fwd" => {
+                        let b = bias(d.out, 8)?;
+                        let y = Rc::new(RefCell::new(be.zeros(d.rows * d.out)?));
+                        let y2 = y.clone();
+                        Case {
+                            layer,
+                            flops,
+                            bytes: f * (xl + wl + yl),
+                            k: Some(d.inp + 1),
+                            launch: Box::new(move || be.dense_fwd(&d, &x, &w, &b, &mut y.borrow_mut(), Act::Relu)),
+                            output: Box::new(move || be.download(&y2.borrow())),
+                        }
+                    }
+                    "dense_bwd_input" => {
+                        let dx = Rc::new(RefCell::new(be.zeros(d.rows * d.inp)?));
+                        let dx2 = dx.clone();
+                        Case {
+                            layer,
+                            flops,
+                            bytes: f * (yl + wl + 2.0 * xl),
+                            k: Some(d.out + 1),
+                            launch: Box::new(move || be.dense_bwd_input(&d, &dz, &w, &mut dx.borrow_mut())),
+                            output: Box::new(move || be.download(&dx2.borrow())),
+                        }
+                    }
+                    _ => {
+                        let dw = Rc::new(RefCell::new(be.zeros(d.inp * d.out)?));
+                        let dw2 = dw.clone();
+                        Case {
+                            layer,
+                            flops,
+                            bytes: f * (xl + yl + 2.0 * wl),
+                            k: Some(d.rows + 1),
+                            launch: Box::new(move || be.dense_bwd_weight(&d, &x, &dz, &mut dw.borrow_mut())),
+                            output: Box::new(move || be.download(&dw2.borrow())),
+                        }
+                    }
+                };
+                cases.push(case);
+            }
+        }
+        "routing" => {
+            let cs = cfg.caps_shape(batch);
+            let rounds = cfg.routing_rounds;
+            let uhat = up(cs.uhat_len(), 9, -0.2, 0.2)?;
+            let v = Rc::new(RefCell::new(be.zeros(cs.v_len())?));
+            let saved = RefCell::new(be.routing_saved(&cs, rounds)?);
+            let v2 = v.clone();
+            cases.push(Case {
+                layer: format!("fwd, {rounds} rounds"),
+                flops: 2.0 * (2 * rounds - 1) as f64 * cs.uhat_len() as f64,
+                bytes: f * (rounds as f64 * cs.uhat_len() as f64),
+                k: None,
+                launch: Box::new(move || be.routing_fwd(&cs, rounds, &uhat, &mut v.borrow_mut(), &mut saved.borrow_mut())),
+                output: Box::new(move || be.download(&v2.borrow())),
+            });
+        }
+        other => return Err(crate::Error::msg(format!("no benchmark cases for op {other}"))),
+    }
+    Ok(cases)
+}
+
+/// Times every version of every GEMM-shaped op and of routing at the model's shapes and `batch` on the
+/// CUDA backend. Each version runs once and is checked against the CPU reference that rounds the same
+/// GEMM inputs the same way (so only the order of f32 sums differs: within
+/// [`crate::float::gemm_error_bound`] of Σ|a|·|b|); only then is it timed, `reps` runs after a warm-up,
+/// each between two CUDA events (median). Leaves the backend's kernel set as it found it.
+pub fn version_bench(
+    be: &crate::cuda::CudaBackend,
+    cfg: &Config,
+    batch: usize,
+    reps: usize,
+) -> Result<Vec<VersionTiming>> {
+    let saved = be.kernels();
+    let r = version_bench_inner(be, cfg, batch, reps);
+    be.set_kernels(saved);
+    r
+}
+
+fn version_bench_inner(
+    be: &crate::cuda::CudaBackend,
+    cfg: &Config,
+    batch: usize,
+    reps: usize,
+) -> Result<Vec<VersionTiming>> {
+    use crate::backend::cpu::CpuBackend;
+    use crate::cuda::registry::{KernelSet, OPS};
+    use crate::float::gemm_error_bound;
+    let ev = |e: cudarc::driver::DriverError| crate::Error::msg(format!("CUDA event: {e:?}"));
+    let mut out = vec![];
+    for op in OPS {
+        // the reference once per precision: the op's outputs, and on absolute values the scale
+        let mut references: Vec<(Precision, Vec<Vec<f32>>, Vec<Vec<f32>>)> = vec![];
+        for version in op.versions {
+            let p = version.precision;
+            if !references.iter().any(|r| r.0 == p) {
+                let cpu = CpuBackend::<f32>::with_gemm_inputs(p);
+                let mut want = vec![];
+                for mut c in op_cases(&cpu, op.name, cfg, batch, false)? {
+                    (c.launch)()?;
+                    want.push((c.output)()?);
+                }
+                let mut scale = vec![];
+                for mut c in op_cases(&cpu, op.name, cfg, batch, true)? {
+                    (c.launch)()?;
+                    scale.push((c.output)()?);
+                }
+                references.push((p, want, scale));
+            }
+            let (_, want, scale) = references.iter().find(|r| r.0 == p).expect("computed above");
+            let mut ks = KernelSet::default();
+            ks.set(op.name, version.label)?;
+            be.set_kernels(ks);
+            for (n, mut case) in op_cases(be, op.name, cfg, batch, false)?.into_iter().enumerate() {
+                (case.launch)()?;
+                let got = (case.output)()?;
+                // GEMMs: the bound on f32 sums of K products; routing: 1e-4 of each value
+                let bound = case.k.map_or(1e-4, |k| gemm_error_bound(23, k));
+                let mut worst: f64 = 0.0;
+                for ((g, w), a) in got.iter().zip(&want[n]).zip(&scale[n]) {
+                    let allowed = 1e-6 + bound * (*a as f64).abs().max((*w as f64).abs());
+                    let e = (*g as f64 - *w as f64).abs() / allowed;
+                    worst = if e.is_nan() { f64::INFINITY } else { worst.max(e) };
+                }
+                if got.len() != want[n].len() || worst > 1.0 {
+                    return Err(crate::Error::msg(format!(
+                        "{} {} at {}: does not match the reference (worst difference {worst:.1} times what is allowed), so it is not timed",
+                        op.name, version.label, case.layer
+                    )));
+                }
+                (case.launch)()?; // warm-up
+                let mut ms = vec![];
+                for _ in 0..reps.max(1) {
+                    let t0 = be.record_timing_event()?;
+                    (case.launch)()?;
+                    let t1 = be.record_timing_event()?;
+                    ms.push(t0.elapsed_ms(&t1).map_err(ev)? as f64);
+                }
+                ms.sort_by(|a, b| a.total_cmp(b));
+                out.push(VersionTiming {
+                    op: format!("{} {}", op.name, case.layer),
+                    version: version.label,
+                    precision: p,
+                    ms: ms[ms.len() / 2],
+                    flops: case.flops,
+                    bytes: case.bytes,
+                    error_ratio: worst,
+                });
+            }
+        }
+    }
+    Ok(out)
 }

@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use capsnet::backend::cpu::CpuBackend;
 use capsnet::backend::fast::FastCpu;
+use capsnet::cuda::registry::{KernelSet, Precision};
 use capsnet::cuda::{self, CudaBackend};
 use capsnet::model::Config;
 use capsnet::train::{self, TrainOptions};
@@ -63,6 +64,69 @@ enum Device {
     /// The CUDA backend on the emulated device: every kernel runs on the CPU, one fiber per CUDA
     /// thread (slow; for checking kernels without a GPU). Needs g++ and NVRTC.
     Emulated,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PrecisionArg {
+    /// fp32 multiplies on CUDA cores: exact single precision.
+    Fp32,
+    /// tf32 tensor cores: GEMM inputs rounded to 10 mantissa bits, fp32 sums.
+    Tf32,
+    /// bf16 tensor cores: GEMM inputs rounded to 7 mantissa bits, fp32 sums.
+    Bf16,
+}
+
+impl From<PrecisionArg> for Precision {
+    fn from(p: PrecisionArg) -> Precision {
+        match p {
+            PrecisionArg::Fp32 => Precision::Fp32,
+            PrecisionArg::Tf32 => Precision::Tf32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+        }
+    }
+}
+
+/// Which kernel versions the CUDA backend launches.
+#[derive(Args, Clone, Default)]
+struct KernelArgs {
+    /// What the convolutions and the decoder multiply in on the GPU (master weights, the capsule
+    /// layers, the losses and Adam stay fp32) [default: fp32].
+    #[arg(long, value_enum)]
+    precision: Option<PrecisionArg>,
+    /// Kernel versions, OP=VERSION,... over --precision's (`capsnet info --kernels` lists them; the
+    /// CAPSNET_KERNELS environment variable sets them too, and this flag wins).
+    #[arg(long, value_name = "OP=VERSION,...")]
+    kernels: Option<String>,
+}
+
+impl KernelArgs {
+    /// The set the CUDA backend launches: --precision's versions, then CAPSNET_KERNELS, then --kernels.
+    fn kernel_set(&self) -> Result<KernelSet> {
+        let mut ks = KernelSet::for_precision(self.precision.map_or(Precision::Fp32, Into::into));
+        if let Ok(spec) = std::env::var("CAPSNET_KERNELS") {
+            ks.apply(&spec, "CAPSNET_KERNELS")?;
+        }
+        if let Some(spec) = &self.kernels {
+            ks.apply(spec, "--kernels")?;
+        }
+        Ok(ks)
+    }
+
+    /// Refuses flags that only the CUDA backend has, for a CPU backend.
+    fn cpu_only(&self, device: &str) -> Result<()> {
+        if let Some(p) = self.precision.filter(|&p| p != PrecisionArg::Fp32) {
+            return Err(Error::msg(format!(
+                "--precision {}: only the CUDA backend has tensor-core kernels, and {device} runs on the CPU (use --device cuda or emulated)",
+                Precision::from(p).name()
+            )));
+        }
+        if self.kernels.is_some() {
+            return Err(Error::msg(format!(
+                "--kernels: kernel versions are the CUDA backend's, and {device} runs on the CPU"
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -245,6 +309,8 @@ struct TrainArgs {
     seed: u64,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    #[command(flatten)]
+    kernels: KernelArgs,
     /// Run directory: checkpoints (last.safetensors, best.safetensors) and metrics.jsonl.
     #[arg(long, default_value = "runs/capsnet")]
     checkpoint_dir: PathBuf,
@@ -287,6 +353,8 @@ struct TestSetArgs {
     batch_size: usize,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    #[command(flatten)]
+    kernels: KernelArgs,
     /// The test set [default: the dataset the checkpoint was trained on].
     #[arg(long, value_enum)]
     dataset: Option<DatasetArg>,
@@ -385,6 +453,8 @@ struct BenchArgs {
     warmup: usize,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    #[command(flatten)]
+    kernels: KernelArgs,
     /// Time each op at the model's shapes instead of whole steps.
     #[arg(long)]
     ops: bool,
@@ -404,15 +474,22 @@ enum Selected {
 /// `--device cpu` is the CPU, `cuda` GPU 0 or an error saying why not, `emulated` the emulated
 /// device, `auto` GPU 0 when there is one, else the CPU. A GPU whose kernels do not compile or load
 /// is an error, never a quiet fallback.
-fn select(device: Device) -> Result<Selected> {
+fn select(device: Device, kernels: &KernelArgs) -> Result<Selected> {
     let cuda = |flag: &str| {
-        CudaBackend::new(0)
+        let ks = kernels.kernel_set()?;
+        CudaBackend::with_kernels(0, ks)
             .map(|b| Selected::Cuda(Box::new(b)))
             .map_err(|e| Error::msg(format!("--device {flag}: {e}")))
     };
     match device {
-        Device::Cpu => Ok(Selected::Cpu(FastCpu::new())),
-        Device::CpuReference => Ok(Selected::CpuReference(CpuBackend::new())),
+        Device::Cpu => {
+            kernels.cpu_only("--device cpu")?;
+            Ok(Selected::Cpu(FastCpu::new()))
+        }
+        Device::CpuReference => {
+            kernels.cpu_only("--device cpu-reference")?;
+            Ok(Selected::CpuReference(CpuBackend::new()))
+        }
         Device::Cuda => cuda("cuda"),
         Device::Emulated => {
             cuda::emulator::load(cuda::emulator::Variant::Plain)
@@ -422,11 +499,55 @@ fn select(device: Device) -> Result<Selected> {
         Device::Auto => match cuda::open_device(0) {
             Ok(_) => cuda("auto (GPU 0 is there)"),
             Err(e) => {
+                kernels.cpu_only("--device auto (no GPU here)")?;
                 eprintln!("note: no GPU ({e}); running on the CPU");
                 Ok(Selected::Cpu(FastCpu::new()))
             }
         },
     }
+}
+
+/// `bench --ops` on the GPU: every version of every versioned op, checked, then timed, side by side
+/// with the roofline floor of the device (the time at its peak for the precision, or at its memory
+/// bandwidth).
+fn print_version_bench(be: &CudaBackend, cfg: &Config, batch: usize, reps: usize) -> Result<()> {
+    let info = be.info();
+    let peak = capsnet::bench::peak_of(&info.name, info.sms);
+    println!("ops by kernel version, batch {batch}, {} ({} SMs)", info.name, info.sms);
+    match &peak {
+        Some(p) => println!(
+            "peaks ({}): fp32 {} TFLOP/s, tf32 {}, bf16 {}, memory {} GB/s; floor = max(FLOPs at peak, bytes at bandwidth)",
+            p.name, p.fp32_tflops, p.tf32_tflops, p.bf16_tflops, p.hbm_gbs
+        ),
+        None => println!("peaks of this GPU unknown: no % of peak or floor"),
+    }
+    println!(
+        "{:<40} {:<5} {:<5} {:>9} {:>8} {:>8} {:>7} {:>9}",
+        "op and layer", "ver", "prec", "ms", "TFLOP/s", "GB/s", "% peak", "floor ms"
+    );
+    for t in capsnet::bench::version_bench(be, cfg, batch, reps)? {
+        let tflops = t.flops / (t.ms / 1e3) / 1e12;
+        let gbs = t.bytes / (t.ms / 1e3) / 1e9;
+        let (pct, floor) = match &peak {
+            Some(p) => (
+                format!("{:.1}", 100.0 * tflops / p.tflops(t.precision)),
+                format!("{:.4}", t.floor_ms(p)),
+            ),
+            None => ("?".into(), "?".into()),
+        };
+        println!(
+            "{:<40} {:<5} {:<5} {:>9.4} {:>8.2} {:>8.0} {:>7} {:>9}",
+            t.op,
+            t.version,
+            t.precision.name(),
+            t.ms,
+            tflops,
+            gbs,
+            pct,
+            floor
+        );
+    }
+    Ok(())
 }
 
 /// Runs `$body` with `$be` bound to whichever backend `$sel` holds.
@@ -446,7 +567,7 @@ macro_rules! with_backend {
 impl TestSetArgs {
     /// Evaluates, and writes the figures into `out` when given.
     fn run(&self, out: Option<&std::path::Path>, figure: &FigureArgs) -> Result<(train::EvalReport, Vec<PathBuf>)> {
-        let sel = select(self.device)?;
+        let sel = select(self.device, &self.kernels)?;
         let fig = figure.options();
         let opts = train::EvalOptions {
             limit: self.limit,
@@ -572,7 +693,7 @@ fn predict(a: PredictArgs) -> Result<()> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::file(dir, format!("--save-input: cannot create the directory: {e}")))?;
     }
-    let sel = select(a.device)?;
+    let sel = select(a.device, &KernelArgs::default())?;
     let results = with_backend!(sel, |be| {
         let mut tape = capsnet::tape::Tape::new(be);
         let model = capsnet::model::CapsNet::from_checkpoint(&mut tape, &ck)?;
@@ -760,7 +881,7 @@ fn print_eval(r: &train::EvalReport) {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Train(a) => {
-            let sel = select(a.device)?;
+            let sel = select(a.device, &a.kernels)?;
             // only what is missing: train() reads and checks every file anyway
             if a.download
                 && data::FILES
@@ -835,8 +956,11 @@ fn run(cli: Cli) -> Result<()> {
                 return Err(Error::msg("bench: --steps must be at least 1"));
             }
             a.model.config().validate()?;
-            let sel = select(a.device)?;
+            let sel = select(a.device, &a.kernels)?;
             if a.ops {
+                if let Selected::Cuda(be) = &sel {
+                    return print_version_bench(be, &a.model.config(), a.batch_size, a.steps);
+                }
                 return with_backend!(sel, |be| {
                     println!("ops, batch {}, {}", a.batch_size, capsnet::backend::Backend::name(&be));
                     for t in capsnet::bench::op_bench(&be, &a.model.config(), a.batch_size, a.steps)? {
