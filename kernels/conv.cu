@@ -143,10 +143,17 @@ __device__ void conv2d_bwd_cols_mma(const float* dz, const float* w, float* cols
     gemm_tile_mma<BF16>(M, N, K, StridedOp{dz0, K, 1}, StridedOp{w, 1, K}, store);
 }
 
+// Split over gridDim.z slices of K (the B·OH·OW output pixels): with one slice dw += the sum; with
+// more, slice z writes its partial sums to ws[z] and splitk_reduce_add (elementwise.cu) adds them to
+// dw in slice order, so the result does not depend on the schedule.
 template <bool BF16>
-__device__ void conv2d_bwd_weight_mma(const float* x, const float* dz, float* dw, ConvParams p) {
+__device__ void conv2d_bwd_weight_mma(const float* x, const float* dz, float* dw, float* ws, ConvParams p) {
     const int M = p.k * p.k * p.in_c, N = p.out_c, K = p.batch * p.out_h * p.out_w;
-    auto store = [=](int m, int n, float acc) { dw[(size_t)m * N + n] += acc; };
+    float* part = ws + (size_t)blockIdx.z * M * N;
+    auto store = [=](int m, int n, float acc) {
+        if (gridDim.z == 1) dw[(size_t)m * N + n] += acc;
+        else part[(size_t)m * N + n] = acc;
+    };
     gemm_tile_mma<BF16>(M, N, K, PatchTOp{PatchOp{x, p}, x}, StridedOp{dz, N, 1}, store);
 }
 
@@ -171,10 +178,12 @@ conv2d_bwd_cols_bf16(const float* __restrict__ dz, const float* __restrict__ w, 
     conv2d_bwd_cols_mma<true>(dz, w, cols, p, b0, nb);
 }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS)
-conv2d_bwd_weight_tf32(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw, ConvParams p) {
-    conv2d_bwd_weight_mma<false>(x, dz, dw, p);
+conv2d_bwd_weight_tf32(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw,
+                       float* __restrict__ ws, ConvParams p) {
+    conv2d_bwd_weight_mma<false>(x, dz, dw, ws, p);
 }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS)
-conv2d_bwd_weight_bf16(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw, ConvParams p) {
-    conv2d_bwd_weight_mma<true>(x, dz, dw, p);
+conv2d_bwd_weight_bf16(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw,
+                       float* __restrict__ ws, ConvParams p) {
+    conv2d_bwd_weight_mma<true>(x, dz, dw, ws, p);
 }

@@ -49,9 +49,14 @@ __device__ void dense_bwd_input_mma(const float* dz, const float* w, float* dx, 
     gemm_tile_mma<BF16>(p.rows, p.in, p.out, StridedOp{dz, p.out, 1}, StridedOp{w, 1, p.out}, store);
 }
 
+// Split over gridDim.z slices of the rows, as conv2d_bwd_weight_mma (conv.cu).
 template <bool BF16>
-__device__ void dense_bwd_weight_mma(const float* x, const float* dz, float* dw, DenseParams p) {
-    auto store = [=](int m, int n, float acc) { dw[(size_t)m * p.out + n] += acc; };
+__device__ void dense_bwd_weight_mma(const float* x, const float* dz, float* dw, float* ws, DenseParams p) {
+    float* part = ws + (size_t)blockIdx.z * p.in * p.out;
+    auto store = [=](int m, int n, float acc) {
+        if (gridDim.z == 1) dw[(size_t)m * p.out + n] += acc;
+        else part[(size_t)m * p.out + n] = acc;
+    };
     gemm_tile_mma<BF16>(p.in, p.out, p.rows, StridedOp{x, 1, p.in}, StridedOp{dz, p.out, 1}, store);
 }
 
@@ -74,10 +79,12 @@ dense_bwd_input_bf16(const float* __restrict__ dz, const float* __restrict__ w, 
     dense_bwd_input_mma<true>(dz, w, dx, p);
 }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS)
-dense_bwd_weight_tf32(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw, DenseParams p) {
-    dense_bwd_weight_mma<false>(x, dz, dw, p);
+dense_bwd_weight_tf32(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw,
+                      float* __restrict__ ws, DenseParams p) {
+    dense_bwd_weight_mma<false>(x, dz, dw, ws, p);
 }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS)
-dense_bwd_weight_bf16(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw, DenseParams p) {
-    dense_bwd_weight_mma<true>(x, dz, dw, p);
+dense_bwd_weight_bf16(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw,
+                      float* __restrict__ ws, DenseParams p) {
+    dense_bwd_weight_mma<true>(x, dz, dw, ws, p);
 }

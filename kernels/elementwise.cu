@@ -7,6 +7,7 @@
 //   bias_bwd_f32    db[c] += Σ_r dz[r, c]                           (one block per column, tree sum)
 //   sq_err_fwd_f32  loss[0] = scale / rows · Σ (pred − target)²     (one block, tree sum)
 //   sq_err_bwd_f32  dpred[i] += 2 · scale / rows · dloss[0] · (pred[i] − target[i])
+//   splitk_reduce_add  out[i] += Σ_z ws[z, i]                         (slices in order)
 //
 // Flat loops are grid-stride over n elements; reductions use a fixed tree (deterministic).
 #include "common.cuh"
@@ -58,4 +59,14 @@ extern "C" __global__ void sq_err_bwd_f32(const float* pred, const float* target
     const size_t n = (size_t)rows * cols;
     const float g = 2.f * scale * dloss[0] / (float)max(rows, 1);
     GRID_STRIDE(i, n) dpred[i] += g * (pred[i] - target[i]);
+}
+
+// out[e] += Σ_z ws[z·n + e] for z = 0 .. split−1 in that order: the deterministic second pass of a
+// split-K GEMM (gemm_mma.cuh). 32-bit indices: the host checks split·n fits.
+extern "C" __global__ void splitk_reduce_add(const float* __restrict__ ws, float* __restrict__ out, int n, int split) {
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x) {
+        float acc = 0.f;
+        for (int z = 0; z < split; ++z) acc += ws[z * n + e];
+        out[e] += acc;
+    }
 }

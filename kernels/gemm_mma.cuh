@@ -61,6 +61,8 @@ struct MmaElem<true> {
     __device__ static T round(float x) { return (T)(pack_bf16(x, 0.f) & 0xffffu); }
 };
 
+// Split-K: block z of gridDim.z sums only its slice of K, whole K-tiles [z·kp, (z+1)·kp) with
+// kp = ceil(K-tiles / gridDim.z); with gridDim.z = 1 that is all of K.
 template <bool BF16, class OpA, class OpB, class Store>
 __device__ __forceinline__ void gemm_tile_mma(int M, int N, int K, const OpA& A, const OpB& B, const Store& store) {
     static_assert(MMA_BM == 64 && MMA_BN == 64 && MMA_BK == 32 && MMA_THREADS == 128, "written for 64x64x32, 128 threads");
@@ -73,7 +75,9 @@ __device__ __forceinline__ void gemm_tile_mma(int M, int N, int K, const OpA& A,
     __shared__ int a_row[MMA_BM];
     __shared__ int b_col[MMA_BN];
 
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int kp = ((K + MMA_BK - 1) / MMA_BK + gridDim.z - 1) / gridDim.z * MMA_BK;
+    const int k_begin = blockIdx.z * kp, k_end = min(K, k_begin + kp);
     const int m0 = blockIdx.y * MMA_BM, n0 = blockIdx.x * MMA_BN;
     const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
     if (tid < MMA_BM) a_row[tid] = m0 + tid < M ? A.row(m0 + tid) : 0;
@@ -87,7 +91,7 @@ __device__ __forceinline__ void gemm_tile_mma(int M, int N, int K, const OpA& A,
     float ra[16], rb[16];
     auto load = [&](int k0) {
         const int k = k0 + ka;
-        const bool kv = k < K;
+        const bool kv = k < k_end;
         const int ac = kv ? A.col(k) : 0;
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
@@ -97,7 +101,7 @@ __device__ __forceinline__ void gemm_tile_mma(int M, int N, int K, const OpA& A,
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
             const int kb = k0 + bk + 2 * i;
-            rb[i] = (b_col_valid && kb < K) ? B.base[B.row(kb) + b_col_off] : 0.f;
+            rb[i] = (b_col_valid && kb < k_end) ? B.base[B.row(kb) + b_col_off] : 0.f;
         }
     };
     auto stash = [&](int buf) {
@@ -115,12 +119,12 @@ __device__ __forceinline__ void gemm_tile_mma(int M, int N, int K, const OpA& A,
 #pragma unroll
             for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
 
-    load(0);
+    load(k_begin);
     stash(0);
     __syncthreads();
     int buf = 0;
-    for (int k0 = 0; k0 < K; k0 += MMA_BK) {
-        const bool more = k0 + MMA_BK < K;
+    for (int k0 = k_begin; k0 < k_end; k0 += MMA_BK) {
+        const bool more = k0 + MMA_BK < k_end;
         if (more) load(k0 + MMA_BK);  // in flight while this tile is multiplied
         const T* as = As[buf];
         const T* bs = Bs[buf];

@@ -325,11 +325,24 @@ fn host_inputs(n: usize, seed: usize, lo: f64, hi: f64, abs: bool) -> Vec<f32> {
 /// The cases of the op named `op` (a name of the registry's OPS) at the model's shapes and `batch`;
 /// `abs`: every input replaced by its absolute value and the biases by zero (the reference's
 /// Σ|a|·|b|, which bounds the rounding error).
-fn op_cases<'a, B: Backend<E = f32>>(be: &'a B, op: &str, cfg: &Config, batch: usize, abs: bool) -> Result<Vec<Case<'a>>> {
+fn op_cases<'a, B: Backend<E = f32>>(
+    be: &'a B,
+    op: &str,
+    cfg: &Config,
+    batch: usize,
+    abs: bool,
+) -> Result<Vec<Case<'a>>> {
     use std::cell::RefCell;
     use std::rc::Rc;
     let up = |n: usize, seed: usize, lo: f64, hi: f64| be.upload(&host_inputs(n, seed, lo, hi, abs));
-    let bias = |n: usize, seed: usize| be.upload(&host_inputs(n, seed, -0.1, 0.1, false).iter().map(|&b| if abs { 0.0 } else { b }).collect::<Vec<_>>());
+    let bias = |n: usize, seed: usize| {
+        be.upload(
+            &host_inputs(n, seed, -0.1, 0.1, false)
+                .iter()
+                .map(|&b| if abs { 0.0 } else { b })
+                .collect::<Vec<_>>(),
+        )
+    };
     let mut cases = vec![];
     let f = 4.0; // bytes per float
     match op {
@@ -340,7 +353,11 @@ fn op_cases<'a, B: Backend<E = f32>>(be: &'a B, op: &str, cfg: &Config, batch: u
                 }
                 let layer = format!("{name} {}->{} {}x{}/{}", s.in_c, s.out_c, s.k, s.k, s.stride);
                 let flops = 2.0 * s.macs() as f64;
-                let (x, w, dz) = (up(s.x_len(), 1, 0.0, 1.0)?, up(s.w_len(), 2, -0.1, 0.1)?, up(s.y_len(), 3, -1.0, 1.0)?);
+                let (x, w, dz) = (
+                    up(s.x_len(), 1, 0.0, 1.0)?,
+                    up(s.w_len(), 2, -0.1, 0.1)?,
+                    up(s.y_len(), 3, -1.0, 1.0)?,
+                );
                 let (xl, wl, yl) = (s.x_len() as f64, s.w_len() as f64, s.y_len() as f64);
                 let case = match op {
                     "conv2d_fwd" => {
@@ -390,7 +407,11 @@ fn op_cases<'a, B: Backend<E = f32>>(be: &'a B, op: &str, cfg: &Config, batch: u
                 let layer = format!("fc{} {}->{}", n + 1, d.inp, d.out);
                 let flops = 2.0 * (d.rows * d.inp * d.out) as f64;
                 let (xl, wl, yl) = ((d.rows * d.inp) as f64, (d.inp * d.out) as f64, (d.rows * d.out) as f64);
-                let (x, w, dz) = (up(d.rows * d.inp, 5, -1.0, 1.0)?, up(d.inp * d.out, 6, -0.1, 0.1)?, up(d.rows * d.out, 7, -1.0, 1.0)?);
+                let (x, w, dz) = (
+                    up(d.rows * d.inp, 5, -1.0, 1.0)?,
+                    up(d.inp * d.out, 6, -0.1, 0.1)?,
+                    up(d.rows * d.out, 7, -1.0, 1.0)?,
+                );
                 let case = match op {
                     "dense_fwd" => {
                         let b = bias(d.out, 8)?;
@@ -445,7 +466,9 @@ fn op_cases<'a, B: Backend<E = f32>>(be: &'a B, op: &str, cfg: &Config, batch: u
                 flops: 2.0 * (2 * rounds - 1) as f64 * cs.uhat_len() as f64,
                 bytes: f * (rounds as f64 * cs.uhat_len() as f64),
                 k: None,
-                launch: Box::new(move || be.routing_fwd(&cs, rounds, &uhat, &mut v.borrow_mut(), &mut saved.borrow_mut())),
+                launch: Box::new(move || {
+                    be.routing_fwd(&cs, rounds, &uhat, &mut v.borrow_mut(), &mut saved.borrow_mut())
+                }),
                 output: Box::new(move || be.download(&v2.borrow())),
             });
         }

@@ -973,3 +973,96 @@ fn a_closed_stdout_ends_quietly() {
     assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
     assert!(matches!(o.status.code(), Some(141) | Some(0)), "{:?}: {err}", o.status);
 }
+
+/// `bench --ops` on the CUDA backend (here the emulated device) prints a row for every version of
+/// every versioned op at each of the model's layers, each checked before it is timed; and the flags
+/// that choose versions refuse what they cannot do, naming the flag.
+#[test]
+fn bench_ops_lists_every_kernel_version_and_version_flags_are_checked() {
+    use capsnet::cuda::registry::OPS;
+    // refused before any device is touched
+    let o = capsnet(
+        &["train", "--device", "cpu", "--precision", "bf16", "--limit", "10"],
+        &[],
+    );
+    assert_clean_error(&o, &["--precision bf16", "CPU"]);
+    let o = capsnet(&["bench", "--device", "cpu", "--kernels", "routing=v2"], &[]);
+    assert_clean_error(&o, &["--kernels"]);
+    if std::env::var_os("CAPSNET_REQUIRE_GPU").is_some() {
+        eprintln!("SKIPPED: the emulated device (CAPSNET_REQUIRE_GPU=1: a real GPU is under test)");
+        return;
+    }
+    if !capsnet::cuda::nvrtc_available() {
+        assert!(
+            std::env::var_os("CAPSNET_REQUIRE_NVRTC").is_none(),
+            "CAPSNET_REQUIRE_NVRTC is set but libnvrtc cannot be loaded"
+        );
+        eprintln!("SKIPPED: libnvrtc not found, so the emulated device cannot load kernels");
+        return;
+    }
+    let o = capsnet(&["bench", "--device", "emulated", "--kernels", "conv2d_fwd=v9"], &[]);
+    assert_clean_error(&o, &["--kernels", "conv2d_fwd", "v9", "v1, tf32, bf16"]);
+    let o = capsnet(
+        &[
+            "bench",
+            "--device",
+            "emulated",
+            "--ops",
+            "--batch-size",
+            "2",
+            "--steps",
+            "1",
+        ],
+        &[("CAPSNET_KERNELS", "routing=v7")],
+    );
+    assert_clean_error(&o, &["CAPSNET_KERNELS", "routing", "v7"]);
+    let o = capsnet(
+        &[
+            "bench",
+            "--device",
+            "emulated",
+            "--ops",
+            "--batch-size",
+            "2",
+            "--steps",
+            "1",
+            "--conv1-channels",
+            "16",
+            "--primary-maps",
+            "4",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("TFLOP/s") && out.contains("% peak") && out.contains("floor ms"),
+        "{out}"
+    );
+    // layers per op: two convolutions (one for the input gradient: the image needs none), three
+    // decoder layers, one routing forward
+    for op in OPS {
+        let layers = match op.name {
+            "conv2d_fwd" | "conv2d_bwd_weight" => 2,
+            "conv2d_bwd_input" => 1,
+            "routing" => 1,
+            _ => 3,
+        };
+        for v in op.versions {
+            let rows = out
+                .lines()
+                .filter(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.first() == Some(&op.name)
+                        && f.iter().any(|x| *x == v.label)
+                        && f.iter().any(|x| *x == v.precision.name())
+                })
+                .count();
+            assert_eq!(
+                rows, layers,
+                "{} {}: {rows} rows, want {layers}:\n{out}",
+                op.name, v.label
+            );
+        }
+    }
+}

@@ -327,6 +327,53 @@ macro_rules! launch_gemm {
     }};
 }
 
+/// Split-K, for the tensor-core GEMMs that sum over many products into few outputs.
+impl CudaBackend {
+    /// How a tensor-core GEMM with an m×n output, summing `depth` products, is launched: its grid, with
+    /// as many slices of K (grid z) as give every SM a block when the output tiles alone do not, each
+    /// slice at least SPLITK_MIN_STEPS K-steps deep; and the workspace of the slices' partial sums (a
+    /// one-float placeholder when there is one slice). None when the output is empty.
+    fn splitk_plan(
+        &self,
+        k: Kernel,
+        m: usize,
+        n: usize,
+        depth: usize,
+    ) -> Result<Option<(LaunchConfig, usize, CudaBuf)>> {
+        let Some(mut cfg) = gemm_grid(k, m, n)? else {
+            return Ok(None);
+        };
+        let tiles = (cfg.grid_dim.0 * cfg.grid_dim.1) as usize;
+        let sms = self.info.sms.max(1) as usize;
+        let split = if tiles >= sms {
+            1
+        } else {
+            (sms / tiles)
+                .min(depth / (reg::SPLITK_MIN_STEPS * reg::MMA_K_STEP))
+                .clamp(1, 65535)
+        };
+        if split * m * n > i32::MAX as usize {
+            return Err(Error::msg(format!(
+                "{}: {split} slices of a {m}x{n} output exceed 32-bit indices",
+                k.name
+            )));
+        }
+        cfg.grid_dim.2 = split as u32;
+        let ws = self.take::<f32>(if split > 1 { split * m * n } else { 1 })?;
+        Ok(Some((cfg, split, ws)))
+    }
+
+    /// The second pass of a split-K GEMM: out += the slices of `ws` summed in order (nothing for one slice).
+    fn splitk_reduce(&self, ks: &[Kernel], ws: &CudaBuf, out: &mut CudaBuf, n: usize, split: usize) -> Result<()> {
+        if split == 1 {
+            return Ok(());
+        }
+        let (ni, si) = (n as i32, split as i32);
+        // SAFETY: splitk_reduce_add(ws [split·n], out [n], int n, int split), lengths from splitk_plan.
+        launch!(self, ks[1], flat(n), [ws.slice(), out.slice_mut(), &ni, &si])
+    }
+}
+
 impl Backend for CudaBackend {
     type E = f32;
     type Buf = CudaBuf;
@@ -496,14 +543,29 @@ impl Backend for CudaBackend {
         check(OP, "dz", dz.len(), s.y_len())?;
         check(OP, "dw", dw.len(), s.w_len())?;
         let p = ConvParams::new(s)?;
-        let k = self.version(reg::CONV2D_BWD_WEIGHT)[0];
-        // SAFETY: conv2d_bwd_weight_*(x, dz, dw, ConvParams): lengths checked against p above.
-        launch_gemm!(
+        let ks = self.version(reg::CONV2D_BWD_WEIGHT);
+        let (m, n, depth) = (s.patch_len(), s.out_c, s.rows());
+        if let [k] = ks {
+            // SAFETY: conv2d_bwd_weight_v1(x, dz, dw, ConvParams): lengths checked against p above.
+            return launch_gemm!(
+                self,
+                *k,
+                gemm_grid(*k, m, n)?,
+                [x.slice(), dz.slice(), dw.slice_mut(), &p]
+            );
+        }
+        let Some((cfg, split, mut ws)) = self.splitk_plan(ks[0], m, n, depth)? else {
+            return Ok(());
+        };
+        // SAFETY: conv2d_bwd_weight_{tf32,bf16}(x, dz, dw, ws, ConvParams) over `split` slices of K: dw
+        // gets the sum (split 1) or slice z writes m·n partial sums to ws[z] (ws holds split·m·n).
+        launch!(
             self,
-            k,
-            gemm_grid(k, s.patch_len(), s.out_c)?,
-            [x.slice(), dz.slice(), dw.slice_mut(), &p]
-        )
+            ks[0],
+            cfg,
+            [x.slice(), dz.slice(), dw.slice_mut(), ws.slice_mut(), &p]
+        )?;
+        self.splitk_reduce(ks, &ws, dw, m * n, split)
     }
     fn bias_bwd(&self, rows: usize, cols: usize, dz: &CudaBuf, db: &mut CudaBuf) -> Result<()> {
         check("bias_bwd", "dz", dz.len(), rows * cols)?;
@@ -584,14 +646,27 @@ impl Backend for CudaBackend {
         check(OP, "dz", dz.len(), s.rows * s.out)?;
         check(OP, "dw", dw.len(), s.inp * s.out)?;
         let p = DenseParams::new(s)?;
-        let k = self.version(reg::DENSE_BWD_WEIGHT)[0];
-        // SAFETY: dense_bwd_weight_*(x, dz, dw, DenseParams): lengths checked above.
-        launch_gemm!(
+        let ks = self.version(reg::DENSE_BWD_WEIGHT);
+        if let [k] = ks {
+            // SAFETY: dense_bwd_weight_v1(x, dz, dw, DenseParams): lengths checked above.
+            return launch_gemm!(
+                self,
+                *k,
+                gemm_grid(*k, s.inp, s.out)?,
+                [x.slice(), dz.slice(), dw.slice_mut(), &p]
+            );
+        }
+        let Some((cfg, split, mut ws)) = self.splitk_plan(ks[0], s.inp, s.out, s.rows)? else {
+            return Ok(());
+        };
+        // SAFETY: dense_bwd_weight_{tf32,bf16}(x, dz, dw, ws, DenseParams), as conv2d_bwd_weight's.
+        launch!(
             self,
-            k,
-            gemm_grid(k, s.inp, s.out)?,
-            [x.slice(), dz.slice(), dw.slice_mut(), &p]
-        )
+            ks[0],
+            cfg,
+            [x.slice(), dz.slice(), dw.slice_mut(), ws.slice_mut(), &p]
+        )?;
+        self.splitk_reduce(ks, &ws, dw, s.inp * s.out, split)
     }
 
     // ---- capsules -------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ kernels! {
     BIAS_BWD = "elementwise.cu": "bias_bwd_f32" @ BIAS_BWD_THREADS;
     SQ_ERR_FWD = "elementwise.cu": "sq_err_fwd_f32" @ SQ_ERR_FWD_THREADS;
     SQ_ERR_BWD = "elementwise.cu": "sq_err_bwd_f32" @ FLAT_THREADS;
+    SPLITK_REDUCE_ADD = "elementwise.cu": "splitk_reduce_add" @ FLAT_THREADS;
     ADAM_STEP_V1 = "adam.cu": "adam_step_v1" @ FLAT_THREADS;
     SQUASH_FWD = "capsules.cu": "squash_fwd" @ FLAT_THREADS;
     SQUASH_BWD = "capsules.cu": "squash_bwd" @ FLAT_THREADS;
@@ -124,6 +125,8 @@ pub const ROUTING: OpId = OpId(6);
 
 const SIMT: &str = "64x64 tile, 4x4 outputs per thread, fp32 FMAs, index arithmetic per element";
 const TC: &str = "mma.sync 64x64x32 tile, 4 warps of 32x32, offsets once per row and K-tile, double-buffered";
+const TC_SPLIT: &str =
+    "the tensor-core GEMM, split over K when it has fewer tiles than the GPU has SMs, slices summed in order";
 
 /// Every op with versions, indexed by the [`OpId`] constants above.
 pub const OPS: &[Op] = &[
@@ -170,8 +173,8 @@ pub const OPS: &[Op] = &[
         name: "conv2d_bwd_weight",
         versions: &[
             v("v1", Fp32, &[CONV2D_BWD_WEIGHT_V1], SIMT),
-            v("tf32", Tf32, &[CONV2D_BWD_WEIGHT_TF32], TC),
-            v("bf16", Bf16, &[CONV2D_BWD_WEIGHT_BF16], TC),
+            v("tf32", Tf32, &[CONV2D_BWD_WEIGHT_TF32, SPLITK_REDUCE_ADD], TC_SPLIT),
+            v("bf16", Bf16, &[CONV2D_BWD_WEIGHT_BF16, SPLITK_REDUCE_ADD], TC_SPLIT),
         ],
         default: "v1",
     },
@@ -197,8 +200,8 @@ pub const OPS: &[Op] = &[
         name: "dense_bwd_weight",
         versions: &[
             v("v1", Fp32, &[DENSE_BWD_WEIGHT_V1], SIMT),
-            v("tf32", Tf32, &[DENSE_BWD_WEIGHT_TF32], TC),
-            v("bf16", Bf16, &[DENSE_BWD_WEIGHT_BF16], TC),
+            v("tf32", Tf32, &[DENSE_BWD_WEIGHT_TF32, SPLITK_REDUCE_ADD], TC_SPLIT),
+            v("bf16", Bf16, &[DENSE_BWD_WEIGHT_BF16, SPLITK_REDUCE_ADD], TC_SPLIT),
         ],
         default: "v1",
     },
@@ -331,6 +334,9 @@ pub const FLAT_THREADS: u32 = 256;
 /// The most floats conv2d_bwd_input v2 holds in its cols buffer at once (64 MiB): a batch whose
 /// cols are larger runs in chunks of images.
 pub const COLS_CHUNK_FLOATS: usize = 16 << 20;
+/// A split-K slice sums at least this many K steps (of MMA_K_STEP), so that a slice's loads and its
+/// share of the reduction stay small against its multiplies.
+pub const SPLITK_MIN_STEPS: usize = 4;
 /// The unversioned ops' kernels.
 pub const ADAM_STEP: Kernel = ADAM_STEP_V1;
 

@@ -662,6 +662,12 @@ pub fn gemm_op<B: Backend>(g: &B, op: GemmOp, mantissa_bits: u32) {
             inp: 7,
             out: 65,
         },
+        // one output tile summed over 600 rows: the weight gradient's tensor-core versions split K
+        DenseShape {
+            rows: 600,
+            inp: 40,
+            out: 24,
+        },
     ];
     let bound = |k: usize| gemm_bound(mantissa_bits, k);
     match op {
