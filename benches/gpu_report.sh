@@ -9,8 +9,9 @@
 #   tests     every test executable with CAPSNET_REQUIRE_GPU=1 (a GPU test that cannot find the GPU fails)
 #   sanitize  compute-sanitizer memcheck, then racecheck, over the CUDA tests
 #   info      capsnet info
-#   bench     training steps at batch 50 and 128, then the op benchmarks, then the PyTorch peer at the
-#             same batch sizes (fp32, and its fastest: bf16-autocast with torch.compile), same machine
+#   bench     training steps at batch 50 and 128 in fp32, tf32 and bf16, then every version of every
+#             versioned op (bench --ops), then the PyTorch peer at the same batch sizes (fp32, tf32, and
+#             bf16-autocast with torch.compile), same machine
 #   train     the notebook's configuration, then its test accuracy (REPORT_EPOCHS, default 10; the
 #             phase stops at 9 minutes, and the run resumes where it stopped on the next call)
 #   paper     the same for --preset paper on MNIST (REPORT_PAPER_EPOCHS, default 30)
@@ -70,15 +71,21 @@ sanitize() {
 }
 
 bench() {
-  local b
+  local b p
   for b in 50 128; do
-    .gpu/bin/capsnet bench --device cuda --batch-size "$b" --steps 20 --warmup 3
+    for p in fp32 tf32 bf16; do
+      echo "=== precision $p"
+      .gpu/bin/capsnet bench --device cuda --precision "$p" --batch-size "$b" --steps 20 --warmup 3
+    done
   done
+  # every version of every versioned op, checked against the reference, then timed
   for b in 50 128; do
     .gpu/bin/capsnet bench --device cuda --ops --batch-size "$b" --steps 10
   done
   for b in 50 128; do
-    python3 .gpu/bench/capsnet_torch_bench.py --mnist-dir .gpu/data/mnist --batch-size "$b" --precision fp32
+    for p in fp32 tf32; do
+      python3 .gpu/bench/capsnet_torch_bench.py --mnist-dir .gpu/data/mnist --batch-size "$b" --precision "$p"
+    done
     python3 .gpu/bench/capsnet_torch_bench.py --mnist-dir .gpu/data/mnist --batch-size "$b" \
       --precision bf16-autocast --compile
   done
@@ -107,7 +114,7 @@ for p in "${phases[@]}"; do
     tests | sanitize | info) phase "$p" ;;
     bench)
       phase bench
-      grep -E "^batch |images/s|\"images_per_s\"" "$out/bench.log" | sed 's/^/  /' | tee -a "$summary" ;;
+      grep -E "^=== precision|^batch |images/s|\"images_per_s\"" "$out/bench.log" | sed 's/^/  /' | tee -a "$summary" ;;
     train | paper | multimnist)
       phase "$p"
       grep -E "^epoch|test accuracy|per-digit" "$out/$p.log" | tail -4 | sed 's/^/  /' | tee -a "$summary" ;;
