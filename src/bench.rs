@@ -477,6 +477,9 @@ fn op_cases<'a, B: Backend<E = f32>>(
     Ok(cases)
 }
 
+/// The reference's outputs of one op's cases for one precision, and the same on absolute values.
+type Reference = (Precision, Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 /// Times every version of every GEMM-shaped op and of routing at the model's shapes and `batch` on the
 /// CUDA backend. Each version runs once and is checked against the CPU reference that rounds the same
 /// GEMM inputs the same way (so only the order of f32 sums differs: within
@@ -507,7 +510,7 @@ fn version_bench_inner(
     let mut out = vec![];
     for op in OPS {
         // the reference once per precision: the op's outputs, and on absolute values the scale
-        let mut references: Vec<(Precision, Vec<Vec<f32>>, Vec<Vec<f32>>)> = vec![];
+        let mut references: Vec<Reference> = vec![];
         for version in op.versions {
             let p = version.precision;
             if !references.iter().any(|r| r.0 == p) {

@@ -1053,9 +1053,7 @@ fn bench_ops_lists_every_kernel_version_and_version_flags_are_checked() {
                 .lines()
                 .filter(|l| {
                     let f: Vec<&str> = l.split_whitespace().collect();
-                    f.first() == Some(&op.name)
-                        && f.iter().any(|x| *x == v.label)
-                        && f.iter().any(|x| *x == v.precision.name())
+                    f.first() == Some(&op.name) && f.contains(&v.label) && f.contains(&v.precision.name())
                 })
                 .count();
             assert_eq!(
