@@ -618,6 +618,22 @@ fn kernel_report(arch: &str) -> Result<()> {
         );
     }
     println!("dyn smem: at the default model's shapes (routing); spills in bytes");
+    println!();
+    println!("op versions (* the default; --precision tf32/bf16 picks those versions, --kernels OP=VERSION any):");
+    for op in cuda::registry::OPS {
+        for v in op.versions {
+            let kernels: Vec<&str> = v.kernels.iter().map(|k| k.name).collect();
+            println!(
+                "  {:<18} {}{:<5} {:<5} {:<44} {}",
+                op.name,
+                if v.label == op.default { "*" } else { " " },
+                v.label,
+                v.precision.name(),
+                kernels.join(" + "),
+                v.about
+            );
+        }
+    }
     Ok(())
 }
 

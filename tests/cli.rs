@@ -1000,6 +1000,23 @@ fn bench_ops_lists_every_kernel_version_and_version_flags_are_checked() {
         eprintln!("SKIPPED: libnvrtc not found, so the emulated device cannot load kernels");
         return;
     }
+    // info --kernels lists every version of every op, the default starred
+    let o = capsnet(&["info", "--kernels"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let info = stdout(&o);
+    for op in OPS {
+        for v in op.versions {
+            let star = if v.label == op.default { "*" } else { " " };
+            let row = format!(
+                "{:<18} {star}{:<5} {:<5} {}",
+                op.name,
+                v.label,
+                v.precision.name(),
+                v.kernels[0].name
+            );
+            assert!(info.contains(&row), "info --kernels lacks {row:?}:\n{info}");
+        }
+    }
     let o = capsnet(&["bench", "--device", "emulated", "--kernels", "conv2d_fwd=v9"], &[]);
     assert_clean_error(&o, &["--kernels", "conv2d_fwd", "v9", "v1, tf32, bf16"]);
     let o = capsnet(
