@@ -110,7 +110,7 @@ mod tests {
         assert_eq!(Precision::Tf32.round(one_plus((1 << 12) - 1)), 1.0);
         // bf16: 1 + 2^-8 is halfway between 1 (even) and 1 + 2^-7: to even; 1 + 3·2^-8 up to 1 + 2^-6
         assert_eq!(Precision::Bf16.round(one_plus(1 << 15)), 1.0);
-        assert_eq!(Precision::Bf16.round(one_plus(3 << 15)), one_plus(1 << 16));
+        assert_eq!(Precision::Bf16.round(one_plus(3 << 15)), one_plus(1 << 17));
         assert_eq!(Precision::Fp32.round(0.1), 0.1);
         assert!(Precision::Bf16.round(f32::NAN).is_nan());
         for x in [0.1f32, -3.7, 1234.5678, 1e-20] {
