@@ -89,8 +89,9 @@ impl From<PrecisionArg> for Precision {
 /// Which kernel versions the CUDA backend launches.
 #[derive(Args, Clone, Default)]
 struct KernelArgs {
-    /// What the convolutions and the decoder multiply in on the GPU (master weights, the capsule
-    /// layers, the losses and Adam stay fp32) [default: fp32].
+    /// What the convolutions and the decoder multiply in on the GPU: bf16 or tf32 on tensor cores,
+    /// fp32 exactly on CUDA cores (master weights, the capsule layers, the losses and Adam stay fp32)
+    /// [default: bf16 on a GPU, chosen by accuracy; the CPU backends compute in fp32].
     #[arg(long, value_enum)]
     precision: Option<PrecisionArg>,
     /// Kernel versions, OP=VERSION,... over --precision's (`capsnet info --kernels` lists them; the
@@ -102,7 +103,8 @@ struct KernelArgs {
 impl KernelArgs {
     /// The set the CUDA backend launches: --precision's versions, then CAPSNET_KERNELS, then --kernels.
     fn kernel_set(&self) -> Result<KernelSet> {
-        let mut ks = KernelSet::for_precision(self.precision.map_or(Precision::Fp32, Into::into));
+        let p = self.precision.map_or(cuda::registry::DEFAULT_PRECISION, Into::into);
+        let mut ks = KernelSet::for_precision(p);
         if let Ok(spec) = std::env::var("CAPSNET_KERNELS") {
             ks.apply(&spec, "CAPSNET_KERNELS")?;
         }

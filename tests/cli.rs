@@ -776,7 +776,8 @@ fn the_emulated_device_trains_like_the_cpu_and_says_what_it_is() {
             "1",
         ];
         args.extend(&TINY[..TINY.len() - 2]);
-        args.extend(["--device", device]);
+        // fp32 on both: the emulated device's default, bf16, rounds every GEMM input
+        args.extend(["--device", device, "--precision", "fp32"]);
         let o = capsnet(&args, &[]);
         assert!(o.status.success(), "--device {device}: {}", stderr(&o));
         metrics_without_timing(&dir).remove(0)
@@ -999,6 +1000,31 @@ fn bench_ops_lists_every_kernel_version_and_version_flags_are_checked() {
         );
         eprintln!("SKIPPED: libnvrtc not found, so the emulated device cannot load kernels");
         return;
+    }
+    // a GPU (here emulated) runs bf16 GEMMs unless told otherwise, and says which set it runs
+    let small = [
+        "--batch-size",
+        "1",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--conv1-channels",
+        "16",
+        "--primary-maps",
+        "4",
+    ];
+    for (flags, says) in [
+        (vec![], "bf16 GEMMs"),
+        (vec!["--precision", "tf32"], "tf32 GEMMs"),
+        (vec!["--precision", "fp32", "--kernels", "routing=v2"], "routing=v2"),
+    ] {
+        let mut args = vec!["bench", "--device", "emulated"];
+        args.extend(small);
+        args.extend(flags);
+        let o = capsnet(&args, &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stdout(&o).contains(says), "{args:?}: no {says:?} in\n{}", stdout(&o));
     }
     // info --kernels lists every version of every op, the default starred
     let o = capsnet(&["info", "--kernels"], &[]);

@@ -381,7 +381,16 @@ impl Backend for CudaBackend {
 
     fn name(&self) -> String {
         let (a, b) = self.info.compute_capability;
-        format!("cuda: {} (sm_{a}{b}, {} SMs)", self.info.name, self.info.sms)
+        let ks = self.kernels.borrow();
+        // a precision's whole set by its name, any other set op by op
+        let kernels = match reg::Precision::ALL
+            .into_iter()
+            .find(|&p| *ks == reg::KernelSet::for_precision(p))
+        {
+            Some(p) => format!("{} GEMMs", p.name()),
+            None => format!("kernels {}", ks.describe()),
+        };
+        format!("cuda: {} (sm_{a}{b}, {} SMs), {kernels}", self.info.name, self.info.sms)
     }
 
     fn synchronize(&self) -> Result<()> {
