@@ -736,13 +736,12 @@ fn early_stopping_ends_the_run_and_stays_ended_on_resume() {
     assert_eq!(metrics_without_timing(&run).len(), 2);
 }
 
-/// `--device emulated` trains through the CUDA backend on the emulated device and follows the CPU;
-/// `info --emulated` says the device is emulated and that every kernel loads on it.
-#[test]
-fn the_emulated_device_trains_like_the_cpu_and_says_what_it_is() {
+/// Whether `--device emulated` can run here; says SKIPPED when not (a real GPU under test, or no
+/// NVRTC), and fails where CAPSNET_REQUIRE_NVRTC demands NVRTC.
+fn emulated_device_usable() -> bool {
     if std::env::var_os("CAPSNET_REQUIRE_GPU").is_some() {
         eprintln!("SKIPPED: the emulated device (CAPSNET_REQUIRE_GPU=1: a real GPU is under test)");
-        return;
+        return false;
     }
     if !capsnet::cuda::nvrtc_available() {
         assert!(
@@ -750,6 +749,16 @@ fn the_emulated_device_trains_like_the_cpu_and_says_what_it_is() {
             "CAPSNET_REQUIRE_NVRTC is set but libnvrtc cannot be loaded"
         );
         eprintln!("SKIPPED: libnvrtc not found, so the emulated device cannot load kernels");
+        return false;
+    }
+    true
+}
+
+/// `--device emulated` trains through the CUDA backend on the emulated device and follows the CPU;
+/// `info --emulated` says the device is emulated and that every kernel loads on it.
+#[test]
+fn the_emulated_device_trains_like_the_cpu_and_says_what_it_is() {
+    if !emulated_device_usable() {
         return;
     }
     let o = capsnet(&["info", "--emulated"], &[]);
@@ -989,16 +998,7 @@ fn bench_ops_lists_every_kernel_version_and_version_flags_are_checked() {
     assert_clean_error(&o, &["--precision bf16", "CPU"]);
     let o = capsnet(&["bench", "--device", "cpu", "--kernels", "routing=v2"], &[]);
     assert_clean_error(&o, &["--kernels"]);
-    if std::env::var_os("CAPSNET_REQUIRE_GPU").is_some() {
-        eprintln!("SKIPPED: the emulated device (CAPSNET_REQUIRE_GPU=1: a real GPU is under test)");
-        return;
-    }
-    if !capsnet::cuda::nvrtc_available() {
-        assert!(
-            std::env::var_os("CAPSNET_REQUIRE_NVRTC").is_none(),
-            "CAPSNET_REQUIRE_NVRTC is set but libnvrtc cannot be loaded"
-        );
-        eprintln!("SKIPPED: libnvrtc not found, so the emulated device cannot load kernels");
+    if !emulated_device_usable() {
         return;
     }
     // a GPU (here emulated) runs bf16 GEMMs unless told otherwise, and says which set it runs

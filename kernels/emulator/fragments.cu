@@ -10,24 +10,24 @@
 //   frag_convert      tf32[i] = to_tf32(x[i]); bf16[i] = pack_bf16(x[2i], x[2i+1])
 #include "../mma.cuh"
 
-extern "C" __global__ void frag_mma_tf32(const unsigned* a, const unsigned* b, const float* c, float* d) {
+template <bool BF16>
+__device__ void frag_mma(const unsigned* a, const unsigned* b, const float* c, float* d) {
     const int l = threadIdx.x;
     unsigned ra[4], rb[2];
     float rc[4], rd[4];
     for (int i = 0; i < 4; ++i) ra[i] = a[l * 4 + i], rc[i] = c[l * 4 + i];
     for (int i = 0; i < 2; ++i) rb[i] = b[l * 2 + i];
-    mma_tf32(rd, ra, rb, rc);
+    if (BF16) mma_bf16(rd, ra, rb, rc);
+    else mma_tf32(rd, ra, rb, rc);
     for (int i = 0; i < 4; ++i) d[l * 4 + i] = rd[i];
 }
 
+extern "C" __global__ void frag_mma_tf32(const unsigned* a, const unsigned* b, const float* c, float* d) {
+    frag_mma<false>(a, b, c, d);
+}
+
 extern "C" __global__ void frag_mma_bf16(const unsigned* a, const unsigned* b, const float* c, float* d) {
-    const int l = threadIdx.x;
-    unsigned ra[4], rb[2];
-    float rc[4], rd[4];
-    for (int i = 0; i < 4; ++i) ra[i] = a[l * 4 + i], rc[i] = c[l * 4 + i];
-    for (int i = 0; i < 2; ++i) rb[i] = b[l * 2 + i];
-    mma_bf16(rd, ra, rb, rc);
-    for (int i = 0; i < 4; ++i) d[l * 4 + i] = rd[i];
+    frag_mma<true>(a, b, c, d);
 }
 
 #define FRAG_STRIDE 24

@@ -610,6 +610,32 @@ fn abs(v: &[f32]) -> Vec<f32> {
     v.iter().map(|x| x.abs()).collect()
 }
 
+/// An op of `g` that adds a GEMM of inputs `$a` and `$b` into an output starting at `$acc0`, against the
+/// reference within `$bound` of the scale: the same op on the inputs' absolute values, plus |acc0|.
+macro_rules! check_accumulating {
+    ($g:expr, $name:expr, $a:expr, $b:expr, $acc0:expr, $bound:expr, |$be:ident, $x:ident, $y:ident, $out:ident| $call:expr) => {{
+        let scale: Vec<f64> = {
+            let cpu_backend = Cpu::new();
+            let $be = &cpu_backend;
+            let ($x, $y) = (up($be, &abs($a)), up($be, &abs($b)));
+            let mut $out = $be.zeros($acc0.len()).unwrap();
+            $call.unwrap();
+            down($be, &$out)
+                .iter()
+                .zip($acc0)
+                .map(|(s, d)| s + d.abs() as f64)
+                .collect()
+        };
+        let (want, got) = both!($g, |$be| {
+            let ($x, $y) = (up($be, $a), up($be, $b));
+            let mut $out = up($be, $acc0);
+            $call.unwrap();
+            down($be, &$out)
+        });
+        compare_bounded($name, &got, &want, &scale, $bound);
+    }};
+}
+
 /// One GEMM-shaped op of `g` against the CPU reference at odd shapes and the model's own, with the
 /// bound of [`gemm_bound`] for inputs rounded to `mantissa_bits` (23: fp32, 10: tf32, 7: bf16).
 /// Written outputs start poisoned, accumulated ones from random values.
@@ -729,56 +755,24 @@ pub fn gemm_op<B: Backend>(g: &B, op: GemmOp, mantissa_bits: u32) {
                             );
                         }
                     }
-                    GemmOp::ConvBwdInput => {
-                        let dx0 = &acc0[..s.x_len()];
-                        let abs_ref = {
-                            let mut dx = cpu.zeros(s.x_len()).unwrap();
-                            cpu.conv2d_bwd_input(s, &up(&cpu, &abs(&dz)), &up(&cpu, &abs(&w)), &mut dx)
-                                .unwrap();
-                            down(&cpu, &dx)
-                                .iter()
-                                .zip(dx0)
-                                .map(|(a, d)| a + d.abs() as f64)
-                                .collect::<Vec<_>>()
-                        };
-                        let (want, got) = both!(g, |be| {
-                            let mut dx = up(be, dx0);
-                            be.conv2d_bwd_input(s, &up(be, &dz), &up(be, &w), &mut dx).unwrap();
-                            down(be, &dx)
-                        });
-                        compare_bounded(
-                            &format!("conv2d_bwd_input {s:?}"),
-                            &got,
-                            &want,
-                            &abs_ref,
-                            bound(s.k * s.k * s.out_c + 1),
-                        );
-                    }
-                    _ => {
-                        let dw0 = &acc0[..s.w_len()];
-                        let abs_ref = {
-                            let mut dw = cpu.zeros(s.w_len()).unwrap();
-                            cpu.conv2d_bwd_weight(s, &up(&cpu, &abs(&x)), &up(&cpu, &abs(&dz)), &mut dw)
-                                .unwrap();
-                            down(&cpu, &dw)
-                                .iter()
-                                .zip(dw0)
-                                .map(|(a, d)| a + d.abs() as f64)
-                                .collect::<Vec<_>>()
-                        };
-                        let (want, got) = both!(g, |be| {
-                            let mut dw = up(be, dw0);
-                            be.conv2d_bwd_weight(s, &up(be, &x), &up(be, &dz), &mut dw).unwrap();
-                            down(be, &dw)
-                        });
-                        compare_bounded(
-                            &format!("conv2d_bwd_weight {s:?}"),
-                            &got,
-                            &want,
-                            &abs_ref,
-                            bound(s.rows() + 1),
-                        );
-                    }
+                    GemmOp::ConvBwdInput => check_accumulating!(
+                        g,
+                        &format!("conv2d_bwd_input {s:?}"),
+                        &dz,
+                        &w,
+                        &acc0[..s.x_len()],
+                        bound(s.k * s.k * s.out_c + 1),
+                        |be, dzb, wb, dx| be.conv2d_bwd_input(s, &dzb, &wb, &mut dx)
+                    ),
+                    _ => check_accumulating!(
+                        g,
+                        &format!("conv2d_bwd_weight {s:?}"),
+                        &x,
+                        &dz,
+                        &acc0[..s.w_len()],
+                        bound(s.rows() + 1),
+                        |be, xb, dzb, dw| be.conv2d_bwd_weight(s, &xb, &dzb, &mut dw)
+                    ),
                 }
             }
         }
@@ -830,56 +824,24 @@ pub fn gemm_op<B: Backend>(g: &B, op: GemmOp, mantissa_bits: u32) {
                             );
                         }
                     }
-                    GemmOp::DenseBwdInput => {
-                        let dx0 = &acc0[..s.rows * s.inp];
-                        let abs_ref = {
-                            let mut dx = cpu.zeros(s.rows * s.inp).unwrap();
-                            cpu.dense_bwd_input(s, &up(&cpu, &abs(&dz)), &up(&cpu, &abs(&w)), &mut dx)
-                                .unwrap();
-                            down(&cpu, &dx)
-                                .iter()
-                                .zip(dx0)
-                                .map(|(a, d)| a + d.abs() as f64)
-                                .collect::<Vec<_>>()
-                        };
-                        let (want, got) = both!(g, |be| {
-                            let mut dx = up(be, dx0);
-                            be.dense_bwd_input(s, &up(be, &dz), &up(be, &w), &mut dx).unwrap();
-                            down(be, &dx)
-                        });
-                        compare_bounded(
-                            &format!("dense_bwd_input {s:?}"),
-                            &got,
-                            &want,
-                            &abs_ref,
-                            bound(s.out + 1),
-                        );
-                    }
-                    _ => {
-                        let dw0 = &acc0[..s.inp * s.out];
-                        let abs_ref = {
-                            let mut dw = cpu.zeros(s.inp * s.out).unwrap();
-                            cpu.dense_bwd_weight(s, &up(&cpu, &abs(&x)), &up(&cpu, &abs(&dz)), &mut dw)
-                                .unwrap();
-                            down(&cpu, &dw)
-                                .iter()
-                                .zip(dw0)
-                                .map(|(a, d)| a + d.abs() as f64)
-                                .collect::<Vec<_>>()
-                        };
-                        let (want, got) = both!(g, |be| {
-                            let mut dw = up(be, dw0);
-                            be.dense_bwd_weight(s, &up(be, &x), &up(be, &dz), &mut dw).unwrap();
-                            down(be, &dw)
-                        });
-                        compare_bounded(
-                            &format!("dense_bwd_weight {s:?}"),
-                            &got,
-                            &want,
-                            &abs_ref,
-                            bound(s.rows + 1),
-                        );
-                    }
+                    GemmOp::DenseBwdInput => check_accumulating!(
+                        g,
+                        &format!("dense_bwd_input {s:?}"),
+                        &dz,
+                        &w,
+                        &acc0[..s.rows * s.inp],
+                        bound(s.out + 1),
+                        |be, dzb, wb, dx| be.dense_bwd_input(s, &dzb, &wb, &mut dx)
+                    ),
+                    _ => check_accumulating!(
+                        g,
+                        &format!("dense_bwd_weight {s:?}"),
+                        &x,
+                        &dz,
+                        &acc0[..s.inp * s.out],
+                        bound(s.rows + 1),
+                        |be, xb, dzb, dw| be.dense_bwd_weight(s, &xb, &dzb, &mut dw)
+                    ),
                 }
             }
         }
