@@ -104,7 +104,7 @@ routing_bwd_v1(const float* __restrict__ uhat, const float* __restrict__ saved_c
         for (int j = threadIdx.x; j < J; j += blockDim.x) squash_vec_bwd(sr + j * D, dvr + j * D, ds + j * D, D, false);
         __syncthreads();
         // û receives the agreement term (with db = db_{r+1}, before this round updates it) and the sum term
-        for (size_t e = threadIdx.x; e < (size_t)I * J * D; e += blockDim.x) {
+        for (int e = threadIdx.x; e < I * J * D; e += blockDim.x) {  // 32-bit: the host checks I·J·D
             const int ij = e / D, d = e % D, j = ij % J;
             float g = c[ij] * ds[j * D + d];
             if (!last) g = fmaf(db[ij], vr[j * D + d], g);
@@ -195,7 +195,7 @@ routing_bwd_v2(const float* __restrict__ uhat, const float* __restrict__ saved_c
     float* db = scratch + (size_t)b * I * J; // [I, J]  d(loss)/d(b_{r+1})
     const float* uh = uhat + (size_t)b * I * J * D;
     float* duh = duhat + (size_t)b * I * J * D;
-    for (size_t e = threadIdx.x; e < (size_t)I * J; e += blockDim.x) db[e] = 0.f;
+    for (int e = threadIdx.x; e < I * J; e += blockDim.x) db[e] = 0.f;
     __syncthreads();
     for (int r = rounds - 1; r >= 0; --r) {
         const float* c = saved_c + ((size_t)b * rounds + r) * I * J;
@@ -216,9 +216,8 @@ routing_bwd_v2(const float* __restrict__ uhat, const float* __restrict__ saved_c
         __syncthreads();
         for (int j = threadIdx.x; j < J; j += blockDim.x) squash_vec_bwd(sr + j * D, dvr + j * D, ds + j * D, D, false);
         __syncthreads();
-        for (size_t e = threadIdx.x; e < (size_t)I * J * D; e += blockDim.x) {
-            const size_t ij = e / D;
-            const int d = e % D, j = ij % J;
+        for (int e = threadIdx.x; e < I * J * D; e += blockDim.x) {  // 32-bit: the host checks I·J·D
+            const int ij = e / D, d = e % D, j = ij % J;
             float g = c[ij] * ds[j * D + d];
             if (!last) g = fmaf(db[ij], vr[j * D + d], g);
             duh[e] += g;

@@ -137,3 +137,37 @@ fn the_kernel_report_covers_every_kernel_and_no_hot_kernel_spills() {
             .contains("real architecture")
     );
 }
+
+/// No kernel of the training step divides 64-bit integers (PTX div/rem .u64/.s64, which sm_90 runs
+/// as a called subroutine of dozens of instructions): their indices are 32-bit, the host checking
+/// that the sizes fit (src/cuda/params.rs).
+#[test]
+fn no_hot_kernel_divides_64_bit_integers() {
+    use capsnet::cuda::report::is_hot;
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let mut found = vec![];
+    for (file, _) in capsnet::kernels::SOURCES.iter().filter(|(n, _)| n.ends_with(".cu")) {
+        let ptx = compile::compile_file(file, "sm_90")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .to_src();
+        let mut kernel = String::new();
+        for line in ptx.lines() {
+            if let Some(rest) = line.split(".entry ").nth(1) {
+                kernel = rest.split('(').next().unwrap_or("").trim().to_string();
+            }
+            let op = line.split_whitespace().next().unwrap_or("");
+            let hot = registry::ALL.iter().any(|k| k.name == kernel && is_hot(*k));
+            if hot && ["div.u64", "rem.u64", "div.s64", "rem.s64"].contains(&op) {
+                found.push(format!("{kernel} ({file}): {}", line.trim()));
+            }
+        }
+        assert!(!kernel.is_empty(), "kernels/{file}: no .entry in its PTX");
+    }
+    assert!(
+        found.is_empty(),
+        "64-bit integer division in hot kernels:\n{}",
+        found.join("\n")
+    );
+}

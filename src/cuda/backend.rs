@@ -15,7 +15,7 @@ use cudarc::driver::{
     PushKernelArg, ValidAsZeroBits,
 };
 
-use super::params::{AdamParams, AdamTensor, CapsParams, ConvParams, DenseParams};
+use super::params::{AdamParams, AdamTensor, CapsParams, ConvParams, DenseParams, i32_of};
 use super::registry::{self as reg, Kernel};
 use super::{DeviceInfo, compile_all, device_info, open_device};
 use crate::backend::{
@@ -683,7 +683,7 @@ impl Backend for CudaBackend {
     fn squash_fwd(&self, rows: usize, dim: usize, s: &CudaBuf, v: &mut CudaBuf) -> Result<()> {
         check("squash_fwd", "s", s.len(), rows * dim)?;
         check("squash_fwd", "v", v.len(), rows * dim)?;
-        let (r, d) = (rows as i32, dim as i32);
+        let (r, d) = (i32_of("squash_fwd: rows", rows)?, dim as i32);
         // SAFETY: squash_fwd(s, v, int rows, int dim); both hold rows·dim floats.
         launch!(self, reg::SQUASH_FWD, flat(rows), [s.slice(), v.slice_mut(), &r, &d])
     }
@@ -691,7 +691,7 @@ impl Backend for CudaBackend {
         check("squash_bwd", "s", s.len(), rows * dim)?;
         check("squash_bwd", "dv", dv.len(), rows * dim)?;
         check("squash_bwd", "ds", ds.len(), rows * dim)?;
-        let (r, d) = (rows as i32, dim as i32);
+        let (r, d) = (i32_of("squash_bwd: rows", rows)?, dim as i32);
         // SAFETY: squash_bwd(s, dv, ds, int rows, int dim); all hold rows·dim floats.
         launch!(
             self,
@@ -846,7 +846,7 @@ impl Backend for CudaBackend {
     fn lengths_fwd(&self, rows: usize, dim: usize, v: &CudaBuf, l: &mut CudaBuf) -> Result<()> {
         check("lengths_fwd", "v", v.len(), rows * dim)?;
         check("lengths_fwd", "l", l.len(), rows)?;
-        let (r, d) = (rows as i32, dim as i32);
+        let (r, d) = (i32_of("lengths_fwd: rows", rows)?, dim as i32);
         // SAFETY: lengths_fwd(v [rows, dim], l [rows], int rows, int dim).
         launch!(self, reg::LENGTHS_FWD, flat(rows), [v.slice(), l.slice_mut(), &r, &d])
     }
@@ -863,6 +863,7 @@ impl Backend for CudaBackend {
         check("lengths_bwd", "l", l.len(), rows)?;
         check("lengths_bwd", "dl", dl.len(), rows)?;
         check("lengths_bwd", "dv", dv.len(), rows * dim)?;
+        i32_of("lengths_bwd: rows x dim", rows * dim)?;
         let (r, d) = (rows as i32, dim as i32);
         // SAFETY: lengths_bwd(v, l, dl, dv, int rows, int dim); lengths checked above.
         launch!(
@@ -884,6 +885,7 @@ impl Backend for CudaBackend {
         check("mask_fwd", "v", v.len(), batch * caps * dim)?;
         check("mask_fwd", "idx", idx.len(), batch)?;
         check("mask_fwd", "out", out.len(), batch * caps * dim)?;
+        i32_of("mask_fwd: batch x capsules x dim", batch * caps * dim)?;
         let (b, c, d) = (batch as i32, caps as i32, dim as i32);
         // SAFETY: mask_fwd(v, idx, out, int batch, int caps, int dim); an index ≥ caps matches no
         // capsule, so it zeroes the row instead of reading out of bounds.
@@ -906,6 +908,7 @@ impl Backend for CudaBackend {
         check("mask_bwd", "dout", dout.len(), batch * caps * dim)?;
         check("mask_bwd", "idx", idx.len(), batch)?;
         check("mask_bwd", "dv", dv.len(), batch * caps * dim)?;
+        i32_of("mask_bwd: batch x capsules x dim", batch * caps * dim)?;
         let (b, c, d) = (batch as i32, caps as i32, dim as i32);
         // SAFETY: mask_bwd(dout, idx, dv, int batch, int caps, int dim); lengths checked above.
         launch!(
@@ -918,7 +921,7 @@ impl Backend for CudaBackend {
     fn argmax(&self, rows: usize, cols: usize, x: &CudaBuf, idx: &mut CudaIdx) -> Result<()> {
         check("argmax", "x", x.len(), rows * cols)?;
         check("argmax", "idx", idx.len(), rows)?;
-        let (r, c) = (rows as i32, cols as i32);
+        let (r, c) = (i32_of("argmax: rows", rows)?, cols as i32);
         // SAFETY: argmax_f32(x [rows, cols], idx [rows], int rows, int cols).
         launch!(self, reg::ARGMAX, flat(rows), [x.slice(), idx.slice_mut(), &r, &c])
     }
@@ -961,6 +964,7 @@ impl Backend for CudaBackend {
         check_labels("margin_loss_bwd", batch, per, labels.len())?;
         check("margin_loss_bwd", "dloss", dloss.len(), 1)?;
         check("margin_loss_bwd", "dl", dl.len(), batch * classes)?;
+        i32_of("margin_loss_bwd: batch x classes", batch * classes)?;
         let (b, c, k) = (batch as i32, classes as i32, per as i32);
         // SAFETY: margin_loss_bwd(l, labels [batch, per], dloss [1], dl, int batch, int classes, int per);
         // lengths checked above.

@@ -5,7 +5,8 @@ use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 
 use crate::backend::{CapsShape, ConvShape, DenseShape};
 
-fn i32_of(what: &str, n: usize) -> crate::Result<i32> {
+/// `n` as a kernel's 32-bit index or count, or an error saying what does not fit.
+pub(crate) fn i32_of(what: &str, n: usize) -> crate::Result<i32> {
     i32::try_from(n).map_err(|_| crate::Error::msg(format!("{what} = {n} does not fit the kernels' 32-bit indices")))
 }
 
@@ -81,6 +82,8 @@ unsafe impl DeviceRepr for CapsParams {}
 impl CapsParams {
     pub fn new(s: &CapsShape) -> crate::Result<Self> {
         i32_of("capsule pairs", s.in_caps * s.out_caps * s.out_dim.max(s.in_dim))?;
+        // the capsule kernels index û, u and W with 32-bit element indices
+        i32_of("elements of û", s.uhat_len().max(s.u_len()).max(s.w_len()))?;
         Ok(CapsParams {
             batch: i32_of("batch", s.batch)?,
             in_caps: s.in_caps as i32,
