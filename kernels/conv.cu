@@ -154,7 +154,7 @@ __device__ void conv2d_bwd_weight_mma(const float* x, const float* dz, float* dw
         if (gridDim.z == 1) dw[(size_t)m * N + n] += acc;
         else part[(size_t)m * N + n] = acc;
     };
-    gemm_tile_mma<BF16>(M, N, K, PatchTOp{PatchOp{x, p}, x}, StridedOp{dz, N, 1}, store);
+    gemm_tile_mma<BF16>(M, N, K, PatchTOp{{x, p}}, StridedOp{dz, N, 1}, store);
 }
 
 extern "C" __global__ void __launch_bounds__(MMA_THREADS)

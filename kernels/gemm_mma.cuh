@@ -39,11 +39,9 @@ struct PatchOp {  // A(r, q) of a valid convolution: x at tap q = (ky, kx, ci) o
     }
 };
 
-struct PatchTOp {  // the patch transposed: A(q, r)
-    PatchOp patch;
-    const float* base;
-    __device__ int row(int q) const { return patch.col(q); }
-    __device__ int col(int r) const { return patch.row(r); }
+struct PatchTOp : PatchOp {  // the patch transposed: A(q, r), same base and offsets, roles swapped
+    __device__ int row(int q) const { return PatchOp::col(q); }
+    __device__ int col(int r) const { return PatchOp::row(r); }
 };
 
 template <bool BF16>

@@ -101,8 +101,9 @@ struct Tables {
         }
     }
 };
-// The value of element i of a register array: tf32 ignores the low 13 bits (as the hardware is
-// observed to); bf16 holds element i in half i & 1 of register i / 2, the even one low.
+// The value of element i of a register array: tf32 ignores the low 13 bits (what third-party
+// measurements report the hardware does; the ISA leaves it open and the kernels never pass such
+// values, rounding with cvt.rna first); bf16 holds element i in half i & 1 of register i / 2, the even one low.
 template <bool BF16>
 inline float value(const unsigned* regs, int i) {
     if (BF16) return __uint_as_float((i & 1) ? (regs[i >> 1] & 0xffff0000u) : (regs[i >> 1] << 16));

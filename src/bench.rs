@@ -287,8 +287,6 @@ pub struct VersionTiming {
     pub flops: f64,
     /// Bytes the version must move at least: its inputs and outputs once, and its own buffers.
     pub bytes: f64,
-    /// The largest |got − reference| as a fraction of what the precision allows (≤ 1 to be timed).
-    pub error_ratio: f64,
 }
 
 impl VersionTiming {
@@ -311,6 +309,33 @@ struct Case<'a> {
     output: Box<dyn Fn() -> Result<Vec<f32>> + 'a>,
 }
 
+impl<'a> Case<'a> {
+    /// A case whose `launch` writes (or adds to) its output, `len` zeros on `be` at first.
+    fn new<B: Backend<E = f32>>(
+        be: &'a B,
+        layer: String,
+        flops: f64,
+        bytes: f64,
+        k: Option<usize>,
+        len: usize,
+        mut launch: impl FnMut(&mut B::Buf) -> Result<()> + 'a,
+    ) -> Result<Case<'a>>
+    where
+        B::Buf: 'a,
+    {
+        let out = std::rc::Rc::new(std::cell::RefCell::new(be.zeros(len)?));
+        let read = out.clone();
+        Ok(Case {
+            layer,
+            flops,
+            bytes,
+            k,
+            launch: Box::new(move || launch(&mut out.borrow_mut())),
+            output: Box::new(move || be.download(&read.borrow())),
+        })
+    }
+}
+
 /// Seeded inputs in [lo, hi), or their absolute values.
 fn host_inputs(n: usize, seed: usize, lo: f64, hi: f64, abs: bool) -> Vec<f32> {
     (0..n)
@@ -331,9 +356,10 @@ fn op_cases<'a, B: Backend<E = f32>>(
     cfg: &Config,
     batch: usize,
     abs: bool,
-) -> Result<Vec<Case<'a>>> {
-    use std::cell::RefCell;
-    use std::rc::Rc;
+) -> Result<Vec<Case<'a>>>
+where
+    B::Buf: 'a,
+{
     let up = |n: usize, seed: usize, lo: f64, hi: f64| be.upload(&host_inputs(n, seed, lo, hi, abs));
     let bias = |n: usize, seed: usize| {
         be.upload(
@@ -359,47 +385,29 @@ fn op_cases<'a, B: Backend<E = f32>>(
                     up(s.y_len(), 3, -1.0, 1.0)?,
                 );
                 let (xl, wl, yl) = (s.x_len() as f64, s.w_len() as f64, s.y_len() as f64);
-                let case = match op {
+                cases.push(match op {
                     "conv2d_fwd" => {
                         let b = bias(s.out_c, 4)?;
-                        let y = Rc::new(RefCell::new(be.zeros(s.y_len())?));
-                        let y2 = y.clone();
-                        Case {
-                            layer,
-                            flops,
-                            bytes: f * (xl + wl + yl),
-                            k: Some(s.patch_len() + 1),
-                            launch: Box::new(move || be.conv2d_fwd(&s, &x, &w, &b, &mut y.borrow_mut(), Act::Relu)),
-                            output: Box::new(move || be.download(&y2.borrow())),
-                        }
+                        let bytes = f * (xl + wl + yl);
+                        Case::new(be, layer, flops, bytes, Some(s.patch_len() + 1), s.y_len(), move |y| {
+                            be.conv2d_fwd(&s, &x, &w, &b, y, Act::Relu)
+                        })?
                     }
                     "conv2d_bwd_input" => {
-                        let dx = Rc::new(RefCell::new(be.zeros(s.x_len())?));
-                        let dx2 = dx.clone();
-                        Case {
-                            layer,
-                            flops,
-                            // dz, W, dx read and written, and (v2 and after) cols written and read
-                            bytes: f * (yl + wl + 2.0 * xl + 2.0 * (s.rows() * s.patch_len()) as f64),
-                            k: Some(s.k * s.k * s.out_c + 1),
-                            launch: Box::new(move || be.conv2d_bwd_input(&s, &dz, &w, &mut dx.borrow_mut())),
-                            output: Box::new(move || be.download(&dx2.borrow())),
-                        }
+                        // dz, W, dx read and written, and (v2 and after) cols written and read
+                        let bytes = f * (yl + wl + 2.0 * xl + 2.0 * (s.rows() * s.patch_len()) as f64);
+                        let k = Some(s.k * s.k * s.out_c + 1);
+                        Case::new(be, layer, flops, bytes, k, s.x_len(), move |dx| {
+                            be.conv2d_bwd_input(&s, &dz, &w, dx)
+                        })?
                     }
                     _ => {
-                        let dw = Rc::new(RefCell::new(be.zeros(s.w_len())?));
-                        let dw2 = dw.clone();
-                        Case {
-                            layer,
-                            flops,
-                            bytes: f * (xl + yl + 2.0 * wl),
-                            k: Some(s.rows() + 1),
-                            launch: Box::new(move || be.conv2d_bwd_weight(&s, &x, &dz, &mut dw.borrow_mut())),
-                            output: Box::new(move || be.download(&dw2.borrow())),
-                        }
+                        let bytes = f * (xl + yl + 2.0 * wl);
+                        Case::new(be, layer, flops, bytes, Some(s.rows() + 1), s.w_len(), move |dw| {
+                            be.conv2d_bwd_weight(&s, &x, &dz, dw)
+                        })?
                     }
-                };
-                cases.push(case);
+                });
             }
         }
         "dense_fwd" | "dense_bwd_input" | "dense_bwd_weight" => {
@@ -412,65 +420,45 @@ fn op_cases<'a, B: Backend<E = f32>>(
                     up(d.inp * d.out, 6, -0.1, 0.1)?,
                     up(d.rows * d.out, 7, -1.0, 1.0)?,
                 );
-                let case = match op {
+                cases.push(match op {
                     "dense_fwd" => {
                         let b = bias(d.out, 8)?;
-                        let y = Rc::new(RefCell::new(be.zeros(d.rows * d.out)?));
-                        let y2 = y.clone();
-                        Case {
-                            layer,
-                            flops,
-                            bytes: f * (xl + wl + yl),
-                            k: Some(d.inp + 1),
-                            launch: Box::new(move || be.dense_fwd(&d, &x, &w, &b, &mut y.borrow_mut(), Act::Relu)),
-                            output: Box::new(move || be.download(&y2.borrow())),
-                        }
+                        let bytes = f * (xl + wl + yl);
+                        Case::new(be, layer, flops, bytes, Some(d.inp + 1), d.rows * d.out, move |y| {
+                            be.dense_fwd(&d, &x, &w, &b, y, Act::Relu)
+                        })?
                     }
                     "dense_bwd_input" => {
-                        let dx = Rc::new(RefCell::new(be.zeros(d.rows * d.inp)?));
-                        let dx2 = dx.clone();
-                        Case {
-                            layer,
-                            flops,
-                            bytes: f * (yl + wl + 2.0 * xl),
-                            k: Some(d.out + 1),
-                            launch: Box::new(move || be.dense_bwd_input(&d, &dz, &w, &mut dx.borrow_mut())),
-                            output: Box::new(move || be.download(&dx2.borrow())),
-                        }
+                        let bytes = f * (yl + wl + 2.0 * xl);
+                        Case::new(be, layer, flops, bytes, Some(d.out + 1), d.rows * d.inp, move |dx| {
+                            be.dense_bwd_input(&d, &dz, &w, dx)
+                        })?
                     }
                     _ => {
-                        let dw = Rc::new(RefCell::new(be.zeros(d.inp * d.out)?));
-                        let dw2 = dw.clone();
-                        Case {
-                            layer,
-                            flops,
-                            bytes: f * (xl + yl + 2.0 * wl),
-                            k: Some(d.rows + 1),
-                            launch: Box::new(move || be.dense_bwd_weight(&d, &x, &dz, &mut dw.borrow_mut())),
-                            output: Box::new(move || be.download(&dw2.borrow())),
-                        }
+                        let bytes = f * (xl + yl + 2.0 * wl);
+                        Case::new(be, layer, flops, bytes, Some(d.rows + 1), d.inp * d.out, move |dw| {
+                            be.dense_bwd_weight(&d, &x, &dz, dw)
+                        })?
                     }
-                };
-                cases.push(case);
+                });
             }
         }
         "routing" => {
             let cs = cfg.caps_shape(batch);
             let rounds = cfg.routing_rounds;
             let uhat = up(cs.uhat_len(), 9, -0.2, 0.2)?;
-            let v = Rc::new(RefCell::new(be.zeros(cs.v_len())?));
-            let saved = RefCell::new(be.routing_saved(&cs, rounds)?);
-            let v2 = v.clone();
-            cases.push(Case {
-                layer: format!("fwd, {rounds} rounds"),
-                flops: 2.0 * (2 * rounds - 1) as f64 * cs.uhat_len() as f64,
-                bytes: f * (rounds as f64 * cs.uhat_len() as f64),
-                k: None,
-                launch: Box::new(move || {
-                    be.routing_fwd(&cs, rounds, &uhat, &mut v.borrow_mut(), &mut saved.borrow_mut())
-                }),
-                output: Box::new(move || be.download(&v2.borrow())),
-            });
+            let mut saved = be.routing_saved(&cs, rounds)?;
+            let flops = 2.0 * (2 * rounds - 1) as f64 * cs.uhat_len() as f64;
+            let bytes = f * (rounds as f64 * cs.uhat_len() as f64);
+            cases.push(Case::new(
+                be,
+                format!("fwd, {rounds} rounds"),
+                flops,
+                bytes,
+                None,
+                cs.v_len(),
+                move |v| be.routing_fwd(&cs, rounds, &uhat, v, &mut saved),
+            )?);
         }
         other => return Err(crate::Error::msg(format!("no benchmark cases for op {other}"))),
     }
@@ -564,7 +552,6 @@ fn version_bench_inner(
                     ms: ms[ms.len() / 2],
                     flops: case.flops,
                     bytes: case.bytes,
-                    error_ratio: worst,
                 });
             }
         }

@@ -104,10 +104,7 @@ impl KernelArgs {
     /// The set the CUDA backend launches: --precision's versions, then CAPSNET_KERNELS, then --kernels.
     fn kernel_set(&self) -> Result<KernelSet> {
         let p = self.precision.map_or(cuda::registry::DEFAULT_PRECISION, Into::into);
-        let mut ks = KernelSet::for_precision(p);
-        if let Ok(spec) = std::env::var("CAPSNET_KERNELS") {
-            ks.apply(&spec, "CAPSNET_KERNELS")?;
-        }
+        let mut ks = KernelSet::for_precision(p).with_env()?;
         if let Some(spec) = &self.kernels {
             ks.apply(spec, "--kernels")?;
         }

@@ -142,11 +142,7 @@ impl CudaBackend {
     /// Opens GPU `ordinal`, compiles every kernel for its architecture (once per process) and loads them;
     /// launches the default versions, changed by `CAPSNET_KERNELS=op=version,...` when it is set.
     pub fn new(ordinal: usize) -> Result<Self> {
-        let mut ks = reg::KernelSet::default();
-        if let Ok(spec) = std::env::var("CAPSNET_KERNELS") {
-            ks.apply(&spec, "CAPSNET_KERNELS")?;
-        }
-        Self::with_kernels(ordinal, ks)
+        Self::with_kernels(ordinal, reg::KernelSet::default().with_env()?)
     }
 
     /// [`CudaBackend::new`] launching the versions of `kernels`.

@@ -298,6 +298,14 @@ impl KernelSet {
         Ok(())
     }
 
+    /// This set changed by `CAPSNET_KERNELS=op=version,...` when the variable is set.
+    pub fn with_env(mut self) -> Result<KernelSet> {
+        if let Ok(spec) = std::env::var("CAPSNET_KERNELS") {
+            self.apply(&spec, "CAPSNET_KERNELS")?;
+        }
+        Ok(self)
+    }
+
     /// The set as `op=version,...`, every op named.
     pub fn describe(&self) -> String {
         OPS.iter()
