@@ -1001,30 +1001,32 @@ fn bench_ops_lists_every_kernel_version_and_version_flags_are_checked() {
     if !emulated_device_usable() {
         return;
     }
+    // `bench` on the emulated device with a small model, one timed step or op run
+    let bench = |flags: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec![
+            "bench",
+            "--device",
+            "emulated",
+            "--steps",
+            "1",
+            "--conv1-channels",
+            "16",
+            "--primary-maps",
+            "4",
+        ];
+        args.extend(flags);
+        capsnet(&args, env)
+    };
     // a GPU (here emulated) runs bf16 GEMMs unless told otherwise, and says which set it runs
-    let small = [
-        "--batch-size",
-        "1",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--conv1-channels",
-        "16",
-        "--primary-maps",
-        "4",
-    ];
     for (flags, says) in [
         (vec![], "bf16 GEMMs"),
         (vec!["--precision", "tf32"], "tf32 GEMMs"),
         (vec!["--precision", "fp32", "--kernels", "routing=v2"], "routing=v2"),
     ] {
-        let mut args = vec!["bench", "--device", "emulated"];
-        args.extend(small);
-        args.extend(flags);
-        let o = capsnet(&args, &[]);
+        let flags = [&["--batch-size", "1", "--warmup", "0"][..], &flags].concat();
+        let o = bench(&flags, &[]);
         assert!(o.status.success(), "{}", stderr(&o));
-        assert!(stdout(&o).contains(says), "{args:?}: no {says:?} in\n{}", stdout(&o));
+        assert!(stdout(&o).contains(says), "{flags:?}: no {says:?} in\n{}", stdout(&o));
     }
     // info --kernels lists every version of every op, the default starred
     let o = capsnet(&["info", "--kernels"], &[]);
@@ -1043,39 +1045,11 @@ fn bench_ops_lists_every_kernel_version_and_version_flags_are_checked() {
             assert!(info.contains(&row), "info --kernels lacks {row:?}:\n{info}");
         }
     }
-    let o = capsnet(&["bench", "--device", "emulated", "--kernels", "conv2d_fwd=v9"], &[]);
+    let o = bench(&["--kernels", "conv2d_fwd=v9"], &[]);
     assert_clean_error(&o, &["--kernels", "conv2d_fwd", "v9", "v1, tf32, bf16"]);
-    let o = capsnet(
-        &[
-            "bench",
-            "--device",
-            "emulated",
-            "--ops",
-            "--batch-size",
-            "2",
-            "--steps",
-            "1",
-        ],
-        &[("CAPSNET_KERNELS", "routing=v7")],
-    );
+    let o = bench(&["--ops", "--batch-size", "2"], &[("CAPSNET_KERNELS", "routing=v7")]);
     assert_clean_error(&o, &["CAPSNET_KERNELS", "routing", "v7"]);
-    let o = capsnet(
-        &[
-            "bench",
-            "--device",
-            "emulated",
-            "--ops",
-            "--batch-size",
-            "2",
-            "--steps",
-            "1",
-            "--conv1-channels",
-            "16",
-            "--primary-maps",
-            "4",
-        ],
-        &[],
-    );
+    let o = bench(&["--ops", "--batch-size", "2"], &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(

@@ -138,7 +138,7 @@ fn launches(name: &str) -> Option<u64> {
 }
 
 /// Every version of every op in the registry against the CPU reference, one version at a time with
-/// the defaults elsewhere; GEMM-shaped ops within the bound their precision allows (parity::gemm_bound).
+/// the defaults elsewhere; GEMM-shaped ops within the bound their precision allows (capsnet::float::gemm_error_bound).
 #[test]
 fn cuda_every_kernel_version_matches_cpu() {
     use capsnet::cuda::registry::{KernelSet, OPS};

@@ -18,8 +18,7 @@ use std::sync::Arc;
 
 use capsnet::adam::Adam;
 use capsnet::backend::Backend;
-use capsnet::cuda::{CudaBackend, compile, emulator, registry};
-use capsnet::kernels::EMULATOR_SOURCES;
+use capsnet::cuda::{CudaBackend, emulator, registry};
 use capsnet::model::{CapsNet, init_params};
 use capsnet::tape::Tape;
 use common::{Lcg, small_config};
@@ -42,13 +41,7 @@ fn emulated() -> Option<CudaBackend> {
 }
 
 fn selftest(be: &CudaBackend) -> Arc<CudaModule> {
-    let src = EMULATOR_SOURCES
-        .iter()
-        .find(|(n, _)| *n == "selftest.cu")
-        .expect("kernels/emulator/selftest.cu is embedded")
-        .1;
-    let ptx = compile::compile_source("emulator/selftest.cu", src, "sm_90").unwrap_or_else(|e| panic!("{e}"));
-    be.context().load_module(ptx).unwrap()
+    common::emulator_module(be, "selftest.cu")
 }
 
 fn func(m: &Arc<CudaModule>, name: &str) -> CudaFunction {

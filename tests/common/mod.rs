@@ -167,3 +167,31 @@ pub fn small_config() -> capsnet::model::Config {
         ..capsnet::model::Config::default()
     }
 }
+
+/// kernels/emulator/`file` compiled by NVRTC for `be`'s device and loaded there; an
+/// `#include "../X"` of a kernels/ header is replaced by its text (NVRTC has no include path).
+pub fn emulator_module(be: &capsnet::cuda::CudaBackend, file: &str) -> std::sync::Arc<cudarc::driver::CudaModule> {
+    use capsnet::cuda::compile;
+    let src = capsnet::kernels::EMULATOR_SOURCES
+        .iter()
+        .find(|(n, _)| *n == file)
+        .unwrap_or_else(|| panic!("kernels/emulator/{file} is not embedded"))
+        .1;
+    let src: String = src
+        .lines()
+        .map(|l| {
+            match l
+                .trim()
+                .strip_prefix("#include \"../")
+                .and_then(|h| h.strip_suffix('"'))
+            {
+                Some(header) => compile::expand(header).unwrap_or_else(|e| panic!("{e}")),
+                None => format!("{l}\n"),
+            }
+        })
+        .collect();
+    let (maj, min) = be.info().compute_capability;
+    let ptx = compile::compile_source(&format!("emulator/{file}"), &src, &format!("sm_{maj}{min}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    be.context().load_module(ptx).unwrap()
+}

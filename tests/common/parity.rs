@@ -86,9 +86,9 @@ macro_rules! both {
     }};
 }
 
-pub fn conv2d<B: Backend>(g: &B) {
-    // odd shapes (M, N, K not multiples of the 64x64x16 tiles), then the model's own two convolutions
-    let shapes = [
+/// Odd convolutions (M, N, K multiples of no tile), then the model's own two.
+pub fn conv_shapes() -> Vec<ConvShape> {
+    vec![
         ConvShape {
             batch: 3,
             in_h: 13,
@@ -109,7 +109,32 @@ pub fn conv2d<B: Backend>(g: &B) {
         },
         Config::default().conv1_shape(3),
         Config::default().primary_shape(2),
-    ];
+    ]
+}
+
+/// Dense layers at the decoder's shapes with few rows, and an odd small one.
+pub fn dense_shapes() -> Vec<DenseShape> {
+    vec![
+        DenseShape {
+            rows: 5,
+            inp: 160,
+            out: 512,
+        },
+        DenseShape {
+            rows: 67,
+            inp: 1024,
+            out: 784,
+        },
+        DenseShape {
+            rows: 3,
+            inp: 7,
+            out: 65,
+        },
+    ]
+}
+
+pub fn conv2d<B: Backend>(g: &B) {
+    let shapes = conv_shapes();
     for (n, s) in shapes.iter().enumerate() {
         let mut rng = Lcg(100 + n as u64);
         let (x, w, b) = (
@@ -169,23 +194,7 @@ pub fn conv2d<B: Backend>(g: &B) {
 
 pub fn dense_and_elementwise<B: Backend>(g: &B) {
     let mut rng = Lcg(7);
-    for s in [
-        DenseShape {
-            rows: 5,
-            inp: 160,
-            out: 512,
-        },
-        DenseShape {
-            rows: 67,
-            inp: 1024,
-            out: 784,
-        },
-        DenseShape {
-            rows: 3,
-            inp: 7,
-            out: 65,
-        },
-    ] {
+    for s in dense_shapes() {
         let (x, w, b) = (
             rand(&mut rng, s.rows * s.inp, -1.0, 1.0),
             rand(&mut rng, s.inp * s.out, -0.1, 0.1),
@@ -556,11 +565,6 @@ pub fn steps_after_the_first_allocate_nothing<B: Backend>(be: B, fresh: impl Fn(
     assert_eq!(counts[0], counts[1], "the second step allocated memory: {counts:?}");
 }
 
-/// The bound on |got − reference| of one output of a GEMM-shaped op, in units of Σ_k |a_k|·|b_k|.
-pub fn gemm_bound(mantissa_bits: u32, k: usize) -> f64 {
-    capsnet::float::gemm_error_bound(mantissa_bits, k)
-}
-
 /// Compares `got` with `want` elementwise against `bound`·`abs_ref` + 1e-6 (abs_ref: the op run by the
 /// reference on absolute values; ReLU and sigmoid are 1-Lipschitz, so the bound holds after them).
 pub fn compare_bounded(name: &str, got: &[f64], want: &[f64], abs_ref: &[f64], bound: f64) {
@@ -637,29 +641,14 @@ macro_rules! check_accumulating {
 }
 
 /// One GEMM-shaped op of `g` against the CPU reference at odd shapes and the model's own, with the
-/// bound of [`gemm_bound`] for inputs rounded to `mantissa_bits` (23: fp32, 10: tf32, 7: bf16).
+/// bound of [`capsnet::float::gemm_error_bound`] for inputs rounded to `mantissa_bits` (23: fp32, 10: tf32, 7: bf16).
 /// Written outputs start poisoned, accumulated ones from random values.
 pub fn gemm_op<B: Backend>(g: &B, op: GemmOp, mantissa_bits: u32) {
     let cpu = Cpu::new();
-    let conv_shapes = [
-        ConvShape {
-            batch: 3,
-            in_h: 13,
-            in_w: 11,
-            in_c: 5,
-            out_c: 7,
-            k: 3,
-            stride: 1,
-        },
-        ConvShape {
-            batch: 2,
-            in_h: 15,
-            in_w: 12,
-            in_c: 3,
-            out_c: 70,
-            k: 4,
-            stride: 2,
-        },
+    // the odd shapes, a stride of 3, then the model's own (the first three get every activation)
+    let mut conv_shapes = conv_shapes();
+    conv_shapes.insert(
+        2,
         ConvShape {
             batch: 2,
             in_h: 14,
@@ -669,33 +658,15 @@ pub fn gemm_op<B: Backend>(g: &B, op: GemmOp, mantissa_bits: u32) {
             k: 5,
             stride: 3,
         },
-        Config::default().conv1_shape(3),
-        Config::default().primary_shape(2),
-    ];
-    let dense_shapes = [
-        DenseShape {
-            rows: 5,
-            inp: 160,
-            out: 512,
-        },
-        DenseShape {
-            rows: 67,
-            inp: 1024,
-            out: 784,
-        },
-        DenseShape {
-            rows: 3,
-            inp: 7,
-            out: 65,
-        },
-        // one output tile summed over 600 rows: the weight gradient's tensor-core versions split K
-        DenseShape {
-            rows: 600,
-            inp: 40,
-            out: 24,
-        },
-    ];
-    let bound = |k: usize| gemm_bound(mantissa_bits, k);
+    );
+    let mut dense_shapes = dense_shapes();
+    // one output tile summed over 600 rows: the weight gradient's tensor-core versions split K
+    dense_shapes.push(DenseShape {
+        rows: 600,
+        inp: 40,
+        out: 24,
+    });
+    let bound = |k: usize| capsnet::float::gemm_error_bound(mantissa_bits, k);
     match op {
         GemmOp::ConvFwd | GemmOp::ConvBwdInput | GemmOp::ConvBwdWeight => {
             for (n, s) in conv_shapes.iter().enumerate() {
