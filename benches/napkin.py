@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The napkin model of the convolutions' and decoder's GEMM kernels on an H100 SXM (docs/NAPKIN.md).
+"""The napkin model of a training step's kernels on an H100 SXM (docs/NAPKIN.md): the convolutions'
+and decoder's GEMMs, then the capsule layer (prediction vectors and routing, unfused and fused).
 
 For each op of a training step: its useful FLOPs, the bytes it must move, the floor (FLOPs at the
 precision's peak or bytes at HBM bandwidth, whichever is longer), and the predicted time of each
@@ -8,6 +9,10 @@ sm_90, NVRTC 13.0): a K-tile of the tensor-core GEMM issues INSTR warp-instructi
 per block; an SM's 4 schedulers issue one each per cycle; blocks run in waves of at most 4 per SM
 (their occupancy by registers), so the busiest SM's blocks set the time. The v1 SIMT GEMM is taken
 at the rate its loop allows: 12-17% of issued instructions are FFMA, so about 15% of the fp32 peak.
+
+The capsule layer is modelled per kernel from the bytes it must move through HBM (W, 5.9 MB, stays in
+the 50 MB L2 once read) and the warp-instructions its loops issue (kernel-sass --loops), whichever is
+longer; latency (the per-image phases between barriers) is not modelled.
 
     python3 benches/napkin.py [BATCH...]
 """
@@ -59,6 +64,85 @@ def splitk(m, n, k):
     return 1 if tiles >= SMS else max(1, min(SMS // tiles, k // (4 * MMA_BK)))
 
 
+# the capsule layer of the default model: I primary capsules of E dims, J digit capsules of D dims
+I, E, J, D = 1152, 8, 10, 16
+ROUTING_THREADS, FUSED_SMEM_FLOATS, FUSED_MAX_CHUNK = 256, 48 * 1024 // 4, 16
+ISSUE = SMS * 4 * CLOCK            # warp-instructions per second, all schedulers busy
+
+
+def fused_chunk(per, fixed):
+    """registry::fused_routing_plan: the capsules a block takes."""
+    return min(FUSED_MAX_CHUNK, (FUSED_SMEM_FLOATS - fixed) // per)
+
+
+def capsule_kernels(batch, rounds):
+    """(kernel, launches, HBM bytes, warp-instructions) per training step, for both versions."""
+    f, b, r = 4, batch, rounds
+    uhat, u, w, c = b * I * J * D, b * I * E, I * J * D * E, b * I * J
+    jd, jde = J * D, J * D * E
+    unfused = [
+        # the tape keeps no û: the backward recomputes it (zeros(), then predict_fwd)
+        ("memset + predict_fwd (fwd and again in bwd)", 4, 2 * f * (u + w + 2 * uhat), 2 * 2 * uhat * 12 / 32),
+        (f"routing_fwd_v1, {r} rounds", 1, f * ((2 * r - 1) * uhat + r * c), b * ((2 * r - 1) * I * J * D * 3) / 32),
+        ("memset dû + routing_bwd_v1", 2, f * ((4 * r) * uhat + r * c), b * (4 * r * I * J * D * 4) / 32),
+        ("predict_bwd_input + _weight", 2, f * (2 * uhat + 2 * w + 2 * u), 2 * uhat * 8 * 3 / 32),
+    ]
+    cf = fused_chunk(jde + E + jd + J, (r - 1) * jd)
+    cb = fused_chunk(jde + E + jd + 2 * J, jd)
+    ci = fused_chunk(jde + jd + (2 * r - 1) * J, (2 * r - 1) * jd)
+    ch_f, ch_b, ch_i = math.ceil(I / cf), math.ceil(I / cb), math.ceil(I / ci)
+    groups = lambda chunks: b / math.ceil(b / max(1, min(b, math.ceil(4 * SMS / chunks))))
+    per_image_fwd = lambda rr: (cf * jd / ROUTING_THREADS) * 8 * 27 + 3 * (48 * rr + 20) + 340 + 180 + 50
+    fused = [
+        (f"caps_route_fwd_partial x{r} (chunk {cf})", r,
+         f * r * (u + c + b * ch_f * jd) + f * w,
+         sum(b * ch_f * per_image_fwd(q) for q in range(r))),
+        (f"caps_route_fwd_reduce x{r}", r, f * r * (b * ch_f * jd + 2 * b * jd), r * b * 5 * ch_f * 6.5),
+        (f"caps_route_bwd_reduce x{r}", r, f * r * (b * ch_b * jd + 2 * b * jd), r * b * 5 * ch_b * 6.5),
+        (f"caps_route_bwd_partial x{r - 1} (chunk {cb})", r - 1,
+         f * (r - 1) * (u + 3 * c + b * ch_b * jd), (r - 1) * b * ch_b * 1934),
+        (f"caps_route_bwd_input (chunk {ci})", 1, f * (2 * u + (2 * r - 1) * c), b * ch_i * 3040),
+        ("caps_route_bwd_weight", 1, f * (u + (2 * r - 1) * c + 2 * w), I * J * D / 32 * b * 96),
+    ]
+    return unfused, fused
+
+
+def step_memory_mb(batch, rounds, fused):
+    """Device memory of a training step (the pool's peak), predicted: parameters with gradients and
+    Adam moments, the activations the tape keeps and their gradients, the temporaries, in MB."""
+    f, b, r = 4, batch, rounds
+    params = 81 * 256 + 256 + 81 * 256 * 256 + 256 + I * J * D * E + 160 * 512 + 512 + 512 * 1024 + 1024 + 1024 * 784 + 784
+    conv1, prim, caps = b * 400 * 256, b * 36 * 256, b * I * E
+    cols = min(b * 36 * 81 * 256, 16 << 20)            # conv2d_bwd_input v2 works in chunks of at most 64 MiB
+    mem = 4 * params                                  # value, gradient, m, v
+    mem += 3 * conv1 + 5 * prim + 2 * caps            # y, dy, dz of conv1; the primary conv's; u and du
+    mem += b * r * I * J + 4 * b * r * J * D + cols   # saved couplings, s, v; cols
+    if fused:
+        mem += b * math.ceil(I / 8) * J * D + b * (r - 1) * I * J + b * r * J * D  # partial, db, ds
+    else:
+        mem += 2 * b * I * J * D                      # û and dû
+    return f * mem / 1e6
+
+
+def capsule_table(batch, rounds):
+    unfused, fused = capsule_kernels(batch, rounds)
+    print(f"capsule layer, batch {batch}, {rounds} routing rounds: predicted ms on an H100 SXM "
+          f"(max of HBM bytes at {HBM / 1e12:.2f} TB/s and warp-instructions at 4 per SM-cycle)")
+    print(f"{'kernel':<46} {'launches':>8} {'MB':>8} {'Minstr':>8} {'ms':>8}")
+    totals = {}
+    for name, ks in [("unfused (v1)", unfused), ("fused", fused)]:
+        tot_ms, tot_l = 0.0, 0
+        for k, launches, byts, instr in ks:
+            ms = max(byts / HBM, instr / ISSUE) * 1e3
+            tot_ms, tot_l = tot_ms + ms, tot_l + launches
+            print(f"{k:<46} {launches:>8} {byts / 1e6:>8.1f} {instr / 1e6:>8.2f} {ms:>8.4f}")
+        print(f"{'  total ' + name:<46} {tot_l:>8} {'':>8} {'':>8} {tot_ms:>8.4f}")
+        totals[name] = tot_ms
+    print(f"device memory of a training step at batch {batch}: unfused {step_memory_mb(batch, rounds, False):.0f} MB, "
+          f"fused {step_memory_mb(batch, rounds, True):.0f} MB (û and dû: {2 * 4 * batch * I * J * D / 1e6:.0f} MB)\n")
+    return totals
+
+
 def main():
     batches = [int(b) for b in sys.argv[1:]] or [50, 128]
     for batch in batches:
@@ -90,6 +174,10 @@ def main():
               f"fp32 {tot['fp32'] * 60000 / batch / 1e3:.1f} s, "
               f"tf32 {tot['tf32'] * 60000 / batch / 1e3:.2f} s, bf16 {tot['bf16'] * 60000 / batch / 1e3:.2f} s, "
               f"floor {tot['floor'] * 60000 / batch / 1e3:.2f} s\n")
+        caps = capsule_table(batch, 2)
+        step = tot["bf16"] + caps["fused"]
+        print(f"step at batch {batch} (bf16 GEMMs + fused capsule layer, without the small elementwise kernels): "
+              f"{step:.3f} ms, {step * 60000 / batch / 1e3:.2f} s per 60,000-image epoch\n")
 
 
 if __name__ == "__main__":

@@ -444,20 +444,43 @@ where
             }
         }
         "routing" => {
+            // the op the model runs: prediction vectors and routing, forward, then both gradients
             let cs = cfg.caps_shape(batch);
             let rounds = cfg.routing_rounds;
-            let uhat = up(cs.uhat_len(), 9, -0.2, 0.2)?;
+            let (u, w, dv) = (
+                up(cs.u_len(), 9, -0.5, 0.5)?,
+                up(cs.w_len(), 10, -0.1, 0.1)?,
+                up(cs.v_len(), 11, -1.0, 1.0)?,
+            );
+            // the forward case writes its own saved buffers; the backward reads these
             let mut saved = be.routing_saved(&cs, rounds)?;
-            let flops = 2.0 * (2 * rounds - 1) as f64 * cs.uhat_len() as f64;
-            let bytes = f * (rounds as f64 * cs.uhat_len() as f64);
+            let mut saved_bwd = be.routing_saved(&cs, rounds)?;
+            be.caps_routing_fwd(&cs, rounds, &u, &w, &mut be.zeros(cs.v_len())?, &mut saved_bwd)?;
+            let mut du = be.zeros(cs.u_len())?;
+            let (u, w) = (std::rc::Rc::new(u), std::rc::Rc::new(w));
+            let uhat = cs.uhat_len() as f64;
+            let fwd_flops = 2.0 * uhat * (cs.in_dim + 2 * rounds - 1) as f64;
+            // what must move at least: u, W, the couplings saved per round, v (û never has to)
+            let couplings = (cs.batch * rounds * cs.in_caps * cs.out_caps) as f64;
+            let fwd_bytes = f * (cs.u_len() + cs.w_len() + cs.v_len()) as f64 + f * couplings;
+            let (u2, w2) = (u.clone(), w.clone());
             cases.push(Case::new(
                 be,
                 format!("fwd, {rounds} rounds"),
-                flops,
-                bytes,
+                fwd_flops,
+                fwd_bytes,
                 None,
                 cs.v_len(),
-                move |v| be.routing_fwd(&cs, rounds, &uhat, v, &mut saved),
+                move |v| be.caps_routing_fwd(&cs, rounds, &u2, &w2, v, &mut saved),
+            )?);
+            cases.push(Case::new(
+                be,
+                format!("bwd, {rounds} rounds"),
+                2.0 * fwd_flops,
+                fwd_bytes + f * (cs.u_len() + 2 * cs.w_len()) as f64,
+                None,
+                cs.w_len(),
+                move |dw| be.caps_routing_bwd(&cs, rounds, &u, &w, &saved_bwd, &dv, Some(&mut du), Some(dw)),
             )?);
         }
         other => return Err(crate::Error::msg(format!("no benchmark cases for op {other}"))),

@@ -499,8 +499,7 @@ impl CapsNet {
         let prim = ops::conv2d(t, h, p.primary.weight, p.primary.bias, 2, Act::Relu)?;
         t.reshape(prim, &[batch, cfg.primary_caps(), cfg.caps1_dim])?;
         let u = ops::squash(t, prim)?;
-        let uhat = ops::predict(t, u, p.digit_w)?;
-        let v = ops::routing(t, uhat, cfg.routing_rounds)?;
+        let v = ops::predict_routing(t, u, p.digit_w, cfg.routing_rounds)?;
         let lengths = ops::lengths(t, v)?;
         let pred = ops::argmax(t, lengths)?;
         Ok(Encoded { x, v, lengths, pred })

@@ -80,6 +80,23 @@ impl<B: Backend> GradStore<'_, B> {
     }
 }
 
+/// Two variables' gradient buffers, each `None` where no gradient flows.
+pub type GradPair<'g, B> = (Option<&'g mut <B as Backend>::Buf>, Option<&'g mut <B as Backend>::Buf>);
+
+impl<B: Backend> GradStore<'_, B> {
+    /// [`GradStore::get`] of two different variables at once (for an op with two differentiable inputs
+    /// whose gradients one kernel writes together).
+    pub fn get_two(&mut self, a: Var, b: Var) -> Result<GradPair<'_, B>> {
+        assert_ne!(a.0, b.0, "get_two needs two different variables");
+        self.get(a)?;
+        self.get(b)?;
+        let (lo, hi) = (a.0.min(b.0), a.0.max(b.0));
+        let (left, right) = self.grads.split_at_mut(hi);
+        let (g_lo, g_hi) = (left[lo].as_mut(), right[0].as_mut());
+        Ok(if a.0 < b.0 { (g_lo, g_hi) } else { (g_hi, g_lo) })
+    }
+}
+
 pub trait BackwardOp<B: Backend> {
     fn name(&self) -> &'static str;
     /// Adds this op's contribution to the gradients of its inputs.

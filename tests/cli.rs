@@ -1057,12 +1057,12 @@ fn bench_ops_lists_every_kernel_version_and_version_flags_are_checked() {
         "{out}"
     );
     // layers per op: two convolutions (one for the input gradient: the image needs none), three
-    // decoder layers, one routing forward
+    // decoder layers, prediction + routing forward and backward
     for op in OPS {
         let layers = match op.name {
             "conv2d_fwd" | "conv2d_bwd_weight" => 2,
             "conv2d_bwd_input" => 1,
-            "routing" => 1,
+            "routing" => 2,
             _ => 3,
         };
         for v in op.versions {

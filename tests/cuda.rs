@@ -51,9 +51,19 @@ fn cuda_routing_v2_matches_cpu_for_1_2_3_rounds() {
     parity::routing_1_2_3_rounds(&g);
 }
 
+/// The fused version (the default): prediction vectors recomputed in shared memory, never stored, at the
+/// model's 1152 capsules and at 37, for 1, 2 and 3 rounds.
+#[test]
+fn cuda_fused_prediction_and_routing_match_cpu_for_1_2_3_rounds() {
+    let Some(g) = gpu() else { return };
+    assert_eq!(g.kernels().version(capsnet::cuda::registry::ROUTING).label, "fused");
+    parity::caps_routing_at(&g, &parity::caps_routing_shapes(), &[1, 2, 3]);
+}
+
 /// MultiMNIST's 3,200 primary capsules: version 1 would need 2·3200·10·4 = 256,000 bytes of shared
 /// memory per image, more than an H100 (or the emulated device, which reports one) allows, so the
-/// backend runs version 2, which matches the CPU.
+/// backend runs version 2, which matches the CPU; and the fused version, which holds one chunk of
+/// capsules per block, matches it too.
 #[test]
 fn cuda_routing_runs_multimnists_3200_capsules() {
     let Some(g) = gpu() else { return };
@@ -65,6 +75,8 @@ fn cuda_routing_runs_multimnists_3200_capsules() {
     assert_eq!(cs.in_caps, 3200);
     assert!(2 * 3200 * 10 * 4 > g.info().max_smem_optin as usize);
     parity::routing_at(&g, &[cs], &[3]);
+    // the fused version holds a chunk of capsules per block, whatever I is
+    parity::caps_routing_at(&g, &[cs], &[3]);
 }
 
 /// Version 2 recomputes the logits in version 1's order of additions: the same bits.
@@ -154,6 +166,7 @@ fn cuda_every_kernel_version_matches_cpu() {
             parity::gemm_op(&g, gop, version.precision.mantissa_bits());
         } else if name == "routing" {
             parity::routing_1_2_3_rounds(&g);
+            parity::caps_routing_at(&g, &parity::caps_routing_shapes(), &[1, 2, 3]);
         } else {
             panic!("no parity check for op {name}");
         }

@@ -367,7 +367,8 @@ fn every_kernel_gives_the_same_bits_in_order_and_reversed() {
         be.add_assign(&mut o, &a).unwrap();
         be.fill(&mut o, 0.25).unwrap();
         extra.push(be.download(&o).unwrap());
-        // routing version 2, which the small model's steps do not need
+        // the unfused routing versions (prediction kernels, then routing v1 or v2), which the small
+        // model's steps (the fused default) do not launch
         let cs = capsnet::backend::CapsShape {
             batch: 2,
             in_caps: 37,
@@ -375,21 +376,35 @@ fn every_kernel_gives_the_same_bits_in_order_and_reversed() {
             out_caps: 7,
             out_dim: 5,
         };
-        be.set_version("routing", "v2").unwrap();
-        let u = be
-            .upload(
-                &(0..cs.uhat_len())
-                    .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.004)
-                    .collect::<Vec<_>>(),
-            )
-            .unwrap();
-        let mut v = be.zeros(cs.v_len()).unwrap();
-        let mut saved = be.routing_saved(&cs, 3).unwrap();
-        be.routing_fwd(&cs, 3, &u, &mut v, &mut saved).unwrap();
-        let mut duh = be.zeros(cs.uhat_len()).unwrap();
-        be.routing_bwd(&cs, 3, &u, &saved, &v, &mut duh).unwrap();
+        let wave = |n: usize, k: usize| {
+            (0..n)
+                .map(|i| ((i * k % 101) as f32 - 50.0) * 0.004)
+                .collect::<Vec<_>>()
+        };
+        let (u, w) = (
+            be.upload(&wave(cs.u_len(), 37)).unwrap(),
+            be.upload(&wave(cs.w_len(), 53)).unwrap(),
+        );
+        let mut unfused = vec![];
+        for version in ["v1", "v2"] {
+            be.set_version("routing", version).unwrap();
+            let mut v = be.zeros(cs.v_len()).unwrap();
+            let mut saved = be.routing_saved(&cs, 3).unwrap();
+            be.caps_routing_fwd(&cs, 3, &u, &w, &mut v, &mut saved).unwrap();
+            let (mut du, mut dw) = (be.zeros(cs.u_len()).unwrap(), be.zeros(cs.w_len()).unwrap());
+            be.caps_routing_bwd(&cs, 3, &u, &w, &saved, &v, Some(&mut du), Some(&mut dw))
+                .unwrap();
+            unfused.extend(
+                [
+                    be.download(&v).unwrap(),
+                    be.download(&du).unwrap(),
+                    be.download(&dw).unwrap(),
+                ]
+                .concat(),
+            );
+        }
         be.set_kernels(Default::default());
-        extra.push([be.download(&v).unwrap(), be.download(&duh).unwrap()].concat());
+        extra.push(unfused);
         // the stride-2 input gradient's version 1, which the default set does not launch
         let s = capsnet::backend::ConvShape {
             batch: 2,
@@ -422,7 +437,7 @@ fn every_kernel_gives_the_same_bits_in_order_and_reversed() {
         let rev = steps_in_every_precision();
         emulator::set_reversed_schedule(false).unwrap();
         assert_eq!(extra[0], extra[3], "add and fill differ between schedules");
-        assert_eq!(extra[1], extra[4], "routing v2 differs between schedules");
+        assert_eq!(extra[1], extra[4], "unfused routing (v1, v2) differs between schedules");
         assert_eq!(extra[2], extra[5], "conv2d_bwd_input v1 differs between schedules");
         assert_eq!(fwd.len(), rev.len());
         let differ = fwd.iter().zip(&rev).filter(|(a, b)| a.to_bits() != b.to_bits()).count();

@@ -248,6 +248,22 @@ fn routing_gradients_for_1_2_3_rounds() {
     }
 }
 
+/// The model's op: prediction vectors and routing as one tape node (both gradients in one backward).
+#[test]
+fn predict_routing_gradients_for_1_2_3_rounds() {
+    for rounds in [1, 2, 3] {
+        let mut rng = Lcg(60 + rounds as u64);
+        // u [B=2, I=5, E=3], W [I=5, J=4, D=6, E=3]
+        let inputs = vec![
+            random(&mut rng, &[2, 5, 3], -1.0, 1.0),
+            random(&mut rng, &[5, 4, 6, 3], -1.0, 1.0),
+        ];
+        check(&format!("predict_routing, {rounds} rounds"), inputs, &move |t, v| {
+            ops::predict_routing(t, v[0], v[1], rounds)
+        });
+    }
+}
+
 #[test]
 fn lengths_gradients() {
     let mut rng = Lcg(31);

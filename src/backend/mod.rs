@@ -78,6 +78,52 @@ pub(crate) fn check_adam_group(n: usize, param: usize, grad: usize, m: usize, v:
     check("adam_step", &format!("v of group {n}"), v, param)
 }
 
+/// [`Backend::caps_routing_fwd`] as two ops: [`Backend::predict_fwd`] into a temporary û, then
+/// [`Backend::routing_fwd`] (the default, and what a fusing backend runs for its unfused versions).
+pub fn caps_routing_fwd_unfused<B: Backend + ?Sized>(
+    be: &B,
+    s: &CapsShape,
+    rounds: usize,
+    u: &B::Buf,
+    w: &B::Buf,
+    v: &mut B::Buf,
+    saved: &mut RoutingSaved<B::Buf>,
+) -> Result<()> {
+    let mut uhat = be.zeros(s.uhat_len())?;
+    be.predict_fwd(s, u, w, &mut uhat)?;
+    be.routing_fwd(s, rounds, &uhat, v, saved)
+}
+
+/// [`Backend::caps_routing_bwd`] as separate ops: û recomputed, [`Backend::routing_bwd`] into a
+/// temporary dû, then the prediction's input and weight gradients.
+#[allow(clippy::too_many_arguments)]
+pub fn caps_routing_bwd_unfused<B: Backend + ?Sized>(
+    be: &B,
+    s: &CapsShape,
+    rounds: usize,
+    u: &B::Buf,
+    w: &B::Buf,
+    saved: &RoutingSaved<B::Buf>,
+    dv: &B::Buf,
+    du: Option<&mut B::Buf>,
+    dw: Option<&mut B::Buf>,
+) -> Result<()> {
+    if du.is_none() && dw.is_none() {
+        return Ok(());
+    }
+    let mut uhat = be.zeros(s.uhat_len())?;
+    be.predict_fwd(s, u, w, &mut uhat)?;
+    let mut duhat = be.zeros(s.uhat_len())?;
+    be.routing_bwd(s, rounds, &uhat, saved, dv, &mut duhat)?;
+    if let Some(du) = du {
+        be.predict_bwd_input(s, &duhat, w, du)?;
+    }
+    if let Some(dw) = dw {
+        be.predict_bwd_weight(s, u, &duhat, dw)?;
+    }
+    Ok(())
+}
+
 /// ε inside the square root of every safe norm (squash and capsule lengths): a zero vector then has
 /// a finite norm (√ε) and a finite gradient.
 pub const NORM_EPS: f64 = 1e-7;
@@ -311,6 +357,38 @@ pub trait Backend: 'static {
         dv: &Self::Buf,
         duhat: &mut Self::Buf,
     ) -> Result<()>;
+    /// Prediction vectors and routing in one op: v = routing(û) with û[b,i,j,:] = W[i,j] · u[b,i,:],
+    /// saving what [`Backend::routing_fwd`] saves. A backend may fuse the two and never hold û; this
+    /// default runs [`Backend::predict_fwd`] into a temporary û, then [`Backend::routing_fwd`].
+    #[allow(clippy::too_many_arguments)]
+    fn caps_routing_fwd(
+        &self,
+        s: &CapsShape,
+        rounds: usize,
+        u: &Self::Buf,
+        w: &Self::Buf,
+        v: &mut Self::Buf,
+        saved: &mut RoutingSaved<Self::Buf>,
+    ) -> Result<()> {
+        caps_routing_fwd_unfused(self, s, rounds, u, w, v, saved)
+    }
+    /// The gradients of [`Backend::caps_routing_fwd`]: du += ∂/∂u and dw += ∂/∂W of the loss whose
+    /// gradient with respect to v is `dv` (either may be `None`: not wanted). This default recomputes
+    /// û, runs [`Backend::routing_bwd`] into a temporary dû, then the prediction's backward.
+    #[allow(clippy::too_many_arguments)]
+    fn caps_routing_bwd(
+        &self,
+        s: &CapsShape,
+        rounds: usize,
+        u: &Self::Buf,
+        w: &Self::Buf,
+        saved: &RoutingSaved<Self::Buf>,
+        dv: &Self::Buf,
+        du: Option<&mut Self::Buf>,
+        dw: Option<&mut Self::Buf>,
+    ) -> Result<()> {
+        caps_routing_bwd_unfused(self, s, rounds, u, w, saved, dv, du, dw)
+    }
     /// l[r] = √(Σ_d v[r,d]² + ε).
     fn lengths_fwd(&self, rows: usize, dim: usize, v: &Self::Buf, l: &mut Self::Buf) -> Result<()>;
     /// dv[r,:] += dl[r] · v[r,:] / l[r].

@@ -79,6 +79,12 @@ kernels! {
     ROUTING_BWD_V1 = "routing.cu": "routing_bwd_v1" @ ROUTING_THREADS;
     ROUTING_FWD_V2 = "routing.cu": "routing_fwd_v2" @ ROUTING_THREADS;
     ROUTING_BWD_V2 = "routing.cu": "routing_bwd_v2" @ ROUTING_THREADS;
+    CAPS_ROUTE_FWD_PARTIAL = "caps_routing.cu": "caps_route_fwd_partial" @ ROUTING_THREADS;
+    CAPS_ROUTE_FWD_REDUCE = "caps_routing.cu": "caps_route_fwd_reduce" @ ROUTING_THREADS;
+    CAPS_ROUTE_BWD_REDUCE = "caps_routing.cu": "caps_route_bwd_reduce" @ ROUTING_THREADS;
+    CAPS_ROUTE_BWD_PARTIAL = "caps_routing.cu": "caps_route_bwd_partial" @ ROUTING_THREADS;
+    CAPS_ROUTE_BWD_INPUT = "caps_routing.cu": "caps_route_bwd_input" @ ROUTING_THREADS;
+    CAPS_ROUTE_BWD_WEIGHT = "caps_routing.cu": "caps_route_bwd_weight" @ ROUTING_THREADS;
 }
 
 pub use crate::float::Precision;
@@ -212,7 +218,7 @@ pub const OPS: &[Op] = &[
                 "v1",
                 Fp32,
                 &[ROUTING_FWD_V1, ROUTING_BWD_V1],
-                "all per-image state in shared memory; v2 where it does not fit",
+                "û stored by predict_fwd; all per-image state in shared memory; v2 where it does not fit",
             ),
             v(
                 "v2",
@@ -220,8 +226,21 @@ pub const OPS: &[Op] = &[
                 &[ROUTING_FWD_V2, ROUTING_BWD_V2],
                 "couplings and db in global memory, any number of input capsules",
             ),
+            v(
+                "fused",
+                Fp32,
+                &[
+                    CAPS_ROUTE_FWD_PARTIAL,
+                    CAPS_ROUTE_FWD_REDUCE,
+                    CAPS_ROUTE_BWD_REDUCE,
+                    CAPS_ROUTE_BWD_PARTIAL,
+                    CAPS_ROUTE_BWD_INPUT,
+                    CAPS_ROUTE_BWD_WEIGHT,
+                ],
+                "prediction fused in: û recomputed per chunk of capsules, never stored; chunk sums reduced in order",
+            ),
         ],
-        default: "v1",
+        default: "fused",
     },
 ];
 
@@ -353,6 +372,49 @@ pub const COLS_CHUNK_FLOATS: usize = 16 << 20;
 /// A split-K slice sums at least this many K steps (of MMA_K_STEP), so that a slice's loads and its
 /// share of the reduction stay small against its multiplies.
 pub const SPLITK_MIN_STEPS: usize = 4;
+/// The fused routing kernels take no more dynamic shared memory than every GPU gives without opting in.
+pub const FUSED_SMEM_BYTES: usize = 48 << 10;
+/// The most input capsules one block of a fused routing kernel takes (its chunk).
+pub const FUSED_MAX_CHUNK: usize = 16;
+/// The largest primary capsule dimension the fused version's weight gradient takes (CAPS_MAX_IN_DIM
+/// in kernels/caps_routing.cu).
+pub const FUSED_MAX_IN_DIM: usize = 16;
+
+/// How fused routing kernel `k` is launched at shape `s` over `rounds` rounds: the input capsules one
+/// block takes (0 for the per-image reduce kernels) and its dynamic shared memory in bytes. The chunk is
+/// the largest (up to [`FUSED_MAX_CHUNK`]) whose arrays fit [`FUSED_SMEM_BYTES`]; it depends on the
+/// shape alone, so a run's sums do not depend on the GPU.
+pub fn fused_routing_plan(k: Kernel, s: &crate::backend::CapsShape, rounds: usize) -> Result<(usize, u32)> {
+    let (j, d, e, r) = (s.out_caps, s.out_dim, s.in_dim, rounds.max(1));
+    let (jd, jde) = (j * d, j * d * e);
+    // floats per capsule of the chunk, and floats whatever the chunk
+    let (per, fixed) = match k {
+        CAPS_ROUTE_FWD_REDUCE => return Ok((0, (4 * 2 * jd) as u32)),
+        CAPS_ROUTE_BWD_REDUCE => return Ok((0, (4 * jd) as u32)),
+        CAPS_ROUTE_FWD_PARTIAL => (jde + e + jd + j, (r - 1) * jd),
+        CAPS_ROUTE_BWD_PARTIAL => (jde + e + jd + 2 * j, jd),
+        CAPS_ROUTE_BWD_INPUT => (jde + jd + (2 * r - 1) * j, (2 * r - 1) * jd),
+        // one thread per (i, j, d) with in_dim sums in registers; no shared memory
+        CAPS_ROUTE_BWD_WEIGHT if e <= FUSED_MAX_IN_DIM => return Ok((0, 0)),
+        CAPS_ROUTE_BWD_WEIGHT => {
+            return Err(Error::msg(format!(
+                "routing (fused): primary capsules of {e} dimensions; its weight gradient holds at most {FUSED_MAX_IN_DIM} per thread; choose --kernels routing=v2"
+            )));
+        }
+        other => return Err(Error::msg(format!("{} is not a fused routing kernel", other.name))),
+    };
+    let room = (FUSED_SMEM_BYTES / 4).saturating_sub(fixed);
+    let chunk = (room / per).min(FUSED_MAX_CHUNK).min(s.in_caps.max(1));
+    if chunk == 0 {
+        return Err(Error::msg(format!(
+            "routing (fused): {} digit capsules of {d} x {e} weights over {rounds} rounds need {} bytes of shared memory per block, more than {FUSED_SMEM_BYTES}; choose --kernels routing=v2",
+            j,
+            4 * (per + fixed)
+        )));
+    }
+    Ok((chunk, (4 * (chunk * per + fixed)) as u32))
+}
+
 /// The unversioned ops' kernels.
 pub const ADAM_STEP: Kernel = ADAM_STEP_V1;
 
@@ -367,6 +429,7 @@ pub const DEFINES: &[(&str, usize)] = &[
     ("SQ_ERR_FWD_THREADS", SQ_ERR_FWD_THREADS as usize),
     ("MARGIN_LOSS_FWD_THREADS", MARGIN_LOSS_FWD_THREADS as usize),
     ("ROUTING_THREADS", ROUTING_THREADS as usize),
+    ("CAPS_MAX_IN_DIM", FUSED_MAX_IN_DIM),
     ("FLAT_THREADS", FLAT_THREADS as usize),
     ("MMA_BM", MMA_TILE),
     ("MMA_BN", MMA_TILE),

@@ -173,6 +173,7 @@ fn dynamic_smem(k: Kernel) -> u32 {
         reg::ROUTING_BWD_V1 => 4 * (2 * ij + 4 * jd),
         reg::ROUTING_FWD_V2 => 4 * jd * (rounds + 1),
         reg::ROUTING_BWD_V2 => 4 * jd * 4,
+        k if k.file == "caps_routing.cu" => reg::fused_routing_plan(k, &s, rounds as usize).map_or(0, |p| p.1),
         _ => 0,
     }
 }
@@ -223,7 +224,7 @@ pub fn kernel_report(arch: &str) -> Result<Vec<KernelStats>> {
 
 /// The kernels whose speed the training step depends on: a spill in one of these is a bug.
 pub fn is_hot(k: Kernel) -> bool {
-    ["conv2d", "dense", "predict", "routing", "adam", "squash"]
+    ["conv2d", "dense", "predict", "routing", "caps_route", "adam", "squash"]
         .iter()
         .any(|p| k.name.starts_with(p))
 }

@@ -3,6 +3,8 @@
 //! - squash:  s [..., D] → v [..., D], v = ‖s‖²/(1+‖s‖²) · s/√(‖s‖²+ε)
 //! - predict: u [B, I, Din], W [I, J, Dout, Din] → û [B, I, J, Dout]
 //! - routing: û [B, I, J, D] → v [B, J, D], all rounds in one op (one fused kernel pair on a GPU)
+//! - predict_routing: u [B, I, Din], W → v [B, J, D], predict then routing as one op, so that a backend
+//!   can fuse them and never store û or its gradient (the model's path)
 //! - lengths: v [..., D] → [...], √(‖v‖² + ε)
 //! - mask:    v [B, J, D], class per image → [B, J·D], every capsule zeroed but that class's
 
@@ -138,6 +140,62 @@ impl<B: Backend> BackwardOp<B> for RoutingBackward<B::Buf> {
                 .routing_bwd(&self.s, self.rounds, ctx.value(self.uhat), &self.saved, ctx.dout, duhat)?;
         }
         Ok(())
+    }
+}
+
+/// Prediction vectors and routing as one op: v = routing(W · u) over `rounds` rounds (≥ 1), through
+/// [`Backend::caps_routing_fwd`]; û is the backend's business (the fused CUDA version never stores it).
+pub fn predict_routing<B: Backend>(t: &mut Tape<B>, u: Var, w: Var, rounds: usize) -> Result<Var> {
+    let (us, ws) = (&t.value(u).shape, &t.value(w).shape);
+    if us.len() != 3 || ws.len() != 4 || us[1] != ws[0] || us[2] != ws[3] || rounds == 0 {
+        return shape_err(
+            "predict_routing",
+            format!("u {us:?} and W {ws:?} do not fit, or {rounds} routing rounds (at least one is needed)"),
+        );
+    }
+    let s = CapsShape {
+        batch: us[0],
+        in_caps: us[1],
+        in_dim: us[2],
+        out_caps: ws[1],
+        out_dim: ws[2],
+    };
+    let mut v = t.backend().zeros(s.v_len())?;
+    let mut saved = t.backend().routing_saved(&s, rounds)?;
+    t.backend()
+        .caps_routing_fwd(&s, rounds, &t.value(u).buf, &t.value(w).buf, &mut v, &mut saved)?;
+    t.push_op(
+        v,
+        &[s.batch, s.out_caps, s.out_dim],
+        &[u, w],
+        PredictRoutingBackward { u, w, s, rounds, saved },
+    )
+}
+
+struct PredictRoutingBackward<Buf> {
+    u: Var,
+    w: Var,
+    s: CapsShape,
+    rounds: usize,
+    saved: RoutingSaved<Buf>,
+}
+
+impl<B: Backend> BackwardOp<B> for PredictRoutingBackward<B::Buf> {
+    fn name(&self) -> &'static str {
+        "predict_routing"
+    }
+    fn backward(&self, ctx: &Ctx<'_, B>, g: &mut GradStore<'_, B>) -> Result<()> {
+        let (du, dw) = g.get_two(self.u, self.w)?;
+        ctx.backend.caps_routing_bwd(
+            &self.s,
+            self.rounds,
+            ctx.value(self.u),
+            ctx.value(self.w),
+            &self.saved,
+            ctx.dout,
+            du,
+            dw,
+        )
     }
 }
 

@@ -7,7 +7,7 @@ mod conv;
 mod dense;
 mod loss;
 
-pub use caps::{argmax, lengths, mask, predict, routing, squash};
+pub use caps::{argmax, lengths, mask, predict, predict_routing, routing, squash};
 pub use conv::conv2d;
 pub use dense::dense;
 pub use loss::{add, margin_loss, sq_err};

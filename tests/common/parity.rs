@@ -471,6 +471,74 @@ pub fn routing_at<B: Backend>(g: &B, shapes: &[CapsShape], round_counts: &[usize
     }
 }
 
+/// Shapes of the fused prediction + routing op: the model's I = 1152 at batch 5 (the fused version's
+/// chunks divide I; five images make image groups with a remainder), and I = 37 capsules of 3
+/// dimensions into 7 of 5 (no chunk size divides it).
+pub fn caps_routing_shapes() -> Vec<CapsShape> {
+    vec![
+        Config::default().caps_shape(5),
+        CapsShape {
+            batch: 3,
+            in_caps: 37,
+            in_dim: 3,
+            out_caps: 7,
+            out_dim: 5,
+        },
+    ]
+}
+
+/// Prediction vectors and routing as one op (`caps_routing_fwd`/`_bwd`) at each shape and number of
+/// rounds, against the CPU reference: v, the saved couplings, sums and capsules, and both gradients,
+/// accumulated onto random values; at the small shapes also the weight gradient alone (no du wanted).
+pub fn caps_routing_at<B: Backend>(g: &B, shapes: &[CapsShape], round_counts: &[usize]) {
+    for (n, cs) in shapes.iter().enumerate() {
+        for &rounds in round_counts {
+            let mut rng = Lcg(40 + 3 * n as u64 + rounds as u64);
+            let (u0, w0, dv0, du0, dw0) = (
+                rand(&mut rng, cs.u_len(), -0.5, 0.5),
+                rand(&mut rng, cs.w_len(), -0.1, 0.1),
+                rand(&mut rng, cs.v_len(), -1.0, 1.0),
+                rand(&mut rng, cs.u_len(), -1.0, 1.0),
+                rand(&mut rng, cs.w_len(), -1.0, 1.0),
+            );
+            let (want, got) = both!(g, |be| {
+                let (u, w, dv) = (up(be, &u0), up(be, &w0), up(be, &dv0));
+                let mut v = poisoned(be, cs.v_len());
+                let mut saved = be.routing_saved(cs, rounds).unwrap();
+                for b in [&mut saved.c, &mut saved.s, &mut saved.v] {
+                    be.fill(b, f64::NAN).unwrap();
+                }
+                be.caps_routing_fwd(cs, rounds, &u, &w, &mut v, &mut saved).unwrap();
+                let (mut du, mut dw) = (up(be, &du0), up(be, &dw0));
+                be.caps_routing_bwd(cs, rounds, &u, &w, &saved, &dv, Some(&mut du), Some(&mut dw))
+                    .unwrap();
+                let mut out = vec![
+                    down(be, &v),
+                    down(be, &saved.c),
+                    down(be, &saved.s),
+                    down(be, &saved.v),
+                    down(be, &du),
+                    down(be, &dw),
+                ];
+                if cs.in_caps < 100 {
+                    let mut dw = up(be, &dw0);
+                    be.caps_routing_bwd(cs, rounds, &u, &w, &saved, &dv, None, Some(&mut dw))
+                        .unwrap();
+                    out.push(down(be, &dw));
+                }
+                out.concat()
+            });
+            compare(
+                &format!("prediction + routing fwd+bwd {cs:?}, {rounds} rounds"),
+                &got,
+                &want,
+                1e-5,
+                1e-3,
+            );
+        }
+    }
+}
+
 /// Losses of `steps` training steps on fixed random images, and the gradients of the first step.
 pub fn train_steps<B: Backend>(be: B, steps: usize) -> (Vec<f64>, Vec<Vec<f64>>) {
     let cfg = small_config();
