@@ -144,6 +144,14 @@ fn cuda_steps_after_the_first_allocate_nothing() {
     parity::steps_after_the_first_allocate_nothing(g, CudaBackend::fresh_allocations);
 }
 
+/// The fused Adam step's table of device pointers is copied to the GPU on the first step only: later
+/// steps update the same buffers (the pool hands them out in the same order).
+#[test]
+fn cuda_adam_table_is_uploaded_once() {
+    let Some(g) = gpu() else { return };
+    parity::counter_stops_after_the_first_step(g, "uploaded the Adam table", CudaBackend::adam_table_uploads);
+}
+
 /// Launches of kernel `name` so far on the emulated device (which counts them); `None` on a GPU.
 fn launches(name: &str) -> Option<u64> {
     capsnet::cuda::emulator::loaded().map(|_| capsnet::cuda::emulator::launches(name).unwrap())

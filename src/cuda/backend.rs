@@ -89,8 +89,11 @@ pub struct CudaBackend {
     info: DeviceInfo,
     funcs: HashMap<&'static str, CudaFunction>,
     pool: PoolRef,
-    /// The fused Adam step's table of tensors, kept between steps.
-    adam_table: RefCell<Option<CudaSlice<AdamTensor>>>,
+    /// The fused Adam step's table of tensors on the device, with the host copy last uploaded: a step
+    /// whose buffers are the last step's (the pool hands them out in the same order) uploads nothing.
+    adam_table: RefCell<Option<(Vec<AdamTensor>, CudaSlice<AdamTensor>)>>,
+    /// Uploads of the Adam table so far.
+    adam_uploads: std::cell::Cell<usize>,
     /// The version of each op this backend launches.
     kernels: RefCell<reg::KernelSet>,
 }
@@ -193,6 +196,7 @@ impl CudaBackend {
             funcs,
             pool: PoolRef::default(),
             adam_table: RefCell::new(None),
+            adam_uploads: std::cell::Cell::new(0),
             kernels: RefCell::new(kernels),
         })
     }
@@ -212,6 +216,12 @@ impl CudaBackend {
     /// Device allocations made so far (buffers taken from the pool are not counted).
     pub fn fresh_allocations(&self) -> usize {
         self.pool.borrow().fresh
+    }
+
+    /// Times the fused Adam step's table of tensors was copied to the device: once, while every step
+    /// updates the same buffers.
+    pub fn adam_table_uploads(&self) -> usize {
+        self.adam_uploads.get()
     }
 
     fn take<T: Pooled>(&self, n: usize) -> Result<PooledBuf<T>> {
@@ -1303,20 +1313,26 @@ impl Backend for CudaBackend {
                 n: len as u64,
             });
         }
+        let tensors = table.len() as u32;
         let mut slot = self.adam_table.borrow_mut();
-        if slot.as_ref().is_none_or(|t| t.len() != table.len()) {
+        if slot.as_ref().is_none_or(|(_, t)| t.len() != table.len()) {
             let mut pool = self.pool.borrow_mut();
             pool.fresh += 1;
             pool.bytes += table.len() * std::mem::size_of::<AdamTensor>();
             drop(pool);
-            *slot = Some(
-                self.stream
-                    .alloc_zeros::<AdamTensor>(table.len())
-                    .map_err(de("adam table"))?,
-            );
+            let dev = self
+                .stream
+                .alloc_zeros::<AdamTensor>(table.len())
+                .map_err(de("adam table"))?;
+            *slot = Some((vec![], dev));
         }
-        let dev_table = slot.as_mut().expect("allocated above");
-        self.stream.memcpy_htod(&table, dev_table).map_err(de("adam table"))?;
+        let (uploaded, dev_table) = slot.as_mut().expect("allocated above");
+        if *uploaded != table {
+            self.stream.memcpy_htod(&table, dev_table).map_err(de("adam table"))?;
+            self.adam_uploads.set(self.adam_uploads.get() + 1);
+            *uploaded = table;
+        }
+        let dev_table = &*dev_table;
         let h = AdamParams {
             lr: hp.lr as f32,
             beta1: hp.beta1 as f32,
@@ -1328,7 +1344,7 @@ impl Backend for CudaBackend {
         let cfg = LaunchConfig {
             grid_dim: (
                 longest.div_ceil(reg::FLAT_THREADS as usize).clamp(1, 1024) as u32,
-                table.len() as u32,
+                tensors,
                 1,
             ),
             block_dim: (reg::FLAT_THREADS, 1, 1),
@@ -1336,6 +1352,6 @@ impl Backend for CudaBackend {
         };
         // SAFETY: adam_step_v1(const AdamTensor* table, AdamParams): blockIdx.y < table.len() picks a row;
         // each row's pointers address buffers of n floats that the borrowed groups keep alive.
-        launch!(self, reg::ADAM_STEP, cfg, [&*dev_table, &h])
+        launch!(self, reg::ADAM_STEP, cfg, [dev_table, &h])
     }
 }

@@ -96,7 +96,7 @@ impl CapsParams {
 
 /// One row of the fused Adam step's tensor table (device pointers and length).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AdamTensor {
     pub p: u64,
     pub g: u64,

@@ -613,6 +613,12 @@ pub fn training_steps_match_rounded_reference<B: Backend>(make: impl Fn() -> B, 
 /// Three training steps of the small model on `be`, with `fresh(be)` (the backend's count of
 /// allocations) read after each: the first allocates, the second and third allocate nothing.
 pub fn steps_after_the_first_allocate_nothing<B: Backend>(be: B, fresh: impl Fn(&B) -> usize) {
+    counter_stops_after_the_first_step(be, "allocated memory", fresh);
+}
+
+/// Three training steps of the small model on `be`, with `count(be)` read after each: the first step
+/// counts something (`what`: allocations, uploads), the second and third nothing more.
+pub fn counter_stops_after_the_first_step<B: Backend>(be: B, what: &str, count: impl Fn(&B) -> usize) {
     let cfg = small_config();
     let images: Vec<B::E> = vec![B::E::from_f64(0.5); 4 * 784];
     let labels = vec![1u32, 2, 3, 4];
@@ -626,11 +632,11 @@ pub fn steps_after_the_first_allocate_nothing<B: Backend>(be: B, fresh: impl Fn(
         t.backward(f.loss).unwrap();
         adam.update(&mut t).unwrap();
         let _ = t.backend().download(&t.value(f.loss).buf).unwrap(); // waits for an asynchronous backend
-        counts.push(fresh(t.backend()));
+        counts.push(count(t.backend()));
     }
-    assert!(counts[0] > 0);
-    assert_eq!(counts[1], counts[2], "the third step allocated memory: {counts:?}");
-    assert_eq!(counts[0], counts[1], "the second step allocated memory: {counts:?}");
+    assert!(counts[0] > 0, "the first step {what} nothing: {counts:?}");
+    assert_eq!(counts[1], counts[2], "the third step {what}: {counts:?}");
+    assert_eq!(counts[0], counts[1], "the second step {what}: {counts:?}");
 }
 
 /// Compares `got` with `want` elementwise against `bound`·`abs_ref` + 1e-6 (abs_ref: the op run by the
