@@ -81,8 +81,8 @@ def capsule_kernels(batch, rounds):
     uhat, u, w, c = b * I * J * D, b * I * E, I * J * D * E, b * I * J
     jd, jde = J * D, J * D * E
     unfused = [
-        # the tape keeps no û: the backward recomputes it (zeros(), then predict_fwd)
-        ("memset + predict_fwd (fwd and again in bwd)", 4, 2 * f * (u + w + 2 * uhat), 2 * 2 * uhat * 12 / 32),
+        # the tape keeps no û: the backward recomputes it
+        ("predict_fwd (fwd, and again in bwd)", 2, 2 * f * (u + w + uhat), 2 * uhat * 12 / 32),
         (f"routing_fwd_v1, {r} rounds", 1, f * ((2 * r - 1) * uhat + r * c), b * ((2 * r - 1) * I * J * D * 3) / 32),
         ("memset dû + routing_bwd_v1", 2, f * ((4 * r) * uhat + r * c), b * (4 * r * I * J * D * 4) / 32),
         ("predict_bwd_input + _weight", 2, f * (2 * uhat + 2 * w + 2 * u), 2 * uhat * 8 * 3 / 32),

@@ -89,7 +89,7 @@ pub fn caps_routing_fwd_unfused<B: Backend + ?Sized>(
     v: &mut B::Buf,
     saved: &mut RoutingSaved<B::Buf>,
 ) -> Result<()> {
-    let mut uhat = be.zeros(s.uhat_len())?;
+    let mut uhat = be.alloc_out(s.uhat_len())?;
     be.predict_fwd(s, u, w, &mut uhat)?;
     be.routing_fwd(s, rounds, &uhat, v, saved)
 }
@@ -111,7 +111,7 @@ pub fn caps_routing_bwd_unfused<B: Backend + ?Sized>(
     if du.is_none() && dw.is_none() {
         return Ok(());
     }
-    let mut uhat = be.zeros(s.uhat_len())?;
+    let mut uhat = be.alloc_out(s.uhat_len())?;
     be.predict_fwd(s, u, w, &mut uhat)?;
     let mut duhat = be.zeros(s.uhat_len())?;
     be.routing_bwd(s, rounds, &uhat, saved, dv, &mut duhat)?;
@@ -273,6 +273,16 @@ pub trait Backend: 'static {
     fn upload(&self, host: &[Self::E]) -> Result<Self::Buf>;
     fn download(&self, buf: &Self::Buf) -> Result<Vec<Self::E>>;
     fn upload_idx(&self, host: &[u32]) -> Result<Self::Idx>;
+    /// A buffer of `n` values for an op that overwrites every one of them: its contents are
+    /// unspecified. The default zeroes it; a device backend hands out memory as it is, so no memset
+    /// runs before a kernel that writes its whole output.
+    fn alloc_out(&self, n: usize) -> Result<Self::Buf> {
+        self.zeros(n)
+    }
+    /// [`Backend::alloc_out`] for class indices.
+    fn alloc_idx(&self, n: usize) -> Result<Self::Idx> {
+        self.upload_idx(&vec![0; n])
+    }
     fn download_idx(&self, idx: &Self::Idx) -> Result<Vec<u32>>;
     fn buf_len(&self, buf: &Self::Buf) -> usize;
     fn fill(&self, buf: &mut Self::Buf, value: f64) -> Result<()>;

@@ -472,6 +472,12 @@ impl Backend for CudaBackend {
         }
         Ok(b)
     }
+    fn alloc_out(&self, n: usize) -> Result<CudaBuf> {
+        self.take::<f32>(n)
+    }
+    fn alloc_idx(&self, n: usize) -> Result<CudaIdx> {
+        self.take::<u32>(n)
+    }
     fn upload(&self, host: &[f32]) -> Result<CudaBuf> {
         let mut b = self.take::<f32>(host.len())?;
         if !host.is_empty() {

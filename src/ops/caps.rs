@@ -24,7 +24,7 @@ fn rows_dim(shape: &[usize]) -> (usize, usize) {
 pub fn squash<B: Backend>(t: &mut Tape<B>, s: Var) -> Result<Var> {
     let shape = t.value(s).shape.clone();
     let (rows, dim) = rows_dim(&shape);
-    let mut v = t.backend().zeros(rows * dim)?;
+    let mut v = t.backend().alloc_out(rows * dim)?;
     t.backend().squash_fwd(rows, dim, &t.value(s).buf, &mut v)?;
     t.push_op(v, &shape, &[s], SquashBackward { s, rows, dim })
 }
@@ -60,7 +60,7 @@ pub fn predict<B: Backend>(t: &mut Tape<B>, u: Var, w: Var) -> Result<Var> {
         out_caps: ws[1],
         out_dim: ws[2],
     };
-    let mut uhat = t.backend().zeros(s.uhat_len())?;
+    let mut uhat = t.backend().alloc_out(s.uhat_len())?;
     t.backend()
         .predict_fwd(&s, &t.value(u).buf, &t.value(w).buf, &mut uhat)?;
     t.push_op(
@@ -111,7 +111,7 @@ pub fn routing<B: Backend>(t: &mut Tape<B>, uhat: Var, rounds: usize) -> Result<
         out_caps: us[2],
         out_dim: us[3],
     };
-    let mut v = t.backend().zeros(s.v_len())?;
+    let mut v = t.backend().alloc_out(s.v_len())?;
     let mut saved = t.backend().routing_saved(&s, rounds)?;
     t.backend()
         .routing_fwd(&s, rounds, &t.value(uhat).buf, &mut v, &mut saved)?;
@@ -160,7 +160,7 @@ pub fn predict_routing<B: Backend>(t: &mut Tape<B>, u: Var, w: Var, rounds: usiz
         out_caps: ws[1],
         out_dim: ws[2],
     };
-    let mut v = t.backend().zeros(s.v_len())?;
+    let mut v = t.backend().alloc_out(s.v_len())?;
     let mut saved = t.backend().routing_saved(&s, rounds)?;
     t.backend()
         .caps_routing_fwd(&s, rounds, &t.value(u).buf, &t.value(w).buf, &mut v, &mut saved)?;
@@ -202,7 +202,7 @@ impl<B: Backend> BackwardOp<B> for PredictRoutingBackward<B::Buf> {
 pub fn lengths<B: Backend>(t: &mut Tape<B>, v: Var) -> Result<Var> {
     let shape = t.value(v).shape.clone();
     let (rows, dim) = rows_dim(&shape);
-    let mut l = t.backend().zeros(rows)?;
+    let mut l = t.backend().alloc_out(rows)?;
     t.backend().lengths_fwd(rows, dim, &t.value(v).buf, &mut l)?;
     t.push_op(l, &shape[..shape.len() - 1], &[v], LengthsBackward { v, rows, dim })
 }
@@ -233,7 +233,7 @@ pub fn mask<B: Backend>(t: &mut Tape<B>, v: Var, idx: Rc<B::Idx>) -> Result<Var>
         return shape_err("mask", format!("needs v [B, J, D], got {vs:?}"));
     }
     let (batch, caps, dim) = (vs[0], vs[1], vs[2]);
-    let mut out = t.backend().zeros(batch * caps * dim)?;
+    let mut out = t.backend().alloc_out(batch * caps * dim)?;
     t.backend()
         .mask_fwd(batch, caps, dim, &t.value(v).buf, &idx, &mut out)?;
     t.push_op(
@@ -277,7 +277,7 @@ pub fn argmax<B: Backend>(t: &Tape<B>, x: Var) -> Result<Rc<B::Idx>> {
     if xs.len() != 2 {
         return shape_err("argmax", format!("needs a [rows, cols] value, got {xs:?}"));
     }
-    let mut idx = t.backend().upload_idx(&vec![0; xs[0]])?;
+    let mut idx = t.backend().alloc_idx(xs[0])?;
     t.backend().argmax(xs[0], xs[1], &t.value(x).buf, &mut idx)?;
     Ok(Rc::new(idx))
 }

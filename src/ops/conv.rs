@@ -27,7 +27,7 @@ pub fn conv2d<B: Backend>(t: &mut Tape<B>, x: Var, w: Var, b: Var, stride: usize
         k: ws[0],
         stride,
     };
-    let mut y = t.backend().zeros(s.y_len())?;
+    let mut y = t.backend().alloc_out(s.y_len())?;
     t.backend()
         .conv2d_fwd(&s, &t.value(x).buf, &t.value(w).buf, &t.value(b).buf, &mut y, act)?;
     t.push_op(
@@ -52,7 +52,7 @@ impl<B: Backend> BackwardOp<B> for Conv2dBackward {
     }
     fn backward(&self, ctx: &Ctx<'_, B>, g: &mut GradStore<'_, B>) -> Result<()> {
         let be = ctx.backend;
-        let mut dz = be.zeros(self.s.y_len())?;
+        let mut dz = be.alloc_out(self.s.y_len())?;
         be.act_bwd(self.act, ctx.y(), ctx.dout, &mut dz)?;
         if let Some(dx) = g.get(self.x)? {
             be.conv2d_bwd_input(&self.s, &dz, ctx.value(self.w), dx)?;

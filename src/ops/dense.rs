@@ -15,7 +15,7 @@ pub fn dense<B: Backend>(t: &mut Tape<B>, x: Var, w: Var, b: Var, act: Act) -> R
         inp: xs[1],
         out: ws[1],
     };
-    let mut y = t.backend().zeros(s.rows * s.out)?;
+    let mut y = t.backend().alloc_out(s.rows * s.out)?;
     t.backend()
         .dense_fwd(&s, &t.value(x).buf, &t.value(w).buf, &t.value(b).buf, &mut y, act)?;
     t.push_op(y, &[s.rows, s.out], &[x, w, b], DenseBackward { x, w, b, s, act })
@@ -35,7 +35,7 @@ impl<B: Backend> BackwardOp<B> for DenseBackward {
     }
     fn backward(&self, ctx: &Ctx<'_, B>, g: &mut GradStore<'_, B>) -> Result<()> {
         let be = ctx.backend;
-        let mut dz = be.zeros(self.s.rows * self.s.out)?;
+        let mut dz = be.alloc_out(self.s.rows * self.s.out)?;
         be.act_bwd(self.act, ctx.y(), ctx.dout, &mut dz)?;
         if let Some(dx) = g.get(self.x)? {
             be.dense_bwd_input(&self.s, &dz, ctx.value(self.w), dx)?;

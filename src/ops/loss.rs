@@ -17,7 +17,7 @@ pub fn margin_loss<B: Backend>(t: &mut Tape<B>, l: Var, labels: Rc<B::Idx>, per:
         return shape_err("margin_loss", format!("needs lengths [B, K], got {ls:?}"));
     }
     let (batch, classes) = (ls[0], ls[1]);
-    let mut loss = t.backend().zeros(1)?;
+    let mut loss = t.backend().alloc_out(1)?;
     t.backend()
         .margin_loss_fwd(batch, classes, per, &t.value(l).buf, &labels, &mut loss)?;
     t.push_op(
@@ -68,7 +68,7 @@ pub fn sq_err<B: Backend>(t: &mut Tape<B>, pred: Var, target: Var, scale: f64) -
         return shape_err("sq_err", format!("pred {ps:?} and target {ts:?} must both be [B, P]"));
     }
     let (rows, cols) = (ps[0], ps[1]);
-    let mut loss = t.backend().zeros(1)?;
+    let mut loss = t.backend().alloc_out(1)?;
     t.backend()
         .sq_err_fwd(rows, cols, &t.value(pred).buf, &t.value(target).buf, scale, &mut loss)?;
     t.push_op(
@@ -117,7 +117,7 @@ pub fn add<B: Backend>(t: &mut Tape<B>, a: Var, b: Var) -> Result<Var> {
     if &as_ != bs {
         return shape_err("add", format!("shapes {as_:?} and {bs:?} differ"));
     }
-    let mut out = t.backend().zeros(t.value(a).numel())?;
+    let mut out = t.backend().alloc_out(t.value(a).numel())?;
     t.backend().add_fwd(&t.value(a).buf, &t.value(b).buf, &mut out)?;
     t.push_op(out, &as_, &[a, b], AddBackward { a, b })
 }
