@@ -3,10 +3,12 @@
 //   m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;  p ← p − lr · (m / bc1) / (√(v / bc2) + ε)
 //
 // with bc1 = 1 − β1ᵗ, bc2 = 1 − β2ᵗ from the host. Grid (x, tensors): blockIdx.y picks the tensor
-// from the table, the x blocks stride over its elements.
+// from the table, the x blocks stride over its elements. With a `guard` (else null), nothing changes
+// unless guard[0] is finite: the step's loss, tested here rather than read by the host first.
 #include "common.cuh"
 
-extern "C" __global__ void adam_step_v1(const AdamTensor* tensors, AdamParams h) {
+extern "C" __global__ void adam_step_v1(const AdamTensor* tensors, AdamParams h, const float* guard) {
+    if (guard && !isfinite(guard[0])) return;  // a diverged step changes nothing
     const AdamTensor t = tensors[blockIdx.y];
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < t.n; i += (size_t)gridDim.x * blockDim.x) {
         const float g = t.g[i];

@@ -39,6 +39,16 @@ impl<B: Backend> Adam<B> {
 
     /// Applies the gradients left on the tape by its last backward pass.
     pub fn update(&mut self, tape: &mut Tape<B>) -> Result<()> {
+        self.apply(tape, None)
+    }
+
+    /// [`Adam::update`] unless `guard[0]` (the step's loss) is not finite: then no parameter or moment
+    /// changes, decided on the backend (no host round trip). The step count advances either way.
+    pub fn update_if_finite(&mut self, tape: &mut Tape<B>, guard: &B::Buf) -> Result<()> {
+        self.apply(tape, Some(guard))
+    }
+
+    fn apply(&mut self, tape: &mut Tape<B>, guard: Option<&B::Buf>) -> Result<()> {
         self.step += 1;
         let hp = AdamHyper {
             lr: self.lr,
@@ -53,6 +63,9 @@ impl<B: Backend> Adam<B> {
             .zip(self.m.iter_mut().zip(self.v.iter_mut()))
             .map(|((param, grad), (m, v))| AdamGroup { param, grad, m, v })
             .collect();
-        be.adam_step(&hp, &mut groups)
+        match guard {
+            Some(g) => be.adam_step_if_finite(&hp, &mut groups, g),
+            None => be.adam_step(&hp, &mut groups),
+        }
     }
 }

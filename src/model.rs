@@ -439,6 +439,8 @@ pub struct Forward<Idx> {
     /// The reconstruction term of the loss, weight included.
     pub recon_loss: Var,
     pub loss: Var,
+    /// The labels on the backend, [B, per].
+    pub labels: Rc<Idx>,
 }
 
 impl CapsNet {
@@ -583,7 +585,7 @@ impl CapsNet {
             enc.pred.clone()
         };
         let recon = self.decode(t, enc.v, keep)?;
-        let l = self.loss(t, &enc, &[recon], label_idx, None)?;
+        let l = self.loss(t, &enc, &[recon], label_idx.clone(), None)?;
         Ok(Forward {
             v: enc.v,
             lengths: enc.lengths,
@@ -592,6 +594,7 @@ impl CapsNet {
             margin: l.margin,
             recon_loss: l.recon,
             loss: l.total,
+            labels: label_idx,
         })
     }
 
@@ -624,7 +627,7 @@ impl CapsNet {
             let keep = Rc::new(t.backend().upload_idx(&keep)?);
             recons.push(self.decode(t, enc.v, keep)?);
         }
-        let l = self.loss(t, &enc, &recons, label_idx, Some(targets))?;
+        let l = self.loss(t, &enc, &recons, label_idx.clone(), Some(targets))?;
         Ok(Forward {
             v: enc.v,
             lengths: enc.lengths,
@@ -633,6 +636,7 @@ impl CapsNet {
             margin: l.margin,
             recon_loss: l.recon,
             loss: l.total,
+            labels: label_idx,
         })
     }
 }

@@ -457,11 +457,26 @@ fn train_step<B: Backend>(
     adam.lr = lr_at(state.lr, state.lr_decay, state.lr_decay_steps, adam.step);
     let f = b.forward(model, tape, true)?;
     tape.backward(f.loss)?;
-    let (loss, margin, recon) = (
-        scalar(tape, f.loss)?,
-        scalar(tape, f.margin)?,
-        scalar(tape, f.recon_loss)?,
-    );
+    // the step's report in one buffer, and the update, which changes nothing if the loss is not finite:
+    // the host reads the report once, after the whole step
+    let be = tape.backend();
+    let mut summary = be.alloc_out(5)?;
+    be.step_summary(
+        chunk.len(),
+        model.cfg.classes,
+        b.per,
+        [
+            &tape.value(f.loss).buf,
+            &tape.value(f.margin).buf,
+            &tape.value(f.recon_loss).buf,
+        ],
+        &tape.value(f.lengths).buf,
+        &f.labels,
+        &mut summary,
+    )?;
+    adam.update_if_finite(tape, &summary)?;
+    let report: Vec<f64> = tape.backend().download(&summary)?.iter().map(|x| x.to_f64()).collect();
+    let (loss, margin, recon) = (report[0], report[1], report[2]);
     if !loss.is_finite() {
         let term = if !margin.is_finite() {
             format!("margin loss is {margin}")
@@ -470,16 +485,14 @@ fn train_step<B: Backend>(
         };
         return Err(Error::msg(format!(
             "training diverged at step {}: the {term}; the run's last checkpoint is the last good state",
-            adam.step + 1
+            adam.step
         )));
     }
-    adam.update(tape)?;
     let n = chunk.len() as f64;
     r.loss += n * loss;
     r.margin += n * margin;
     r.recon += n * recon;
-    let pred = predicted(tape, &f, model.cfg.classes, b.per)?;
-    r.correct += dataset::count_correct(&pred, &b.labels, b.per).0;
+    r.correct += report[3] as usize;
     r.images += chunk.len();
     Ok(())
 }

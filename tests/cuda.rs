@@ -38,6 +38,12 @@ fn cuda_capsule_ops_match_cpu() {
 }
 
 #[test]
+fn cuda_step_summary_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    parity::step_summary(&g);
+}
+
+#[test]
 fn cuda_routing_matches_cpu_for_1_2_3_rounds() {
     let Some(g) = gpu() else { return };
     parity::routing_1_2_3_rounds(&g);

@@ -329,7 +329,15 @@ fn passes_outputs(be: CudaBackend, passes: &[bool]) -> Vec<f32> {
             for p in model.params.all() {
                 out.extend(t.backend().download(t.grad(p).unwrap()).unwrap());
             }
-            adam.update(&mut t).unwrap();
+            // as the training loop runs it: the step's report, then the update guarded by its loss
+            let mut summary = t.backend().alloc_out(5).unwrap();
+            let losses = [&t.value(f.loss).buf, &t.value(f.margin).buf, &t.value(f.recon_loss).buf];
+            let lengths = &t.value(f.lengths).buf;
+            t.backend()
+                .step_summary(batch, cfg.classes, 1, losses, lengths, &f.labels, &mut summary)
+                .unwrap();
+            out.extend(t.backend().download(&summary).unwrap());
+            adam.update_if_finite(&mut t, &summary).unwrap();
         }
     }
     out

@@ -195,6 +195,10 @@ inline float min(float a, float b) { return fminf(a, b); }
 inline float max(float a, float b) { return fmaxf(a, b); }
 #undef EMU_MINMAX
 inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
+// CUDA's isfinite/isnan/isinf are global device functions; C++ has them in std
+using std::isfinite;
+using std::isinf;
+using std::isnan;
 inline float __expf(float x) { return expf(x); }
 inline float __logf(float x) { return logf(x); }
 inline float __fdividef(float a, float b) { return a / b; }

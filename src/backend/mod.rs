@@ -479,7 +479,49 @@ pub trait Backend: 'static {
         dpred: &mut Self::Buf,
     ) -> Result<()>;
 
+    /// What a training step reports, in one buffer to read once: out = [loss, margin loss,
+    /// reconstruction loss, images whose `per` longest capsules are exactly their labels, labels found
+    /// among their image's `per` longest capsules] (ties go to the lower class, as [`Backend::argmax`]
+    /// and `dataset::top_classes` break them). This default reads the inputs back and computes on the
+    /// host; a device backend computes it on the device.
+    #[allow(clippy::too_many_arguments)]
+    fn step_summary(
+        &self,
+        batch: usize,
+        classes: usize,
+        per: usize,
+        losses: [&Self::Buf; 3],
+        lengths: &Self::Buf,
+        labels: &Self::Idx,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
+        let labels = self.download_idx(labels)?;
+        check_labels("step_summary", batch, per, labels.len())?;
+        check("step_summary", "lengths", self.buf_len(lengths), batch * classes)?;
+        let mut row = vec![];
+        for l in losses {
+            check("step_summary", "a loss", self.buf_len(l), 1)?;
+            row.push(self.download(l)?[0]);
+        }
+        let l: Vec<f32> = self.download(lengths)?.iter().map(|x| x.to_f64() as f32).collect();
+        let top = crate::dataset::top_classes(&l, classes, per);
+        let (exact, found) = crate::dataset::count_correct(&top, &labels, per);
+        row.extend([Self::E::from_f64(exact as f64), Self::E::from_f64(found as f64)]);
+        *out = self.upload(&row)?;
+        Ok(())
+    }
+
     // ---- optimiser ------------------------------------------------------------------------------
     /// One Adam step (Kingma & Ba, Algorithm 1) over every parameter group.
     fn adam_step(&self, hp: &AdamHyper, groups: &mut [AdamGroup<'_, Self>]) -> Result<()>;
+    /// [`Backend::adam_step`] unless `guard[0]` is not finite (a diverged loss): then no parameter or
+    /// moment changes. The default reads the guard back; a device backend tests it on the device, so
+    /// a step needs no host round trip before its update.
+    fn adam_step_if_finite(&self, hp: &AdamHyper, groups: &mut [AdamGroup<'_, Self>], guard: &Self::Buf) -> Result<()> {
+        match self.download(guard)?.first() {
+            Some(g) if g.to_f64().is_finite() => self.adam_step(hp, groups),
+            Some(_) => Ok(()),
+            None => Err(Error::msg("adam_step_if_finite: the guard buffer is empty")),
+        }
+    }
 }

@@ -1295,6 +1295,60 @@ impl Backend for CudaBackend {
     // ---- optimiser ------------------------------------------------------------------------------
 
     fn adam_step(&self, hp: &AdamHyper, groups: &mut [AdamGroup<'_, Self>]) -> Result<()> {
+        self.adam(hp, groups, None)
+    }
+    fn adam_step_if_finite(&self, hp: &AdamHyper, groups: &mut [AdamGroup<'_, Self>], guard: &CudaBuf) -> Result<()> {
+        if guard.is_empty() {
+            return Err(Error::msg("adam_step_if_finite: the guard buffer is empty"));
+        }
+        self.adam(hp, groups, Some(guard))
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn step_summary(
+        &self,
+        batch: usize,
+        classes: usize,
+        per: usize,
+        losses: [&CudaBuf; 3],
+        lengths: &CudaBuf,
+        labels: &CudaIdx,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        const OP: &str = "step_summary";
+        check_labels(OP, batch, per, labels.len())?;
+        check(OP, "lengths", lengths.len(), batch * classes)?;
+        for l in losses {
+            check(OP, "a loss", l.len(), 1)?;
+        }
+        if out.len() != 5 {
+            *out = self.take::<f32>(5)?;
+        }
+        let (b, c, pr) = (i32_of("step_summary: batch", batch)?, classes as i32, per as i32);
+        i32_of("step_summary: labels", batch * per)?;
+        // SAFETY: step_summary(loss, margin, recon, lengths, labels, out [5], int batch, int classes,
+        // int per), one block of MARGIN_LOSS_FWD_THREADS; lengths checked above.
+        launch!(
+            self,
+            reg::STEP_SUMMARY,
+            single(reg::MARGIN_LOSS_FWD_THREADS),
+            [
+                losses[0].slice(),
+                losses[1].slice(),
+                losses[2].slice(),
+                lengths.slice(),
+                labels.slice(),
+                out.slice_mut(),
+                &b,
+                &c,
+                &pr
+            ]
+        )
+    }
+}
+
+impl CudaBackend {
+    /// The fused Adam step, changing nothing where `guard` holds a non-finite value.
+    fn adam(&self, hp: &AdamHyper, groups: &mut [AdamGroup<'_, Self>], guard: Option<&CudaBuf>) -> Result<()> {
         if hp.step == 0 {
             return Err(Error::msg("adam_step: step numbers start at 1"));
         }
@@ -1356,8 +1410,12 @@ impl Backend for CudaBackend {
             block_dim: (reg::FLAT_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: adam_step_v1(const AdamTensor* table, AdamParams): blockIdx.y < table.len() picks a row;
-        // each row's pointers address buffers of n floats that the borrowed groups keep alive.
-        launch!(self, reg::ADAM_STEP, cfg, [dev_table, &h])
+        // SAFETY: adam_step_v1(const AdamTensor* table, AdamParams, const float* guard): blockIdx.y <
+        // table.len() picks a row; each row's pointers address buffers of n floats that the borrowed
+        // groups keep alive; the guard is a live buffer of at least one float, or null.
+        match guard {
+            Some(g) => launch!(self, reg::ADAM_STEP, cfg, [dev_table, &h, g.slice()]),
+            None => launch!(self, reg::ADAM_STEP, cfg, [dev_table, &h, &0u64]),
+        }
     }
 }

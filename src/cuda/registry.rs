@@ -75,6 +75,7 @@ kernels! {
     ARGMAX = "capsules.cu": "argmax_f32" @ FLAT_THREADS;
     MARGIN_LOSS_FWD = "capsules.cu": "margin_loss_fwd" @ MARGIN_LOSS_FWD_THREADS;
     MARGIN_LOSS_BWD = "capsules.cu": "margin_loss_bwd" @ FLAT_THREADS;
+    STEP_SUMMARY = "capsules.cu": "step_summary" @ MARGIN_LOSS_FWD_THREADS;
     ROUTING_FWD_V1 = "routing.cu": "routing_fwd_v1" @ ROUTING_THREADS;
     ROUTING_BWD_V1 = "routing.cu": "routing_bwd_v1" @ ROUTING_THREADS;
     ROUTING_FWD_V2 = "routing.cu": "routing_fwd_v2" @ ROUTING_THREADS;

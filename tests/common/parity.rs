@@ -287,7 +287,19 @@ pub fn adam<B: Backend>(g: &B) {
             .iter()
             .map(|t| [up(be, &t[0]), up(be, &t[1]), up(be, &t[2]), up(be, &t[3])])
             .collect();
-        for step in 1..=3 {
+        // steps 1 and 4 unguarded; step 2 guarded by a finite loss (an update); steps 3 and 5 guarded by
+        // a non-finite one (no change at all)
+        let guards = [None, Some(0.5), Some(f64::NAN), None, Some(f64::INFINITY)];
+        macro_rules! state {
+            ($bufs:expr) => {
+                $bufs
+                    .iter()
+                    .flat_map(|[p, _, m, v]| [down(be, p), down(be, m), down(be, v)].concat())
+                    .collect::<Vec<f64>>()
+            };
+        }
+        for (step, guard) in (1..).zip(guards) {
+            let before = state!(bufs);
             let hp = AdamHyper {
                 lr: 1e-3,
                 beta1: 0.9,
@@ -304,13 +316,65 @@ pub fn adam<B: Backend>(g: &B) {
                     v,
                 })
                 .collect();
-            be.adam_step(&hp, &mut groups).unwrap();
+            match guard {
+                None => be.adam_step(&hp, &mut groups).unwrap(),
+                Some(x) => {
+                    let guard = up(be, &[x as f32, 1.0]);
+                    be.adam_step_if_finite(&hp, &mut groups, &guard).unwrap()
+                }
+            }
+            drop(groups);
+            let after = state!(bufs);
+            let unchanged = before.iter().zip(&after).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert_eq!(
+                unchanged,
+                guard.is_some_and(|x: f64| !x.is_finite()),
+                "step {step} guarded by {guard:?}: changed {}",
+                !unchanged
+            );
         }
-        bufs.iter()
-            .flat_map(|[p, _, m, v]| [down(be, p), down(be, m), down(be, v)].concat())
-            .collect::<Vec<f64>>()
+        state!(bufs)
     });
-    compare("adam_step, 3 steps over 3 tensors", &got, &want, 1e-6, 1e-4);
+    compare(
+        "adam_step, 3 updates and 2 skipped over 3 tensors",
+        &got,
+        &want,
+        1e-6,
+        1e-4,
+    );
+}
+
+/// A training step's one-read report (losses, then images right and labels found among the longest
+/// capsules) against the CPU reference and against counts worked by hand: ties go to the lower class.
+pub fn step_summary<B: Backend>(g: &B) {
+    // 3 images x 4 classes; the third ties classes 0 and 1
+    let lengths = [0.1, 0.9, 0.2, 0.8, 0.7, 0.1, 0.1, 0.6, 0.5, 0.5, 0.9, 0.1];
+    let cases: [(usize, Vec<u32>, [f64; 2]); 4] = [
+        // one label: the longest capsule (1, 0, 2) against labels 1, 0, 2: all right
+        (1, vec![1, 0, 2], [3.0, 3.0]),
+        // none of 3, 3, 1 is its image's longest
+        (1, vec![3, 3, 1], [0.0, 0.0]),
+        // two labels: the two longest are {1, 3}, {0, 3} and {2, 0} (0.5 twice: 0 ranks before 1, so
+        // image 3's label 1 is not found)
+        (2, vec![3, 1, 0, 2, 2, 1], [1.0, 4.0]),
+        (2, vec![1, 3, 3, 0, 0, 2], [3.0, 6.0]),
+    ];
+    for (per, labels, counts) in cases {
+        let (want, got) = both!(g, |be| {
+            let losses = [up(be, &[0.25]), up(be, &[f32::NAN]), up(be, &[0.125])];
+            let lens = up(be, &lengths);
+            let idx = be.upload_idx(&labels).unwrap();
+            let mut out = be.alloc_out(5).unwrap();
+            be.step_summary(3, 4, per, [&losses[0], &losses[1], &losses[2]], &lens, &idx, &mut out)
+                .unwrap();
+            down(be, &out)
+        });
+        assert_eq!(want.len(), 5);
+        assert_eq!(&want[3..], &counts, "reference, per {per}, labels {labels:?}");
+        assert_eq!(&got[3..], &counts, "per {per}, labels {labels:?}");
+        assert_eq!((got[0], got[2]), (0.25, 0.125));
+        assert!(got[1].is_nan(), "the margin loss is passed through as it is");
+    }
 }
 
 pub fn capsule_ops<B: Backend>(g: &B) {
