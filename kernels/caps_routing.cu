@@ -6,8 +6,9 @@
 //
 // Every sum over the I input capsules is split in two deterministic phases: each block sums its chunk
 // of `chunk` capsules into `partial` [B, chunks, J, D]; a reduce kernel adds the chunks in order. So the
-// grid is chunks × image groups (576 blocks for I = 1152 on 132 SMs at any batch), any I runs (only a
-// chunk lives in shared memory), and nothing is summed with atomics.
+// grid is chunks × image groups (about four blocks per SM where the batch allows: 576 for I = 1152 on
+// 132 SMs at batch 128), any I runs (only a chunk lives in shared memory), and nothing is summed with
+// atomics.
 //
 // Forward, round r (two launches):
 //   partial:  c_ij = softmax_j(Σ_{q<r} û_ij·v_q,j) → saved_c;   partial_j = Σ_{i∈chunk} c_ij û_ij
@@ -261,14 +262,12 @@ caps_route_bwd_input(const float* __restrict__ w, const float* __restrict__ save
     for (int b = b0; b < b1; ++b) {
         for (int e = threadIdx.x; e < R * jd_n; e += blockDim.x) dss[e] = ds[(size_t)b * R * jd_n + e];
         for (int e = threadIdx.x; e < (R - 1) * jd_n; e += blockDim.x) vss[e] = saved_v[(size_t)b * R * jd_n + e];
-        for (int e = threadIdx.x; e < R * n * J; e += blockDim.x) {
-            const int q = e / (n * J), ij = e % (n * J);
-            cs[q * chunk * J + ij] = saved_c[(((size_t)b * R + q) * I + i0) * J + ij];
-        }
-        for (int e = threadIdx.x; e < (R - 1) * n * J; e += blockDim.x) {
-            const int q = e / (n * J), ij = e % (n * J);
-            dbs[q * chunk * J + ij] = db[(((size_t)b * (R - 1) + q) * I + i0) * J + ij];
-        }
+        for (int q = 0; q < R; ++q)
+            for (int ij = threadIdx.x; ij < n * J; ij += blockDim.x)
+                cs[q * chunk * J + ij] = saved_c[(((size_t)b * R + q) * I + i0) * J + ij];
+        for (int q = 0; q + 1 < R; ++q)
+            for (int ij = threadIdx.x; ij < n * J; ij += blockDim.x)
+                dbs[q * chunk * J + ij] = db[(((size_t)b * (R - 1) + q) * I + i0) * J + ij];
         __syncthreads();
         duhat_chunk(cs, dbs, dss, vss, duh, n, chunk, R, p);
         __syncthreads();

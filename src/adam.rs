@@ -43,7 +43,8 @@ impl<B: Backend> Adam<B> {
     }
 
     /// [`Adam::update`] unless `guard[0]` (the step's loss) is not finite: then no parameter or moment
-    /// changes, decided on the backend (no host round trip). The step count advances either way.
+    /// changes, decided on the backend (no host round trip). The step count advances either way, so a
+    /// caller that finds the loss non-finite must stop (as training does), not continue from here.
     pub fn update_if_finite(&mut self, tape: &mut Tape<B>, guard: &B::Buf) -> Result<()> {
         self.apply(tape, Some(guard))
     }

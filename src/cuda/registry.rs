@@ -62,6 +62,7 @@ kernels! {
     SQ_ERR_FWD = "elementwise.cu": "sq_err_fwd_f32" @ SQ_ERR_FWD_THREADS;
     SQ_ERR_BWD = "elementwise.cu": "sq_err_bwd_f32" @ FLAT_THREADS;
     SPLITK_REDUCE_ADD = "elementwise.cu": "splitk_reduce_add" @ FLAT_THREADS;
+    GATHER_BATCH = "elementwise.cu": "gather_batch" @ FLAT_THREADS;
     ADAM_STEP_V1 = "adam.cu": "adam_step_v1" @ FLAT_THREADS;
     SQUASH_FWD = "capsules.cu": "squash_fwd" @ FLAT_THREADS;
     SQUASH_BWD = "capsules.cu": "squash_bwd" @ FLAT_THREADS;
@@ -399,7 +400,7 @@ pub fn fused_routing_plan(k: Kernel, s: &crate::backend::CapsShape, rounds: usiz
         CAPS_ROUTE_BWD_WEIGHT if e <= FUSED_MAX_IN_DIM => return Ok((0, 0)),
         CAPS_ROUTE_BWD_WEIGHT => {
             return Err(Error::msg(format!(
-                "routing (fused): primary capsules of {e} dimensions; its weight gradient holds at most {FUSED_MAX_IN_DIM} per thread; choose --kernels routing=v2"
+                "routing (fused): primary capsules of {e} dimensions; its weight gradient holds at most {FUSED_MAX_IN_DIM} per thread"
             )));
         }
         other => return Err(Error::msg(format!("{} is not a fused routing kernel", other.name))),
@@ -408,7 +409,7 @@ pub fn fused_routing_plan(k: Kernel, s: &crate::backend::CapsShape, rounds: usiz
     let chunk = (room / per).min(FUSED_MAX_CHUNK).min(s.in_caps.max(1));
     if chunk == 0 {
         return Err(Error::msg(format!(
-            "routing (fused): {} digit capsules of {d} x {e} weights over {rounds} rounds need {} bytes of shared memory per block, more than {FUSED_SMEM_BYTES}; choose --kernels routing=v2",
+            "routing (fused): {} digit capsules of {d} x {e} weights over {rounds} rounds need {} bytes of shared memory per block, more than {FUSED_SMEM_BYTES}",
             j,
             4 * (per + fixed)
         )));
