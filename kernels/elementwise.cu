@@ -8,6 +8,7 @@
 //   sq_err_fwd_f32  loss[0] = scale / rows · Σ (pred − target)²     (one block, tree sum)
 //   sq_err_bwd_f32  dpred[i] += 2 · scale / rows · dloss[0] · (pred[i] − target[i])
 //   splitk_reduce_add  out[i] += Σ_z ws[z, i]                         (slices in order)
+//   gather_batch    x[b, p] = byte p of image order[start + b] / 255, y[b] = labels[order[start + b]]
 //
 // Flat loops are grid-stride over n elements; reductions use a fixed tree (deterministic).
 #include "common.cuh"
@@ -68,5 +69,27 @@ extern "C" __global__ void splitk_reduce_add(const float* __restrict__ ws, float
         float acc = 0.f;
         for (int z = 0; z < split; ++z) acc += ws[z * n + e];
         out[e] += acc;
+    }
+}
+
+// One batch of a data set resident on the device: images [n, pixels] bytes packed four to a word
+// (little-endian), labels [n], order [n] (the epoch's shuffle). Pixels scale as the host loader scales
+// them (byte / 255 in double, rounded to float), so a batch is the same bits as one copied from the host.
+// 32-bit indices: the host checks n · pixels fits.
+// An order entry ≥ n (never from the host's shuffle) reads nothing: NaN pixels, label n.
+extern "C" __global__ void gather_batch(const unsigned* images, const unsigned* labels, const unsigned* order,
+                                        float* x, unsigned* y, int start, int batch, int pixels, int n) {
+    for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < (unsigned)(batch * pixels);
+         e += gridDim.x * blockDim.x) {
+        const unsigned b = e / pixels, p = e % pixels, img = order[start + b];
+        if (img >= (unsigned)n) {
+            x[e] = __int_as_float(0x7fc00000);  // NaN
+            if (p == 0) y[b] = (unsigned)n;
+            continue;
+        }
+        const unsigned at = img * pixels + p;
+        const unsigned byte = (images[at / 4] >> (8 * (at % 4))) & 0xffu;
+        x[e] = (float)((double)byte / 255.0);
+        if (p == 0) y[b] = labels[img];
     }
 }

@@ -484,7 +484,7 @@ impl CapsNet {
     /// Images ([B·side²] pixels in [0, 1], row-major) → digit capsules, their lengths and the
     /// predicted classes.
     pub fn encode<B: Backend>(&self, t: &mut Tape<B>, images: &[B::E]) -> Result<Encoded<B::Idx>> {
-        let (cfg, p) = (&self.cfg, &self.params);
+        let cfg = &self.cfg;
         let pixels = cfg.image_pixels();
         if images.is_empty() || images.len() % pixels != 0 {
             return Err(Error::msg(format!(
@@ -495,8 +495,15 @@ impl CapsNet {
             )));
         }
         let batch = images.len() / pixels;
+        let x = t.backend().upload(images)?;
+        self.encode_on_backend(t, x, batch)
+    }
+
+    /// [`CapsNet::encode`] of `batch` images already on the backend (x: [B·side²] pixels).
+    pub fn encode_on_backend<B: Backend>(&self, t: &mut Tape<B>, x: B::Buf, batch: usize) -> Result<Encoded<B::Idx>> {
+        let (cfg, p) = (&self.cfg, &self.params);
         let side = cfg.image_side;
-        let x = t.input(t.backend().upload(images)?, &[batch, side, side, 1])?;
+        let x = t.input(x, &[batch, side, side, 1])?;
         let h = ops::conv2d(t, x, p.conv1.weight, p.conv1.bias, 1, Act::Relu)?;
         let prim = ops::conv2d(t, h, p.primary.weight, p.primary.bias, 2, Act::Relu)?;
         t.reshape(prim, &[batch, cfg.primary_caps(), cfg.caps1_dim])?;
@@ -577,8 +584,29 @@ impl CapsNet {
         if images.len() != batch * self.cfg.image_pixels() {
             return Err(Error::msg(format!("model: {} pixels for {batch} labels", images.len())));
         }
-        let enc = self.encode(t, images)?;
+        let x = t.backend().upload(images)?;
         let label_idx = Rc::new(t.backend().upload_idx(labels)?);
+        self.forward_on_backend(t, x, label_idx, mask_with_labels)
+    }
+
+    /// [`CapsNet::forward`] of images and labels already on the backend (a resident data set's
+    /// batch): x [B·side²] pixels, labels [B].
+    pub fn forward_on_backend<B: Backend>(
+        &self,
+        t: &mut Tape<B>,
+        x: B::Buf,
+        label_idx: Rc<B::Idx>,
+        mask_with_labels: bool,
+    ) -> Result<Forward<B::Idx>> {
+        let pixels = self.cfg.image_pixels();
+        let batch = t.backend().buf_len(&x) / pixels;
+        if batch == 0 || t.backend().buf_len(&x) != batch * pixels {
+            return Err(Error::msg(format!(
+                "model: {} pixels is not a whole number of images",
+                t.backend().buf_len(&x)
+            )));
+        }
+        let enc = self.encode_on_backend(t, x, batch)?;
         let keep = if mask_with_labels {
             label_idx.clone()
         } else {

@@ -2,6 +2,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -435,6 +436,7 @@ fn resume_command() -> String {
 /// One training step (forward, backward, Adam) on the base digits `chunk` of `src` (the examples
 /// of epoch `state.epoch`); adds the batch to the running sums. A non-finite loss stops before the
 /// update, so the weights stay as they were.
+#[allow(clippy::too_many_arguments)]
 fn train_step<B: Backend>(
     tape: &mut Tape<B>,
     model: &CapsNet,
@@ -443,19 +445,45 @@ fn train_step<B: Backend>(
     chunk: &[usize],
     state: &TrainState,
     r: &mut Running,
+    resident: Option<(&Resident<B>, usize)>,
 ) -> Result<()> {
     tape.reset();
-    let examples: Vec<usize> = chunk.iter().map(|&d| src.example_of(d, state.epoch)).collect();
-    let mut b = src.batch::<B::E>(&examples);
-    if state.shift > 0 {
-        let shifts: Vec<(i32, i32)> = chunk
-            .iter()
-            .map(|&i| data::shift_of(state.seed, state.epoch, i, state.shift))
-            .collect();
-        data::shift_images(&mut b.images, model.cfg.image_side, &shifts);
-    }
     adam.lr = lr_at(state.lr, state.lr_decay, state.lr_decay_steps, adam.step);
-    let f = b.forward(model, tape, true)?;
+    let (f, per) = match resident {
+        // the batch gathered on the device from the data set there: nothing copied from the host
+        Some((res, start)) => {
+            let be = tape.backend();
+            let (mut x, mut y) = (be.alloc_out(chunk.len() * res.pixels)?, be.alloc_idx(chunk.len())?);
+            let order = res
+                .order
+                .as_ref()
+                .map(|o| &o.1)
+                .ok_or_else(|| Error::msg("no epoch order on the device"))?;
+            be.gather_batch(
+                res.pixels,
+                &res.images,
+                &res.labels,
+                order,
+                start,
+                chunk.len(),
+                &mut x,
+                &mut y,
+            )?;
+            (model.forward_on_backend(tape, x, Rc::new(y), true)?, 1)
+        }
+        None => {
+            let examples: Vec<usize> = chunk.iter().map(|&d| src.example_of(d, state.epoch)).collect();
+            let mut b = src.batch::<B::E>(&examples);
+            if state.shift > 0 {
+                let shifts: Vec<(i32, i32)> = chunk
+                    .iter()
+                    .map(|&i| data::shift_of(state.seed, state.epoch, i, state.shift))
+                    .collect();
+                data::shift_images(&mut b.images, model.cfg.image_side, &shifts);
+            }
+            (b.forward(model, tape, true)?, b.per)
+        }
+    };
     tape.backward(f.loss)?;
     // the step's report in one buffer, and the update, which changes nothing if the loss is not finite:
     // the host reads the report once, after the whole step
@@ -464,7 +492,7 @@ fn train_step<B: Backend>(
     be.step_summary(
         chunk.len(),
         model.cfg.classes,
-        b.per,
+        per,
         [
             &tape.value(f.loss).buf,
             &tape.value(f.margin).buf,
@@ -497,6 +525,45 @@ fn train_step<B: Backend>(
     Ok(())
 }
 
+/// The training set on the device: its images (bytes, packed four to a word) and labels, uploaded
+/// once, and the current epoch's shuffle (uploaded once per epoch, the same [`epoch_order`] as the
+/// host path's, so a run's batches are the same on every backend).
+struct Resident<B: Backend> {
+    pixels: usize,
+    images: B::Idx,
+    labels: B::Idx,
+    order: Option<(usize, B::Idx)>,
+}
+
+impl<B: Backend> Resident<B> {
+    /// The MNIST split on `be`, when the backend keeps data resident and batches need no host-side
+    /// work (no random shifts; MultiMNIST composes its pairs on the host); else None.
+    fn new(be: &B, src: &Source, shift: usize) -> Result<Option<Self>> {
+        let Source::Mnist(split) = src else {
+            return Ok(None);
+        };
+        if !be.keeps_data_resident() || shift > 0 {
+            return Ok(None);
+        }
+        let labels: Vec<u32> = split.labels.iter().map(|&l| l as u32).collect();
+        Ok(Some(Resident {
+            pixels: data::MNIST_PIXELS,
+            images: be.upload_bytes(&split.images)?,
+            labels: be.upload_idx(&labels)?,
+            order: None,
+        }))
+    }
+
+    /// Uploads epoch `epoch`'s shuffle, once.
+    fn set_epoch(&mut self, be: &B, epoch: usize, order: &[usize]) -> Result<()> {
+        if self.order.as_ref().is_none_or(|o| o.0 != epoch) {
+            let host: Vec<u32> = order.iter().map(|&i| i as u32).collect();
+            self.order = Some((epoch, be.upload_idx(&host)?));
+        }
+        Ok(())
+    }
+}
+
 /// Epoch `state.epoch` over its shuffle, from where a step checkpoint left it (`state.partial`),
 /// writing step checkpoints as `saver` says. Returns the epoch's running sums, or None when
 /// [`INTERRUPT`] stopped it (the last completed step is then saved).
@@ -510,8 +577,12 @@ fn run_epoch<B: Backend>(
     opts: &TrainOptions,
     saver: &mut StepSaver,
     history: &[serde_json::Value],
+    mut resident: Option<&mut Resident<B>>,
 ) -> Result<Option<Running>> {
     let order = epoch_order(set.digits(), state.seed, state.epoch);
+    if let Some(res) = resident.as_deref_mut() {
+        res.set_epoch(tape.backend(), state.epoch, &order)?;
+    }
     let batches = order.len().div_ceil(state.batch_size);
     let mut r = state.partial.take().unwrap_or_default();
     let (start, before) = (Instant::now(), r.seconds);
@@ -533,7 +604,8 @@ fn run_epoch<B: Backend>(
             }
             return Ok(None);
         }
-        train_step(tape, model, adam, set, chunk, state, &mut r)?;
+        let at = resident.as_deref().map(|res| (res, r.batches * state.batch_size));
+        train_step(tape, model, adam, set, chunk, state, &mut r, at)?;
         r.batches += 1;
         r.seconds = before + start.elapsed().as_secs_f64();
         bar.update(r.images, &r);
@@ -712,6 +784,10 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
         eprintln!("resumed from {} at {at} (step {})", last_path.display(), state.step);
     }
     let mut saver = StepSaver::new(opts, state.step);
+    let mut resident = Resident::new(tape.backend(), &train_src, state.shift)?;
+    if resident.is_some() {
+        eprintln!("data: the training set lives on the device; each batch is gathered there");
+    }
 
     let mut history = vec![];
     if state.epoch >= opts.epochs {
@@ -739,6 +815,7 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
             opts,
             &mut saver,
             &history_json,
+            resident.as_mut(),
         )?
         else {
             // interrupted: the last completed step is saved

@@ -789,6 +789,13 @@ fn the_emulated_device_trains_like_the_cpu_and_says_what_it_is() {
         args.extend(["--device", device, "--precision", "fp32"]);
         let o = capsnet(&args, &[]);
         assert!(o.status.success(), "--device {device}: {}", stderr(&o));
+        // on the (emulated) GPU the training set lives on the device, each batch gathered there
+        assert_eq!(
+            stderr(&o).contains("the training set lives on the device"),
+            device == "emulated",
+            "{}",
+            stderr(&o)
+        );
         metrics_without_timing(&dir).remove(0)
     };
     let (cpu, emu) = (run("cpu"), run("emulated"));

@@ -32,6 +32,13 @@ fn fast_cpu_capsule_ops_match_reference() {
     parity::capsule_ops(&FastCpu::new());
 }
 
+/// The CPU backends keep no data on a device, but their gather (the trait's default) is the spec.
+#[test]
+fn cpu_backends_gather_resident_batches_as_the_loader_does() {
+    parity::resident_batches(&FastCpu::new());
+    parity::resident_batches(&CpuBackend::<f64>::new());
+}
+
 #[test]
 fn fast_cpu_routing_matches_reference_for_1_2_3_rounds() {
     parity::routing_1_2_3_rounds(&FastCpu::new());

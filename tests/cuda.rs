@@ -6,6 +6,7 @@
 
 mod common;
 
+use capsnet::backend::Backend;
 use capsnet::cuda::CudaBackend;
 use common::parity;
 
@@ -35,6 +36,12 @@ fn cuda_adam_matches_cpu() {
 fn cuda_capsule_ops_match_cpu() {
     let Some(g) = gpu() else { return };
     parity::capsule_ops(&g);
+}
+
+#[test]
+fn cuda_resident_batches_equal_the_host_loaders() {
+    let Some(g) = gpu() else { return };
+    parity::resident_batches(&g);
 }
 
 #[test]
@@ -88,7 +95,6 @@ fn cuda_routing_runs_multimnists_3200_capsules() {
 /// Version 2 recomputes the logits in version 1's order of additions: the same bits.
 #[test]
 fn cuda_routing_v2_equals_v1_bit_for_bit() {
-    use capsnet::backend::Backend;
     let Some(g) = gpu() else { return };
     let cs = capsnet::model::Config::default().caps_shape(2);
     let mut rng = common::Lcg(5);
@@ -156,6 +162,23 @@ fn cuda_steps_after_the_first_allocate_nothing() {
 fn cuda_adam_table_is_uploaded_once() {
     let Some(g) = gpu() else { return };
     parity::counter_stops_after_the_first_step(g, "uploaded the Adam table", CudaBackend::adam_table_uploads);
+}
+
+/// ... and copied again when the buffers change: a second set of tensors of the same sizes (the first
+/// set's buffers held, so the pool hands out others) is updated, not the first set through a stale table.
+#[test]
+fn cuda_adam_table_follows_new_buffers() {
+    let Some(g) = gpu() else { return };
+    parity::adam(&g);
+    let before = g.adam_table_uploads();
+    let hold: Vec<_> = [1, 257, 70_001]
+        .iter()
+        .flat_map(|&n| (0..4).map(move |_| n))
+        .map(|n| g.zeros(n).unwrap())
+        .collect();
+    parity::adam(&g);
+    assert!(g.adam_table_uploads() > before, "new buffers, no new table");
+    drop(hold);
 }
 
 /// Launches of kernel `name` so far on the emulated device (which counts them); `None` on a GPU.

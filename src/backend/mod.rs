@@ -124,6 +124,49 @@ pub fn caps_routing_bwd_unfused<B: Backend + ?Sized>(
     Ok(())
 }
 
+/// `bytes` packed four to a little-endian u32 (the last word padded with zeros).
+pub fn pack_bytes(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks(4)
+        .map(|c| c.iter().enumerate().fold(0u32, |w, (k, &b)| w | (b as u32) << (8 * k)))
+        .collect()
+}
+
+/// [`Backend::gather_batch`] on host data, checked: pixels / 255 in f64 (the data loader's scaling,
+/// before it rounds to the backend's type) and labels of images order[start .. start + batch].
+pub fn gather_host(
+    pixels: usize,
+    words: &[u32],
+    labels: &[u32],
+    order: &[u32],
+    start: usize,
+    batch: usize,
+) -> Result<(Vec<f64>, Vec<u32>)> {
+    if start + batch > order.len() {
+        return Err(Error::msg(format!(
+            "gather_batch: images {start}..{} of an order of {}",
+            start + batch,
+            order.len()
+        )));
+    }
+    let (mut xs, mut ys) = (Vec::with_capacity(batch * pixels), Vec::with_capacity(batch));
+    for &img in &order[start..start + batch] {
+        let img = img as usize;
+        if img >= labels.len() || (img + 1) * pixels > 4 * words.len() {
+            return Err(Error::msg(format!(
+                "gather_batch: image {img} of {} images",
+                labels.len()
+            )));
+        }
+        for p in img * pixels..(img + 1) * pixels {
+            let byte = (words[p / 4] >> (8 * (p % 4))) & 0xff;
+            xs.push(byte as f64 / 255.0);
+        }
+        ys.push(labels[img]);
+    }
+    Ok((xs, ys))
+}
+
 /// ε inside the square root of every safe norm (squash and capsule lengths): a zero vector then has
 /// a finite norm (√ε) and a finite gradient.
 pub const NORM_EPS: f64 = 1e-7;
@@ -290,6 +333,46 @@ pub trait Backend: 'static {
     fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
     /// out = a + b (elementwise; all three the same length).
     fn add_fwd(&self, a: &Self::Buf, b: &Self::Buf, out: &mut Self::Buf) -> Result<()>;
+
+    // ---- a data set resident on the backend ------------------------------------------------------
+    /// Whether training keeps its data set on this backend ([`Backend::upload_bytes`],
+    /// [`Backend::gather_batch`]) instead of copying each batch from the host: a device backend's
+    /// choice, false here.
+    fn keeps_data_resident(&self) -> bool {
+        false
+    }
+    /// Bytes (a data set's pixels) on the backend, packed four to an index word, little-endian.
+    fn upload_bytes(&self, bytes: &[u8]) -> Result<Self::Idx> {
+        self.upload_idx(&pack_bytes(bytes))
+    }
+    /// One batch of a resident data set: x[b, p] = byte p of image order[start + b] / 255 and
+    /// y[b] = labels[order[start + b]] for b < batch (x holds batch·pixels values, y batch), `images`
+    /// holding `pixels` bytes per image as [`Backend::upload_bytes`] packs them, `order` entries below
+    /// the number of images (a device reads none above: NaN pixels). This default reads the data back
+    /// to the host.
+    #[allow(clippy::too_many_arguments)]
+    fn gather_batch(
+        &self,
+        pixels: usize,
+        images: &Self::Idx,
+        labels: &Self::Idx,
+        order: &Self::Idx,
+        start: usize,
+        batch: usize,
+        x: &mut Self::Buf,
+        y: &mut Self::Idx,
+    ) -> Result<()> {
+        check("gather_batch", "x", self.buf_len(x), batch * pixels)?;
+        let (words, labels, order) = (
+            self.download_idx(images)?,
+            self.download_idx(labels)?,
+            self.download_idx(order)?,
+        );
+        let (xs, ys) = gather_host(pixels, &words, &labels, &order, start, batch)?;
+        *x = self.upload(&xs.iter().map(|&v| Self::E::from_f64(v)).collect::<Vec<_>>())?;
+        *y = self.upload_idx(&ys)?;
+        Ok(())
+    }
 
     // ---- convolution: implicit GEMM [B·OH·OW, K·K·Cin] × [K·K·Cin, Cout] -------------------
     /// y = act(conv(x, w) + b).

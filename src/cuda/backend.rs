@@ -316,9 +316,22 @@ impl CudaBackend {
 
 /// The fused routing version's launch geometry.
 impl CudaBackend {
-    /// Whether routing runs fused with the prediction vectors (the "fused" version).
-    fn fused_routing(&self) -> bool {
+    /// Whether routing runs fused with the prediction vectors: the "fused" version is chosen and its
+    /// kernels take the shape (at least one input capsule, primary capsules of at most
+    /// FUSED_MAX_IN_DIM dimensions, one capsule's W within a block's shared memory). Elsewhere the
+    /// unfused path runs, routing v1 or v2 (as v1 falls back to v2), so a configuration that trains
+    /// keeps training.
+    fn fused_routing_runs(&self, s: &CapsShape, rounds: usize) -> bool {
         self.kernels.borrow().version(reg::ROUTING).label == "fused"
+            && s.in_caps > 0
+            && [
+                reg::CAPS_ROUTE_FWD_PARTIAL,
+                reg::CAPS_ROUTE_BWD_PARTIAL,
+                reg::CAPS_ROUTE_BWD_INPUT,
+                reg::CAPS_ROUTE_BWD_WEIGHT,
+            ]
+            .iter()
+            .all(|&k| reg::fused_routing_plan(k, s, rounds).is_ok())
     }
 
     /// The fused op's inputs and saved buffers against `s` and `rounds`.
@@ -471,6 +484,59 @@ impl Backend for CudaBackend {
             self.stream.memset_zeros(b.slice_mut()).map_err(de("memset"))?;
         }
         Ok(b)
+    }
+    fn keeps_data_resident(&self) -> bool {
+        true
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn gather_batch(
+        &self,
+        pixels: usize,
+        images: &CudaIdx,
+        labels: &CudaIdx,
+        order: &CudaIdx,
+        start: usize,
+        batch: usize,
+        x: &mut CudaBuf,
+        y: &mut CudaIdx,
+    ) -> Result<()> {
+        const OP: &str = "gather_batch";
+        let n = labels.len();
+        if start + batch > order.len() {
+            return Err(Error::msg(format!(
+                "{OP}: images {start}..{} of an order of {}",
+                start + batch,
+                order.len()
+            )));
+        }
+        check(OP, "image words", images.len(), (n * pixels).div_ceil(4))?;
+        i32_of("gather_batch: pixels of the data set", n * pixels)?;
+        i32_of("gather_batch: end of the batch", start + batch)?;
+        check(OP, "x", x.len(), batch * pixels)?;
+        check(OP, "y", y.len(), batch)?;
+        if batch == 0 {
+            return Ok(());
+        }
+        let (st, b, px, nn) = (start as i32, batch as i32, pixels as i32, n as i32);
+        // SAFETY: gather_batch(images, labels, order, x [batch·pixels], y [batch], int start, int batch,
+        // int pixels, int n); order[start..start+batch] in range (checked); the kernel reads only images
+        // below n, whose n·pixels bytes `images` holds (checked).
+        launch!(
+            self,
+            reg::GATHER_BATCH,
+            flat(batch * pixels),
+            [
+                images.slice(),
+                labels.slice(),
+                order.slice(),
+                x.slice_mut(),
+                y.slice_mut(),
+                &st,
+                &b,
+                &px,
+                &nn
+            ]
+        )
     }
     fn alloc_out(&self, n: usize) -> Result<CudaBuf> {
         self.take::<f32>(n)
@@ -920,13 +986,13 @@ impl Backend for CudaBackend {
         v: &mut CudaBuf,
         saved: &mut RoutingSaved<CudaBuf>,
     ) -> Result<()> {
-        if !self.fused_routing() {
+        if !self.fused_routing_runs(s, rounds) {
             return caps_routing_fwd_unfused(self, s, rounds, u, w, v, saved);
         }
         const OP: &str = "caps_routing_fwd";
         self.check_caps_routing(OP, s, rounds, u, w, saved)?;
         check(OP, "v", v.len(), s.v_len())?;
-        if s.batch == 0 || s.in_caps == 0 {
+        if s.batch == 0 {
             return Ok(());
         }
         let (p, nr) = (CapsParams::new(s)?, rounds as i32);
@@ -988,7 +1054,7 @@ impl Backend for CudaBackend {
         du: Option<&mut CudaBuf>,
         dw: Option<&mut CudaBuf>,
     ) -> Result<()> {
-        if !self.fused_routing() {
+        if !self.fused_routing_runs(s, rounds) {
             return caps_routing_bwd_unfused(self, s, rounds, u, w, saved, dv, du, dw);
         }
         const OP: &str = "caps_routing_bwd";
@@ -1000,7 +1066,7 @@ impl Backend for CudaBackend {
         if let Some(dw) = &dw {
             check(OP, "dw", dw.len(), s.w_len())?;
         }
-        if (du.is_none() && dw.is_none()) || s.batch == 0 || s.in_caps == 0 {
+        if (du.is_none() && dw.is_none()) || s.batch == 0 {
             return Ok(());
         }
         let (p, nr) = (CapsParams::new(s)?, rounds as i32);

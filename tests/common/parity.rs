@@ -377,6 +377,58 @@ pub fn step_summary<B: Backend>(g: &B) {
     }
 }
 
+/// Batches gathered from a data set resident on the backend equal, bit for bit, the batches the host
+/// loader builds from the same images in the same shuffle (37 images: the last batch is short).
+pub fn resident_batches<B: Backend>(be: &B) {
+    let (n, pixels) = (37, capsnet::data::MNIST_PIXELS);
+    let mut rng = Lcg(77);
+    let mut images: Vec<u8> = (0..n * pixels).map(|_| (rng.next_f64() * 256.0) as u8).collect();
+    images[..4].copy_from_slice(&[0, 255, 1, 254]);
+    let labels: Vec<u8> = (0..n).map(|i| (i * 7 % 10) as u8).collect();
+    let split = capsnet::data::Split {
+        images: images.clone(),
+        labels: labels.clone(),
+    };
+    let order = capsnet::train::epoch_order(n, 5, 2);
+    let (dev_images, dev_labels) = (
+        be.upload_bytes(&images).unwrap(),
+        be.upload_idx(&labels.iter().map(|&l| l as u32).collect::<Vec<_>>())
+            .unwrap(),
+    );
+    let dev_order = be
+        .upload_idx(&order.iter().map(|&i| i as u32).collect::<Vec<_>>())
+        .unwrap();
+    let mut batches = 0;
+    for (k, chunk) in order.chunks(8).enumerate() {
+        let (mut x, mut y) = (
+            be.alloc_out(chunk.len() * pixels).unwrap(),
+            be.alloc_idx(chunk.len()).unwrap(),
+        );
+        be.gather_batch(
+            pixels,
+            &dev_images,
+            &dev_labels,
+            &dev_order,
+            8 * k,
+            chunk.len(),
+            &mut x,
+            &mut y,
+        )
+        .unwrap();
+        let (want_x, want_y) = split.batch::<B::E>(chunk);
+        let got_x = be.download(&x).unwrap();
+        assert_eq!(got_x.len(), want_x.len(), "batch {k}: pixels");
+        let same = got_x
+            .iter()
+            .zip(&want_x)
+            .all(|(a, b)| a.to_f64().to_bits() == b.to_f64().to_bits());
+        assert!(same, "batch {k}: pixels differ from the host loader's");
+        assert_eq!(be.download_idx(&y).unwrap(), want_y, "batch {k}: labels");
+        batches += 1;
+    }
+    assert_eq!(batches, 5);
+}
+
 pub fn capsule_ops<B: Backend>(g: &B) {
     let mut rng = Lcg(11);
     // squash and lengths, with a zero row
@@ -535,12 +587,21 @@ pub fn routing_at<B: Backend>(g: &B, shapes: &[CapsShape], round_counts: &[usize
     }
 }
 
-/// Shapes of the fused prediction + routing op: the model's I = 1152 at batch 5 (the fused version's
-/// chunks divide I; five images make image groups with a remainder), and I = 37 capsules of 3
-/// dimensions into 7 of 5 (no chunk size divides it).
+/// Shapes of the fused prediction + routing op: the model's I = 1152 at batch 5 (chunks of 8 divide
+/// it, the input gradient's chunks of 7 at 3 rounds do not; on a 132-SM device five images make image
+/// groups of 2, 2 and 1), capsules of 17 dimensions (which the fused version hands to the unfused
+/// path), and I = 37 capsules of 3 dimensions into 7 of 5 (no chunk divides it).
 pub fn caps_routing_shapes() -> Vec<CapsShape> {
     vec![
         Config::default().caps_shape(5),
+        // primary capsules of 17 dimensions: beyond the fused weight gradient's 16, the unfused path
+        CapsShape {
+            batch: 2,
+            in_caps: 5,
+            in_dim: 17,
+            out_caps: 3,
+            out_dim: 4,
+        },
         CapsShape {
             batch: 3,
             in_caps: 37,
