@@ -129,6 +129,14 @@ impl<'a> Source<'a> {
         }
     }
 
+    /// The labels of `examples` ([B, per]) without building their images.
+    pub fn batch_labels(&self, examples: &[usize]) -> Vec<u32> {
+        match self {
+            Source::Mnist(s) => examples.iter().map(|&i| s.labels[i] as u32).collect(),
+            Source::Multi(_) => self.batch::<f32>(examples).labels,
+        }
+    }
+
     pub fn batch<E: Float>(&self, examples: &[usize]) -> Batch<E> {
         match self {
             Source::Mnist(s) => {

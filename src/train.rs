@@ -221,7 +221,8 @@ fn scalar<B: Backend>(t: &Tape<B>, v: crate::tape::Var) -> Result<f64> {
 
 /// Evaluates `examples` of `src`: on MNIST with the decoder masked by the predicted class (as at test
 /// time); on MultiMNIST with each pass masked by its label (the loss is then the training objective
-/// on held-out pairs) and the two longest capsules as the prediction.
+/// on held-out pairs) and the two longest capsules as the prediction. On a backend that keeps data
+/// resident, MNIST's examples are uploaded once and gathered there in batches of 4 × `batch_size`.
 pub fn evaluate<B: Backend>(
     tape: &mut Tape<B>,
     model: &CapsNet,
@@ -241,26 +242,66 @@ pub fn evaluate<B: Backend>(
     let mut digits_found = 0;
     let (mut predictions, mut labels) = (vec![], vec![]);
     let mut bar = Progress::new(label.to_string(), examples.len(), 0);
+    // on a device that keeps data resident, MNIST's examples are uploaded once and each batch, four
+    // training batches large, is gathered there
+    let mut resident = Resident::new(tape.backend(), src, 0)?;
+    if let Some(res) = resident.as_mut() {
+        res.set_order(tape.backend(), usize::MAX, examples)?;
+    }
+    let batch_size = match resident {
+        Some(_) => (4 * batch_size).min(Config::MAX_BATCH),
+        None => batch_size,
+    };
     crate::infer::untaped(tape, |tape| {
-        for chunk in examples.chunks(batch_size.max(1)) {
+        for (k, chunk) in examples.chunks(batch_size.max(1)).enumerate() {
             tape.reset();
-            let b = src.batch::<B::E>(chunk);
-            let f = b.forward(model, tape, false)?;
+            let b = match &resident {
+                Some(res) => {
+                    let be = tape.backend();
+                    let (mut x, mut y) = (be.alloc_out(chunk.len() * res.pixels)?, be.alloc_idx(chunk.len())?);
+                    res.gather(be, k * batch_size, chunk.len(), &mut x, &mut y)?;
+                    let labels = Rc::new(y);
+                    let f = model.forward_on_backend(tape, x, labels, false)?;
+                    (f, src.batch_labels(chunk))
+                }
+                None => {
+                    let b = src.batch::<B::E>(chunk);
+                    (b.forward(model, tape, false)?, b.labels)
+                }
+            };
+            let (f, batch_labels) = b;
+            // the three losses in one read
+            let be = tape.backend();
+            let mut summary = be.alloc_out(5)?;
+            be.step_summary(
+                chunk.len(),
+                classes,
+                per,
+                [
+                    &tape.value(f.loss).buf,
+                    &tape.value(f.margin).buf,
+                    &tape.value(f.recon_loss).buf,
+                ],
+                &tape.value(f.lengths).buf,
+                &f.labels,
+                &mut summary,
+            )?;
+            let report: Vec<f64> = be.download(&summary)?.iter().map(|x| x.to_f64()).collect();
             let n = chunk.len() as f64;
-            r.loss += n * scalar(tape, f.loss)?;
-            r.margin += n * scalar(tape, f.margin)?;
-            r.recon += n * scalar(tape, f.recon_loss)?;
+            r.loss += n * report[0];
+            r.margin += n * report[1];
+            r.recon += n * report[2];
             let pred = predicted(tape, &f, classes, per)?;
-            let (exact, found) = dataset::count_correct(&pred, &b.labels, per);
+            let (exact, found) = dataset::count_correct(&pred, &batch_labels, per);
             r.correct += exact;
             digits_found += found;
             if per == 1 {
-                for (&t, &p) in b.labels.iter().zip(&pred) {
+                for (&t, &p) in batch_labels.iter().zip(&pred) {
                     confusion[t as usize][p as usize] += 1;
                 }
             }
             predictions.extend(pred);
-            labels.extend(b.labels);
+            labels.extend(batch_labels);
             r.images += chunk.len();
             bar.update(r.images, &r);
         }
@@ -434,8 +475,9 @@ fn resume_command() -> String {
 }
 
 /// One training step (forward, backward, Adam) on the base digits `chunk` of `src` (the examples
-/// of epoch `state.epoch`); adds the batch to the running sums. A non-finite loss stops before the
-/// update, so the weights stay as they were.
+/// of epoch `state.epoch`), its batch gathered on the device when the training set is `resident`
+/// there (with the batch's first position in the epoch's order); adds the batch to the running sums.
+/// A non-finite loss skips the update on the backend, so the weights stay as they were, and stops.
 #[allow(clippy::too_many_arguments)]
 fn train_step<B: Backend>(
     tape: &mut Tape<B>,
@@ -454,21 +496,7 @@ fn train_step<B: Backend>(
         Some((res, start)) => {
             let be = tape.backend();
             let (mut x, mut y) = (be.alloc_out(chunk.len() * res.pixels)?, be.alloc_idx(chunk.len())?);
-            let order = res
-                .order
-                .as_ref()
-                .map(|o| &o.1)
-                .ok_or_else(|| Error::msg("no epoch order on the device"))?;
-            be.gather_batch(
-                res.pixels,
-                &res.images,
-                &res.labels,
-                order,
-                start,
-                chunk.len(),
-                &mut x,
-                &mut y,
-            )?;
+            res.gather(be, start, chunk.len(), &mut x, &mut y)?;
             (model.forward_on_backend(tape, x, Rc::new(y), true)?, 1)
         }
         None => {
@@ -554,13 +582,23 @@ impl<B: Backend> Resident<B> {
         }))
     }
 
-    /// Uploads epoch `epoch`'s shuffle, once.
-    fn set_epoch(&mut self, be: &B, epoch: usize, order: &[usize]) -> Result<()> {
-        if self.order.as_ref().is_none_or(|o| o.0 != epoch) {
+    /// Uploads the order of examples `key` names (an epoch's shuffle), once per key.
+    fn set_order(&mut self, be: &B, key: usize, order: &[usize]) -> Result<()> {
+        if self.order.as_ref().is_none_or(|o| o.0 != key) {
             let host: Vec<u32> = order.iter().map(|&i| i as u32).collect();
-            self.order = Some((epoch, be.upload_idx(&host)?));
+            self.order = Some((key, be.upload_idx(&host)?));
         }
         Ok(())
+    }
+
+    /// The batch of examples order[start .. start + n] into x [n·pixels] and y [n].
+    fn gather(&self, be: &B, start: usize, n: usize, x: &mut B::Buf, y: &mut B::Idx) -> Result<()> {
+        let order = self
+            .order
+            .as_ref()
+            .map(|o| &o.1)
+            .ok_or_else(|| Error::msg("no example order on the device"))?;
+        be.gather_batch(self.pixels, &self.images, &self.labels, order, start, n, x, y)
     }
 }
 
@@ -581,7 +619,7 @@ fn run_epoch<B: Backend>(
 ) -> Result<Option<Running>> {
     let order = epoch_order(set.digits(), state.seed, state.epoch);
     if let Some(res) = resident.as_deref_mut() {
-        res.set_epoch(tape.backend(), state.epoch, &order)?;
+        res.set_order(tape.backend(), state.epoch, &order)?;
     }
     let batches = order.len().div_ceil(state.batch_size);
     let mut r = state.partial.take().unwrap_or_default();
