@@ -374,7 +374,24 @@ fn every_kernel_gives_the_same_bits_in_order_and_reversed() {
         be.add_fwd(&a, &a, &mut o).unwrap();
         be.add_assign(&mut o, &a).unwrap();
         be.fill(&mut o, 0.25).unwrap();
-        extra.push(be.download(&o).unwrap());
+        // a batch gathered from a resident data set (7 images of 5 bytes; training runs it on MNIST)
+        let bytes: Vec<u8> = (0..35u8).map(|i| i.wrapping_mul(37)).collect();
+        let images = be.upload_bytes(&bytes).unwrap();
+        let labels = be.upload_idx(&[0, 1, 2, 3, 4, 5, 6]).unwrap();
+        let order = be.upload_idx(&[6, 2, 0, 5, 1, 3, 4]).unwrap();
+        let (mut x, mut y) = (be.alloc_out(4 * 5).unwrap(), be.alloc_idx(4).unwrap());
+        be.gather_batch(5, &images, &labels, &order, 2, 4, &mut x, &mut y)
+            .unwrap();
+        let gathered = be.download(&x).unwrap();
+        let gathered_labels = be.download_idx(&y).unwrap();
+        assert_eq!(gathered_labels, [0, 5, 1, 3]);
+        extra.push(
+            [be.download(&o).unwrap(), gathered]
+                .concat()
+                .into_iter()
+                .chain(gathered_labels.iter().map(|&l| l as f32))
+                .collect(),
+        );
         // the unfused routing versions (prediction kernels, then routing v1 or v2), which the small
         // model's steps (the fused default) do not launch
         let cs = capsnet::backend::CapsShape {
