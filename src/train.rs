@@ -219,6 +219,34 @@ fn scalar<B: Backend>(t: &Tape<B>, v: crate::tape::Var) -> Result<f64> {
     Ok(t.backend().download(&t.value(v).buf)?[0].to_f64())
 }
 
+/// [`Backend::step_summary`] of forward pass `f` over `batch` images: one buffer of [loss, margin,
+/// reconstruction, images right, labels found], to read once.
+fn summarize<B: Backend>(
+    tape: &Tape<B>,
+    f: &crate::model::Forward<B::Idx>,
+    batch: usize,
+    classes: usize,
+    per: usize,
+) -> Result<B::Buf> {
+    let be = tape.backend();
+    let mut out = be.alloc_out(5)?;
+    let losses = [
+        &tape.value(f.loss).buf,
+        &tape.value(f.margin).buf,
+        &tape.value(f.recon_loss).buf,
+    ];
+    be.step_summary(
+        batch,
+        classes,
+        per,
+        losses,
+        &tape.value(f.lengths).buf,
+        &f.labels,
+        &mut out,
+    )?;
+    Ok(out)
+}
+
 /// Evaluates `examples` of `src`: on MNIST with the decoder masked by the predicted class (as at test
 /// time); on MultiMNIST with each pass masked by its label (the loss is then the training objective
 /// on held-out pairs) and the two longest capsules as the prediction. On a backend that keeps data
@@ -271,22 +299,8 @@ pub fn evaluate<B: Backend>(
             };
             let (f, batch_labels) = b;
             // the three losses in one read
-            let be = tape.backend();
-            let mut summary = be.alloc_out(5)?;
-            be.step_summary(
-                chunk.len(),
-                classes,
-                per,
-                [
-                    &tape.value(f.loss).buf,
-                    &tape.value(f.margin).buf,
-                    &tape.value(f.recon_loss).buf,
-                ],
-                &tape.value(f.lengths).buf,
-                &f.labels,
-                &mut summary,
-            )?;
-            let report: Vec<f64> = be.download(&summary)?.iter().map(|x| x.to_f64()).collect();
+            let summary = summarize(tape, &f, chunk.len(), classes, per)?;
+            let report: Vec<f64> = tape.backend().download(&summary)?.iter().map(|x| x.to_f64()).collect();
             let n = chunk.len() as f64;
             r.loss += n * report[0];
             r.margin += n * report[1];
@@ -515,21 +529,7 @@ fn train_step<B: Backend>(
     tape.backward(f.loss)?;
     // the step's report in one buffer, and the update, which changes nothing if the loss is not finite:
     // the host reads the report once, after the whole step
-    let be = tape.backend();
-    let mut summary = be.alloc_out(5)?;
-    be.step_summary(
-        chunk.len(),
-        model.cfg.classes,
-        per,
-        [
-            &tape.value(f.loss).buf,
-            &tape.value(f.margin).buf,
-            &tape.value(f.recon_loss).buf,
-        ],
-        &tape.value(f.lengths).buf,
-        &f.labels,
-        &mut summary,
-    )?;
+    let summary = summarize(tape, &f, chunk.len(), model.cfg.classes, per)?;
     adam.update_if_finite(tape, &summary)?;
     let report: Vec<f64> = tape.backend().download(&summary)?.iter().map(|x| x.to_f64()).collect();
     let (loss, margin, recon) = (report[0], report[1], report[2]);
