@@ -283,7 +283,7 @@ pub fn evaluate<B: Backend>(
     crate::infer::untaped(tape, |tape| {
         for (k, chunk) in examples.chunks(batch_size.max(1)).enumerate() {
             tape.reset();
-            let b = match &resident {
+            let (f, batch_labels) = match &resident {
                 Some(res) => {
                     let be = tape.backend();
                     let (mut x, mut y) = (be.alloc_out(chunk.len() * res.pixels)?, be.alloc_idx(chunk.len())?);
@@ -297,7 +297,6 @@ pub fn evaluate<B: Backend>(
                     (b.forward(model, tape, false)?, b.labels)
                 }
             };
-            let (f, batch_labels) = b;
             // the three losses in one read
             let summary = summarize(tape, &f, chunk.len(), classes, per)?;
             let report: Vec<f64> = tape.backend().download(&summary)?.iter().map(|x| x.to_f64()).collect();

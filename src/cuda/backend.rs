@@ -1076,7 +1076,6 @@ impl Backend for CudaBackend {
         let chunk = chunk as i32;
         let (_, smem_reduce) = reg::fused_routing_plan(reg::CAPS_ROUTE_BWD_REDUCE, s, rounds)?;
         let (chunk_i, smem_i) = reg::fused_routing_plan(reg::CAPS_ROUTE_BWD_INPUT, s, rounds)?;
-        reg::fused_routing_plan(reg::CAPS_ROUTE_BWD_WEIGHT, s, rounds)?;
         // ds [B, R, J, D]; db [B, R−1, I, J]: slot q holds the logits' gradient of round q + 1; every
         // element is written before it is read
         let mut ds = self.take::<f32>(s.batch * rounds * jd)?;

@@ -48,18 +48,23 @@ impl<B: Backend> BackwardOp<B> for SquashBackward {
     }
 }
 
-pub fn predict<B: Backend>(t: &mut Tape<B>, u: Var, w: Var) -> Result<Var> {
+/// The shape of prediction vectors from u [B, I, Din] and W [I, J, Dout, Din], or `op`'s error.
+fn caps_shape<B: Backend>(op: &str, t: &Tape<B>, u: Var, w: Var) -> Result<CapsShape> {
     let (us, ws) = (&t.value(u).shape, &t.value(w).shape);
     if us.len() != 3 || ws.len() != 4 || us[1] != ws[0] || us[2] != ws[3] {
-        return shape_err("predict", format!("u {us:?} and W {ws:?} do not fit"));
+        return shape_err(op, format!("u {us:?} and W {ws:?} do not fit"));
     }
-    let s = CapsShape {
+    Ok(CapsShape {
         batch: us[0],
         in_caps: us[1],
         in_dim: us[2],
         out_caps: ws[1],
         out_dim: ws[2],
-    };
+    })
+}
+
+pub fn predict<B: Backend>(t: &mut Tape<B>, u: Var, w: Var) -> Result<Var> {
+    let s = caps_shape("predict", t, u, w)?;
     let mut uhat = t.backend().alloc_out(s.uhat_len())?;
     t.backend()
         .predict_fwd(&s, &t.value(u).buf, &t.value(w).buf, &mut uhat)?;
@@ -146,20 +151,10 @@ impl<B: Backend> BackwardOp<B> for RoutingBackward<B::Buf> {
 /// Prediction vectors and routing as one op: v = routing(W · u) over `rounds` rounds (≥ 1), through
 /// [`Backend::caps_routing_fwd`]; û is the backend's business (the fused CUDA version never stores it).
 pub fn predict_routing<B: Backend>(t: &mut Tape<B>, u: Var, w: Var, rounds: usize) -> Result<Var> {
-    let (us, ws) = (&t.value(u).shape, &t.value(w).shape);
-    if us.len() != 3 || ws.len() != 4 || us[1] != ws[0] || us[2] != ws[3] || rounds == 0 {
-        return shape_err(
-            "predict_routing",
-            format!("u {us:?} and W {ws:?} do not fit, or {rounds} routing rounds (at least one is needed)"),
-        );
+    let s = caps_shape("predict_routing", t, u, w)?;
+    if rounds == 0 {
+        return shape_err("predict_routing", "at least one routing round is needed");
     }
-    let s = CapsShape {
-        batch: us[0],
-        in_caps: us[1],
-        in_dim: us[2],
-        out_caps: ws[1],
-        out_dim: ws[2],
-    };
     let mut v = t.backend().alloc_out(s.v_len())?;
     let mut saved = t.backend().routing_saved(&s, rounds)?;
     t.backend()
