@@ -536,12 +536,15 @@ enum : int {
     CUDA_ERROR_INVALID_CONTEXT = 201,
     CUDA_ERROR_INVALID_PTX = 218,
     CUDA_ERROR_INVALID_HANDLE = 400,
+    CUDA_ERROR_ILLEGAL_STATE = 401,
     CUDA_ERROR_NOT_FOUND = 500,
     CUDA_ERROR_NOT_READY = 600,
     CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
     CUDA_ERROR_ILLEGAL_ADDRESS = 700,
     CUDA_ERROR_LAUNCH_FAILED = 719,
     CUDA_ERROR_NOT_SUPPORTED = 801,
+    CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED = 900,
+    CUDA_ERROR_STREAM_CAPTURE_INVALIDATED = 901,
 };
 
 namespace {
@@ -646,7 +649,8 @@ bool parse_ptx(const std::string& ptx, Module& m, std::string& err) {
     return true;
 }
 
-CUresult launch(Function* f, dim3 grid, dim3 block, unsigned smem, void** params) {
+// The driver's launch checks, without running anything.
+CUresult check_launch(Function* f, dim3 grid, dim3 block, unsigned smem, void** params) {
     const std::string& k = f->name;
     const unsigned long long threads = (unsigned long long)block.x * block.y * block.z;
     if (block.x == 0 || block.y == 0 || block.z == 0 || grid.x == 0 || grid.y == 0 || grid.z == 0)
@@ -668,7 +672,12 @@ CUresult launch(Function* f, dim3 grid, dim3 block, unsigned smem, void** params
                         std::to_string(f->max_dynamic_smem) +
                         " (48 KiB unless CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES raises it)");
     if (params == nullptr && !f->host->sizes.empty()) return fail(CUDA_ERROR_INVALID_VALUE, k + ": no kernelParams");
+    return CUDA_SUCCESS;
+}
 
+CUresult launch(Function* f, dim3 grid, dim3 block, unsigned smem, void** params) {
+    if (CUresult r = check_launch(f, grid, block, smem, params)) return r;
+    const std::string& k = f->name;
     {
         std::lock_guard<std::mutex> g(mu);
         launches[k]++;
@@ -719,6 +728,99 @@ CUresult launch(Function* f, dim3 grid, dim3 block, unsigned smem, void** params
     return CUDA_SUCCESS;
 }
 
+// ---- stream capture and graphs ---------------------------------------------------------------------------
+// A stream under capture records its launches, memsets and device copies as nodes instead of running
+// them; an instantiated graph replays its nodes in capture order (one stream, so that is their order
+// of dependence), each launch checked and run as an eager one. Host copies, allocations, events and
+// synchronisation inside a capture are refused and invalidate it, as the driver refuses the unsafe
+// ones: a captured step must be launches alone.
+struct Node {
+    enum Kind { Kernel, Memset, Copy } kind = Kernel;
+    Function* f = nullptr;
+    dim3 grid{}, block{};
+    unsigned smem = 0;
+    std::vector<std::vector<unsigned char>> args;  // each parameter's bytes, copied at capture
+    CUdeviceptr dst = 0, src = 0;
+    size_t n = 0;        // memset: elements; copy: bytes
+    unsigned value = 0;  // memset
+    unsigned width = 1;  // memset element bytes: 1 or 4
+};
+struct Graph {
+    std::vector<Node> nodes;
+};
+struct Capture {
+    Graph graph;
+    bool invalidated = false;
+    std::string why;
+};
+std::mutex capture_mu;  // guards captures
+std::map<CUstream, Capture> captures;
+
+// The capture `s` is in, or null (std::map keeps the pointer valid until the capture ends).
+Capture* capture_of(CUstream s) {
+    std::lock_guard<std::mutex> g(capture_mu);
+    auto it = captures.find(s);
+    return it == captures.end() ? nullptr : &it->second;
+}
+
+// Refuses a call inside capture `c`, which can then only end without a graph.
+CUresult refuse(Capture* c, const std::string& msg) {
+    if (c->invalidated) return fail(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED, msg + " (the capture was already invalidated: " + c->why + ")");
+    c->invalidated = true;
+    c->why = msg;
+    return fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, msg);
+}
+
+// A synchronous call (legacy copies, memsets, allocation, context synchronisation) while any stream is
+// capturing: refused, and every capture invalidated.
+CUresult refuse_during_capture(const char* call) {
+    std::lock_guard<std::mutex> g(capture_mu);
+    if (captures.empty()) return CUDA_SUCCESS;
+    const std::string msg = std::string(call) + " while a stream is being captured";
+    for (auto& [s, c] : captures)
+        if (!c.invalidated) {
+            c.invalidated = true;
+            c.why = msg;
+        }
+    return fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, msg);
+}
+
+CUresult run_memset(CUdeviceptr dst, unsigned value, size_t n, unsigned width) {
+    if (CUresult r = check_range(width == 1 ? "cuMemsetD8" : "cuMemsetD32", dst, n * width)) return r;
+    if (width == 1) {
+        if (n) memset((void*)(uintptr_t)dst, (int)value, n);
+    } else {
+        unsigned* d = (unsigned*)(uintptr_t)dst;
+        for (size_t i = 0; i < n; ++i) d[i] = value;
+    }
+    return CUDA_SUCCESS;
+}
+
+CUresult run_copy(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    if (CUresult r = check_range("cuMemcpyDtoD (source)", src, n)) return r;
+    if (CUresult r = check_range("cuMemcpyDtoD (destination)", dst, n)) return r;
+    if (n) memmove((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, n);
+    return CUDA_SUCCESS;
+}
+
+CUresult run_graph(const Graph& g) {
+    for (const Node& n : g.nodes) {
+        CUresult r = CUDA_SUCCESS;
+        switch (n.kind) {
+            case Node::Kernel: {
+                std::vector<void*> ptrs;
+                for (const auto& a : n.args) ptrs.push_back((void*)a.data());
+                r = launch(n.f, n.grid, n.block, n.smem, ptrs.empty() ? nullptr : ptrs.data());
+                break;
+            }
+            case Node::Memset: r = run_memset(n.dst, n.value, n.n, n.width); break;
+            case Node::Copy: r = run_copy(n.dst, n.src, n.n); break;
+        }
+        if (r) return r;
+    }
+    return CUDA_SUCCESS;
+}
+
 const char* error_name(CUresult e) {
     switch (e) {
         case CUDA_SUCCESS: return "CUDA_SUCCESS";
@@ -737,6 +839,9 @@ const char* error_name(CUresult e) {
         case CUDA_ERROR_LAUNCH_FAILED: return "CUDA_ERROR_LAUNCH_FAILED";
         case CUDA_ERROR_ILLEGAL_ADDRESS: return "CUDA_ERROR_ILLEGAL_ADDRESS";
         case CUDA_ERROR_NOT_SUPPORTED: return "CUDA_ERROR_NOT_SUPPORTED";
+        case CUDA_ERROR_ILLEGAL_STATE: return "CUDA_ERROR_ILLEGAL_STATE";
+        case CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: return "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED";
+        case CUDA_ERROR_STREAM_CAPTURE_INVALIDATED: return "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED";
         default: return nullptr;
     }
 }
@@ -837,7 +942,7 @@ EXPORT CUresult cuCtxPopCurrent_v2(CUcontext* c) {
     if (c) *c = current_ctx;
     return CUDA_SUCCESS;
 }
-EXPORT CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+EXPORT CUresult cuCtxSynchronize() { return refuse_during_capture("cuCtxSynchronize"); }
 EXPORT CUresult cuCtxGetDevice(CUdevice* d) {
     if (!d) return CUDA_ERROR_INVALID_VALUE;
     *d = 0;
@@ -862,7 +967,7 @@ EXPORT CUresult cuGetErrorString(CUresult e, const char** s) {
 }
 
 // ---- memory -----------------------------------------------------------------------------------------
-EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+CUresult mem_alloc(CUdeviceptr* p, size_t bytes) {
     if (!p || bytes == 0) return fail(CUDA_ERROR_INVALID_VALUE, "cuMemAlloc: 0 bytes");
     void* m = nullptr;
     if (posix_memalign(&m, 256, bytes + REDZONE) != 0 || m == nullptr)
@@ -874,7 +979,7 @@ EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     *p = (CUdeviceptr)(uintptr_t)m;
     return CUDA_SUCCESS;
 }
-EXPORT CUresult cuMemFree_v2(CUdeviceptr p) {
+CUresult mem_free(CUdeviceptr p) {
     if (p == 0) return CUDA_SUCCESS;
     std::lock_guard<std::mutex> g(mu);
     auto it = allocations.find((uintptr_t)p);
@@ -884,54 +989,98 @@ EXPORT CUresult cuMemFree_v2(CUdeviceptr p) {
     free((void*)(uintptr_t)p);
     return CUDA_SUCCESS;
 }
-EXPORT CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream) { return cuMemAlloc_v2(p, bytes); }
-EXPORT CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return cuMemFree_v2(p); }
+EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+    if (CUresult r = refuse_during_capture("cuMemAlloc")) return r;
+    return mem_alloc(p, bytes);
+}
+EXPORT CUresult cuMemFree_v2(CUdeviceptr p) {
+    if (CUresult r = refuse_during_capture("cuMemFree")) return r;
+    return mem_free(p);
+}
+// a captured allocation would be a graph's own memory node: not emulated, so refused
+EXPORT CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream s) {
+    if (Capture* c = capture_of(s)) return refuse(c, "cuMemAllocAsync on a stream being captured (allocation nodes are not emulated)");
+    return mem_alloc(p, bytes);
+}
+EXPORT CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
+    if (Capture* c = capture_of(s)) return refuse(c, "cuMemFreeAsync on a stream being captured (free nodes are not emulated)");
+    return mem_free(p);
+}
 EXPORT CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
     std::lock_guard<std::mutex> g(mu);
     if (free_b) *free_b = TOTAL_MEM - std::min(allocated, TOTAL_MEM);
     if (total) *total = TOTAL_MEM;
     return CUDA_SUCCESS;
 }
-EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+CUresult copy_htod(CUdeviceptr dst, const void* src, size_t n) {
     if (CUresult r = check_range("cuMemcpyHtoD", dst, n)) return r;
     if (n) memcpy((void*)(uintptr_t)dst, src, n);
     return CUDA_SUCCESS;
 }
-EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream) {
-    return cuMemcpyHtoD_v2(dst, src, n);
+EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    if (CUresult r = refuse_during_capture("cuMemcpyHtoD")) return r;
+    return copy_htod(dst, src, n);
 }
-EXPORT CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream s) {
+    if (Capture* c = capture_of(s)) return refuse(c, "cuMemcpyHtoDAsync on a stream being captured (host copies are not captured here)");
+    return copy_htod(dst, src, n);
+}
+CUresult copy_dtoh(void* dst, CUdeviceptr src, size_t n) {
     if (CUresult r = check_range("cuMemcpyDtoH", src, n)) return r;
     if (n) memcpy(dst, (const void*)(uintptr_t)src, n);
     return CUDA_SUCCESS;
 }
-EXPORT CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream) {
-    return cuMemcpyDtoH_v2(dst, src, n);
+EXPORT CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    if (CUresult r = refuse_during_capture("cuMemcpyDtoH")) return r;
+    return copy_dtoh(dst, src, n);
+}
+EXPORT CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream s) {
+    if (Capture* c = capture_of(s)) return refuse(c, "cuMemcpyDtoHAsync on a stream being captured (host copies are not captured here)");
+    return copy_dtoh(dst, src, n);
 }
 EXPORT CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
-    if (CUresult r = check_range("cuMemcpyDtoD (source)", src, n)) return r;
-    if (CUresult r = check_range("cuMemcpyDtoD (destination)", dst, n)) return r;
-    if (n) memmove((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, n);
-    return CUDA_SUCCESS;
+    if (CUresult r = refuse_during_capture("cuMemcpyDtoD")) return r;
+    return run_copy(dst, src, n);
 }
-EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream) {
-    return cuMemcpyDtoD_v2(dst, src, n);
+EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
+    if (Capture* c = capture_of(s)) {
+        if (CUresult r = check_range("cuMemcpyDtoDAsync (source)", src, n)) return refuse(c, last_message);
+        if (CUresult r = check_range("cuMemcpyDtoDAsync (destination)", dst, n)) return refuse(c, last_message);
+        Node node;
+        node.kind = Node::Copy;
+        node.dst = dst;
+        node.src = src;
+        node.n = n;
+        c->graph.nodes.push_back(std::move(node));
+        return CUDA_SUCCESS;
+    }
+    return run_copy(dst, src, n);
+}
+// a memset on a stream being captured becomes a node; width is the element's bytes
+CUresult memset_async(CUdeviceptr dst, unsigned v, size_t n, unsigned width, CUstream s) {
+    if (Capture* c = capture_of(s)) {
+        if (check_range(width == 1 ? "cuMemsetD8Async" : "cuMemsetD32Async", dst, n * width)) return refuse(c, last_message);
+        Node node;
+        node.kind = Node::Memset;
+        node.dst = dst;
+        node.value = v;
+        node.n = n;
+        node.width = width;
+        c->graph.nodes.push_back(std::move(node));
+        return CUDA_SUCCESS;
+    }
+    return run_memset(dst, v, n, width);
 }
 EXPORT CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
-    if (CUresult r = check_range("cuMemsetD8", dst, n)) return r;
-    if (n) memset((void*)(uintptr_t)dst, v, n);
-    return CUDA_SUCCESS;
+    if (CUresult r = refuse_during_capture("cuMemsetD8")) return r;
+    return run_memset(dst, v, n, 1);
 }
-EXPORT CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream) {
-    return cuMemsetD8_v2(dst, v, n);
-}
+EXPORT CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s) { return memset_async(dst, v, n, 1, s); }
 EXPORT CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned v, size_t n) {
-    if (CUresult r = check_range("cuMemsetD32", dst, n * 4)) return r;
-    unsigned* d = (unsigned*)(uintptr_t)dst;
-    for (size_t i = 0; i < n; ++i) d[i] = v;
-    return CUDA_SUCCESS;
+    if (CUresult r = refuse_during_capture("cuMemsetD32")) return r;
+    return run_memset(dst, v, n, 4);
 }
-EXPORT CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, CUstream) { return cuMemsetD32_v2(dst, v, n); }
+EXPORT CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, CUstream s) { return memset_async(dst, v, n, 4, s); }
 EXPORT CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
     if (!p) return CUDA_ERROR_INVALID_VALUE;
     *p = malloc(bytes ? bytes : 1);
@@ -950,10 +1099,17 @@ EXPORT CUresult cuStreamCreate(CUstream* s, unsigned) {
 }
 EXPORT CUresult cuStreamCreateWithPriority(CUstream* s, unsigned flags, int) { return cuStreamCreate(s, flags); }
 EXPORT CUresult cuStreamDestroy_v2(CUstream s) {
+    {
+        std::lock_guard<std::mutex> g(capture_mu);
+        captures.erase(s);
+    }
     delete (char*)s;
     return CUDA_SUCCESS;
 }
-EXPORT CUresult cuStreamSynchronize(CUstream) { return CUDA_SUCCESS; }
+EXPORT CUresult cuStreamSynchronize(CUstream s) {
+    if (Capture* c = capture_of(s)) return refuse(c, "cuStreamSynchronize on a stream being captured");
+    return CUDA_SUCCESS;
+}
 EXPORT CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return CUDA_SUCCESS; }
 EXPORT CUresult cuStreamQuery(CUstream) { return CUDA_SUCCESS; }
 EXPORT CUresult cuEventCreate(CUevent* e, unsigned) {
@@ -965,8 +1121,9 @@ EXPORT CUresult cuEventDestroy_v2(CUevent e) {
     delete (Event*)e;
     return CUDA_SUCCESS;
 }
-EXPORT CUresult cuEventRecord(CUevent e, CUstream) {
+EXPORT CUresult cuEventRecord(CUevent e, CUstream s) {
     if (!e) return CUDA_ERROR_INVALID_HANDLE;
+    if (Capture* c = capture_of(s)) return refuse(c, "cuEventRecord on a stream being captured (event nodes are not emulated)");
     ((Event*)e)->t = std::chrono::steady_clock::now();
     return CUDA_SUCCESS;
 }
@@ -1039,8 +1196,78 @@ EXPORT CUresult cuFuncGetAttribute(int* v, int attr, CUfunction fn) {
 }
 EXPORT CUresult cuFuncSetCacheConfig(CUfunction, int) { return CUDA_SUCCESS; }
 EXPORT CUresult cuLaunchKernel(CUfunction fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                               unsigned bz, unsigned smem, CUstream, void** params, void** extra) {
+                               unsigned bz, unsigned smem, CUstream s, void** params, void** extra) {
     if (!fn) return CUDA_ERROR_INVALID_HANDLE;
     if (extra != nullptr) return fail(CUDA_ERROR_NOT_SUPPORTED, "cuLaunchKernel: `extra` is not emulated");
-    return launch((Function*)fn, dim3{gx, gy, gz}, dim3{bx, by, bz}, smem, params);
+    Function* f = (Function*)fn;
+    const dim3 grid{gx, gy, gz}, block{bx, by, bz};
+    if (Capture* c = capture_of(s)) {
+        // checked now, as the driver checks a captured launch; the arguments' bytes are copied now
+        if (check_launch(f, grid, block, smem, params)) return refuse(c, last_message);
+        Node node;
+        node.kind = Node::Kernel;
+        node.f = f;
+        node.grid = grid;
+        node.block = block;
+        node.smem = smem;
+        for (size_t i = 0; i < f->host->sizes.size(); ++i) {
+            const unsigned char* a = (const unsigned char*)params[i];
+            node.args.emplace_back(a, a + f->host->sizes[i]);
+        }
+        c->graph.nodes.push_back(std::move(node));
+        return CUDA_SUCCESS;
+    }
+    return launch(f, grid, block, smem, params);
+}
+
+// ---- stream capture and graphs ------------------------------------------------------------------------
+typedef struct CUgraph_st* CUgraph;
+typedef struct CUgraphExec_st* CUgraphExec;
+
+EXPORT CUresult cuStreamBeginCapture_v2(CUstream s, int mode) {
+    if (s == nullptr) return fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamBeginCapture: the legacy NULL stream cannot be captured");
+    if (mode < 0 || mode > 2) return fail(CUDA_ERROR_INVALID_VALUE, "cuStreamBeginCapture: unknown capture mode " + std::to_string(mode));
+    std::lock_guard<std::mutex> g(capture_mu);
+    if (captures.count(s)) return fail(CUDA_ERROR_ILLEGAL_STATE, "cuStreamBeginCapture: the stream is being captured already");
+    captures[s];
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuStreamEndCapture(CUstream s, CUgraph* out) {
+    if (!out) return CUDA_ERROR_INVALID_VALUE;
+    *out = nullptr;
+    std::lock_guard<std::mutex> g(capture_mu);
+    auto it = captures.find(s);
+    if (it == captures.end()) return fail(CUDA_ERROR_ILLEGAL_STATE, "cuStreamEndCapture: the stream is not being captured");
+    Capture c = std::move(it->second);
+    captures.erase(it);
+    if (c.invalidated) return fail(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED, "the capture was invalidated: " + c.why);
+    *out = (CUgraph) new Graph(std::move(c.graph));
+    return CUDA_SUCCESS;
+}
+// 0: not capturing, 1: active, 2: invalidated (CUstreamCaptureStatus)
+EXPORT CUresult cuStreamIsCapturing(CUstream s, int* status) {
+    if (!status) return CUDA_ERROR_INVALID_VALUE;
+    Capture* c = capture_of(s);
+    *status = c == nullptr ? 0 : c->invalidated ? 2 : 1;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuGraphInstantiateWithFlags(CUgraphExec* out, CUgraph graph, unsigned long long flags) {
+    if (!out || !graph) return CUDA_ERROR_INVALID_VALUE;
+    if (flags != 0) return fail(CUDA_ERROR_NOT_SUPPORTED, "cuGraphInstantiateWithFlags: flags are not emulated");
+    *out = (CUgraphExec) new Graph(*(Graph*)graph);
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuGraphLaunch(CUgraphExec exec, CUstream s) {
+    if (!exec) return CUDA_ERROR_INVALID_HANDLE;
+    if (Capture* c = capture_of(s)) return refuse(c, "cuGraphLaunch on a stream being captured (child graphs are not emulated)");
+    return run_graph(*(Graph*)exec);
+}
+EXPORT CUresult cuGraphUpload(CUgraphExec exec, CUstream) { return exec ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE; }
+EXPORT CUresult cuGraphExecDestroy(CUgraphExec exec) {
+    delete (Graph*)exec;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuGraphDestroy(CUgraph graph) {
+    delete (Graph*)graph;
+    return CUDA_SUCCESS;
 }
