@@ -54,6 +54,19 @@ struct AdamParams {
     float lr, beta1, beta2, eps, bc1, bc2;
 };
 
+// A step plan: what changes from one training step to the next, read on the device, so that a step
+// captured once (a CUDA graph) replays with each step's values and no new launch arguments. Word 0 is
+// the cursor, the row of the current step; row r is the PLAN_ROW words from PLAN_HEADER + PLAN_ROW·r:
+// the batch's first position in the epoch's order, then Adam's lr, bc1 and bc2 as f32 bits (the host
+// computes them as it does for an eager step). plan_advance moves the cursor on at the step's end.
+#define PLAN_HEADER 1
+#define PLAN_ROW 4
+// The current row of a plan of `words` words, or null when the cursor is past its last row.
+__device__ __forceinline__ const unsigned* plan_row(const unsigned* plan, unsigned words) {
+    const unsigned long long at = PLAN_HEADER + PLAN_ROW * (unsigned long long)plan[0];
+    return at + PLAN_ROW <= words ? plan + at : nullptr;
+}
+
 __device__ __forceinline__ float act_fwd(int act, float x) {
     if (act == ACT_RELU) return fmaxf(x, 0.f);
     if (act == ACT_SIGMOID) return 1.f / (1.f + expf(-x));

@@ -9,6 +9,7 @@
 //   sq_err_bwd_f32  dpred[i] += 2 · scale / rows · dloss[0] · (pred[i] − target[i])
 //   splitk_reduce_add  out[i] += Σ_z ws[z, i]                         (slices in order)
 //   gather_batch    x[b, p] = byte p of image order[start + b] / 255, y[b] = labels[order[start + b]]
+//                   (start from the step plan's current row where a plan is given, else the argument)
 //
 // Flat loops are grid-stride over n elements; reductions use a fixed tree (deterministic).
 #include "common.cuh"
@@ -76,12 +77,17 @@ extern "C" __global__ void splitk_reduce_add(const float* __restrict__ ws, float
 // (little-endian), labels [n], order [n] (the epoch's shuffle). Pixels scale as the host loader scales
 // them (byte / 255 in double, rounded to float), so a batch is the same bits as one copied from the host.
 // 32-bit indices: the host checks n · pixels fits.
-// An order entry ≥ n (never from the host's shuffle) reads nothing: NaN pixels, label n.
+// A position past the order's end, an order entry ≥ n or a plan's cursor past its rows (none comes
+// from the host's shuffle or plan) reads nothing: NaN pixels, label n.
 extern "C" __global__ void gather_batch(const unsigned* images, const unsigned* labels, const unsigned* order,
-                                        float* x, unsigned* y, int start, int batch, int pixels, int n) {
+                                        float* x, unsigned* y, int start, int batch, int pixels, int n,
+                                        const unsigned* plan, int plan_words, int order_len) {
+    const unsigned* row = plan ? plan_row(plan, (unsigned)plan_words) : nullptr;
+    const unsigned first = !plan ? (unsigned)start : row ? row[0] : (unsigned)order_len;
     for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < (unsigned)(batch * pixels);
          e += gridDim.x * blockDim.x) {
-        const unsigned b = e / pixels, p = e % pixels, img = order[start + b];
+        const unsigned b = e / pixels, p = e % pixels, at_order = first + b;
+        const unsigned img = at_order < (unsigned)order_len ? order[at_order] : (unsigned)n;
         if (img >= (unsigned)n) {
             x[e] = __int_as_float(0x7fc00000);  // NaN
             if (p == 0) y[b] = (unsigned)n;

@@ -46,18 +46,34 @@ impl<B: Backend> Adam<B> {
     /// changes, decided on the backend (no host round trip). The step count advances either way, so a
     /// caller that finds the loss non-finite must stop (as training does), not continue from here.
     pub fn update_if_finite(&mut self, tape: &mut Tape<B>, guard: &B::Buf) -> Result<()> {
-        self.apply(tape, Some(guard))
+        self.apply(tape, Some((guard, None)))
     }
 
-    fn apply(&mut self, tape: &mut Tape<B>, guard: Option<&B::Buf>) -> Result<()> {
+    /// [`Adam::update_if_finite`] with this update's lr and bias corrections read from the current row
+    /// of a step plan ([`Backend::adam_step_planned`]) made with [`Adam::hyper_at`].
+    pub fn update_planned(&mut self, tape: &mut Tape<B>, guard: &B::Buf, plan: &B::Idx) -> Result<()> {
+        self.apply(tape, Some((guard, Some(plan))))
+    }
+
+    /// Counts an update made by replaying a captured step (which ran its planned update).
+    pub fn count_replayed_update(&mut self) {
         self.step += 1;
-        let hp = AdamHyper {
-            lr: self.lr,
+    }
+
+    /// The hyper-parameters of update number `step` (1-based) at learning rate `lr`.
+    pub fn hyper_at(&self, lr: f64, step: u64) -> AdamHyper {
+        AdamHyper {
+            lr,
             beta1: self.beta1,
             beta2: self.beta2,
             eps: self.eps,
-            step: self.step,
-        };
+            step,
+        }
+    }
+
+    fn apply(&mut self, tape: &mut Tape<B>, guard: Option<(&B::Buf, Option<&B::Idx>)>) -> Result<()> {
+        self.step += 1;
+        let hp = self.hyper_at(self.lr, self.step);
         let (be, pg) = tape.params_and_grads()?;
         let mut groups: Vec<AdamGroup<'_, B>> = pg
             .into_iter()
@@ -65,7 +81,8 @@ impl<B: Backend> Adam<B> {
             .map(|((param, grad), (m, v))| AdamGroup { param, grad, m, v })
             .collect();
         match guard {
-            Some(g) => be.adam_step_if_finite(&hp, &mut groups, g),
+            Some((g, Some(plan))) => be.adam_step_planned(&hp, &mut groups, g, plan),
+            Some((g, None)) => be.adam_step_if_finite(&hp, &mut groups, g),
             None => be.adam_step(&hp, &mut groups),
         }
     }

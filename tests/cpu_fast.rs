@@ -37,6 +37,8 @@ fn fast_cpu_capsule_ops_match_reference() {
 fn cpu_backends_gather_resident_batches_as_the_loader_does() {
     parity::resident_batches(&FastCpu::new());
     parity::resident_batches(&CpuBackend::<f64>::new());
+    parity::planned_steps(&FastCpu::new());
+    parity::planned_steps(&CpuBackend::<f64>::new());
 }
 
 #[test]

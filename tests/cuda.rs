@@ -42,6 +42,7 @@ fn cuda_capsule_ops_match_cpu() {
 fn cuda_resident_batches_equal_the_host_loaders() {
     let Some(g) = gpu() else { return };
     parity::resident_batches(&g);
+    parity::planned_steps(&g);
 }
 
 #[test]
@@ -217,4 +218,111 @@ fn cuda_every_kernel_version_matches_cpu() {
     }
     g.set_kernels(KernelSet::default());
     assert_eq!(checked, OPS.iter().map(|o| o.versions.len()).sum::<usize>());
+}
+
+/// Adam with a step plan takes lr and the bias corrections from the plan's current row, not from its
+/// arguments: a row made at lr 2e-3 updates as the unplanned step at 2e-3 does, bit for bit, though
+/// the planned call is given 1e-3.
+#[test]
+fn cuda_planned_adam_takes_its_values_from_the_plan() {
+    use capsnet::backend::{AdamGroup, AdamHyper, StepRow, plan_words};
+    let Some(g) = gpu() else { return };
+    let hp = |lr: f64| AdamHyper {
+        lr,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        step: 3,
+    };
+    let plan = g
+        .upload_idx(
+            &plan_words(&[StepRow {
+                start: 0,
+                adam: hp(2e-3),
+            }])
+            .unwrap(),
+        )
+        .unwrap();
+    let init: Vec<Vec<f32>> = (0..4)
+        .map(|t| (0..1000).map(|i| ((i * (t + 3)) % 17) as f32 * 0.01 - 0.08).collect())
+        .collect();
+    let guard = g.upload(&[0.5]).unwrap();
+    let mut out = vec![];
+    for planned in [true, false] {
+        let mut t: Vec<_> = init.iter().map(|v| g.upload(v).unwrap()).collect();
+        let [p, gr, m, v] = &mut t[..] else { unreachable!() };
+        let mut groups = [AdamGroup {
+            param: p,
+            grad: &*gr,
+            m,
+            v,
+        }];
+        if planned {
+            g.adam_step_planned(&hp(1e-3), &mut groups, &guard, &plan).unwrap();
+        } else {
+            g.adam_step_if_finite(&hp(2e-3), &mut groups, &guard).unwrap();
+        }
+        out.push(g.download(&t[0]).unwrap());
+    }
+    assert!(out[0] != init[0], "no update");
+    assert!(
+        out[0].iter().zip(&out[1]).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "the planned update does not follow the plan's row"
+    );
+}
+
+/// Held by the tests that count graph launches (a count for the whole process).
+static GRAPH_COUNT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A capture records and runs nothing; each launch of its graph runs every op again on the same
+/// buffers; the buffers a capture took are never handed to eager work afterwards (a new one is
+/// allocated instead); an allocation inside a capture is refused, naming the cause.
+#[test]
+fn cuda_captured_ops_run_when_launched_and_keep_their_buffers() {
+    let Some(g) = gpu() else { return };
+    let _counting = GRAPH_COUNT.lock().unwrap_or_else(|e| e.into_inner());
+    let a = g.upload(&vec![1.0; 1001]).unwrap();
+    let mut o = g.upload(&vec![0.0; 1001]).unwrap();
+    drop(g.zeros(7).unwrap()); // pooled, for the capture to take
+    g.begin_capture().unwrap();
+    g.add_assign(&mut o, &a).unwrap();
+    let mut z = g.zeros(7).unwrap();
+    g.fill(&mut z, 3.0).unwrap();
+    g.add_assign(&mut o, &a).unwrap();
+    let id = g.end_capture().unwrap();
+    assert!(
+        g.download(&o).unwrap().iter().all(|&x| x == 0.0),
+        "the capture ran its ops"
+    );
+    let before = CudaBackend::graph_launches_in_process();
+    g.launch_graph(id).unwrap();
+    assert!(g.download(&o).unwrap().iter().all(|&x| x == 2.0));
+    assert_eq!(g.download(&z).unwrap(), vec![3.0; 7]);
+    g.launch_graph(id).unwrap();
+    assert!(g.download(&o).unwrap().iter().all(|&x| x == 4.0), "a second launch");
+    assert_eq!(CudaBackend::graph_launches_in_process(), before + 2);
+    // z is the graph's: dropped, it is not handed out again outside its capture
+    drop(z);
+    let fresh = g.fresh_allocations();
+    let mut other = g.zeros(7).unwrap();
+    assert_eq!(
+        g.fresh_allocations(),
+        fresh + 1,
+        "eager work was given the graph's buffer"
+    );
+    g.fill(&mut other, 5.0).unwrap();
+    g.launch_graph(id).unwrap();
+    assert_eq!(
+        g.download(&other).unwrap(),
+        vec![5.0; 7],
+        "a replay wrote eager work's buffer"
+    );
+    // nothing pooled of 13 values: the capture refuses to allocate, and ends without a graph
+    g.begin_capture().unwrap();
+    let e = g.zeros(13).err().expect("an allocation inside a capture");
+    assert!(e.to_string().contains("allocated a new buffer of 13 values"), "{e}");
+    g.fill(&mut o, 1.0).unwrap();
+    g.end_capture().unwrap();
+    assert!(g.end_capture().is_err(), "ended twice");
+    assert!(g.launch_graph(capsnet::backend::GraphId(99)).is_err(), "no such graph");
 }

@@ -385,6 +385,24 @@ fn every_kernel_gives_the_same_bits_in_order_and_reversed() {
         let gathered = be.download(&x).unwrap();
         let gathered_labels = be.download_idx(&y).unwrap();
         assert_eq!(gathered_labels, [0, 5, 1, 3]);
+        // the same batch from a step plan's second row (training gathers this way)
+        let hp = capsnet::backend::AdamHyper {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            step: 1,
+        };
+        let rows = [0, 2].map(|start| capsnet::backend::StepRow { start, adam: hp });
+        let mut plan = be.upload_idx(&capsnet::backend::plan_words(&rows).unwrap()).unwrap();
+        be.advance_plan(&mut plan).unwrap();
+        be.gather_planned(5, &images, &labels, &order, &plan, 4, &mut x, &mut y)
+            .unwrap();
+        let planned = be.download(&x).unwrap();
+        assert!(
+            planned.iter().zip(&gathered).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "a planned gather differs"
+        );
         extra.push(
             [be.download(&o).unwrap(), gathered]
                 .concat()
@@ -562,4 +580,42 @@ fn out_of_bounds_read() {
     unsafe { b.launch(cfg((1, 1, 1), 128, 0)) }.unwrap();
     let got = s.clone_dtoh(&out).unwrap();
     assert_eq!(&got[..99], &(1..100).map(|i| i as f32).collect::<Vec<_>>()[..]);
+}
+
+/// Stream capture as the driver does it: a capture is active until it ends; a copy from host memory,
+/// or a synchronisation, inside it is refused and invalidates it, so it ends without a graph, saying
+/// why; the legacy default stream cannot be captured. (Launches and memsets recorded and replayed:
+/// tests/cuda.rs.)
+#[test]
+fn a_capture_refuses_host_work_and_ends_without_a_graph() {
+    use cudarc::driver::sys::CUgraphInstantiate_flags as Flags;
+    use cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL as LOCAL;
+    use cudarc::driver::sys::CUstreamCaptureStatus as Status;
+    let Some(be) = emulated() else { return };
+    let s = be.stream();
+    let mut buf = s.alloc_zeros::<f32>(4).unwrap();
+    s.begin_capture(LOCAL).unwrap();
+    assert_eq!(s.capture_status().unwrap(), Status::CU_STREAM_CAPTURE_STATUS_ACTIVE);
+    s.memset_zeros(&mut buf).unwrap();
+    let e = format!("{:?}", s.memcpy_htod(&[1.0f32; 4], &mut buf).unwrap_err());
+    assert!(e.contains("host copies are not captured"), "{e}");
+    assert_eq!(
+        s.capture_status().unwrap(),
+        Status::CU_STREAM_CAPTURE_STATUS_INVALIDATED
+    );
+    let e = format!("{:?}", s.end_capture(Flags(0)).err().expect("an invalidated capture"));
+    assert!(e.contains("invalidated") && e.contains("cuMemcpyHtoDAsync"), "{e}");
+    assert_eq!(s.capture_status().unwrap(), Status::CU_STREAM_CAPTURE_STATUS_NONE);
+
+    s.begin_capture(LOCAL).unwrap();
+    let e = format!("{:?}", s.synchronize().unwrap_err());
+    assert!(e.contains("cuStreamSynchronize on a stream being captured"), "{e}");
+    assert!(s.end_capture(Flags(0)).is_err());
+    // the stream works eagerly again
+    s.memcpy_htod(&[2.0f32; 4], &mut buf).unwrap();
+    assert_eq!(s.clone_dtoh(&buf).unwrap(), vec![2.0; 4]);
+
+    let legacy = be.context().default_stream();
+    let e = format!("{:?}", legacy.begin_capture(LOCAL).unwrap_err());
+    assert!(e.contains("legacy NULL stream"), "{e}");
 }

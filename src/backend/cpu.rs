@@ -168,6 +168,9 @@ impl<T: Float> Backend for CpuBackend<T> {
     fn download_idx(&self, idx: &Vec<u32>) -> Result<Vec<u32>> {
         Ok(idx.clone())
     }
+    fn idx_len(&self, idx: &Vec<u32>) -> usize {
+        idx.len()
+    }
     fn buf_len(&self, buf: &Vec<T>) -> usize {
         buf.len()
     }

@@ -560,6 +560,9 @@ impl Backend for FastCpu {
     fn download_idx(&self, idx: &Vec<u32>) -> Result<Vec<u32>> {
         Ok(idx.clone())
     }
+    fn idx_len(&self, idx: &Vec<u32>) -> usize {
+        idx.len()
+    }
     fn buf_len(&self, buf: &PoolBuf) -> usize {
         buf.len()
     }

@@ -281,6 +281,58 @@ pub struct AdamHyper {
     pub step: u64,
 }
 
+impl AdamHyper {
+    /// What a device's Adam kernel takes per step, in f32: lr and the bias corrections 1 − β1ᵗ and
+    /// 1 − β2ᵗ, computed in f64.
+    pub fn per_step_f32(&self) -> [f32; 3] {
+        [
+            self.lr as f32,
+            (1.0 - self.beta1.powf(self.step as f64)) as f32,
+            (1.0 - self.beta2.powf(self.step as f64)) as f32,
+        ]
+    }
+}
+
+/// Words before a step plan's first row: the cursor (see kernels/common.cuh).
+pub const PLAN_HEADER: usize = 1;
+/// Words per row of a step plan: the batch's first position, Adam's lr, bc1 and bc2 (f32 bits).
+pub const PLAN_ROW: usize = 4;
+
+/// One training step's row of a step plan ([`Backend::gather_planned`], [`Backend::adam_step_planned`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepRow {
+    /// The batch's first position in the epoch's order.
+    pub start: usize,
+    pub adam: AdamHyper,
+}
+
+/// A step plan's words: the cursor at row 0, then each row as kernels/common.cuh lays it out.
+pub fn plan_words(rows: &[StepRow]) -> Result<Vec<u32>> {
+    let mut w = Vec::with_capacity(PLAN_HEADER + PLAN_ROW * rows.len());
+    w.push(0);
+    for r in rows {
+        let start = u32::try_from(r.start)
+            .map_err(|_| Error::msg(format!("step plan: position {} does not fit 32 bits", r.start)))?;
+        w.push(start);
+        w.extend(r.adam.per_step_f32().map(f32::to_bits));
+    }
+    Ok(w)
+}
+
+/// The batch position in the current row of a step plan read back to the host.
+pub fn plan_start(words: &[u32]) -> Result<usize> {
+    let at = words
+        .first()
+        .map(|&c| PLAN_HEADER + PLAN_ROW * c as usize)
+        .filter(|&at| at + PLAN_ROW <= words.len())
+        .ok_or_else(|| Error::msg("step plan: the cursor is past the last row"))?;
+    Ok(words[at] as usize)
+}
+
+/// A step captured on a backend ([`Backend::end_capture`]), to replay with [`Backend::launch_graph`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GraphId(pub usize);
+
 /// One parameter tensor's slice of an Adam update.
 pub struct AdamGroup<'a, B: Backend + ?Sized> {
     pub param: &'a mut B::Buf,
@@ -328,6 +380,7 @@ pub trait Backend: 'static {
     }
     fn download_idx(&self, idx: &Self::Idx) -> Result<Vec<u32>>;
     fn buf_len(&self, buf: &Self::Buf) -> usize;
+    fn idx_len(&self, idx: &Self::Idx) -> usize;
     fn fill(&self, buf: &mut Self::Buf, value: f64) -> Result<()>;
     /// dst += src.
     fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
@@ -606,5 +659,71 @@ pub trait Backend: 'static {
             Some(_) => Ok(()),
             None => Err(Error::msg("adam_step_if_finite: the guard buffer is empty")),
         }
+    }
+
+    // ---- steps read from a plan, captured once and replayed ----------------------------------------
+    /// Writes `host` over `dst`, which holds as many words. A device backend writes in place, so a
+    /// captured step that reads `dst` sees the new words; this default replaces the buffer.
+    fn write_idx(&self, dst: &mut Self::Idx, host: &[u32]) -> Result<()> {
+        check("write_idx", "destination", self.idx_len(dst), host.len())?;
+        *dst = self.upload_idx(host)?;
+        Ok(())
+    }
+    /// [`Backend::gather_batch`] from the position in the current row of the step plan `plan`
+    /// ([`plan_words`]), which a device reads there: a captured step gathers each step's batch. This
+    /// default reads the plan back.
+    #[allow(clippy::too_many_arguments)]
+    fn gather_planned(
+        &self,
+        pixels: usize,
+        images: &Self::Idx,
+        labels: &Self::Idx,
+        order: &Self::Idx,
+        plan: &Self::Idx,
+        batch: usize,
+        x: &mut Self::Buf,
+        y: &mut Self::Idx,
+    ) -> Result<()> {
+        let start = plan_start(&self.download_idx(plan)?)?;
+        self.gather_batch(pixels, images, labels, order, start, batch, x, y)
+    }
+    /// [`Backend::adam_step_if_finite`] where the plan's current row was made from `hp`
+    /// ([`plan_words`]): a device reads lr and the bias corrections from the row, so a captured step
+    /// updates with each step's; this default takes them from `hp`.
+    fn adam_step_planned(
+        &self,
+        hp: &AdamHyper,
+        groups: &mut [AdamGroup<'_, Self>],
+        guard: &Self::Buf,
+        _plan: &Self::Idx,
+    ) -> Result<()> {
+        self.adam_step_if_finite(hp, groups, guard)
+    }
+    /// Moves the plan's cursor to the next row: the last op of a planned step.
+    fn advance_plan(&self, plan: &mut Self::Idx) -> Result<()> {
+        let mut w = self.download_idx(plan)?;
+        plan_start(&w)?;
+        w[0] += 1;
+        self.write_idx(plan, &w)
+    }
+    /// Whether this backend can record a step's ops once ([`Backend::begin_capture`]) and replay
+    /// them as one launch ([`Backend::launch_graph`]): false here.
+    fn can_capture(&self) -> bool {
+        false
+    }
+    /// From here until [`Backend::end_capture`], ops are recorded, not run. Every buffer they allocate
+    /// stays the captured step's (it returns only to the step's own reserve), so a replay never writes
+    /// memory that anything else was given; the buffers a step allocates must all be pooled already
+    /// (an eager step of the same shapes ran before).
+    fn begin_capture(&self) -> Result<()> {
+        Err(Error::msg(format!("{} cannot capture steps", self.name())))
+    }
+    /// Ends the capture begun last (also after an op failed inside it); the recorded ops as a graph.
+    fn end_capture(&self) -> Result<GraphId> {
+        Err(Error::msg(format!("{} cannot capture steps", self.name())))
+    }
+    /// Runs a captured step again: the same ops on the same buffers.
+    fn launch_graph(&self, _graph: GraphId) -> Result<()> {
+        Err(Error::msg(format!("{} cannot capture steps", self.name())))
     }
 }

@@ -4,6 +4,11 @@
 //! Memory: buffers come from a pool keyed by length and go back to it when dropped, so once the
 //! first step has run, later steps of the same shapes allocate no device memory
 //! ([`CudaBackend::fresh_allocations`] counts the allocations made).
+//!
+//! Graphs: a step can be captured as a CUDA graph and replayed ([`Backend::begin_capture`]). The graph
+//! holds raw device pointers, so the buffers a captured step takes belong to the graph from then on:
+//! the pool keeps them in the graph's own arena, handed out again only inside that capture, never to
+//! eager work.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -11,50 +16,56 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError, LaunchConfig,
-    PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 
 use super::params::{AdamParams, AdamTensor, CapsParams, ConvParams, DenseParams, i32_of};
 use super::registry::{self as reg, Kernel};
 use super::{DeviceInfo, compile_all, device_info, open_device};
 use crate::backend::{
-    Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape, RoutingSaved, caps_routing_bwd_unfused,
-    caps_routing_fwd_unfused, check, check_adam_group, check_labels, check_routing,
+    Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape, GraphId, PLAN_HEADER, PLAN_ROW, RoutingSaved,
+    caps_routing_bwd_unfused, caps_routing_fwd_unfused, check, check_adam_group, check_labels, check_routing,
 };
 use crate::{Error, Result};
 
-/// Free device buffers by length (opaque outside this module).
+/// Free device buffers by (arena, length) (opaque outside this module). Arena 0 is eager work's; arena
+/// g > 0 holds the buffers of the g-th captured graph.
 #[derive(Default)]
 pub struct Pool {
-    f32s: HashMap<usize, Vec<CudaSlice<f32>>>,
-    u32s: HashMap<usize, Vec<CudaSlice<u32>>>,
+    f32s: HashMap<(usize, usize), Vec<CudaSlice<f32>>>,
+    u32s: HashMap<(usize, usize), Vec<CudaSlice<u32>>>,
     fresh: usize,
     /// Bytes of every allocation made (buffers are never freed, only pooled).
     bytes: usize,
+    /// Arenas made so far.
+    arenas: usize,
+    /// The arena of the capture under way.
+    capturing: Option<usize>,
 }
 
 type PoolRef = Rc<RefCell<Pool>>;
 
 /// Element types the pool keeps (f32 values, u32 class indices).
 pub trait Pooled: DeviceRepr + ValidAsZeroBits + Sized {
-    fn shelf(pool: &mut Pool) -> &mut HashMap<usize, Vec<CudaSlice<Self>>>;
+    fn shelf(pool: &mut Pool) -> &mut HashMap<(usize, usize), Vec<CudaSlice<Self>>>;
 }
 impl Pooled for f32 {
-    fn shelf(pool: &mut Pool) -> &mut HashMap<usize, Vec<CudaSlice<f32>>> {
+    fn shelf(pool: &mut Pool) -> &mut HashMap<(usize, usize), Vec<CudaSlice<f32>>> {
         &mut pool.f32s
     }
 }
 impl Pooled for u32 {
-    fn shelf(pool: &mut Pool) -> &mut HashMap<usize, Vec<CudaSlice<u32>>> {
+    fn shelf(pool: &mut Pool) -> &mut HashMap<(usize, usize), Vec<CudaSlice<u32>>> {
         &mut pool.u32s
     }
 }
 
-/// A device buffer that returns to the pool when dropped.
+/// A device buffer that returns to its arena of the pool when dropped.
 pub struct PooledBuf<T: Pooled> {
     slice: Option<CudaSlice<T>>,
     pool: PoolRef,
+    arena: usize,
 }
 
 impl<T: Pooled> PooledBuf<T> {
@@ -75,7 +86,7 @@ impl<T: Pooled> PooledBuf<T> {
 impl<T: Pooled> Drop for PooledBuf<T> {
     fn drop(&mut self) {
         if let (Some(s), Ok(mut pool)) = (self.slice.take(), self.pool.try_borrow_mut()) {
-            T::shelf(&mut pool).entry(s.len()).or_default().push(s);
+            T::shelf(&mut pool).entry((self.arena, s.len())).or_default().push(s);
         }
     }
 }
@@ -96,7 +107,12 @@ pub struct CudaBackend {
     adam_uploads: std::cell::Cell<usize>,
     /// The version of each op this backend launches.
     kernels: RefCell<reg::KernelSet>,
+    /// Captured steps, by [`GraphId`].
+    graphs: RefCell<Vec<CudaGraph>>,
 }
+
+/// Graph launches by every [`CudaBackend`] of this process.
+static GRAPH_LAUNCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 fn de(op: &str) -> impl Fn(DriverError) -> Error + '_ {
     move |e| Error::msg(format!("{op}: CUDA error {e:?}"))
@@ -188,7 +204,11 @@ impl CudaBackend {
                 )
                 .map_err(de(k.name))?;
         }
-        let stream = ctx.default_stream();
+        // one stream of our own (the legacy default stream cannot be captured) and no per-buffer
+        // events: every op is ordered by that stream, and a capture must record launches alone
+        // SAFETY: no buffer of this context exists yet, and this backend uses one stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(de("create a stream"))?;
         Ok(CudaBackend {
             ctx,
             stream,
@@ -198,6 +218,7 @@ impl CudaBackend {
             adam_table: RefCell::new(None),
             adam_uploads: std::cell::Cell::new(0),
             kernels: RefCell::new(kernels),
+            graphs: RefCell::new(vec![]),
         })
     }
 
@@ -224,10 +245,28 @@ impl CudaBackend {
         self.adam_uploads.get()
     }
 
+    /// Graphs launched so far ([`Backend::launch_graph`]) by every CUDA backend of this process.
+    pub fn graph_launches_in_process() -> usize {
+        GRAPH_LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A buffer of `n` values: from the pool (inside a capture, the capture's arena first, then eager
+    /// work's free buffers, which become the graph's), else a new allocation, which a capture refuses.
     fn take<T: Pooled>(&self, n: usize) -> Result<PooledBuf<T>> {
-        let reused = T::shelf(&mut self.pool.borrow_mut()).get_mut(&n).and_then(|v| v.pop());
+        let (arena, reused) = {
+            let mut pool = self.pool.borrow_mut();
+            let arena = pool.capturing.unwrap_or(0);
+            let shelf = T::shelf(&mut pool);
+            let own = shelf.get_mut(&(arena, n)).and_then(|v| v.pop());
+            (arena, own.or_else(|| shelf.get_mut(&(0, n)).and_then(|v| v.pop())))
+        };
         let slice = match reused {
             Some(s) => s,
+            None if arena != 0 => {
+                return Err(Error::msg(format!(
+                    "a captured step allocated a new buffer of {n} values: run the step once eagerly first"
+                )));
+            }
             None => {
                 let mut pool = self.pool.borrow_mut();
                 pool.fresh += 1;
@@ -244,6 +283,7 @@ impl CudaBackend {
         Ok(PooledBuf {
             slice: Some(slice),
             pool: self.pool.clone(),
+            arena,
         })
     }
 
@@ -500,43 +540,35 @@ impl Backend for CudaBackend {
         x: &mut CudaBuf,
         y: &mut CudaIdx,
     ) -> Result<()> {
-        const OP: &str = "gather_batch";
-        let n = labels.len();
         if start + batch > order.len() {
             return Err(Error::msg(format!(
-                "{OP}: images {start}..{} of an order of {}",
+                "gather_batch: images {start}..{} of an order of {}",
                 start + batch,
                 order.len()
             )));
         }
-        check(OP, "image words", images.len(), (n * pixels).div_ceil(4))?;
-        i32_of("gather_batch: pixels of the data set", n * pixels)?;
         i32_of("gather_batch: end of the batch", start + batch)?;
-        check(OP, "x", x.len(), batch * pixels)?;
-        check(OP, "y", y.len(), batch)?;
-        if batch == 0 {
-            return Ok(());
+        self.gather(pixels, images, labels, order, Err(start), batch, x, y)
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn gather_planned(
+        &self,
+        pixels: usize,
+        images: &CudaIdx,
+        labels: &CudaIdx,
+        order: &CudaIdx,
+        plan: &CudaIdx,
+        batch: usize,
+        x: &mut CudaBuf,
+        y: &mut CudaIdx,
+    ) -> Result<()> {
+        if plan.len() < PLAN_HEADER + PLAN_ROW {
+            return Err(Error::msg(format!(
+                "gather_planned: a step plan of {} words has no row",
+                plan.len()
+            )));
         }
-        let (st, b, px, nn) = (start as i32, batch as i32, pixels as i32, n as i32);
-        // SAFETY: gather_batch(images, labels, order, x [batch·pixels], y [batch], int start, int batch,
-        // int pixels, int n); order[start..start+batch] in range (checked); the kernel reads only images
-        // below n, whose n·pixels bytes `images` holds (checked).
-        launch!(
-            self,
-            reg::GATHER_BATCH,
-            flat(batch * pixels),
-            [
-                images.slice(),
-                labels.slice(),
-                order.slice(),
-                x.slice_mut(),
-                y.slice_mut(),
-                &st,
-                &b,
-                &px,
-                &nn
-            ]
-        )
+        self.gather(pixels, images, labels, order, Ok(plan), batch, x, y)
     }
     fn alloc_out(&self, n: usize) -> Result<CudaBuf> {
         self.take::<f32>(n)
@@ -569,6 +601,9 @@ impl Backend for CudaBackend {
             return Ok(vec![]);
         }
         self.stream.clone_dtoh(idx.slice()).map_err(de("download"))
+    }
+    fn idx_len(&self, idx: &CudaIdx) -> usize {
+        idx.len()
     }
     fn buf_len(&self, buf: &CudaBuf) -> usize {
         buf.len()
@@ -1360,13 +1395,31 @@ impl Backend for CudaBackend {
     // ---- optimiser ------------------------------------------------------------------------------
 
     fn adam_step(&self, hp: &AdamHyper, groups: &mut [AdamGroup<'_, Self>]) -> Result<()> {
-        self.adam(hp, groups, None)
+        self.adam(hp, groups, None, None)
     }
     fn adam_step_if_finite(&self, hp: &AdamHyper, groups: &mut [AdamGroup<'_, Self>], guard: &CudaBuf) -> Result<()> {
         if guard.is_empty() {
             return Err(Error::msg("adam_step_if_finite: the guard buffer is empty"));
         }
-        self.adam(hp, groups, Some(guard))
+        self.adam(hp, groups, Some(guard), None)
+    }
+    fn adam_step_planned(
+        &self,
+        hp: &AdamHyper,
+        groups: &mut [AdamGroup<'_, Self>],
+        guard: &CudaBuf,
+        plan: &CudaIdx,
+    ) -> Result<()> {
+        if guard.is_empty() {
+            return Err(Error::msg("adam_step_planned: the guard buffer is empty"));
+        }
+        if plan.len() < PLAN_HEADER + PLAN_ROW {
+            return Err(Error::msg(format!(
+                "adam_step_planned: a step plan of {} words has no row",
+                plan.len()
+            )));
+        }
+        self.adam(hp, groups, Some(guard), Some(plan))
     }
     #[allow(clippy::too_many_arguments)]
     fn step_summary(
@@ -1409,11 +1462,151 @@ impl Backend for CudaBackend {
             ]
         )
     }
+
+    // ---- steps from a plan, captured and replayed -----------------------------------------------
+    fn write_idx(&self, dst: &mut CudaIdx, host: &[u32]) -> Result<()> {
+        check("write_idx", "destination", dst.len(), host.len())?;
+        if host.is_empty() {
+            return Ok(());
+        }
+        self.stream.memcpy_htod(host, dst.slice_mut()).map_err(de("write_idx"))
+    }
+    fn advance_plan(&self, plan: &mut CudaIdx) -> Result<()> {
+        if plan.len() < PLAN_HEADER + PLAN_ROW {
+            return Err(Error::msg(format!(
+                "advance_plan: a step plan of {} words has no row",
+                plan.len()
+            )));
+        }
+        // SAFETY: plan_advance(unsigned* plan) adds one to plan[0]; the plan holds at least one word.
+        launch!(self, reg::PLAN_ADVANCE, single(1), [plan.slice_mut()])
+    }
+    fn can_capture(&self) -> bool {
+        true
+    }
+    fn begin_capture(&self) -> Result<()> {
+        let mut pool = self.pool.borrow_mut();
+        if pool.capturing.is_some() {
+            return Err(Error::msg("begin_capture: a capture is under way already"));
+        }
+        self.stream
+            .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(de("begin a capture"))?;
+        pool.arenas += 1;
+        pool.capturing = Some(pool.arenas);
+        Ok(())
+    }
+    fn end_capture(&self) -> Result<GraphId> {
+        if self.pool.borrow_mut().capturing.take().is_none() {
+            return Err(Error::msg("end_capture: no capture is under way"));
+        }
+        let graph = self
+            .stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+            .map_err(de("end a capture"))?
+            .ok_or_else(|| Error::msg("end_capture: the capture recorded nothing"))?;
+        graph.upload().map_err(de("upload a graph"))?;
+        let mut graphs = self.graphs.borrow_mut();
+        graphs.push(graph);
+        Ok(GraphId(graphs.len() - 1))
+    }
+    fn launch_graph(&self, id: GraphId) -> Result<()> {
+        let graphs = self.graphs.borrow();
+        let g = graphs
+            .get(id.0)
+            .ok_or_else(|| Error::msg(format!("launch_graph: no graph {}", id.0)))?;
+        g.launch().map_err(de("launch a graph"))?;
+        GRAPH_LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 impl CudaBackend {
-    /// The fused Adam step, changing nothing where `guard` holds a non-finite value.
-    fn adam(&self, hp: &AdamHyper, groups: &mut [AdamGroup<'_, Self>], guard: Option<&CudaBuf>) -> Result<()> {
+    /// gather_batch from `start`: Err(position) or Ok(a step plan, whose current row's position the
+    /// kernel reads; a position past the order reads NaN pixels there).
+    #[allow(clippy::too_many_arguments)]
+    fn gather(
+        &self,
+        pixels: usize,
+        images: &CudaIdx,
+        labels: &CudaIdx,
+        order: &CudaIdx,
+        start: std::result::Result<&CudaIdx, usize>,
+        batch: usize,
+        x: &mut CudaBuf,
+        y: &mut CudaIdx,
+    ) -> Result<()> {
+        const OP: &str = "gather_batch";
+        let n = labels.len();
+        check(OP, "image words", images.len(), (n * pixels).div_ceil(4))?;
+        i32_of("gather_batch: pixels of the data set", n * pixels)?;
+        check(OP, "x", x.len(), batch * pixels)?;
+        check(OP, "y", y.len(), batch)?;
+        let order_len = i32_of("gather_batch: the order", order.len())?;
+        if batch == 0 {
+            return Ok(());
+        }
+        let (b, px, nn) = (batch as i32, pixels as i32, n as i32);
+        let st = start.err().unwrap_or(0) as i32;
+        let plan_words = match start {
+            Ok(plan) => i32_of("gather_batch: the plan", plan.len())?,
+            Err(_) => 0,
+        };
+        // SAFETY: gather_batch(images, labels, order, x [batch·pixels], y [batch], int start, int batch,
+        // int pixels, int n, const unsigned* plan, int plan_words, int order_len); the kernel reads order
+        // below order_len, images below n, whose n·pixels bytes `images` holds (checked), and a plan
+        // (else null) below plan_words.
+        match start {
+            Ok(plan) => launch!(
+                self,
+                reg::GATHER_BATCH,
+                flat(batch * pixels),
+                [
+                    images.slice(),
+                    labels.slice(),
+                    order.slice(),
+                    x.slice_mut(),
+                    y.slice_mut(),
+                    &st,
+                    &b,
+                    &px,
+                    &nn,
+                    plan.slice(),
+                    &plan_words,
+                    &order_len
+                ]
+            ),
+            Err(_) => launch!(
+                self,
+                reg::GATHER_BATCH,
+                flat(batch * pixels),
+                [
+                    images.slice(),
+                    labels.slice(),
+                    order.slice(),
+                    x.slice_mut(),
+                    y.slice_mut(),
+                    &st,
+                    &b,
+                    &px,
+                    &nn,
+                    &0u64,
+                    &0i32,
+                    &order_len
+                ]
+            ),
+        }
+    }
+
+    /// The fused Adam step, changing nothing where `guard` holds a non-finite value, with lr and the
+    /// bias corrections from the current row of `plan` where one is given.
+    fn adam(
+        &self,
+        hp: &AdamHyper,
+        groups: &mut [AdamGroup<'_, Self>],
+        guard: Option<&CudaBuf>,
+        plan: Option<&CudaIdx>,
+    ) -> Result<()> {
         if hp.step == 0 {
             return Err(Error::msg("adam_step: step numbers start at 1"));
         }
@@ -1452,19 +1645,25 @@ impl CudaBackend {
             *slot = Some((vec![], dev));
         }
         let (uploaded, dev_table) = slot.as_mut().expect("allocated above");
+        if *uploaded != table && self.pool.borrow().capturing.is_some() {
+            return Err(Error::msg(
+                "adam_step: a captured step updates other buffers than the eager step before it",
+            ));
+        }
         if *uploaded != table {
             self.stream.memcpy_htod(&table, dev_table).map_err(de("adam table"))?;
             self.adam_uploads.set(self.adam_uploads.get() + 1);
             *uploaded = table;
         }
         let dev_table = &*dev_table;
+        let [lr, bc1, bc2] = hp.per_step_f32();
         let h = AdamParams {
-            lr: hp.lr as f32,
+            lr,
             beta1: hp.beta1 as f32,
             beta2: hp.beta2 as f32,
             eps: hp.eps as f32,
-            bc1: (1.0 - hp.beta1.powf(hp.step as f64)) as f32,
-            bc2: (1.0 - hp.beta2.powf(hp.step as f64)) as f32,
+            bc1,
+            bc2,
         };
         let cfg = LaunchConfig {
             grid_dim: (
@@ -1475,12 +1674,19 @@ impl CudaBackend {
             block_dim: (reg::FLAT_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: adam_step_v1(const AdamTensor* table, AdamParams, const float* guard): blockIdx.y <
-        // table.len() picks a row; each row's pointers address buffers of n floats that the borrowed
-        // groups keep alive; the guard is a live buffer of at least one float, or null.
-        match guard {
-            Some(g) => launch!(self, reg::ADAM_STEP, cfg, [dev_table, &h, g.slice()]),
-            None => launch!(self, reg::ADAM_STEP, cfg, [dev_table, &h, &0u64]),
+        // SAFETY: adam_step_v1(const AdamTensor* table, AdamParams, const float* guard, const unsigned*
+        // plan): blockIdx.y < table.len() picks a row; each row's pointers address buffers of n floats
+        // that the borrowed groups keep alive; the guard is a live buffer of at least one float, or
+        // null; the plan, or null, is read below plan_words.
+        let words = match plan {
+            Some(p) => u32::try_from(p.len()).map_err(|_| Error::msg("adam_step: a step plan over 2^32 words"))?,
+            None => 0,
+        };
+        match (guard, plan) {
+            (Some(g), Some(p)) => launch!(self, reg::ADAM_STEP, cfg, [dev_table, &h, g.slice(), p.slice(), &words]),
+            (Some(g), None) => launch!(self, reg::ADAM_STEP, cfg, [dev_table, &h, g.slice(), &0u64, &words]),
+            (None, Some(p)) => launch!(self, reg::ADAM_STEP, cfg, [dev_table, &h, &0u64, p.slice(), &words]),
+            (None, None) => launch!(self, reg::ADAM_STEP, cfg, [dev_table, &h, &0u64, &0u64, &words]),
         }
     }
 }

@@ -64,6 +64,7 @@ kernels! {
     SPLITK_REDUCE_ADD = "elementwise.cu": "splitk_reduce_add" @ FLAT_THREADS;
     GATHER_BATCH = "elementwise.cu": "gather_batch" @ FLAT_THREADS;
     ADAM_STEP_V1 = "adam.cu": "adam_step_v1" @ FLAT_THREADS;
+    PLAN_ADVANCE = "adam.cu": "plan_advance" @ 1;
     SQUASH_FWD = "capsules.cu": "squash_fwd" @ FLAT_THREADS;
     SQUASH_BWD = "capsules.cu": "squash_bwd" @ FLAT_THREADS;
     PREDICT_FWD = "capsules.cu": "predict_fwd" @ FLAT_THREADS;

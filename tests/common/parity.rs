@@ -429,6 +429,126 @@ pub fn resident_batches<B: Backend>(be: &B) {
     assert_eq!(batches, 5);
 }
 
+/// Adam's hyper-parameters for update `step` at learning rate `lr`.
+fn hyper(lr: f64, step: u64) -> AdamHyper {
+    AdamHyper {
+        lr,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        step,
+    }
+}
+
+/// A step plan on the backend: each batch gathered at the position of the plan's current row as the
+/// cursor advances equals `gather_batch` at that position, bit for bit; the cursor counts the steps;
+/// rewriting the plan in place starts it over; Adam from the plan's row equals Adam from the
+/// hyper-parameters the row was made from, bit for bit, guarded as ever.
+pub fn planned_steps<B: Backend>(be: &B) {
+    use capsnet::backend::{StepRow, plan_words};
+    let (n, pixels) = (37, 5);
+    let bytes: Vec<u8> = (0..n * pixels).map(|i| (i * 53 % 256) as u8).collect();
+    let (images, labels) = (
+        be.upload_bytes(&bytes).unwrap(),
+        be.upload_idx(&(0..n as u32).map(|i| i % 10).collect::<Vec<_>>())
+            .unwrap(),
+    );
+    let order: Vec<u32> = capsnet::train::epoch_order(n, 3, 1).iter().map(|&i| i as u32).collect();
+    let dev_order = be.upload_idx(&order).unwrap();
+    let rows: Vec<StepRow> = (0..5)
+        .map(|k| StepRow {
+            start: 8 * k,
+            adam: hyper(1e-3 * 0.9f64.powi(k as i32), k as u64 + 1),
+        })
+        .collect();
+    let words = plan_words(&rows).unwrap();
+    assert_eq!(words.len(), 1 + 4 * 5);
+    assert_eq!((words[0], words[1], words[5]), (0, 0, 8));
+    let mut plan = be.upload_idx(&words).unwrap();
+    for (k, row) in rows.iter().enumerate() {
+        let len = 8.min(n - row.start);
+        let (mut x, mut y) = (be.alloc_out(len * pixels).unwrap(), be.alloc_idx(len).unwrap());
+        be.gather_planned(pixels, &images, &labels, &dev_order, &plan, len, &mut x, &mut y)
+            .unwrap();
+        let (mut wx, mut wy) = (be.alloc_out(len * pixels).unwrap(), be.alloc_idx(len).unwrap());
+        be.gather_batch(pixels, &images, &labels, &dev_order, row.start, len, &mut wx, &mut wy)
+            .unwrap();
+        let (got, want) = (be.download(&x).unwrap(), be.download(&wx).unwrap());
+        let same = got
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_f64().to_bits() == b.to_f64().to_bits());
+        assert!(same && got.len() == want.len(), "planned batch {k}: pixels differ");
+        assert_eq!(
+            be.download_idx(&y).unwrap(),
+            be.download_idx(&wy).unwrap(),
+            "planned batch {k}: labels"
+        );
+        be.advance_plan(&mut plan).unwrap();
+        assert_eq!(
+            be.download_idx(&plan).unwrap()[0],
+            k as u32 + 1,
+            "the cursor after step {k}"
+        );
+    }
+    be.write_idx(&mut plan, &words).unwrap();
+    assert_eq!(be.download_idx(&plan).unwrap(), words, "the plan rewritten in place");
+    assert!(
+        be.write_idx(&mut plan, &words[1..]).is_err(),
+        "a plan of another length written in place"
+    );
+
+    // Adam: the same tensors updated from the plan's rows and from their hyper-parameters
+    let mut rng = Lcg(31);
+    let init: Vec<Vec<f32>> = [1, 257, 70_001]
+        .iter()
+        .flat_map(|&n| {
+            [
+                rand(&mut rng, n, -1.0, 1.0),
+                rand(&mut rng, n, -0.1, 0.1),
+                rand(&mut rng, n, -0.01, 0.01),
+                rand(&mut rng, n, 0.0, 1e-4),
+            ]
+        })
+        .collect();
+    let mut sets: Vec<Vec<B::Buf>> = (0..2).map(|_| init.iter().map(|t| up(be, t)).collect()).collect();
+    for (k, row) in rows.iter().take(3).enumerate() {
+        // the second update's loss is not finite: neither changes anything
+        let guard = up(be, &[if k == 1 { f32::NAN } else { 0.5 }]);
+        for (planned, set) in sets.iter_mut().enumerate() {
+            let mut groups: Vec<AdamGroup<'_, B>> = set
+                .chunks_mut(4)
+                .map(|t| {
+                    let [p, g, m, v] = t else { unreachable!() };
+                    AdamGroup {
+                        param: p,
+                        grad: &*g,
+                        m,
+                        v,
+                    }
+                })
+                .collect();
+            if planned == 1 {
+                be.adam_step_planned(&row.adam, &mut groups, &guard, &plan).unwrap();
+            } else {
+                be.adam_step_if_finite(&row.adam, &mut groups, &guard).unwrap();
+            }
+        }
+        be.advance_plan(&mut plan).unwrap();
+    }
+    let state = |set: &[B::Buf]| set.iter().flat_map(|b| down(be, b)).collect::<Vec<f64>>();
+    let (from_hp, from_plan) = (state(&sets[0]), state(&sets[1]));
+    assert!(
+        from_hp.iter().zip(&from_plan).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "Adam from the plan differs from Adam from its hyper-parameters"
+    );
+    assert_ne!(
+        from_hp,
+        init.iter().flatten().map(|&x| x as f64).collect::<Vec<_>>(),
+        "no update"
+    );
+}
+
 pub fn capsule_ops<B: Backend>(g: &B) {
     let mut rng = Lcg(11);
     // squash and lengths, with a zero row
