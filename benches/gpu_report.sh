@@ -9,7 +9,8 @@
 #   tests     every test executable with CAPSNET_REQUIRE_GPU=1 (a GPU test that cannot find the GPU fails)
 #   sanitize  compute-sanitizer memcheck, then racecheck, over the CUDA tests
 #   info      capsnet info
-#   bench     training steps at batch 50 and 128 in fp32, tf32 and bf16, then every version of every
+#   bench     training steps at batch 50 and 128 in fp32, tf32 and bf16 (replayed as CUDA graphs, and
+#             in bf16 also launched one by one, --eager, for the graph's share), then every version of every
 #             versioned op (bench --ops), then the PyTorch peer at the same batch sizes (fp32, tf32, and
 #             bf16-autocast with torch.compile), same machine
 #   train     the notebook's configuration, then its test accuracy (REPORT_EPOCHS, default 10; the
@@ -77,6 +78,8 @@ bench() {
       echo "=== precision $p"
       .gpu/bin/capsnet bench --device cuda --precision "$p" --batch-size "$b" --steps 20 --warmup 3
     done
+    echo "=== precision bf16, eager"
+    .gpu/bin/capsnet bench --device cuda --precision bf16 --batch-size "$b" --steps 20 --warmup 3 --eager
   done
   # every version of every versioned op, checked against the reference, then timed
   for b in 50 128; do

@@ -42,6 +42,7 @@ fn main() {
             shift: 0,
             lr_decay: 1.0,
             lr_decay_steps: capsnet::train::DEFAULT_DECAY_STEPS,
+            eager: false,
         };
         let m = train(CpuBackend::<f32>::with_gemm_inputs(p), &opts).unwrap_or_else(|e| panic!("{}: {e}", p.name()));
         let last = m.last().expect("one epoch");

@@ -310,6 +310,10 @@ struct TrainArgs {
     device: Device,
     #[command(flatten)]
     kernels: KernelArgs,
+    /// On a GPU, launch every kernel of every step from the host instead of replaying the step
+    /// captured as a CUDA graph (the same results, bit for bit; for comparison).
+    #[arg(long)]
+    eager: bool,
     /// Run directory: checkpoints (last.safetensors, best.safetensors) and metrics.jsonl.
     #[arg(long, default_value = "runs/capsnet")]
     checkpoint_dir: PathBuf,
@@ -457,6 +461,10 @@ struct BenchArgs {
     /// Time each op at the model's shapes instead of whole steps.
     #[arg(long)]
     ops: bool,
+    /// On a GPU, launch every kernel of every step from the host instead of replaying the step
+    /// captured as a CUDA graph.
+    #[arg(long)]
+    eager: bool,
     /// Also run the PyTorch peer (needs python3 with torch) on the same device, batch and threads, and
     /// print both figures and their ratio. FILE defaults to benches/capsnet_torch_bench.py.
     #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "benches/capsnet_torch_bench.py")]
@@ -924,6 +932,7 @@ fn run(cli: Cli) -> Result<()> {
                 lr_decay_steps: a.lr_decay_steps.unwrap_or(preset.lr_decay_steps),
                 lr: a.lr,
                 seed: a.seed,
+                eager: a.eager,
                 patience: a.patience,
                 limit: a.limit,
                 val_limit: a.val_limit,
@@ -1012,10 +1021,15 @@ fn run(cli: Cli) -> Result<()> {
             };
             let r = with_backend!(sel, |be| {
                 println!("backend: {}", capsnet::backend::Backend::name(&be));
-                train::bench(be, cfg.clone(), a.batch_size, a.steps, a.warmup)
+                train::bench(be, cfg.clone(), a.batch_size, a.steps, a.warmup, a.eager)
             })?;
+            let how = match (r.resident, r.graph) {
+                (true, true) => " (batches gathered on the device, steps replayed as a CUDA graph)",
+                (true, false) => " (batches gathered on the device, kernels launched one by one)",
+                _ => "",
+            };
             println!(
-                "batch {}: median {:.1} ms/step over {} steps, {:.1} images/s, {:.1} GFLOP/s",
+                "batch {}: median {:.3} ms/step over {} steps, {:.1} images/s, {:.1} GFLOP/s{how}",
                 r.batch_size, r.median_ms, r.steps, r.images_per_s, r.gflops
             );
             if let Some(mib) = r.device_mib {

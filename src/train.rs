@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
 use crate::adam::Adam;
-use crate::backend::Backend;
+use crate::backend::{Backend, StepRow};
 use crate::checkpoint::{self, Checkpoint, EpochProgress, TrainState};
 use crate::data::MNIST_PIXELS;
 use crate::data::{self, Split, Which};
@@ -55,6 +55,9 @@ pub struct TrainOptions {
     /// Learning rate lr · lr_decay^(step / lr_decay_steps) (1: constant).
     pub lr_decay: f64,
     pub lr_decay_steps: u64,
+    /// Launch every op of every step from the host, also where the backend can replay a captured
+    /// step ([`Backend::can_capture`]); the results are the same bit for bit.
+    pub eager: bool,
 }
 
 /// The official code's decay interval: 0.96 every 2,000 steps.
@@ -488,9 +491,11 @@ fn resume_command() -> String {
 }
 
 /// One training step (forward, backward, Adam) on the base digits `chunk` of `src` (the examples
-/// of epoch `state.epoch`), its batch gathered on the device when the training set is `resident`
-/// there (with the batch's first position in the epoch's order); adds the batch to the running sums.
-/// A non-finite loss skips the update on the backend, so the weights stay as they were, and stops.
+/// of epoch `state.epoch`); adds the batch to the running sums. When the training set is `resident`
+/// on the device, the batch is gathered there at the position the epoch's step plan holds, and the
+/// step runs as [`planned_step`]: eagerly the first time a batch size comes, then captured as a graph
+/// and replayed (unless `graphs` is eager). A non-finite loss skips the update on the backend, so the
+/// weights stay as they were, and stops.
 #[allow(clippy::too_many_arguments)]
 fn train_step<B: Backend>(
     tape: &mut Tape<B>,
@@ -500,19 +505,15 @@ fn train_step<B: Backend>(
     chunk: &[usize],
     state: &TrainState,
     r: &mut Running,
-    resident: Option<(&Resident<B>, usize)>,
+    resident: Option<&mut Resident<B>>,
+    graphs: &mut StepGraphs<B>,
 ) -> Result<()> {
-    tape.reset();
     adam.lr = lr_at(state.lr, state.lr_decay, state.lr_decay_steps, adam.step);
-    let (f, per) = match resident {
-        // the batch gathered on the device from the data set there: nothing copied from the host
-        Some((res, start)) => {
-            let be = tape.backend();
-            let (mut x, mut y) = (be.alloc_out(chunk.len() * res.pixels)?, be.alloc_idx(chunk.len())?);
-            res.gather(be, start, chunk.len(), &mut x, &mut y)?;
-            (model.forward_on_backend(tape, x, Rc::new(y), true)?, 1)
-        }
+    let n = chunk.len();
+    let report = match resident {
+        Some(res) => graphs.step(tape, model, adam, res, n)?,
         None => {
+            tape.reset();
             let examples: Vec<usize> = chunk.iter().map(|&d| src.example_of(d, state.epoch)).collect();
             let mut b = src.batch::<B::E>(&examples);
             if state.shift > 0 {
@@ -522,15 +523,16 @@ fn train_step<B: Backend>(
                     .collect();
                 data::shift_images(&mut b.images, model.cfg.image_side, &shifts);
             }
-            (b.forward(model, tape, true)?, b.per)
+            let f = b.forward(model, tape, true)?;
+            tape.backward(f.loss)?;
+            // the step's report in one buffer, and the update, which changes nothing if the loss is
+            // not finite: the host reads the report once, after the whole step
+            let summary = summarize(tape, &f, n, model.cfg.classes, b.per)?;
+            adam.update_if_finite(tape, &summary)?;
+            tape.backend().download(&summary)?
         }
     };
-    tape.backward(f.loss)?;
-    // the step's report in one buffer, and the update, which changes nothing if the loss is not finite:
-    // the host reads the report once, after the whole step
-    let summary = summarize(tape, &f, chunk.len(), model.cfg.classes, per)?;
-    adam.update_if_finite(tape, &summary)?;
-    let report: Vec<f64> = tape.backend().download(&summary)?.iter().map(|x| x.to_f64()).collect();
+    let report: Vec<f64> = report.iter().map(|x| x.to_f64()).collect();
     let (loss, margin, recon) = (report[0], report[1], report[2]);
     if !loss.is_finite() {
         let term = if !margin.is_finite() {
@@ -543,7 +545,7 @@ fn train_step<B: Backend>(
             adam.step
         )));
     }
-    let n = chunk.len() as f64;
+    let n = n as f64;
     r.loss += n * loss;
     r.margin += n * margin;
     r.recon += n * recon;
@@ -552,14 +554,108 @@ fn train_step<B: Backend>(
     Ok(())
 }
 
+/// A step on the resident training set, everything it needs already on the device: the batch of `n`
+/// images gathered at the position in the step plan's current row, forward, backward, the summary,
+/// Adam with the row's lr and bias corrections, and the plan's cursor moved to the next row. Nothing
+/// is read or written by the host, so the same calls can be captured as a graph. Returns the summary
+/// buffer ([`summarize`]), unread.
+fn planned_step<B: Backend>(
+    tape: &mut Tape<B>,
+    model: &CapsNet,
+    adam: &mut Adam<B>,
+    res: &mut Resident<B>,
+    n: usize,
+) -> Result<B::Buf> {
+    let be = tape.backend();
+    let (mut x, mut y) = (be.alloc_out(n * res.pixels)?, be.alloc_idx(n)?);
+    let (order, plan) = res.planned()?;
+    be.gather_planned(res.pixels, &res.images, &res.labels, order, plan, n, &mut x, &mut y)?;
+    let f = model.forward_on_backend(tape, x, Rc::new(y), true)?;
+    tape.backward(f.loss)?;
+    let summary = summarize(tape, &f, n, model.cfg.classes, 1)?;
+    adam.update_planned(tape, &summary, res.planned()?.1)?;
+    let plan = res.plan.as_mut().map(|p| &mut p.1).expect("planned() found it");
+    tape.backend().advance_plan(plan)?;
+    Ok(summary)
+}
+
+/// Training steps captured as graphs, one per batch size, on a backend that can capture them: the
+/// first step of a size runs eagerly (its buffers then sit in the pool, so the capture allocates
+/// nothing), the second is captured and launched, every later one is a replay of it.
+struct StepGraphs<B: Backend> {
+    capture: bool,
+    /// Batch sizes stepped eagerly once.
+    warm: Vec<usize>,
+    /// By batch size: the graph and the summary buffer it writes.
+    graphs: Vec<(usize, crate::backend::GraphId, B::Buf)>,
+}
+
+impl<B: Backend> StepGraphs<B> {
+    fn new(be: &B, eager: bool) -> Self {
+        StepGraphs {
+            capture: be.can_capture() && !eager,
+            warm: vec![],
+            graphs: vec![],
+        }
+    }
+
+    /// One [`planned_step`] of `n` images, run as this size's graph where there is one; its summary,
+    /// read.
+    fn step(
+        &mut self,
+        tape: &mut Tape<B>,
+        model: &CapsNet,
+        adam: &mut Adam<B>,
+        res: &mut Resident<B>,
+        n: usize,
+    ) -> Result<Vec<B::E>> {
+        if let Some((_, id, summary)) = self.graphs.iter().find(|g| g.0 == n) {
+            tape.backend().launch_graph(*id)?;
+            adam.count_replayed_update();
+            return tape.backend().download(summary);
+        }
+        tape.reset();
+        if !self.capture || !self.warm.contains(&n) {
+            let summary = planned_step(tape, model, adam, res, n)?;
+            if self.capture {
+                self.warm.push(n);
+            }
+            return tape.backend().download(&summary);
+        }
+        // captured: recorded, not run, until the graph's first launch
+        tape.backend().begin_capture()?;
+        let summary = planned_step(tape, model, adam, res, n);
+        let id = tape.backend().end_capture();
+        let (summary, id) = (summary?, id?);
+        tape.backend().launch_graph(id)?;
+        let report = tape.backend().download(&summary)?;
+        self.graphs.push((n, id, summary));
+        Ok(report)
+    }
+
+    /// Drops the graphs (their step reads buffers that were replaced); later steps capture anew.
+    fn forget(&mut self) {
+        self.graphs.clear();
+        self.warm.clear();
+    }
+
+    fn captured(&self) -> usize {
+        self.graphs.len()
+    }
+}
+
 /// The training set on the device: its images (bytes, packed four to a word) and labels, uploaded
-/// once, and the current epoch's shuffle (uploaded once per epoch, the same [`epoch_order`] as the
-/// host path's, so a run's batches are the same on every backend).
+/// once; the current epoch's shuffle (uploaded once per epoch, the same [`epoch_order`] as the host
+/// path's, so a run's batches are the same on every backend); and the epoch's step plan (the position
+/// and Adam values of each step, [`crate::backend::plan_words`]), written once per epoch. The order
+/// and the plan keep their buffers from epoch to epoch, so a captured step reads the new ones.
 struct Resident<B: Backend> {
     pixels: usize,
     images: B::Idx,
     labels: B::Idx,
     order: Option<(usize, B::Idx)>,
+    /// (its key, the plan) as for the order.
+    plan: Option<(usize, B::Idx)>,
 }
 
 impl<B: Backend> Resident<B> {
@@ -578,16 +674,38 @@ impl<B: Backend> Resident<B> {
             images: be.upload_bytes(&split.images)?,
             labels: be.upload_idx(&labels)?,
             order: None,
+            plan: None,
         }))
     }
 
-    /// Uploads the order of examples `key` names (an epoch's shuffle), once per key.
-    fn set_order(&mut self, be: &B, key: usize, order: &[usize]) -> Result<()> {
-        if self.order.as_ref().is_none_or(|o| o.0 != key) {
-            let host: Vec<u32> = order.iter().map(|&i| i as u32).collect();
-            self.order = Some((key, be.upload_idx(&host)?));
+    /// Writes the order of examples `key` names (an epoch's shuffle), once per key; whether it went
+    /// to a new buffer (a captured step reads the old one).
+    fn set_order(&mut self, be: &B, key: usize, order: &[usize]) -> Result<bool> {
+        if self.order.as_ref().is_some_and(|o| o.0 == key) {
+            return Ok(false);
         }
-        Ok(())
+        let host: Vec<u32> = order.iter().map(|&i| i as u32).collect();
+        let (buf, moved) = write_or_upload(be, self.order.take().map(|o| o.1), &host)?;
+        self.order = Some((key, buf));
+        Ok(moved)
+    }
+
+    /// Writes the step plan of epoch `key`: its cursor at row `first`, `rows` its steps in order;
+    /// whether it went to a new buffer.
+    fn set_plan(&mut self, be: &B, key: usize, first: usize, rows: &[StepRow]) -> Result<bool> {
+        let mut words = crate::backend::plan_words(rows)?;
+        words[0] = u32::try_from(first).map_err(|_| Error::msg("step plan: more than 2^32 steps"))?;
+        let (buf, moved) = write_or_upload(be, self.plan.take().map(|p| p.1), &words)?;
+        self.plan = Some((key, buf));
+        Ok(moved)
+    }
+
+    /// The order and the plan of the current epoch.
+    fn planned(&self) -> Result<(&B::Idx, &B::Idx)> {
+        match (&self.order, &self.plan) {
+            (Some(o), Some(p)) if o.0 == p.0 => Ok((&o.1, &p.1)),
+            _ => Err(Error::msg("no step plan for this epoch's order on the device")),
+        }
     }
 
     /// The batch of examples order[start .. start + n] into x [n·pixels] and y [n].
@@ -598,6 +716,18 @@ impl<B: Backend> Resident<B> {
             .map(|o| &o.1)
             .ok_or_else(|| Error::msg("no example order on the device"))?;
         be.gather_batch(self.pixels, &self.images, &self.labels, order, start, n, x, y)
+    }
+}
+
+/// `host` written over `buf` where it has the same length (its address kept), else uploaded anew
+/// (then true).
+fn write_or_upload<B: Backend>(be: &B, buf: Option<B::Idx>, host: &[u32]) -> Result<(B::Idx, bool)> {
+    match buf {
+        Some(mut b) if be.idx_len(&b) == host.len() => {
+            be.write_idx(&mut b, host)?;
+            Ok((b, false))
+        }
+        _ => Ok((be.upload_idx(host)?, true)),
     }
 }
 
@@ -615,13 +745,28 @@ fn run_epoch<B: Backend>(
     saver: &mut StepSaver,
     history: &[serde_json::Value],
     mut resident: Option<&mut Resident<B>>,
+    graphs: &mut StepGraphs<B>,
 ) -> Result<Option<Running>> {
     let order = epoch_order(set.digits(), state.seed, state.epoch);
-    if let Some(res) = resident.as_deref_mut() {
-        res.set_order(tape.backend(), state.epoch, &order)?;
-    }
     let batches = order.len().div_ceil(state.batch_size);
     let mut r = state.partial.take().unwrap_or_default();
+    if let Some(res) = resident.as_deref_mut() {
+        // the epoch's order and step plan: one row per batch, from the batch this epoch resumes at
+        // (rows before it are never read, so they repeat its values)
+        let rows: Vec<StepRow> = (0..batches)
+            .map(|k| {
+                let step = adam.step + (k.max(r.batches) - r.batches) as u64;
+                StepRow {
+                    start: k * state.batch_size,
+                    adam: adam.hyper_at(lr_at(state.lr, state.lr_decay, state.lr_decay_steps, step), step + 1),
+                }
+            })
+            .collect();
+        let moved = res.set_order(tape.backend(), state.epoch, &order)?;
+        if res.set_plan(tape.backend(), state.epoch, r.batches, &rows)? || moved {
+            graphs.forget();
+        }
+    }
     let (start, before) = (Instant::now(), r.seconds);
     let mut bar = Progress::new(
         format!("epoch {}/{}", state.epoch + 1, opts.epochs),
@@ -641,8 +786,17 @@ fn run_epoch<B: Backend>(
             }
             return Ok(None);
         }
-        let at = resident.as_deref().map(|res| (res, r.batches * state.batch_size));
-        train_step(tape, model, adam, set, chunk, state, &mut r, at)?;
+        train_step(
+            tape,
+            model,
+            adam,
+            set,
+            chunk,
+            state,
+            &mut r,
+            resident.as_deref_mut(),
+            graphs,
+        )?;
         r.batches += 1;
         r.seconds = before + start.elapsed().as_secs_f64();
         bar.update(r.images, &r);
@@ -825,6 +979,7 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
     if resident.is_some() {
         eprintln!("data: the training set lives on the device; each batch is gathered there");
     }
+    let mut graphs = StepGraphs::new(tape.backend(), opts.eager);
 
     let mut history = vec![];
     if state.epoch >= opts.epochs {
@@ -853,6 +1008,7 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
             &mut saver,
             &history_json,
             resident.as_mut(),
+            &mut graphs,
         )?
         else {
             // interrupted: the last completed step is saved
@@ -895,8 +1051,15 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
             .device_mib
             .map(|mib| format!(", {mib:.0} MiB on the device"))
             .unwrap_or_default();
+        let replayed = match graphs.captured() {
+            0 => String::new(),
+            g => format!(
+                ", steps replayed from {g} captured graph{}",
+                if g == 1 { "" } else { "s" }
+            ),
+        };
         eprintln!(
-            "epoch {}: train loss {:.5} acc {:.2}% | val loss {:.5} acc {:.2}%{} | {:.1} s, {:.1} img/s{mem}",
+            "epoch {}: train loss {:.5} acc {:.2}% | val loss {:.5} acc {:.2}%{} | {:.1} s, {:.1} img/s{mem}{replayed}",
             m.epoch,
             m.train_loss,
             100.0 * m.train_acc,
@@ -1112,15 +1275,23 @@ pub struct BenchReport {
     pub gflops: f64,
     /// Device memory held after the steps (None on the CPU).
     pub device_mib: Option<f64>,
+    /// Whether the batch was gathered on the device from a resident set.
+    pub resident: bool,
+    /// Whether steps were replayed from a captured graph.
+    pub graph: bool,
 }
 
-/// Times full training steps (forward, backward, Adam) on seeded random images.
+/// Times full training steps (forward, backward, Adam) on seeded random images, as training runs
+/// them: on a backend that keeps data resident, the batch gathered there from a step plan and (unless
+/// `eager`) the step replayed as a captured graph from the second step on, with its one read of the
+/// summary; else uploaded from the host each step, reading the loss.
 pub fn bench<B: Backend>(
     backend: B,
     cfg: Config,
     batch_size: usize,
     steps: usize,
     warmup: usize,
+    eager: bool,
 ) -> Result<BenchReport> {
     if batch_size == 0 || steps == 0 {
         return Err(Error::msg("bench: --batch-size and --steps must be at least 1"));
@@ -1138,14 +1309,34 @@ pub fn bench<B: Backend>(
     let mut adam = Adam::new(&tape, 1e-3)?;
     let idx: Vec<usize> = (0..batch_size).collect();
     let (x, y) = split.batch::<B::E>(&idx);
+    let src = Source::Mnist(&split);
+    let mut resident = Resident::new(tape.backend(), &src, 0)?;
+    if let Some(res) = resident.as_mut() {
+        // every step the same batch, at lr 1e-3
+        let rows: Vec<StepRow> = (0..warmup + steps)
+            .map(|k| StepRow {
+                start: 0,
+                adam: adam.hyper_at(adam.lr, k as u64 + 1),
+            })
+            .collect();
+        res.set_order(tape.backend(), 0, &idx)?;
+        res.set_plan(tape.backend(), 0, 0, &rows)?;
+    }
+    let mut graphs = StepGraphs::new(tape.backend(), eager);
     let mut times = vec![];
     for s in 0..warmup + steps {
         let t0 = Instant::now();
-        tape.reset();
-        let f = model.forward(&mut tape, &x, &y, true)?;
-        tape.backward(f.loss)?;
-        adam.update(&mut tape)?;
-        scalar(&tape, f.loss)?; // waits for the step on an asynchronous backend
+        match resident.as_mut() {
+            // reads the summary: waits for the step
+            Some(res) => drop(graphs.step(&mut tape, &model, &mut adam, res, batch_size)?),
+            None => {
+                tape.reset();
+                let f = model.forward(&mut tape, &x, &y, true)?;
+                tape.backward(f.loss)?;
+                adam.update(&mut tape)?;
+                scalar(&tape, f.loss)?; // waits for the step on an asynchronous backend
+            }
+        }
         if s >= warmup {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
@@ -1155,6 +1346,8 @@ pub fn bench<B: Backend>(
     Ok(BenchReport {
         batch_size,
         steps,
+        resident: resident.is_some(),
+        graph: graphs.captured() > 0,
         median_ms,
         images_per_s: batch_size as f64 / (median_ms / 1e3),
         gflops: flops / (median_ms / 1e3) / 1e9,

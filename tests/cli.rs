@@ -789,13 +789,19 @@ fn the_emulated_device_trains_like_the_cpu_and_says_what_it_is() {
         args.extend(["--device", device, "--precision", "fp32"]);
         let o = capsnet(&args, &[]);
         assert!(o.status.success(), "--device {device}: {}", stderr(&o));
-        // on the (emulated) GPU the training set lives on the device, each batch gathered there
-        assert_eq!(
-            stderr(&o).contains("the training set lives on the device"),
-            device == "emulated",
-            "{}",
-            stderr(&o)
-        );
+        // on the (emulated) GPU the training set lives on the device, each batch gathered there, and
+        // the steps after the second replay the graph captured on it
+        for says in [
+            "the training set lives on the device",
+            "steps replayed from 1 captured graph",
+        ] {
+            assert_eq!(
+                stderr(&o).contains(says),
+                device == "emulated",
+                "{says}: {}",
+                stderr(&o)
+            );
+        }
         metrics_without_timing(&dir).remove(0)
     };
     let (cpu, emu) = (run("cpu"), run("emulated"));
@@ -1031,6 +1037,20 @@ fn bench_ops_lists_every_kernel_version_and_version_flags_are_checked() {
         (vec!["--precision", "fp32", "--kernels", "routing=v2"], "routing=v2"),
     ] {
         let flags = [&["--batch-size", "1", "--warmup", "0"][..], &flags].concat();
+        let o = bench(&flags, &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stdout(&o).contains(says), "{flags:?}: no {says:?} in\n{}", stdout(&o));
+    }
+    // the timed step is the one training runs: its batch gathered on the device, replayed as a graph
+    // after a warm-up step, or launched kernel by kernel with --eager
+    for (eager, says) in [
+        (false, "steps replayed as a CUDA graph"),
+        (true, "kernels launched one by one"),
+    ] {
+        let mut flags = vec!["--batch-size", "2", "--warmup", "1", "--precision", "fp32"];
+        if eager {
+            flags.push("--eager");
+        }
         let o = bench(&flags, &[]);
         assert!(o.status.success(), "{}", stderr(&o));
         assert!(stdout(&o).contains(says), "{flags:?}: no {says:?} in\n{}", stdout(&o));

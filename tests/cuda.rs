@@ -326,3 +326,79 @@ fn cuda_captured_ops_run_when_launched_and_keep_their_buffers() {
     assert!(g.end_capture().is_err(), "ended twice");
     assert!(g.launch_graph(capsnet::backend::GraphId(99)).is_err(), "no such graph");
 }
+
+/// Training on the resident set with each step captured as a graph and replayed, against the same
+/// run launching every kernel (`eager`), in fp32 and bf16: the same metrics and the same weights and
+/// Adam moments, bit for bit, over two epochs whose last batch is smaller (two graphs: its size is
+/// captured in the second epoch). The replays happened.
+#[test]
+fn cuda_captured_training_replays_the_eager_run_bit_for_bit() {
+    use capsnet::cuda::registry::{KernelSet, Precision};
+    use capsnet::train::{TrainOptions, train};
+    if gpu().is_none() {
+        return;
+    }
+    let _counting = GRAPH_COUNT.lock().unwrap_or_else(|e| e.into_inner());
+    let run = |eager: bool, p: Precision| {
+        let dir = common::temp_dir(&format!("cuda_graph_{eager}_{}", p.name()));
+        let opts = TrainOptions {
+            data_dir: common::mnist_dir(),
+            run_dir: dir.clone(),
+            config: capsnet::model::Config {
+                conv1_channels: 4,
+                primary_maps: 2,
+                decoder_hidden: [32, 64],
+                ..capsnet::model::Config::default()
+            },
+            epochs: 2,
+            batch_size: 20,
+            lr: 1e-3,
+            seed: 7,
+            patience: 0,
+            limit: Some(50),
+            val_limit: Some(20),
+            resume: false,
+            checkpoint_every: None,
+            checkpoint_steps: None,
+            dataset: capsnet::dataset::Dataset::Mnist,
+            shift: 0,
+            lr_decay: 0.5,
+            lr_decay_steps: 2,
+            eager,
+        };
+        let g = gpu().expect("opened above");
+        g.set_kernels(KernelSet::for_precision(p));
+        let before = CudaBackend::graph_launches_in_process();
+        let metrics = train(g, &opts).unwrap_or_else(|e| panic!("{e}"));
+        let launched = CudaBackend::graph_launches_in_process() - before;
+        let ck = capsnet::checkpoint::load(&dir.join("last.safetensors")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let losses: Vec<[f64; 5]> = metrics
+            .iter()
+            .map(|m| [m.train_loss, m.train_margin, m.train_recon, m.val_loss, m.train_acc])
+            .collect();
+        (losses, [ck.params, ck.adam_m, ck.adam_v].concat(), launched)
+    };
+    for p in [Precision::Fp32, Precision::Bf16] {
+        let (graph, eager) = (run(false, p), run(true, p));
+        // 3 steps per epoch (20, 20, 10): epoch 1 launches the 20s' graph once (the step it was
+        // captured on), epoch 2 twice more and the 10s' once
+        assert_eq!((graph.2, eager.2), (4, 0), "{}: graph launches", p.name());
+        for (k, (a, b)) in graph.0.iter().zip(&eager.0).enumerate() {
+            assert!(
+                a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{}: epoch {k}: {a:?} replayed, {b:?} eager",
+                p.name()
+            );
+        }
+        assert_eq!(graph.0.len(), 2);
+        let differ = graph
+            .1
+            .iter()
+            .flatten()
+            .zip(eager.1.iter().flatten())
+            .filter(|(x, y)| x.to_bits() != y.to_bits())
+            .count();
+        assert_eq!(differ, 0, "{}: {differ} weights or moments differ", p.name());
+    }
+}
