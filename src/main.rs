@@ -451,7 +451,8 @@ struct BenchArgs {
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 5)]
     steps: usize,
-    /// Untimed steps first.
+    /// Untimed steps first (at least 2 where steps are replayed as a CUDA graph: the first runs
+    /// eagerly, the second captures the graph).
     #[arg(long, default_value_t = 1)]
     warmup: usize,
     #[arg(long, value_enum, default_value_t = Device::Auto)]

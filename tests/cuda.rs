@@ -243,8 +243,12 @@ fn cuda_planned_adam_takes_its_values_from_the_plan() {
             .unwrap(),
         )
         .unwrap();
+    // parameters, gradients, first moments in [-0.08, 0.08]; second moments in [0, 0.16]
     let init: Vec<Vec<f32>> = (0..4)
-        .map(|t| (0..1000).map(|i| ((i * (t + 3)) % 17) as f32 * 0.01 - 0.08).collect())
+        .map(|t| {
+            let shift = if t == 3 { 0.0 } else { 0.08 };
+            (0..1000).map(|i| ((i * (t + 3)) % 17) as f32 * 0.01 - shift).collect()
+        })
         .collect();
     let guard = g.upload(&[0.5]).unwrap();
     let mut out = vec![];
@@ -264,7 +268,10 @@ fn cuda_planned_adam_takes_its_values_from_the_plan() {
         }
         out.push(g.download(&t[0]).unwrap());
     }
-    assert!(out[0] != init[0], "no update");
+    assert!(
+        out[0] != init[0] && out[0].iter().all(|x| x.is_finite()),
+        "no finite update"
+    );
     assert!(
         out[0].iter().zip(&out[1]).all(|(a, b)| a.to_bits() == b.to_bits()),
         "the planned update does not follow the plan's row"
@@ -276,7 +283,8 @@ static GRAPH_COUNT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A capture records and runs nothing; each launch of its graph runs every op again on the same
 /// buffers; the buffers a capture took are never handed to eager work afterwards (a new one is
-/// allocated instead); an allocation inside a capture is refused, naming the cause.
+/// allocated instead); an allocation inside a capture is refused, naming the cause, and the capture
+/// then ends without a graph.
 #[test]
 fn cuda_captured_ops_run_when_launched_and_keep_their_buffers() {
     let Some(g) = gpu() else { return };
@@ -322,15 +330,79 @@ fn cuda_captured_ops_run_when_launched_and_keep_their_buffers() {
     let e = g.zeros(13).err().expect("an allocation inside a capture");
     assert!(e.to_string().contains("allocated a new buffer of 13 values"), "{e}");
     g.fill(&mut o, 1.0).unwrap();
-    g.end_capture().unwrap();
+    let e = g.end_capture().expect_err("a graph without the refused op");
+    assert!(e.to_string().contains("refused"), "{e}");
     assert!(g.end_capture().is_err(), "ended twice");
+    // the stream runs eagerly again
+    g.fill(&mut o, 6.0).unwrap();
+    assert!(g.download(&o).unwrap().iter().all(|&x| x == 6.0));
     assert!(g.launch_graph(capsnet::backend::GraphId(99)).is_err(), "no such graph");
+}
+
+/// A graph keeps the Adam table it was captured with: eager Adam on other tensors afterwards (a new
+/// table) does not change what a replay updates. The captured tensors end as three eager steps leave
+/// copies of them; the other tensors are left as their own step left them.
+#[test]
+fn cuda_a_graphs_adam_table_survives_eager_updates_of_other_tensors() {
+    use capsnet::backend::{AdamGroup, AdamHyper};
+    let Some(g) = gpu() else { return };
+    let _counting = GRAPH_COUNT.lock().unwrap_or_else(|e| e.into_inner());
+    let hp = |step| AdamHyper {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        step,
+    };
+    // parameters, gradients, first moments in [-0.1, 0.12]; second moments in [0, 0.22]
+    let init: Vec<Vec<f32>> = (0..4)
+        .map(|t| {
+            let shift = if t == 3 { 0.0 } else { 0.1 };
+            (0..300).map(|i| ((i * (t + 5)) % 23) as f32 * 0.01 - shift).collect()
+        })
+        .collect();
+    let set = || init.iter().map(|v| g.upload(v).unwrap()).collect::<Vec<_>>();
+    let step = |t: &mut Vec<capsnet::cuda::CudaBuf>, n: u64| {
+        let [p, gr, m, v] = &mut t[..] else { unreachable!() };
+        g.adam_step(
+            &hp(n),
+            &mut [AdamGroup {
+                param: p,
+                grad: &*gr,
+                m,
+                v,
+            }],
+        )
+        .unwrap();
+    };
+    let (mut a, mut b, mut want) = (set(), set(), set());
+    step(&mut a, 1);
+    g.begin_capture().unwrap();
+    step(&mut a, 2);
+    let id = g.end_capture().unwrap();
+    g.launch_graph(id).unwrap();
+    step(&mut b, 1); // other tensors: a new table
+    let b_after = g.download(&b[0]).unwrap();
+    g.launch_graph(id).unwrap();
+    for n in [1, 2, 2] {
+        step(&mut want, n);
+    }
+    let (got, want) = (g.download(&a[0]).unwrap(), g.download(&want[0]).unwrap());
+    assert!(
+        got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "the replay did not update the tensors it was captured with"
+    );
+    assert!(got.iter().chain(&b_after).all(|x| x.is_finite()));
+    assert_eq!(g.download(&b[0]).unwrap(), b_after, "the replay updated other tensors");
 }
 
 /// Training on the resident set with each step captured as a graph and replayed, against the same
 /// run launching every kernel (`eager`), in fp32 and bf16: the same metrics and the same weights and
-/// Adam moments, bit for bit, over two epochs whose last batch is smaller (two graphs: its size is
-/// captured in the second epoch). The replays happened.
+/// Adam moments, bit for bit, over three epochs whose last batch is smaller (two graphs: its size is
+/// captured in the second epoch and replayed in the third). The replays happened. And against the CPU
+/// backend, which has no step plan, at a learning rate that decays tenfold every step: the same losses
+/// within fp32 rounding, so each step's planned position, learning rate and bias corrections are the
+/// ones the host path uses.
 #[test]
 fn cuda_captured_training_replays_the_eager_run_bit_for_bit() {
     use capsnet::cuda::registry::{KernelSet, Precision};
@@ -339,8 +411,8 @@ fn cuda_captured_training_replays_the_eager_run_bit_for_bit() {
         return;
     }
     let _counting = GRAPH_COUNT.lock().unwrap_or_else(|e| e.into_inner());
-    let run = |eager: bool, p: Precision| {
-        let dir = common::temp_dir(&format!("cuda_graph_{eager}_{}", p.name()));
+    let run = |eager: bool, p: Option<Precision>| {
+        let dir = common::temp_dir(&format!("cuda_graph_{eager}_{}", p.map_or("cpu", |p| p.name())));
         let opts = TrainOptions {
             data_dir: common::mnist_dir(),
             run_dir: dir.clone(),
@@ -350,9 +422,9 @@ fn cuda_captured_training_replays_the_eager_run_bit_for_bit() {
                 decoder_hidden: [32, 64],
                 ..capsnet::model::Config::default()
             },
-            epochs: 2,
+            epochs: 3,
             batch_size: 20,
-            lr: 1e-3,
+            lr: 1e-2,
             seed: 7,
             patience: 0,
             limit: Some(50),
@@ -362,14 +434,20 @@ fn cuda_captured_training_replays_the_eager_run_bit_for_bit() {
             checkpoint_steps: None,
             dataset: capsnet::dataset::Dataset::Mnist,
             shift: 0,
-            lr_decay: 0.5,
-            lr_decay_steps: 2,
+            lr_decay: 0.1,
+            lr_decay_steps: 1,
             eager,
         };
-        let g = gpu().expect("opened above");
-        g.set_kernels(KernelSet::for_precision(p));
         let before = CudaBackend::graph_launches_in_process();
-        let metrics = train(g, &opts).unwrap_or_else(|e| panic!("{e}"));
+        let metrics = match p {
+            None => train(capsnet::backend::fast::FastCpu::new(), &opts),
+            Some(p) => {
+                let g = gpu().expect("opened above");
+                g.set_kernels(KernelSet::for_precision(p));
+                train(g, &opts)
+            }
+        }
+        .unwrap_or_else(|e| panic!("{e}"));
         let launched = CudaBackend::graph_launches_in_process() - before;
         let ck = capsnet::checkpoint::load(&dir.join("last.safetensors")).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
@@ -380,10 +458,10 @@ fn cuda_captured_training_replays_the_eager_run_bit_for_bit() {
         (losses, [ck.params, ck.adam_m, ck.adam_v].concat(), launched)
     };
     for p in [Precision::Fp32, Precision::Bf16] {
-        let (graph, eager) = (run(false, p), run(true, p));
+        let (graph, eager) = (run(false, Some(p)), run(true, Some(p)));
         // 3 steps per epoch (20, 20, 10): epoch 1 launches the 20s' graph once (the step it was
-        // captured on), epoch 2 twice more and the 10s' once
-        assert_eq!((graph.2, eager.2), (4, 0), "{}: graph launches", p.name());
+        // captured on), epoch 2 twice more and the 10s' once, epoch 3 each as often again
+        assert_eq!((graph.2, eager.2), (7, 0), "{}: graph launches", p.name());
         for (k, (a, b)) in graph.0.iter().zip(&eager.0).enumerate() {
             assert!(
                 a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
@@ -391,7 +469,18 @@ fn cuda_captured_training_replays_the_eager_run_bit_for_bit() {
                 p.name()
             );
         }
-        assert_eq!(graph.0.len(), 2);
+        assert_eq!(graph.0.len(), 3);
+        if p == Precision::Fp32 {
+            let cpu = run(false, None);
+            for (k, (a, b)) in graph.0.iter().zip(&cpu.0).enumerate() {
+                for (x, y) in a.iter().zip(b).take(4) {
+                    assert!(
+                        (x - y).abs() <= 2e-5 * y.abs(),
+                        "epoch {k}: {a:?} replayed, {b:?} on the CPU"
+                    );
+                }
+            }
+        }
         let differ = graph
             .1
             .iter()

@@ -583,8 +583,8 @@ fn out_of_bounds_read() {
 }
 
 /// Stream capture as the driver does it: a capture is active until it ends; a copy from host memory,
-/// or a synchronisation, inside it is refused and invalidates it, so it ends without a graph, saying
-/// why; the legacy default stream cannot be captured. (Launches and memsets recorded and replayed:
+/// or a synchronisation, inside it is refused and invalidates it, so it refuses what follows and ends
+/// without a graph, saying why; the legacy default stream cannot be captured. (Launches and memsets recorded and replayed:
 /// tests/cuda.rs.)
 #[test]
 fn a_capture_refuses_host_work_and_ends_without_a_graph() {
@@ -603,6 +603,9 @@ fn a_capture_refuses_host_work_and_ends_without_a_graph() {
         s.capture_status().unwrap(),
         Status::CU_STREAM_CAPTURE_STATUS_INVALIDATED
     );
+    // an invalidated capture refuses what it would have recorded
+    let e = format!("{:?}", s.memset_zeros(&mut buf).unwrap_err());
+    assert!(e.contains("CAPTURE_INVALIDATED"), "{e}");
     let e = format!("{:?}", s.end_capture(Flags(0)).err().expect("an invalidated capture"));
     assert!(e.contains("invalidated") && e.contains("cuMemcpyHtoDAsync"), "{e}");
     assert_eq!(s.capture_status().unwrap(), Status::CU_STREAM_CAPTURE_STATUS_NONE);

@@ -748,41 +748,63 @@ struct Node {
 struct Graph {
     std::vector<Node> nodes;
 };
+// CUstreamCaptureMode
+constexpr int CAPTURE_GLOBAL = 0, CAPTURE_THREAD_LOCAL = 1, CAPTURE_RELAXED = 2;
 struct Capture {
     Graph graph;
+    int mode = CAPTURE_GLOBAL;
+    std::thread::id owner;  // the thread that began it
     bool invalidated = false;
     std::string why;
 };
-std::mutex capture_mu;  // guards captures
+std::mutex capture_mu;  // guards captures and every Capture in it (taken before mu, never after)
 std::map<CUstream, Capture> captures;
 
-// The capture `s` is in, or null (std::map keeps the pointer valid until the capture ends).
-Capture* capture_of(CUstream s) {
+// When `s` is being captured: `f(capture)` with the lock held, its result in `r` (a capture already
+// invalidated refuses every call, as the driver does), and true. Else false.
+template <class F>
+bool captured(CUstream s, CUresult& r, F&& f) {
     std::lock_guard<std::mutex> g(capture_mu);
     auto it = captures.find(s);
-    return it == captures.end() ? nullptr : &it->second;
+    if (it == captures.end()) return false;
+    Capture& c = it->second;
+    r = c.invalidated ? fail(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED, "the stream's capture was invalidated: " + c.why) : f(c);
+    return true;
 }
 
-// Refuses a call inside capture `c`, which can then only end without a graph.
-CUresult refuse(Capture* c, const std::string& msg) {
-    if (c->invalidated) return fail(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED, msg + " (the capture was already invalidated: " + c->why + ")");
-    c->invalidated = true;
-    c->why = msg;
+// Refuses a call inside capture `c` (lock held), which can then only end without a graph.
+CUresult refuse(Capture& c, const std::string& msg) {
+    c.invalidated = true;
+    c.why = msg;
     return fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, msg);
 }
 
-// A synchronous call (legacy copies, memsets, allocation, context synchronisation) while any stream is
-// capturing: refused, and every capture invalidated.
+// Returns `msg` refused when stream `s` is being captured.
+#define REFUSE_IN_CAPTURE(s, msg)                                                \
+    do {                                                                         \
+        CUresult refused_;                                                       \
+        if (captured(s, refused_, [&](Capture& c) { return refuse(c, msg); })) \
+            return refused_;                                                     \
+    } while (0)
+
+// A synchronous call (legacy copies, memsets, allocation, context synchronisation) while a capture it
+// would break is under way: one in global mode, or one this thread began in thread-local mode (relaxed
+// mode allows it). Refused, and those captures invalidated.
 CUresult refuse_during_capture(const char* call) {
     std::lock_guard<std::mutex> g(capture_mu);
-    if (captures.empty()) return CUDA_SUCCESS;
     const std::string msg = std::string(call) + " while a stream is being captured";
-    for (auto& [s, c] : captures)
+    bool hit = false;
+    for (auto& [s, c] : captures) {
+        const bool applies =
+            c.mode == CAPTURE_GLOBAL || (c.mode == CAPTURE_THREAD_LOCAL && c.owner == std::this_thread::get_id());
+        if (!applies) continue;
+        hit = true;
         if (!c.invalidated) {
             c.invalidated = true;
             c.why = msg;
         }
-    return fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, msg);
+    }
+    return hit ? fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, msg) : CUDA_SUCCESS;
 }
 
 CUresult run_memset(CUdeviceptr dst, unsigned value, size_t n, unsigned width) {
@@ -999,11 +1021,11 @@ EXPORT CUresult cuMemFree_v2(CUdeviceptr p) {
 }
 // a captured allocation would be a graph's own memory node: not emulated, so refused
 EXPORT CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream s) {
-    if (Capture* c = capture_of(s)) return refuse(c, "cuMemAllocAsync on a stream being captured (allocation nodes are not emulated)");
+    REFUSE_IN_CAPTURE(s, "cuMemAllocAsync on a stream being captured (allocation nodes are not emulated)");
     return mem_alloc(p, bytes);
 }
 EXPORT CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
-    if (Capture* c = capture_of(s)) return refuse(c, "cuMemFreeAsync on a stream being captured (free nodes are not emulated)");
+    REFUSE_IN_CAPTURE(s, "cuMemFreeAsync on a stream being captured (free nodes are not emulated)");
     return mem_free(p);
 }
 EXPORT CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
@@ -1022,7 +1044,7 @@ EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
     return copy_htod(dst, src, n);
 }
 EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream s) {
-    if (Capture* c = capture_of(s)) return refuse(c, "cuMemcpyHtoDAsync on a stream being captured (host copies are not captured here)");
+    REFUSE_IN_CAPTURE(s, "cuMemcpyHtoDAsync on a stream being captured (host copies are not captured here)");
     return copy_htod(dst, src, n);
 }
 CUresult copy_dtoh(void* dst, CUdeviceptr src, size_t n) {
@@ -1035,7 +1057,7 @@ EXPORT CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
     return copy_dtoh(dst, src, n);
 }
 EXPORT CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream s) {
-    if (Capture* c = capture_of(s)) return refuse(c, "cuMemcpyDtoHAsync on a stream being captured (host copies are not captured here)");
+    REFUSE_IN_CAPTURE(s, "cuMemcpyDtoHAsync on a stream being captured (host copies are not captured here)");
     return copy_dtoh(dst, src, n);
 }
 EXPORT CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
@@ -1043,32 +1065,38 @@ EXPORT CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
     return run_copy(dst, src, n);
 }
 EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
-    if (Capture* c = capture_of(s)) {
-        if (CUresult r = check_range("cuMemcpyDtoDAsync (source)", src, n)) return refuse(c, last_message);
-        if (CUresult r = check_range("cuMemcpyDtoDAsync (destination)", dst, n)) return refuse(c, last_message);
-        Node node;
-        node.kind = Node::Copy;
-        node.dst = dst;
-        node.src = src;
-        node.n = n;
-        c->graph.nodes.push_back(std::move(node));
-        return CUDA_SUCCESS;
-    }
+    CUresult r;
+    if (captured(s, r, [&](Capture& c) {
+            if (check_range("cuMemcpyDtoDAsync (source)", src, n) ||
+                check_range("cuMemcpyDtoDAsync (destination)", dst, n))
+                return refuse(c, last_message);
+            Node node;
+            node.kind = Node::Copy;
+            node.dst = dst;
+            node.src = src;
+            node.n = n;
+            c.graph.nodes.push_back(std::move(node));
+            return (CUresult)CUDA_SUCCESS;
+        }))
+        return r;
     return run_copy(dst, src, n);
 }
 // a memset on a stream being captured becomes a node; width is the element's bytes
 CUresult memset_async(CUdeviceptr dst, unsigned v, size_t n, unsigned width, CUstream s) {
-    if (Capture* c = capture_of(s)) {
-        if (check_range(width == 1 ? "cuMemsetD8Async" : "cuMemsetD32Async", dst, n * width)) return refuse(c, last_message);
-        Node node;
-        node.kind = Node::Memset;
-        node.dst = dst;
-        node.value = v;
-        node.n = n;
-        node.width = width;
-        c->graph.nodes.push_back(std::move(node));
-        return CUDA_SUCCESS;
-    }
+    CUresult r;
+    if (captured(s, r, [&](Capture& c) {
+            if (check_range(width == 1 ? "cuMemsetD8Async" : "cuMemsetD32Async", dst, n * width))
+                return refuse(c, last_message);
+            Node node;
+            node.kind = Node::Memset;
+            node.dst = dst;
+            node.value = v;
+            node.n = n;
+            node.width = width;
+            c.graph.nodes.push_back(std::move(node));
+            return (CUresult)CUDA_SUCCESS;
+        }))
+        return r;
     return run_memset(dst, v, n, width);
 }
 EXPORT CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
@@ -1107,11 +1135,17 @@ EXPORT CUresult cuStreamDestroy_v2(CUstream s) {
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuStreamSynchronize(CUstream s) {
-    if (Capture* c = capture_of(s)) return refuse(c, "cuStreamSynchronize on a stream being captured");
+    REFUSE_IN_CAPTURE(s, "cuStreamSynchronize on a stream being captured");
     return CUDA_SUCCESS;
 }
-EXPORT CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return CUDA_SUCCESS; }
-EXPORT CUresult cuStreamQuery(CUstream) { return CUDA_SUCCESS; }
+EXPORT CUresult cuStreamWaitEvent(CUstream s, CUevent, unsigned) {
+    REFUSE_IN_CAPTURE(s, "cuStreamWaitEvent on a stream being captured (event nodes are not emulated)");
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuStreamQuery(CUstream s) {
+    REFUSE_IN_CAPTURE(s, "cuStreamQuery on a stream being captured");
+    return CUDA_SUCCESS;
+}
 EXPORT CUresult cuEventCreate(CUevent* e, unsigned) {
     if (!e) return CUDA_ERROR_INVALID_VALUE;
     *e = (CUevent) new Event{std::chrono::steady_clock::now()};
@@ -1123,7 +1157,7 @@ EXPORT CUresult cuEventDestroy_v2(CUevent e) {
 }
 EXPORT CUresult cuEventRecord(CUevent e, CUstream s) {
     if (!e) return CUDA_ERROR_INVALID_HANDLE;
-    if (Capture* c = capture_of(s)) return refuse(c, "cuEventRecord on a stream being captured (event nodes are not emulated)");
+    REFUSE_IN_CAPTURE(s, "cuEventRecord on a stream being captured (event nodes are not emulated)");
     ((Event*)e)->t = std::chrono::steady_clock::now();
     return CUDA_SUCCESS;
 }
@@ -1201,22 +1235,25 @@ EXPORT CUresult cuLaunchKernel(CUfunction fn, unsigned gx, unsigned gy, unsigned
     if (extra != nullptr) return fail(CUDA_ERROR_NOT_SUPPORTED, "cuLaunchKernel: `extra` is not emulated");
     Function* f = (Function*)fn;
     const dim3 grid{gx, gy, gz}, block{bx, by, bz};
-    if (Capture* c = capture_of(s)) {
-        // checked now, as the driver checks a captured launch; the arguments' bytes are copied now
-        if (check_launch(f, grid, block, smem, params)) return refuse(c, last_message);
-        Node node;
-        node.kind = Node::Kernel;
-        node.f = f;
-        node.grid = grid;
-        node.block = block;
-        node.smem = smem;
-        for (size_t i = 0; i < f->host->sizes.size(); ++i) {
-            const unsigned char* a = (const unsigned char*)params[i];
-            node.args.emplace_back(a, a + f->host->sizes[i]);
-        }
-        c->graph.nodes.push_back(std::move(node));
-        return CUDA_SUCCESS;
-    }
+    // on a stream being captured: checked now, as the driver checks a captured launch, and the
+    // arguments' bytes copied now
+    CUresult r;
+    if (captured(s, r, [&](Capture& c) {
+            if (check_launch(f, grid, block, smem, params)) return refuse(c, last_message);
+            Node node;
+            node.kind = Node::Kernel;
+            node.f = f;
+            node.grid = grid;
+            node.block = block;
+            node.smem = smem;
+            for (size_t i = 0; i < f->host->sizes.size(); ++i) {
+                const unsigned char* a = (const unsigned char*)params[i];
+                node.args.emplace_back(a, a + f->host->sizes[i]);
+            }
+            c.graph.nodes.push_back(std::move(node));
+            return (CUresult)CUDA_SUCCESS;
+        }))
+        return r;
     return launch(f, grid, block, smem, params);
 }
 
@@ -1229,7 +1266,9 @@ EXPORT CUresult cuStreamBeginCapture_v2(CUstream s, int mode) {
     if (mode < 0 || mode > 2) return fail(CUDA_ERROR_INVALID_VALUE, "cuStreamBeginCapture: unknown capture mode " + std::to_string(mode));
     std::lock_guard<std::mutex> g(capture_mu);
     if (captures.count(s)) return fail(CUDA_ERROR_ILLEGAL_STATE, "cuStreamBeginCapture: the stream is being captured already");
-    captures[s];
+    Capture& c = captures[s];
+    c.mode = mode;
+    c.owner = std::this_thread::get_id();
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuStreamEndCapture(CUstream s, CUgraph* out) {
@@ -1247,8 +1286,9 @@ EXPORT CUresult cuStreamEndCapture(CUstream s, CUgraph* out) {
 // 0: not capturing, 1: active, 2: invalidated (CUstreamCaptureStatus)
 EXPORT CUresult cuStreamIsCapturing(CUstream s, int* status) {
     if (!status) return CUDA_ERROR_INVALID_VALUE;
-    Capture* c = capture_of(s);
-    *status = c == nullptr ? 0 : c->invalidated ? 2 : 1;
+    std::lock_guard<std::mutex> g(capture_mu);
+    auto it = captures.find(s);
+    *status = it == captures.end() ? 0 : it->second.invalidated ? 2 : 1;
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuGraphInstantiateWithFlags(CUgraphExec* out, CUgraph graph, unsigned long long flags) {
@@ -1259,7 +1299,7 @@ EXPORT CUresult cuGraphInstantiateWithFlags(CUgraphExec* out, CUgraph graph, uns
 }
 EXPORT CUresult cuGraphLaunch(CUgraphExec exec, CUstream s) {
     if (!exec) return CUDA_ERROR_INVALID_HANDLE;
-    if (Capture* c = capture_of(s)) return refuse(c, "cuGraphLaunch on a stream being captured (child graphs are not emulated)");
+    REFUSE_IN_CAPTURE(s, "cuGraphLaunch on a stream being captured (child graphs are not emulated)");
     return run_graph(*(Graph*)exec);
 }
 EXPORT CUresult cuGraphUpload(CUgraphExec exec, CUstream) { return exec ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE; }

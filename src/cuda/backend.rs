@@ -8,7 +8,8 @@
 //! Graphs: a step can be captured as a CUDA graph and replayed ([`Backend::begin_capture`]). The graph
 //! holds raw device pointers, so the buffers a captured step takes belong to the graph from then on:
 //! the pool keeps them in the graph's own arena, handed out again only inside that capture, never to
-//! eager work.
+//! eager work. Likewise a graph keeps the Adam table it was captured with: an update of other buffers
+//! afterwards writes a new table, not that one.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -42,6 +43,8 @@ pub struct Pool {
     arenas: usize,
     /// The arena of the capture under way.
     capturing: Option<usize>,
+    /// Whether an op refused to run inside the capture under way (its graph would lack it).
+    capture_failed: bool,
 }
 
 type PoolRef = Rc<RefCell<Pool>>;
@@ -109,6 +112,8 @@ pub struct CudaBackend {
     kernels: RefCell<reg::KernelSet>,
     /// Captured steps, by [`GraphId`].
     graphs: RefCell<Vec<CudaGraph>>,
+    /// Adam tables that captured steps read, replaced for eager work by tables of other buffers.
+    retired_tables: RefCell<Vec<CudaSlice<AdamTensor>>>,
 }
 
 /// Graph launches by every [`CudaBackend`] of this process.
@@ -219,6 +224,7 @@ impl CudaBackend {
             adam_uploads: std::cell::Cell::new(0),
             kernels: RefCell::new(kernels),
             graphs: RefCell::new(vec![]),
+            retired_tables: RefCell::new(vec![]),
         })
     }
 
@@ -263,6 +269,7 @@ impl CudaBackend {
         let slice = match reused {
             Some(s) => s,
             None if arena != 0 => {
+                self.pool.borrow_mut().capture_failed = true;
                 return Err(Error::msg(format!(
                     "a captured step allocated a new buffer of {n} values: run the step once eagerly first"
                 )));
@@ -1494,17 +1501,28 @@ impl Backend for CudaBackend {
             .map_err(de("begin a capture"))?;
         pool.arenas += 1;
         pool.capturing = Some(pool.arenas);
+        pool.capture_failed = false;
         Ok(())
     }
     fn end_capture(&self) -> Result<GraphId> {
-        if self.pool.borrow_mut().capturing.take().is_none() {
-            return Err(Error::msg("end_capture: no capture is under way"));
-        }
+        let failed = {
+            let mut pool = self.pool.borrow_mut();
+            if pool.capturing.take().is_none() {
+                return Err(Error::msg("end_capture: no capture is under way"));
+            }
+            std::mem::take(&mut pool.capture_failed)
+        };
         let graph = self
             .stream
             .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
             .map_err(de("end a capture"))?
             .ok_or_else(|| Error::msg("end_capture: the capture recorded nothing"))?;
+        if failed {
+            // the graph lacks the op that refused: dropped, never launched
+            return Err(Error::msg(
+                "end_capture: an op refused to run inside the capture; no graph",
+            ));
+        }
         graph.upload().map_err(de("upload a graph"))?;
         let mut graphs = self.graphs.borrow_mut();
         graphs.push(graph);
@@ -1633,6 +1651,20 @@ impl CudaBackend {
         }
         let tensors = table.len() as u32;
         let mut slot = self.adam_table.borrow_mut();
+        let stale = slot.as_ref().is_none_or(|(uploaded, _)| *uploaded != table);
+        if stale && self.pool.borrow().capturing.is_some() {
+            self.pool.borrow_mut().capture_failed = true;
+            return Err(Error::msg(
+                "adam_step: a captured step updates other buffers than the eager step before it",
+            ));
+        }
+        // a graph reads the table it was captured with: new contents go to a new table then
+        if stale
+            && !self.graphs.borrow().is_empty()
+            && let Some(old) = slot.take()
+        {
+            self.retired_tables.borrow_mut().push(old.1);
+        }
         if slot.as_ref().is_none_or(|(_, t)| t.len() != table.len()) {
             let mut pool = self.pool.borrow_mut();
             pool.fresh += 1;
@@ -1645,11 +1677,6 @@ impl CudaBackend {
             *slot = Some((vec![], dev));
         }
         let (uploaded, dev_table) = slot.as_mut().expect("allocated above");
-        if *uploaded != table && self.pool.borrow().capturing.is_some() {
-            return Err(Error::msg(
-                "adam_step: a captured step updates other buffers than the eager step before it",
-            ));
-        }
         if *uploaded != table {
             self.stream.memcpy_htod(&table, dev_table).map_err(de("adam table"))?;
             self.adam_uploads.set(self.adam_uploads.get() + 1);
