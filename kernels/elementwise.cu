@@ -9,7 +9,8 @@
 //   sq_err_bwd_f32  dpred[i] += 2 · scale / rows · dloss[0] · (pred[i] − target[i])
 //   splitk_reduce_add  out[i] += Σ_z ws[z, i]                         (slices in order)
 //   gather_batch    x[b, p] = byte p of image order[start + b] / 255, y[b] = labels[order[start + b]]
-//                   (start from the step plan's current row where a plan is given, else the argument)
+//                   (start from the step plan's current row where a plan is given, else the argument;
+//                   each image moved by its shift where shifts are given)
 //
 // Flat loops are grid-stride over n elements; reductions use a fixed tree (deterministic).
 #include "common.cuh"
@@ -79,23 +80,36 @@ extern "C" __global__ void splitk_reduce_add(const float* __restrict__ ws, float
 // 32-bit indices: the host checks n · pixels fits.
 // A position past the order's end, an order entry ≥ n or a plan's cursor past its rows (none comes
 // from the host's shuffle or plan) reads nothing: NaN pixels, label n.
+// Shifts (else null): word img holds image img's (dx + 128) | (dy + 128) << 8; pixel (y, x) of the
+// side x side image then comes from (y − dy, x − dx), 0 where that is outside (the host's shift_images).
 extern "C" __global__ void gather_batch(const unsigned* images, const unsigned* labels, const unsigned* order,
                                         float* x, unsigned* y, int start, int batch, int pixels, int n,
-                                        const unsigned* plan, int plan_words, int order_len) {
+                                        const unsigned* plan, int plan_words, int order_len,
+                                        const unsigned* shifts, int side) {
     const unsigned* row = plan ? plan_row(plan, (unsigned)plan_words) : nullptr;
     const unsigned first = !plan ? (unsigned)start : row ? row[0] : (unsigned)order_len;
     for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < (unsigned)(batch * pixels);
          e += gridDim.x * blockDim.x) {
-        const unsigned b = e / pixels, p = e % pixels, at_order = first + b;
+        const unsigned b = e / pixels, at_order = first + b;
+        unsigned p = e % pixels;
         const unsigned img = at_order < (unsigned)order_len ? order[at_order] : (unsigned)n;
         if (img >= (unsigned)n) {
             x[e] = __int_as_float(0x7fc00000);  // NaN
             if (p == 0) y[b] = (unsigned)n;
             continue;
         }
+        if (p == 0) y[b] = labels[img];
+        if (shifts) {
+            const int w = (int)shifts[img], dx = (w & 0xff) - 128, dy = ((w >> 8) & 0xff) - 128;
+            const int sy = (int)(p / side) - dy, sx = (int)(p % side) - dx;
+            if (sy < 0 || sy >= side || sx < 0 || sx >= side) {
+                x[e] = 0.f;
+                continue;
+            }
+            p = (unsigned)(sy * side + sx);
+        }
         const unsigned at = img * pixels + p;
         const unsigned byte = (images[at / 4] >> (8 * (at % 4))) & 0xffu;
         x[e] = (float)((double)byte / 255.0);
-        if (p == 0) y[b] = labels[img];
     }
 }

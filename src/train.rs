@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
 use crate::adam::Adam;
-use crate::backend::{Backend, StepRow};
+use crate::backend::{Backend, ResidentSet, StepRow};
 use crate::checkpoint::{self, Checkpoint, EpochProgress, TrainState};
 use crate::data::MNIST_PIXELS;
 use crate::data::{self, Split, Which};
@@ -568,13 +568,12 @@ fn planned_step<B: Backend>(
 ) -> Result<B::Buf> {
     let be = tape.backend();
     let (mut x, mut y) = (be.alloc_out(n * res.pixels)?, be.alloc_idx(n)?);
-    let (order, plan) = res.planned()?;
-    be.gather_planned(res.pixels, &res.images, &res.labels, order, plan, n, &mut x, &mut y)?;
+    be.gather_planned(&res.set()?, res.plan()?, n, &mut x, &mut y)?;
     let f = model.forward_on_backend(tape, x, Rc::new(y), true)?;
     tape.backward(f.loss)?;
     let summary = summarize(tape, &f, n, model.cfg.classes, 1)?;
-    adam.update_planned(tape, &summary, res.planned()?.1)?;
-    let plan = res.plan.as_mut().map(|p| &mut p.1).expect("planned() found it");
+    adam.update_planned(tape, &summary, res.plan()?)?;
+    let plan = res.plan.as_mut().map(|p| &mut p.1).expect("plan() found it");
     tape.backend().advance_plan(plan)?;
     Ok(summary)
 }
@@ -646,26 +645,31 @@ impl<B: Backend> StepGraphs<B> {
 
 /// The training set on the device: its images (bytes, packed four to a word) and labels, uploaded
 /// once; the current epoch's shuffle (uploaded once per epoch, the same [`epoch_order`] as the host
-/// path's, so a run's batches are the same on every backend); and the epoch's step plan (the position
-/// and Adam values of each step, [`crate::backend::plan_words`]), written once per epoch. The order
-/// and the plan keep their buffers from epoch to epoch, so a captured step reads the new ones.
+/// path's, so a run's batches are the same on every backend), with each image's shift that epoch
+/// where training shifts images (the same [`data::shift_of`]); and the epoch's step plan (the position
+/// and Adam values of each step, [`crate::backend::plan_words`]), written once per epoch. These keep
+/// their buffers from epoch to epoch, so a captured step reads the new ones.
 struct Resident<B: Backend> {
     pixels: usize,
     images: B::Idx,
     labels: B::Idx,
+    /// Largest shift in pixels (0: none).
+    shift: usize,
     order: Option<(usize, B::Idx)>,
+    /// (its key, the shifts) as for the order.
+    shifts: Option<(usize, B::Idx)>,
     /// (its key, the plan) as for the order.
     plan: Option<(usize, B::Idx)>,
 }
 
 impl<B: Backend> Resident<B> {
-    /// The MNIST split on `be`, when the backend keeps data resident and batches need no host-side
-    /// work (no random shifts; MultiMNIST composes its pairs on the host); else None.
+    /// The MNIST split on `be`, its images shifted by up to `shift` pixels, when the backend keeps data
+    /// resident; else None (MultiMNIST composes its pairs on the host).
     fn new(be: &B, src: &Source, shift: usize) -> Result<Option<Self>> {
         let Source::Mnist(split) = src else {
             return Ok(None);
         };
-        if !be.keeps_data_resident() || shift > 0 {
+        if !be.keeps_data_resident() {
             return Ok(None);
         }
         let labels: Vec<u32> = split.labels.iter().map(|&l| l as u32).collect();
@@ -673,7 +677,9 @@ impl<B: Backend> Resident<B> {
             pixels: data::MNIST_PIXELS,
             images: be.upload_bytes(&split.images)?,
             labels: be.upload_idx(&labels)?,
+            shift,
             order: None,
+            shifts: None,
             plan: None,
         }))
     }
@@ -690,6 +696,20 @@ impl<B: Backend> Resident<B> {
         Ok(moved)
     }
 
+    /// Writes each image's shift in epoch `epoch` of a run seeded `seed`, where images are shifted;
+    /// whether it went to a new buffer.
+    fn set_shifts(&mut self, be: &B, epoch: usize, seed: u64) -> Result<bool> {
+        if self.shift == 0 || self.shifts.as_ref().is_some_and(|s| s.0 == epoch) {
+            return Ok(false);
+        }
+        let host: Vec<u32> = (0..be.idx_len(&self.labels))
+            .map(|i| crate::backend::pack_shift(data::shift_of(seed, epoch, i, self.shift)))
+            .collect();
+        let (buf, moved) = write_or_upload(be, self.shifts.take().map(|s| s.1), &host)?;
+        self.shifts = Some((epoch, buf));
+        Ok(moved)
+    }
+
     /// Writes the step plan of epoch `key`: its cursor at row `first`, `rows` its steps in order;
     /// whether it went to a new buffer.
     fn set_plan(&mut self, be: &B, key: usize, first: usize, rows: &[StepRow]) -> Result<bool> {
@@ -700,22 +720,37 @@ impl<B: Backend> Resident<B> {
         Ok(moved)
     }
 
-    /// The order and the plan of the current epoch.
-    fn planned(&self) -> Result<(&B::Idx, &B::Idx)> {
+    /// The set as the backend gathers from it: the current order, and its epoch's shifts.
+    fn set(&self) -> Result<ResidentSet<'_, B>> {
+        let (key, order) = self
+            .order
+            .as_ref()
+            .ok_or_else(|| Error::msg("no example order on the device"))?;
+        let shifts = match &self.shifts {
+            _ if self.shift == 0 => None,
+            Some((k, s)) if k == key => Some(s),
+            _ => return Err(Error::msg("no shifts for this epoch on the device")),
+        };
+        Ok(ResidentSet {
+            pixels: self.pixels,
+            images: &self.images,
+            labels: &self.labels,
+            order,
+            shifts,
+        })
+    }
+
+    /// The plan of the current epoch.
+    fn plan(&self) -> Result<&B::Idx> {
         match (&self.order, &self.plan) {
-            (Some(o), Some(p)) if o.0 == p.0 => Ok((&o.1, &p.1)),
+            (Some(o), Some(p)) if o.0 == p.0 => Ok(&p.1),
             _ => Err(Error::msg("no step plan for this epoch's order on the device")),
         }
     }
 
     /// The batch of examples order[start .. start + n] into x [n·pixels] and y [n].
     fn gather(&self, be: &B, start: usize, n: usize, x: &mut B::Buf, y: &mut B::Idx) -> Result<()> {
-        let order = self
-            .order
-            .as_ref()
-            .map(|o| &o.1)
-            .ok_or_else(|| Error::msg("no example order on the device"))?;
-        be.gather_batch(self.pixels, &self.images, &self.labels, order, start, n, x, y)
+        be.gather_batch(&self.set()?, start, n, x, y)
     }
 }
 
@@ -762,8 +797,10 @@ fn run_epoch<B: Backend>(
                 }
             })
             .collect();
-        let moved = res.set_order(tape.backend(), state.epoch, &order)?;
-        if res.set_plan(tape.backend(), state.epoch, r.batches, &rows)? || moved {
+        let moved = res.set_order(tape.backend(), state.epoch, &order)?
+            | res.set_shifts(tape.backend(), state.epoch, state.seed)?
+            | res.set_plan(tape.backend(), state.epoch, r.batches, &rows)?;
+        if moved {
             graphs.forget();
         }
     }
@@ -977,7 +1014,8 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
     let mut saver = StepSaver::new(opts, state.step);
     let mut resident = Resident::new(tape.backend(), &train_src, state.shift)?;
     if resident.is_some() {
-        eprintln!("data: the training set lives on the device; each batch is gathered there");
+        let shifted = if state.shift > 0 { " and shifted" } else { "" };
+        eprintln!("data: the training set lives on the device; each batch is gathered{shifted} there");
     }
     let mut graphs = StepGraphs::new(tape.backend(), opts.eager);
 

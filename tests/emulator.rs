@@ -380,8 +380,14 @@ fn every_kernel_gives_the_same_bits_in_order_and_reversed() {
         let labels = be.upload_idx(&[0, 1, 2, 3, 4, 5, 6]).unwrap();
         let order = be.upload_idx(&[6, 2, 0, 5, 1, 3, 4]).unwrap();
         let (mut x, mut y) = (be.alloc_out(4 * 5).unwrap(), be.alloc_idx(4).unwrap());
-        be.gather_batch(5, &images, &labels, &order, 2, 4, &mut x, &mut y)
-            .unwrap();
+        let set = capsnet::backend::ResidentSet {
+            pixels: 5,
+            images: &images,
+            labels: &labels,
+            order: &order,
+            shifts: None,
+        };
+        be.gather_batch(&set, 2, 4, &mut x, &mut y).unwrap();
         let gathered = be.download(&x).unwrap();
         let gathered_labels = be.download_idx(&y).unwrap();
         assert_eq!(gathered_labels, [0, 5, 1, 3]);
@@ -396,15 +402,45 @@ fn every_kernel_gives_the_same_bits_in_order_and_reversed() {
         let rows = [0, 2].map(|start| capsnet::backend::StepRow { start, adam: hp });
         let mut plan = be.upload_idx(&capsnet::backend::plan_words(&rows).unwrap()).unwrap();
         be.advance_plan(&mut plan).unwrap();
-        be.gather_planned(5, &images, &labels, &order, &plan, 4, &mut x, &mut y)
-            .unwrap();
+        be.gather_planned(&set, &plan, 4, &mut x, &mut y).unwrap();
         let planned = be.download(&x).unwrap();
         assert!(
             planned.iter().zip(&gathered).all(|(a, b)| a.to_bits() == b.to_bits()),
             "a planned gather differs"
         );
+        // three 3x3 images, each shifted (training shifts with --shift), against the host's gather
+        use capsnet::backend::{ResidentSet, gather_host, pack_bytes, pack_shift};
+        let bytes9: Vec<u8> = (1..28u8).map(|i| i.wrapping_mul(29)).collect();
+        let shifts3: Vec<u32> = [(1, 0), (0, -1), (-2, 1)].map(pack_shift).to_vec();
+        let (images9, labels3, order3, dev_shifts3) = (
+            be.upload_bytes(&bytes9).unwrap(),
+            be.upload_idx(&[0, 1, 2]).unwrap(),
+            be.upload_idx(&[2, 0, 1]).unwrap(),
+            be.upload_idx(&shifts3).unwrap(),
+        );
+        let set9 = ResidentSet {
+            pixels: 9,
+            images: &images9,
+            labels: &labels3,
+            order: &order3,
+            shifts: Some(&dev_shifts3),
+        };
+        let (mut x9, mut y9) = (be.alloc_out(27).unwrap(), be.alloc_idx(3).unwrap());
+        be.gather_batch(&set9, 0, 3, &mut x9, &mut y9).unwrap();
+        let (want9, _) = gather_host(9, &pack_bytes(&bytes9), &[0, 1, 2], &[2, 0, 1], Some(&shifts3), 0, 3).unwrap();
+        let shifted = be.download(&x9).unwrap();
+        assert_eq!(
+            shifted,
+            want9.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            "a shifted gather"
+        );
+        assert_eq!(
+            shifted.iter().filter(|&&v| v == 0.0).count(),
+            3 + 3 + 7,
+            "the uncovered pixels"
+        );
         extra.push(
-            [be.download(&o).unwrap(), gathered]
+            [be.download(&o).unwrap(), gathered, shifted]
                 .concat()
                 .into_iter()
                 .chain(gathered_labels.iter().map(|&l| l as f32))

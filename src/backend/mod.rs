@@ -132,13 +132,34 @@ pub fn pack_bytes(bytes: &[u8]) -> Vec<u32> {
         .collect()
 }
 
+/// A data set resident on a backend, as [`Backend::gather_batch`] reads it.
+pub struct ResidentSet<'a, B: Backend + ?Sized> {
+    /// Bytes per image: a square image's side².
+    pub pixels: usize,
+    /// The images' bytes, packed four to a word ([`Backend::upload_bytes`]).
+    pub images: &'a B::Idx,
+    pub labels: &'a B::Idx,
+    /// The examples in the order batches take them (an epoch's shuffle).
+    pub order: &'a B::Idx,
+    /// Per image, the shift that moves it this epoch ([`pack_shift`]), or None.
+    pub shifts: Option<&'a B::Idx>,
+}
+
+/// A shift (dx, dy), each within ±127 (right and down positive), as [`ResidentSet::shifts`] holds it.
+pub fn pack_shift((dx, dy): (i32, i32)) -> u32 {
+    ((dx + 128) as u32 & 0xff) | ((dy + 128) as u32 & 0xff) << 8
+}
+
 /// [`Backend::gather_batch`] on host data, checked: pixels / 255 in f64 (the data loader's scaling,
-/// before it rounds to the backend's type) and labels of images order[start .. start + batch].
+/// before it rounds to the backend's type), each image moved by its shift
+/// ([`crate::data::shift_images`]) where `shifts` holds them, and labels of images order[start ..
+/// start + batch].
 pub fn gather_host(
     pixels: usize,
     words: &[u32],
     labels: &[u32],
     order: &[u32],
+    shifts: Option<&[u32]>,
     start: usize,
     batch: usize,
 ) -> Result<(Vec<f64>, Vec<u32>)> {
@@ -158,13 +179,33 @@ pub fn gather_host(
                 labels.len()
             )));
         }
+        let at = xs.len();
         for p in img * pixels..(img + 1) * pixels {
             let byte = (words[p / 4] >> (8 * (p % 4))) & 0xff;
             xs.push(byte as f64 / 255.0);
         }
+        if let Some(shifts) = shifts {
+            let side = image_side(pixels)?;
+            let w = *shifts
+                .get(img)
+                .ok_or_else(|| Error::msg(format!("gather_batch: no shift for image {img}")))?;
+            let shift = ((w & 0xff) as i32 - 128, ((w >> 8) & 0xff) as i32 - 128);
+            crate::data::shift_images(&mut xs[at..], side, &[shift]);
+        }
         ys.push(labels[img]);
     }
     Ok((xs, ys))
+}
+
+/// The side of a square image of `pixels` pixels, or why there is none.
+pub fn image_side(pixels: usize) -> Result<usize> {
+    let side = (pixels as f64).sqrt().round() as usize;
+    if side * side != pixels {
+        return Err(Error::msg(format!(
+            "gather_batch: {pixels} pixels are not a square image"
+        )));
+    }
+    Ok(side)
 }
 
 /// ε inside the square root of every safe norm (squash and capsule lengths): a zero vector then has
@@ -399,29 +440,26 @@ pub trait Backend: 'static {
         self.upload_idx(&pack_bytes(bytes))
     }
     /// One batch of a resident data set: x[b, p] = byte p of image order[start + b] / 255 and
-    /// y[b] = labels[order[start + b]] for b < batch (x holds batch·pixels values, y batch), `images`
-    /// holding `pixels` bytes per image as [`Backend::upload_bytes`] packs them, `order` entries below
-    /// the number of images (a device reads none above: NaN pixels). This default reads the data back
-    /// to the host.
-    #[allow(clippy::too_many_arguments)]
+    /// y[b] = labels[order[start + b]] for b < batch (x holds batch·pixels values, y batch), each image
+    /// moved by its shift where the set has shifts ([`ResidentSet`]). `order` entries are below the
+    /// number of images (a device reads none above: NaN pixels). This default reads the data back to
+    /// the host.
     fn gather_batch(
         &self,
-        pixels: usize,
-        images: &Self::Idx,
-        labels: &Self::Idx,
-        order: &Self::Idx,
+        set: &ResidentSet<'_, Self>,
         start: usize,
         batch: usize,
         x: &mut Self::Buf,
         y: &mut Self::Idx,
     ) -> Result<()> {
-        check("gather_batch", "x", self.buf_len(x), batch * pixels)?;
+        check("gather_batch", "x", self.buf_len(x), batch * set.pixels)?;
         let (words, labels, order) = (
-            self.download_idx(images)?,
-            self.download_idx(labels)?,
-            self.download_idx(order)?,
+            self.download_idx(set.images)?,
+            self.download_idx(set.labels)?,
+            self.download_idx(set.order)?,
         );
-        let (xs, ys) = gather_host(pixels, &words, &labels, &order, start, batch)?;
+        let shifts = set.shifts.map(|s| self.download_idx(s)).transpose()?;
+        let (xs, ys) = gather_host(set.pixels, &words, &labels, &order, shifts.as_deref(), start, batch)?;
         *x = self.upload(&xs.iter().map(|&v| Self::E::from_f64(v)).collect::<Vec<_>>())?;
         *y = self.upload_idx(&ys)?;
         Ok(())
@@ -672,20 +710,16 @@ pub trait Backend: 'static {
     /// [`Backend::gather_batch`] from the position in the current row of the step plan `plan`
     /// ([`plan_words`]), which a device reads there: a captured step gathers each step's batch. This
     /// default reads the plan back.
-    #[allow(clippy::too_many_arguments)]
     fn gather_planned(
         &self,
-        pixels: usize,
-        images: &Self::Idx,
-        labels: &Self::Idx,
-        order: &Self::Idx,
+        set: &ResidentSet<'_, Self>,
         plan: &Self::Idx,
         batch: usize,
         x: &mut Self::Buf,
         y: &mut Self::Idx,
     ) -> Result<()> {
         let start = plan_start(&self.download_idx(plan)?)?;
-        self.gather_batch(pixels, images, labels, order, start, batch, x, y)
+        self.gather_batch(set, start, batch, x, y)
     }
     /// [`Backend::adam_step_if_finite`] where the plan's current row was made from `hp`
     /// ([`plan_words`]): a device reads lr and the bias corrections from the row, so a captured step

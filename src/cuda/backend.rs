@@ -25,8 +25,9 @@ use super::params::{AdamParams, AdamTensor, CapsParams, ConvParams, DenseParams,
 use super::registry::{self as reg, Kernel};
 use super::{DeviceInfo, compile_all, device_info, open_device};
 use crate::backend::{
-    Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape, GraphId, PLAN_HEADER, PLAN_ROW, RoutingSaved,
-    caps_routing_bwd_unfused, caps_routing_fwd_unfused, check, check_adam_group, check_labels, check_routing,
+    Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape, GraphId, PLAN_HEADER, PLAN_ROW, ResidentSet,
+    RoutingSaved, caps_routing_bwd_unfused, caps_routing_fwd_unfused, check, check_adam_group, check_labels,
+    check_routing, image_side,
 };
 use crate::{Error, Result};
 
@@ -538,32 +539,25 @@ impl Backend for CudaBackend {
     #[allow(clippy::too_many_arguments)]
     fn gather_batch(
         &self,
-        pixels: usize,
-        images: &CudaIdx,
-        labels: &CudaIdx,
-        order: &CudaIdx,
+        set: &ResidentSet<'_, Self>,
         start: usize,
         batch: usize,
         x: &mut CudaBuf,
         y: &mut CudaIdx,
     ) -> Result<()> {
-        if start + batch > order.len() {
+        if start + batch > set.order.len() {
             return Err(Error::msg(format!(
                 "gather_batch: images {start}..{} of an order of {}",
                 start + batch,
-                order.len()
+                set.order.len()
             )));
         }
         i32_of("gather_batch: end of the batch", start + batch)?;
-        self.gather(pixels, images, labels, order, Err(start), batch, x, y)
+        self.gather(set, Err(start), batch, x, y)
     }
-    #[allow(clippy::too_many_arguments)]
     fn gather_planned(
         &self,
-        pixels: usize,
-        images: &CudaIdx,
-        labels: &CudaIdx,
-        order: &CudaIdx,
+        set: &ResidentSet<'_, Self>,
         plan: &CudaIdx,
         batch: usize,
         x: &mut CudaBuf,
@@ -575,7 +569,7 @@ impl Backend for CudaBackend {
                 plan.len()
             )));
         }
-        self.gather(pixels, images, labels, order, Ok(plan), batch, x, y)
+        self.gather(set, Ok(plan), batch, x, y)
     }
     fn alloc_out(&self, n: usize) -> Result<CudaBuf> {
         self.take::<f32>(n)
@@ -1545,22 +1539,26 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     fn gather(
         &self,
-        pixels: usize,
-        images: &CudaIdx,
-        labels: &CudaIdx,
-        order: &CudaIdx,
+        set: &ResidentSet<'_, Self>,
         start: std::result::Result<&CudaIdx, usize>,
         batch: usize,
         x: &mut CudaBuf,
         y: &mut CudaIdx,
     ) -> Result<()> {
         const OP: &str = "gather_batch";
-        let n = labels.len();
-        check(OP, "image words", images.len(), (n * pixels).div_ceil(4))?;
+        let (pixels, n) = (set.pixels, set.labels.len());
+        check(OP, "image words", set.images.len(), (n * pixels).div_ceil(4))?;
         i32_of("gather_batch: pixels of the data set", n * pixels)?;
         check(OP, "x", x.len(), batch * pixels)?;
         check(OP, "y", y.len(), batch)?;
-        let order_len = i32_of("gather_batch: the order", order.len())?;
+        let order_len = i32_of("gather_batch: the order", set.order.len())?;
+        let side = match set.shifts {
+            Some(s) => {
+                check(OP, "shifts", s.len(), n)?;
+                image_side(pixels)? as i32
+            }
+            None => 0,
+        };
         if batch == 0 {
             return Ok(());
         }
@@ -1570,50 +1568,39 @@ impl CudaBackend {
             Ok(plan) => i32_of("gather_batch: the plan", plan.len())?,
             Err(_) => 0,
         };
+        let (plan, shifts) = (self.addr_or_null(start.ok()), self.addr_or_null(set.shifts));
         // SAFETY: gather_batch(images, labels, order, x [batch·pixels], y [batch], int start, int batch,
-        // int pixels, int n, const unsigned* plan, int plan_words, int order_len); the kernel reads order
-        // below order_len, images below n, whose n·pixels bytes `images` holds (checked), and a plan
-        // (else null) below plan_words.
-        match start {
-            Ok(plan) => launch!(
-                self,
-                reg::GATHER_BATCH,
-                flat(batch * pixels),
-                [
-                    images.slice(),
-                    labels.slice(),
-                    order.slice(),
-                    x.slice_mut(),
-                    y.slice_mut(),
-                    &st,
-                    &b,
-                    &px,
-                    &nn,
-                    plan.slice(),
-                    &plan_words,
-                    &order_len
-                ]
-            ),
-            Err(_) => launch!(
-                self,
-                reg::GATHER_BATCH,
-                flat(batch * pixels),
-                [
-                    images.slice(),
-                    labels.slice(),
-                    order.slice(),
-                    x.slice_mut(),
-                    y.slice_mut(),
-                    &st,
-                    &b,
-                    &px,
-                    &nn,
-                    &0u64,
-                    &0i32,
-                    &order_len
-                ]
-            ),
-        }
+        // int pixels, int n, const unsigned* plan, int plan_words, int order_len, const unsigned*
+        // shifts, int side); the kernel reads order below order_len, images below n, whose n·pixels
+        // bytes `images` holds (checked), a plan (else null) below plan_words, shifts (else null) of
+        // images below n (n of them, checked), pixels = side² (checked).
+        launch!(
+            self,
+            reg::GATHER_BATCH,
+            flat(batch * pixels),
+            [
+                set.images.slice(),
+                set.labels.slice(),
+                set.order.slice(),
+                x.slice_mut(),
+                y.slice_mut(),
+                &st,
+                &b,
+                &px,
+                &nn,
+                &plan,
+                &plan_words,
+                &order_len,
+                &shifts,
+                &side
+            ]
+        )
+    }
+
+    /// The device address of `buf`, or 0 (null), for a kernel's optional pointer argument. (No event
+    /// is recorded: this backend's one stream orders every use.)
+    fn addr_or_null<T: Pooled>(&self, buf: Option<&PooledBuf<T>>) -> u64 {
+        buf.map_or(0, |b| b.slice().device_ptr(&self.stream).0)
     }
 
     /// The fused Adam step, changing nothing where `guard` holds a non-finite value, with lr and the
@@ -1709,11 +1696,7 @@ impl CudaBackend {
             Some(p) => u32::try_from(p.len()).map_err(|_| Error::msg("adam_step: a step plan over 2^32 words"))?,
             None => 0,
         };
-        match (guard, plan) {
-            (Some(g), Some(p)) => launch!(self, reg::ADAM_STEP, cfg, [dev_table, &h, g.slice(), p.slice(), &words]),
-            (Some(g), None) => launch!(self, reg::ADAM_STEP, cfg, [dev_table, &h, g.slice(), &0u64, &words]),
-            (None, Some(p)) => launch!(self, reg::ADAM_STEP, cfg, [dev_table, &h, &0u64, p.slice(), &words]),
-            (None, None) => launch!(self, reg::ADAM_STEP, cfg, [dev_table, &h, &0u64, &0u64, &words]),
-        }
+        let (guard, plan) = (self.addr_or_null(guard), self.addr_or_null(plan));
+        launch!(self, reg::ADAM_STEP, cfg, [dev_table, &h, &guard, &plan, &words])
     }
 }

@@ -398,35 +398,58 @@ pub fn resident_batches<B: Backend>(be: &B) {
     let dev_order = be
         .upload_idx(&order.iter().map(|&i| i as u32).collect::<Vec<_>>())
         .unwrap();
-    let mut batches = 0;
-    for (k, chunk) in order.chunks(8).enumerate() {
-        let (mut x, mut y) = (
-            be.alloc_out(chunk.len() * pixels).unwrap(),
-            be.alloc_idx(chunk.len()).unwrap(),
-        );
-        be.gather_batch(
-            pixels,
-            &dev_images,
-            &dev_labels,
-            &dev_order,
-            8 * k,
-            chunk.len(),
-            &mut x,
-            &mut y,
+    // shifts of up to 3 pixels (the extremes included), as training draws them per image and epoch
+    let shifts: Vec<(i32, i32)> = (0..n)
+        .map(|i| match i {
+            0 => (3, -3),
+            1 => (-3, 3),
+            2 => (0, 0),
+            _ => capsnet::data::shift_of(9, 4, i, 3),
+        })
+        .collect();
+    let dev_shifts = be
+        .upload_idx(
+            &shifts
+                .iter()
+                .map(|&s| capsnet::backend::pack_shift(s))
+                .collect::<Vec<_>>(),
         )
         .unwrap();
-        let (want_x, want_y) = split.batch::<B::E>(chunk);
-        let got_x = be.download(&x).unwrap();
-        assert_eq!(got_x.len(), want_x.len(), "batch {k}: pixels");
-        let same = got_x
-            .iter()
-            .zip(&want_x)
-            .all(|(a, b)| a.to_f64().to_bits() == b.to_f64().to_bits());
-        assert!(same, "batch {k}: pixels differ from the host loader's");
-        assert_eq!(be.download_idx(&y).unwrap(), want_y, "batch {k}: labels");
-        batches += 1;
+    for shifted in [false, true] {
+        let set = capsnet::backend::ResidentSet {
+            pixels,
+            images: &dev_images,
+            labels: &dev_labels,
+            order: &dev_order,
+            shifts: shifted.then_some(&dev_shifts),
+        };
+        let mut batches = 0;
+        for (k, chunk) in order.chunks(8).enumerate() {
+            let (mut x, mut y) = (
+                be.alloc_out(chunk.len() * pixels).unwrap(),
+                be.alloc_idx(chunk.len()).unwrap(),
+            );
+            be.gather_batch(&set, 8 * k, chunk.len(), &mut x, &mut y).unwrap();
+            let (mut want_x, want_y) = split.batch::<B::E>(chunk);
+            if shifted {
+                let s: Vec<(i32, i32)> = chunk.iter().map(|&i| shifts[i]).collect();
+                capsnet::data::shift_images(&mut want_x, 28, &s);
+            }
+            let got_x = be.download(&x).unwrap();
+            assert_eq!(got_x.len(), want_x.len(), "batch {k}: pixels");
+            let same = got_x
+                .iter()
+                .zip(&want_x)
+                .all(|(a, b)| a.to_f64().to_bits() == b.to_f64().to_bits());
+            assert!(
+                same,
+                "batch {k} (shifted: {shifted}): pixels differ from the host loader's"
+            );
+            assert_eq!(be.download_idx(&y).unwrap(), want_y, "batch {k}: labels");
+            batches += 1;
+        }
+        assert_eq!(batches, 5);
     }
-    assert_eq!(batches, 5);
 }
 
 /// Adam's hyper-parameters for update `step` at learning rate `lr`.
@@ -455,6 +478,13 @@ pub fn planned_steps<B: Backend>(be: &B) {
     );
     let order: Vec<u32> = capsnet::train::epoch_order(n, 3, 1).iter().map(|&i| i as u32).collect();
     let dev_order = be.upload_idx(&order).unwrap();
+    let set = capsnet::backend::ResidentSet {
+        pixels,
+        images: &images,
+        labels: &labels,
+        order: &dev_order,
+        shifts: None,
+    };
     let rows: Vec<StepRow> = (0..5)
         .map(|k| StepRow {
             start: 8 * k,
@@ -468,11 +498,9 @@ pub fn planned_steps<B: Backend>(be: &B) {
     for (k, row) in rows.iter().enumerate() {
         let len = 8.min(n - row.start);
         let (mut x, mut y) = (be.alloc_out(len * pixels).unwrap(), be.alloc_idx(len).unwrap());
-        be.gather_planned(pixels, &images, &labels, &dev_order, &plan, len, &mut x, &mut y)
-            .unwrap();
+        be.gather_planned(&set, &plan, len, &mut x, &mut y).unwrap();
         let (mut wx, mut wy) = (be.alloc_out(len * pixels).unwrap(), be.alloc_idx(len).unwrap());
-        be.gather_batch(pixels, &images, &labels, &dev_order, row.start, len, &mut wx, &mut wy)
-            .unwrap();
+        be.gather_batch(&set, row.start, len, &mut wx, &mut wy).unwrap();
         let (got, want) = (be.download(&x).unwrap(), be.download(&wx).unwrap());
         let same = got
             .iter()
