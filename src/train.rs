@@ -262,6 +262,21 @@ pub fn evaluate<B: Backend>(
     batch_size: usize,
     label: &str,
 ) -> Result<EvalReport> {
+    let mut resident = Resident::new(tape.backend(), src, 0)?;
+    evaluate_on(tape, model, src, examples, batch_size, label, resident.as_mut())
+}
+
+/// [`evaluate`] with `src` already resident on the backend where it keeps data resident (validation
+/// keeps its images there from one epoch to the next).
+fn evaluate_on<B: Backend>(
+    tape: &mut Tape<B>,
+    model: &CapsNet,
+    src: &Source,
+    examples: &[usize],
+    batch_size: usize,
+    label: &str,
+    mut resident: Option<&mut Resident<B>>,
+) -> Result<EvalReport> {
     let classes = model.cfg.classes;
     let per = src.dataset().per_image();
     let mut confusion = if per == 1 {
@@ -273,10 +288,10 @@ pub fn evaluate<B: Backend>(
     let mut digits_found = 0;
     let (mut predictions, mut labels) = (vec![], vec![]);
     let mut bar = Progress::new(label.to_string(), examples.len(), 0);
-    // on a device that keeps data resident, MNIST's examples are uploaded once and each batch, four
-    // training batches large, is gathered there
-    let mut resident = Resident::new(tape.backend(), src, 0)?;
-    if let Some(res) = resident.as_mut() {
+    // on a device that keeps data resident, MNIST's examples are gathered there, each batch four
+    // training batches large; the order is written anew (the examples may differ from the last call's)
+    if let Some(res) = resident.as_deref_mut() {
+        res.order = None;
         res.set_order(tape.backend(), usize::MAX, examples)?;
     }
     let batch_size = match resident {
@@ -1018,6 +1033,8 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
         eprintln!("data: the training set lives on the device; each batch is gathered{shifted} there");
     }
     let mut graphs = StepGraphs::new(tape.backend(), opts.eager);
+    // the validation images too stay on the device from one epoch to the next
+    let mut val_resident = Resident::new(tape.backend(), &val_src, 0)?;
 
     let mut history = vec![];
     if state.epoch >= opts.epochs {
@@ -1052,13 +1069,14 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
             // interrupted: the last completed step is saved
             return Ok(history);
         };
-        let val = evaluate(
+        let val = evaluate_on(
             &mut tape,
             &model,
             &val_src,
             &val_examples,
             state.batch_size,
             "  validation",
+            val_resident.as_mut(),
         )?;
         state.epoch += 1;
         state.step = adam.step;
