@@ -728,8 +728,7 @@ impl<B: Backend> Resident<B> {
     /// Writes the step plan of epoch `key`: its cursor at row `first`, `rows` its steps in order;
     /// whether it went to a new buffer.
     fn set_plan(&mut self, be: &B, key: usize, first: usize, rows: &[StepRow]) -> Result<bool> {
-        let mut words = crate::backend::plan_words(rows)?;
-        words[0] = u32::try_from(first).map_err(|_| Error::msg("step plan: more than 2^32 steps"))?;
+        let words = crate::backend::plan_words(first, rows)?;
         let (buf, moved) = write_or_upload(be, self.plan.take().map(|p| p.1), &words)?;
         self.plan = Some((key, buf));
         Ok(moved)

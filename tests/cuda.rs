@@ -236,10 +236,13 @@ fn cuda_planned_adam_takes_its_values_from_the_plan() {
     };
     let plan = g
         .upload_idx(
-            &plan_words(&[StepRow {
-                start: 0,
-                adam: hp(2e-3),
-            }])
+            &plan_words(
+                0,
+                &[StepRow {
+                    start: 0,
+                    adam: hp(2e-3),
+                }],
+            )
             .unwrap(),
         )
         .unwrap();

@@ -400,7 +400,7 @@ fn every_kernel_gives_the_same_bits_in_order_and_reversed() {
             step: 1,
         };
         let rows = [0, 2].map(|start| capsnet::backend::StepRow { start, adam: hp });
-        let mut plan = be.upload_idx(&capsnet::backend::plan_words(&rows).unwrap()).unwrap();
+        let mut plan = be.upload_idx(&capsnet::backend::plan_words(0, &rows).unwrap()).unwrap();
         be.advance_plan(&mut plan).unwrap();
         be.gather_planned(&set, &plan, 4, &mut x, &mut y).unwrap();
         let planned = be.download(&x).unwrap();

@@ -779,6 +779,18 @@ CUresult refuse(Capture& c, const std::string& msg) {
     return fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, msg);
 }
 
+// When `s` is being captured: the checks the call makes when it runs (`check()`, a CUresult whose
+// message is last_message), then `make()`, the node that replays it, recorded in the graph; a failed
+// check refuses the call. The result in `r`, and true. Else false.
+template <class Check, class Make>
+bool record(CUstream s, CUresult& r, Check&& check, Make&& make) {
+    return captured(s, r, [&](Capture& c) {
+        if (check()) return refuse(c, last_message);
+        c.graph.nodes.push_back(make());
+        return (CUresult)CUDA_SUCCESS;
+    });
+}
+
 // Returns `msg` refused when stream `s` is being captured.
 #define REFUSE_IN_CAPTURE(s, msg)                                                \
     do {                                                                         \
@@ -1066,37 +1078,19 @@ EXPORT CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
 }
 EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
     CUresult r;
-    if (captured(s, r, [&](Capture& c) {
-            if (check_range("cuMemcpyDtoDAsync (source)", src, n) ||
-                check_range("cuMemcpyDtoDAsync (destination)", dst, n))
-                return refuse(c, last_message);
-            Node node;
-            node.kind = Node::Copy;
-            node.dst = dst;
-            node.src = src;
-            node.n = n;
-            c.graph.nodes.push_back(std::move(node));
-            return (CUresult)CUDA_SUCCESS;
-        }))
-        return r;
+    auto check = [&] {
+        if (CUresult e = check_range("cuMemcpyDtoDAsync (source)", src, n)) return e;
+        return check_range("cuMemcpyDtoDAsync (destination)", dst, n);
+    };
+    if (record(s, r, check, [&] { return Node{.kind = Node::Copy, .dst = dst, .src = src, .n = n}; })) return r;
     return run_copy(dst, src, n);
 }
 // a memset on a stream being captured becomes a node; width is the element's bytes
 CUresult memset_async(CUdeviceptr dst, unsigned v, size_t n, unsigned width, CUstream s) {
     CUresult r;
-    if (captured(s, r, [&](Capture& c) {
-            if (check_range(width == 1 ? "cuMemsetD8Async" : "cuMemsetD32Async", dst, n * width))
-                return refuse(c, last_message);
-            Node node;
-            node.kind = Node::Memset;
-            node.dst = dst;
-            node.value = v;
-            node.n = n;
-            node.width = width;
-            c.graph.nodes.push_back(std::move(node));
-            return (CUresult)CUDA_SUCCESS;
-        }))
-        return r;
+    auto check = [&] { return check_range(width == 1 ? "cuMemsetD8Async" : "cuMemsetD32Async", dst, n * width); };
+    auto make = [&] { return Node{.kind = Node::Memset, .dst = dst, .n = n, .value = v, .width = width}; };
+    if (record(s, r, check, make)) return r;
     return run_memset(dst, v, n, width);
 }
 EXPORT CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
@@ -1238,22 +1232,15 @@ EXPORT CUresult cuLaunchKernel(CUfunction fn, unsigned gx, unsigned gy, unsigned
     // on a stream being captured: checked now, as the driver checks a captured launch, and the
     // arguments' bytes copied now
     CUresult r;
-    if (captured(s, r, [&](Capture& c) {
-            if (check_launch(f, grid, block, smem, params)) return refuse(c, last_message);
-            Node node;
-            node.kind = Node::Kernel;
-            node.f = f;
-            node.grid = grid;
-            node.block = block;
-            node.smem = smem;
-            for (size_t i = 0; i < f->host->sizes.size(); ++i) {
-                const unsigned char* a = (const unsigned char*)params[i];
-                node.args.emplace_back(a, a + f->host->sizes[i]);
-            }
-            c.graph.nodes.push_back(std::move(node));
-            return (CUresult)CUDA_SUCCESS;
-        }))
-        return r;
+    auto make = [&] {
+        Node node{.kind = Node::Kernel, .f = f, .grid = grid, .block = block, .smem = smem};
+        for (size_t i = 0; i < f->host->sizes.size(); ++i) {
+            const unsigned char* a = (const unsigned char*)params[i];
+            node.args.emplace_back(a, a + f->host->sizes[i]);
+        }
+        return node;
+    };
+    if (record(s, r, [&] { return check_launch(f, grid, block, smem, params); }, make)) return r;
     return launch(f, grid, block, smem, params);
 }
 

@@ -347,10 +347,10 @@ pub struct StepRow {
     pub adam: AdamHyper,
 }
 
-/// A step plan's words: the cursor at row 0, then each row as kernels/common.cuh lays it out.
-pub fn plan_words(rows: &[StepRow]) -> Result<Vec<u32>> {
+/// A step plan's words: the cursor at row `cursor`, then each row as kernels/common.cuh lays it out.
+pub fn plan_words(cursor: usize, rows: &[StepRow]) -> Result<Vec<u32>> {
     let mut w = Vec::with_capacity(PLAN_HEADER + PLAN_ROW * rows.len());
-    w.push(0);
+    w.push(u32::try_from(cursor).map_err(|_| Error::msg("step plan: more than 2^32 steps"))?);
     for r in rows {
         let start = u32::try_from(r.start)
             .map_err(|_| Error::msg(format!("step plan: position {} does not fit 32 bits", r.start)))?;

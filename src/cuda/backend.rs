@@ -422,6 +422,17 @@ impl CudaBackend {
     }
 }
 
+/// A step plan holds its cursor and at least one row, or `op` says it does not.
+fn check_plan(op: &str, plan: &CudaIdx) -> Result<()> {
+    if plan.len() < PLAN_HEADER + PLAN_ROW {
+        return Err(Error::msg(format!(
+            "{op}: a step plan of {} words has no row",
+            plan.len()
+        )));
+    }
+    Ok(())
+}
+
 /// A (x, y) grid of ROUTING_THREADS-thread blocks with `smem` bytes of dynamic shared memory.
 fn blocks(grid: (u32, u32), smem: u32) -> LaunchConfig {
     LaunchConfig {
@@ -553,7 +564,7 @@ impl Backend for CudaBackend {
             )));
         }
         i32_of("gather_batch: end of the batch", start + batch)?;
-        self.gather(set, Err(start), batch, x, y)
+        self.gather(set, None, start, batch, x, y)
     }
     fn gather_planned(
         &self,
@@ -563,13 +574,8 @@ impl Backend for CudaBackend {
         x: &mut CudaBuf,
         y: &mut CudaIdx,
     ) -> Result<()> {
-        if plan.len() < PLAN_HEADER + PLAN_ROW {
-            return Err(Error::msg(format!(
-                "gather_planned: a step plan of {} words has no row",
-                plan.len()
-            )));
-        }
-        self.gather(set, Ok(plan), batch, x, y)
+        check_plan("gather_planned", plan)?;
+        self.gather(set, Some(plan), 0, batch, x, y)
     }
     fn alloc_out(&self, n: usize) -> Result<CudaBuf> {
         self.take::<f32>(n)
@@ -1414,12 +1420,7 @@ impl Backend for CudaBackend {
         if guard.is_empty() {
             return Err(Error::msg("adam_step_planned: the guard buffer is empty"));
         }
-        if plan.len() < PLAN_HEADER + PLAN_ROW {
-            return Err(Error::msg(format!(
-                "adam_step_planned: a step plan of {} words has no row",
-                plan.len()
-            )));
-        }
+        check_plan("adam_step_planned", plan)?;
         self.adam(hp, groups, Some(guard), Some(plan))
     }
     #[allow(clippy::too_many_arguments)]
@@ -1473,12 +1474,7 @@ impl Backend for CudaBackend {
         self.stream.memcpy_htod(host, dst.slice_mut()).map_err(de("write_idx"))
     }
     fn advance_plan(&self, plan: &mut CudaIdx) -> Result<()> {
-        if plan.len() < PLAN_HEADER + PLAN_ROW {
-            return Err(Error::msg(format!(
-                "advance_plan: a step plan of {} words has no row",
-                plan.len()
-            )));
-        }
+        check_plan("advance_plan", plan)?;
         // SAFETY: plan_advance(unsigned* plan) adds one to plan[0]; the plan holds at least one word.
         launch!(self, reg::PLAN_ADVANCE, single(1), [plan.slice_mut()])
     }
@@ -1534,13 +1530,13 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
-    /// gather_batch from `start`: Err(position) or Ok(a step plan, whose current row's position the
-    /// kernel reads; a position past the order reads NaN pixels there).
-    #[allow(clippy::too_many_arguments)]
+    /// gather_batch from position `start`, or, given a step plan, from the position its current row
+    /// holds, which the kernel reads (a position past the order reads NaN pixels there).
     fn gather(
         &self,
         set: &ResidentSet<'_, Self>,
-        start: std::result::Result<&CudaIdx, usize>,
+        plan: Option<&CudaIdx>,
+        start: usize,
         batch: usize,
         x: &mut CudaBuf,
         y: &mut CudaIdx,
@@ -1563,12 +1559,9 @@ impl CudaBackend {
             return Ok(());
         }
         let (b, px, nn) = (batch as i32, pixels as i32, n as i32);
-        let st = start.err().unwrap_or(0) as i32;
-        let plan_words = match start {
-            Ok(plan) => i32_of("gather_batch: the plan", plan.len())?,
-            Err(_) => 0,
-        };
-        let (plan, shifts) = (self.addr_or_null(start.ok()), self.addr_or_null(set.shifts));
+        let st = start as i32;
+        let plan_words = i32_of("gather_batch: the plan", plan.map_or(0, |p| p.len()))?;
+        let (plan, shifts) = (self.addr_or_null(plan), self.addr_or_null(set.shifts));
         // SAFETY: gather_batch(images, labels, order, x [batch·pixels], y [batch], int start, int batch,
         // int pixels, int n, const unsigned* plan, int plan_words, int order_len, const unsigned*
         // shifts, int side); the kernel reads order below order_len, images below n, whose n·pixels

@@ -491,7 +491,7 @@ pub fn planned_steps<B: Backend>(be: &B) {
             adam: hyper(1e-3 * 0.9f64.powi(k as i32), k as u64 + 1),
         })
         .collect();
-    let words = plan_words(&rows).unwrap();
+    let words = plan_words(0, &rows).unwrap();
     assert_eq!(words.len(), 1 + 4 * 5);
     assert_eq!((words[0], words[1], words[5]), (0, 0, 8));
     let mut plan = be.upload_idx(&words).unwrap();
