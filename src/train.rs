@@ -637,11 +637,16 @@ impl<B: Backend> StepGraphs<B> {
             return tape.backend().download(&summary);
         }
         // captured: recorded, not run, until the graph's first launch
-        tape.backend().begin_capture()?;
+        let failed = |e: Error| {
+            Error::msg(format!(
+                "capturing the training step as a CUDA graph failed: {e}; --eager trains without graphs"
+            ))
+        };
+        tape.backend().begin_capture().map_err(failed)?;
         let summary = planned_step(tape, model, adam, res, n);
         let id = tape.backend().end_capture();
-        let (summary, id) = (summary?, id?);
-        tape.backend().launch_graph(id)?;
+        let (summary, id) = (summary.map_err(failed)?, id.map_err(failed)?);
+        tape.backend().launch_graph(id).map_err(failed)?;
         let report = tape.backend().download(&summary)?;
         self.graphs.push((n, id, summary));
         Ok(report)
