@@ -109,23 +109,56 @@ inline float value(const unsigned* regs, int i) {
     if (BF16) return __uint_as_float((i & 1) ? (regs[i >> 1] & 0xffff0000u) : (regs[i >> 1] << 16));
     return __uint_as_float(regs[i] & ~0x1fffu);
 }
+// c + Σ terms as a tensor core that truncates may sum them: the products (exact: tf32 and bf16
+// significands multiply exactly in fp32) and c aligned to the largest one's 24-bit significand with
+// the bits below cut off (towards zero), added exactly, and the sum cut to fp32 (towards zero). The
+// behaviour published measurements report for NVIDIA tensor cores (Fasi, Higham, Mikaitis and
+// Pranesh, "Numerical behavior of NVIDIA tensor cores", 2021); the ISA does not specify it.
+inline float truncated_sum(const double* t, int n) {
+    double biggest = 0;
+    for (int i = 0; i < n; ++i) {
+        if (!std::isfinite(t[i])) {  // inf and NaN as an fp32 sum gives them
+            float s = 0;
+            for (int j = 0; j < n; ++j) s += (float)t[j];
+            return s;
+        }
+        biggest = std::fmax(biggest, std::fabs(t[i]));
+    }
+    if (biggest == 0) return (float)t[0];  // every term zero: c's sign
+    int e;
+    std::frexp(biggest, &e);               // biggest = m·2^e, 0.5 <= m < 1: its leading bit is 2^(e-1)
+    const double q = std::ldexp(1.0, e - 24);  // the last bit of a 24-bit significand there
+    double sum = 0;                        // exact: n multiples of q below n·2^e
+    for (int i = 0; i < n; ++i) sum += std::trunc(t[i] / q) * q;
+    float f = (float)sum;
+    if (std::fabs((double)f) > std::fabs(sum)) f = std::nextafter(f, 0.0f);
+    return f;
+}
 template <bool BF16>
 inline void mma(float d[4], const unsigned a[4], const unsigned b[2], const float c[4], const char* file, int line) {
     static const Tables<BF16> tab;
+    constexpr int K = Tables<BF16>::K;
     Operands mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}};
     const uint64_t* lanes = ::emu::gather((uint64_t)(uintptr_t)&mine, file, line);
     auto of = [&](Where w) -> const Operands& { return *reinterpret_cast<const Operands*>((uintptr_t)lanes[w.lane]); };
     const int lane = (int)::emu::lane_id();
+    const bool truncates = ::emu::tls_block.mma_truncates != 0;
     float out[4];
     for (int i = 0; i < 4; ++i) {
         const FragPos q = frag_acc(lane, i);
         const Where wc = tab.c[q.row][q.col];
         float acc = of(wc).c[wc.elem];
-        for (int k = 0; k < Tables<BF16>::K; ++k) {
+        double terms[K + 1];
+        terms[0] = acc;
+        for (int k = 0; k < K; ++k) {
             const Where wa = tab.a[q.row][k], wb = tab.b[k][q.col];
-            acc = fmaf(value<BF16>(of(wa).a, wa.elem), value<BF16>(of(wb).b, wb.elem), acc);
+            const float x = value<BF16>(of(wa).a, wa.elem), y = value<BF16>(of(wb).b, wb.elem);
+            if (truncates)
+                terms[k + 1] = (double)x * (double)y;
+            else
+                acc = fmaf(x, y, acc);
         }
-        out[i] = acc;
+        out[i] = truncates ? truncated_sum(terms, K + 1) : acc;
     }
     __syncwarp();  // every lane has read every other lane's operands before any returns
     for (int i = 0; i < 4; ++i) d[i] = out[i];
@@ -161,7 +194,10 @@ __device__ __forceinline__ void mma_bf16(float d[4], const unsigned a[4], const 
 }
 
 // Four 8x8 matrices of 16-bit elements from shared memory: lane l passes the address of row l % 8 of
-// matrix l / 8; r[j] receives this lane's two elements of matrix j (transposed with TRANS).
+// matrix l / 8; r[j] receives this lane's two elements of matrix j (transposed with TRANS). A row
+// is one 16-byte access, so its address must be 16-byte aligned, and it must lie in shared memory
+// (PTX ISA 9.1, §9.7.14.5.15: a generic address outside the .shared state space is undefined
+// behaviour); the emulated body checks both.
 template <bool TRANS>
 __device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const void* row) {
 #ifdef __CUDA_ARCH__
@@ -175,6 +211,7 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const void* row) {
                      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                      : "r"(addr));
 #else
+    ::emu::check_ldmatrix_row(row, __FILE__, __LINE__);
     const uint64_t* rows = EMU_GATHER(row);
     const int lane = (int)::emu::lane_id(), g = lane >> 2, t = lane & 3;
     auto at = [&](int matrix, int rr, int cc) -> unsigned {

@@ -87,14 +87,41 @@ impl Precision {
     }
 }
 
-/// The bound on the error of one output of a GEMM whose inputs are rounded to `mantissa_bits` bits and
-/// whose K products are summed in f32, as a fraction of Σ_k |a_k|·|b_k|: each product of two rounded
-/// inputs is off by at most 2·2^-p + 2^-2p of itself (truncation as well as rounding; at p = 23 this is
-/// the f32 product's own rounding, which an f64 reference does not make), and an f32 sum of K terms by
-/// about √K·2^-24 of Σ|terms| (the probabilistic bound of Higham and Mary, with λ = 4).
+/// The bound on the error of the f32 sum of K products, as a fraction of Σ_k |a_k|·|b_k|, for GEMMs
+/// of precision `p` (what is left when the reference rounds the same inputs the same way).
+///
+/// - fp32, on CUDA cores: FMAs that round to nearest. About √K·2^-24 of Σ|terms| (the probabilistic
+///   bound of Higham and Mary, with λ = 4), and 2·2^-23 for the products' rounding that an f64
+///   reference does not make.
+/// - tf32 and bf16, on tensor cores: the ISA does not say how an `mma` rounds its sum, and published
+///   measurements report truncation, in the alignment of the terms to the largest and in the
+///   normalisation of the result (Fasi, Higham, Mikaitis and Pranesh, 2021). Truncation errors do not
+///   cancel, so the bound is the worst case. An `mma` adds k products to its accumulator c (k = 8 for
+///   tf32, 16 for bf16); the products are exact, and with every term cut to the 24-bit significand of
+///   the largest, M, each of the k + 1 terms loses less than ulp(M) = 2^-23·M and the truncated sum
+///   less than one more, so an `mma` errs by less than (k + 2)·2^-23·M, M ≤ S = Σ|terms| (+ |c₀|) at
+///   every step. K/k steps: below K·(1 + 2/k)·2^-23·S ≤ K·2^-22·S. Fp32 FMAs rounding to nearest stay
+///   within it (their worst case is K·2^-24·S), and so does the emulated device in both its modes (to
+///   nearest, and truncating as above: `emulator::set_mma_truncation`). The split-K slices' fp32 sums
+///   (a few additions, each within 2^-24·S) fit in the margin between 1 + 2/k ≤ 1.25 and 2.
+pub fn sum_error_bound(p: Precision, k: usize) -> f64 {
+    match p {
+        Precision::Fp32 => 2.0 * 2f64.powi(-23) + 4.0 * (k as f64).sqrt() * 2f64.powi(-24),
+        Precision::Tf32 | Precision::Bf16 => k as f64 * 2f64.powi(-22),
+    }
+}
+
+/// The bound on the error of one output of a GEMM whose inputs are rounded to `mantissa_bits` bits
+/// (23: fp32, 10: tf32, 7: bf16) and whose K products are summed in f32, as a fraction of
+/// Σ_k |a_k|·|b_k|: [`sum_error_bound`] of its precision, and for tf32 and bf16 the inputs' rounding
+/// to nearest (cvt.rna.tf32.f32, cvt.rn.bf16x2.f32), at most 2^-(p+1) of each input, so
+/// 2·2^-(p+1) + 2^-(2p+2) of each product.
 pub fn gemm_error_bound(mantissa_bits: u32, k: usize) -> f64 {
     let p = mantissa_bits as f64;
-    2.0 * 2f64.powf(-p) + 2f64.powf(-2.0 * p) + 4.0 * (k as f64).sqrt() * 2f64.powi(-24)
+    match mantissa_bits {
+        23.. => sum_error_bound(Precision::Fp32, k),
+        _ => 2f64.powf(-p) + 2f64.powf(-2.0 * p - 2.0) + sum_error_bound(Precision::Bf16, k),
+    }
 }
 
 #[cfg(test)]

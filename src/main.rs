@@ -466,6 +466,9 @@ struct BenchArgs {
     /// captured as a CUDA graph.
     #[arg(long)]
     eager: bool,
+    /// Also print the figures as JSON: one object per line (steps: one; --ops: one per version).
+    #[arg(long)]
+    json: bool,
     /// Also run the PyTorch peer (needs python3 with torch) on the same device, batch and threads, and
     /// print both figures and their ratio. FILE defaults to benches/capsnet_torch_bench.py.
     #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "benches/capsnet_torch_bench.py")]
@@ -518,7 +521,7 @@ fn select(device: Device, kernels: &KernelArgs) -> Result<Selected> {
 /// `bench --ops` on the GPU: every version of every versioned op, checked, then timed, side by side
 /// with the roofline floor of the device (the time at its peak for the precision, or at its memory
 /// bandwidth).
-fn print_version_bench(be: &CudaBackend, cfg: &Config, batch: usize, reps: usize) -> Result<()> {
+fn print_version_bench(be: &CudaBackend, cfg: &Config, batch: usize, reps: usize, json: bool) -> Result<()> {
     let info = be.info();
     let peak = capsnet::bench::peak_of(&info.name, info.sms);
     println!("ops by kernel version, batch {batch}, {} ({} SMs)", info.name, info.sms);
@@ -533,27 +536,66 @@ fn print_version_bench(be: &CudaBackend, cfg: &Config, batch: usize, reps: usize
         "{:<40} {:<5} {:<5} {:>9} {:>8} {:>8} {:>7} {:>9}",
         "op and layer", "ver", "prec", "ms", "TFLOP/s", "GB/s", "% peak", "floor ms"
     );
-    for t in capsnet::bench::version_bench(be, cfg, batch, reps)? {
-        let tflops = t.flops / (t.ms / 1e3) / 1e12;
-        let gbs = t.bytes / (t.ms / 1e3) / 1e9;
-        let (pct, floor) = match &peak {
-            Some(p) => (
-                format!("{:.1}", 100.0 * tflops / p.tflops(t.precision)),
-                format!("{:.4}", t.floor_ms(p)),
-            ),
-            None => ("?".into(), "?".into()),
-        };
-        println!(
-            "{:<40} {:<5} {:<5} {:>9.4} {:>8.2} {:>8.0} {:>7} {:>9}",
-            t.op,
-            t.version,
-            t.precision.name(),
-            t.ms,
-            tflops,
-            gbs,
-            pct,
-            floor
-        );
+    let timings = capsnet::bench::version_bench(be, cfg, batch, reps)?;
+    let mut mismatched = vec![];
+    for t in &timings {
+        if t.ms.is_nan() {
+            println!(
+                "{:<40} {:<5} {:<5} MISMATCH: {:.1} times the difference allowed from the reference; not timed",
+                t.op,
+                t.version,
+                t.precision.name(),
+                t.worst
+            );
+            mismatched.push(format!("{} {}", t.op, t.version));
+        } else {
+            let tflops = t.flops / (t.ms / 1e3) / 1e12;
+            let gbs = t.bytes / (t.ms / 1e3) / 1e9;
+            let (pct, floor) = match &peak {
+                Some(p) => (
+                    format!("{:.1}", 100.0 * tflops / p.tflops(t.precision)),
+                    format!("{:.4}", t.floor_ms(p)),
+                ),
+                None => ("?".into(), "?".into()),
+            };
+            println!(
+                "{:<40} {:<5} {:<5} {:>9.4} {:>8.2} {:>8.0} {:>7} {:>9}",
+                t.op,
+                t.version,
+                t.precision.name(),
+                t.ms,
+                tflops,
+                gbs,
+                pct,
+                floor
+            );
+        }
+        if json {
+            let num = |x: f64| {
+                if x.is_finite() {
+                    serde_json::json!(x)
+                } else {
+                    serde_json::Value::Null
+                }
+            };
+            println!(
+                "{}",
+                serde_json::json!({
+                    "kind": "op", "op": t.op, "version": t.version, "precision": t.precision.name(),
+                    "batch": batch, "device": info.name, "matched": !t.ms.is_nan(), "worst": num(t.worst),
+                    "ms": num(t.ms), "tflops": num(t.flops / (t.ms / 1e3) / 1e12),
+                    "floor_ms": peak.as_ref().map_or(serde_json::Value::Null, |p| num(t.floor_ms(p))),
+                })
+            );
+        }
+    }
+    if !mismatched.is_empty() {
+        return Err(Error::msg(format!(
+            "bench --ops: {} of {} did not match the reference: {}",
+            mismatched.len(),
+            timings.len(),
+            mismatched.join(", ")
+        )));
     }
     Ok(())
 }
@@ -664,7 +706,7 @@ fn info(a: InfoArgs) -> Result<()> {
     }
     // the device's own architecture when there is one, else the GPUs this project targets
     let device = cuda::open_device(0).and_then(|ctx| cuda::device_info(&ctx));
-    let arch = match &device {
+    let target = match &device {
         Ok(d) => {
             let (a, b) = d.compute_capability;
             println!(
@@ -674,26 +716,44 @@ fn info(a: InfoArgs) -> Result<()> {
                 d.total_mem as f64 / (1u64 << 30) as f64,
                 d.max_smem_optin / 1024
             );
-            format!("sm_{a}{b}")
+            cuda::kernel_target(d.compute_capability)?
         }
         Err(e) => {
             println!("device: none ({e})");
-            "sm_90".to_string()
+            cuda::Target::Cubin(90)
         }
     };
     if !cuda::nvrtc_available() {
         println!("kernels: not compiled (no NVRTC)");
         return Ok(());
     }
-    let ptx = cuda::compile_all(&arch)?;
+    let images = cuda::compile_all(target)?;
+    let (compiled, cached) = cuda::compile::compilations();
+    let cache = match cuda::compile::cache_dir() {
+        Some(d) => format!("{cached} read from the cache in {}", d.display()),
+        None => "no cache".into(),
+    };
     println!(
-        "kernels: all {} in {} files compile for {arch}",
+        "kernels: all {} in {} files compile to {target} ({compiled} compiled by NVRTC, {cache})",
         cuda::registry::ALL.len(),
-        ptx.len()
+        images.len()
     );
     if device.is_ok() {
         let be = CudaBackend::new(0)?;
-        println!("kernels: all load on {}", capsnet::backend::Backend::name(&be));
+        println!(
+            "kernels: all load on {}; as the driver loaded them:",
+            capsnet::backend::Backend::name(&be)
+        );
+        println!(
+            "  {:<24} {:>5} {:>12} {:>12}",
+            "kernel", "regs", "static smem", "max threads"
+        );
+        for k in be.loaded_kernels()? {
+            println!(
+                "  {:<24} {:>5} {:>12} {:>12}",
+                k.kernel.name, k.registers, k.static_smem, k.max_threads
+            );
+        }
     }
     Ok(())
 }
@@ -984,7 +1044,7 @@ fn run(cli: Cli) -> Result<()> {
             let sel = select(a.device, &a.kernels)?;
             if a.ops {
                 if let Selected::Cuda(be) = &sel {
-                    return print_version_bench(be, &a.model.config(), a.batch_size, a.steps);
+                    return print_version_bench(be, &a.model.config(), a.batch_size, a.steps, a.json);
                 }
                 return with_backend!(sel, |be| {
                     println!("ops, batch {}, {}", a.batch_size, capsnet::backend::Backend::name(&be));
@@ -1020,9 +1080,17 @@ fn run(cli: Cli) -> Result<()> {
                 (Some(_), Selected::Cuda(_)) => Some("cuda"),
                 (Some(_), _) => Some("cpu"),
             };
-            let r = with_backend!(sel, |be| {
-                println!("backend: {}", capsnet::backend::Backend::name(&be));
-                train::bench(be, cfg.clone(), a.batch_size, a.steps, a.warmup, a.eager)
+            let precision = match &sel {
+                Selected::Cuda(_) => a
+                    .kernels
+                    .precision
+                    .map_or(cuda::registry::DEFAULT_PRECISION, Into::into),
+                _ => Precision::Fp32,
+            };
+            let (backend_name, r) = with_backend!(sel, |be| {
+                let name = capsnet::backend::Backend::name(&be);
+                println!("backend: {name}");
+                train::bench(be, cfg.clone(), a.batch_size, a.steps, a.warmup, a.eager).map(|r| (name, r))
             })?;
             let how = match (r.resident, r.graph) {
                 (true, true) => " (batches gathered on the device, steps replayed as a CUDA graph)",
@@ -1036,6 +1104,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(mib) = r.device_mib {
                 println!("device memory held: {mib:.0} MiB");
             }
+            let mut peer_json = None;
             if let (Some(script), Some(device)) = (&a.peer, peer_device) {
                 let threads = capsnet::par::threads();
                 let run = capsnet::bench::PeerRun {
@@ -1053,6 +1122,20 @@ fn run(cli: Cli) -> Result<()> {
                     p.torch, a.batch_size, p.median_ms, p.images_per_s
                 );
                 println!("ratio: {:.2}x the peer's images/s", r.images_per_s / p.images_per_s);
+                peer_json = Some(serde_json::json!({
+                    "torch": p.torch, "median_ms": p.median_ms, "images_per_s": p.images_per_s,
+                }));
+            }
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "kind": "steps", "backend": backend_name, "precision": precision.name(),
+                        "batch": r.batch_size, "steps": r.steps, "graph": r.graph, "resident": r.resident,
+                        "median_ms": r.median_ms, "images_per_s": r.images_per_s, "gflops": r.gflops,
+                        "device_mib": r.device_mib, "peer": peer_json,
+                    })
+                );
             }
             Ok(())
         }

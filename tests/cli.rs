@@ -1200,3 +1200,82 @@ fn bench_ops_lists_every_kernel_version_and_version_flags_are_checked() {
         }
     }
 }
+
+/// What the host does with other hardware, through the emulated device's stand-ins: a driver older
+/// than CUDA 13.0 and a GPU older than sm_80 are clear errors naming the versions, for `info` and for
+/// a command that would train; a GPU of another architecture gets its own cubins. And the compiled
+/// kernels are kept on disk: a second run reads them, a damaged entry is compiled again.
+#[test]
+fn other_drivers_and_gpus_are_named_and_kernels_are_compiled_once() {
+    if !emulated_device_usable() {
+        return;
+    }
+    let dir = temp_dir("cli_standins");
+    let cache = dir.join("cache");
+    let env = |extra: &[(&'static str, &'static str)]| {
+        let mut v: Vec<(&str, &str)> = vec![("CAPSNET_KERNEL_CACHE", s(&cache))];
+        v.extend_from_slice(extra);
+        v
+    };
+    let o = capsnet(
+        &["info", "--emulated"],
+        &env(&[("CAPSNET_EMULATOR_DRIVER_VERSION", "12.8")]),
+    );
+    assert_clean_error(&o, &["CUDA 12.8", "13.0", "driver 580", "NVRTC is 13.0"]);
+    let o = capsnet(&["info", "--emulated"], &env(&[("CAPSNET_EMULATOR_CC", "7.5")]));
+    assert_clean_error(&o, &["compute capability 7.5", "8.0"]);
+    let data = mnist_dir();
+    let o = capsnet(
+        &[
+            "train",
+            "--device",
+            "emulated",
+            "--data",
+            s(&data),
+            "--checkpoint-dir",
+            s(&dir.join("run")),
+            "--limit",
+            "10",
+        ],
+        &env(&[("CAPSNET_EMULATOR_CC", "7.5")]),
+    );
+    assert_clean_error(&o, &["--device emulated", "compute capability 7.5"]);
+    assert!(!dir.join("run").exists(), "a run that could not start wrote files");
+    // an sm_86 GPU gets sm_86 cubins, loaded by the driver
+    let o = capsnet(&["info", "--emulated"], &env(&[("CAPSNET_EMULATOR_CC", "8.6")]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("compile to a cubin for sm_86") && stdout(&o).contains("all load"),
+        "{}",
+        stdout(&o)
+    );
+    // sm_90: compiled once, then read from the cache; a damaged entry is compiled again
+    let kernels_line = |o: &std::process::Output| {
+        stdout(o)
+            .lines()
+            .find(|l| l.starts_with("kernels: all") && l.contains("sm_90"))
+            .unwrap_or_else(|| panic!("no kernels line:\n{}", stdout(o)))
+            .to_string()
+    };
+    let first = kernels_line(&capsnet(&["info", "--emulated"], &env(&[])));
+    assert!(first.contains("(7 compiled by NVRTC, 0 read from the cache"), "{first}");
+    let second = kernels_line(&capsnet(&["info", "--emulated"], &env(&[])));
+    assert!(
+        second.contains("(0 compiled by NVRTC, 7 read from the cache"),
+        "{second}"
+    );
+    let entry = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.extension().is_some_and(|e| e == "cubin")
+                && std::fs::read(p).is_ok_and(|b| b.windows(5).any(|w| w == b"adam_"))
+        })
+        .expect("adam.cu's cubin in the cache");
+    let mut bytes = std::fs::read(&entry).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&entry, bytes).unwrap();
+    let third = kernels_line(&capsnet(&["info", "--emulated"], &env(&[])));
+    assert!(third.contains("(1 compiled by NVRTC, 6 read from the cache"), "{third}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

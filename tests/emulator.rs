@@ -658,3 +658,283 @@ fn a_capture_refuses_host_work_and_ends_without_a_graph() {
     let e = format!("{:?}", legacy.begin_capture(LOCAL).unwrap_err());
     assert!(e.contains("legacy NULL stream"), "{e}");
 }
+
+// ---- what hardware refuses, refused here too (planted kernels of selftest.cu) --------------------------
+
+/// The register file: a kernel of over 64 registers a thread and no launch bounds runs at 512 threads
+/// and is refused at 1024 (more than the 65,536 registers of a block), as the driver refuses it
+/// (CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES); its figures come from the cubin, as the driver's do.
+#[test]
+fn a_block_needing_more_registers_than_the_multiprocessor_has_is_refused() {
+    use cudarc::driver::sys::CUfunction_attribute::*;
+    let Some(be) = emulated() else { return };
+    let m = selftest(&be);
+    let s = be.stream();
+    let f = func(&m, "emu_test_many_registers");
+    let regs = f.get_attribute(CU_FUNC_ATTRIBUTE_NUM_REGS).unwrap();
+    assert!(
+        regs > 64,
+        "ptxas gave it {regs} registers: the planted kernel no longer needs over 64"
+    );
+    let most = f.get_attribute(CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK).unwrap();
+    assert!((512..1024).contains(&most), "at most {most} threads a block");
+    let x = s.clone_htod(&vec![0.5f32; 96 * 1024]).unwrap();
+    let mut out = s.alloc_zeros::<f32>(1024).unwrap();
+    let launch = |threads: u32, out: &mut cudarc::driver::CudaSlice<f32>| {
+        let mut b = s.launch_builder(&f);
+        b.arg(&x).arg(out);
+        // SAFETY: emu_test_many_registers(in [96·threads], out [threads]).
+        unsafe { b.launch(cfg((1, 1, 1), threads, 0)) }
+            .map(|_| ())
+            .map_err(|e| capsnet::cuda::describe(&e))
+    };
+    launch(512, &mut out).unwrap();
+    let e = launch(1024, &mut out).unwrap_err();
+    assert!(
+        e.contains("LAUNCH_OUT_OF_RESOURCES") && e.contains(&format!("1024 threads of {regs} registers")),
+        "{e}"
+    );
+}
+
+/// Static and dynamic shared memory together within the block's 227 KiB: 40 KiB of static leave at most
+/// 187 KiB of dynamic, for the opt-in attribute and for the launch.
+#[test]
+fn static_and_dynamic_shared_memory_together_stay_within_the_blocks_limit() {
+    use cudarc::driver::sys::CUfunction_attribute::*;
+    let Some(be) = emulated() else { return };
+    let m = selftest(&be);
+    let s = be.stream();
+    let f = func(&m, "emu_test_static_smem");
+    let static_smem = f.get_attribute(CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES).unwrap();
+    assert_eq!(static_smem, 40 * 1024);
+    let limit = be.info().max_smem_optin;
+    let e = capsnet::cuda::describe(
+        &f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, limit)
+            .unwrap_err(),
+    );
+    assert!(e.contains("40960 bytes of static shared memory"), "{e}");
+    f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, limit - static_smem)
+        .unwrap();
+    let mut out = s.alloc_zeros::<f32>(64).unwrap();
+    let launch = |smem: u32, out: &mut cudarc::driver::CudaSlice<f32>| {
+        let mut b = s.launch_builder(&f);
+        b.arg(out);
+        // SAFETY: emu_test_static_smem(out [64]), 64 threads.
+        unsafe { b.launch(cfg((1, 1, 1), 64, smem)) }
+            .map(|_| ())
+            .map_err(|e| capsnet::cuda::describe(&e))
+    };
+    launch((limit - static_smem) as u32, &mut out).unwrap();
+    assert_eq!(s.clone_dtoh(&out).unwrap()[..2], [10239.0, 10238.0]);
+    let e = launch((limit - static_smem) as u32 + 4, &mut out).unwrap_err();
+    assert!(e.contains("exceed"), "{e}");
+}
+
+/// A float4 load four bytes off its 16-byte alignment is a fault, as on a GPU
+/// (CUDA_ERROR_MISALIGNED_ADDRESS), named with the kernel, thread and line; aligned, it reads right.
+#[test]
+fn a_misaligned_vector_access_is_a_fault() {
+    let Some(be) = emulated() else { return };
+    let m = selftest(&be);
+    let s = be.stream();
+    let f = func(&m, "emu_test_vector_load");
+    let x = s.clone_htod(&(0..16).map(|i| i as f32).collect::<Vec<_>>()).unwrap();
+    let mut out = s.alloc_zeros::<f32>(32).unwrap();
+    let launch = |offset: i32, out: &mut cudarc::driver::CudaSlice<f32>| {
+        let mut b = s.launch_builder(&f);
+        b.arg(&x).arg(out).arg(&offset);
+        // SAFETY: emu_test_vector_load(in [16], out [32], offset ≤ 8): reads in[offset..offset + 4].
+        unsafe { b.launch(cfg((1, 1, 1), 32, 0)) }
+            .map(|_| ())
+            .map_err(|e| capsnet::cuda::describe(&e))
+    };
+    launch(4, &mut out).unwrap();
+    assert_eq!(s.clone_dtoh(&out).unwrap()[0], 4.0 + 5.0 + 6.0 + 7.0);
+    let e = launch(1, &mut out).unwrap_err();
+    for needle in [
+        "CUDA_ERROR_MISALIGNED_ADDRESS",
+        "emu_test_vector_load",
+        "float4",
+        "16-byte alignment",
+        "thread (0,0,0)",
+        "selftest.cu:",
+    ] {
+        assert!(e.contains(needle), "lacks {needle:?}: {e}");
+    }
+    // a fault ends the launch, not the device
+    launch(8, &mut out).unwrap();
+}
+
+/// ldmatrix row addresses: 16-byte aligned and in shared memory. Rows 8 bytes off their alignment,
+/// and rows in device memory, are faults; aligned rows in shared memory load as the ISA says.
+#[test]
+fn ldmatrix_rows_must_be_aligned_and_in_shared_memory() {
+    let Some(be) = emulated() else { return };
+    let m = selftest(&be);
+    let s = be.stream();
+    let f = func(&m, "emu_test_ldmatrix");
+    let input: Vec<u16> = (0..256).map(|i| i as u16).collect();
+    let x = s.clone_htod(&input).unwrap();
+    let mut out = s.alloc_zeros::<u32>(128).unwrap();
+    let launch = |offset: i32, global: i32, out: &mut cudarc::driver::CudaSlice<u32>| {
+        let mut b = s.launch_builder(&f);
+        b.arg(&x).arg(out).arg(&offset).arg(&global);
+        // SAFETY: emu_test_ldmatrix(in [256 u16], out [128], offset ≤ 16, from_global), one warp.
+        unsafe { b.launch(cfg((1, 1, 1), 32, 0)) }
+            .map(|_| ())
+            .map_err(|e| capsnet::cuda::describe(&e))
+    };
+    for offset in [0, 16] {
+        launch(offset, 0, &mut out).unwrap();
+        let got = s.clone_dtoh(&out).unwrap();
+        // lane 4r + t, register j: row r of matrix j, columns 2t and 2t + 1
+        for lane in 0..32u32 {
+            let (r, t) = (lane / 4, lane % 4);
+            for j in 0..4u32 {
+                let at = (j * 8 + r) * 8 + 2 * t;
+                assert_eq!(
+                    got[(lane * 4 + j) as usize],
+                    at | (at + 1) << 16,
+                    "lane {lane} register {j}"
+                );
+            }
+        }
+    }
+    let e = launch(8, 0, &mut out).unwrap_err();
+    assert!(
+        e.contains("CUDA_ERROR_MISALIGNED_ADDRESS") && e.contains("not 16-byte aligned") && e.contains("mma.cuh:"),
+        "{e}"
+    );
+    let e = launch(0, 1, &mut out).unwrap_err();
+    assert!(e.contains("not in the block's shared memory"), "{e}");
+}
+
+/// What the emulated driver reads from each cubin is what ptxas reports (`capsnet info --kernels`):
+/// registers and static shared memory of every kernel of the model.
+#[test]
+fn the_cubins_figures_are_ptxas_own() {
+    let Some(be) = emulated() else { return };
+    let report = capsnet::cuda::report::kernel_report("sm_90").unwrap_or_else(|e| panic!("{e}"));
+    let loaded = be.loaded_kernels().unwrap();
+    assert_eq!(loaded.len(), report.len());
+    for (l, r) in loaded.iter().zip(&report) {
+        assert_eq!(l.kernel, r.kernel);
+        assert_eq!(
+            (l.registers as u32, l.static_smem as u32),
+            (r.registers, r.static_smem),
+            "{}: (registers, static shared memory) loaded against ptxas's",
+            l.kernel.name
+        );
+        assert!(l.max_threads as u32 >= l.kernel.threads, "{}: {l:?}", l.kernel.name);
+    }
+}
+
+/// A cubin runs on its own major architecture only: sm_80's is refused by the 9.0 device, as the
+/// driver refuses it (CUDA_ERROR_NO_BINARY_FOR_GPU).
+#[test]
+fn a_cubin_for_another_architecture_is_refused() {
+    use capsnet::cuda::compile::{Target, compile_file};
+    let Some(be) = emulated() else { return };
+    let image = compile_file("adam.cu", Target::Cubin(80)).unwrap_or_else(|e| panic!("{e}"));
+    let e = be.context().load_module(image.module()).unwrap_err();
+    let e = capsnet::cuda::describe(&e);
+    assert!(
+        e.contains("CUDA_ERROR_NO_BINARY_FOR_GPU") && e.contains("sm_80") && e.contains("9.0"),
+        "{e}"
+    );
+    let ok = compile_file("adam.cu", Target::Cubin(90)).unwrap();
+    be.context().load_module(ok.module()).unwrap();
+}
+
+// ---- tensor-core sums that truncate ---------------------------------------------------------------------
+
+/// Every tensor-core version of every GEMM-shaped op against the CPU reference with the emulated `mma`
+/// truncating its sums (kernels/mma.cuh, `truncated_sum`): within the same bound as to nearest
+/// (capsnet::float::gemm_error_bound, which is derived for both).
+#[test]
+fn tensor_core_gemms_stay_within_their_bound_when_the_mma_truncates() {
+    use capsnet::cuda::registry::{KernelSet, OPS};
+    use capsnet::float::Precision;
+    use common::parity::{self, GemmOp};
+    let Some(be) = emulated() else { return };
+    emulator::set_mma_truncation(true).unwrap();
+    let mut checked = 0;
+    for (op, ks) in KernelSet::each_version() {
+        let version = ks.version(op);
+        let Some(gop) = GemmOp::from_name(OPS[op.0].name) else {
+            continue;
+        };
+        if version.precision == Precision::Fp32 {
+            continue;
+        }
+        be.set_kernels(ks.clone());
+        parity::gemm_op(&be, gop, version.precision.mantissa_bits());
+        checked += 1;
+    }
+    emulator::set_mma_truncation(false).unwrap();
+    assert_eq!(checked, 12, "six GEMM-shaped ops, each in tf32 and bf16");
+}
+
+/// Why the bound is not the round-to-nearest one: inputs exact in tf32 (no input rounding), all
+/// positive, K = 4096 products per output. Summed to nearest, each output is within the probabilistic
+/// term √K·2^-22 of Σ|a||b|; truncated, the errors add up past it, and stay within the worst case
+/// K·2^-22 (capsnet::float::sum_error_bound).
+#[test]
+fn truncated_sums_need_the_worst_case_bound() {
+    use capsnet::backend::{Act, Backend, DenseShape};
+    use capsnet::cuda::registry::{KernelSet, Precision};
+    use capsnet::float::sum_error_bound;
+    let Some(be) = emulated() else { return };
+    be.set_kernels(KernelSet::for_precision(Precision::Tf32));
+    let d = DenseShape {
+        rows: 16,
+        inp: 4096,
+        out: 8,
+    };
+    let mut rng = Lcg(4096);
+    // 1 + m/1024: ten mantissa bits, exact in tf32
+    let mut exact = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| 1.0 + rng.uniform(0.0, 1024.0).floor() as f32 / 1024.0)
+            .collect()
+    };
+    let (x, w) = (exact(d.rows * d.inp), exact(d.inp * d.out));
+    let want: Vec<f64> = (0..d.rows * d.out)
+        .map(|e| {
+            (0..d.inp)
+                .map(|k| x[e / d.out * d.inp + k] as f64 * w[k * d.out + e % d.out] as f64)
+                .sum()
+        })
+        .collect();
+    let worst = |truncates: bool| -> f64 {
+        emulator::set_mma_truncation(truncates).unwrap();
+        let (xb, wb, bb) = (
+            be.upload(&x).unwrap(),
+            be.upload(&w).unwrap(),
+            be.upload(&vec![0f32; d.out]).unwrap(),
+        );
+        let mut y = be.zeros(d.rows * d.out).unwrap();
+        be.dense_fwd(&d, &xb, &wb, &bb, &mut y, Act::None).unwrap();
+        let got = be.download(&y).unwrap();
+        emulator::set_mma_truncation(false).unwrap();
+        // every term is positive: Σ|a||b| is the sum itself
+        got.iter()
+            .zip(&want)
+            .map(|(g, w)| (*g as f64 - w).abs() / w)
+            .fold(0.0, f64::max)
+    };
+    let probabilistic = (d.inp as f64).sqrt() * 2f64.powi(-22);
+    let (nearest, truncated) = (worst(false), worst(true));
+    assert!(
+        nearest <= probabilistic,
+        "to nearest: {nearest:e} of the sum, above {probabilistic:e}"
+    );
+    assert!(
+        truncated > probabilistic && truncated <= sum_error_bound(Precision::Tf32, d.inp),
+        "truncated: {truncated:e} of the sum; the probabilistic term {probabilistic:e}, the bound {:e}",
+        sum_error_bound(Precision::Tf32, d.inp)
+    );
+    eprintln!(
+        "K = 4096, exact positive tf32 inputs: worst error {nearest:.2e} of the sum to nearest, {truncated:.2e} truncated"
+    );
+}

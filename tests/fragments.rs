@@ -320,3 +320,125 @@ fn tf32_and_bf16_conversions_round_as_the_isa_says() {
     assert_eq!(t[0], 0x3f80_2000, "the tf32 tie goes away from zero");
     assert_eq!(b[1] & 0xffff, 0x3f80, "the bf16 tie 1 + 2^-8 goes to even (1)");
 }
+
+/// How one `mma` sums what the ISA leaves open: on random inputs exact in tf32 or bf16, with
+/// exponents spread so that sums need rounding, each output against two models of c + Σ a·b: fp32 FMAs
+/// in k order, rounding to nearest, and the truncating model (every term cut to the 24-bit significand
+/// of the largest, the sum cut to fp32: kernels/mma.cuh, `truncated_sum`). The emulated device follows
+/// the model of its mode bit for bit, and the two models differ on these inputs. On a GPU every output
+/// is within the bound of capsnet::float::sum_error_bound, and the test prints how many outputs each
+/// model matches: what the hardware does.
+#[test]
+fn mma_sums_follow_each_emulated_mode_and_stay_within_the_bound() {
+    use capsnet::cuda::emulator;
+    use capsnet::float::{Precision, sum_error_bound};
+    let Some(be) = common::cuda_backend() else { return };
+    let emulated = emulator::loaded().is_some();
+    let mut rng = Lcg(77);
+    for bf16 in [false, true] {
+        let (k, bits, p) = if bf16 {
+            (16, 7, Precision::Bf16)
+        } else {
+            (8, 10, Precision::Tf32)
+        };
+        // ±(1 + m·2^-bits)·2^e, e in [-8, 8]: exact in the input format
+        let mut spread = |n: usize, bits: i32| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    let m = rng.uniform(0.0, 2f64.powi(bits)).floor() * 2f64.powi(-bits);
+                    let e = rng.uniform(-8.0, 9.0).floor() as i32;
+                    let sign = if rng.uniform(0.0, 1.0) < 0.5 { -1.0 } else { 1.0 };
+                    (sign * (1.0 + m) * 2f64.powi(e)) as f32
+                })
+                .collect()
+        };
+        let (mut fma_matches, mut trunc_matches, mut models_differ, mut outputs) = (0, 0, 0, 0);
+        for _ in 0..8 {
+            let (a, b) = (spread(16 * k, bits), spread(k * 8, bits));
+            let c = spread(16 * 8, 23);
+            let terms = |e: usize| -> Vec<f64> {
+                let (r, col) = (e / 8, e % 8);
+                std::iter::once(c[e] as f64)
+                    .chain((0..k).map(|kk| a[r * k + kk] as f64 * b[kk * 8 + col] as f64))
+                    .collect()
+            };
+            let fma = |e: usize| -> f32 {
+                let (r, col) = (e / 8, e % 8);
+                (0..k).fold(c[e], |acc, kk| a[r * k + kk].mul_add(b[kk * 8 + col], acc))
+            };
+            let modes: &[bool] = if emulated { &[false, true] } else { &[false] };
+            for &truncates in modes {
+                if emulated {
+                    emulator::set_mma_truncation(truncates).unwrap();
+                }
+                let got = run_mma(&be, bf16, &a, &b, &c);
+                if emulated {
+                    emulator::set_mma_truncation(false).unwrap();
+                }
+                for (e, &g) in got.iter().enumerate() {
+                    let t = terms(e);
+                    let (model_fma, model_trunc) = (fma(e), truncated_sum(&t));
+                    if emulated {
+                        let want = if truncates { model_trunc } else { model_fma };
+                        assert_eq!(
+                            g.to_bits(),
+                            want.to_bits(),
+                            "{} output {e}, {}: {} against the model's {}",
+                            p.name(),
+                            if truncates { "truncating" } else { "to nearest" },
+                            g,
+                            want
+                        );
+                    }
+                    let exact: f64 = t.iter().sum();
+                    let scale: f64 = t.iter().map(|x| x.abs()).sum();
+                    assert!(
+                        (g as f64 - exact).abs() <= sum_error_bound(p, k) * scale,
+                        "{} output {e}: {} against {exact} (Σ|terms| {scale})",
+                        p.name(),
+                        g
+                    );
+                    fma_matches += (g.to_bits() == model_fma.to_bits()) as usize;
+                    trunc_matches += (g.to_bits() == model_trunc.to_bits()) as usize;
+                    models_differ += (!truncates && model_fma.to_bits() != model_trunc.to_bits()) as usize;
+                    outputs += 1;
+                }
+            }
+        }
+        assert!(
+            models_differ > 0,
+            "{}: the two models agree on every input: no test of the mode",
+            p.name()
+        );
+        eprintln!(
+            "mma {} sums{}: {fma_matches} of {outputs} outputs equal fp32 FMAs in k order, {trunc_matches} the truncating model ({models_differ} of {} outputs tell them apart)",
+            p.name(),
+            if emulated {
+                " (emulated, both modes)"
+            } else {
+                " (hardware)"
+            },
+            if emulated { outputs / 2 } else { outputs }
+        );
+    }
+}
+
+/// kernels/mma.cuh's `truncated_sum`, written again from its description: every term cut (towards
+/// zero) to a multiple of the last bit of a 24-bit significand at the largest term's leading bit, the
+/// exact sum of those cut to f32.
+fn truncated_sum(t: &[f64]) -> f32 {
+    let biggest = t.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    if biggest == 0.0 {
+        return t[0] as f32;
+    }
+    let lead = biggest.log2().floor() as i32; // 2^lead <= biggest < 2^(lead+1)
+    let q = 2f64.powi(lead - 23);
+    let sum: f64 = t.iter().map(|x| (x / q).trunc() * q).sum();
+    let f = sum as f32;
+    if (f as f64).abs() > sum.abs() {
+        // one step towards zero
+        f32::from_bits(f.to_bits() - 1)
+    } else {
+        f
+    }
+}

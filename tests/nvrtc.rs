@@ -1,10 +1,13 @@
 //! Every kernel compiles with NVRTC, without a GPU: NVRTC runs on the CPU. CI installs NVRTC 13.0
 //! (the pip wheel nvidia-cuda-nvrtc==13.0.*) and sets CAPSNET_REQUIRE_NVRTC=1, so there this test
-//! cannot skip; elsewhere it prints SKIPPED when libnvrtc is not on the library path.
+//! cannot skip; elsewhere it prints SKIPPED when libnvrtc is not on the library path. Also: which
+//! image a GPU gets (a cubin for its own architecture, PTX only for one NVRTC does not know) and which
+//! NVRTC and driver versions work together, with stand-in versions.
 
 use std::io::Write;
 
-use capsnet::cuda::{compile, nvrtc_available, nvrtc_version, registry};
+use capsnet::cuda::compile::{self, Target, check_versions, target_for};
+use capsnet::cuda::{nvrtc_available, nvrtc_version, registry};
 use capsnet::kernels::SOURCES;
 
 fn nvrtc_or_skip() -> bool {
@@ -31,28 +34,105 @@ fn nvrtc_is_13_0() {
     assert_eq!(nvrtc_version().unwrap(), (13, 0), "NVRTC must be 13.0.x for driver 580");
 }
 
+/// The architecture a cubin is for, from its ELF header (e_flags bits 8-15, as cuobjdump reads it).
+fn cubin_arch(image: &[u8]) -> u32 {
+    assert_eq!(&image[..4], b"\x7fELF", "not an ELF image");
+    assert_eq!(
+        u16::from_le_bytes([image[18], image[19]]),
+        190,
+        "not a CUDA ELF (EM_CUDA)"
+    );
+    (u32::from_le_bytes([image[48], image[49], image[50], image[51]]) >> 8) & 0xff
+}
+
+/// CI has NVRTC write a cubin for sm_80 and sm_90 for every kernel file (what the backend loads
+/// first), and PTX for compute_90 (the fallback for an architecture NVRTC does not know).
 #[test]
-fn every_kernel_compiles_for_sm80_and_sm90() {
+fn every_kernel_compiles_to_cubins_for_sm80_and_sm90_and_to_ptx() {
     if !nvrtc_or_skip() {
         return;
     }
-    for arch in ["sm_80", "sm_90"] {
-        let ptx = compile::compile_all(arch).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(ptx.len(), SOURCES.iter().filter(|(n, _)| n.ends_with(".cu")).count());
-        for k in registry::ALL {
-            let (_, p) = ptx
-                .iter()
-                .find(|(f, _)| *f == k.file)
-                .unwrap_or_else(|| panic!("{} not compiled", k.file));
-            let text = p.to_src();
-            assert!(
-                text.contains(&format!(".entry {}(", k.name)),
-                "{arch}: kernels/{} has no entry {}",
-                k.file,
-                k.name
-            );
+    let files = SOURCES.iter().filter(|(n, _)| n.ends_with(".cu")).count();
+    for arch in [80, 90] {
+        let images = compile::compile_all(Target::Cubin(arch)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(images.len(), files);
+        for (file, image) in images.iter() {
+            let bytes = &image.bytes;
+            assert_eq!(cubin_arch(bytes), arch, "kernels/{file}");
+            for k in registry::ALL.iter().filter(|k| k.file == *file) {
+                let name = format!("{}\0", k.name);
+                assert!(
+                    bytes.windows(name.len()).any(|w| w == name.as_bytes()),
+                    "sm_{arch}: kernels/{file} has no kernel {}",
+                    k.name
+                );
+            }
         }
     }
+    let ptx = compile::compile_all(Target::Ptx(90)).unwrap_or_else(|e| panic!("{e}"));
+    for k in registry::ALL {
+        let (_, p) = ptx
+            .iter()
+            .find(|(f, _)| *f == k.file)
+            .unwrap_or_else(|| panic!("{} not compiled", k.file));
+        assert!(
+            p.ptx_text().unwrap().contains(&format!(".entry {}(", k.name)),
+            "compute_90: kernels/{} has no entry {}",
+            k.file,
+            k.name
+        );
+    }
+}
+
+/// A GPU gets its own architecture's cubin where NVRTC knows it, PTX for the newest architecture
+/// below it where NVRTC does not, and a GPU older than sm_80 an error naming its compute capability.
+#[test]
+fn a_gpu_gets_its_own_cubin_and_ptx_only_for_an_architecture_nvrtc_does_not_know() {
+    let known = [75, 80, 86, 87, 89, 90, 100, 120];
+    assert_eq!(target_for((9, 0), &known).unwrap(), Target::Cubin(90));
+    assert_eq!(target_for((8, 6), &known).unwrap(), Target::Cubin(86));
+    assert_eq!(target_for((12, 1), &known).unwrap(), Target::Ptx(120));
+    assert_eq!(target_for((9, 5), &known).unwrap(), Target::Ptx(90));
+    let e = target_for((7, 5), &known).unwrap_err().to_string();
+    assert!(e.contains("compute capability 7.5") && e.contains("8.0"), "{e}");
+    if nvrtc_or_skip() {
+        // this NVRTC knows the GPUs the project is measured on
+        let archs = compile::supported_archs().unwrap();
+        assert!(archs.contains(&80) && archs.contains(&90), "{archs:?}");
+    }
+}
+
+/// Stand-in versions: a cubin loads on a driver of its NVRTC's major version or newer (minor version
+/// compatibility), PTX only on a driver at least as new as its NVRTC; every refusal names both.
+#[test]
+fn nvrtc_and_driver_versions_that_cannot_work_together_are_named() {
+    let (cubin, ptx) = (Target::Cubin(90), Target::Ptx(90));
+    for (nvrtc, driver) in [
+        ((13, 0), (13, 0)),
+        ((13, 1), (13, 0)),
+        ((13, 0), (13, 2)),
+        ((12, 8), (13, 0)),
+    ] {
+        check_versions(nvrtc, driver, cubin).unwrap_or_else(|e| panic!("{nvrtc:?} {driver:?}: {e}"));
+    }
+    for (nvrtc, driver) in [((13, 0), (13, 0)), ((13, 0), (13, 2)), ((12, 8), (13, 0))] {
+        check_versions(nvrtc, driver, ptx).unwrap_or_else(|e| panic!("{nvrtc:?} {driver:?}: {e}"));
+    }
+    let refused = |nvrtc, driver, target, words: &[&str]| {
+        let e = check_versions(nvrtc, driver, target).unwrap_err().to_string();
+        for w in words {
+            assert!(e.contains(w), "{nvrtc:?} {driver:?} {target:?}: {e:?} lacks {w:?}");
+        }
+    };
+    // the case the driver would report only as CUDA_ERROR_UNSUPPORTED_PTX_VERSION
+    refused(
+        (13, 1),
+        (13, 0),
+        ptx,
+        &["NVRTC 13.1", "CUDA 13.0", "nvidia-cuda-nvrtc==13.0"],
+    );
+    refused((14, 0), (13, 0), cubin, &["NVRTC 14.0", "CUDA 13.0"]);
+    refused((13, 0), (12, 8), cubin, &["CUDA 12.8", "13.0", "580", "NVRTC is 13.0"]);
 }
 
 #[test]
@@ -85,7 +165,7 @@ fn a_compile_error_names_the_file_and_shows_the_log() {
         return;
     }
     let src = "extern \"C\" __global__ void k(float* x) { x[0] = undefined_thing(); }";
-    let e = compile::compile_source("broken.cu", src, "sm_90")
+    let e = compile::compile_source("broken.cu", src, Target::Cubin(90))
         .unwrap_err()
         .to_string();
     assert!(
@@ -93,7 +173,9 @@ fn a_compile_error_names_the_file_and_shows_the_log() {
         "no file name or log in: {e}"
     );
     // an unknown file is refused by name
-    let e = compile::compile_file("no_such.cu", "sm_90").unwrap_err().to_string();
+    let e = compile::compile_file("no_such.cu", Target::Cubin(90))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("kernels/no_such.cu"), "{e}");
 }
 
@@ -149,9 +231,10 @@ fn no_hot_kernel_divides_64_bit_integers() {
     }
     let mut found = vec![];
     for (file, _) in capsnet::kernels::SOURCES.iter().filter(|(n, _)| n.ends_with(".cu")) {
-        let ptx = compile::compile_file(file, "sm_90")
+        let ptx = compile::compile_file(file, Target::Ptx(90))
             .unwrap_or_else(|e| panic!("{e}"))
-            .to_src();
+            .ptx_text()
+            .unwrap();
         let mut kernel = String::new();
         for line in ptx.lines() {
             if let Some(rest) = line.split(".entry ").nth(1) {

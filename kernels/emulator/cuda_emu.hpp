@@ -10,6 +10,7 @@
 //                                               runs on one OS thread and its fibers never move
 //   DYNAMIC_SMEM(T, name)                       the launch's dynamic shared memory, exactly its size,
 //                                               NaN-filled at the start of each block
+//   float2, float4, int4, uint4, ...            CUDA's vector types, aligned to their size
 //   atomics, math functions                     what the kernels call
 //
 // One CUDA thread is one fiber; emulator.cpp schedules a block's fibers deterministically on one OS
@@ -36,6 +37,10 @@ struct BlockCoords {
     uint3 idx;
     dim3 dim, grid;
     unsigned char* dyn_smem;
+    size_t dyn_bytes;
+    // how the emulated mma rounds its sums: 0 to nearest (fp32 FMAs in k order), 1 truncated (see
+    // kernels/mma.cuh); the mode of the host thread that launched the kernel
+    int mma_truncates;
 };
 
 // Set by the scheduler: the running fiber's threadIdx and the running block, per OS thread.
@@ -61,6 +66,12 @@ inline unsigned lane_id() {
     const uint3& t = *tls_tid;
     return (t.x + tls_block.dim.x * (t.y + tls_block.dim.y * t.z)) % 32;
 }
+
+// A fault a GPU would raise (a misaligned or out-of-space access): stops the launch with `code` (a
+// CUresult) and a message naming the kernel, block, thread and file:line. Does not return.
+[[noreturn]] void fault(int code, const char* what, const char* file, int line);
+// ldmatrix's row address: 16-byte aligned and in this block's shared memory, or a fault.
+void check_ldmatrix_row(const void* row, const char* file, int line);
 
 template <class T>
 inline uint64_t to_bits(T v) {
@@ -106,6 +117,33 @@ struct Registrar {
 
 #define EMU_KERNEL(k) \
     static ::emu::Registrar emu_registrar_##k(#k, &::emu::Entry<&k>::run, ::emu::Entry<&k>::count, ::emu::Entry<&k>::sizes);
+
+// ---- vector types, aligned to their size as CUDA's are: a misaligned access through one is a fault
+// (the kernels are built with -fsanitize=alignment, whose reports emulator.cpp turns into faults) ----
+struct alignas(8) float2 {
+    float x, y;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+struct alignas(8) int2 {
+    int x, y;
+};
+struct alignas(16) int4 {
+    int x, y, z, w;
+};
+struct alignas(8) uint2 {
+    unsigned x, y;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline int2 make_int2(int x, int y) { return {x, y}; }
+inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
 // ---- qualifiers --------------------------------------------------------------------------------------
 #define __global__

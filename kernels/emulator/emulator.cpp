@@ -7,12 +7,21 @@
 // - Memory: host allocations, NaN-filled (0xFF bytes) when allocated, with a NaN redzone after each
 //   (and after each block's dynamic shared memory) that a launch must leave untouched; copies and
 //   memsets must stay inside one live allocation.
-// - Modules: PTX from the real NVRTC. Each `.entry` must have a host build of the same name whose
-//   parameter sizes match the PTX's; `.maxntid` is kept for the launch check.
-// - Launches are checked as the driver checks them (block ≤ 1024 threads and ≤ .maxntid, grid limits,
-//   dynamic shared memory ≤ 48 KiB or the function's opt-in attribute, itself ≤ the device's limit),
-//   then run synchronously: blocks spread over OS threads, each block's threads are fibers scheduled
+// - Modules: cubins or PTX from the real NVRTC. Each kernel must have a host build of the same name
+//   whose parameter sizes match the module's. A cubin (an ELF file) gives what ptxas decided and the
+//   driver reads: parameter sizes, the launch bounds, registers per thread and static shared memory
+//   (.nv.info attributes, .nv.shared sections); its architecture must be the device's. PTX gives the
+//   parameter sizes and .maxntid.
+// - Launches are checked as the driver checks them (block ≤ 1024 threads and ≤ the launch bounds,
+//   registers × threads within the 65,536 of a block, grid limits, dynamic shared memory ≤ 48 KiB or
+//   the function's opt-in attribute, static + dynamic ≤ the device's 227 KiB), then run
+//   synchronously: blocks spread over OS threads, each block's threads are fibers scheduled
 //   deterministically on one OS thread (forward or reversed order, see capsnet_emu_set_schedule).
+// - Faults a GPU raises stop the launch: an ldmatrix row address not 16-byte aligned or not in
+//   shared memory, an access misaligned for its type (a float4 not on 16 bytes; the kernels are
+//   built with -fsanitize=alignment and its reports come here).
+// - Stand-ins, for testing what the host does with other GPUs and drivers:
+//   CAPSNET_EMULATOR_DRIVER_VERSION (e.g. 12.8) and CAPSNET_EMULATOR_CC (e.g. 7.5).
 // - A barrier reached at different lines, a collective whose mask names an exited lane, and a
 //   deadlock fail the launch with CUDA_ERROR_LAUNCH_FAILED; cuGetErrorString then gives the message
 //   (kernel, file:line, block and thread), which is also printed to stderr.
@@ -20,6 +29,9 @@
 // Built three ways (src/cuda/emulator.rs): plain, with AddressSanitizer (fiber switches annotated) and
 // with ThreadSanitizer (each fiber a TSan fiber whose switches do not synchronise; barriers and
 // collectives are release/acquire on tokens that alternate per generation).
+#include <dlfcn.h>
+#include <elf.h>
+#include <link.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -156,7 +168,7 @@ std::map<std::string, HostKernel>& kernels() {
     return k;
 }
 
-enum class St : uint8_t { Ready, Barrier, Collective, Exited };
+enum class St : uint8_t { Ready, Barrier, Collective, Exited, Faulted };
 
 struct Fiber {
     void* sp = nullptr;
@@ -180,6 +192,7 @@ struct Block {
     std::vector<Fiber> fibers;
     void* sched_sp = nullptr;
     std::string error;
+    int error_code = 719;  // CUDA_ERROR_LAUNCH_FAILED, or the fault's
     unsigned barrier_gen = 0;
     std::vector<unsigned> warp_gen;
     // OP_GATHER's results: the 32 values each warp's lanes posted, per warp
@@ -372,9 +385,9 @@ std::string describe_waits(const Block& b) {
 
 std::atomic<int> schedule_reversed{0};
 
-// Runs one block to completion; returns "" or the error.
+// Runs one block to completion; returns "" or the error (its CUresult in *code).
 std::string run_block(const char* name, void (*run)(void**), void** params, uint3 bidx, dim3 bdim, dim3 grid,
-                      size_t dyn_bytes) {
+                      size_t dyn_bytes, int mma_truncates, int* code) {
     Block b;
     b.kernel = name;
     b.run = run;
@@ -387,7 +400,7 @@ std::string run_block(const char* name, void (*run)(void**), void** params, uint
     unsigned char* smem = (unsigned char*)malloc(dyn_bytes + REDZONE);
     if (smem == nullptr && dyn_bytes + REDZONE > 0) return "cannot allocate the block's dynamic shared memory";
     memset(smem, 0xFF, dyn_bytes + REDZONE);  // NaN until written
-    tls_block = BlockCoords{bidx, bdim, grid, smem};
+    tls_block = BlockCoords{bidx, bdim, grid, smem, dyn_bytes, mma_truncates};
     tls_blk = &b;
 #if EMU_TSAN
     b.sched_tsan = __tsan_get_current_fiber();
@@ -459,13 +472,81 @@ std::string run_block(const char* name, void (*run)(void**), void** params, uint
     free(smem);
     tls_blk = nullptr;
     tls_tid = nullptr;
+    *code = b.error_code;
     return b.error;
+}
+
+// The calling OS thread's block of this library's thread-local storage, where `__shared__`
+// variables live (cuda_emu.hpp makes them static thread_local): [start, start + size).
+std::pair<uintptr_t, size_t> static_shared_range() {
+    struct Self {
+        void* handle = nullptr;
+        size_t size = 0;
+    };
+    static const Self self = [] {
+        Self r;
+        Dl_info info{};
+        if (!dladdr((void*)&static_shared_range, &info) || !info.dli_fname) return r;
+        r.handle = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+        struct Find {
+            const char* name;
+            size_t size;
+        } find{info.dli_fname, 0};
+        dl_iterate_phdr(
+            [](dl_phdr_info* i, size_t, void* data) {
+                Find* f = (Find*)data;
+                if (!i->dlpi_name || strcmp(i->dlpi_name, f->name) != 0) return 0;
+                for (int k = 0; k < i->dlpi_phnum; ++k)
+                    if (i->dlpi_phdr[k].p_type == PT_TLS) f->size = i->dlpi_phdr[k].p_memsz;
+                return 1;
+            },
+            &find);
+        r.size = find.size;
+        return r;
+    }();
+    void* block = nullptr;
+    if (self.handle == nullptr || dlinfo(self.handle, RTLD_DI_TLS_DATA, &block) != 0 || block == nullptr)
+        return {0, 0};
+    return {(uintptr_t)block, self.size};
 }
 
 }  // namespace
 
 void register_kernel(const char* name, void (*run)(void**), size_t nparams, const size_t* sizes) {
     kernels()[name] = HostKernel{run, std::vector<size_t>(sizes, sizes + nparams)};
+}
+
+void fault(int code, const char* what, const char* file, int line) {
+    Fiber* f = tls_fiber;
+    Block* b = tls_blk;
+    if (f == nullptr || b == nullptr) {  // not inside a kernel: nothing to stop but the process
+        fprintf(stderr, "capsnet emulated device: %s at %s:%d, outside any kernel\n", what, file, line);
+        abort();
+    }
+    if (b->error.empty()) {
+        b->error = who(*b, *f) + ": " + what + " at " + file + ":" + std::to_string(line);
+        b->error_code = code;
+    }
+    f->st = St::Faulted;  // never resumed: the launch stops
+    to_scheduler();
+    __builtin_trap();
+}
+
+void check_ldmatrix_row(const void* row, const char* file, int line) {
+    const uintptr_t p = (uintptr_t)row;
+    char what[200];
+    if (p % 16 != 0) {
+        snprintf(what, sizeof what, "ldmatrix row address %p is not 16-byte aligned", row);
+        fault(716, what, file, line);  // CUDA_ERROR_MISALIGNED_ADDRESS
+    }
+    const uintptr_t dyn = (uintptr_t)tls_block.dyn_smem;
+    const auto [tls, tls_size] = static_shared_range();
+    const bool in_dynamic = p >= dyn && p + 16 <= dyn + tls_block.dyn_bytes;
+    const bool in_static = p >= tls && p + 16 <= tls + tls_size;
+    if (!in_dynamic && !in_static) {
+        snprintf(what, sizeof what, "ldmatrix row address %p is not in the block's shared memory", row);
+        fault(700, what, file, line);  // CUDA_ERROR_ILLEGAL_ADDRESS
+    }
 }
 
 namespace {
@@ -510,6 +591,36 @@ uint64_t collective(Op op, unsigned mask, uint64_t value, int arg, int width, co
 
 }  // namespace emu
 
+// ---- -fsanitize=alignment's reports (the kernels' units are built with it) become faults -------------
+// The handler's arguments as GCC's and Clang's UBSan runtime declare them (ubsan_handlers.h).
+struct UbsanLocation {
+    const char* file;
+    unsigned line, column;
+};
+struct UbsanType {
+    unsigned short kind, info;
+    char name[1];
+};
+struct UbsanMismatch {
+    UbsanLocation loc;
+    const UbsanType* type;
+    unsigned char log_alignment, check_kind;
+};
+extern "C" void __ubsan_handle_type_mismatch_v1(UbsanMismatch* d, uintptr_t p) {
+    static const char* const kinds[] = {"load of", "store to", "reference to", "member access within",
+                                        "member call on", "constructor call on", "downcast of", "downcast of",
+                                        "upcast of", "cast to virtual base of", "nonnull binding to",
+                                        "dynamic operation on"};
+    const char* kind = d->check_kind < sizeof kinds / sizeof *kinds ? kinds[d->check_kind] : "access to";
+    char what[240];
+    snprintf(what, sizeof what, "%s misaligned address 0x%llx for type %s, which requires %u-byte alignment", kind,
+             (unsigned long long)p, d->type ? d->type->name : "?", 1u << d->log_alignment);
+    emu::fault(716, what, d->loc.file, (int)d->loc.line);  // CUDA_ERROR_MISALIGNED_ADDRESS
+}
+extern "C" void __ubsan_handle_type_mismatch_v1_abort(UbsanMismatch* d, uintptr_t p) {
+    __ubsan_handle_type_mismatch_v1(d, p);
+}
+
 // ======================================================================================================
 // The driver API (the subset cudarc 0.19 calls), C ABI. Types as in cuda.h.
 // ======================================================================================================
@@ -534,6 +645,7 @@ enum : int {
     CUDA_ERROR_INVALID_DEVICE = 101,
     CUDA_ERROR_INVALID_IMAGE = 200,
     CUDA_ERROR_INVALID_CONTEXT = 201,
+    CUDA_ERROR_NO_BINARY_FOR_GPU = 209,
     CUDA_ERROR_INVALID_PTX = 218,
     CUDA_ERROR_INVALID_HANDLE = 400,
     CUDA_ERROR_ILLEGAL_STATE = 401,
@@ -541,6 +653,7 @@ enum : int {
     CUDA_ERROR_NOT_READY = 600,
     CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
     CUDA_ERROR_ILLEGAL_ADDRESS = 700,
+    CUDA_ERROR_MISALIGNED_ADDRESS = 716,
     CUDA_ERROR_LAUNCH_FAILED = 719,
     CUDA_ERROR_NOT_SUPPORTED = 801,
     CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED = 900,
@@ -558,6 +671,9 @@ struct Module {
     struct EntryInfo {
         std::vector<size_t> param_sizes;
         unsigned maxntid[3] = {0, 0, 0};
+        // from a cubin (-1: unknown, as for PTX, which the driver compiles)
+        int registers = -1;
+        int static_smem = -1;
     };
     std::map<std::string, EntryInfo> entries;
 };
@@ -567,6 +683,26 @@ struct Function {
     Module::EntryInfo entry;
     int max_dynamic_smem = SMEM_DEFAULT;
 };
+
+// The device's compute capability and the driver's CUDA version, or their stand-ins ("M.m").
+std::pair<int, int> version_env(const char* var, std::pair<int, int> dflt) {
+    const char* v = getenv(var);
+    int a = 0, b = 0;
+    if (v && sscanf(v, "%d.%d", &a, &b) == 2) return {a, b};
+    return dflt;
+}
+std::pair<int, int> compute_capability() { return version_env("CAPSNET_EMULATOR_CC", {9, 0}); }
+int driver_version() {
+    const auto [a, b] = version_env("CAPSNET_EMULATOR_DRIVER_VERSION", {13, 0});
+    return a * 1000 + b * 10;
+}
+
+// Registers per block a launch of `threads` threads of `regs` registers each takes: registers are
+// given to warps in units of 256 (CUDA Occupancy Calculator, sm_80 and sm_90).
+long registers_per_block(int regs, unsigned long long threads) {
+    return (long)((regs * 32 + 255) / 256 * 256) * (long)((threads + 31) / 32);
+}
+constexpr long REGISTERS_PER_BLOCK = 65536;
 struct Event {
     std::chrono::steady_clock::time_point t;
 };
@@ -581,6 +717,8 @@ thread_local CUcontext current_ctx = nullptr;
 bool initialised = false;
 
 thread_local std::string last_message;
+// how the emulated mma sums (kernels/mma.cuh): set per host thread, taken by the launches it makes
+thread_local int mma_truncates = 0;
 thread_local CUresult last_code = CUDA_SUCCESS;
 
 CUresult fail(CUresult code, const std::string& msg) {
@@ -649,6 +787,137 @@ bool parse_ptx(const std::string& ptx, Module& m, std::string& err) {
     return true;
 }
 
+// ---- cubins: ELF files of machine code, with what ptxas decided in .nv.info attributes ---------------
+// The EIATTR records the driver reads (as cuobjdump -elf names them): each is a format byte, an
+// attribute byte and a 16-bit value, or (format 4, "SVAL") a 16-bit size and that many bytes.
+constexpr unsigned char EIFMT_SVAL = 4, EIATTR_MAX_THREADS = 0x05, EIATTR_KPARAM_INFO = 0x17,
+                        EIATTR_REGCOUNT = 0x2f;
+constexpr unsigned SHF_CUDA_ENTRY = 0x10;  // st_other of a kernel's symbol
+
+template <class F>
+bool each_eiattr(const unsigned char* p, size_t n, F&& f) {
+    size_t at = 0;
+    while (at + 4 <= n) {
+        const unsigned char fmt = p[at], attr = p[at + 1];
+        uint16_t v;
+        memcpy(&v, p + at + 2, 2);
+        at += 4;
+        if (fmt == EIFMT_SVAL) {
+            if (at + v > n) return false;
+            f(attr, p + at, (size_t)v);
+            at += v;
+        } else {
+            f(attr, p + at - 2, (size_t)0);
+        }
+    }
+    return at == n;
+}
+
+// The size of the ELF image at `p`: the farthest byte any header or section reaches.
+size_t elf_size(const unsigned char* p) {
+    Elf64_Ehdr h;
+    memcpy(&h, p, sizeof h);
+    size_t end = std::max<size_t>(sizeof h, h.e_shoff + (size_t)h.e_shnum * h.e_shentsize);
+    end = std::max<size_t>(end, h.e_phoff + (size_t)h.e_phnum * h.e_phentsize);
+    for (unsigned i = 0; i < h.e_shnum; ++i) {
+        Elf64_Shdr sh;
+        memcpy(&sh, p + h.e_shoff + (size_t)i * h.e_shentsize, sizeof sh);
+        if (sh.sh_type != SHT_NOBITS) end = std::max<size_t>(end, sh.sh_offset + sh.sh_size);
+    }
+    return end;
+}
+
+bool parse_cubin(const unsigned char* p, Module& m, std::string& err) {
+    Elf64_Ehdr h;
+    memcpy(&h, p, sizeof h);
+    if (h.e_ident[EI_CLASS] != ELFCLASS64 || h.e_machine != EM_CUDA || h.e_shentsize != sizeof(Elf64_Shdr) ||
+        h.e_shstrndx >= h.e_shnum) {
+        err = "not a 64-bit CUDA ELF image";
+        return false;
+    }
+    const int sm = (int)((h.e_flags >> 8) & 0xff);
+    const auto [major, minor] = compute_capability();
+    // machine code runs on its own major architecture, at the same or a later minor version
+    if (sm / 10 != major || sm % 10 > minor) {
+        err = "a cubin for sm_" + std::to_string(sm) + " cannot run on a device of compute capability " +
+              std::to_string(major) + "." + std::to_string(minor);
+        return false;
+    }
+    std::vector<Elf64_Shdr> sec(h.e_shnum);
+    for (unsigned i = 0; i < h.e_shnum; ++i) memcpy(&sec[i], p + h.e_shoff + (size_t)i * sizeof(Elf64_Shdr), sizeof(Elf64_Shdr));
+    auto name = [&](const Elf64_Shdr& s) { return std::string((const char*)p + sec[h.e_shstrndx].sh_offset + s.sh_name); };
+    // the kernels: function symbols marked as entries
+    std::vector<std::string> sym_names;
+    for (const Elf64_Shdr& s : sec) {
+        if (s.sh_type != SHT_SYMTAB) continue;
+        const char* strtab = (const char*)p + sec[s.sh_link].sh_offset;
+        for (size_t k = 0; k < s.sh_size / sizeof(Elf64_Sym); ++k) {
+            Elf64_Sym y;
+            memcpy(&y, p + s.sh_offset + k * sizeof y, sizeof y);
+            sym_names.push_back(strtab + y.st_name);
+            if (ELF64_ST_TYPE(y.st_info) == STT_FUNC && (y.st_other & SHF_CUDA_ENTRY)) m.entries[strtab + y.st_name] = {};
+        }
+    }
+    bool reserved = false;  // sm_80 and later keep 1 KiB of a block's shared memory for the system
+    for (const Elf64_Shdr& s : sec) reserved |= name(s) == ".nv.shared.reserved.0";
+    for (auto& [fn, e] : m.entries) e.static_smem = 0;
+    for (const Elf64_Shdr& s : sec) {
+        const std::string n = name(s);
+        const unsigned char* data = p + s.sh_offset;
+        if (n == ".nv.info") {
+            // per-function attributes keyed by symbol index: registers
+            if (!each_eiattr(data, s.sh_size, [&](unsigned char attr, const unsigned char* v, size_t len) {
+                    if (attr != EIATTR_REGCOUNT || len != 8) return;
+                    uint32_t sym, regs;
+                    memcpy(&sym, v, 4);
+                    memcpy(&regs, v + 4, 4);
+                    if (sym < sym_names.size() && m.entries.count(sym_names[sym])) m.entries[sym_names[sym]].registers = (int)regs;
+                })) {
+                err = "a malformed .nv.info section";
+                return false;
+            }
+        } else if (n.rfind(".nv.info.", 0) == 0 && m.entries.count(n.substr(9))) {
+            Module::EntryInfo& e = m.entries[n.substr(9)];
+            std::map<unsigned, size_t> params;  // ordinal -> size
+            if (!each_eiattr(data, s.sh_size, [&](unsigned char attr, const unsigned char* v, size_t len) {
+                    if (attr == EIATTR_KPARAM_INFO && len == 12) {
+                        uint16_t ordinal;
+                        uint32_t flags;
+                        memcpy(&ordinal, v + 4, 2);
+                        memcpy(&flags, v + 8, 4);
+                        params[ordinal] = (flags >> 18) & 0x3fff;
+                    } else if (attr == EIATTR_MAX_THREADS && len == 12) {
+                        memcpy(e.maxntid, v, 12);
+                    }
+                })) {
+                err = "a malformed " + n + " section";
+                return false;
+            }
+            for (auto& [ordinal, size] : params) {
+                if (ordinal != e.param_sizes.size()) {
+                    err = n + ": parameter " + std::to_string(e.param_sizes.size()) + " is missing";
+                    return false;
+                }
+                e.param_sizes.push_back(size);
+            }
+        } else if (n.rfind(".nv.shared.", 0) == 0 && m.entries.count(n.substr(11))) {
+            m.entries[n.substr(11)].static_smem = (int)s.sh_size - (reserved ? 1024 : 0);
+        }
+    }
+    for (auto& [fn, e] : m.entries) {
+        if (e.registers < 0) {
+            err = "kernel " + fn + " has no register count (EIATTR_REGCOUNT)";
+            return false;
+        }
+        e.static_smem = std::max(e.static_smem, 0);
+    }
+    if (m.entries.empty()) {
+        err = "the cubin has no kernel";
+        return false;
+    }
+    return true;
+}
+
 // The driver's launch checks, without running anything.
 CUresult check_launch(Function* f, dim3 grid, dim3 block, unsigned smem, void** params) {
     const std::string& k = f->name;
@@ -671,6 +940,16 @@ CUresult check_launch(Function* f, dim3 grid, dim3 block, unsigned smem, void** 
                     k + ": " + std::to_string(smem) + " bytes of dynamic shared memory exceed its limit of " +
                         std::to_string(f->max_dynamic_smem) +
                         " (48 KiB unless CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES raises it)");
+    const int static_smem = std::max(f->entry.static_smem, 0);
+    if ((long)smem + static_smem > SMEM_OPTIN)
+        return fail(CUDA_ERROR_INVALID_VALUE,
+                    k + ": " + std::to_string(static_smem) + " bytes of static and " + std::to_string(smem) +
+                        " of dynamic shared memory exceed the " + std::to_string(SMEM_OPTIN) + " a block can have");
+    if (f->entry.registers > 0 && registers_per_block(f->entry.registers, threads) > REGISTERS_PER_BLOCK)
+        return fail(CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES,
+                    k + ": " + std::to_string(threads) + " threads of " + std::to_string(f->entry.registers) +
+                        " registers take " + std::to_string(registers_per_block(f->entry.registers, threads)) +
+                        " registers, more than the " + std::to_string(REGISTERS_PER_BLOCK) + " of a block");
     if (params == nullptr && !f->host->sizes.empty()) return fail(CUDA_ERROR_INVALID_VALUE, k + ": no kernelParams");
     return CUDA_SUCCESS;
 }
@@ -687,15 +966,21 @@ CUresult launch(Function* f, dim3 grid, dim3 block, unsigned smem, void** params
     std::atomic<bool> failed{false};
     std::mutex err_mu;
     std::string err;
+    int err_code = CUDA_ERROR_LAUNCH_FAILED;
+    const int truncates = mma_truncates;  // the launching thread's mode, for every block
     auto work = [&] {
         for (;;) {
             const unsigned long long i = next.fetch_add(1);
             if (i >= total || failed.load()) return;
             const uint3 b{(unsigned)(i % grid.x), (unsigned)(i / grid.x % grid.y), (unsigned)(i / grid.x / grid.y)};
-            std::string e = run_block(k.c_str(), f->host->run, params, b, block, grid, smem);
+            int code = CUDA_ERROR_LAUNCH_FAILED;
+            std::string e = run_block(k.c_str(), f->host->run, params, b, block, grid, smem, truncates, &code);
             if (!e.empty()) {
                 std::lock_guard<std::mutex> g(err_mu);
-                if (err.empty()) err = e;
+                if (err.empty()) {
+                    err = e;
+                    err_code = code;
+                }
                 failed = true;
             }
         }
@@ -709,7 +994,7 @@ CUresult launch(Function* f, dim3 grid, dim3 block, unsigned smem, void** params
     for (auto& t : pool) t.join();
     if (!err.empty()) {
         fprintf(stderr, "capsnet emulated device: %s\n", err.c_str());
-        return fail(CUDA_ERROR_LAUNCH_FAILED, err);
+        return fail(err_code, err);
     }
     // a write past the end of a device allocation (the launch that did it is the one named)
     {
@@ -865,6 +1150,8 @@ const char* error_name(CUresult e) {
         case CUDA_ERROR_INVALID_DEVICE: return "CUDA_ERROR_INVALID_DEVICE";
         case CUDA_ERROR_INVALID_IMAGE: return "CUDA_ERROR_INVALID_IMAGE";
         case CUDA_ERROR_INVALID_CONTEXT: return "CUDA_ERROR_INVALID_CONTEXT";
+        case CUDA_ERROR_NO_BINARY_FOR_GPU: return "CUDA_ERROR_NO_BINARY_FOR_GPU";
+        case CUDA_ERROR_MISALIGNED_ADDRESS: return "CUDA_ERROR_MISALIGNED_ADDRESS";
         case CUDA_ERROR_INVALID_PTX: return "CUDA_ERROR_INVALID_PTX";
         case CUDA_ERROR_INVALID_HANDLE: return "CUDA_ERROR_INVALID_HANDLE";
         case CUDA_ERROR_NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
@@ -887,6 +1174,9 @@ EXPORT int capsnet_emulator_version() { return 1; }
 EXPORT const char* capsnet_emulator_variant() { return EMU_ASAN ? "address" : EMU_TSAN ? "thread" : "plain"; }
 // 0: each block's threads run in order 0, 1, ... between barriers; 1: in reversed order.
 EXPORT void capsnet_emu_set_schedule(int reversed) { schedule_reversed = reversed; }
+// For the launches this host thread makes: 0, the emulated mma sums with fp32 FMAs in k order (round
+// to nearest); 1, it truncates as kernels/mma.cuh's truncated_sum says.
+EXPORT void capsnet_emu_set_mma_truncation(int truncates) { mma_truncates = truncates; }
 
 // Launches of kernel `name` that passed the launch checks, since the library was loaded.
 EXPORT unsigned long long capsnet_emu_launches(const char* name) {
@@ -904,7 +1194,7 @@ EXPORT CUresult cuInit(unsigned flags) {
 }
 EXPORT CUresult cuDriverGetVersion(int* v) {
     if (!v) return CUDA_ERROR_INVALID_VALUE;
-    *v = 13000;
+    *v = driver_version();
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuDeviceGetCount(int* n) {
@@ -945,8 +1235,8 @@ EXPORT CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice d) {
         case 13: *v = 1980000; break;            // CLOCK_RATE (kHz)
         case 16: *v = 132; break;                // MULTIPROCESSOR_COUNT
         case 39: *v = 2048; break;               // MAX_THREADS_PER_MULTIPROCESSOR
-        case 75: *v = 9; break;                  // COMPUTE_CAPABILITY_MAJOR
-        case 76: *v = 0; break;                  // COMPUTE_CAPABILITY_MINOR
+        case 75: *v = compute_capability().first; break;   // COMPUTE_CAPABILITY_MAJOR
+        case 76: *v = compute_capability().second; break;  // COMPUTE_CAPABILITY_MINOR
         case 81: *v = 228 * 1024; break;         // MAX_SHARED_MEMORY_PER_MULTIPROCESSOR
         case 97: *v = SMEM_OPTIN; break;         // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
         case 115: *v = 1; break;                 // MEMORY_POOLS_SUPPORTED
@@ -1168,11 +1458,18 @@ EXPORT CUresult cuEventElapsedTime_v2(float* ms, CUevent a, CUevent b) { return 
 EXPORT CUresult cuModuleLoadData(CUmodule* out, const void* image) {
     if (!out || !image) return CUDA_ERROR_INVALID_VALUE;
     const char* text = (const char*)image;
-    if (memcmp(text, "\x7f" "ELF", 4) == 0)
-        return fail(CUDA_ERROR_INVALID_IMAGE, "the emulated device loads PTX only, not a CUBIN");
     auto m = std::make_unique<Module>();
     std::string err;
-    if (!parse_ptx(text, *m, err)) return fail(CUDA_ERROR_INVALID_PTX, "cuModuleLoadData: " + err);
+    if (memcmp(text, "\x7f" "ELF", 4) == 0) {
+        const unsigned char* p = (const unsigned char*)image;
+        // a copy of exactly the image's bytes, so AddressSanitizer sees a read past them
+        std::vector<unsigned char> elf(p, p + elf_size(p));
+        if (!parse_cubin(elf.data(), *m, err))
+            return fail(err.rfind("a cubin for", 0) == 0 ? CUDA_ERROR_NO_BINARY_FOR_GPU : CUDA_ERROR_INVALID_IMAGE,
+                        "cuModuleLoadData: " + err);
+    } else if (!parse_ptx(text, *m, err)) {
+        return fail(CUDA_ERROR_INVALID_PTX, "cuModuleLoadData: " + err);
+    }
     *out = (CUmodule)m.release();
     return CUDA_SUCCESS;
 }
@@ -1191,7 +1488,7 @@ EXPORT CUresult cuModuleGetFunction(CUfunction* out, CUmodule mod, const char* n
     if (h->second.sizes != e->second.param_sizes) {
         std::string s = std::string("kernel ") + name + ": the host build's parameter sizes (";
         for (size_t z : h->second.sizes) s += std::to_string(z) + " ";
-        s += ") differ from the PTX's (";
+        s += ") differ from the module's (";
         for (size_t z : e->second.param_sizes) s += std::to_string(z) + " ";
         return fail(CUDA_ERROR_INVALID_IMAGE, s + ")");
     }
@@ -1202,9 +1499,11 @@ EXPORT CUresult cuFuncSetAttribute(CUfunction fn, int attr, int value) {
     if (!fn) return CUDA_ERROR_INVALID_HANDLE;
     Function* f = (Function*)fn;
     if (attr == 8) {  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-        if (value < 0 || value > SMEM_OPTIN)
-            return fail(CUDA_ERROR_INVALID_VALUE, f->name + ": dynamic shared memory attribute " + std::to_string(value) +
-                                                      " exceeds the device's opt-in limit of " + std::to_string(SMEM_OPTIN));
+        const int static_smem = std::max(f->entry.static_smem, 0);
+        if (value < 0 || value > SMEM_OPTIN - static_smem)
+            return fail(CUDA_ERROR_INVALID_VALUE,
+                        f->name + ": dynamic shared memory attribute " + std::to_string(value) + " exceeds the device's opt-in limit of " +
+                            std::to_string(SMEM_OPTIN) + " less the kernel's " + std::to_string(static_smem) + " bytes of static shared memory");
         f->max_dynamic_smem = value;
         return CUDA_SUCCESS;
     }
@@ -1216,7 +1515,15 @@ EXPORT CUresult cuFuncGetAttribute(int* v, int attr, CUfunction fn) {
     Function* f = (Function*)fn;
     const unsigned* mt = f->entry.maxntid;
     switch (attr) {
-        case 0: *v = mt[0] ? (int)(mt[0] * std::max(mt[1], 1u) * std::max(mt[2], 1u)) : 1024; break;
+        case 0: {  // MAX_THREADS_PER_BLOCK: the launch bounds, 1024, and what the registers allow
+            int most = mt[0] ? (int)(mt[0] * std::max(mt[1], 1u) * std::max(mt[2], 1u)) : 1024;
+            while (f->entry.registers > 0 && most > 32 && registers_per_block(f->entry.registers, most) > REGISTERS_PER_BLOCK)
+                most -= 32;
+            *v = std::min(most, 1024);
+            break;
+        }
+        case 1: *v = std::max(f->entry.static_smem, 0); break;  // SHARED_SIZE_BYTES
+        case 4: *v = std::max(f->entry.registers, 0); break;    // NUM_REGS (0 where the module is PTX)
         case 8: *v = f->max_dynamic_smem; break;
         default: *v = 0; break;
     }

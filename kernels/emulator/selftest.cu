@@ -10,9 +10,17 @@
 //   emu_test_oob_write     writes one element past its output; emu_test_smem_oob_write the same in
 //                          dynamic shared memory
 //   emu_test_divergent_barrier, emu_test_exited_lane, emu_test_deadlock   misuses the emulator must stop
+// and what hardware refuses, which the emulator must refuse too:
+//   emu_test_many_registers  over 64 registers a thread and no launch bounds: 1024 threads of it
+//                          exceed a block's 65,536 registers, 512 do not
+//   emu_test_static_smem   40 KiB of static shared memory, beside which at most 187 KiB can be dynamic
+//   emu_test_vector_load   a float4 load at a float offset: aligned when it is a multiple of 4
+//   emu_test_ldmatrix      ldmatrix x4 at a byte offset into shared memory (a multiple of 16 is
+//                          aligned), or (from_global) at rows of its input in device memory
 #ifndef DYNAMIC_SMEM
 #define DYNAMIC_SMEM(T, name) extern __shared__ T name[]
 #endif
+#include "../mma.cuh"
 
 extern "C" __global__ void emu_test_warp(const float* in, float* out, unsigned* votes) {
     const int t = threadIdx.x, lane = t % 32;
@@ -89,4 +97,44 @@ extern "C" __global__ void emu_test_deadlock(float* out) {
     else
         __syncthreads();
     out[threadIdx.x] = 1.f;
+}
+
+// 96 values a thread keeps live through 6 rounds of products: ptxas holds them in registers
+extern "C" __global__ void emu_test_many_registers(const float* in, float* out) {
+    constexpr int N = 96;
+    float r[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) r[i] = in[threadIdx.x + i * blockDim.x];
+    float acc = 0.f;
+#pragma unroll
+    for (int j = 1; j <= 6; ++j)
+#pragma unroll
+        for (int i = 0; i < N; ++i) acc = fmaf(acc, r[i], r[(i * j + 1) % N]);
+    out[threadIdx.x] = acc;
+}
+
+extern "C" __global__ void emu_test_static_smem(float* out) {
+    __shared__ float s[10240];
+    for (int i = threadIdx.x; i < 10240; i += blockDim.x) s[i] = (float)i;
+    __syncthreads();
+    out[threadIdx.x] = s[10239 - threadIdx.x];
+}
+
+extern "C" __global__ void emu_test_vector_load(const float* in, float* out, int offset) {
+    const float4 v = *reinterpret_cast<const float4*>(in + offset);
+    out[threadIdx.x] = v.x + v.y + v.z + v.w;
+}
+
+// one warp: 4 matrices of 8 rows of 8 b16 values, laid out row after row (row r of matrix m at
+// element (m·8 + r)·8), at `offset` bytes into shared memory or from `in` itself
+extern "C" __global__ void emu_test_ldmatrix(const unsigned short* in, unsigned* out, int offset, int from_global) {
+    __shared__ __align__(16) unsigned short tile[256 + 16];
+    const unsigned char* base = reinterpret_cast<const unsigned char*>(tile) + offset;
+    for (int i = threadIdx.x; i < 256; i += 32) reinterpret_cast<unsigned short*>(const_cast<unsigned char*>(base))[i] = in[i];
+    __syncwarp();
+    const int lane = threadIdx.x;
+    const void* row = from_global ? static_cast<const void*>(in + lane * 8) : static_cast<const void*>(base + lane * 16);
+    unsigned r[4];
+    ldmatrix_x4<false>(r, row);
+    for (int j = 0; j < 4; ++j) out[lane * 4 + j] = r[j];
 }

@@ -23,7 +23,7 @@ use cudarc::driver::{
 
 use super::params::{AdamParams, AdamTensor, CapsParams, ConvParams, DenseParams, i32_of};
 use super::registry::{self as reg, Kernel};
-use super::{DeviceInfo, compile_all, device_info, open_device};
+use super::{DeviceInfo, compile_all, describe, device_info, kernel_target, open_device};
 use crate::backend::{
     Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape, GraphId, PLAN_HEADER, PLAN_ROW, ResidentSet,
     RoutingSaved, caps_routing_bwd_unfused, caps_routing_fwd_unfused, check, check_adam_group, check_labels,
@@ -98,6 +98,15 @@ impl<T: Pooled> Drop for PooledBuf<T> {
 pub type CudaBuf = PooledBuf<f32>;
 pub type CudaIdx = PooledBuf<u32>;
 
+/// One kernel as the driver loaded it ([`CudaBackend::loaded_kernels`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoadedKernel {
+    pub kernel: Kernel,
+    pub registers: i32,
+    pub static_smem: i32,
+    pub max_threads: i32,
+}
+
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -121,7 +130,7 @@ pub struct CudaBackend {
 static GRAPH_LAUNCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 fn de(op: &str) -> impl Fn(DriverError) -> Error + '_ {
-    move |e| Error::msg(format!("{op}: CUDA error {e:?}"))
+    move |e| Error::msg(format!("{op}: {}", describe(&e)))
 }
 
 /// Blocks of 256 threads covering n elements in a grid-stride loop.
@@ -174,17 +183,19 @@ impl CudaBackend {
     pub fn with_kernels(ordinal: usize, kernels: reg::KernelSet) -> Result<Self> {
         let ctx = open_device(ordinal)?;
         let info = device_info(&ctx)?;
-        let (maj, min) = info.compute_capability;
-        let arch = format!("sm_{maj}{min}");
+        let target = kernel_target(info.compute_capability)?;
         let mut funcs = HashMap::new();
-        for (file, ptx) in compile_all(&arch)?.iter() {
-            let module = ctx
-                .load_module(ptx.clone())
-                .map_err(|e| Error::msg(format!("kernels/{file}: cannot load the PTX: {e:?}")))?;
+        for (file, image) in compile_all(target)?.iter() {
+            let module = ctx.load_module(image.module()).map_err(|e| {
+                Error::msg(format!(
+                    "kernels/{file}: the driver cannot load {target}: {}",
+                    describe(&e)
+                ))
+            })?;
             for k in reg::ALL.iter().filter(|k| k.file == *file) {
                 let f = module
                     .load_function(k.name)
-                    .map_err(|e| Error::msg(format!("kernels/{file}: no kernel {}: {e:?}", k.name)))?;
+                    .map_err(|e| Error::msg(format!("kernels/{file}: no kernel {}: {}", k.name, describe(&e))))?;
                 funcs.insert(k.name, f);
             }
         }
@@ -196,18 +207,21 @@ impl CudaBackend {
                 )));
             }
         }
-        // routing keeps per-image state in dynamic shared memory: allow up to the device's opt-in limit
+        // routing keeps per-image state in dynamic shared memory: allow up to the device's opt-in
+        // limit, which covers static and dynamic shared memory together
+        use cudarc::driver::sys::CUfunction_attribute::{
+            CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYNAMIC,
+            CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES as STATIC,
+        };
         for k in [
             reg::ROUTING_FWD_V1,
             reg::ROUTING_BWD_V1,
             reg::ROUTING_FWD_V2,
             reg::ROUTING_BWD_V2,
         ] {
-            funcs[k.name]
-                .set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    info.max_smem_optin,
-                )
+            let f = &funcs[k.name];
+            let static_smem = f.get_attribute(STATIC).map_err(de(k.name))?;
+            f.set_attribute(MAX_DYNAMIC, info.max_smem_optin - static_smem)
                 .map_err(de(k.name))?;
         }
         // one stream of our own (the legacy default stream cannot be captured) and no per-buffer
@@ -231,6 +245,25 @@ impl CudaBackend {
 
     pub fn info(&self) -> &DeviceInfo {
         &self.info
+    }
+
+    /// What the driver says of each loaded kernel, in registry order: registers per thread, static
+    /// shared memory, and the most threads a block of it can have.
+    pub fn loaded_kernels(&self) -> Result<Vec<LoadedKernel>> {
+        use cudarc::driver::sys::CUfunction_attribute::*;
+        reg::ALL
+            .iter()
+            .map(|k| {
+                let f = &self.funcs[k.name];
+                let get = |a| f.get_attribute(a).map_err(de(k.name));
+                Ok(LoadedKernel {
+                    kernel: *k,
+                    registers: get(CU_FUNC_ATTRIBUTE_NUM_REGS)?,
+                    static_smem: get(CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?,
+                    max_threads: get(CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)?,
+                })
+            })
+            .collect()
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {

@@ -56,6 +56,15 @@ impl Variant {
             Variant::Thread => &["-O1", "-g", "-fsanitize=thread"],
         }
     }
+    /// Flags for the kernels' units only (not the driver's, not the link): every access checked for
+    /// the alignment of its type, each report a fault of the launch (emulator.cpp's handler). The
+    /// ThreadSanitizer build leaves it to the other two.
+    fn kernel_flags(self) -> &'static [&'static str] {
+        match self {
+            Variant::Plain | Variant::Address => &["-fsanitize=alignment"],
+            Variant::Thread => &[],
+        }
+    }
     /// The sanitizer runtime that must be preloaded (LD_PRELOAD) into a process that opens this
     /// variant, found through g++.
     pub fn runtime(self) -> Result<Option<PathBuf>> {
@@ -152,6 +161,7 @@ pub fn build(variant: Variant) -> Result<PathBuf> {
         h.update([0]);
     }
     h.update(flags.join(" ").as_bytes());
+    h.update(variant.kernel_flags().join(" ").as_bytes());
     h.update(cxx().as_bytes());
     let hash: String = h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
     let root = std::env::var_os("CAPSNET_EMULATOR_CACHE")
@@ -176,13 +186,15 @@ pub fn build(variant: Variant) -> Result<PathBuf> {
         // ThreadSanitizer instruments the kernels only: the scheduler's own bookkeeping is ordered by
         // fiber switches that TSan must not see as synchronisation (emulator.cpp), so its unit is
         // built without -fsanitize=thread and told to drive TSan's fiber interface itself
-        let tsan_runtime = variant == Variant::Thread && u.as_str() == "kernels/emulator/emulator.cpp";
+        let driver = u.as_str() == "kernels/emulator/emulator.cpp";
+        let tsan_runtime = variant == Variant::Thread && driver;
         c.current_dir(&tmp)
             .args(
                 flags
                     .iter()
                     .filter(|f| !(tsan_runtime && f.as_str() == "-fsanitize=thread")),
             )
+            .args(if driver { &[][..] } else { variant.kernel_flags() })
             .args(tsan_runtime.then_some("-DEMU_TSAN_FIBERS=1"))
             .arg("-c")
             .arg(u.as_str())
@@ -328,6 +340,17 @@ pub fn set_reversed_schedule(reversed: bool) -> Result<()> {
     // SAFETY: the emulator exports `void capsnet_emu_set_schedule(int)`.
     let f = unsafe { std::mem::transmute::<*mut c_void, extern "C" fn(c_int)>(f) };
     f(reversed as c_int);
+    Ok(())
+}
+
+/// How the emulated `mma.sync` sums, for the launches the calling thread makes from now on: `false`,
+/// fp32 FMAs in k order (round to nearest); `true`, truncated as a tensor core may sum
+/// (kernels/mma.cuh, `truncated_sum`). The bound of [`crate::float::gemm_error_bound`] holds for both.
+pub fn set_mma_truncation(truncates: bool) -> Result<()> {
+    let f = emulator_fn("capsnet_emu_set_mma_truncation")?;
+    // SAFETY: the emulator exports `void capsnet_emu_set_mma_truncation(int)`.
+    let f = unsafe { std::mem::transmute::<*mut c_void, extern "C" fn(c_int)>(f) };
+    f(truncates as c_int);
     Ok(())
 }
 

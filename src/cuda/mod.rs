@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaContext;
 
-pub use backend::{CudaBackend, CudaBuf, CudaIdx, PooledBuf};
-pub use compile::{compile_all, nvrtc_available, nvrtc_version};
+pub use backend::{CudaBackend, CudaBuf, CudaIdx, LoadedKernel, PooledBuf};
+pub use compile::{Target, compile_all, nvrtc_available, nvrtc_version};
 
 use crate::{Error, Result};
 
@@ -35,8 +35,26 @@ pub fn driver_version() -> Result<(i32, i32)> {
     // SAFETY: the library is present; the call writes one int.
     unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }
         .result()
-        .map_err(|e| Error::msg(format!("cuDriverGetVersion: {e:?}")))?;
+        .map_err(|e| Error::msg(format!("cuDriverGetVersion: {}", describe(&e))))?;
     Ok((v / 1000, (v % 1000) / 10))
+}
+
+/// A driver error as `CUDA_ERROR_NAME: what the driver says` (the emulated device's message for
+/// the call that failed, where the device is emulated).
+pub fn describe(e: &cudarc::driver::DriverError) -> String {
+    match (e.error_name(), e.error_string()) {
+        (Ok(n), Ok(s)) => format!("{}: {}", n.to_string_lossy(), s.to_string_lossy()),
+        _ => format!("CUDA error {}", e.0 as i32),
+    }
+}
+
+/// What the kernels are compiled to for a GPU of compute capability `cc`: its own architecture's
+/// cubin where NVRTC knows it, else PTX; an error, naming the versions, when the GPU is too old or
+/// NVRTC and the driver cannot work together.
+pub fn kernel_target(cc: (i32, i32)) -> Result<Target> {
+    let target = compile::target_for(cc, &compile::supported_archs()?)?;
+    compile::check_versions(nvrtc_version()?, driver_version()?, target)?;
+    Ok(target)
 }
 
 /// The context of GPU `ordinal`, or why there is none (no driver, no device, a driver error).
@@ -44,11 +62,11 @@ pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>> {
     if !driver_available() {
         return Err(Error::msg("no CUDA driver (libcuda not found)"));
     }
-    let n = CudaContext::device_count().map_err(|e| Error::msg(format!("no CUDA device ({e:?})")))?;
+    let n = CudaContext::device_count().map_err(|e| Error::msg(format!("no CUDA device ({})", describe(&e))))?;
     if ordinal as i32 >= n {
         return Err(Error::msg(format!("no CUDA device {ordinal} ({n} found)")));
     }
-    CudaContext::new(ordinal).map_err(|e| Error::msg(format!("cannot open CUDA device {ordinal}: {e:?}")))
+    CudaContext::new(ordinal).map_err(|e| Error::msg(format!("cannot open CUDA device {ordinal}: {}", describe(&e))))
 }
 
 /// What `capsnet info` reports about a device.
@@ -63,7 +81,7 @@ pub struct DeviceInfo {
 
 pub fn device_info(ctx: &Arc<CudaContext>) -> Result<DeviceInfo> {
     use cudarc::driver::sys::CUdevice_attribute::*;
-    let e = |e: cudarc::driver::DriverError| Error::msg(format!("device query: {e:?}"));
+    let e = |e: cudarc::driver::DriverError| Error::msg(format!("device query: {}", describe(&e)));
     Ok(DeviceInfo {
         name: ctx.name().map_err(e)?,
         compute_capability: ctx.compute_capability().map_err(e)?,

@@ -190,8 +190,9 @@ pub fn emulator_module(be: &capsnet::cuda::CudaBackend, file: &str) -> std::sync
             }
         })
         .collect();
-    let (maj, min) = be.info().compute_capability;
-    let ptx = compile::compile_source(&format!("emulator/{file}"), &src, &format!("sm_{maj}{min}"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    be.context().load_module(ptx).unwrap()
+    let target = capsnet::cuda::kernel_target(be.info().compute_capability).unwrap_or_else(|e| panic!("{e}"));
+    let image = compile::compile_source(&format!("emulator/{file}"), &src, target).unwrap_or_else(|e| panic!("{e}"));
+    be.context()
+        .load_module(image.module())
+        .unwrap_or_else(|e| panic!("kernels/emulator/{file}: {}", capsnet::cuda::describe(&e)))
 }
