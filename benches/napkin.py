@@ -15,6 +15,8 @@ the 50 MB L2 once read) and the warp-instructions its loops issue (kernel-sass -
 longer; latency (the per-image phases between barriers) is not modelled.
 
     python3 benches/napkin.py [BATCH...]
+    python3 benches/napkin.py --json [BATCH...]   # one JSON object per op and version, as
+                                                  # `capsnet bench --ops` names them (benches/gpu_run.py)
 """
 import math
 import sys
@@ -143,24 +145,68 @@ def capsule_table(batch, rounds):
     return totals
 
 
+def gemm_ms(name, m, n, k, flops, cols):
+    """Predicted ms of one GEMM-shaped op: {v1, fp32 (the fp32 default), tf32, bf16}."""
+    # v1: the stride-2 input gradient gathers over every tap of the 20x20 input for each of the
+    # 6x6 outputs' taps: 400/36 times its useful FLOPs
+    v1 = flops * (400 / 36 if name == "primary bwd input" else 1) / SIMT_RATE * 1e3
+    # tensor-core versions as built: the input gradient adds col2im's pass over cols, the weight
+    # gradients split K (then a reduction reads the slices once)
+    split = splitk(m, n, k) if name.endswith("bwd weight") else 1
+    extra = cols / HBM * 1e3 + (split * m * n * 4 / HBM * 1e3 if split > 1 else 0)
+    t = {p: mma_ms(m, n, k, p, split) + extra for p in ("tf32", "bf16")}
+    # the fp32 default: v1, but the input gradient's v2 (its GEMM at v1's rate, then col2im)
+    fp32 = flops / SIMT_RATE * 1e3 + cols / HBM * 1e3 if cols else v1
+    return {"v1": v1, "fp32": fp32, "tf32": t["tf32"], "bf16": t["bf16"]}, split
+
+
+def predictions(batch, rounds=2):
+    """The napkin's ms for every op and version as `capsnet bench --ops` names them: GEMM ops by
+    layer (conv1, primary, fc1..fc3) and direction, routing forward and backward."""
+    out = []
+    op_of = {"fwd": "fwd", "bwd input": "bwd_input", "bwd weight": "bwd_weight"}
+    for name, m, n, k, flops, byts, cols in gemms(batch):
+        layer, direction = name.split(" ", 1)
+        family = "dense" if layer.startswith("fc") else "conv2d"
+        ms, _ = gemm_ms(name, m, n, k, flops, cols)
+        # bench's versions: v1 everywhere, v2 (the fp32 default) for the input gradient, tf32, bf16
+        versions = {"v1": ms["v1"], "tf32": ms["tf32"], "bf16": ms["bf16"]}
+        if direction == "bwd input" and family == "conv2d":
+            versions["v2"] = ms["fp32"]
+        for v, t in versions.items():
+            out.append({"kind": "napkin", "batch": batch, "op": f"{family}_{op_of[direction]}", "layer": layer,
+                        "version": v, "napkin_ms": t})
+    unfused, fused = capsule_kernels(batch, rounds)
+    ms = lambda k: max(k[2] / HBM, k[3] / ISSUE) * 1e3
+    # v1: the prediction vectors are their own kernel, launched once in the forward and again in the backward
+    out.append({"kind": "napkin", "batch": batch, "op": "routing", "layer": f"fwd, {rounds} rounds", "version": "v1",
+                "napkin_ms": ms(unfused[0]) / 2 + ms(unfused[1])})
+    out.append({"kind": "napkin", "batch": batch, "op": "routing", "layer": f"bwd, {rounds} rounds", "version": "v1",
+                "napkin_ms": ms(unfused[0]) / 2 + ms(unfused[2]) + ms(unfused[3])})
+    out.append({"kind": "napkin", "batch": batch, "op": "routing", "layer": f"fwd, {rounds} rounds", "version": "fused",
+                "napkin_ms": ms(fused[0]) + ms(fused[1])})
+    out.append({"kind": "napkin", "batch": batch, "op": "routing", "layer": f"bwd, {rounds} rounds", "version": "fused",
+                "napkin_ms": sum(ms(k) for k in fused[2:])})
+    return out
+
+
 def main():
-    batches = [int(b) for b in sys.argv[1:]] or [50, 128]
+    args = sys.argv[1:]
+    if args[:1] == ["--json"]:
+        import json
+        for batch in [int(b) for b in args[1:]] or [50, 128]:
+            for p in predictions(batch):
+                print(json.dumps(p))
+        return
+    batches = [int(b) for b in args] or [50, 128]
     for batch in batches:
         print(f"batch {batch}: ms per op on an H100 SXM; floor = max(FLOPs at the bf16 peak, bytes at {HBM / 1e12:.2f} TB/s)")
         print(f"{'op':<22} {'GFLOP':>7} {'MB':>7} {'floor':>8} {'v1':>8} {'fp32':>8} {'tf32':>7} {'bf16':>7}  notes")
         tot = {"v1": 0.0, "fp32": 0.0, "tf32": 0.0, "bf16": 0.0, "floor": 0.0}
         for name, m, n, k, flops, byts, cols in gemms(batch):
             floor = max(flops / PEAK["bf16"], byts / HBM) * 1e3
-            # v1: the stride-2 input gradient gathers over every tap of the 20x20 input for each of the
-            # 6x6 outputs' taps: 400/36 times its useful FLOPs
-            v1 = flops * (400 / 36 if name == "primary bwd input" else 1) / SIMT_RATE * 1e3
-            # tensor-core versions as built: the input gradient adds col2im's pass over cols, the weight
-            # gradients split K (then a reduction reads the slices once)
-            split = splitk(m, n, k) if name.endswith("bwd weight") else 1
-            extra = cols / HBM * 1e3 + (split * m * n * 4 / HBM * 1e3 if split > 1 else 0)
-            t = {p: mma_ms(m, n, k, p, split) + extra for p in ("tf32", "bf16")}
-            # the fp32 default: v1, but the input gradient's v2 (its GEMM at v1's rate, then col2im)
-            fp32 = flops / SIMT_RATE * 1e3 + cols / HBM * 1e3 if cols else v1
+            t, split = gemm_ms(name, m, n, k, flops, cols)
+            v1, fp32 = t["v1"], t["fp32"]
             for key, v in [("v1", v1), ("fp32", fp32), ("tf32", t["tf32"]), ("bf16", t["bf16"]), ("floor", floor)]:
                 tot[key] += v
             note = []

@@ -188,36 +188,66 @@ fn launches(name: &str) -> Option<u64> {
 }
 
 /// Every version of every op in the registry against the CPU reference, one version at a time with
-/// the defaults elsewhere; GEMM-shaped ops within the bound their precision allows (capsnet::float::gemm_error_bound).
+/// the defaults elsewhere; GEMM-shaped ops within the bound their precision allows
+/// (capsnet::float::gemm_error_bound). Every version is checked even when one fails, and each gets a
+/// line `version-check: OP VERSION PRECISION default|- ok|FAIL`, which the first GPU run reads to go on
+/// with the versions that passed (benches/gpu_run.py). `CAPSNET_PARITY_OPS=op,op` checks those ops
+/// only (the run's dry run, for time).
 #[test]
 fn cuda_every_kernel_version_matches_cpu() {
     use capsnet::cuda::registry::{KernelSet, OPS};
     let Some(g) = gpu() else { return };
-    let mut checked = 0;
+    let only: Option<Vec<String>> = std::env::var("CAPSNET_PARITY_OPS")
+        .ok()
+        .map(|v| v.split(',').map(str::to_string).collect());
+    let (mut checked, mut failed) = (0, vec![]);
     for (op, ks) in KernelSet::each_version() {
         let version = ks.version(op);
         let name = OPS[op.0].name;
+        if only.as_ref().is_some_and(|o| !o.iter().any(|n| n == name)) {
+            continue;
+        }
         let before: Vec<Option<u64>> = version.kernels.iter().map(|k| launches(k.name)).collect();
         let t = std::time::Instant::now();
         g.set_kernels(ks.clone());
-        if let Some(gop) = parity::GemmOp::from_name(name) {
-            parity::gemm_op(&g, gop, version.precision.mantissa_bits());
-        } else if name == "routing" {
-            parity::routing_1_2_3_rounds(&g);
-            parity::caps_routing_at(&g, &parity::caps_routing_shapes(), &[1, 2, 3]);
-        } else {
-            panic!("no parity check for op {name}");
-        }
-        for (k, n0) in version.kernels.iter().zip(before) {
-            if let (Some(n0), Some(n1)) = (n0, launches(k.name)) {
-                assert!(n1 > n0, "{name} {}: {} never ran", version.label, k.name);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if let Some(gop) = parity::GemmOp::from_name(name) {
+                parity::gemm_op(&g, gop, version.precision.mantissa_bits());
+            } else if name == "routing" {
+                parity::routing_1_2_3_rounds(&g);
+                parity::caps_routing_at(&g, &parity::caps_routing_shapes(), &[1, 2, 3]);
+            } else {
+                panic!("no parity check for op {name}");
             }
+            for (k, n0) in version.kernels.iter().zip(&before) {
+                if let (Some(n0), Some(n1)) = (n0, launches(k.name)) {
+                    assert!(n1 > *n0, "{name} {}: {} never ran", version.label, k.name);
+                }
+            }
+        }));
+        let default = if version.label == OPS[op.0].default {
+            "default"
+        } else {
+            "-"
+        };
+        let verdict = if outcome.is_ok() { "ok" } else { "FAIL" };
+        eprintln!(
+            "version-check: {name} {} {} {default} {verdict} ({:.1} s)",
+            version.label,
+            version.precision.name(),
+            t.elapsed().as_secs_f64()
+        );
+        if outcome.is_err() {
+            failed.push(format!("{name} {}", version.label));
         }
-        eprintln!("{name} {}: {:.1} s", version.label, t.elapsed().as_secs_f64());
         checked += 1;
     }
     g.set_kernels(KernelSet::default());
-    assert_eq!(checked, OPS.iter().map(|o| o.versions.len()).sum::<usize>());
+    assert!(failed.is_empty(), "versions that differ from the reference: {failed:?}");
+    match only {
+        None => assert_eq!(checked, OPS.iter().map(|o| o.versions.len()).sum::<usize>()),
+        Some(o) => assert!(checked > 0, "CAPSNET_PARITY_OPS={o:?} names no op"),
+    }
 }
 
 /// Adam with a step plan takes lr and the bias corrections from the plan's current row, not from its
