@@ -164,6 +164,13 @@ class Run:
         lines.append(f"{'phase':<12} {'result':<28} {'seconds':>7} {'cap':>5}")
         for phase, result, secs, cap in self.rows:
             lines.append(f"{phase:<12} {result:<28} {secs:>7.1f} {cap:>5.0f}")
+        if self.plan == "first":
+            extra = "".join(f" --{k} {v}" for k, v in [("kernels", self.fallback["kernels"]),
+                                                      ("precision", self.train_precision or (
+                                                          self.training_precision() if self.fallback["skip_precisions"]
+                                                          else None))] if v)
+            lines.append("")
+            lines.append(f"the second run, with what passed: python3 benches/gpu_run.py second OUT{extra}")
         for phase, _, _, _ in self.rows:
             if self.notes.get(phase):
                 lines.append("")
@@ -442,8 +449,8 @@ class Run:
                   "epochs_done": sum(1 for _ in open(metrics)) if os.path.exists(metrics) else 0}
         outcomes = [(rc if rc != 130 else 0, False)]  # 130: stopped by the cap, its state saved
         if os.path.exists(best):
-            erc, eout, estopped = self.capsnet(["eval", "--checkpoint", best] + list(eval_args) + self.device,
-                                               max(self.remaining(), 5))
+            erc, eout, estopped = self.capsnet(["eval", "--checkpoint", best, "--precision", self.training_precision()]
+                                               + list(eval_args) + self.device, max(self.remaining(), 5))
             acc = re.findall(r"test accuracy: ([0-9.]+)%", eout)
             record["test_accuracy"] = float(acc[-1]) if acc else None
             outcomes.append((erc, estopped))
@@ -479,7 +486,8 @@ class Run:
                 break
             rc, out, stopped = self.cmd([tool, "--tool", check, "--error-exitcode", "99",
                                          os.path.join(self.bin, "capsnet"), "bench", "--batch-size", "4", "--steps", "1",
-                                         "--warmup", "0", "--eager"] + self.device + self.model, self.remaining() / 2 + 1)
+                                         "--warmup", "0", "--eager", "--precision", self.training_precision()]
+                                        + self.device + self.model, self.remaining() / 2 + 1)
             unsupported = re.search(r"not supported|Device not supported|error 999", out)
             summary = [l for l in out.splitlines() if "ERROR SUMMARY" in l or "RACECHECK SUMMARY" in l]
             self.note("sanitize", f"{check}: " + ("the runtime does not support it" if unsupported else
@@ -509,17 +517,19 @@ class Run:
             self.note("profile", "ncu: not installed here; nothing profiled")
             return "not available"
         step = [os.path.join(self.bin, "capsnet"), "bench", "--batch-size", "128", "--steps", "2", "--warmup", "0",
-                "--eager"] + self.device + self.model
+                "--eager", "--precision", self.training_precision()] + self.device + self.model
         rc, out, stopped = self.cmd([ncu, "--clock-control", "none", "--metrics", "gpu__time_duration.sum", "--csv"] + step,
                                     self.remaining() / 2)
         times = {}
+        scale = {"nsecond": 1.0, "ns": 1.0, "usecond": 1e3, "us": 1e3, "msecond": 1e6, "ms": 1e6, "second": 1e9}
+        # ncu --csv rows: "ID","Process ID","Process Name","Host Name","Kernel Name",...,"Metric Unit","Metric Value"
         for row in re.findall(r'^"\d+",.*$', out, re.M):
             cols = [c.strip('"') for c in row.split('","')]
             try:
-                name, value = cols[4], float(cols[-1].replace(",", ""))
-            except (IndexError, ValueError):
+                name, ns = cols[4].split("(")[0], float(cols[-1].replace(",", "")) * scale[cols[-2]]
+            except (IndexError, ValueError, KeyError):
                 continue
-            times[name.split("(")[0]] = times.get(name.split("(")[0], 0.0) + value
+            times[name] = times.get(name, 0.0) + ns
         top = sorted(times, key=times.get, reverse=True)[:3]
         self.note("profile", "kernel time in a step (ns, summed): " + ", ".join(f"{k} {times[k]:.0f}" for k in top))
         self.result({"kind": "profile", "kernel_ns": times})
