@@ -9,7 +9,7 @@ use capsnet::backend::fast::FastCpu;
 
 fn report<B: Backend>(be: &B, batch: usize) {
     println!("ops, batch {batch}, {}", be.name());
-    for t in capsnet::bench::op_bench(be, &capsnet::model::Config::default(), batch, 3).expect("the CPU ops run") {
+    for t in capsnet::bench::op_bench(be, &capsnet::config::Config::default(), batch, 3).expect("the CPU ops run") {
         println!("{:<34} {:>9.2} ms {:>8.1} GFLOP/s", t.name, t.ms, t.gflops);
     }
 }

@@ -6,8 +6,8 @@
 //!     CAPSNET_DATA=../shared/data/mnist cargo bench --bench precision [-- IMAGES [VAL_IMAGES]]
 
 use capsnet::backend::cpu::CpuBackend;
+use capsnet::config::Config;
 use capsnet::float::Precision;
-use capsnet::model::Config;
 use capsnet::train::{TrainOptions, train};
 
 fn main() {
@@ -41,7 +41,7 @@ fn main() {
             dataset: capsnet::dataset::Dataset::Mnist,
             shift: 0,
             lr_decay: 1.0,
-            lr_decay_steps: capsnet::train::DEFAULT_DECAY_STEPS,
+            lr_decay_steps: capsnet::config::DEFAULT_DECAY_STEPS,
             eager: false,
         };
         let m = train(CpuBackend::<f32>::with_gemm_inputs(p), &opts).unwrap_or_else(|e| panic!("{}: {e}", p.name()));

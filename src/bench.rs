@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use crate::Result;
 use crate::backend::{Act, Backend};
+use crate::config::Config;
 use crate::float::{Float, Precision};
-use crate::model::Config;
 
 pub struct OpTiming {
     pub name: String,

@@ -12,8 +12,8 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::json;
 
+use crate::config::Config;
 use crate::error::write_atomic;
-use crate::model::Config;
 use crate::{Error, Result};
 
 pub const FORMAT: &str = "capsnet/1";
@@ -35,7 +35,7 @@ pub struct TrainState {
     pub limit: Option<usize>,
     pub val_limit: Option<usize>,
     /// What the run trains on.
-    pub dataset: crate::dataset::Dataset,
+    pub dataset: crate::config::Dataset,
     /// Training images are shifted by up to this many pixels each way (0: not at all).
     pub shift: usize,
     /// The learning rate is lr · lr_decay^(step / lr_decay_steps) (1: constant).
@@ -265,14 +265,14 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         val_limit: opt_usize("val_limit"),
         // checkpoints from before datasets, shifts and decay were: MNIST, none
         dataset: match field("dataset").as_str() {
-            None => crate::dataset::Dataset::Mnist,
-            Some(name) => crate::dataset::Dataset::from_name(name).map_err(|e| bad(format!("train state: {e}")))?,
+            None => crate::config::Dataset::Mnist,
+            Some(name) => crate::config::Dataset::from_name(name).map_err(|e| bad(format!("train state: {e}")))?,
         },
         shift: opt_usize("shift").unwrap_or(0),
         lr_decay: field("lr_decay").as_f64().unwrap_or(1.0),
         lr_decay_steps: field("lr_decay_steps")
             .as_u64()
-            .unwrap_or(crate::train::DEFAULT_DECAY_STEPS),
+            .unwrap_or(crate::config::DEFAULT_DECAY_STEPS),
         partial: match field("partial") {
             serde_json::Value::Null => None,
             p => Some(EpochProgress::from_json(&p).ok_or_else(|| bad("train state: malformed 'partial'".into()))?),
@@ -341,7 +341,7 @@ mod tests {
             best_val_loss: None,
             bad_epochs: 0,
             limit: None,
-            dataset: crate::dataset::Dataset::Mnist,
+            dataset: crate::config::Dataset::Mnist,
             shift: 0,
             lr_decay: 1.0,
             lr_decay_steps: 2000,

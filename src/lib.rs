@@ -32,6 +32,7 @@ pub mod adam;
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;
+pub mod config;
 pub mod cuda;
 pub mod data;
 pub mod dataset;

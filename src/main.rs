@@ -7,9 +7,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use capsnet::backend::cpu::CpuBackend;
 use capsnet::backend::fast::FastCpu;
+use capsnet::config::Config;
 use capsnet::cuda::registry::{KernelSet, Precision};
 use capsnet::cuda::{self, CudaBackend};
-use capsnet::model::Config;
 use capsnet::train::{self, TrainOptions};
 use capsnet::{Error, Result, data, predict};
 
@@ -256,14 +256,14 @@ impl Preset {
                 batch_size: 50,
                 shift: 0,
                 lr_decay: 1.0,
-                lr_decay_steps: train::DEFAULT_DECAY_STEPS,
+                lr_decay_steps: capsnet::config::DEFAULT_DECAY_STEPS,
             },
             Preset::Paper => PresetValues {
                 routing: 3,
                 batch_size: 128,
                 shift: 2,
                 lr_decay: 0.96,
-                lr_decay_steps: train::DEFAULT_DECAY_STEPS,
+                lr_decay_steps: capsnet::config::DEFAULT_DECAY_STEPS,
             },
         }
     }
@@ -917,7 +917,7 @@ fn write_multimnist(a: MultiMnistArgs) -> Result<()> {
         println!("wrote {} ({} bytes)", p.display(), bytes.len());
     }
     let shown = a.count.min(100);
-    let sheet = multimnist::sample_sheet(&images[..shown * multimnist::PIXELS], &labels[..2 * shown], 2)?;
+    let sheet = capsnet::figures::multimnist_sheet(&images[..shown * multimnist::PIXELS], &labels[..2 * shown], 2)?;
     let p = a.out.join(format!("multimnist-{name}-sample.png"));
     sheet.save(&p)?;
     println!(

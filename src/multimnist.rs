@@ -187,32 +187,3 @@ pub fn idx_label_pairs(labels: &[u8], n: usize) -> Vec<u8> {
     out.extend(labels);
     out
 }
-
-/// A grid of examples with their labels: `images` [n, 36²] bytes, `labels` [n, 2].
-pub fn sample_sheet(images: &[u8], labels: &[u8], scale: u32) -> Result<crate::figures::Sheet> {
-    use crate::figures::{LABEL, PAD, Sheet};
-    let n = labels.len() / 2;
-    let cols = n.clamp(1, 10) as u32;
-    let rows = n.div_ceil(10).max(1) as u32;
-    let cell = SIDE as u32 * scale;
-    let mut s = Sheet::new(cols * (cell + PAD) + PAD, rows * (LABEL + cell + PAD) + PAD);
-    for k in 0..n {
-        let (x, y) = (
-            PAD + (k as u32 % 10) * (cell + PAD),
-            (k as u32 / 10) * (LABEL + cell + PAD),
-        );
-        s.text(
-            x as i32 + 2,
-            y as i32 + 1,
-            &format!("{},{}", labels[2 * k], labels[2 * k + 1]),
-            12,
-            [0, 0, 0],
-        )?;
-        let px: Vec<f32> = images[k * PIXELS..(k + 1) * PIXELS]
-            .iter()
-            .map(|&p| p as f32 / 255.0)
-            .collect();
-        s.digit(x, y + LABEL, &px, SIDE, scale);
-    }
-    Ok(s)
-}

@@ -13,12 +13,13 @@ use rand::seq::SliceRandom;
 use crate::adam::Adam;
 use crate::backend::{Backend, ResidentSet, StepRow};
 use crate::checkpoint::{self, Checkpoint, EpochProgress, TrainState};
+use crate::config::Config;
 use crate::data::MNIST_PIXELS;
 use crate::data::{self, Split, Which};
-use crate::dataset::{self, Dataset, Source};
+use crate::dataset::{Dataset, Source};
 use crate::figures;
 use crate::float::Float;
-use crate::model::{CapsNet, Config, init_params};
+use crate::model::{CapsNet, init_params};
 use crate::multimnist;
 use crate::tape::Tape;
 use crate::{Error, Result};
@@ -60,8 +61,6 @@ pub struct TrainOptions {
     pub eager: bool,
 }
 
-/// The official code's decay interval: 0.96 every 2,000 steps.
-pub const DEFAULT_DECAY_STEPS: u64 = 2000;
 /// The largest `--shift` (a 28x28 digit moved further leaves the canvas).
 pub const MAX_SHIFT: usize = 8;
 
@@ -312,7 +311,7 @@ fn evaluate_on<B: Backend>(
                 }
                 None => {
                     let b = src.batch::<B::E>(chunk);
-                    (b.forward(model, tape, false)?, b.labels)
+                    (model.forward_batch(tape, &b, false)?, b.labels)
                 }
             };
             // the three losses in one read
@@ -323,7 +322,7 @@ fn evaluate_on<B: Backend>(
             r.margin += n * report[1];
             r.recon += n * report[2];
             let pred = predicted(tape, &f, classes, per)?;
-            let (exact, found) = dataset::count_correct(&pred, &batch_labels, per);
+            let (exact, found) = crate::backend::count_correct(&pred, &batch_labels, per);
             r.correct += exact;
             digits_found += found;
             if per == 1 {
@@ -369,7 +368,7 @@ fn predicted<B: Backend>(
         .iter()
         .map(|x| x.to_f64() as f32)
         .collect();
-    Ok(dataset::top_classes(&lengths, classes, per))
+    Ok(crate::backend::top_classes(&lengths, classes, per))
 }
 
 /// The shuffle of epoch `epoch` (0-based): a function of the seed and the epoch only, so a resumed
@@ -538,7 +537,7 @@ fn train_step<B: Backend>(
                     .collect();
                 data::shift_images(&mut b.images, model.cfg.image_side, &shifts);
             }
-            let f = b.forward(model, tape, true)?;
+            let f = model.forward_batch(tape, &b, true)?;
             tape.backward(f.loss)?;
             // the step's report in one buffer, and the update, which changes nothing if the loss is
             // not finite: the host reads the report once, after the whole step

@@ -81,9 +81,9 @@ fn cuda_fused_prediction_and_routing_match_cpu_for_1_2_3_rounds() {
 #[test]
 fn cuda_routing_runs_multimnists_3200_capsules() {
     let Some(g) = gpu() else { return };
-    let cs = capsnet::model::Config {
+    let cs = capsnet::config::Config {
         image_side: 36,
-        ..capsnet::model::Config::default()
+        ..capsnet::config::Config::default()
     }
     .caps_shape(2);
     assert_eq!(cs.in_caps, 3200);
@@ -97,7 +97,7 @@ fn cuda_routing_runs_multimnists_3200_capsules() {
 #[test]
 fn cuda_routing_v2_equals_v1_bit_for_bit() {
     let Some(g) = gpu() else { return };
-    let cs = capsnet::model::Config::default().caps_shape(2);
+    let cs = capsnet::config::Config::default().caps_shape(2);
     let mut rng = common::Lcg(5);
     let uhat: Vec<f32> = rng.vec(cs.uhat_len(), -0.2, 0.2).iter().map(|&x| x as f32).collect();
     let dv: Vec<f32> = rng.vec(cs.v_len(), -1.0, 1.0).iter().map(|&x| x as f32).collect();
@@ -449,11 +449,11 @@ fn cuda_captured_training_replays_the_eager_run_bit_for_bit() {
         let opts = TrainOptions {
             data_dir: common::mnist_dir(),
             run_dir: dir.clone(),
-            config: capsnet::model::Config {
+            config: capsnet::config::Config {
                 conv1_channels: 4,
                 primary_maps: 2,
                 decoder_hidden: [32, 64],
-                ..capsnet::model::Config::default()
+                ..capsnet::config::Config::default()
             },
             epochs: 3,
             batch_size: 20,

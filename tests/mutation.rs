@@ -10,8 +10,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 
 use capsnet::checkpoint::{self, Checkpoint, TrainState};
+use capsnet::config::Config;
 use capsnet::data::{self, Which};
-use capsnet::model::{Config, init_params};
+use capsnet::model::init_params;
 use common::{Lcg, temp_dir};
 
 /// A random change of `good`: flipped bytes, a cut, or bytes added at the end.

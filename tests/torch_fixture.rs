@@ -12,8 +12,9 @@ use capsnet::adam::Adam;
 use capsnet::backend::Backend;
 use capsnet::backend::cpu::CpuBackend;
 use capsnet::backend::fast::FastCpu;
+use capsnet::config::Config;
 use capsnet::float::Float;
-use capsnet::model::{CapsNet, Config};
+use capsnet::model::CapsNet;
 use capsnet::tape::Tape;
 use safetensors::SafeTensors;
 

@@ -382,6 +382,30 @@ pub struct AdamGroup<'a, B: Backend + ?Sized> {
     pub v: &'a mut B::Buf,
 }
 
+/// The `per` longest capsules of each image, longest first (ties: the lower class).
+pub fn top_classes(lengths: &[f32], classes: usize, per: usize) -> Vec<u32> {
+    lengths
+        .chunks(classes)
+        .flat_map(|l| {
+            let mut k: Vec<u32> = (0..classes as u32).collect();
+            k.sort_by(|&a, &b| l[b as usize].total_cmp(&l[a as usize]).then(a.cmp(&b)));
+            k.truncate(per);
+            k
+        })
+        .collect()
+}
+
+/// (images whose `per` longest capsules are exactly their labels, labels found among them).
+pub fn count_correct(top: &[u32], labels: &[u32], per: usize) -> (usize, usize) {
+    let (mut exact, mut digits) = (0, 0);
+    for (t, y) in top.chunks(per).zip(labels.chunks(per)) {
+        let found = y.iter().filter(|l| t.contains(l)).count();
+        digits += found;
+        exact += (found == per) as usize;
+    }
+    (exact, digits)
+}
+
 /// The op interface. Shapes are passed explicitly; implementations check buffer lengths against them.
 pub trait Backend: 'static {
     /// Element type of host transfers.
@@ -656,7 +680,7 @@ pub trait Backend: 'static {
     /// What a training step reports, in one buffer to read once: out = [loss, margin loss,
     /// reconstruction loss, images whose `per` longest capsules are exactly their labels, labels found
     /// among their image's `per` longest capsules] (ties go to the lower class, as [`Backend::argmax`]
-    /// and `dataset::top_classes` break them). This default reads the inputs back and computes on the
+    /// and [`top_classes`] breaks them). This default reads the inputs back and computes on the
     /// host; a device backend computes it on the device.
     #[allow(clippy::too_many_arguments)]
     fn step_summary(
@@ -678,8 +702,8 @@ pub trait Backend: 'static {
             row.push(self.download(l)?[0]);
         }
         let l: Vec<f32> = self.download(lengths)?.iter().map(|x| x.to_f64() as f32).collect();
-        let top = crate::dataset::top_classes(&l, classes, per);
-        let (exact, found) = crate::dataset::count_correct(&top, &labels, per);
+        let top = top_classes(&l, classes, per);
+        let (exact, found) = count_correct(&top, &labels, per);
         row.extend([Self::E::from_f64(exact as f64), Self::E::from_f64(found as f64)]);
         *out = self.upload(&row)?;
         Ok(())
@@ -759,5 +783,22 @@ pub trait Backend: 'static {
     /// Runs a captured step again: the same ops on the same buffers.
     fn launch_graph(&self, _graph: GraphId) -> Result<()> {
         Err(Error::msg(format!("{} cannot capture steps", self.name())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_two_longest_capsules_must_be_exactly_the_two_labels() {
+        let l = [
+            0.1, 0.9, 0.2, 0.8, /* */ 0.7, 0.1, 0.1, 0.6, /* */ 0.5, 0.5, 0.9, 0.1,
+        ];
+        let top = top_classes(&l, 4, 2);
+        assert_eq!(top, vec![1, 3, 0, 3, 2, 0]);
+        // labels {3, 1} (any order): exact; {0, 2}: one found; {2, 1}: one found
+        assert_eq!(count_correct(&top, &[3, 1, 0, 2, 2, 1], 2), (1, 4));
+        assert_eq!(count_correct(&top_classes(&l, 4, 1), &[1, 0, 2], 1), (3, 3));
     }
 }

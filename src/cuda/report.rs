@@ -6,7 +6,7 @@ use std::ffi::CString;
 
 use super::compile::{expand, nvrtc_available};
 use super::registry::{self as reg, Kernel};
-use crate::model::Config;
+use crate::config::Config;
 use crate::{Error, Result};
 
 /// What ptxas reports for one kernel, and the occupancy it allows.

@@ -611,7 +611,7 @@ pub fn write_multi<B: Backend>(
     let chosen: Vec<usize> = right.chain(wrong.iter().copied()).map(|i| examples[i]).collect();
     let (x, y, _) = m.batch::<f32>(&chosen);
     let c = infer::classify(tape, model, &x, 100)?;
-    let top = crate::dataset::top_classes(&c.lengths, model.cfg.classes, 2);
+    let top = crate::backend::top_classes(&c.lengths, model.cfg.classes, 2);
     let firsts: Vec<u32> = top.iter().step_by(2).copied().collect();
     let seconds: Vec<u32> = top.iter().skip(1).step_by(2).copied().collect();
     let mut recons = infer::reconstruct(tape, model, &c.v, &firsts, 100)?;
@@ -626,4 +626,33 @@ pub fn write_multi<B: Backend>(
     curves_or_note(history)?.save(&p)?;
     written.push(p);
     Ok(written)
+}
+
+/// A grid of MultiMNIST examples with their labels: `images` [n, 36²] bytes, `labels` [n, 2].
+pub fn multimnist_sheet(images: &[u8], labels: &[u8], scale: u32) -> Result<Sheet> {
+    use crate::multimnist::{PIXELS, SIDE};
+    let n = labels.len() / 2;
+    let cols = n.clamp(1, 10) as u32;
+    let rows = n.div_ceil(10).max(1) as u32;
+    let cell = SIDE as u32 * scale;
+    let mut s = Sheet::new(cols * (cell + PAD) + PAD, rows * (LABEL + cell + PAD) + PAD);
+    for k in 0..n {
+        let (x, y) = (
+            PAD + (k as u32 % 10) * (cell + PAD),
+            (k as u32 / 10) * (LABEL + cell + PAD),
+        );
+        s.text(
+            x as i32 + 2,
+            y as i32 + 1,
+            &format!("{},{}", labels[2 * k], labels[2 * k + 1]),
+            12,
+            [0, 0, 0],
+        )?;
+        let px: Vec<f32> = images[k * PIXELS..(k + 1) * PIXELS]
+            .iter()
+            .map(|&p| p as f32 / 255.0)
+            .collect();
+        s.digit(x, y + LABEL, &px, SIDE, scale);
+    }
+    Ok(s)
 }

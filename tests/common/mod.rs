@@ -159,12 +159,12 @@ pub fn cuda_backend() -> Option<capsnet::cuda::CudaBackend> {
 
 /// A small CapsNet (16 conv1 channels, 4 primary maps, a 64-128 decoder) for whole training steps on
 /// the GPU or the emulated device.
-pub fn small_config() -> capsnet::model::Config {
-    capsnet::model::Config {
+pub fn small_config() -> capsnet::config::Config {
+    capsnet::config::Config {
         conv1_channels: 16,
         primary_maps: 4,
         decoder_hidden: [64, 128],
-        ..capsnet::model::Config::default()
+        ..capsnet::config::Config::default()
     }
 }
 

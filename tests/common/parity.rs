@@ -8,8 +8,9 @@
 use capsnet::adam::Adam;
 use capsnet::backend::cpu::CpuBackend;
 use capsnet::backend::{Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape};
+use capsnet::config::Config;
 use capsnet::float::Float;
-use capsnet::model::{CapsNet, Config, init_params};
+use capsnet::model::{CapsNet, init_params};
 use capsnet::tape::Tape;
 
 use super::{Lcg, small_config};
