@@ -12,7 +12,7 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::json;
 
-use crate::config::Config;
+use crate::config::{Config, DEFAULT_DECAY_STEPS, Dataset, RunSettings};
 use crate::error::write_atomic;
 use crate::{Error, Result};
 
@@ -21,26 +21,15 @@ pub const FORMAT: &str = "capsnet/1";
 /// Training state beside the weights: everything a resumed run needs to continue exactly.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainState {
+    /// What the run is.
+    pub run: RunSettings,
     /// Completed epochs.
     pub epoch: usize,
     /// Adam updates made.
     pub step: u64,
-    pub seed: u64,
-    pub batch_size: usize,
-    pub lr: f64,
-    pub patience: usize,
     pub best_val_loss: Option<f64>,
     /// Epochs since the validation loss last improved.
     pub bad_epochs: usize,
-    pub limit: Option<usize>,
-    pub val_limit: Option<usize>,
-    /// What the run trains on.
-    pub dataset: crate::config::Dataset,
-    /// Training images are shifted by up to this many pixels each way (0: not at all).
-    pub shift: usize,
-    /// The learning rate is lr · lr_decay^(step / lr_decay_steps) (1: constant).
-    pub lr_decay: f64,
-    pub lr_decay_steps: u64,
     /// How far into epoch `epoch` (0-based, not yet complete) a step checkpoint was taken; None at an
     /// epoch's end.
     pub partial: Option<EpochProgress>,
@@ -96,17 +85,30 @@ impl TrainState {
         improved
     }
 
+    /// A fresh run's state: nothing trained yet.
+    pub fn start(run: RunSettings) -> TrainState {
+        TrainState {
+            run,
+            epoch: 0,
+            step: 0,
+            best_val_loss: None,
+            bad_epochs: 0,
+            partial: None,
+        }
+    }
+
     /// Early stopping: `patience` epochs in a row without a better validation loss (never if 0).
     pub fn should_stop(&self) -> bool {
-        self.patience > 0 && self.bad_epochs >= self.patience
+        self.run.patience > 0 && self.bad_epochs >= self.run.patience
     }
 
     fn to_json(&self) -> serde_json::Value {
+        let r = &self.run;
         json!({
-            "seed": self.seed, "batch_size": self.batch_size, "lr": self.lr, "patience": self.patience,
+            "seed": r.seed, "batch_size": r.batch_size, "lr": r.lr, "patience": r.patience,
             "best_val_loss": self.best_val_loss, "bad_epochs": self.bad_epochs,
-            "limit": self.limit, "val_limit": self.val_limit,
-            "dataset": self.dataset.name(), "shift": self.shift, "lr_decay": self.lr_decay, "lr_decay_steps": self.lr_decay_steps,
+            "limit": r.limit, "val_limit": r.val_limit,
+            "dataset": r.dataset.name(), "shift": r.shift, "lr_decay": r.lr_decay, "lr_decay_steps": r.lr_decay_steps,
             "partial": self.partial.as_ref().map(EpochProgress::to_json),
         })
     }
@@ -250,29 +252,30 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
             .ok_or_else(|| bad(format!("train state has no integer '{k}'")))
     };
     let opt_usize = |k: &str| field(k).as_u64().map(|x| x as usize);
-    let state = TrainState {
-        epoch: num("epoch")? as usize,
-        step: num("step")?,
+    let run = RunSettings {
         seed: req_u64("seed")?,
         batch_size: req_u64("batch_size")? as usize,
         lr: field("lr")
             .as_f64()
             .ok_or_else(|| bad("train state has no 'lr'".into()))?,
         patience: req_u64("patience")? as usize,
-        best_val_loss: field("best_val_loss").as_f64(),
-        bad_epochs: req_u64("bad_epochs")? as usize,
         limit: opt_usize("limit"),
         val_limit: opt_usize("val_limit"),
         // checkpoints from before datasets, shifts and decay were: MNIST, none
         dataset: match field("dataset").as_str() {
-            None => crate::config::Dataset::Mnist,
-            Some(name) => crate::config::Dataset::from_name(name).map_err(|e| bad(format!("train state: {e}")))?,
+            None => Dataset::Mnist,
+            Some(name) => Dataset::from_name(name).map_err(|e| bad(format!("train state: {e}")))?,
         },
         shift: opt_usize("shift").unwrap_or(0),
         lr_decay: field("lr_decay").as_f64().unwrap_or(1.0),
-        lr_decay_steps: field("lr_decay_steps")
-            .as_u64()
-            .unwrap_or(crate::config::DEFAULT_DECAY_STEPS),
+        lr_decay_steps: field("lr_decay_steps").as_u64().unwrap_or(DEFAULT_DECAY_STEPS),
+    };
+    let state = TrainState {
+        run,
+        epoch: num("epoch")? as usize,
+        step: num("step")?,
+        best_val_loss: field("best_val_loss").as_f64(),
+        bad_epochs: req_u64("bad_epochs")? as usize,
         partial: match field("partial") {
             serde_json::Value::Null => None,
             p => Some(EpochProgress::from_json(&p).ok_or_else(|| bad("train state: malformed 'partial'".into()))?),
@@ -331,23 +334,18 @@ mod tests {
 
     #[test]
     fn early_stopping_counts_epochs_without_a_better_validation_loss() {
-        let mut s = TrainState {
-            epoch: 0,
-            step: 0,
+        let mut s = TrainState::start(RunSettings {
+            dataset: crate::config::Dataset::Mnist,
             seed: 1,
             batch_size: 1,
             lr: 1e-3,
-            patience: 2,
-            best_val_loss: None,
-            bad_epochs: 0,
-            limit: None,
-            dataset: crate::config::Dataset::Mnist,
-            shift: 0,
             lr_decay: 1.0,
             lr_decay_steps: 2000,
+            shift: 0,
+            patience: 2,
+            limit: None,
             val_limit: None,
-            partial: None,
-        };
+        });
         let seen: Vec<(bool, bool)> = [1.0, 0.5, 0.5, 0.7, 0.4, 0.6, 0.6]
             .iter()
             .map(|&l| (s.record_val_loss(l), s.should_stop()))
@@ -366,7 +364,7 @@ mod tests {
             ]
         );
         assert_eq!(s.best_val_loss, Some(0.4));
-        s.patience = 0;
+        s.run.patience = 0;
         assert!(!s.should_stop(), "patience 0 never stops");
     }
 }

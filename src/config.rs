@@ -307,3 +307,151 @@ impl Dataset {
 
 /// The official code's decay interval: 0.96 every 2,000 steps.
 pub const DEFAULT_DECAY_STEPS: u64 = 2000;
+
+/// What a training run is beyond its model: stored in each of its checkpoints, so that a resumed run
+/// is the same run (the options of `capsnet train` and the state of a checkpoint both hold one).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunSettings {
+    /// MNIST, or MultiMNIST pairs of its digits.
+    pub dataset: Dataset,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub lr: f64,
+    /// The learning rate is lr · lr_decay^(step / lr_decay_steps) (1: constant).
+    pub lr_decay: f64,
+    pub lr_decay_steps: u64,
+    /// Shift each training image by up to this many pixels each way, per image per epoch (0: never).
+    pub shift: usize,
+    /// Stop after this many epochs without a better validation loss (0: never).
+    pub patience: usize,
+    /// The first this-many training / validation images only (None: all).
+    pub limit: Option<usize>,
+    pub val_limit: Option<usize>,
+}
+
+/// The largest shift (a 28x28 digit moved further leaves the canvas).
+pub const MAX_SHIFT: usize = 8;
+
+impl RunSettings {
+    /// The settings' own checks (the model's are [`Config::validate`]'s), each naming its flag.
+    pub fn validate(&self) -> Result<()> {
+        Config::check_batch_size(self.batch_size)?;
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::msg(format!("--lr must be a positive number, got {}", self.lr)));
+        }
+        if self.shift > 0 && self.dataset == Dataset::MultiMnist {
+            return Err(Error::msg(
+                "--shift: MultiMNIST examples are shifted already (each digit by up to 4 px); leave it at 0",
+            ));
+        }
+        if self.shift > MAX_SHIFT {
+            return Err(Error::msg(format!(
+                "--shift must be between 0 and {MAX_SHIFT} pixels, got {}",
+                self.shift
+            )));
+        }
+        if !(self.lr_decay.is_finite() && self.lr_decay > 0.0 && self.lr_decay <= 1.0) {
+            return Err(Error::msg(format!(
+                "--lr-decay must be in (0, 1] (1: a constant learning rate), got {}",
+                self.lr_decay
+            )));
+        }
+        if self.lr_decay_steps == 0 {
+            return Err(Error::msg("--lr-decay-steps must be at least 1"));
+        }
+        for (flag, v) in [("--limit", self.limit), ("--val-limit", self.val_limit)] {
+            if v == Some(0) {
+                return Err(Error::msg(format!("{flag} must be at least 1")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where `self` differs from `stored`, one line per flag: "--lr 0.002 vs stored 0.001".
+    pub fn differences(&self, stored: &RunSettings) -> Vec<String> {
+        // an absent limit is every image
+        let limit = |l: Option<usize>| l.map_or_else(|| "not given (all images)".to_string(), |n| n.to_string());
+        let mut d = vec![];
+        let mut check = |differ: bool, flag: &str, given: String, was: String| {
+            if differ {
+                d.push(format!("{flag} {given} vs stored {was}"));
+            }
+        };
+        let (a, b) = (self, stored);
+        check(
+            a.batch_size != b.batch_size,
+            "--batch-size",
+            a.batch_size.to_string(),
+            b.batch_size.to_string(),
+        );
+        check(a.seed != b.seed, "--seed", a.seed.to_string(), b.seed.to_string());
+        check(a.lr != b.lr, "--lr", a.lr.to_string(), b.lr.to_string());
+        check(a.limit != b.limit, "--limit", limit(a.limit), limit(b.limit));
+        check(
+            a.val_limit != b.val_limit,
+            "--val-limit",
+            limit(a.val_limit),
+            limit(b.val_limit),
+        );
+        check(
+            a.dataset != b.dataset,
+            "--dataset",
+            a.dataset.name().into(),
+            b.dataset.name().into(),
+        );
+        check(a.shift != b.shift, "--shift", a.shift.to_string(), b.shift.to_string());
+        check(
+            (a.lr_decay, a.lr_decay_steps) != (b.lr_decay, b.lr_decay_steps),
+            "--lr-decay",
+            format!("{} --lr-decay-steps {}", a.lr_decay, a.lr_decay_steps),
+            format!("{} every {} steps", b.lr_decay, b.lr_decay_steps),
+        );
+        check(
+            a.patience != b.patience,
+            "--patience",
+            a.patience.to_string(),
+            b.patience.to_string(),
+        );
+        d
+    }
+}
+
+/// A named training configuration: the values it gives the flags it sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    /// Géron's notebook: 2 routing rounds, batch 50, no shifts, a constant learning rate.
+    Notebook,
+    /// Sabour et al.'s setup (their official code): 3 routing rounds, batch 128, random shifts of up
+    /// to 2 px (MNIST only: MultiMNIST is shifted already), learning rate × 0.96 every 2,000 steps.
+    Paper,
+}
+
+/// What a [`Preset`] sets.
+pub struct PresetValues {
+    pub routing: usize,
+    pub batch_size: usize,
+    pub shift: usize,
+    pub lr_decay: f64,
+    pub lr_decay_steps: u64,
+}
+
+impl Preset {
+    pub fn values(self) -> PresetValues {
+        match self {
+            Preset::Notebook => PresetValues {
+                routing: 2,
+                batch_size: 50,
+                shift: 0,
+                lr_decay: 1.0,
+                lr_decay_steps: DEFAULT_DECAY_STEPS,
+            },
+            Preset::Paper => PresetValues {
+                routing: 3,
+                batch_size: 128,
+                shift: 2,
+                lr_decay: 0.96,
+                lr_decay_steps: DEFAULT_DECAY_STEPS,
+            },
+        }
+    }
+}

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use capsnet::backend::cpu::CpuBackend;
 use capsnet::backend::fast::FastCpu;
-use capsnet::config::Config;
+use capsnet::config::{Config, Preset, RunSettings};
 use capsnet::cuda::registry::{KernelSet, Precision};
 use capsnet::cuda::{self, CudaBackend};
 use capsnet::train::{self, TrainOptions};
@@ -230,9 +230,9 @@ impl ModelArgs {
     }
 }
 
-/// A named training configuration; single flags override what it sets.
+/// A named training configuration ([`capsnet::config::Preset`]); single flags override what it sets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Preset {
+enum PresetArg {
     /// Géron's notebook: 2 routing rounds, batch 50, no shifts, a constant learning rate.
     Notebook,
     /// Sabour et al.'s setup (their official code): 3 routing rounds, batch 128, random shifts of up
@@ -240,31 +240,11 @@ enum Preset {
     Paper,
 }
 
-struct PresetValues {
-    routing: usize,
-    batch_size: usize,
-    shift: usize,
-    lr_decay: f64,
-    lr_decay_steps: u64,
-}
-
-impl Preset {
-    fn values(self) -> PresetValues {
+impl PresetArg {
+    fn values(self) -> capsnet::config::PresetValues {
         match self {
-            Preset::Notebook => PresetValues {
-                routing: 2,
-                batch_size: 50,
-                shift: 0,
-                lr_decay: 1.0,
-                lr_decay_steps: capsnet::config::DEFAULT_DECAY_STEPS,
-            },
-            Preset::Paper => PresetValues {
-                routing: 3,
-                batch_size: 128,
-                shift: 2,
-                lr_decay: 0.96,
-                lr_decay_steps: capsnet::config::DEFAULT_DECAY_STEPS,
-            },
+            PresetArg::Notebook => Preset::Notebook.values(),
+            PresetArg::Paper => Preset::Paper.values(),
         }
     }
 }
@@ -282,8 +262,8 @@ struct TrainArgs {
     /// notebook: --routing 2 --batch-size 50 --shift 0 --lr-decay 1.
     /// paper: --routing 3 --batch-size 128 --shift 2 --lr-decay 0.96 --lr-decay-steps 2000.
     /// A flag given beside the preset overrides it.
-    #[arg(long, value_enum, default_value_t = Preset::Notebook, verbatim_doc_comment)]
-    preset: Preset,
+    #[arg(long, value_enum, default_value_t = PresetArg::Notebook, verbatim_doc_comment)]
+    preset: PresetArg,
     /// Epochs to reach in total (a resumed run continues up to this count).
     #[arg(long, default_value_t = 10)]
     epochs: usize,
@@ -624,13 +604,13 @@ impl TestSetArgs {
             batch_size: self.batch_size,
             dataset: self.dataset.map(DatasetArg::dataset),
             pairs: self.pairs_per_digit,
-            figures: out.map(|d| (d, &fig)),
         };
-        with_backend!(sel, |be| train::eval_with_figures(
+        with_backend!(sel, |be| capsnet::figures::eval_with_figures(
             be,
             &self.checkpoint,
             &self.data.data,
-            &opts
+            &opts,
+            out.map(|d| (d, &fig))
         ))
     }
 }
@@ -981,22 +961,24 @@ fn run(cli: Cli) -> Result<()> {
                 data_dir: a.data.data,
                 run_dir: a.checkpoint_dir,
                 config: a.model.config_with(preset.routing, a.dataset.dataset().side()),
-                dataset: a.dataset.dataset(),
+                run: RunSettings {
+                    dataset: a.dataset.dataset(),
+                    batch_size: a.batch_size.unwrap_or(preset.batch_size),
+                    // MultiMNIST examples are shifted already: a preset's shift is for MNIST only
+                    shift: a.shift.unwrap_or(match a.dataset {
+                        DatasetArg::Mnist => preset.shift,
+                        DatasetArg::Multimnist => 0,
+                    }),
+                    lr_decay: a.lr_decay.unwrap_or(preset.lr_decay),
+                    lr_decay_steps: a.lr_decay_steps.unwrap_or(preset.lr_decay_steps),
+                    lr: a.lr,
+                    seed: a.seed,
+                    patience: a.patience,
+                    limit: a.limit,
+                    val_limit: a.val_limit,
+                },
                 epochs: a.epochs,
-                batch_size: a.batch_size.unwrap_or(preset.batch_size),
-                // MultiMNIST examples are shifted already: a preset's shift is for MNIST only
-                shift: a.shift.unwrap_or(match a.dataset {
-                    DatasetArg::Mnist => preset.shift,
-                    DatasetArg::Multimnist => 0,
-                }),
-                lr_decay: a.lr_decay.unwrap_or(preset.lr_decay),
-                lr_decay_steps: a.lr_decay_steps.unwrap_or(preset.lr_decay_steps),
-                lr: a.lr,
-                seed: a.seed,
                 eager: a.eager,
-                patience: a.patience,
-                limit: a.limit,
-                val_limit: a.val_limit,
                 resume: a.resume,
                 checkpoint_every: match a.checkpoint_minutes {
                     m if !(m.is_finite() && m >= 0.0) => {

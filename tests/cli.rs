@@ -243,7 +243,13 @@ fn the_paper_preset_sets_its_values_and_flags_override_them() {
     assert_eq!(ck.config.routing_rounds, 3);
     let st = &ck.state;
     assert_eq!(
-        (st.batch_size, st.shift, st.lr_decay, st.lr_decay_steps, st.step),
+        (
+            st.run.batch_size,
+            st.run.shift,
+            st.run.lr_decay,
+            st.run.lr_decay_steps,
+            st.step
+        ),
         (128, 2, 0.96, 2000, 2)
     );
     let run = temp_dir("cli_preset_override");
@@ -282,9 +288,9 @@ fn the_paper_preset_sets_its_values_and_flags_override_them() {
     assert_eq!(
         (
             ck.config.routing_rounds,
-            ck.state.batch_size,
-            ck.state.shift,
-            ck.state.lr_decay
+            ck.state.run.batch_size,
+            ck.state.run.shift,
+            ck.state.run.lr_decay
         ),
         (1, 64, 0, 0.96)
     );

@@ -456,21 +456,23 @@ fn cuda_captured_training_replays_the_eager_run_bit_for_bit() {
                 ..capsnet::config::Config::default()
             },
             epochs: 3,
-            batch_size: 20,
-            lr: 1e-2,
-            seed: 7,
-            patience: 0,
-            limit: Some(50),
-            val_limit: Some(20),
+            run: capsnet::config::RunSettings {
+                dataset: capsnet::config::Dataset::Mnist,
+                seed: 7,
+                batch_size: 20,
+                lr: 1e-2,
+                lr_decay: 0.1,
+                lr_decay_steps: 1,
+                // images shifted by up to 2 pixels: on the device from the epoch's shifts, on the CPU
+                // by the host loader
+                shift: 2,
+                patience: 0,
+                limit: Some(50),
+                val_limit: Some(20),
+            },
             resume: false,
             checkpoint_every: None,
             checkpoint_steps: None,
-            dataset: capsnet::dataset::Dataset::Mnist,
-            // images shifted by up to 2 pixels: on the device from the epoch's shifts, on the CPU by
-            // the host loader
-            shift: 2,
-            lr_decay: 0.1,
-            lr_decay_steps: 1,
             eager,
         };
         let before = CudaBackend::graph_launches_in_process();

@@ -171,7 +171,7 @@ fn a_small_model_learns_multimnist_above_chance() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("800 primary capsules"), "{}", stderr(&o));
     let ck = capsnet::checkpoint::load(&run.join("last.safetensors")).unwrap();
-    assert_eq!((ck.config.image_side, ck.state.dataset.name()), (36, "multimnist"));
+    assert_eq!((ck.config.image_side, ck.state.run.dataset.name()), (36, "multimnist"));
     let val_acc = ck.history[0]["val_acc"].as_f64().unwrap();
     assert!(val_acc > 0.08, "validation: both digits right for {val_acc}");
     let best = run.join("best.safetensors");

@@ -13,12 +13,14 @@ use image::{Rgb, RgbImage};
 use plotters::prelude::*;
 
 use crate::backend::Backend;
+use crate::checkpoint::Checkpoint;
 use crate::data::Split;
+use crate::dataset::Source;
 use crate::error::write_atomic;
 use crate::infer::{self, Classified};
 use crate::model::CapsNet;
 use crate::tape::Tape;
-use crate::train::EvalReport;
+use crate::train::{EvalOptions, EvalReport, METRICS, TestSet};
 use crate::{Error, Result};
 
 const FONT_BYTES: &[u8] = include_bytes!("DejaVuSansMono.ttf");
@@ -655,4 +657,45 @@ pub fn multimnist_sheet(images: &[u8], labels: &[u8], scale: u32) -> Result<Shee
         s.digit(x, y + LABEL, &px, SIDE, scale);
     }
     Ok(s)
+}
+
+/// The epochs of the run that wrote `ckpt`: its directory's metrics.jsonl when there is one (the
+/// whole run, also past a best checkpoint's epoch), else the history the checkpoint carries.
+pub fn run_history(ckpt: &Path, ck: &Checkpoint) -> Result<Vec<EpochPoint>> {
+    let beside = ckpt.parent().map(|d| d.join(METRICS)).filter(|p| p.is_file());
+    if let Some(path) = beside {
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, format!("cannot read: {e}")))?;
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .enumerate()
+            .map(|(i, l)| serde_json::from_str(l).map_err(|e| Error::file(&path, format!("line {}: {e}", i + 1))))
+            .collect::<Result<_>>()?;
+        return epoch_points(&lines, &path);
+    }
+    epoch_points(&ck.history, ckpt)
+}
+
+/// Test-set evaluation of a checkpoint ([`crate::train::TestSet`]), and its figures when `figures`
+/// says where ([`write_all`], or [`write_multi`] on MultiMNIST). The report and the files written.
+pub fn eval_with_figures<B: Backend>(
+    backend: B,
+    ckpt: &Path,
+    data_dir: &Path,
+    opts: &EvalOptions,
+    figures: Option<(&Path, &FigureOptions)>,
+) -> Result<(EvalReport, Vec<PathBuf>)> {
+    if let Some((_, f)) = figures {
+        f.validate()?;
+    }
+    let set = TestSet::load(ckpt, data_dir, opts)?;
+    let history = match figures {
+        Some(_) => run_history(ckpt, &set.checkpoint)?,
+        None => vec![],
+    };
+    set.evaluate(backend, |tape, model, src, examples, report| match (figures, src) {
+        (None, _) => Ok(vec![]),
+        (Some((out, f)), Source::Mnist(test)) => write_all(tape, model, test, report, &history, out, f),
+        (Some((out, f)), Source::Multi(m)) => write_multi(tape, model, &m, examples, report, &history, out, f),
+    })
 }
