@@ -134,7 +134,8 @@ struct Tol {
     step: f64,
 }
 
-/// Every number of `got` against `want`; the mismatches, named.
+/// Every number of `got` against `want`; the mismatches, named. (`!(a <= b)` is true for NaN too.)
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 fn mismatches(fx: &Fixture, got: &Numbers, want: &Numbers, tol: &Tol) -> Vec<String> {
     let mut bad = vec![];
     for (name, g, w) in [
@@ -256,7 +257,8 @@ fn a_perturbed_fixture_fails() {
     let specs = fx.cfg.param_specs();
     let primary = specs.iter().position(|s| s.name == "primary.weight").unwrap();
     let w = specs.iter().position(|s| s.name == "digit.W").unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut Numbers)>)> = vec![
+    type Perturb = Box<dyn Fn(&mut Numbers)>;
+    let cases: Vec<(&str, Perturb)> = vec![
         (
             "gradient of primary.weight",
             Box::new(move |n: &mut Numbers| {

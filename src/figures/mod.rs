@@ -696,6 +696,6 @@ pub fn eval_with_figures<B: Backend>(
     set.evaluate(backend, |tape, model, src, examples, report| match (figures, src) {
         (None, _) => Ok(vec![]),
         (Some((out, f)), Source::Mnist(test)) => write_all(tape, model, test, report, &history, out, f),
-        (Some((out, f)), Source::Multi(m)) => write_multi(tape, model, &m, examples, report, &history, out, f),
+        (Some((out, f)), Source::Multi(m)) => write_multi(tape, model, m, examples, report, &history, out, f),
     })
 }
