@@ -9,11 +9,23 @@ use std::process::{Command, Output};
 
 /// The MNIST directory from CAPSNET_DATA. Tests that need real data fail (never skip) without it.
 pub fn mnist_dir() -> PathBuf {
-    let dir = std::env::var_os("CAPSNET_DATA").map(PathBuf::from).unwrap_or_else(|| {
-        panic!("CAPSNET_DATA is not set: point it at the MNIST directory (README, 'The two commands')")
-    });
-    assert!(dir.is_dir(), "CAPSNET_DATA={} is not a directory", dir.display());
-    dir
+    match std::env::var_os("CAPSNET_DATA").filter(|v| !v.is_empty()) {
+        Some(d) => {
+            let dir = PathBuf::from(d);
+            assert!(dir.is_dir(), "CAPSNET_DATA={} is not a directory", dir.display());
+            dir
+        }
+        // where `capsnet train --download` run in the repository puts it
+        None => {
+            let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data").join("mnist");
+            assert!(
+                dir.is_dir(),
+                "no MNIST in {} and CAPSNET_DATA is not set: run `cargo run --release -- download` first, or point CAPSNET_DATA at the four MNIST files",
+                dir.display()
+            );
+            dir
+        }
+    }
 }
 
 /// A fresh empty directory unique to `name`: under cargo's target directory, or under the system's
