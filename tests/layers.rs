@@ -18,6 +18,7 @@ const LAYERS: &[&[&str]] = &[
     &["cuda"],
     &["train"],
     &["predict", "figures", "bench"],
+    &["cli"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {
@@ -70,7 +71,7 @@ fn crate_names(text: &str) -> BTreeSet<String> {
                     names.insert(head);
                 }
             }
-            rest = &after[..];
+            rest = after;
         }
     }
     names

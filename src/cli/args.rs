@@ -1,0 +1,452 @@
+//! The command line: every command and its flags, as clap parses them (docs/CLI.md says what they mean).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use capsnet::config::{Config, Preset};
+use capsnet::cuda;
+use capsnet::cuda::registry::{KernelSet, Precision};
+use capsnet::{Error, Result, data};
+
+#[derive(Parser)]
+#[command(
+    name = "capsnet",
+    version,
+    about = "CapsNet (dynamic routing between capsules) training engine"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Train on MNIST (the last 5,000 training images validate), checkpointing every epoch.
+    // `--lr -0.001` is a value (which train refuses), not an unknown flag `-0`
+    #[command(allow_negative_numbers = true)]
+    Train(TrainArgs),
+    /// Test accuracy and confusion matrix of a checkpoint.
+    #[command(allow_negative_numbers = true)]
+    Eval(EvalArgs),
+    /// The notebook's pictures of a checkpoint as PNGs: test digits over their reconstructions, what
+    /// each capsule dimension encodes, training curves, misclassified digits, the confusion matrix.
+    /// The curves come from metrics.jsonl beside the checkpoint, else from the history it carries.
+    #[command(allow_negative_numbers = true)]
+    Figures(FiguresArgs),
+    /// Classify your own images (PNG, JPEG, GIF, BMP, WebP, PNM; any size and colour), each prepared
+    /// as MNIST's digits were: grey, inverted when dark on light, cropped to the digit, scaled to fit
+    /// 20x20 and centred by its centre of mass in 28x28 (a 28x28 image is taken as it is).
+    Predict(PredictArgs),
+    /// Time full training steps (forward, backward, Adam) on random images.
+    #[command(allow_negative_numbers = true)]
+    Bench(BenchArgs),
+    /// Write MultiMNIST examples (two overlapping digits, 36x36) as IDX files and a sample grid PNG.
+    Multimnist(MultiMnistArgs),
+    /// Fetch the four MNIST files, checked by SHA-256, into the data directory.
+    Download(DataArg),
+    /// The GPU, the CUDA driver and NVRTC versions, and whether every kernel compiles.
+    Info(InfoArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// The fast CPU backend: f32, SIMD GEMMs, every core.
+    Cpu,
+    /// The CPU reference: f32 storage, every sum in f64 (the spec the others are tested against; slow).
+    CpuReference,
+    Cuda,
+    Auto,
+    /// The CUDA backend on the emulated device: every kernel runs on the CPU, one fiber per CUDA
+    /// thread (slow; for checking kernels without a GPU). Needs g++ and NVRTC.
+    Emulated,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PrecisionArg {
+    /// fp32 multiplies on CUDA cores: exact single precision.
+    Fp32,
+    /// tf32 tensor cores: GEMM inputs rounded to 10 mantissa bits, fp32 sums.
+    Tf32,
+    /// bf16 tensor cores: GEMM inputs rounded to 7 mantissa bits, fp32 sums.
+    Bf16,
+}
+
+impl From<PrecisionArg> for Precision {
+    fn from(p: PrecisionArg) -> Precision {
+        match p {
+            PrecisionArg::Fp32 => Precision::Fp32,
+            PrecisionArg::Tf32 => Precision::Tf32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+        }
+    }
+}
+
+/// Which kernel versions the CUDA backend launches.
+#[derive(Args, Clone, Default)]
+pub struct KernelArgs {
+    /// What the convolutions and the decoder multiply in on the GPU: bf16 or tf32 on tensor cores,
+    /// fp32 exactly on CUDA cores (master weights, the capsule layers, the losses and Adam stay fp32)
+    /// [default: bf16 on a GPU, chosen by accuracy; the CPU backends compute in fp32].
+    #[arg(long, value_enum)]
+    pub precision: Option<PrecisionArg>,
+    /// Kernel versions, OP=VERSION,... over --precision's (`capsnet info --kernels` lists them; the
+    /// CAPSNET_KERNELS environment variable sets them too, and this flag wins).
+    #[arg(long, value_name = "OP=VERSION,...")]
+    pub kernels: Option<String>,
+}
+
+impl KernelArgs {
+    /// The set the CUDA backend launches: --precision's versions, then CAPSNET_KERNELS, then --kernels.
+    pub fn kernel_set(&self) -> Result<KernelSet> {
+        let p = self.precision.map_or(cuda::registry::DEFAULT_PRECISION, Into::into);
+        let mut ks = KernelSet::for_precision(p).with_env()?;
+        if let Some(spec) = &self.kernels {
+            ks.apply(spec, "--kernels")?;
+        }
+        Ok(ks)
+    }
+
+    /// Refuses flags that only the CUDA backend has, for a CPU backend.
+    pub fn cpu_only(&self, device: &str) -> Result<()> {
+        if let Some(p) = self.precision.filter(|&p| p != PrecisionArg::Fp32) {
+            return Err(Error::msg(format!(
+                "--precision {}: only the CUDA backend has tensor-core kernels, and {device} runs on the CPU (use --device cuda or emulated)",
+                Precision::from(p).name()
+            )));
+        }
+        if self.kernels.is_some() {
+            return Err(Error::msg(format!(
+                "--kernels: kernel versions are the CUDA backend's, and {device} runs on the CPU"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DatasetArg {
+    /// 28x28 digits, one each.
+    Mnist,
+    /// 36x36 overlays of two digits of different classes (Sabour et al. 2017, section 6), generated
+    /// from MNIST on the fly.
+    Multimnist,
+}
+
+impl DatasetArg {
+    pub fn dataset(self) -> capsnet::dataset::Dataset {
+        match self {
+            DatasetArg::Mnist => capsnet::dataset::Dataset::Mnist,
+            DatasetArg::Multimnist => capsnet::dataset::Dataset::MultiMnist,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SplitArg {
+    /// Pairs of the first 55,000 training digits (what `train --dataset multimnist` trains on).
+    Train,
+    /// Pairs of the last 5,000 training digits (its validation examples).
+    Validation,
+    /// Pairs of the 10,000 test digits (what `eval` tests).
+    Test,
+}
+
+#[derive(Args)]
+pub struct MultiMnistArgs {
+    /// Output directory: multimnist-SPLIT-images-idx3-ubyte ([N, 36, 36] bytes),
+    /// multimnist-SPLIT-labels-idx2-ubyte ([N, 2]: both digits) and multimnist-SPLIT-sample.png.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Examples to write: every digit's first pairing, then every digit's second, and so on.
+    #[arg(long, default_value_t = 100)]
+    pub count: usize,
+    #[arg(long, value_enum, default_value_t = SplitArg::Test)]
+    pub split: SplitArg,
+    /// The generator's seed [default: 2017 for the test split, as eval uses; 42, train's default, for
+    /// the others].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[command(flatten)]
+    pub data: DataArg,
+}
+
+#[derive(Args)]
+pub struct InfoArgs {
+    /// Report on the emulated device instead of GPU 0.
+    #[arg(long)]
+    pub emulated: bool,
+    /// The static kernel report instead, no GPU needed: every kernel's registers, spills, stack,
+    /// shared memory and theoretical occupancy, from ptxas's own report through NVRTC.
+    #[arg(long)]
+    pub kernels: bool,
+    /// The architecture of --kernels (occupancy is computed for sm_80 and sm_90).
+    #[arg(long, default_value = "sm_90")]
+    pub arch: String,
+}
+
+#[derive(Args)]
+pub struct DataArg {
+    /// Directory of the MNIST IDX files (raw or .gz).
+    #[arg(long, env = "CAPSNET_DATA", default_value = "data/mnist")]
+    pub data: PathBuf,
+}
+
+#[derive(Args)]
+pub struct ModelArgs {
+    /// Routing-by-agreement rounds (the notebook: 2, the paper: 3) [default: 2, or the preset's].
+    #[arg(long)]
+    pub routing: Option<usize>,
+    /// conv1 filters.
+    #[arg(long, default_value_t = 256)]
+    pub conv1_channels: usize,
+    /// Primary capsule types (each an 8-D capsule per 6x6 position).
+    #[arg(long, default_value_t = 32)]
+    pub primary_maps: usize,
+    /// Standard deviation of the N(0, σ) initialisation of W.
+    #[arg(long, default_value_t = 0.01)]
+    pub w_std: f64,
+}
+
+impl ModelArgs {
+    /// The model for `side` x `side` images, with `routing` rounds unless --routing says otherwise.
+    pub fn config_with(&self, routing: usize, side: usize) -> Config {
+        Config {
+            image_side: side,
+            routing_rounds: self.routing.unwrap_or(routing),
+            conv1_channels: self.conv1_channels,
+            primary_maps: self.primary_maps,
+            w_std: self.w_std,
+            ..Config::default()
+        }
+    }
+
+    pub fn config(&self) -> Config {
+        self.config_with(Preset::Notebook.values().routing, data::MNIST_SIDE)
+    }
+}
+
+/// A named training configuration ([`capsnet::config::Preset`]); single flags override what it sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PresetArg {
+    /// Géron's notebook: 2 routing rounds, batch 50, no shifts, a constant learning rate.
+    Notebook,
+    /// Sabour et al.'s setup (their official code): 3 routing rounds, batch 128, random shifts of up
+    /// to 2 px (MNIST only: MultiMNIST is shifted already), learning rate × 0.96 every 2,000 steps.
+    Paper,
+}
+
+impl PresetArg {
+    pub fn values(self) -> capsnet::config::PresetValues {
+        match self {
+            PresetArg::Notebook => Preset::Notebook.values(),
+            PresetArg::Paper => Preset::Paper.values(),
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub data: DataArg,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// MNIST, or MultiMNIST pairs generated from its digits (36x36, two labels; the model's sizes
+    /// follow).
+    #[arg(long, value_enum, default_value_t = DatasetArg::Mnist)]
+    pub dataset: DatasetArg,
+    /// notebook: --routing 2 --batch-size 50 --shift 0 --lr-decay 1.
+    /// paper: --routing 3 --batch-size 128 --shift 2 --lr-decay 0.96 --lr-decay-steps 2000.
+    /// A flag given beside the preset overrides it.
+    #[arg(long, value_enum, default_value_t = PresetArg::Notebook, verbatim_doc_comment)]
+    pub preset: PresetArg,
+    /// Epochs to reach in total (a resumed run continues up to this count).
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    /// Images per step [default: the preset's].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Shift each training image by a random whole number of pixels, up to this many in each
+    /// direction (zero padding), drawn per image per epoch from the seed [default: the preset's].
+    #[arg(long)]
+    pub shift: Option<usize>,
+    /// Multiply the learning rate by this every --lr-decay-steps steps, continuously (1: constant)
+    /// [default: the preset's].
+    #[arg(long)]
+    pub lr_decay: Option<f64>,
+    /// The interval of --lr-decay, in steps [default: 2000].
+    #[arg(long)]
+    pub lr_decay_steps: Option<u64>,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+    #[command(flatten)]
+    pub kernels: KernelArgs,
+    /// On a GPU, launch every kernel of every step from the host instead of replaying the step
+    /// captured as a CUDA graph (the same results, bit for bit; for comparison).
+    #[arg(long)]
+    pub eager: bool,
+    /// Run directory: checkpoints (last.safetensors, best.safetensors) and metrics.jsonl.
+    #[arg(long, default_value = "runs/capsnet")]
+    pub checkpoint_dir: PathBuf,
+    /// Continue from CHECKPOINT_DIR/last.safetensors with the same settings.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this many epochs without a lower validation loss (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub patience: usize,
+    /// Train on the first N training images only.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Validate on the first N validation images only.
+    #[arg(long)]
+    pub val_limit: Option<usize>,
+    /// Download MNIST into --data first if files are missing.
+    #[arg(long)]
+    pub download: bool,
+    /// Also write last.safetensors mid-epoch once this many minutes have passed since the last write
+    /// (0: only at the end of each epoch). Ctrl-C or SIGTERM always saves the last completed step.
+    #[arg(long, default_value_t = 2.0)]
+    pub checkpoint_minutes: f64,
+    /// Also write last.safetensors every N steps.
+    #[arg(long)]
+    pub checkpoint_steps: Option<u64>,
+}
+
+/// A checkpoint and the test set it is evaluated on.
+#[derive(Args)]
+pub struct TestSetArgs {
+    /// A checkpoint written by `capsnet train`.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[command(flatten)]
+    pub data: DataArg,
+    /// Evaluate the first N test images only (MultiMNIST: pairs built on the first N test digits).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+    #[command(flatten)]
+    pub kernels: KernelArgs,
+    /// The test set [default: the dataset the checkpoint was trained on].
+    #[arg(long, value_enum)]
+    pub dataset: Option<DatasetArg>,
+    /// MultiMNIST: test examples per test digit (the paper's 1,000 make 10M).
+    #[arg(long, default_value_t = 1)]
+    pub pairs_per_digit: usize,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub test: TestSetArgs,
+    /// Also write the figures (as `capsnet figures`) into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub figures: Option<PathBuf>,
+    #[command(flatten)]
+    pub figure: FigureArgs,
+}
+
+#[derive(Args)]
+pub struct FigureArgs {
+    /// Test digits shown over their reconstructions.
+    #[arg(long, default_value_t = 10)]
+    pub count: usize,
+    /// Digits per capsule dimension in tweaks.png (each dimension shifted from -0.25 to +0.25 in 11 steps).
+    #[arg(long, default_value_t = 3)]
+    pub tweak_digits: usize,
+    /// Screen pixels per image pixel.
+    #[arg(long, default_value_t = 2)]
+    pub scale: u32,
+    /// Misclassified test digits shown in errors.png at most.
+    #[arg(long, default_value_t = 50)]
+    pub max_errors: usize,
+}
+
+impl FigureArgs {
+    pub fn options(&self) -> capsnet::figures::FigureOptions {
+        capsnet::figures::FigureOptions {
+            count: self.count,
+            tweak_digits: self.tweak_digits,
+            scale: self.scale,
+            max_errors: self.max_errors,
+        }
+    }
+}
+
+/// `figures`: curves come from metrics.jsonl beside the checkpoint, else from the history the
+/// checkpoint carries; errors.png and confusion.png cover the evaluated test images.
+#[derive(Args)]
+pub struct FiguresArgs {
+    #[command(flatten)]
+    pub test: TestSetArgs,
+    /// Directory for the PNGs (created if missing; files of the same names are replaced).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub figure: FigureArgs,
+}
+
+#[derive(Args)]
+pub struct PredictArgs {
+    /// A checkpoint written by `capsnet train`.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// The image files.
+    #[arg(required = true, value_name = "IMAGE")]
+    pub images: Vec<PathBuf>,
+    /// Also report every other digit whose capsule is longer than this (lengths are probabilities
+    /// that need not sum to 1, so one image can hold two digits).
+    #[arg(long, default_value_t = 0.5)]
+    pub threshold: f32,
+    /// One JSON object per image on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the 28x28 input the model saw (NAME.input.png) and its reconstruction (NAME.recon.png)
+    /// into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub save_input: Option<PathBuf>,
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value_t = 50)]
+    pub batch_size: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Untimed steps first (at least 2 where steps are replayed as a CUDA graph: the first runs
+    /// eagerly, the second captures the graph).
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+    #[command(flatten)]
+    pub kernels: KernelArgs,
+    /// Time each op at the model's shapes instead of whole steps.
+    #[arg(long)]
+    pub ops: bool,
+    /// On a GPU, launch every kernel of every step from the host instead of replaying the step
+    /// captured as a CUDA graph.
+    #[arg(long)]
+    pub eager: bool,
+    /// Also print the figures as JSON: one object per line (steps: one; --ops: one per version).
+    #[arg(long)]
+    pub json: bool,
+    /// Also run the PyTorch peer (needs python3 with torch) on the same device, batch and threads, and
+    /// print both figures and their ratio. FILE defaults to benches/capsnet_torch_bench.py.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "benches/capsnet_torch_bench.py")]
+    pub peer: Option<PathBuf>,
+}

@@ -1,0 +1,198 @@
+//! `capsnet bench`: training steps or ops timed, the PyTorch peer beside them.
+
+use capsnet::config::Config;
+use capsnet::cuda::registry::Precision;
+use capsnet::cuda::{self, CudaBackend};
+use capsnet::train;
+use capsnet::{Error, Result};
+
+use super::args::*;
+use super::device::{Selected, select};
+
+/// `bench --ops` on the GPU: every version of every versioned op, checked, then timed, side by side
+/// with the roofline floor of the device (the time at its peak for the precision, or at its memory
+/// bandwidth).
+fn print_version_bench(be: &CudaBackend, cfg: &Config, batch: usize, reps: usize, json: bool) -> Result<()> {
+    let info = be.info();
+    let peak = capsnet::bench::peak_of(&info.name, info.sms);
+    println!("ops by kernel version, batch {batch}, {} ({} SMs)", info.name, info.sms);
+    match &peak {
+        Some(p) => println!(
+            "peaks ({}): fp32 {} TFLOP/s, tf32 {}, bf16 {}, memory {} GB/s; floor = max(FLOPs at peak, bytes at bandwidth)",
+            p.name, p.fp32_tflops, p.tf32_tflops, p.bf16_tflops, p.hbm_gbs
+        ),
+        None => println!("peaks of this GPU unknown: no % of peak or floor"),
+    }
+    println!(
+        "{:<40} {:<5} {:<5} {:>9} {:>8} {:>8} {:>7} {:>9}",
+        "op and layer", "ver", "prec", "ms", "TFLOP/s", "GB/s", "% peak", "floor ms"
+    );
+    let timings = capsnet::bench::version_bench(be, cfg, batch, reps)?;
+    let mut mismatched = vec![];
+    for t in &timings {
+        if t.ms.is_nan() {
+            println!(
+                "{:<40} {:<5} {:<5} MISMATCH: {:.1} times the difference allowed from the reference; not timed",
+                t.op,
+                t.version,
+                t.precision.name(),
+                t.worst
+            );
+            mismatched.push(format!("{} {}", t.op, t.version));
+        } else {
+            let tflops = t.flops / (t.ms / 1e3) / 1e12;
+            let gbs = t.bytes / (t.ms / 1e3) / 1e9;
+            let (pct, floor) = match &peak {
+                Some(p) => (
+                    format!("{:.1}", 100.0 * tflops / p.tflops(t.precision)),
+                    format!("{:.4}", t.floor_ms(p)),
+                ),
+                None => ("?".into(), "?".into()),
+            };
+            println!(
+                "{:<40} {:<5} {:<5} {:>9.4} {:>8.2} {:>8.0} {:>7} {:>9}",
+                t.op,
+                t.version,
+                t.precision.name(),
+                t.ms,
+                tflops,
+                gbs,
+                pct,
+                floor
+            );
+        }
+        if json {
+            let num = |x: f64| {
+                if x.is_finite() {
+                    serde_json::json!(x)
+                } else {
+                    serde_json::Value::Null
+                }
+            };
+            println!(
+                "{}",
+                serde_json::json!({
+                    "kind": "op", "op": t.op, "version": t.version, "precision": t.precision.name(),
+                    "batch": batch, "device": info.name, "matched": !t.ms.is_nan(), "worst": num(t.worst),
+                    "ms": num(t.ms), "tflops": num(t.flops / (t.ms / 1e3) / 1e12),
+                    "floor_ms": peak.as_ref().map_or(serde_json::Value::Null, |p| num(t.floor_ms(p))),
+                })
+            );
+        }
+    }
+    if !mismatched.is_empty() {
+        return Err(Error::msg(format!(
+            "bench --ops: {} of {} did not match the reference: {}",
+            mismatched.len(),
+            timings.len(),
+            mismatched.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// `capsnet bench`.
+pub fn run(a: BenchArgs) -> Result<()> {
+    Config::check_batch_size(a.batch_size)?;
+    if a.steps == 0 {
+        return Err(Error::msg("bench: --steps must be at least 1"));
+    }
+    a.model.config().validate()?;
+    let sel = select(a.device, &a.kernels)?;
+    if a.ops {
+        if let Selected::Cuda(be) = &sel {
+            return print_version_bench(be, &a.model.config(), a.batch_size, a.steps, a.json);
+        }
+        return with_backend!(sel, |be| {
+            println!("ops, batch {}, {}", a.batch_size, capsnet::backend::Backend::name(&be));
+            for t in capsnet::bench::op_bench(&be, &a.model.config(), a.batch_size, a.steps)? {
+                println!("{:<34} {:>9.3} ms {:>9.1} GFLOP/s", t.name, t.ms, t.gflops);
+            }
+            Ok(())
+        });
+    }
+    let cfg = a.model.config();
+    println!(
+        "model: {} parameters, {:.4} GFLOP per training image",
+        cfg.param_count(),
+        cfg.train_flops_per_image() / 1e9
+    );
+    let peer_device = match (&a.peer, &sel) {
+        (None, _) => None,
+        (Some(_), _)
+            if cfg
+                != Config {
+                    routing_rounds: cfg.routing_rounds,
+                    w_std: cfg.w_std,
+                    ..Config::default()
+                } =>
+        {
+            return Err(Error::msg(
+                "--peer: the PyTorch peer builds only the default model (--conv1-channels 256, --primary-maps 32)",
+            ));
+        }
+        (Some(_), Selected::Cuda(_)) if cuda::emulator::loaded().is_some() => {
+            return Err(Error::msg("--peer: there is no PyTorch peer for the emulated device"));
+        }
+        (Some(_), Selected::Cuda(_)) => Some("cuda"),
+        (Some(_), _) => Some("cpu"),
+    };
+    let precision = match &sel {
+        Selected::Cuda(_) => a
+            .kernels
+            .precision
+            .map_or(cuda::registry::DEFAULT_PRECISION, Into::into),
+        _ => Precision::Fp32,
+    };
+    let (backend_name, r) = with_backend!(sel, |be| {
+        let name = capsnet::backend::Backend::name(&be);
+        println!("backend: {name}");
+        train::bench(be, cfg.clone(), a.batch_size, a.steps, a.warmup, a.eager).map(|r| (name, r))
+    })?;
+    let how = match (r.resident, r.graph) {
+        (true, true) => " (batches gathered on the device, steps replayed as a CUDA graph)",
+        (true, false) => " (batches gathered on the device, kernels launched one by one)",
+        _ => "",
+    };
+    println!(
+        "batch {}: median {:.3} ms/step over {} steps, {:.1} images/s, {:.1} GFLOP/s{how}",
+        r.batch_size, r.median_ms, r.steps, r.images_per_s, r.gflops
+    );
+    if let Some(mib) = r.device_mib {
+        println!("device memory held: {mib:.0} MiB");
+    }
+    let mut peer_json = None;
+    if let (Some(script), Some(device)) = (&a.peer, peer_device) {
+        let threads = capsnet::par::threads();
+        let run = capsnet::bench::PeerRun {
+            device,
+            routing: cfg.routing_rounds,
+            w_std: cfg.w_std,
+            batch: a.batch_size,
+            steps: a.steps,
+            warmup: a.warmup,
+            threads,
+        };
+        let p = capsnet::bench::torch_peer(script, &run)?;
+        println!(
+            "peer: PyTorch {} on {device} ({threads} threads), batch {}: median {:.1} ms/step, {:.1} images/s",
+            p.torch, a.batch_size, p.median_ms, p.images_per_s
+        );
+        println!("ratio: {:.2}x the peer's images/s", r.images_per_s / p.images_per_s);
+        peer_json = Some(serde_json::json!({
+            "torch": p.torch, "median_ms": p.median_ms, "images_per_s": p.images_per_s,
+        }));
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "kind": "steps", "backend": backend_name, "precision": precision.name(),
+                "batch": r.batch_size, "steps": r.steps, "graph": r.graph, "resident": r.resident,
+                "median_ms": r.median_ms, "images_per_s": r.images_per_s, "gflops": r.gflops,
+                "device_mib": r.device_mib, "peer": peer_json,
+            })
+        );
+    }
+    Ok(())
+}

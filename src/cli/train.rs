@@ -1,0 +1,71 @@
+//! `capsnet train`: the options from the flags and a preset, MNIST fetched if asked, Ctrl-C handled.
+
+use capsnet::config::RunSettings;
+use capsnet::train::{self, TrainOptions};
+use capsnet::{Error, Result, data};
+
+use super::args::*;
+use super::device::{Selected, select};
+
+/// `capsnet train`.
+pub fn run(a: TrainArgs) -> Result<()> {
+    let sel = select(a.device, &a.kernels)?;
+    // only what is missing: train() reads and checks every file anyway
+    if a.download
+        && data::FILES
+            .iter()
+            .any(|(name, _)| data::find(&a.data.data, name).is_none())
+    {
+        for line in data::download(&a.data.data, &data::mirrors())? {
+            eprintln!("{line}");
+        }
+    }
+    let preset = a.preset.values();
+    let opts = TrainOptions {
+        data_dir: a.data.data,
+        run_dir: a.checkpoint_dir,
+        config: a.model.config_with(preset.routing, a.dataset.dataset().side()),
+        run: RunSettings {
+            dataset: a.dataset.dataset(),
+            batch_size: a.batch_size.unwrap_or(preset.batch_size),
+            // MultiMNIST examples are shifted already: a preset's shift is for MNIST only
+            shift: a.shift.unwrap_or(match a.dataset {
+                DatasetArg::Mnist => preset.shift,
+                DatasetArg::Multimnist => 0,
+            }),
+            lr_decay: a.lr_decay.unwrap_or(preset.lr_decay),
+            lr_decay_steps: a.lr_decay_steps.unwrap_or(preset.lr_decay_steps),
+            lr: a.lr,
+            seed: a.seed,
+            patience: a.patience,
+            limit: a.limit,
+            val_limit: a.val_limit,
+        },
+        epochs: a.epochs,
+        eager: a.eager,
+        resume: a.resume,
+        checkpoint_every: match a.checkpoint_minutes {
+            m if !(m.is_finite() && m >= 0.0) => {
+                return Err(Error::msg(format!(
+                    "--checkpoint-minutes must be a number ≥ 0, got {m}"
+                )));
+            }
+            0.0 => None,
+            m => Some(std::time::Duration::from_secs_f64(m * 60.0)),
+        },
+        checkpoint_steps: match a.checkpoint_steps {
+            Some(0) => return Err(Error::msg("--checkpoint-steps must be at least 1")),
+            n => n,
+        },
+    };
+    // Ctrl-C or SIGTERM: save the last completed step and stop; a second one exits at once
+    let _ = ctrlc::set_handler(|| {
+        if train::INTERRUPT.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: exiting now");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: saving the last completed step (interrupt again to exit at once)");
+    });
+    with_backend!(sel, |be| train::train(be, &opts))?;
+    Ok(())
+}
