@@ -3,9 +3,9 @@
 //!
 //!     cargo bench --bench ops [-- BATCH]
 
-use capsnet::backend::Backend;
 use capsnet::backend::cpu::CpuBackend;
 use capsnet::backend::fast::FastCpu;
+use capsnet::prelude::*;
 
 fn report<B: Backend>(be: &B, batch: usize) {
     println!("ops, batch {batch}, {}", be.name());

@@ -5,9 +5,9 @@
 use std::time::Instant;
 
 use crate::Result;
-use crate::backend::{Act, Backend};
 use crate::config::Config;
 use crate::float::{Float, Precision};
+use crate::ops::{Act, Backend};
 
 pub struct OpTiming {
     pub name: String,

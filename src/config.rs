@@ -2,9 +2,9 @@
 //! checkpoint), the data set, and the training presets. The lowest layer that knows the model: it
 //! depends on nothing above the op interface's shapes.
 
-use crate::backend::{CapsShape, ConvShape, DenseShape};
 use crate::data::MNIST_SIDE;
 use crate::multimnist;
+use crate::ops::{CapsShape, ConvShape, DenseShape};
 use crate::{Error, Result};
 
 /// Both convolutions' kernel side.

@@ -3,9 +3,9 @@
 
 use std::rc::Rc;
 
-use crate::backend::Backend;
 use crate::float::Float;
 use crate::model::CapsNet;
+use crate::ops::Backend;
 use crate::tape::Tape;
 use crate::{Error, Result};
 

@@ -1,11 +1,13 @@
 //! capsnet: a CapsNet (Sabour, Frosst & Hinton 2017) training engine.
 //!
-//! Layers of the crate, bottom up:
-//! - [`backend`]: the op interface and its CPU reference implementation;
-//! - [`tape`] and [`ops`]: a thin autodiff tape, each op owning its forward and backward;
-//! - [`model`], [`adam`]: the network of Géron's notebook and its optimiser;
-//! - [`data`], [`checkpoint`], [`train`]: MNIST, safetensors checkpoints, the training loop;
-//! - [`cuda`]: the same op interface on a GPU, with kernels compiled by NVRTC at run time.
+//! Layers of the crate, bottom up (docs/ARCHITECTURE.md):
+//! - [`backend`]: what every backend is ([`backend::Core`]) and the two CPU backends' machinery;
+//! - [`cuda`]: the GPU as a device, with kernels compiled by NVRTC at run time;
+//! - [`tape`] and [`ops`]: a thin autodiff tape, and one folder per op family holding its interface,
+//!   tape ops, CPU reference, fast CPU and CUDA implementations and kernels;
+//! - [`runtime`], [`config`]: the training step's runtime; the model's and a run's configuration;
+//! - [`model`], [`data`], [`checkpoint`], [`train`]: the network of Géron's notebook, MNIST,
+//!   safetensors checkpoints, the training loop.
 //!
 //! Ops are recorded on a tape and differentiated backwards:
 //!
@@ -28,7 +30,6 @@
 //! assert!(t.grad(s).unwrap().iter().all(|&g| g < 0.0));
 //! ```
 
-pub mod adam;
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;
@@ -46,6 +47,8 @@ pub mod multimnist;
 pub mod ops;
 pub mod par;
 pub mod predict;
+pub mod prelude;
+pub mod runtime;
 pub mod tape;
 pub mod train;
 

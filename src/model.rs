@@ -18,11 +18,11 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal, Uniform};
 
-use crate::backend::{Act, Backend};
 use crate::checkpoint::Checkpoint;
 use crate::config::{Config, KERNEL};
 use crate::dataset::Batch;
 use crate::float::Float;
+use crate::ops::{Act, Backend};
 use crate::tape::{Tape, Var};
 use crate::{Error, Result, ops};
 

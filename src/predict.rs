@@ -431,7 +431,7 @@ pub struct ImagePrediction {
 }
 
 /// The images of `files` through a model: each file's prediction or the error that stopped it.
-pub fn predict_files<B: crate::backend::Backend>(
+pub fn predict_files<B: crate::ops::Backend>(
     tape: &mut crate::tape::Tape<B>,
     model: &crate::model::CapsNet,
     files: &[std::path::PathBuf],

@@ -11,7 +11,7 @@
 //!   ([`GradStore::get`] hands out zero-initialised buffers), so a variable used by several ops
 //!   (fan-out) receives the sum of their contributions.
 
-use crate::backend::Backend;
+use crate::backend::Core;
 use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -23,19 +23,19 @@ impl Var {
     }
 }
 
-pub struct Tensor<B: Backend> {
+pub struct Tensor<B: Core> {
     pub buf: B::Buf,
     pub shape: Vec<usize>,
 }
 
-impl<B: Backend> Tensor<B> {
+impl<B: Core> Tensor<B> {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
 }
 
 /// Read access to the values during a backward pass, plus the gradient of the node's output.
-pub struct Ctx<'a, B: Backend> {
+pub struct Ctx<'a, B: Core> {
     pub backend: &'a B,
     values: &'a [Tensor<B>],
     /// The node's output variable.
@@ -44,7 +44,7 @@ pub struct Ctx<'a, B: Backend> {
     pub dout: &'a B::Buf,
 }
 
-impl<B: Backend> Ctx<'_, B> {
+impl<B: Core> Ctx<'_, B> {
     pub fn value(&self, v: Var) -> &B::Buf {
         &self.values[v.0].buf
     }
@@ -58,14 +58,14 @@ impl<B: Backend> Ctx<'_, B> {
 }
 
 /// Gradient buffers, handed out for accumulation.
-pub struct GradStore<'a, B: Backend> {
+pub struct GradStore<'a, B: Core> {
     backend: &'a B,
     lens: &'a [usize],
     needs: &'a [bool],
     grads: &'a mut [Option<B::Buf>],
 }
 
-impl<B: Backend> GradStore<'_, B> {
+impl<B: Core> GradStore<'_, B> {
     /// The gradient buffer of `v` to add into, allocated as zeros on first use; `None` when no
     /// gradient flows to `v` (a data input, or a value computed only from such inputs), so the op can
     /// skip that part of its backward.
@@ -81,9 +81,9 @@ impl<B: Backend> GradStore<'_, B> {
 }
 
 /// Two variables' gradient buffers, each `None` where no gradient flows.
-pub type GradPair<'g, B> = (Option<&'g mut <B as Backend>::Buf>, Option<&'g mut <B as Backend>::Buf>);
+pub type GradPair<'g, B> = (Option<&'g mut <B as Core>::Buf>, Option<&'g mut <B as Core>::Buf>);
 
-impl<B: Backend> GradStore<'_, B> {
+impl<B: Core> GradStore<'_, B> {
     /// [`GradStore::get`] of two different variables at once (for an op with two differentiable inputs
     /// whose gradients one kernel writes together).
     pub fn get_two(&mut self, a: Var, b: Var) -> Result<GradPair<'_, B>> {
@@ -97,18 +97,18 @@ impl<B: Backend> GradStore<'_, B> {
     }
 }
 
-pub trait BackwardOp<B: Backend> {
+pub trait BackwardOp<B: Core> {
     fn name(&self) -> &'static str;
     /// Adds this op's contribution to the gradients of its inputs.
     fn backward(&self, ctx: &Ctx<'_, B>, grads: &mut GradStore<'_, B>) -> Result<()>;
 }
 
-struct Node<B: Backend> {
+struct Node<B: Core> {
     op: Box<dyn BackwardOp<B>>,
     out: Var,
 }
 
-pub struct Tape<B: Backend> {
+pub struct Tape<B: Core> {
     backend: B,
     values: Vec<Tensor<B>>,
     needs: Vec<bool>,
@@ -118,7 +118,7 @@ pub struct Tape<B: Backend> {
     recording: bool,
 }
 
-impl<B: Backend> Tape<B> {
+impl<B: Core> Tape<B> {
     pub fn new(backend: B) -> Self {
         Tape {
             backend,

@@ -4,12 +4,12 @@
 
 mod common;
 
-use capsnet::backend::Backend;
 use capsnet::backend::cpu::CpuBackend;
 use capsnet::backend::fast::FastCpu;
 use capsnet::config::Config;
 use capsnet::float::Float;
 use capsnet::model::{CapsNet, init_params};
+use capsnet::prelude::*;
 use capsnet::tape::Tape;
 use common::{Lcg, parity};
 

@@ -6,8 +6,8 @@
 
 mod common;
 
-use capsnet::backend::Backend;
 use capsnet::cuda::CudaBackend;
+use capsnet::prelude::*;
 use common::parity;
 
 fn gpu() -> Option<CudaBackend> {
@@ -255,7 +255,8 @@ fn cuda_every_kernel_version_matches_cpu() {
 /// the planned call is given 1e-3.
 #[test]
 fn cuda_planned_adam_takes_its_values_from_the_plan() {
-    use capsnet::backend::{AdamGroup, AdamHyper, StepRow, plan_words};
+    use capsnet::ops::{AdamGroup, AdamHyper};
+    use capsnet::runtime::{StepRow, plan_words};
     let Some(g) = gpu() else { return };
     let hp = |lr: f64| AdamHyper {
         lr,
@@ -369,7 +370,7 @@ fn cuda_captured_ops_run_when_launched_and_keep_their_buffers() {
     // the stream runs eagerly again
     g.fill(&mut o, 6.0).unwrap();
     assert!(g.download(&o).unwrap().iter().all(|&x| x == 6.0));
-    assert!(g.launch_graph(capsnet::backend::GraphId(99)).is_err(), "no such graph");
+    assert!(g.launch_graph(capsnet::runtime::GraphId(99)).is_err(), "no such graph");
 }
 
 /// A graph keeps the Adam table it was captured with: eager Adam on other tensors afterwards (a new
@@ -377,7 +378,7 @@ fn cuda_captured_ops_run_when_launched_and_keep_their_buffers() {
 /// copies of them; the other tensors are left as their own step left them.
 #[test]
 fn cuda_a_graphs_adam_table_survives_eager_updates_of_other_tensors() {
-    use capsnet::backend::{AdamGroup, AdamHyper};
+    use capsnet::ops::{AdamGroup, AdamHyper};
     let Some(g) = gpu() else { return };
     let _counting = GRAPH_COUNT.lock().unwrap_or_else(|e| e.into_inner());
     let hp = |step| AdamHyper {

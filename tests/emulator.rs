@@ -16,10 +16,10 @@ use std::io::Write;
 use std::process::Command;
 use std::sync::Arc;
 
-use capsnet::adam::Adam;
-use capsnet::backend::Backend;
 use capsnet::cuda::{CudaBackend, emulator, registry};
 use capsnet::model::{CapsNet, init_params};
+use capsnet::ops::Adam;
+use capsnet::prelude::*;
 use capsnet::tape::Tape;
 use common::{Lcg, small_config};
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
@@ -380,7 +380,7 @@ fn every_kernel_gives_the_same_bits_in_order_and_reversed() {
         let labels = be.upload_idx(&[0, 1, 2, 3, 4, 5, 6]).unwrap();
         let order = be.upload_idx(&[6, 2, 0, 5, 1, 3, 4]).unwrap();
         let (mut x, mut y) = (be.alloc_out(4 * 5).unwrap(), be.alloc_idx(4).unwrap());
-        let set = capsnet::backend::ResidentSet {
+        let set = capsnet::runtime::ResidentSet {
             pixels: 5,
             images: &images,
             labels: &labels,
@@ -392,15 +392,15 @@ fn every_kernel_gives_the_same_bits_in_order_and_reversed() {
         let gathered_labels = be.download_idx(&y).unwrap();
         assert_eq!(gathered_labels, [0, 5, 1, 3]);
         // the same batch from a step plan's second row (training gathers this way)
-        let hp = capsnet::backend::AdamHyper {
+        let hp = capsnet::ops::AdamHyper {
             lr: 1e-3,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
             step: 1,
         };
-        let rows = [0, 2].map(|start| capsnet::backend::StepRow { start, adam: hp });
-        let mut plan = be.upload_idx(&capsnet::backend::plan_words(0, &rows).unwrap()).unwrap();
+        let rows = [0, 2].map(|start| capsnet::runtime::StepRow { start, adam: hp });
+        let mut plan = be.upload_idx(&capsnet::runtime::plan_words(0, &rows).unwrap()).unwrap();
         be.advance_plan(&mut plan).unwrap();
         be.gather_planned(&set, &plan, 4, &mut x, &mut y).unwrap();
         let planned = be.download(&x).unwrap();
@@ -409,7 +409,7 @@ fn every_kernel_gives_the_same_bits_in_order_and_reversed() {
             "a planned gather differs"
         );
         // three 3x3 images, each shifted (training shifts with --shift), against the host's gather
-        use capsnet::backend::{ResidentSet, gather_host, pack_bytes, pack_shift};
+        use capsnet::runtime::{ResidentSet, gather_host, pack_bytes, pack_shift};
         let bytes9: Vec<u8> = (1..28u8).map(|i| i.wrapping_mul(29)).collect();
         let shifts3: Vec<u32> = [(1, 0), (0, -1), (-2, 1)].map(pack_shift).to_vec();
         let (images9, labels3, order3, dev_shifts3) = (
@@ -448,7 +448,7 @@ fn every_kernel_gives_the_same_bits_in_order_and_reversed() {
         );
         // the unfused routing versions (prediction kernels, then routing v1 or v2), which the small
         // model's steps (the fused default) do not launch
-        let cs = capsnet::backend::CapsShape {
+        let cs = capsnet::ops::CapsShape {
             batch: 2,
             in_caps: 37,
             in_dim: 8,
@@ -485,7 +485,7 @@ fn every_kernel_gives_the_same_bits_in_order_and_reversed() {
         be.set_kernels(Default::default());
         extra.push(unfused);
         // the stride-2 input gradient's version 1, which the default set does not launch
-        let s = capsnet::backend::ConvShape {
+        let s = capsnet::ops::ConvShape {
             batch: 2,
             in_h: 9,
             in_w: 8,
@@ -814,7 +814,12 @@ fn ldmatrix_rows_must_be_aligned_and_in_shared_memory() {
 #[test]
 fn the_cubins_figures_are_ptxas_own() {
     let Some(be) = emulated() else { return };
-    let report = capsnet::cuda::report::kernel_report("sm_90").unwrap_or_else(|e| panic!("{e}"));
+    let report = capsnet::cuda::report::kernel_report(
+        "sm_90",
+        &capsnet::config::Config::default().caps_shape(1).dims(),
+        capsnet::config::Config::default().routing_rounds,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let loaded = be.loaded_kernels().unwrap();
     assert_eq!(loaded.len(), report.len());
     for (l, r) in loaded.iter().zip(&report) {
@@ -881,9 +886,10 @@ fn tensor_core_gemms_stay_within_their_bound_when_the_mma_truncates() {
 /// K·2^-22 (capsnet::float::sum_error_bound).
 #[test]
 fn truncated_sums_need_the_worst_case_bound() {
-    use capsnet::backend::{Act, Backend, DenseShape};
     use capsnet::cuda::registry::{KernelSet, Precision};
     use capsnet::float::sum_error_bound;
+    use capsnet::ops::{Act, DenseShape};
+    use capsnet::prelude::*;
     let Some(be) = emulated() else { return };
     be.set_kernels(KernelSet::for_precision(Precision::Tf32));
     let d = DenseShape {

@@ -11,11 +11,12 @@ const LAYERS: &[&[&str]] = &[
     &["error", "float", "par", "kernels"],
     &["data", "multimnist"],
     &["backend"],
-    &["config"],
-    &["checkpoint"],
-    &["tape", "ops"],
-    &["model", "adam", "dataset", "infer"],
     &["cuda"],
+    &["tape"],
+    &["ops"],
+    &["runtime", "config"],
+    &["checkpoint", "prelude"],
+    &["model", "dataset", "infer"],
     &["train"],
     &["predict", "figures", "bench"],
     &["cli"],
@@ -156,5 +157,67 @@ fn the_check_sees_an_import_up_a_layer() {
             .collect::<BTreeSet<_>>()
     );
     assert!(layer_of("backend").unwrap() < layer_of("train").unwrap());
+    // the backend and the device know no op family; the ops know no training step
+    assert!(layer_of("backend").unwrap() < layer_of("ops").unwrap());
+    assert!(layer_of("cuda").unwrap() < layer_of("ops").unwrap());
+    assert!(layer_of("ops").unwrap() < layer_of("runtime").unwrap());
     assert!(layer_of("no_such_module").is_none());
+}
+
+/// One op, one folder (docs/ARCHITECTURE.md, "Op families"): each family under src/ops/ declares its
+/// interface in mod.rs, is implemented by the CPU reference, the fast CPU backend and the GPU in its own
+/// cpu.rs, fast.rs and cuda.rs, and nowhere else, and holds its op tests (tests.rs) and kernel files.
+#[test]
+fn each_op_family_lives_in_its_own_folder() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = vec![];
+    rust_files(&src, &mut files);
+    let mut families: Vec<PathBuf> = std::fs::read_dir(src.join("ops"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    families.sort();
+    assert!(families.len() >= 6, "op families: {families:?}");
+    for dir in &families {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let m = std::fs::read_to_string(dir.join("mod.rs")).unwrap_or_else(|e| panic!("src/ops/{name}/mod.rs: {e}"));
+        let iface = m
+            .lines()
+            .find_map(|l| l.strip_prefix("pub trait ").and_then(|r| r.split(':').next()))
+            .unwrap_or_else(|| panic!("src/ops/{name}/mod.rs declares no interface (pub trait)"))
+            .trim()
+            .to_string();
+        let implements = |text: &str| {
+            text.lines()
+                .any(|l| l.starts_with("impl") && l.contains(&format!(" {iface} for ")))
+        };
+        let tests = std::fs::read_to_string(dir.join("tests.rs"))
+            .unwrap_or_else(|e| panic!("src/ops/{name}/tests.rs (the family's op tests): {e}"));
+        assert!(tests.contains("#[test]"), "src/ops/{name}/tests.rs holds no test");
+        assert!(
+            m.contains("mod tests;"),
+            "src/ops/{name}/mod.rs does not compile its tests.rs"
+        );
+        for backend in ["cpu.rs", "fast.rs", "cuda.rs"] {
+            let text =
+                std::fs::read_to_string(dir.join(backend)).unwrap_or_else(|e| panic!("src/ops/{name}/{backend}: {e}"));
+            assert!(implements(&text), "src/ops/{name}/{backend} does not implement {iface}");
+        }
+        for f in &files {
+            if !f.starts_with(dir) {
+                let text = std::fs::read_to_string(f).unwrap();
+                assert!(
+                    !implements(&text),
+                    "{} implements {iface}, which belongs in src/ops/{name}/",
+                    f.display()
+                );
+            }
+        }
+        let kernels = std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "cu"))
+            .count();
+        assert!(kernels > 0, "src/ops/{name}/ holds no kernel file");
+    }
 }

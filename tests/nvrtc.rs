@@ -187,7 +187,9 @@ fn the_kernel_report_covers_every_kernel_and_no_hot_kernel_spills() {
     if !nvrtc_or_skip() {
         return;
     }
-    let report = kernel_report("sm_90").unwrap_or_else(|e| panic!("{e}"));
+    let c = capsnet::config::Config::default();
+    let (caps, rounds) = (c.caps_shape(1).dims(), c.routing_rounds);
+    let report = kernel_report("sm_90", &caps, rounds).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(report.len(), registry::ALL.len());
     let mut spilling = vec![];
     for k in &report {
@@ -211,9 +213,14 @@ fn the_kernel_report_covers_every_kernel_and_no_hot_kernel_spills() {
     assert_eq!(r.dynamic_smem, 93_440);
     assert_eq!(r.occupancy.unwrap().limited_by, "shared memory");
     // a target whose limits are unknown still gets ptxas's figures; a virtual one is refused
-    assert!(kernel_report("sm_86").unwrap().iter().all(|k| k.occupancy.is_none()));
     assert!(
-        kernel_report("compute_90")
+        kernel_report("sm_86", &caps, rounds)
+            .unwrap()
+            .iter()
+            .all(|k| k.occupancy.is_none())
+    );
+    assert!(
+        kernel_report("compute_90", &caps, rounds)
             .unwrap_err()
             .to_string()
             .contains("real architecture")

@@ -6,10 +6,11 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use capsnet::Result;
-use capsnet::adam::Adam;
 use capsnet::backend::cpu::CpuBackend;
-use capsnet::backend::{Act, Backend};
 use capsnet::ops;
+use capsnet::ops::Act;
+use capsnet::ops::Adam;
+use capsnet::prelude::*;
 use capsnet::tape::{BackwardOp, Ctx, GradStore, Tape, Var};
 
 type Cpu = CpuBackend<f64>;

@@ -8,13 +8,13 @@
 
 mod common;
 
-use capsnet::adam::Adam;
-use capsnet::backend::Backend;
 use capsnet::backend::cpu::CpuBackend;
 use capsnet::backend::fast::FastCpu;
 use capsnet::config::Config;
 use capsnet::float::Float;
 use capsnet::model::CapsNet;
+use capsnet::ops::Adam;
+use capsnet::prelude::*;
 use capsnet::tape::Tape;
 use safetensors::SafeTensors;
 

@@ -104,7 +104,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             return print_version_bench(be, &a.model.config(), a.batch_size, a.steps, a.json);
         }
         return with_backend!(sel, |be| {
-            println!("ops, batch {}, {}", a.batch_size, capsnet::backend::Backend::name(&be));
+            println!("ops, batch {}, {}", a.batch_size, capsnet::backend::Core::name(&be));
             for t in capsnet::bench::op_bench(&be, &a.model.config(), a.batch_size, a.steps)? {
                 println!("{:<34} {:>9.3} ms {:>9.1} GFLOP/s", t.name, t.ms, t.gflops);
             }
@@ -145,7 +145,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         _ => Precision::Fp32,
     };
     let (backend_name, r) = with_backend!(sel, |be| {
-        let name = capsnet::backend::Backend::name(&be);
+        let name = capsnet::backend::Core::name(&be);
         println!("backend: {name}");
         train::bench(be, cfg.clone(), a.batch_size, a.steps, a.warmup, a.eager).map(|r| (name, r))
     })?;

@@ -6,7 +6,9 @@ use capsnet::{Error, Result};
 use super::args::*;
 
 fn kernel_report(arch: &str) -> Result<()> {
-    let report = cuda::report::kernel_report(arch).map_err(|e| Error::msg(format!("info --kernels: {e}")))?;
+    let c = capsnet::config::Config::default();
+    let report = cuda::report::kernel_report(arch, &c.caps_shape(1).dims(), c.routing_rounds)
+        .map_err(|e| Error::msg(format!("info --kernels: {e}")))?;
     let (major, minor) = cuda::nvrtc_version()?;
     println!(
         "kernels compiled for {arch} by NVRTC {major}.{minor}; ptxas's figures, occupancy at the launch block size"
@@ -112,7 +114,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
         let be = CudaBackend::new(0)?;
         println!(
             "kernels: all load on {}; as the driver loaded them:",
-            capsnet::backend::Backend::name(&be)
+            capsnet::backend::Core::name(&be)
         );
         println!(
             "  {:<24} {:>5} {:>12} {:>12}",

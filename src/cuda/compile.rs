@@ -158,7 +158,12 @@ fn source(name: &str) -> Option<&'static str> {
 /// text (once per header), so NVRTC needs no include path on the machine that runs it.
 pub fn expand(file: &str) -> Result<String> {
     fn go(file: &str, seen: &mut Vec<String>, out: &mut String) -> Result<()> {
-        let src = source(file).ok_or_else(|| Error::msg(format!("kernels/{file}: no such embedded kernel file")))?;
+        let src = source(file).ok_or_else(|| {
+            Error::msg(format!(
+                "{}: no such embedded kernel file",
+                crate::kernels::path_of(file)
+            ))
+        })?;
         for line in src.lines() {
             let t = line.trim();
             if let Some(rest) = t.strip_prefix("#include \"") {
@@ -266,7 +271,7 @@ fn image(bytes: Vec<u8>, target: Target) -> Image {
 /// One NVRTC program: the cubin's bytes, or the PTX's text.
 fn nvrtc_compile(file: &str, src: &str, opts: &[String], target: Target) -> Result<Vec<u8>> {
     use cudarc::nvrtc::{result, sys};
-    let fail = |what: &str| Error::msg(format!("kernels/{file}: {what}"));
+    let fail = |what: &str| Error::msg(format!("{}: {what}", crate::kernels::path_of(file)));
     let csrc = CString::new(src).map_err(|_| fail("the source holds a NUL byte"))?;
     let name = CString::new(file).map_err(|_| fail("the name holds a NUL byte"))?;
     let prog = result::create_program(&csrc, Some(&name)).map_err(|e| fail(&format!("nvrtcCreateProgram: {e:?}")))?;

@@ -116,6 +116,7 @@ fn common_flags() -> Vec<String> {
         "-mfma",
         "-pthread",
         "-Ikernels/emulator",
+        "-Ikernels",
         "-w",
     ]
     .iter()
@@ -126,10 +127,10 @@ fn common_flags() -> Vec<String> {
 }
 
 /// Every file the build needs, (path, text), laid out as in the repository so that `__FILE__`, and
-/// so the emulator's messages, name kernels/FILE: the kernel files, the emulator's files, and one
+/// so the emulator's messages, name each file's path (the shared headers found through -Ikernels): the kernel files, the emulator's files, and one
 /// wrapper per `.cu` file that includes it after cuda_emu.hpp and registers its kernels.
 fn build_files() -> Vec<(String, String)> {
-    let kernels = SOURCES.iter().map(|(n, s)| (format!("kernels/{n}"), *s));
+    let kernels = SOURCES.iter().map(|(n, s)| (crate::kernels::path_of(n), *s));
     let emulator = EMULATOR_SOURCES
         .iter()
         .map(|(n, s)| (format!("kernels/emulator/{n}"), *s));
@@ -176,7 +177,11 @@ pub fn build(variant: Variant) -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(tmp.join("kernels/emulator")).map_err(|e| Error::file(&tmp, e))?;
     for (n, s) in &files {
-        std::fs::write(tmp.join(n), s).map_err(|e| Error::file(&tmp.join(n), e))?;
+        let path = tmp.join(n);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+        }
+        std::fs::write(&path, s).map_err(|e| Error::file(&path, e))?;
     }
     // one g++ per translation unit, all at once, then the link
     let units: Vec<&String> = files.iter().map(|(n, _)| n).filter(|n| n.ends_with(".cpp")).collect();

@@ -1,5 +1,7 @@
-//! The CUDA backend: NVRTC compilation of the embedded kernels, device detection, and
-//! [`CudaBackend`], the [`Backend`](crate::backend::Backend) whose kernels are in kernels/.
+//! The GPU as a device: NVRTC compilation of the embedded kernels, device detection, the kernel
+//! registry, the emulated device, and [`CudaBackend`] (context, stream, memory pool, captured graphs).
+//! Each op family's launches are in its folder (crate::ops::<family>/cuda.rs), the training step's
+//! runtime in crate::runtime.
 //!
 //! cudarc loads libcuda and libnvrtc dynamically on first use and panics when they are missing, so
 //! every entry point here probes the libraries first: on a machine without CUDA the crate builds,
@@ -8,7 +10,10 @@
 mod backend;
 pub mod compile;
 pub mod emulator;
+mod graphs;
+pub(crate) mod launch;
 pub mod params;
+mod pool;
 pub mod registry;
 pub mod report;
 
@@ -16,8 +21,9 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaContext;
 
-pub use backend::{CudaBackend, CudaBuf, CudaIdx, LoadedKernel, PooledBuf};
+pub use backend::{CudaBackend, LoadedKernel};
 pub use compile::{Target, compile_all, nvrtc_available, nvrtc_version};
+pub use pool::{CudaBuf, CudaIdx, PooledBuf};
 
 use crate::{Error, Result};
 

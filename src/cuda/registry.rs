@@ -57,14 +57,14 @@ kernels! {
     FILL = "elementwise.cu": "fill_f32" @ FLAT_THREADS;
     ADD_ASSIGN = "elementwise.cu": "add_assign_f32" @ FLAT_THREADS;
     ADD_FWD = "elementwise.cu": "add_fwd_f32" @ FLAT_THREADS;
-    ACT_BWD = "elementwise.cu": "act_bwd_f32" @ FLAT_THREADS;
-    BIAS_BWD = "elementwise.cu": "bias_bwd_f32" @ BIAS_BWD_THREADS;
-    SQ_ERR_FWD = "elementwise.cu": "sq_err_fwd_f32" @ SQ_ERR_FWD_THREADS;
-    SQ_ERR_BWD = "elementwise.cu": "sq_err_bwd_f32" @ FLAT_THREADS;
+    ACT_BWD = "dense.cu": "act_bwd_f32" @ FLAT_THREADS;
+    BIAS_BWD = "dense.cu": "bias_bwd_f32" @ BIAS_BWD_THREADS;
+    SQ_ERR_FWD = "losses.cu": "sq_err_fwd_f32" @ SQ_ERR_FWD_THREADS;
+    SQ_ERR_BWD = "losses.cu": "sq_err_bwd_f32" @ FLAT_THREADS;
     SPLITK_REDUCE_ADD = "elementwise.cu": "splitk_reduce_add" @ FLAT_THREADS;
-    GATHER_BATCH = "elementwise.cu": "gather_batch" @ FLAT_THREADS;
+    GATHER_BATCH = "runtime.cu": "gather_batch" @ FLAT_THREADS;
     ADAM_STEP_V1 = "adam.cu": "adam_step_v1" @ FLAT_THREADS;
-    PLAN_ADVANCE = "adam.cu": "plan_advance" @ 1;
+    PLAN_ADVANCE = "runtime.cu": "plan_advance" @ 1;
     SQUASH_FWD = "capsules.cu": "squash_fwd" @ FLAT_THREADS;
     SQUASH_BWD = "capsules.cu": "squash_bwd" @ FLAT_THREADS;
     PREDICT_FWD = "capsules.cu": "predict_fwd" @ FLAT_THREADS;
@@ -75,9 +75,9 @@ kernels! {
     MASK_FWD = "capsules.cu": "mask_fwd" @ FLAT_THREADS;
     MASK_BWD = "capsules.cu": "mask_bwd" @ FLAT_THREADS;
     ARGMAX = "capsules.cu": "argmax_f32" @ FLAT_THREADS;
-    MARGIN_LOSS_FWD = "capsules.cu": "margin_loss_fwd" @ MARGIN_LOSS_FWD_THREADS;
-    MARGIN_LOSS_BWD = "capsules.cu": "margin_loss_bwd" @ FLAT_THREADS;
-    STEP_SUMMARY = "capsules.cu": "step_summary" @ MARGIN_LOSS_FWD_THREADS;
+    MARGIN_LOSS_FWD = "losses.cu": "margin_loss_fwd" @ MARGIN_LOSS_FWD_THREADS;
+    MARGIN_LOSS_BWD = "losses.cu": "margin_loss_bwd" @ FLAT_THREADS;
+    STEP_SUMMARY = "runtime.cu": "step_summary" @ MARGIN_LOSS_FWD_THREADS;
     ROUTING_FWD_V1 = "routing.cu": "routing_fwd_v1" @ ROUTING_THREADS;
     ROUTING_BWD_V1 = "routing.cu": "routing_bwd_v1" @ ROUTING_THREADS;
     ROUTING_FWD_V2 = "routing.cu": "routing_fwd_v2" @ ROUTING_THREADS;
@@ -377,17 +377,30 @@ pub const COLS_CHUNK_FLOATS: usize = 16 << 20;
 pub const SPLITK_MIN_STEPS: usize = 4;
 /// The fused routing kernels take no more dynamic shared memory than every GPU gives without opting in.
 pub const FUSED_SMEM_BYTES: usize = 48 << 10;
+/// The capsule layer's sizes, as the routing kernels' launch geometry needs them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CapsDims {
+    /// I: primary capsules.
+    pub in_caps: usize,
+    /// Primary capsule dimension.
+    pub in_dim: usize,
+    /// J: digit capsules.
+    pub out_caps: usize,
+    /// Digit capsule dimension.
+    pub out_dim: usize,
+}
+
 /// The most input capsules one block of a fused routing kernel takes (its chunk).
 pub const FUSED_MAX_CHUNK: usize = 16;
 /// The largest primary capsule dimension the fused version's weight gradient takes (CAPS_MAX_IN_DIM
-/// in kernels/caps_routing.cu).
+/// in src/ops/routing/caps_routing.cu).
 pub const FUSED_MAX_IN_DIM: usize = 16;
 
 /// How fused routing kernel `k` is launched at shape `s` over `rounds` rounds: the input capsules one
 /// block takes (0 for the per-image reduce kernels) and its dynamic shared memory in bytes. The chunk is
 /// the largest (up to [`FUSED_MAX_CHUNK`]) whose arrays fit [`FUSED_SMEM_BYTES`]; it depends on the
 /// shape alone, so a run's sums do not depend on the GPU.
-pub fn fused_routing_plan(k: Kernel, s: &crate::backend::CapsShape, rounds: usize) -> Result<(usize, u32)> {
+pub fn fused_routing_plan(k: Kernel, s: &CapsDims, rounds: usize) -> Result<(usize, u32)> {
     let (j, d, e, r) = (s.out_caps, s.out_dim, s.in_dim, rounds.max(1));
     let (jd, jde) = (j * d, j * d * e);
     // floats per capsule of the chunk, and floats whatever the chunk

@@ -6,7 +6,6 @@ use std::ffi::CString;
 
 use super::compile::{expand, nvrtc_available};
 use super::registry::{self as reg, Kernel};
-use crate::config::Config;
 use crate::{Error, Result};
 
 /// What ptxas reports for one kernel, and the occupancy it allows.
@@ -134,10 +133,11 @@ pub fn parse_ptxas_log(log: &str) -> Vec<(String, u32, u32, u32, u32, u32)> {
 /// ptxas's report for kernels/`file` compiled for `arch` (an `sm_XX` target: ptxas runs only for a
 /// real architecture).
 fn ptxas_log(file: &str, arch: &str) -> Result<String> {
-    let src = CString::new(expand(file)?).map_err(|_| Error::msg(format!("kernels/{file}: a NUL byte")))?;
+    let src = CString::new(expand(file)?)
+        .map_err(|_| Error::msg(format!("{}: a NUL byte", crate::kernels::path_of(file))))?;
     let name = CString::new(file).expect("a file name without NUL");
     let prog = cudarc::nvrtc::result::create_program(&src, Some(&name))
-        .map_err(|e| Error::msg(format!("kernels/{file}: nvrtcCreateProgram: {e:?}")))?;
+        .map_err(|e| Error::msg(format!("{}: nvrtcCreateProgram: {e:?}", crate::kernels::path_of(file))))?;
     let opts: Vec<String> = [
         vec![
             format!("--gpu-architecture={arch}"),
@@ -152,34 +152,34 @@ fn ptxas_log(file: &str, arch: &str) -> Result<String> {
     let res = unsafe { cudarc::nvrtc::result::compile_program(prog, &opts) };
     let log = unsafe { cudarc::nvrtc::result::get_program_log(prog) };
     let _ = unsafe { cudarc::nvrtc::result::destroy_program(prog) };
-    let log = log.map_err(|e| Error::msg(format!("kernels/{file}: nvrtcGetProgramLog: {e:?}")))?;
+    let log = log.map_err(|e| Error::msg(format!("{}: nvrtcGetProgramLog: {e:?}", crate::kernels::path_of(file))))?;
     let bytes: Vec<u8> = log.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
     let log = String::from_utf8_lossy(&bytes).into_owned();
     res.map_err(|e| {
         Error::msg(format!(
-            "kernels/{file}: NVRTC cannot compile it for {arch}: {e:?}\n{log}"
+            "{}: NVRTC cannot compile it for {arch}: {e:?}\n{log}",
+            crate::kernels::path_of(file)
         ))
     })?;
     Ok(log)
 }
 
-/// Dynamic shared memory a kernel is launched with at the default model's shapes.
-fn dynamic_smem(k: Kernel) -> u32 {
-    let s = Config::default().caps_shape(1);
+/// Dynamic shared memory a kernel is launched with at capsule sizes `s` and `rounds` routing rounds.
+fn dynamic_smem(k: Kernel, s: &reg::CapsDims, rounds: u32) -> u32 {
     let (ij, jd) = ((s.in_caps * s.out_caps) as u32, (s.out_caps * s.out_dim) as u32);
-    let rounds = Config::default().routing_rounds as u32;
     match k {
         reg::ROUTING_FWD_V1 => 4 * (2 * ij + 2 * jd),
         reg::ROUTING_BWD_V1 => 4 * (2 * ij + 4 * jd),
         reg::ROUTING_FWD_V2 => 4 * jd * (rounds + 1),
         reg::ROUTING_BWD_V2 => 4 * jd * 4,
-        k if k.file == "caps_routing.cu" => reg::fused_routing_plan(k, &s, rounds as usize).map_or(0, |p| p.1),
+        k if k.file == "caps_routing.cu" => reg::fused_routing_plan(k, s, rounds as usize).map_or(0, |p| p.1),
         _ => 0,
     }
 }
 
-/// Every kernel of the registry compiled for `arch` (e.g. "sm_90"), in registry order.
-pub fn kernel_report(arch: &str) -> Result<Vec<KernelStats>> {
+/// Every kernel of the registry compiled for `arch` (e.g. "sm_90"), in registry order, its dynamic
+/// shared memory as launched at capsule sizes `caps` over `rounds` routing rounds.
+pub fn kernel_report(arch: &str, caps: &reg::CapsDims, rounds: usize) -> Result<Vec<KernelStats>> {
     if !nvrtc_available() {
         return Err(Error::msg(
             "NVRTC (libnvrtc) is not installed or not on the library path",
@@ -191,6 +191,7 @@ pub fn kernel_report(arch: &str) -> Result<Vec<KernelStats>> {
         )));
     }
     let mut files: Vec<&str> = reg::ALL.iter().map(|k| k.file).collect();
+    files.sort();
     files.dedup();
     let mut parsed = vec![];
     for f in files {
@@ -200,12 +201,15 @@ pub fn kernel_report(arch: &str) -> Result<Vec<KernelStats>> {
     reg::ALL
         .iter()
         .map(|&k| {
-            let (_, registers, spill_stores, spill_loads, stack, static_smem) = parsed
-                .iter()
-                .find(|p| p.0 == k.name)
-                .cloned()
-                .ok_or_else(|| Error::msg(format!("ptxas reported nothing for {} (kernels/{})", k.name, k.file)))?;
-            let dynamic_smem = dynamic_smem(k);
+            let (_, registers, spill_stores, spill_loads, stack, static_smem) =
+                parsed.iter().find(|p| p.0 == k.name).cloned().ok_or_else(|| {
+                    Error::msg(format!(
+                        "ptxas reported nothing for {} ({})",
+                        k.name,
+                        crate::kernels::path_of(k.file)
+                    ))
+                })?;
+            let dynamic_smem = dynamic_smem(k, caps, rounds as u32);
             Ok(KernelStats {
                 kernel: k,
                 registers,

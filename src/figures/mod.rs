@@ -12,13 +12,13 @@ use std::sync::Once;
 use image::{Rgb, RgbImage};
 use plotters::prelude::*;
 
-use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
 use crate::data::Split;
 use crate::dataset::Source;
 use crate::error::write_atomic;
 use crate::infer::{self, Classified};
 use crate::model::CapsNet;
+use crate::ops::Backend;
 use crate::tape::Tape;
 use crate::train::{EvalOptions, EvalReport, METRICS, TestSet};
 use crate::{Error, Result};
@@ -613,7 +613,7 @@ pub fn write_multi<B: Backend>(
     let chosen: Vec<usize> = right.chain(wrong.iter().copied()).map(|i| examples[i]).collect();
     let (x, y, _) = m.batch::<f32>(&chosen);
     let c = infer::classify(tape, model, &x, 100)?;
-    let top = crate::backend::top_classes(&c.lengths, model.cfg.classes, 2);
+    let top = crate::runtime::top_classes(&c.lengths, model.cfg.classes, 2);
     let firsts: Vec<u32> = top.iter().step_by(2).copied().collect();
     let seconds: Vec<u32> = top.iter().skip(1).step_by(2).copied().collect();
     let mut recons = infer::reconstruct(tape, model, &c.v, &firsts, 100)?;
@@ -678,7 +678,7 @@ pub fn run_history(ckpt: &Path, ck: &Checkpoint) -> Result<Vec<EpochPoint>> {
 
 /// Test-set evaluation of a checkpoint ([`crate::train::TestSet`]), and its figures when `figures`
 /// says where ([`write_all`], or [`write_multi`] on MultiMNIST). The report and the files written.
-pub fn eval_with_figures<B: Backend>(
+pub fn eval_with_figures<B: crate::runtime::StepRuntime>(
     backend: B,
     ckpt: &Path,
     data_dir: &Path,

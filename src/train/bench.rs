@@ -7,12 +7,13 @@ use rand::rngs::StdRng;
 
 use super::resident::Resident;
 use super::step::{StepGraphs, scalar};
-use crate::adam::Adam;
-use crate::backend::{Backend, StepRow};
 use crate::config::Config;
 use crate::data::{MNIST_PIXELS, Split};
 use crate::dataset::Source;
 use crate::model::{CapsNet, init_params};
+use crate::ops::Adam;
+use crate::runtime::StepRow;
+use crate::runtime::StepRuntime;
 use crate::tape::Tape;
 use crate::{Error, Result};
 
@@ -35,7 +36,7 @@ pub struct BenchReport {
 /// them: on a backend that keeps data resident, the batch gathered there from a step plan and (unless
 /// `eager`) the step replayed as a captured graph from the second step on, with its one read of the
 /// summary; else uploaded from the host each step, reading the loss.
-pub fn bench<B: Backend>(
+pub fn bench<B: StepRuntime>(
     backend: B,
     cfg: Config,
     batch_size: usize,

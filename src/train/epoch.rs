@@ -10,18 +10,19 @@ use super::schedule::{epoch_order, lr_at};
 use super::step::{StepGraphs, train_step};
 use super::{INTERRUPT, TrainOptions};
 use crate::Result;
-use crate::adam::Adam;
-use crate::backend::{Backend, StepRow};
 use crate::checkpoint::{self, TrainState};
 use crate::dataset::Source;
 use crate::model::CapsNet;
+use crate::ops::Adam;
+use crate::runtime::StepRow;
+use crate::runtime::StepRuntime;
 use crate::tape::Tape;
 
 /// Epoch `state.epoch` over its shuffle, from where a step checkpoint left it (`state.partial`),
 /// writing step checkpoints as `saver` says. Returns the epoch's running sums, or None when
 /// [`INTERRUPT`] stopped it (the last completed step is then saved).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn run_epoch<B: Backend>(
+pub(crate) fn run_epoch<B: StepRuntime>(
     tape: &mut Tape<B>,
     model: &CapsNet,
     adam: &mut Adam<B>,

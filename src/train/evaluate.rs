@@ -7,7 +7,6 @@ use std::rc::Rc;
 use super::progress::{Progress, Running, mean};
 use super::resident::Resident;
 use super::step::summarize;
-use crate::backend::Backend;
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::{Config, Dataset};
 use crate::data::{self, Split, Which};
@@ -15,6 +14,7 @@ use crate::dataset::Source;
 use crate::float::Float;
 use crate::model::CapsNet;
 use crate::multimnist;
+use crate::runtime::StepRuntime;
 use crate::tape::Tape;
 use crate::{Error, Result};
 
@@ -43,7 +43,7 @@ pub struct EvalReport {
 /// time); on MultiMNIST with each pass masked by its label (the loss is then the training objective
 /// on held-out pairs) and the two longest capsules as the prediction. On a backend that keeps data
 /// resident, MNIST's examples are uploaded once and gathered there in batches of 4 × `batch_size`.
-pub fn evaluate<B: Backend>(
+pub fn evaluate<B: StepRuntime>(
     tape: &mut Tape<B>,
     model: &CapsNet,
     src: &Source,
@@ -57,7 +57,7 @@ pub fn evaluate<B: Backend>(
 
 /// [`evaluate`] with `src` already resident on the backend where it keeps data resident (validation
 /// keeps its images there from one epoch to the next).
-pub(crate) fn evaluate_on<B: Backend>(
+pub(crate) fn evaluate_on<B: StepRuntime>(
     tape: &mut Tape<B>,
     model: &CapsNet,
     src: &Source,
@@ -112,7 +112,7 @@ pub(crate) fn evaluate_on<B: Backend>(
             r.margin += n * report[1];
             r.recon += n * report[2];
             let pred = predicted(tape, &f, classes, per)?;
-            let (exact, found) = crate::backend::count_correct(&pred, &batch_labels, per);
+            let (exact, found) = crate::runtime::count_correct(&pred, &batch_labels, per);
             r.correct += exact;
             digits_found += found;
             if per == 1 {
@@ -143,7 +143,7 @@ pub(crate) fn evaluate_on<B: Backend>(
 
 /// The predicted digits of a forward pass, [B, per]: the argmax for one digit per image, else the
 /// `per` longest capsules.
-fn predicted<B: Backend>(
+fn predicted<B: StepRuntime>(
     tape: &Tape<B>,
     f: &crate::model::Forward<B::Idx>,
     classes: usize,
@@ -158,7 +158,7 @@ fn predicted<B: Backend>(
         .iter()
         .map(|x| x.to_f64() as f32)
         .collect();
-    Ok(crate::backend::top_classes(&lengths, classes, per))
+    Ok(crate::runtime::top_classes(&lengths, classes, per))
 }
 
 /// A model runs only on images of its own side.
@@ -246,7 +246,7 @@ impl TestSet {
 
     /// The checkpoint's model evaluated on the test set on `backend`; `then` gets the tape, the model,
     /// the examples (and their source) and the report, for what is drawn from them.
-    pub fn evaluate<B: Backend, T>(
+    pub fn evaluate<B: StepRuntime, T>(
         &self,
         backend: B,
         then: impl FnOnce(&mut Tape<B>, &CapsNet, &Source, &[usize], &EvalReport) -> Result<T>,
@@ -262,7 +262,12 @@ impl TestSet {
 }
 
 /// Test-set evaluation of a checkpoint.
-pub fn eval_checkpoint<B: Backend>(backend: B, ckpt: &Path, data_dir: &Path, opts: &EvalOptions) -> Result<EvalReport> {
+pub fn eval_checkpoint<B: StepRuntime>(
+    backend: B,
+    ckpt: &Path,
+    data_dir: &Path,
+    opts: &EvalOptions,
+) -> Result<EvalReport> {
     Ok(TestSet::load(ckpt, data_dir, opts)?
         .evaluate(backend, |_, _, _, _, _| Ok(()))?
         .0)

@@ -21,13 +21,13 @@ pub use evaluate::{EvalOptions, EvalReport, TestSet, check_side, eval_checkpoint
 pub use run_dir::{BEST, LAST, METRICS};
 pub use schedule::{epoch_order, lr_at};
 
-use crate::adam::Adam;
-use crate::backend::Backend;
 use crate::checkpoint::{Checkpoint, TrainState};
 use crate::config::{Config, RunSettings};
 use crate::data::{self, Split, Which};
 use crate::dataset::Source;
 use crate::model::{CapsNet, init_params};
+use crate::ops::Adam;
+use crate::runtime::StepRuntime;
 use crate::tape::Tape;
 use crate::{Error, Result};
 use evaluate::evaluate_on;
@@ -54,7 +54,7 @@ pub struct TrainOptions {
     /// ...or every this many steps (None: not by count).
     pub checkpoint_steps: Option<u64>,
     /// Launch every op of every step from the host, also where the backend can replay a captured
-    /// step ([`Backend::can_capture`]); the results are the same bit for bit.
+    /// step ([`StepRuntime::can_capture`]); the results are the same bit for bit.
     pub eager: bool,
 }
 
@@ -111,7 +111,7 @@ impl EpochMetrics {
 }
 
 /// Trains as `opts` says; returns the metrics of the epochs run in this call.
-pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMetrics>> {
+pub fn train<B: StepRuntime>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMetrics>> {
     opts.validate()?;
     // flags and data first, the run directory last: a bad flag is reported as such wherever it points
     let (train_set, val_set) = data::train_val(
@@ -144,7 +144,7 @@ pub fn train<B: Backend>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMet
 
 /// A run in progress: the model and its optimiser on the tape, the run's state and history, and
 /// what it keeps between steps (the data set on the device, the captured steps, when to save).
-struct Run<'a, B: Backend> {
+struct Run<'a, B: StepRuntime> {
     tape: Tape<B>,
     model: CapsNet,
     adam: Adam<B>,
@@ -161,7 +161,7 @@ struct Run<'a, B: Backend> {
     graphs: StepGraphs<B>,
 }
 
-impl<'a, B: Backend> Run<'a, B> {
+impl<'a, B: StepRuntime> Run<'a, B> {
     /// A fresh run of `opts`, or the `resumed` one continued where its checkpoint left it.
     fn new(
         backend: B,

@@ -1,17 +1,18 @@
 //! The training or validation set on a backend that keeps data resident.
 
-use crate::backend::{Backend, ResidentSet, StepRow};
 use crate::data;
 use crate::dataset::Source;
+use crate::runtime::StepRuntime;
+use crate::runtime::{ResidentSet, StepRow};
 use crate::{Error, Result};
 
 /// The training set on the device: its images (bytes, packed four to a word) and labels, uploaded
 /// once; the current epoch's shuffle (uploaded once per epoch, the same [`epoch_order`] as the host
 /// path's, so a run's batches are the same on every backend), with each image's shift that epoch
 /// where training shifts images (the same [`data::shift_of`]); and the epoch's step plan (the position
-/// and Adam values of each step, [`crate::backend::plan_words`]), written once per epoch. These keep
+/// and Adam values of each step, [`crate::runtime::plan_words`]), written once per epoch. These keep
 /// their buffers from epoch to epoch, so a captured step reads the new ones.
-pub(crate) struct Resident<B: Backend> {
+pub(crate) struct Resident<B: StepRuntime> {
     pub(crate) pixels: usize,
     images: B::Idx,
     labels: B::Idx,
@@ -24,7 +25,7 @@ pub(crate) struct Resident<B: Backend> {
     pub(crate) plan: Option<(usize, B::Idx)>,
 }
 
-impl<B: Backend> Resident<B> {
+impl<B: StepRuntime> Resident<B> {
     /// The MNIST split on `be`, its images shifted by up to `shift` pixels, when the backend keeps data
     /// resident; else None (MultiMNIST composes its pairs on the host).
     pub(crate) fn new(be: &B, src: &Source, shift: usize) -> Result<Option<Self>> {
@@ -65,7 +66,7 @@ impl<B: Backend> Resident<B> {
             return Ok(false);
         }
         let host: Vec<u32> = (0..be.idx_len(&self.labels))
-            .map(|i| crate::backend::pack_shift(data::shift_of(seed, epoch, i, self.shift)))
+            .map(|i| crate::runtime::pack_shift(data::shift_of(seed, epoch, i, self.shift)))
             .collect();
         let (buf, moved) = write_or_upload(be, self.shifts.take().map(|s| s.1), &host)?;
         self.shifts = Some((epoch, buf));
@@ -75,7 +76,7 @@ impl<B: Backend> Resident<B> {
     /// Writes the step plan of epoch `key`: its cursor at row `first`, `rows` its steps in order;
     /// whether it went to a new buffer.
     pub(crate) fn set_plan(&mut self, be: &B, key: usize, first: usize, rows: &[StepRow]) -> Result<bool> {
-        let words = crate::backend::plan_words(first, rows)?;
+        let words = crate::runtime::plan_words(first, rows)?;
         let (buf, moved) = write_or_upload(be, self.plan.take().map(|p| p.1), &words)?;
         self.plan = Some((key, buf));
         Ok(moved)
@@ -117,7 +118,7 @@ impl<B: Backend> Resident<B> {
 
 /// `host` written over `buf` where it has the same length (its address kept), else uploaded anew
 /// (then true).
-fn write_or_upload<B: Backend>(be: &B, buf: Option<B::Idx>, host: &[u32]) -> Result<(B::Idx, bool)> {
+fn write_or_upload<B: StepRuntime>(be: &B, buf: Option<B::Idx>, host: &[u32]) -> Result<(B::Idx, bool)> {
     match buf {
         Some(mut b) if be.idx_len(&b) == host.len() => {
             be.write_idx(&mut b, host)?;

@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 
 use super::TrainOptions;
 use super::evaluate::check_side;
-use crate::adam::Adam;
-use crate::backend::Backend;
 use crate::checkpoint::{self, Checkpoint, TrainState};
 use crate::float::Float;
 use crate::model::CapsNet;
+use crate::ops::Adam;
+use crate::runtime::StepRuntime;
 use crate::tape::Tape;
 use crate::{Error, Result};
 
@@ -18,7 +18,7 @@ pub const LAST: &str = "last.safetensors";
 pub const BEST: &str = "best.safetensors";
 pub const METRICS: &str = "metrics.jsonl";
 
-pub(crate) fn snapshot<B: Backend>(
+pub(crate) fn snapshot<B: StepRuntime>(
     tape: &Tape<B>,
     adam: &Adam<B>,
     model: &CapsNet,
@@ -52,7 +52,7 @@ pub(crate) fn snapshot<B: Backend>(
     })
 }
 
-pub(crate) fn upload_all<B: Backend>(be: &B, host: &[Vec<f32>]) -> Result<Vec<B::Buf>> {
+pub(crate) fn upload_all<B: StepRuntime>(be: &B, host: &[Vec<f32>]) -> Result<Vec<B::Buf>> {
     host.iter()
         .map(|v| be.upload(&v.iter().map(|&x| B::E::from_f64(x as f64)).collect::<Vec<_>>()))
         .collect()
@@ -185,7 +185,7 @@ pub(crate) fn open(opts: &TrainOptions) -> Result<Option<Checkpoint>> {
 
 /// Continues checkpoint `ck`: Adam's moments and step onto the backend; the state and the history,
 /// metrics.jsonl rewritten as the checkpoint has it (whatever a kill left in between).
-pub(crate) fn resume<B: Backend>(
+pub(crate) fn resume<B: StepRuntime>(
     opts: &TrainOptions,
     ck: Checkpoint,
     tape: &Tape<B>,

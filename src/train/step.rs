@@ -7,23 +7,23 @@ use std::rc::Rc;
 use super::progress::Running;
 use super::resident::Resident;
 use super::schedule::lr_at;
-use crate::adam::Adam;
-use crate::backend::Backend;
 use crate::checkpoint::TrainState;
 use crate::data;
 use crate::dataset::Source;
 use crate::float::Float;
 use crate::model::CapsNet;
+use crate::ops::Adam;
+use crate::runtime::StepRuntime;
 use crate::tape::Tape;
 use crate::{Error, Result};
 
-pub(crate) fn scalar<B: Backend>(t: &Tape<B>, v: crate::tape::Var) -> Result<f64> {
+pub(crate) fn scalar<B: StepRuntime>(t: &Tape<B>, v: crate::tape::Var) -> Result<f64> {
     Ok(t.backend().download(&t.value(v).buf)?[0].to_f64())
 }
 
-/// [`Backend::step_summary`] of forward pass `f` over `batch` images: one buffer of [loss, margin,
+/// [`StepRuntime::step_summary`] of forward pass `f` over `batch` images: one buffer of [loss, margin,
 /// reconstruction, images right, labels found], to read once.
-pub(crate) fn summarize<B: Backend>(
+pub(crate) fn summarize<B: StepRuntime>(
     tape: &Tape<B>,
     f: &crate::model::Forward<B::Idx>,
     batch: usize,
@@ -56,7 +56,7 @@ pub(crate) fn summarize<B: Backend>(
 /// and replayed (unless `graphs` is eager). A non-finite loss skips the update on the backend, so the
 /// weights stay as they were, and stops.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn train_step<B: Backend>(
+pub(crate) fn train_step<B: StepRuntime>(
     tape: &mut Tape<B>,
     model: &CapsNet,
     adam: &mut Adam<B>,
@@ -118,7 +118,7 @@ pub(crate) fn train_step<B: Backend>(
 /// Adam with the row's lr and bias corrections, and the plan's cursor moved to the next row. Nothing
 /// is read or written by the host, so the same calls can be captured as a graph. Returns the summary
 /// buffer ([`summarize`]), unread.
-fn planned_step<B: Backend>(
+fn planned_step<B: StepRuntime>(
     tape: &mut Tape<B>,
     model: &CapsNet,
     adam: &mut Adam<B>,
@@ -140,15 +140,15 @@ fn planned_step<B: Backend>(
 /// Training steps captured as graphs, one per batch size, on a backend that can capture them: the
 /// first step of a size runs eagerly (its buffers then sit in the pool, so the capture allocates
 /// nothing), the second is captured and launched, every later one is a replay of it.
-pub(crate) struct StepGraphs<B: Backend> {
+pub(crate) struct StepGraphs<B: StepRuntime> {
     pub(crate) capture: bool,
     /// Batch sizes stepped eagerly once.
     warm: Vec<usize>,
     /// By batch size: the graph and the summary buffer it writes.
-    graphs: Vec<(usize, crate::backend::GraphId, B::Buf)>,
+    graphs: Vec<(usize, crate::runtime::GraphId, B::Buf)>,
 }
 
-impl<B: Backend> StepGraphs<B> {
+impl<B: StepRuntime> StepGraphs<B> {
     pub(crate) fn new(be: &B, eager: bool) -> Self {
         StepGraphs {
             capture: be.can_capture() && !eager,

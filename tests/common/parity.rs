@@ -5,12 +5,13 @@
 //! device), tests/cpu_fast.rs on the fast CPU backend. Tolerance: |got − reference| ≤ atol +
 //! rtol·|reference|, stated per check.
 
-use capsnet::adam::Adam;
 use capsnet::backend::cpu::CpuBackend;
-use capsnet::backend::{Act, AdamGroup, AdamHyper, Backend, CapsShape, ConvShape, DenseShape};
 use capsnet::config::Config;
 use capsnet::float::Float;
 use capsnet::model::{CapsNet, init_params};
+use capsnet::ops::Adam;
+use capsnet::ops::{Act, AdamGroup, AdamHyper, CapsShape, ConvShape, DenseShape};
+use capsnet::prelude::*;
 use capsnet::tape::Tape;
 
 use super::{Lcg, small_config};
@@ -347,7 +348,7 @@ pub fn adam<B: Backend>(g: &B) {
 
 /// A training step's one-read report (losses, then images right and labels found among the longest
 /// capsules) against the CPU reference and against counts worked by hand: ties go to the lower class.
-pub fn step_summary<B: Backend>(g: &B) {
+pub fn step_summary<B: StepRuntime>(g: &B) {
     // 3 images x 4 classes; the third ties classes 0 and 1
     let lengths = [0.1, 0.9, 0.2, 0.8, 0.7, 0.1, 0.1, 0.6, 0.5, 0.5, 0.9, 0.1];
     let cases: [(usize, Vec<u32>, [f64; 2]); 4] = [
@@ -380,7 +381,7 @@ pub fn step_summary<B: Backend>(g: &B) {
 
 /// Batches gathered from a data set resident on the backend equal, bit for bit, the batches the host
 /// loader builds from the same images in the same shuffle (37 images: the last batch is short).
-pub fn resident_batches<B: Backend>(be: &B) {
+pub fn resident_batches<B: StepRuntime>(be: &B) {
     let (n, pixels) = (37, capsnet::data::MNIST_PIXELS);
     let mut rng = Lcg(77);
     let mut images: Vec<u8> = (0..n * pixels).map(|_| (rng.next_f64() * 256.0) as u8).collect();
@@ -412,12 +413,12 @@ pub fn resident_batches<B: Backend>(be: &B) {
         .upload_idx(
             &shifts
                 .iter()
-                .map(|&s| capsnet::backend::pack_shift(s))
+                .map(|&s| capsnet::runtime::pack_shift(s))
                 .collect::<Vec<_>>(),
         )
         .unwrap();
     for shifted in [false, true] {
-        let set = capsnet::backend::ResidentSet {
+        let set = capsnet::runtime::ResidentSet {
             pixels,
             images: &dev_images,
             labels: &dev_labels,
@@ -468,8 +469,8 @@ fn hyper(lr: f64, step: u64) -> AdamHyper {
 /// cursor advances equals `gather_batch` at that position, bit for bit; the cursor counts the steps;
 /// rewriting the plan in place starts it over; Adam from the plan's row equals Adam from the
 /// hyper-parameters the row was made from, bit for bit, guarded as ever.
-pub fn planned_steps<B: Backend>(be: &B) {
-    use capsnet::backend::{StepRow, plan_words};
+pub fn planned_steps<B: StepRuntime>(be: &B) {
+    use capsnet::runtime::{StepRow, plan_words};
     let (n, pixels) = (37, 5);
     let bytes: Vec<u8> = (0..n * pixels).map(|i| (i * 53 % 256) as u8).collect();
     let (images, labels) = (
@@ -479,7 +480,7 @@ pub fn planned_steps<B: Backend>(be: &B) {
     );
     let order: Vec<u32> = capsnet::train::epoch_order(n, 3, 1).iter().map(|&i| i as u32).collect();
     let dev_order = be.upload_idx(&order).unwrap();
-    let set = capsnet::backend::ResidentSet {
+    let set = capsnet::runtime::ResidentSet {
         pixels,
         images: &images,
         labels: &labels,

@@ -7,8 +7,6 @@
 // unless guard[0] is finite: the step's loss, tested here rather than read by the host first. With a
 // step plan of plan_words words (else null), lr, bc1 and bc2 are its current row's, not h's (a cursor
 // past the rows, which the host never leaves, changes nothing rather than read past the plan).
-//
-//   plan_advance    plan[0] += 1: the next step's row (one thread; the last launch of a planned step)
 #include "common.cuh"
 
 extern "C" __global__ void adam_step_v1(const AdamTensor* tensors, AdamParams h, const float* guard,
@@ -30,8 +28,4 @@ extern "C" __global__ void adam_step_v1(const AdamTensor* tensors, AdamParams h,
         t.v[i] = v;
         t.p[i] -= h.lr * (m / h.bc1) / (sqrtf(v / h.bc2) + h.eps);
     }
-}
-
-extern "C" __global__ void plan_advance(unsigned* plan) {
-    if (blockIdx.x == 0 && threadIdx.x == 0) plan[0] += 1;
 }

@@ -4,7 +4,10 @@
 //   input grad    dx[r, i] += Σ_o dz[r, o] · w[i, o]
 //   weight grad   dw[i, o] += Σ_r x[r, i] · dz[r, o]
 //
-// dz is the gradient before the activation (act_bwd); the bias gradient is bias_bwd.
+// dz is the gradient before the activation, and the bias gradient is its column sum (both kernels here,
+// shared with the convolutions):
+//   act_bwd_f32   dz[i] = dy[i] · act'(y[i])                      (overwrites: a temporary)
+//   bias_bwd_f32  db[c] += Σ_r dz[r, c]                           (one block per column, tree sum)
 // Shapes: the decoder, 160→512 ReLU, 512→1024 ReLU, 1024→784 sigmoid. Version 1: gemm_tile_v1.
 #include "common.cuh"
 #include "gemm.cuh"
@@ -87,4 +90,20 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS)
 dense_bwd_weight_bf16(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw,
                       float* __restrict__ ws, DenseParams p) {
     dense_bwd_weight_mma<true>(x, dz, dw, ws, p);
+}
+
+#define GRID_STRIDE(i, n) for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
+
+extern "C" __global__ void act_bwd_f32(const float* y, const float* dy, float* dz, int act, size_t n) {
+    GRID_STRIDE(i, n) dz[i] = dy[i] * act_deriv(act, y[i]);
+}
+
+// blockDim.x = BIAS_BWD_THREADS; grid.x = cols.
+extern "C" __global__ void __launch_bounds__(BIAS_BWD_THREADS) bias_bwd_f32(const float* dz, float* db, int rows, int cols) {
+    __shared__ float scratch[BIAS_BWD_THREADS];
+    const int c = blockIdx.x;
+    float s = 0.f;
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) s += dz[(size_t)r * cols + c];
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) db[c] += s;
 }

@@ -8,23 +8,15 @@
 //   lengths_fwd     l[r] = √(‖v[r,:]‖² + ε);  lengths_bwd  dv[r,:] += dl[r] v[r,:] / l[r]
 //   mask_fwd        out[b,:] = v[b,:,:] with every capsule but idx[b] zeroed;  mask_bwd the reverse
 //   argmax_f32      idx[r] = the first index of the row maximum
-//   margin_loss_fwd loss[0] = mean_b Σ_k T max(0, 0.9−l)² + 0.5 (1−T) max(0, l−0.1)²  (one block);
-//                   T = 1 for each of the image's `per` labels ([batch, per]: MultiMNIST has two)
-//   margin_loss_bwd dl[b,k] += dloss[0] / B · d/dl of that term
-//   step_summary    out = [loss, margin, recon, images whose `per` longest capsules are their labels,
-//                   labels among their image's `per` longest] (one block; ties to the lower class)
 //
 // Version 1: one thread per output element; every sum is owned by one thread (deterministic).
 // Element indices are 32-bit (the host checks every array fits: CapsParams, check_index32), so no index
 // is split by a 64-bit division; offsets into arrays are widened before multiplying.
 // Class indices are checked on the host (labels at load time, predictions by construction); a label
-// ≥ classes would count as absent in the margin loss and zero its image's mask.
+// ≥ classes would zero its image's mask.
 #include "common.cuh"
 
 #define GRID_STRIDE(i, n) for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < (unsigned)(n); i += gridDim.x * blockDim.x)
-#define M_PLUS 0.9f
-#define M_MINUS 0.1f
-#define LAMBDA 0.5f
 
 extern "C" __global__ void squash_fwd(const float* s, float* v, int rows, int dim) {
     GRID_STRIDE(r, rows) squash_vec(s + (size_t)r * dim, v + (size_t)r * dim, dim);
@@ -109,75 +101,5 @@ extern "C" __global__ void argmax_f32(const float* x, unsigned* idx, int rows, i
         for (int c = 1; c < cols; ++c)
             if (xr[c] > xr[best]) best = c;
         idx[r] = best;
-    }
-}
-
-__device__ __forceinline__ float margin_term(float len, bool present) {
-    if (present) {
-        const float d = fmaxf(M_PLUS - len, 0.f);
-        return d * d;
-    }
-    const float d = fmaxf(len - M_MINUS, 0.f);
-    return LAMBDA * d * d;
-}
-
-// Whether class k is one of image b's `per` labels (labels is [batch, per]).
-__device__ __forceinline__ bool is_label(const unsigned* labels, int b, int k, int per) {
-    bool present = false;
-    for (int j = 0; j < per; ++j) present |= labels[b * per + j] == (unsigned)k;
-    return present;
-}
-
-// One block of MARGIN_LOSS_FWD_THREADS threads.
-extern "C" __global__ void __launch_bounds__(MARGIN_LOSS_FWD_THREADS)
-margin_loss_fwd(const float* l, const unsigned* labels, float* loss, int batch, int classes, int per) {
-    __shared__ float scratch[MARGIN_LOSS_FWD_THREADS];
-    float s = 0.f;
-    for (int e = threadIdx.x; e < batch * classes; e += blockDim.x)
-        s += margin_term(l[e], is_label(labels, e / classes, e % classes, per));
-    s = block_sum(s, scratch);
-    if (threadIdx.x == 0) loss[0] = s / (float)max(batch, 1);
-}
-
-extern "C" __global__ void margin_loss_bwd(const float* l, const unsigned* labels, const float* dloss, float* dl,
-                                           int batch, int classes, int per) {
-    const float g = dloss[0] / (float)max(batch, 1);
-    GRID_STRIDE(e, batch * classes) {
-        const bool present = is_label(labels, (int)(e / classes), (int)(e % classes), per);
-        const float d = present ? -2.f * fmaxf(M_PLUS - l[e], 0.f) : 2.f * LAMBDA * fmaxf(l[e] - M_MINUS, 0.f);
-        dl[e] += g * d;
-    }
-}
-
-// A training step's report in one buffer (the host reads it once per step). Label y is among the `per`
-// longest capsules when fewer than `per` classes rank above it (longer, or as long with a lower index:
-// argmax_f32's and the host's tie rule). Counts are sums of whole numbers in a fixed tree: exact.
-extern "C" __global__ void __launch_bounds__(MARGIN_LOSS_FWD_THREADS)
-step_summary(const float* loss, const float* margin, const float* recon, const float* l, const unsigned* labels,
-             float* out, int batch, int classes, int per) {
-    __shared__ float scratch[MARGIN_LOSS_FWD_THREADS];
-    float exact = 0.f, found = 0.f;
-    for (int b = threadIdx.x; b < batch; b += blockDim.x) {
-        const float* lb = l + (size_t)b * classes;
-        int hits = 0;
-        for (int j = 0; j < per; ++j) {
-            const unsigned y = labels[b * per + j];
-            if (y >= (unsigned)classes) continue;
-            int above = 0;
-            for (int k = 0; k < classes; ++k) above += lb[k] > lb[y] || (lb[k] == lb[y] && k < (int)y);
-            hits += above < per;
-        }
-        found += (float)hits;
-        exact += hits == per ? 1.f : 0.f;
-    }
-    exact = block_sum(exact, scratch);
-    __syncthreads();  // every thread has read the first sum before scratch is reused
-    found = block_sum(found, scratch);
-    if (threadIdx.x == 0) {
-        out[0] = loss[0];
-        out[1] = margin[0];
-        out[2] = recon[0];
-        out[3] = exact;
-        out[4] = found;
     }
 }

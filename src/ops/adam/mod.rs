@@ -1,10 +1,86 @@
 //! Adam (Kingma & Ba 2015, Algorithm 1): lr 1e-3, β1 0.9, β2 0.999, ε 1e-8 by default.
 //!   m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;  p ← p − lr · (m / (1−β1ᵗ)) / (√(v / (1−β2ᵗ)) + ε)
 //! The first and second moments live on the backend beside the parameters.
+//!
+//! Here: [`AdamHyper`], [`AdamGroup`], the [`AdamOps`] interface, and [`Adam`], the optimiser over a
+//! tape's parameters; the implementations beside them.
 
-use crate::Result;
-use crate::backend::{AdamGroup, AdamHyper, Backend};
+pub(crate) mod cpu;
+pub(crate) mod cuda;
+pub(crate) mod fast;
+#[cfg(test)]
+mod tests;
+
+use super::Backend;
+use crate::backend::{Core, check};
+use crate::float::Float;
 use crate::tape::Tape;
+use crate::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamHyper {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// 1-based step number t of the update being made (bias corrections use β^t).
+    pub step: u64,
+}
+
+impl AdamHyper {
+    /// What a device's Adam kernel takes per step, in f32: lr and the bias corrections 1 − β1ᵗ and
+    /// 1 − β2ᵗ, computed in f64.
+    pub fn per_step_f32(&self) -> [f32; 3] {
+        [
+            self.lr as f32,
+            (1.0 - self.beta1.powf(self.step as f64)) as f32,
+            (1.0 - self.beta2.powf(self.step as f64)) as f32,
+        ]
+    }
+}
+
+/// One parameter tensor's slice of an Adam update.
+pub struct AdamGroup<'a, B: Core + ?Sized> {
+    pub param: &'a mut B::Buf,
+    pub grad: &'a B::Buf,
+    pub m: &'a mut B::Buf,
+    pub v: &'a mut B::Buf,
+}
+
+/// Adam's preconditions for parameter group `n`: gradient and moments as long as the parameter.
+pub(crate) fn check_adam_group(n: usize, param: usize, grad: usize, m: usize, v: usize) -> Result<()> {
+    check("adam_step", &format!("grad of group {n}"), grad, param)?;
+    check("adam_step", &format!("m of group {n}"), m, param)?;
+    check("adam_step", &format!("v of group {n}"), v, param)
+}
+
+/// One Adam step over parameter groups, on the backend that holds them.
+pub trait AdamOps: Core {
+    /// One Adam step (Kingma & Ba, Algorithm 1) over every parameter group.
+    fn adam_step(&self, hp: &AdamHyper, groups: &mut [AdamGroup<'_, Self>]) -> Result<()>;
+    /// [`AdamOps::adam_step`] unless `guard[0]` is not finite (a diverged loss): then no parameter or
+    /// moment changes. The default reads the guard back; a device backend tests it on the device, so
+    /// a step needs no host round trip before its update.
+    fn adam_step_if_finite(&self, hp: &AdamHyper, groups: &mut [AdamGroup<'_, Self>], guard: &Self::Buf) -> Result<()> {
+        match self.download(guard)?.first() {
+            Some(g) if g.to_f64().is_finite() => self.adam_step(hp, groups),
+            Some(_) => Ok(()),
+            None => Err(Error::msg("adam_step_if_finite: the guard buffer is empty")),
+        }
+    }
+    /// [`AdamOps::adam_step_if_finite`] where the plan's current row was made from `hp`
+    /// ([`plan_words`](crate::runtime::plan_words)): a device reads lr and the bias corrections from the row, so a captured step
+    /// updates with each step's; this default takes them from `hp`.
+    fn adam_step_planned(
+        &self,
+        hp: &AdamHyper,
+        groups: &mut [AdamGroup<'_, Self>],
+        guard: &Self::Buf,
+        _plan: &Self::Idx,
+    ) -> Result<()> {
+        self.adam_step_if_finite(hp, groups, guard)
+    }
+}
 
 pub struct Adam<B: Backend> {
     pub lr: f64,
@@ -50,7 +126,7 @@ impl<B: Backend> Adam<B> {
     }
 
     /// [`Adam::update_if_finite`] with this update's lr and bias corrections read from the current row
-    /// of a step plan ([`Backend::adam_step_planned`]) made with [`Adam::hyper_at`].
+    /// of a step plan ([`AdamOps::adam_step_planned`]) made with [`Adam::hyper_at`].
     pub fn update_planned(&mut self, tape: &mut Tape<B>, guard: &B::Buf, plan: &B::Idx) -> Result<()> {
         self.apply(tape, Some((guard, Some(plan))))
     }

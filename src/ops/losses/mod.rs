@@ -3,13 +3,78 @@
 //!   terms, every label of an image present
 //! - sq_err: pred [B, P], target [B, P] → [1], scale · mean over the batch of Σ_p (pred − target)²
 //! - add: a + b, same shapes
+//!
+//! Here: the margin loss's constants, the [`LossOps`] interface and the tape ops; the implementations
+//! beside them.
+
+pub(crate) mod cpu;
+pub(crate) mod cuda;
+pub(crate) mod fast;
+mod host;
+#[cfg(test)]
+mod tests;
 
 use std::rc::Rc;
 
+use super::Backend;
 use super::shape_err;
 use crate::Result;
-use crate::backend::Backend;
+use crate::backend::{Core, check, check_labels};
 use crate::tape::{BackwardOp, Ctx, GradStore, Tape, Var};
+
+/// Margin loss constants of the paper: T_k max(0, m+ − ‖v_k‖)² + λ (1 − T_k) max(0, ‖v_k‖ − m−)².
+pub const M_PLUS: f64 = 0.9;
+
+pub const M_MINUS: f64 = 0.1;
+
+pub const LAMBDA: f64 = 0.5;
+
+/// The margin loss and the reconstruction's squared error.
+pub trait LossOps: Core {
+    /// loss[0] = mean over the batch of Σ_k margin terms (see [`M_PLUS`]). `labels` holds `per`
+    /// classes per image ([batch, per]): each is present (T_k = 1), as MultiMNIST's two digits are.
+    fn margin_loss_fwd(
+        &self,
+        batch: usize,
+        classes: usize,
+        per: usize,
+        l: &Self::Buf,
+        labels: &Self::Idx,
+        loss: &mut Self::Buf,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn margin_loss_bwd(
+        &self,
+        batch: usize,
+        classes: usize,
+        per: usize,
+        l: &Self::Buf,
+        labels: &Self::Idx,
+        dloss: &Self::Buf,
+        dl: &mut Self::Buf,
+    ) -> Result<()>;
+    /// loss[0] = scale · (1/rows) Σ (pred − target)²: per-row sums of squares, mean over rows.
+    fn sq_err_fwd(
+        &self,
+        rows: usize,
+        cols: usize,
+        pred: &Self::Buf,
+        target: &Self::Buf,
+        scale: f64,
+        loss: &mut Self::Buf,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn sq_err_bwd(
+        &self,
+        rows: usize,
+        cols: usize,
+        pred: &Self::Buf,
+        target: &Self::Buf,
+        scale: f64,
+        dloss: &Self::Buf,
+        dpred: &mut Self::Buf,
+    ) -> Result<()>;
+}
 
 pub fn margin_loss<B: Backend>(t: &mut Tape<B>, l: Var, labels: Rc<B::Idx>, per: usize) -> Result<Var> {
     let ls = &t.value(l).shape;
@@ -139,4 +204,56 @@ impl<B: Backend> BackwardOp<B> for AddBackward {
         }
         Ok(())
     }
+}
+
+/// The buffers of `margin_loss_fwd` against its shape: every backend's check, in one place.
+pub(crate) fn check_margin_loss_fwd(
+    batch: usize,
+    classes: usize,
+    per: usize,
+    l: usize,
+    labels: usize,
+    loss: usize,
+) -> Result<()> {
+    check("margin_loss_fwd", "l", l, batch * classes)?;
+    check_labels("margin_loss_fwd", batch, per, labels)?;
+    check("margin_loss_fwd", "loss", loss, 1)
+}
+
+/// The buffers of `margin_loss_bwd` against its shape: every backend's check, in one place.
+pub(crate) fn check_margin_loss_bwd(
+    batch: usize,
+    classes: usize,
+    per: usize,
+    l: usize,
+    labels: usize,
+    dloss: usize,
+    dl: usize,
+) -> Result<()> {
+    check("margin_loss_bwd", "l", l, batch * classes)?;
+    check_labels("margin_loss_bwd", batch, per, labels)?;
+    check("margin_loss_bwd", "dloss", dloss, 1)?;
+    check("margin_loss_bwd", "dl", dl, batch * classes)
+}
+
+/// The buffers of `sq_err_fwd` against its shape: every backend's check, in one place.
+pub(crate) fn check_sq_err_fwd(rows: usize, cols: usize, pred: usize, target: usize, loss: usize) -> Result<()> {
+    check("sq_err_fwd", "pred", pred, rows * cols)?;
+    check("sq_err_fwd", "target", target, rows * cols)?;
+    check("sq_err_fwd", "loss", loss, 1)
+}
+
+/// The buffers of `sq_err_bwd` against its shape: every backend's check, in one place.
+pub(crate) fn check_sq_err_bwd(
+    rows: usize,
+    cols: usize,
+    pred: usize,
+    target: usize,
+    dloss: usize,
+    dpred: usize,
+) -> Result<()> {
+    check("sq_err_bwd", "pred", pred, rows * cols)?;
+    check("sq_err_bwd", "target", target, rows * cols)?;
+    check("sq_err_bwd", "dloss", dloss, 1)?;
+    check("sq_err_bwd", "dpred", dpred, rows * cols)
 }

@@ -1,0 +1,215 @@
+//! Capsule ops on the fast CPU backend.
+
+use crate::Result;
+use crate::backend::fast::{Arith, FastCpu, Fused, Plain, PoolBuf, axpy, dot, simd_fn, wide_simd};
+use crate::par::{par_blocks, par_rows};
+
+use super::host;
+
+use super::{
+    CapsShape, CapsuleOps, NORM_EPS, check_lengths_bwd, check_lengths_fwd, check_predict_bwd_input,
+    check_predict_bwd_weight, check_predict_fwd, check_squash_bwd, check_squash_fwd,
+};
+
+pub(crate) const EPS: f32 = NORM_EPS as f32;
+
+#[inline(always)]
+pub(crate) fn squash_row<A: Arith>(s: &[f32], v: &mut [f32]) {
+    let n2 = dot::<A>(s, s);
+    let f = n2 / ((1.0 + n2) * (n2 + EPS).sqrt());
+    for (o, x) in v.iter_mut().zip(s) {
+        *o = f * x;
+    }
+}
+
+/// ds += (∂squash(s)/∂s)ᵀ dv; the derivation is at [`super::cpu::squash_vec_bwd`].
+#[inline(always)]
+pub(crate) fn squash_row_bwd<A: Arith>(s: &[f32], dv: &[f32], ds: &mut [f32]) {
+    let n2 = dot::<A>(s, s);
+    let g = 1.0 / ((1.0 + n2) * (n2 + EPS).sqrt());
+    let f = n2 * g;
+    let fp = g * (1.0 / (1.0 + n2) - n2 / (2.0 * (n2 + EPS)));
+    let k = 2.0 * fp * dot::<A>(dv, s);
+    for ((o, x), d) in ds.iter_mut().zip(s).zip(dv) {
+        *o = A::fma(k, *x, A::fma(f, *d, *o));
+    }
+}
+
+/// û for a block of images: for each capsule i (outer, so its transposed weights stay in L1) and each
+/// image b of the block, û[b,i,:] = Σ_t u[b,i,t] · Wᵀ[i,t,:].
+#[inline(always)]
+fn predict_fwd_body<A: Arith>(s: &CapsShape, b0: usize, block: &mut [f32], u: &[f32], wt: &[f32]) {
+    let (ni, din, njd) = (s.in_caps, s.in_dim, s.out_caps * s.out_dim);
+    let nb = block.len() / (ni * njd);
+    for i in 0..ni {
+        let wti = &wt[i * din * njd..(i + 1) * din * njd];
+        for bl in 0..nb {
+            let ui = &u[((b0 + bl) * ni + i) * din..((b0 + bl) * ni + i + 1) * din];
+            let out = &mut block[(bl * ni + i) * njd..(bl * ni + i + 1) * njd];
+            out.fill(0.0);
+            for (t, &x) in ui.iter().enumerate() {
+                axpy::<A>(x, &wti[t * njd..(t + 1) * njd], out);
+            }
+        }
+    }
+}
+simd_fn!(fn predict_fwd_block(s: &CapsShape, b0: usize, block: &mut [f32], u: &[f32], wt: &[f32]) => predict_fwd_body;);
+
+/// du[b,i,:] += Σ_jk dû[b,i,jk] · W[i,jk,:] for a block of images, capsule i outer so that W[i]
+/// stays in L1 across the block.
+#[inline(always)]
+fn predict_bwd_input_body<A: Arith>(s: &CapsShape, b0: usize, block: &mut [f32], duhat: &[f32], w: &[f32]) {
+    let (ni, din, njd) = (s.in_caps, s.in_dim, s.out_caps * s.out_dim);
+    let nb = block.len() / (ni * din);
+    for i in 0..ni {
+        let wi = &w[i * njd * din..(i + 1) * njd * din];
+        for bl in 0..nb {
+            let b = b0 + bl;
+            let g = &duhat[(b * ni + i) * njd..(b * ni + i + 1) * njd];
+            let acc = &mut block[(bl * ni + i) * din..(bl * ni + i + 1) * din];
+            if din == 8 {
+                // four independent accumulators: one chain of 160 dependent FMAs would wait on latency
+                let mut a = [[0f32; 8]; 4];
+                for (gq, wq) in g.chunks(4).zip(wi.chunks(32)) {
+                    for (lane, (&gv, wr)) in gq.iter().zip(wq.chunks_exact(8)).enumerate() {
+                        for l in 0..8 {
+                            a[lane][l] = A::fma(gv, wr[l], a[lane][l]);
+                        }
+                    }
+                }
+                for l in 0..8 {
+                    acc[l] += (a[0][l] + a[1][l]) + (a[2][l] + a[3][l]);
+                }
+            } else {
+                for (jk, &gv) in g.iter().enumerate() {
+                    axpy::<A>(gv, &wi[jk * din..(jk + 1) * din], acc);
+                }
+            }
+        }
+    }
+}
+simd_fn!(fn predict_bwd_input_block(s: &CapsShape, b0: usize, block: &mut [f32], duhat: &[f32], w: &[f32]) => predict_bwd_input_body;);
+
+/// dW[i,jk,:] += Σ_b dû[b,i,jk] · u[b,i,:] for one capsule i.
+#[inline(always)]
+fn predict_bwd_weight_body<A: Arith>(s: &CapsShape, i: usize, dwi: &mut [f32], u: &[f32], duhat: &[f32]) {
+    let (ni, din, njd) = (s.in_caps, s.in_dim, s.out_caps * s.out_dim);
+    for b in 0..s.batch {
+        let ui = &u[(b * ni + i) * din..(b * ni + i + 1) * din];
+        let g = &duhat[(b * ni + i) * njd..(b * ni + i + 1) * njd];
+        for (jk, &gv) in g.iter().enumerate() {
+            axpy::<A>(gv, ui, &mut dwi[jk * din..(jk + 1) * din]);
+        }
+    }
+}
+simd_fn!(fn predict_bwd_weight_row(s: &CapsShape, i: usize, dwi: &mut [f32], u: &[f32], duhat: &[f32]) => predict_bwd_weight_body;);
+
+impl CapsuleOps for FastCpu {
+    fn squash_fwd(&self, rows: usize, dim: usize, s: &PoolBuf, v: &mut PoolBuf) -> Result<()> {
+        check_squash_fwd(rows, dim, s.len(), v.len())?;
+        let d = dim.max(1);
+        for (vr, sr) in v.chunks_mut(d).zip(s.chunks(d)) {
+            squash_row::<Plain>(sr, vr);
+        }
+        Ok(())
+    }
+
+    fn squash_bwd(&self, rows: usize, dim: usize, s: &PoolBuf, dv: &PoolBuf, ds: &mut PoolBuf) -> Result<()> {
+        check_squash_bwd(rows, dim, s.len(), dv.len(), ds.len())?;
+        let d = dim.max(1);
+        for ((dsr, sr), dvr) in ds.chunks_mut(d).zip(s.chunks(d)).zip(dv.chunks(d)) {
+            squash_row_bwd::<Plain>(sr, dvr, dsr);
+        }
+        Ok(())
+    }
+
+    fn predict_fwd(&self, s: &CapsShape, u: &PoolBuf, w: &PoolBuf, uhat: &mut PoolBuf) -> Result<()> {
+        check_predict_fwd(s, u.len(), w.len(), uhat.len())?;
+        let (ni, din, njd) = (s.in_caps, s.in_dim, s.out_caps * s.out_dim);
+        self.with_scratch(w.len(), |wt| {
+            // Wᵀ[i, t, jk] = W[i, jk, t]: each input dimension's row of weights is contiguous
+            par_rows(wt, din * njd, din * njd, |i, wti| {
+                for jk in 0..njd {
+                    for t in 0..din {
+                        wti[t * njd + jk] = w[(i * njd + jk) * din + t];
+                    }
+                }
+            });
+            let wt = &*wt;
+            par_blocks(uhat, ni * njd, ni * njd * din, |b0, block| {
+                predict_fwd_block(s, b0, block, u, wt)
+            });
+        })
+    }
+
+    fn predict_bwd_input(&self, s: &CapsShape, duhat: &PoolBuf, w: &PoolBuf, du: &mut PoolBuf) -> Result<()> {
+        check_predict_bwd_input(s, duhat.len(), w.len(), du.len())?;
+        let work = s.w_len();
+        par_blocks(du, s.in_caps * s.in_dim, work, |b0, block| {
+            predict_bwd_input_block(s, b0, block, duhat, w)
+        });
+        Ok(())
+    }
+
+    fn predict_bwd_weight(&self, s: &CapsShape, u: &PoolBuf, duhat: &PoolBuf, dw: &mut PoolBuf) -> Result<()> {
+        check_predict_bwd_weight(s, u.len(), duhat.len(), dw.len())?;
+        let row = s.out_caps * s.out_dim * s.in_dim;
+        // one row per primary capsule i: the sum over the batch stays inside one thread
+        par_rows(dw, row, s.batch * row, |i, dwi| {
+            predict_bwd_weight_row(s, i, dwi, u, duhat)
+        });
+        Ok(())
+    }
+
+    fn lengths_fwd(&self, rows: usize, dim: usize, v: &PoolBuf, l: &mut PoolBuf) -> Result<()> {
+        check_lengths_fwd(rows, dim, v.len(), l.len())?;
+        for (o, vr) in l.iter_mut().zip(v.chunks(dim.max(1))) {
+            *o = (dot::<Plain>(vr, vr) + EPS).sqrt();
+        }
+        Ok(())
+    }
+
+    fn lengths_bwd(
+        &self,
+        rows: usize,
+        dim: usize,
+        v: &PoolBuf,
+        l: &PoolBuf,
+        dl: &PoolBuf,
+        dv: &mut PoolBuf,
+    ) -> Result<()> {
+        check_lengths_bwd(rows, dim, v.len(), l.len(), dl.len(), dv.len())?;
+        for (r, dvr) in dv.chunks_mut(dim.max(1)).enumerate() {
+            axpy::<Plain>(dl[r] / l[r], &v[r * dim..(r + 1) * dim], dvr);
+        }
+        Ok(())
+    }
+
+    fn mask_fwd(
+        &self,
+        batch: usize,
+        caps: usize,
+        dim: usize,
+        v: &PoolBuf,
+        idx: &Vec<u32>,
+        out: &mut PoolBuf,
+    ) -> Result<()> {
+        host::mask_fwd(batch, caps, dim, v, idx, out)
+    }
+
+    fn mask_bwd(
+        &self,
+        batch: usize,
+        caps: usize,
+        dim: usize,
+        dout: &PoolBuf,
+        idx: &Vec<u32>,
+        dv: &mut PoolBuf,
+    ) -> Result<()> {
+        host::mask_bwd(batch, caps, dim, dout, idx, dv)
+    }
+
+    fn argmax(&self, rows: usize, cols: usize, x: &PoolBuf, idx: &mut Vec<u32>) -> Result<()> {
+        host::argmax(rows, cols, x, idx)
+    }
+}

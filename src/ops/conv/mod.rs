@@ -1,0 +1,163 @@
+//! conv2d: y = act(conv(x, w) + b), valid padding.
+//! x [B, H, W, Cin] · w [K, K, Cin, Cout] + b [Cout] → y [B, OH, OW, Cout].
+//!
+//! Here: [`ConvShape`], the [`ConvOps`] interface, the tape op [`conv2d`]; the CPU reference, fast CPU
+//! and CUDA implementations beside it (cpu.rs, fast.rs, cuda.rs).
+
+pub(crate) mod cpu;
+pub(crate) mod cuda;
+pub(crate) mod fast;
+mod im2col;
+#[cfg(test)]
+mod tests;
+
+use super::Backend;
+use super::dense::Act;
+use super::shape_err;
+use crate::Result;
+use crate::backend::{Core, check};
+use crate::tape::{BackwardOp, Ctx, GradStore, Tape, Var};
+
+/// A valid (unpadded) 2-D convolution over channels-last images.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    pub batch: usize,
+    pub in_h: usize,
+    pub in_w: usize,
+    pub in_c: usize,
+    pub out_c: usize,
+    pub k: usize,
+    pub stride: usize,
+}
+
+impl ConvShape {
+    pub fn out_h(&self) -> usize {
+        (self.in_h - self.k) / self.stride + 1
+    }
+    pub fn out_w(&self) -> usize {
+        (self.in_w - self.k) / self.stride + 1
+    }
+    /// Length of one im2col row: K·K·Cin, ordered (ky, kx, c) like the kernel's first three axes.
+    pub fn patch_len(&self) -> usize {
+        self.k * self.k * self.in_c
+    }
+    pub fn x_len(&self) -> usize {
+        self.batch * self.in_h * self.in_w * self.in_c
+    }
+    pub fn w_len(&self) -> usize {
+        self.patch_len() * self.out_c
+    }
+    /// Output rows of the implicit GEMM: B·OH·OW.
+    pub fn rows(&self) -> usize {
+        self.batch * self.out_h() * self.out_w()
+    }
+    pub fn y_len(&self) -> usize {
+        self.rows() * self.out_c
+    }
+    /// Multiply-accumulates of the forward pass.
+    pub fn macs(&self) -> usize {
+        self.rows() * self.patch_len() * self.out_c
+    }
+}
+
+/// Convolutions: an implicit GEMM [B·OH·OW, K·K·Cin] × [K·K·Cin, Cout]. The bias and activation
+/// gradients are [`super::dense::DenseOps`]'.
+pub trait ConvOps: Core {
+    /// y = act(conv(x, w) + b).
+    fn conv2d_fwd(
+        &self,
+        s: &ConvShape,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        y: &mut Self::Buf,
+        act: Act,
+    ) -> Result<()>;
+    /// dx += conv_transpose(dz, w), where dz is the gradient before the activation.
+    fn conv2d_bwd_input(&self, s: &ConvShape, dz: &Self::Buf, w: &Self::Buf, dx: &mut Self::Buf) -> Result<()>;
+    /// dw += Σ over batch and positions of patch(x)ᵀ · dz.
+    fn conv2d_bwd_weight(&self, s: &ConvShape, x: &Self::Buf, dz: &Self::Buf, dw: &mut Self::Buf) -> Result<()>;
+}
+
+pub fn conv2d<B: Backend>(t: &mut Tape<B>, x: Var, w: Var, b: Var, stride: usize, act: Act) -> Result<Var> {
+    const OP: &str = "conv2d";
+    let (xs, ws, bs) = (&t.value(x).shape, &t.value(w).shape, &t.value(b).shape);
+    if xs.len() != 4 || ws.len() != 4 || ws[0] != ws[1] || ws[2] != xs[3] || bs[..] != [ws[3]] || stride == 0 {
+        return shape_err(OP, format!("x {xs:?}, w {ws:?}, b {bs:?}, stride {stride} do not fit"));
+    }
+    if xs[1] < ws[0] || xs[2] < ws[0] {
+        return shape_err(
+            OP,
+            format!("image {}x{} smaller than the {}x{} kernel", xs[1], xs[2], ws[0], ws[0]),
+        );
+    }
+    let s = ConvShape {
+        batch: xs[0],
+        in_h: xs[1],
+        in_w: xs[2],
+        in_c: xs[3],
+        out_c: ws[3],
+        k: ws[0],
+        stride,
+    };
+    let mut y = t.backend().alloc_out(s.y_len())?;
+    t.backend()
+        .conv2d_fwd(&s, &t.value(x).buf, &t.value(w).buf, &t.value(b).buf, &mut y, act)?;
+    t.push_op(
+        y,
+        &[s.batch, s.out_h(), s.out_w(), s.out_c],
+        &[x, w, b],
+        Conv2dBackward { x, w, b, s, act },
+    )
+}
+
+struct Conv2dBackward {
+    x: Var,
+    w: Var,
+    b: Var,
+    s: ConvShape,
+    act: Act,
+}
+
+impl<B: Backend> BackwardOp<B> for Conv2dBackward {
+    fn name(&self) -> &'static str {
+        "conv2d"
+    }
+    fn backward(&self, ctx: &Ctx<'_, B>, g: &mut GradStore<'_, B>) -> Result<()> {
+        let be = ctx.backend;
+        let mut dz = be.alloc_out(self.s.y_len())?;
+        be.act_bwd(self.act, ctx.y(), ctx.dout, &mut dz)?;
+        if let Some(dx) = g.get(self.x)? {
+            be.conv2d_bwd_input(&self.s, &dz, ctx.value(self.w), dx)?;
+        }
+        if let Some(dw) = g.get(self.w)? {
+            be.conv2d_bwd_weight(&self.s, ctx.value(self.x), &dz, dw)?;
+        }
+        if let Some(db) = g.get(self.b)? {
+            be.bias_bwd(self.s.rows(), self.s.out_c, &dz, db)?;
+        }
+        Ok(())
+    }
+}
+
+/// The buffers of `conv2d_fwd` against its shape: every backend's check, in one place.
+pub(crate) fn check_conv2d_fwd(s: &ConvShape, x: usize, w: usize, b: usize, y: usize) -> Result<()> {
+    check("conv2d_fwd", "x", x, s.x_len())?;
+    check("conv2d_fwd", "w", w, s.w_len())?;
+    check("conv2d_fwd", "b", b, s.out_c)?;
+    check("conv2d_fwd", "y", y, s.y_len())
+}
+
+/// The buffers of `conv2d_bwd_input` against its shape: every backend's check, in one place.
+pub(crate) fn check_conv2d_bwd_input(s: &ConvShape, dz: usize, w: usize, dx: usize) -> Result<()> {
+    check("conv2d_bwd_input", "dz", dz, s.y_len())?;
+    check("conv2d_bwd_input", "w", w, s.w_len())?;
+    check("conv2d_bwd_input", "dx", dx, s.x_len())
+}
+
+/// The buffers of `conv2d_bwd_weight` against its shape: every backend's check, in one place.
+pub(crate) fn check_conv2d_bwd_weight(s: &ConvShape, x: usize, dz: usize, dw: usize) -> Result<()> {
+    check("conv2d_bwd_weight", "x", x, s.x_len())?;
+    check("conv2d_bwd_weight", "dz", dz, s.y_len())?;
+    check("conv2d_bwd_weight", "dw", dw, s.w_len())
+}

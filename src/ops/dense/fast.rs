@@ -1,0 +1,110 @@
+//! Dense layers, biases and activations on the fast CPU backend.
+
+use crate::Result;
+use crate::backend::fast::{FastCpu, PoolBuf};
+use crate::backend::linalg::gemm;
+use crate::par::par_rows;
+
+use super::{
+    Act, DenseOps, DenseShape, check_act_bwd, check_bias_bwd, check_dense_bwd_input, check_dense_bwd_weight,
+    check_dense_fwd,
+};
+
+pub(crate) fn sigmoid(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+pub(crate) fn act_in_place(act: Act, rows: &mut [f32], cols: usize) {
+    match act {
+        Act::None => {}
+        Act::Relu => par_rows(rows, cols, cols, |_, r| r.iter_mut().for_each(|x| *x = x.max(0.0))),
+        Act::Sigmoid => par_rows(rows, cols, cols * 8, |_, r| r.iter_mut().for_each(|x| *x = sigmoid(*x))),
+    }
+}
+
+/// dz = dy · act'(y), from the activation's output y.
+pub(crate) fn act_grad(act: Act, y: &[f32], dy: &[f32], dz: &mut [f32]) {
+    match act {
+        Act::None => dz.copy_from_slice(dy),
+        Act::Relu => {
+            for ((o, yv), g) in dz.iter_mut().zip(y).zip(dy) {
+                *o = if *yv > 0.0 { *g } else { 0.0 };
+            }
+        }
+        Act::Sigmoid => {
+            for ((o, yv), g) in dz.iter_mut().zip(y).zip(dy) {
+                *o = g * (yv * (1.0 - yv));
+            }
+        }
+    }
+}
+
+/// y rows = bias, then y += x·w (the GEMM's epilogue is the bias it starts from), then the activation.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn affine(m: usize, k: usize, n: usize, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], act: Act) {
+    for r in y.chunks_mut(n) {
+        r.copy_from_slice(b);
+    }
+    gemm(m, k, n, x, (k, 1), w, (n, 1), y, 1.0);
+    act_in_place(act, y, n);
+}
+
+impl DenseOps for FastCpu {
+    fn dense_fwd(
+        &self,
+        s: &DenseShape,
+        x: &PoolBuf,
+        w: &PoolBuf,
+        b: &PoolBuf,
+        y: &mut PoolBuf,
+        act: Act,
+    ) -> Result<()> {
+        check_dense_fwd(s, x.len(), w.len(), b.len(), y.len())?;
+        affine(s.rows, s.inp, s.out, x, w, b, y, act);
+        Ok(())
+    }
+
+    fn dense_bwd_input(&self, s: &DenseShape, dz: &PoolBuf, w: &PoolBuf, dx: &mut PoolBuf) -> Result<()> {
+        check_dense_bwd_input(s, dz.len(), w.len(), dx.len())?;
+        gemm(s.rows, s.out, s.inp, dz, (s.out, 1), w, (1, s.out), dx, 1.0);
+        Ok(())
+    }
+
+    fn dense_bwd_weight(&self, s: &DenseShape, x: &PoolBuf, dz: &PoolBuf, dw: &mut PoolBuf) -> Result<()> {
+        check_dense_bwd_weight(s, x.len(), dz.len(), dw.len())?;
+        gemm(s.inp, s.rows, s.out, x, (1, s.inp), dz, (s.out, 1), dw, 1.0);
+        Ok(())
+    }
+
+    fn bias_bwd(&self, rows: usize, cols: usize, dz: &PoolBuf, db: &mut PoolBuf) -> Result<()> {
+        check_bias_bwd(rows, cols, dz.len(), db.len())?;
+        // f32 sums over blocks of 64 rows, the blocks summed in f64
+        let (mut total, mut part) = (vec![0f64; cols], vec![0f32; cols]);
+        for block in dz.chunks((64 * cols).max(1)) {
+            part.fill(0.0);
+            for r in block.chunks(cols.max(1)) {
+                part.iter_mut().zip(r).for_each(|(a, v)| *a += v);
+            }
+            total.iter_mut().zip(&part).for_each(|(t, p)| *t += *p as f64);
+        }
+        db.iter_mut().zip(&total).for_each(|(o, t)| *o = (*o as f64 + t) as f32);
+        Ok(())
+    }
+
+    fn act_bwd(&self, act: Act, y: &PoolBuf, dy: &PoolBuf, dz: &mut PoolBuf) -> Result<()> {
+        check_act_bwd(y.len(), dy.len(), dz.len())?;
+        const ROW: usize = 4096;
+        par_rows(dz, ROW, ROW, |r, out| {
+            act_grad(act, &y[r * ROW..][..out.len()], &dy[r * ROW..][..out.len()], out)
+        });
+        // par_rows hands out whole rows only: the tail shorter than ROW
+        let tail = dz.len() / ROW * ROW;
+        act_grad(act, &y[tail..], &dy[tail..], &mut dz[tail..]);
+        Ok(())
+    }
+}

@@ -1,0 +1,197 @@
+//! Routing by agreement on the fast CPU backend.
+
+use crate::Result;
+use crate::backend::fast::{Arith, FastCpu, Fused, Plain, PoolBuf, axpy, dot, simd_fn, wide_simd};
+use crate::par::{par_items, par_rows};
+
+use super::{RoutingOps, RoutingSaved, check_routing, check_routing_bwd, check_routing_fwd};
+use crate::ops::capsules::CapsShape;
+use crate::ops::capsules::fast::{squash_row, squash_row_bwd};
+
+fn softmax_row(x: &[f32], out: &mut [f32]) {
+    let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut z = 0.0;
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = (v - m).exp();
+        z += *o;
+    }
+    let r = 1.0 / z;
+    out.iter_mut().for_each(|o| *o *= r);
+}
+
+/// One image's routing forward: every round's c, s and v into `cs`, `ss`, `vs`, the last v into `v`.
+#[inline(always)]
+fn routing_fwd_body<A: Arith>(
+    s: &CapsShape,
+    rounds: usize,
+    uh: &[f32],
+    cs: &mut [f32],
+    ss: &mut [f32],
+    vs: &mut [f32],
+    v: &mut [f32],
+) {
+    let (ni, nj, d) = (s.in_caps, s.out_caps, s.out_dim);
+    let mut logits = vec![0f32; ni * nj];
+    for r in 0..rounds {
+        let c = &mut cs[r * ni * nj..(r + 1) * ni * nj];
+        for (cr, lr) in c.chunks_mut(nj).zip(logits.chunks(nj)) {
+            softmax_row(lr, cr);
+        }
+        let sr = &mut ss[r * nj * d..(r + 1) * nj * d];
+        sr.fill(0.0);
+        for i in 0..ni {
+            for j in 0..nj {
+                let k = (i * nj + j) * d;
+                axpy::<A>(c[i * nj + j], &uh[k..k + d], &mut sr[j * d..(j + 1) * d]);
+            }
+        }
+        let vr = &mut vs[r * nj * d..(r + 1) * nj * d];
+        for (vj, sj) in vr.chunks_mut(d).zip(sr.chunks(d)) {
+            squash_row::<A>(sj, vj);
+        }
+        if r + 1 < rounds {
+            for i in 0..ni {
+                for j in 0..nj {
+                    let k = (i * nj + j) * d;
+                    logits[i * nj + j] += dot::<A>(&uh[k..k + d], &vr[j * d..(j + 1) * d]);
+                }
+            }
+        }
+    }
+    v.copy_from_slice(&vs[(rounds - 1) * nj * d..]);
+}
+simd_fn!(fn routing_fwd_image(
+    s: &CapsShape,
+    rounds: usize,
+    uh: &[f32],
+    cs: &mut [f32],
+    ss: &mut [f32],
+    vs: &mut [f32],
+    v: &mut [f32],
+) => routing_fwd_body;);
+
+/// One image's routing backward: duh += dv's gradient through every round (the reference's order).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn routing_bwd_body<A: Arith>(
+    s: &CapsShape,
+    rounds: usize,
+    uh: &[f32],
+    cs: &[f32],
+    ss: &[f32],
+    vs: &[f32],
+    dv: &[f32],
+    duh: &mut [f32],
+) {
+    let (ni, nj, d) = (s.in_caps, s.out_caps, s.out_dim);
+    // gradient with respect to the logits b_{r+1} entering the round after this one
+    let mut db_next = vec![0f32; ni * nj];
+    let mut dc = vec![0f32; ni * nj];
+    let mut dvr = vec![0f32; nj * d];
+    let mut ds = vec![0f32; nj * d];
+    for r in (0..rounds).rev() {
+        let c = &cs[r * ni * nj..(r + 1) * ni * nj];
+        let sr = &ss[r * nj * d..(r + 1) * nj * d];
+        let vr = &vs[r * nj * d..(r + 1) * nj * d];
+        if r + 1 == rounds {
+            dvr.copy_from_slice(dv);
+        } else {
+            // b_{r+1} = b_r + û·v_r: v_r and û receive db_{r+1}
+            dvr.fill(0.0);
+            for i in 0..ni {
+                for j in 0..nj {
+                    let (g, k) = (db_next[i * nj + j], (i * nj + j) * d);
+                    axpy::<A>(g, &uh[k..k + d], &mut dvr[j * d..(j + 1) * d]);
+                    axpy::<A>(g, &vr[j * d..(j + 1) * d], &mut duh[k..k + d]);
+                }
+            }
+        }
+        ds.fill(0.0);
+        for ((sj, dvj), dsj) in sr.chunks(d).zip(dvr.chunks(d)).zip(ds.chunks_mut(d)) {
+            squash_row_bwd::<A>(sj, dvj, dsj);
+        }
+        // s_j = Σ_i c_ij û_{j|i}
+        for i in 0..ni {
+            for j in 0..nj {
+                let k = (i * nj + j) * d;
+                let dsj = &ds[j * d..(j + 1) * d];
+                axpy::<A>(c[i * nj + j], dsj, &mut duh[k..k + d]);
+                dc[i * nj + j] = dot::<A>(&uh[k..k + d], dsj);
+            }
+        }
+        // c_i = softmax(b_i): db_ij = c_ij (dc_ij − Σ_j' c_ij' dc_ij'); b_r also flows on to b_{r+1}
+        for ((ci, dci), dbi) in c.chunks(nj).zip(dc.chunks(nj)).zip(db_next.chunks_mut(nj)) {
+            let m: f32 = ci.iter().zip(dci).map(|(a, b)| a * b).sum();
+            for ((o, cv), dcv) in dbi.iter_mut().zip(ci).zip(dci) {
+                *o += cv * (dcv - m);
+            }
+        }
+    }
+}
+simd_fn!(fn routing_bwd_image(
+    s: &CapsShape,
+    rounds: usize,
+    uh: &[f32],
+    cs: &[f32],
+    ss: &[f32],
+    vs: &[f32],
+    dv: &[f32],
+    duh: &mut [f32],
+) => routing_bwd_body;);
+
+impl RoutingOps for FastCpu {
+    fn routing_fwd(
+        &self,
+        s: &CapsShape,
+        rounds: usize,
+        uhat: &PoolBuf,
+        v: &mut PoolBuf,
+        saved: &mut RoutingSaved<PoolBuf>,
+    ) -> Result<()> {
+        const OP: &str = "routing_fwd";
+        let (ni, nj, d) = (s.in_caps, s.out_caps, s.out_dim);
+        check_routing(OP, s, rounds, uhat.len(), [saved.c.len(), saved.s.len(), saved.v.len()])?;
+        check_routing_fwd(s, v.len())?;
+        let items: Vec<_> = saved
+            .c
+            .chunks_mut(rounds * ni * nj)
+            .zip(saved.s.chunks_mut(rounds * nj * d))
+            .zip(saved.v.chunks_mut(rounds * nj * d))
+            .zip(v.chunks_mut(nj * d))
+            .collect();
+        par_items(items, rounds * ni * nj * d * 2, |b, (((cs, ss), vs), vb)| {
+            let uh = &uhat[b * ni * nj * d..(b + 1) * ni * nj * d];
+            routing_fwd_image(s, rounds, uh, cs, ss, vs, vb)
+        });
+        Ok(())
+    }
+
+    fn routing_bwd(
+        &self,
+        s: &CapsShape,
+        rounds: usize,
+        uhat: &PoolBuf,
+        saved: &RoutingSaved<PoolBuf>,
+        dv: &PoolBuf,
+        duhat: &mut PoolBuf,
+    ) -> Result<()> {
+        const OP: &str = "routing_bwd";
+        let (ni, nj, d) = (s.in_caps, s.out_caps, s.out_dim);
+        check_routing(OP, s, rounds, uhat.len(), [saved.c.len(), saved.s.len(), saved.v.len()])?;
+        check_routing_bwd(s, dv.len(), duhat.len())?;
+        let (per_c, per_s) = (rounds * ni * nj, rounds * nj * d);
+        par_rows(duhat, ni * nj * d, rounds * ni * nj * d * 4, |b, duh| {
+            routing_bwd_image(
+                s,
+                rounds,
+                &uhat[b * ni * nj * d..(b + 1) * ni * nj * d],
+                &saved.c[b * per_c..(b + 1) * per_c],
+                &saved.s[b * per_s..(b + 1) * per_s],
+                &saved.v[b * per_s..(b + 1) * per_s],
+                &dv[b * nj * d..(b + 1) * nj * d],
+                duh,
+            )
+        });
+        Ok(())
+    }
+}
