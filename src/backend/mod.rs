@@ -34,6 +34,11 @@ pub(crate) fn check(op: &str, what: &str, len: usize, expected: usize) -> Result
     Ok(())
 }
 
+/// A tape op's error for inputs whose shapes do not fit it: `op: why`.
+pub(crate) fn shape_err<T>(op: &str, msg: impl std::fmt::Display) -> Result<T> {
+    Err(Error::msg(format!("{op}: {msg}")))
+}
+
 /// A zeroed vector of `n` values; a failed allocation is an error that says so, not an abort.
 pub(crate) fn alloc_zeros<T: Default + Clone>(n: usize) -> Result<Vec<T>> {
     let mut v = Vec::new();

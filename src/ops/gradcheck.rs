@@ -8,7 +8,7 @@
 
 use crate::Result;
 use crate::backend::cpu::CpuBackend;
-use crate::ops;
+use crate::ops::losses::sq_err;
 use crate::tape::{Tape, Var};
 
 /// A small deterministic generator (64-bit LCG), so a check's inputs are the same on every machine.
@@ -85,7 +85,7 @@ fn evaluate(inputs: &[Input], build: &Build, backward: bool) -> (f64, Vec<Option
     let n = t.value(out).numel();
     t.reshape(out, &[1, n]).unwrap();
     let target = t.input(Lcg(99).vec(n, -1.0, 1.0), &[1, n]).unwrap();
-    let loss = ops::sq_err(&mut t, out, target, 1.0).unwrap();
+    let loss = sq_err(&mut t, out, target, 1.0).unwrap();
     let value = t.value(loss).buf[0];
     if !backward {
         return (value, vec![]);

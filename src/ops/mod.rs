@@ -34,13 +34,8 @@ pub use losses::{LAMBDA, LossOps, M_MINUS, M_PLUS, add, margin_loss, sq_err};
 pub use routing::{RoutingOps, RoutingSaved, predict_routing, routing};
 
 pub use crate::backend::Core;
-use crate::{Error, Result};
 
 /// A backend: every op family's interface on one kind of buffer.
 pub trait Backend: Core + ConvOps + DenseOps + CapsuleOps + RoutingOps + LossOps + AdamOps {}
 
 impl<T: Core + ConvOps + DenseOps + CapsuleOps + RoutingOps + LossOps + AdamOps> Backend for T {}
-
-fn shape_err<T>(op: &str, msg: impl std::fmt::Display) -> Result<T> {
-    Err(Error::msg(format!("{op}: {msg}")))
-}

@@ -11,7 +11,6 @@ pub(crate) mod fast;
 #[cfg(test)]
 mod tests;
 
-use super::Backend;
 use crate::backend::{Core, check};
 use crate::float::Float;
 use crate::tape::Tape;
@@ -82,7 +81,7 @@ pub trait AdamOps: Core {
     }
 }
 
-pub struct Adam<B: Backend> {
+pub struct Adam<B: AdamOps> {
     pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,
@@ -93,7 +92,7 @@ pub struct Adam<B: Backend> {
     pub v: Vec<B::Buf>,
 }
 
-impl<B: Backend> Adam<B> {
+impl<B: AdamOps> Adam<B> {
     /// Zero moments for every parameter on the tape.
     pub fn new(tape: &Tape<B>, lr: f64) -> Result<Self> {
         let be = tape.backend();

@@ -18,10 +18,8 @@ mod tests;
 
 use std::rc::Rc;
 
-use super::Backend;
-use super::shape_err;
 use crate::Result;
-use crate::backend::{Core, check};
+use crate::backend::{Core, check, shape_err};
 use crate::tape::{BackwardOp, Ctx, GradStore, Tape, Var};
 
 /// ε inside the square root of every safe norm (squash and capsule lengths): a zero vector then has
@@ -120,7 +118,7 @@ fn rows_dim(shape: &[usize]) -> (usize, usize) {
     (shape.iter().product::<usize>() / dim.max(1), dim)
 }
 
-pub fn squash<B: Backend>(t: &mut Tape<B>, s: Var) -> Result<Var> {
+pub fn squash<B: CapsuleOps>(t: &mut Tape<B>, s: Var) -> Result<Var> {
     let shape = t.value(s).shape.clone();
     let (rows, dim) = rows_dim(&shape);
     let mut v = t.backend().alloc_out(rows * dim)?;
@@ -134,7 +132,7 @@ struct SquashBackward {
     dim: usize,
 }
 
-impl<B: Backend> BackwardOp<B> for SquashBackward {
+impl<B: CapsuleOps> BackwardOp<B> for SquashBackward {
     fn name(&self) -> &'static str {
         "squash"
     }
@@ -148,7 +146,7 @@ impl<B: Backend> BackwardOp<B> for SquashBackward {
 }
 
 /// The shape of prediction vectors from u [B, I, Din] and W [I, J, Dout, Din], or `op`'s error.
-pub(crate) fn caps_shape<B: Backend>(op: &str, t: &Tape<B>, u: Var, w: Var) -> Result<CapsShape> {
+pub(crate) fn caps_shape<B: CapsuleOps>(op: &str, t: &Tape<B>, u: Var, w: Var) -> Result<CapsShape> {
     let (us, ws) = (&t.value(u).shape, &t.value(w).shape);
     if us.len() != 3 || ws.len() != 4 || us[1] != ws[0] || us[2] != ws[3] {
         return shape_err(op, format!("u {us:?} and W {ws:?} do not fit"));
@@ -162,7 +160,7 @@ pub(crate) fn caps_shape<B: Backend>(op: &str, t: &Tape<B>, u: Var, w: Var) -> R
     })
 }
 
-pub fn predict<B: Backend>(t: &mut Tape<B>, u: Var, w: Var) -> Result<Var> {
+pub fn predict<B: CapsuleOps>(t: &mut Tape<B>, u: Var, w: Var) -> Result<Var> {
     let s = caps_shape("predict", t, u, w)?;
     let mut uhat = t.backend().alloc_out(s.uhat_len())?;
     t.backend()
@@ -181,7 +179,7 @@ struct PredictBackward {
     s: CapsShape,
 }
 
-impl<B: Backend> BackwardOp<B> for PredictBackward {
+impl<B: CapsuleOps> BackwardOp<B> for PredictBackward {
     fn name(&self) -> &'static str {
         "predict"
     }
@@ -198,7 +196,7 @@ impl<B: Backend> BackwardOp<B> for PredictBackward {
     }
 }
 
-pub fn lengths<B: Backend>(t: &mut Tape<B>, v: Var) -> Result<Var> {
+pub fn lengths<B: CapsuleOps>(t: &mut Tape<B>, v: Var) -> Result<Var> {
     let shape = t.value(v).shape.clone();
     let (rows, dim) = rows_dim(&shape);
     let mut l = t.backend().alloc_out(rows)?;
@@ -212,7 +210,7 @@ struct LengthsBackward {
     dim: usize,
 }
 
-impl<B: Backend> BackwardOp<B> for LengthsBackward {
+impl<B: CapsuleOps> BackwardOp<B> for LengthsBackward {
     fn name(&self) -> &'static str {
         "lengths"
     }
@@ -226,7 +224,7 @@ impl<B: Backend> BackwardOp<B> for LengthsBackward {
 }
 
 /// Keeps capsule idx[b] of each image and zeroes the others: v [B, J, D] → [B, J·D].
-pub fn mask<B: Backend>(t: &mut Tape<B>, v: Var, idx: Rc<B::Idx>) -> Result<Var> {
+pub fn mask<B: CapsuleOps>(t: &mut Tape<B>, v: Var, idx: Rc<B::Idx>) -> Result<Var> {
     let vs = &t.value(v).shape;
     if vs.len() != 3 {
         return shape_err("mask", format!("needs v [B, J, D], got {vs:?}"));
@@ -249,7 +247,7 @@ pub fn mask<B: Backend>(t: &mut Tape<B>, v: Var, idx: Rc<B::Idx>) -> Result<Var>
     )
 }
 
-struct MaskBackward<B: Backend> {
+struct MaskBackward<B: CapsuleOps> {
     v: Var,
     batch: usize,
     caps: usize,
@@ -257,7 +255,7 @@ struct MaskBackward<B: Backend> {
     idx: Rc<B::Idx>,
 }
 
-impl<B: Backend> BackwardOp<B> for MaskBackward<B> {
+impl<B: CapsuleOps> BackwardOp<B> for MaskBackward<B> {
     fn name(&self) -> &'static str {
         "mask"
     }
@@ -271,7 +269,7 @@ impl<B: Backend> BackwardOp<B> for MaskBackward<B> {
 }
 
 /// The index of the largest entry of each row of a [rows, cols] value (not differentiable).
-pub fn argmax<B: Backend>(t: &Tape<B>, x: Var) -> Result<Rc<B::Idx>> {
+pub fn argmax<B: CapsuleOps>(t: &Tape<B>, x: Var) -> Result<Rc<B::Idx>> {
     let xs = &t.value(x).shape;
     if xs.len() != 2 {
         return shape_err("argmax", format!("needs a [rows, cols] value, got {xs:?}"));

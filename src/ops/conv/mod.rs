@@ -11,11 +11,9 @@ mod im2col;
 #[cfg(test)]
 mod tests;
 
-use super::Backend;
-use super::dense::Act;
-use super::shape_err;
+use super::dense::{Act, DenseOps};
 use crate::Result;
-use crate::backend::{Core, check};
+use crate::backend::{Core, check, shape_err};
 use crate::tape::{BackwardOp, Ctx, GradStore, Tape, Var};
 
 /// A valid (unpadded) 2-D convolution over channels-last images.
@@ -79,7 +77,7 @@ pub trait ConvOps: Core {
     fn conv2d_bwd_weight(&self, s: &ConvShape, x: &Self::Buf, dz: &Self::Buf, dw: &mut Self::Buf) -> Result<()>;
 }
 
-pub fn conv2d<B: Backend>(t: &mut Tape<B>, x: Var, w: Var, b: Var, stride: usize, act: Act) -> Result<Var> {
+pub fn conv2d<B: ConvOps + DenseOps>(t: &mut Tape<B>, x: Var, w: Var, b: Var, stride: usize, act: Act) -> Result<Var> {
     const OP: &str = "conv2d";
     let (xs, ws, bs) = (&t.value(x).shape, &t.value(w).shape, &t.value(b).shape);
     if xs.len() != 4 || ws.len() != 4 || ws[0] != ws[1] || ws[2] != xs[3] || bs[..] != [ws[3]] || stride == 0 {
@@ -119,7 +117,7 @@ struct Conv2dBackward {
     act: Act,
 }
 
-impl<B: Backend> BackwardOp<B> for Conv2dBackward {
+impl<B: ConvOps + DenseOps> BackwardOp<B> for Conv2dBackward {
     fn name(&self) -> &'static str {
         "conv2d"
     }

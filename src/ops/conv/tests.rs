@@ -1,8 +1,8 @@
 //! The conv family's op tests: finite-difference gradients of its tape ops on the CPU reference
 //! ([`crate::ops::gradcheck`]). Its parity across backends is in tests/common/parity.rs.
 
-use crate::ops;
-use crate::ops::Act;
+use super::conv2d;
+use crate::ops::dense::Act;
 use crate::ops::gradcheck::{Lcg, check, random};
 
 #[test]
@@ -21,7 +21,7 @@ fn conv2d_gradients() {
             random(&mut rng, &[5], -0.3, 0.3),
         ];
         check(&format!("conv2d stride {stride} {act:?}"), inputs, &move |t, v| {
-            ops::conv2d(t, v[0], v[1], v[2], stride, act)
+            conv2d(t, v[0], v[1], v[2], stride, act)
         })
         .unwrap_or_else(|e| panic!("{e}"));
     }

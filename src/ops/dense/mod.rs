@@ -9,10 +9,8 @@ pub(crate) mod fast;
 #[cfg(test)]
 mod tests;
 
-use super::Backend;
-use super::shape_err;
 use crate::Result;
-use crate::backend::{Core, check};
+use crate::backend::{Core, check, shape_err};
 use crate::tape::{BackwardOp, Ctx, GradStore, Tape, Var};
 
 /// A dense layer y = act(x · W + b) over `rows` rows.
@@ -53,7 +51,7 @@ pub trait DenseOps: Core {
     fn act_bwd(&self, act: Act, y: &Self::Buf, dy: &Self::Buf, dz: &mut Self::Buf) -> Result<()>;
 }
 
-pub fn dense<B: Backend>(t: &mut Tape<B>, x: Var, w: Var, b: Var, act: Act) -> Result<Var> {
+pub fn dense<B: DenseOps>(t: &mut Tape<B>, x: Var, w: Var, b: Var, act: Act) -> Result<Var> {
     let (xs, ws, bs) = (&t.value(x).shape, &t.value(w).shape, &t.value(b).shape);
     if xs.len() != 2 || ws.len() != 2 || xs[1] != ws[0] || bs[..] != [ws[1]] {
         return shape_err("dense", format!("x {xs:?}, w {ws:?}, b {bs:?} do not fit"));
@@ -77,7 +75,7 @@ struct DenseBackward {
     act: Act,
 }
 
-impl<B: Backend> BackwardOp<B> for DenseBackward {
+impl<B: DenseOps> BackwardOp<B> for DenseBackward {
     fn name(&self) -> &'static str {
         "dense"
     }

@@ -1,8 +1,8 @@
 //! The dense family's op tests: finite-difference gradients of its tape ops on the CPU reference
 //! ([`crate::ops::gradcheck`]). Its parity across backends is in tests/common/parity.rs.
 
-use crate::ops;
-use crate::ops::Act;
+use super::Act;
+use super::dense;
 use crate::ops::gradcheck::{Lcg, check, random};
 
 #[test]
@@ -15,7 +15,7 @@ fn dense_gradients() {
             random(&mut rng, &[5], -0.5, 0.5),
         ];
         check(&format!("dense {act:?}"), inputs, &move |t, v| {
-            ops::dense(t, v[0], v[1], v[2], act)
+            dense(t, v[0], v[1], v[2], act)
         })
         .unwrap_or_else(|e| panic!("{e}"));
     }

@@ -16,10 +16,8 @@ mod tests;
 
 use std::rc::Rc;
 
-use super::Backend;
-use super::shape_err;
 use crate::Result;
-use crate::backend::{Core, check, check_labels};
+use crate::backend::{Core, check, check_labels, shape_err};
 use crate::tape::{BackwardOp, Ctx, GradStore, Tape, Var};
 
 /// Margin loss constants of the paper: T_k max(0, m+ − ‖v_k‖)² + λ (1 − T_k) max(0, ‖v_k‖ − m−)².
@@ -76,7 +74,7 @@ pub trait LossOps: Core {
     ) -> Result<()>;
 }
 
-pub fn margin_loss<B: Backend>(t: &mut Tape<B>, l: Var, labels: Rc<B::Idx>, per: usize) -> Result<Var> {
+pub fn margin_loss<B: LossOps>(t: &mut Tape<B>, l: Var, labels: Rc<B::Idx>, per: usize) -> Result<Var> {
     let ls = &t.value(l).shape;
     if ls.len() != 2 {
         return shape_err("margin_loss", format!("needs lengths [B, K], got {ls:?}"));
@@ -99,7 +97,7 @@ pub fn margin_loss<B: Backend>(t: &mut Tape<B>, l: Var, labels: Rc<B::Idx>, per:
     )
 }
 
-struct MarginBackward<B: Backend> {
+struct MarginBackward<B: LossOps> {
     l: Var,
     batch: usize,
     classes: usize,
@@ -107,7 +105,7 @@ struct MarginBackward<B: Backend> {
     labels: Rc<B::Idx>,
 }
 
-impl<B: Backend> BackwardOp<B> for MarginBackward<B> {
+impl<B: LossOps> BackwardOp<B> for MarginBackward<B> {
     fn name(&self) -> &'static str {
         "margin_loss"
     }
@@ -127,7 +125,7 @@ impl<B: Backend> BackwardOp<B> for MarginBackward<B> {
     }
 }
 
-pub fn sq_err<B: Backend>(t: &mut Tape<B>, pred: Var, target: Var, scale: f64) -> Result<Var> {
+pub fn sq_err<B: LossOps>(t: &mut Tape<B>, pred: Var, target: Var, scale: f64) -> Result<Var> {
     let (ps, ts) = (&t.value(pred).shape, &t.value(target).shape);
     if ps.len() != 2 || ps != ts {
         return shape_err("sq_err", format!("pred {ps:?} and target {ts:?} must both be [B, P]"));
@@ -158,7 +156,7 @@ struct SqErrBackward {
     scale: f64,
 }
 
-impl<B: Backend> BackwardOp<B> for SqErrBackward {
+impl<B: LossOps> BackwardOp<B> for SqErrBackward {
     fn name(&self) -> &'static str {
         "sq_err"
     }
@@ -177,7 +175,7 @@ impl<B: Backend> BackwardOp<B> for SqErrBackward {
     }
 }
 
-pub fn add<B: Backend>(t: &mut Tape<B>, a: Var, b: Var) -> Result<Var> {
+pub fn add<B: LossOps>(t: &mut Tape<B>, a: Var, b: Var) -> Result<Var> {
     let (as_, bs) = (t.value(a).shape.clone(), &t.value(b).shape);
     if &as_ != bs {
         return shape_err("add", format!("shapes {as_:?} and {bs:?} differ"));
@@ -192,7 +190,7 @@ struct AddBackward {
     b: Var,
 }
 
-impl<B: Backend> BackwardOp<B> for AddBackward {
+impl<B: LossOps> BackwardOp<B> for AddBackward {
     fn name(&self) -> &'static str {
         "add"
     }

@@ -13,10 +13,8 @@ pub(crate) mod fast;
 #[cfg(test)]
 mod tests;
 
-use super::Backend;
 use super::capsules::{CapsShape, CapsuleOps, caps_shape};
-use super::shape_err;
-use crate::backend::check;
+use crate::backend::{check, shape_err};
 use crate::tape::{BackwardOp, Ctx, GradStore, Tape, Var};
 use crate::{Error, Result};
 
@@ -152,7 +150,7 @@ pub fn caps_routing_bwd_unfused<B: RoutingOps + ?Sized>(
 }
 
 /// Routing by agreement over `rounds` rounds (≥ 1). Gradients flow through every round.
-pub fn routing<B: Backend>(t: &mut Tape<B>, uhat: Var, rounds: usize) -> Result<Var> {
+pub fn routing<B: RoutingOps>(t: &mut Tape<B>, uhat: Var, rounds: usize) -> Result<Var> {
     let us = &t.value(uhat).shape;
     if us.len() != 4 || rounds == 0 {
         return shape_err(
@@ -187,7 +185,7 @@ struct RoutingBackward<Buf> {
     saved: RoutingSaved<Buf>,
 }
 
-impl<B: Backend> BackwardOp<B> for RoutingBackward<B::Buf> {
+impl<B: RoutingOps> BackwardOp<B> for RoutingBackward<B::Buf> {
     fn name(&self) -> &'static str {
         "routing"
     }
@@ -202,7 +200,7 @@ impl<B: Backend> BackwardOp<B> for RoutingBackward<B::Buf> {
 
 /// Prediction vectors and routing as one op: v = routing(W · u) over `rounds` rounds (≥ 1), through
 /// [`RoutingOps::caps_routing_fwd`]; û is the backend's business (the fused CUDA version never stores it).
-pub fn predict_routing<B: Backend>(t: &mut Tape<B>, u: Var, w: Var, rounds: usize) -> Result<Var> {
+pub fn predict_routing<B: RoutingOps>(t: &mut Tape<B>, u: Var, w: Var, rounds: usize) -> Result<Var> {
     let s = caps_shape("predict_routing", t, u, w)?;
     if rounds == 0 {
         return shape_err("predict_routing", "at least one routing round is needed");
@@ -227,7 +225,7 @@ struct PredictRoutingBackward<Buf> {
     saved: RoutingSaved<Buf>,
 }
 
-impl<B: Backend> BackwardOp<B> for PredictRoutingBackward<B::Buf> {
+impl<B: RoutingOps> BackwardOp<B> for PredictRoutingBackward<B::Buf> {
     fn name(&self) -> &'static str {
         "predict_routing"
     }

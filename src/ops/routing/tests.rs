@@ -1,7 +1,8 @@
 //! The routing family's op tests: finite-difference gradients of its tape ops on the CPU reference
 //! ([`crate::ops::gradcheck`]). Its parity across backends is in tests/common/parity.rs.
 
-use crate::ops;
+use super::predict_routing;
+use super::routing;
 use crate::ops::gradcheck::{Lcg, check, random};
 
 #[test]
@@ -11,7 +12,7 @@ fn routing_gradients_for_1_2_3_rounds() {
         // [B=2, I=7, J=4, D=5]; magnitudes large enough for the agreement to move the couplings
         let inputs = vec![random(&mut rng, &[2, 7, 4, 5], -1.0, 1.0)];
         check(&format!("routing, {rounds} rounds"), inputs, &move |t, v| {
-            ops::routing(t, v[0], rounds)
+            routing(t, v[0], rounds)
         })
         .unwrap_or_else(|e| panic!("{e}"));
     }
@@ -28,7 +29,7 @@ fn predict_routing_gradients_for_1_2_3_rounds() {
             random(&mut rng, &[5, 4, 6, 3], -1.0, 1.0),
         ];
         check(&format!("predict_routing, {rounds} rounds"), inputs, &move |t, v| {
-            ops::predict_routing(t, v[0], v[1], rounds)
+            predict_routing(t, v[0], v[1], rounds)
         })
         .unwrap_or_else(|e| panic!("{e}"));
     }
