@@ -107,25 +107,8 @@ pub fn assert_clean_error(o: &Output, needles: &[&str]) {
     }
 }
 
-/// A tiny deterministic pseudo-random generator for test inputs (no dependency on rand's streams).
-pub struct Lcg(pub u64);
-
-impl Lcg {
-    pub fn next_f64(&mut self) -> f64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Uniform in [lo, hi).
-    pub fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * self.next_f64()
-    }
-    pub fn vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f64> {
-        (0..n).map(|_| self.uniform(lo, hi)).collect()
-    }
-}
+/// The tests' deterministic generator for inputs: the library's, which its own op tests use.
+pub use capsnet::ops::gradcheck::Lcg;
 
 /// The CUDA backend the GPU tests run on:
 /// - the emulated device when `CAPSNET_EMULATOR` names a build (plain, address, thread), or when no
