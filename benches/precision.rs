@@ -45,6 +45,7 @@ fn main() {
             checkpoint_every: None,
             checkpoint_steps: None,
             eager: false,
+            given: None,
         };
         let m = train(CpuBackend::<f32>::with_gemm_inputs(p), &opts).unwrap_or_else(|e| panic!("{}: {e}", p.name()));
         let last = m.last().expect("one epoch");

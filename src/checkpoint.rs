@@ -3,20 +3,30 @@
 //! Tensors (F32): every parameter under its name in [`Config::param_specs`] (e.g. `conv1.weight`,
 //! [9, 9, 1, 256] HWIO), then the Adam moments as `adam.m.<name>` and `adam.v.<name>`.
 //! Metadata (strings): `format` = `capsnet/1`, `epoch` (completed epochs), `step` (Adam updates),
-//! `config` (the model config as JSON) and `train` (seed, batch size, learning rate, early-stopping
-//! state and data limits, as JSON). Files are written to a temporary name and renamed.
+//! `config` (the model config as JSON), `train` (seed, batch size, learning rate, early-stopping
+//! state and data limits, as JSON), `metrics` (the run's history) and `sha256` (every tensor's data,
+//! as `{name: hex digest}`, verified on every load). Files are written to a temporary name and renamed.
+//!
+//! A weights-only file (`capsnet export`) has no Adam moments (`content` = `weights`): eval, predict
+//! and figures read it, training cannot resume from it. With `layout` = `pytorch` its tensors carry
+//! the names and layouts of the PyTorch CapsNet in benches/capsnet_torch_bench.py (OIHW convolutions,
+//! `[out, in]` linear layers), so `model.load_state_dict(safetensors.torch.load_file(F))` takes it.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
 use crate::config::{Config, DEFAULT_DECAY_STEPS, Dataset, RunSettings};
 use crate::error::write_atomic;
 use crate::{Error, Result};
 
 pub const FORMAT: &str = "capsnet/1";
+/// The run directory's checkpoints: the latest state, and the one of the lowest validation loss.
+pub const LAST: &str = "last.safetensors";
+pub const BEST: &str = "best.safetensors";
 
 /// Training state beside the weights: everything a resumed run needs to continue exactly.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,6 +43,9 @@ pub struct TrainState {
     /// How far into epoch `epoch` (0-based, not yet complete) a step checkpoint was taken; None at an
     /// epoch's end.
     pub partial: Option<EpochProgress>,
+    /// The epochs the run was started (or last resumed) to reach: a resume without --epochs goes on
+    /// to it. None in checkpoints from before it was stored.
+    pub target_epochs: Option<usize>,
 }
 
 /// The part of an epoch done when a step checkpoint was taken: the batches of the epoch's shuffle
@@ -94,6 +107,7 @@ impl TrainState {
             best_val_loss: None,
             bad_epochs: 0,
             partial: None,
+            target_epochs: None,
         }
     }
 
@@ -110,6 +124,7 @@ impl TrainState {
             "limit": r.limit, "val_limit": r.val_limit,
             "dataset": r.dataset.name(), "shift": r.shift, "lr_decay": r.lr_decay, "lr_decay_steps": r.lr_decay_steps,
             "partial": self.partial.as_ref().map(EpochProgress::to_json),
+            "epochs": self.target_epochs,
         })
     }
 }
@@ -127,15 +142,118 @@ pub struct Checkpoint {
     pub history: Vec<serde_json::Value>,
 }
 
+impl Checkpoint {
+    /// Whether it holds Adam's moments (a training checkpoint; a weights-only file does not).
+    pub fn has_optimizer(&self) -> bool {
+        !self.adam_m.is_empty()
+    }
+
+    /// The same model without its optimiser state: what `capsnet export` writes.
+    pub fn weights_only(mut self) -> Checkpoint {
+        self.adam_m.clear();
+        self.adam_v.clear();
+        self
+    }
+}
+
 fn to_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How a file's tensors are named and laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// capsnet's own: HWIO convolutions, `[in, out]` linear layers, names from `Config::param_specs`.
+    Capsnet,
+    /// The PyTorch CapsNet's (benches/capsnet_torch_bench.py): OIHW convolutions, `[out, in]` linear
+    /// layers, its module names. W is `[1152, 10, 16, 8]` in both, its capsules in NHWC order.
+    Pytorch,
+}
+
+impl Layout {
+    fn name(self) -> &'static str {
+        match self {
+            Layout::Capsnet => "capsnet",
+            Layout::Pytorch => "pytorch",
+        }
+    }
+
+    /// The name, the permutation of capsnet's axes, of parameter `name` in this layout.
+    fn param(self, name: &str, rank: usize) -> (String, Vec<usize>) {
+        if self == Layout::Capsnet {
+            return (name.to_string(), (0..rank).collect());
+        }
+        let renamed = match name {
+            "primary.weight" => "conv2.weight".to_string(),
+            "primary.bias" => "conv2.bias".to_string(),
+            "digit.W" => "W".to_string(),
+            n => n.strip_prefix("decoder.").unwrap_or(n).to_string(),
+        };
+        let perm = match (name.ends_with(".weight"), rank) {
+            (true, 4) => vec![3, 2, 0, 1], // HWIO -> OIHW
+            (true, 2) => vec![1, 0],       // [in, out] -> [out, in]
+            _ => (0..rank).collect(),
+        };
+        (renamed, perm)
+    }
+}
+
+/// `data` of row-major `shape` with its axes reordered: axis k of the result is axis `perm[k]`.
+fn permute(data: &[f32], shape: &[usize], perm: &[usize]) -> (Vec<f32>, Vec<usize>) {
+    let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    if perm.iter().enumerate().all(|(k, &p)| k == p) {
+        return (data.to_vec(), out_shape);
+    }
+    let mut strides = vec![1; shape.len()];
+    for k in (0..shape.len().saturating_sub(1)).rev() {
+        strides[k] = strides[k + 1] * shape[k + 1];
+    }
+    let mut out = Vec::with_capacity(data.len());
+    let mut idx = vec![0usize; shape.len()];
+    for _ in 0..data.len() {
+        out.push(data[idx.iter().zip(perm).map(|(&i, &p)| i * strides[p]).sum::<usize>()]);
+        for k in (0..idx.len()).rev() {
+            idx[k] += 1;
+            if idx[k] < out_shape[k] {
+                break;
+            }
+            idx[k] = 0;
+        }
+    }
+    (out, out_shape)
+}
+
+/// The inverse of a permutation.
+fn inverse(perm: &[usize]) -> Vec<usize> {
+    let mut inv = vec![0; perm.len()];
+    for (k, &p) in perm.iter().enumerate() {
+        inv[p] = k;
+    }
+    inv
+}
+
+/// Writes `ck` in capsnet's layout: with its Adam moments when it has them (a training checkpoint),
+/// weights only when it has none.
 pub fn save(path: &Path, ck: &Checkpoint) -> Result<()> {
+    save_as(path, ck, Layout::Capsnet)
+}
+
+/// Writes `ck` in `layout` (a PyTorch-layout file holds the weights only).
+pub fn save_as(path: &Path, ck: &Checkpoint, layout: Layout) -> Result<()> {
     let specs = ck.config.param_specs();
-    let groups = [("", &ck.params), ("adam.m.", &ck.adam_m), ("adam.v.", &ck.adam_v)];
+    let with_adam = ck.has_optimizer() && layout == Layout::Capsnet;
+    let groups: &[(&str, &Vec<Vec<f32>>)] = if with_adam {
+        &[("", &ck.params), ("adam.m.", &ck.adam_m), ("adam.v.", &ck.adam_v)]
+    } else {
+        &[("", &ck.params)]
+    };
     let mut named = vec![];
-    for (prefix, values) in groups {
+    let mut names = serde_json::Map::new();
+    for &(prefix, values) in groups {
         if values.len() != specs.len() {
             return Err(Error::file(
                 path,
@@ -143,9 +261,16 @@ pub fn save(path: &Path, ck: &Checkpoint) -> Result<()> {
             ));
         }
         for (spec, v) in specs.iter().zip(values.iter()) {
-            named.push((format!("{prefix}{}", spec.name), spec.shape.clone(), to_bytes(v)));
+            let (name, perm) = layout.param(spec.name, spec.shape.len());
+            let (data, shape) = permute(v, &spec.shape, &perm);
+            if prefix.is_empty() && layout != Layout::Capsnet {
+                names.insert(spec.name.to_string(), json!(name));
+            }
+            named.push((format!("{prefix}{name}"), shape, to_bytes(&data)));
         }
     }
+    let sums: serde_json::Map<String, serde_json::Value> =
+        named.iter().map(|(n, _, b)| (n.clone(), json!(sha256_hex(b)))).collect();
     let views = named
         .iter()
         .map(|(n, shape, bytes)| {
@@ -154,8 +279,10 @@ pub fn save(path: &Path, ck: &Checkpoint) -> Result<()> {
                 .map_err(|e| Error::file(path, format!("tensor {n}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let meta = HashMap::from([
+    let mut meta = HashMap::from([
         ("format".to_string(), FORMAT.to_string()),
+        ("content".to_string(), if with_adam { "training" } else { "weights" }.to_string()),
+        ("layout".to_string(), layout.name().to_string()),
         ("epoch".to_string(), ck.state.epoch.to_string()),
         ("step".to_string(), ck.state.step.to_string()),
         ("config".to_string(), ck.config.to_json().to_string()),
@@ -164,7 +291,11 @@ pub fn save(path: &Path, ck: &Checkpoint) -> Result<()> {
             "metrics".to_string(),
             serde_json::Value::Array(ck.history.clone()).to_string(),
         ),
+        ("sha256".to_string(), serde_json::Value::Object(sums).to_string()),
     ]);
+    if layout != Layout::Capsnet {
+        meta.insert("names".to_string(), serde_json::Value::Object(names).to_string());
+    }
     let bytes =
         safetensors::serialize(views, Some(meta)).map_err(|e| Error::file(path, format!("cannot serialise: {e}")))?;
     write_atomic(path, &bytes)
@@ -280,6 +411,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
             serde_json::Value::Null => None,
             p => Some(EpochProgress::from_json(&p).ok_or_else(|| bad("train state: malformed 'partial'".into()))?),
         },
+        target_epochs: opt_usize("epochs"),
     };
     let history = match meta.get("metrics") {
         None => vec![],
@@ -288,9 +420,22 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
             _ => return Err(bad("metadata 'metrics' is not a list".into())),
         },
     };
-    let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+    let layout = match meta.get("layout").map(String::as_str) {
+        None | Some("capsnet") => Layout::Capsnet,
+        Some("pytorch") => Layout::Pytorch,
+        Some(other) => return Err(bad(format!("metadata 'layout' is '{other}', not capsnet or pytorch"))),
+    };
+    // files from before checksums carry none: read as they are
+    let sums = match meta.get("sha256") {
+        None => None,
+        Some(_) => Some(parse_json("sha256")?),
+    };
+    let read = |prefix: &str, param: &str, own_shape: &[usize]| -> Result<Vec<f32>> {
+        let (stored, perm) = layout.param(param, own_shape.len());
+        let name = format!("{prefix}{stored}");
+        let shape: Vec<usize> = perm.iter().map(|&p| own_shape[p]).collect();
         let t = st
-            .tensor(name)
+            .tensor(&name)
             .map_err(|_| bad(format!("tensor '{name}' is missing")))?;
         if t.dtype() != Dtype::F32 {
             return Err(bad(format!("tensor '{name}' is {:?}, expected F32", t.dtype())));
@@ -301,6 +446,20 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
                 t.shape()
             )));
         }
+        if let Some(sums) = &sums {
+            let Some(want) = sums.get(&name).and_then(|v| v.as_str()) else {
+                return Err(bad(format!("metadata 'sha256' has no checksum for tensor '{name}'")));
+            };
+            if sha256_hex(t.data()) != want {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "damaged: the data of tensor '{name}' does not match the SHA-256 stored with it (the file was changed after it was written){}",
+                        sibling_hint(path)
+                    ),
+                ));
+            }
+        }
         let v: Vec<f32> = t
             .data()
             .chunks_exact(4)
@@ -309,23 +468,53 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
             return Err(bad(format!("tensor '{name}' holds a non-finite value at index {i}")));
         }
-        Ok(v)
+        Ok(permute(&v, &shape, &inverse(&perm)).0)
     };
     let specs = config.param_specs();
-    let group = |prefix: &str| -> Result<Vec<Vec<f32>>> {
-        specs
-            .iter()
-            .map(|s| read(&format!("{prefix}{}", s.name), &s.shape))
-            .collect()
+    let group = |prefix: &str| -> Result<Vec<Vec<f32>>> { specs.iter().map(|s| read(prefix, s.name, &s.shape)).collect() };
+    // a weights-only file (capsnet export) has no Adam moments
+    let weights_only = meta.get("content").is_some_and(|c| c == "weights");
+    let (adam_m, adam_v) = if weights_only {
+        (vec![], vec![])
+    } else {
+        (group("adam.m.")?, group("adam.v.")?)
     };
     Ok(Checkpoint {
         params: group("")?,
-        adam_m: group("adam.m.")?,
-        adam_v: group("adam.v.")?,
+        adam_m,
+        adam_v,
         config,
         state,
         history,
     })
+}
+
+/// For a damaged run checkpoint: whether the other one beside it is sound, and how to use it.
+fn sibling_hint(path: &Path) -> String {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let other = match name {
+        LAST => BEST,
+        BEST => LAST,
+        _ => return String::new(),
+    };
+    let sibling = path.with_file_name(other);
+    if !sibling.is_file() {
+        return String::new();
+    }
+    match load(&sibling) {
+        Ok(ck) => format!(
+            "; {} beside it is sound (epoch {}, step {}){}",
+            other,
+            ck.state.epoch,
+            ck.state.step,
+            if name == LAST {
+                format!(": to continue the run from it, copy it over {LAST} and --resume")
+            } else {
+                String::new()
+            }
+        ),
+        Err(_) => format!("; {other} beside it is damaged too"),
+    }
 }
 
 #[cfg(test)]

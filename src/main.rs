@@ -4,18 +4,19 @@ mod cli;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 use capsnet::train;
 use cli::args::{Cli, Cmd};
 
-fn run(cli: Cli) -> capsnet::Result<()> {
+fn run(cli: Cli, matches: &clap::ArgMatches) -> capsnet::Result<()> {
     match cli.cmd {
-        Cmd::Train(a) => cli::train::run(a),
+        Cmd::Train(a) => cli::train::run(a, cli::train::given_flags(matches.subcommand_matches("train"))),
         Cmd::Eval(a) => cli::eval::eval(a),
         Cmd::Figures(a) => cli::eval::figures(a),
         Cmd::Bench(a) => cli::bench::run(a),
         Cmd::Predict(a) => cli::predict::run(a),
+        Cmd::Export(a) => cli::export::run(a),
         Cmd::Multimnist(a) => cli::multimnist::run(a),
         Cmd::Info(a) => cli::info::run(a),
         Cmd::Download(a) => {
@@ -47,7 +48,9 @@ fn quiet_broken_pipe() {
 
 fn main() -> ExitCode {
     quiet_broken_pipe();
-    match run(Cli::parse()) {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match run(cli, &matches) {
         // an interrupted training run saved its state and said how to continue
         Ok(()) if train::interrupted() => ExitCode::from(130),
         Ok(()) => ExitCode::SUCCESS,

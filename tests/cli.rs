@@ -167,7 +167,7 @@ fn resume_equals_an_uninterrupted_run_with_shifts_and_lr_decay() {
     let split = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli_resume_split_shifted");
     let mut other = train_tiny(&data, &split, &["--epochs", "4", "--resume", "--shift", "1"]);
     other.extend(&flags[2..]);
-    assert_clean_error(&capsnet(&other, &[]), &["--shift 1 vs stored 2"]);
+    assert_clean_error(&capsnet(&other, &[]), &["--shift 1, stored 2"]);
 }
 
 /// Trains 3 epochs at once and 1 + 2 with a resume, with `flags`; asserts the two runs are equal and
@@ -308,21 +308,15 @@ fn resume_refuses_other_settings_and_keeps_the_checkpoint() {
     let before = std::fs::read(&last).unwrap();
     let mut other = args.clone();
     other.extend(["--resume", "--epochs", "2", "--seed", "7"]);
-    assert_clean_error(&capsnet(&other, &[]), &["--resume", "--seed 7 vs stored 42"]);
-    // limits in words, not Rust's debug syntax
-    let mut unlimited = vec!["train", "--data", s(&data), "--checkpoint-dir", s(&run)];
-    unlimited.extend([
-        "--conv1-channels",
-        "4",
-        "--primary-maps",
-        "2",
-        "--device",
-        "cpu",
-        "--resume",
-    ]);
-    unlimited.extend(["--batch-size", "50", "--val-limit", "100", "--epochs", "2"]);
-    let o = capsnet(&unlimited, &[]);
-    assert_clean_error(&o, &["--limit not given (all images) vs stored 300"]);
+    let o = capsnet(&other, &[]);
+    assert_clean_error(&o, &["--resume", "--seed 7, stored 42"]);
+    assert!(!stderr(&o).contains("--batch-size"), "flags that agree are not named: {}", stderr(&o));
+    // a flag not given is the stored run's; one given is named, in words, not Rust's debug syntax
+    let o = capsnet(
+        &["train", "--data", s(&data), "--checkpoint-dir", s(&run), "--resume", "--limit", "200"],
+        &[],
+    );
+    assert_clean_error(&o, &["--limit 200, stored 300"]);
     assert!(
         !stderr(&o).contains("Some(") && !stderr(&o).contains("None"),
         "{}",

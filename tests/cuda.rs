@@ -475,6 +475,7 @@ fn cuda_captured_training_replays_the_eager_run_bit_for_bit() {
             checkpoint_every: None,
             checkpoint_steps: None,
             eager,
+            given: None,
         };
         let before = CudaBackend::graph_launches_in_process();
         let metrics = match p {

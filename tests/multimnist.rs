@@ -253,7 +253,7 @@ fn a_small_model_learns_multimnist_above_chance() {
         (9 * (cell + PAD) + PAD, 2 * LABEL + 2 * (cell + PAD) + PAD)
     );
     assert!(figs.join("curves.png").is_file());
-    // a resume on the other dataset is refused
+    // a resume on the other dataset is refused (a resume without --dataset is the stored one's)
     let o = capsnet(
         &[
             "train",
@@ -274,10 +274,12 @@ fn a_small_model_learns_multimnist_above_chance() {
             "--checkpoint-dir",
             s(&run),
             "--resume",
+            "--dataset",
+            "mnist",
         ],
         &[],
     );
-    assert_clean_error(&o, &["--dataset mnist vs stored multimnist"]);
+    assert_clean_error(&o, &["--dataset mnist, stored multimnist"]);
     // MultiMNIST examples are shifted already
     let o = capsnet(
         &["train", "--dataset", "multimnist", "--shift", "2", "--data", s(&data)],

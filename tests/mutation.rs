@@ -134,6 +134,7 @@ fn tiny_checkpoint() -> Checkpoint {
             best_val_loss: Some(0.5),
             bad_epochs: 0,
             partial: None,
+            target_epochs: None,
         },
         config,
         params,

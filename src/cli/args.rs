@@ -41,6 +41,9 @@ pub enum Cmd {
     /// Time full training steps (forward, backward, Adam) on random images.
     #[command(allow_negative_numbers = true)]
     Bench(BenchArgs),
+    /// Write a checkpoint's weights alone (no optimiser state: a third of the size), for eval,
+    /// predict and figures, or in the PyTorch CapsNet's names and layouts (--layout pytorch).
+    Export(ExportArgs),
     /// Write MultiMNIST examples (two overlapping digits, 36x36) as IDX files and a sample grid PNG.
     Multimnist(MultiMnistArgs),
     /// Fetch the four MNIST files, checked by SHA-256, into the data directory.
@@ -395,27 +398,57 @@ pub struct FiguresArgs {
 
 #[derive(Args)]
 pub struct PredictArgs {
-    /// A checkpoint written by `capsnet train`.
+    /// A checkpoint written by `capsnet train`, or a weights-only file (`capsnet export`).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// The image files.
+    /// The image files, or directories of them (their PNG, JPEG, GIF, BMP, WebP and PNM files).
     #[arg(required = true, value_name = "IMAGE")]
     pub images: Vec<PathBuf>,
     /// Also report every other digit whose capsule is longer than this (lengths are probabilities
-    /// that need not sum to 1, so one image can hold two digits).
-    #[arg(long, default_value_t = 0.5)]
+    /// that need not sum to 1, so one image can hold two digits); when no capsule is, the image is
+    /// flagged as not confidently a digit. Between 0 and 1.
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
     pub threshold: f32,
     /// One JSON object per image on stdout.
     #[arg(long)]
     pub json: bool,
-    /// Write the 28x28 input the model saw (NAME.input.png) and its reconstruction (NAME.recon.png)
-    /// into this directory.
+    /// Take an image of the model's size (28x28; 36x36 for MultiMNIST) as it is, only inverted when
+    /// dark on light: the pixels eval reads. Other sizes are prepared anyway.
+    #[arg(long)]
+    pub raw: bool,
+    /// Write the input the model saw (NAME.input.png, 28x28; 36x36 for MultiMNIST) and its
+    /// reconstruction (NAME.recon.png) into this directory.
     #[arg(long, value_name = "DIR")]
     pub save_input: Option<PathBuf>,
+    /// Images per forward pass (1 to 4096).
     #[arg(long, default_value_t = 100)]
     pub batch_size: usize,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
+    #[command(flatten)]
+    pub kernels: KernelArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LayoutArg {
+    /// capsnet's own (HWIO convolutions, [in, out] linear layers): eval, predict and figures read it.
+    Capsnet,
+    /// The PyTorch CapsNet's of benches/capsnet_torch_bench.py: conv1, conv2 (the primary capsules),
+    /// W, fc1-fc3; OIHW convolutions, [out, in] linear layers (capsnet reads it back too).
+    Pytorch,
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// The checkpoint to export (a training checkpoint or a weights-only file).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// The file to write (refused if it exists).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// The tensors' names and layouts.
+    #[arg(long, value_enum, default_value_t = LayoutArg::Capsnet)]
+    pub layout: LayoutArg,
 }
 
 #[derive(Args)]

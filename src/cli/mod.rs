@@ -19,6 +19,7 @@ pub mod args;
 pub mod bench;
 pub mod device;
 pub mod eval;
+pub mod export;
 pub mod info;
 pub mod multimnist;
 pub mod predict;

@@ -1,14 +1,42 @@
 //! `capsnet train`: the options from the flags and a preset, MNIST fetched if asked, Ctrl-C handled.
 
 use capsnet::config::RunSettings;
-use capsnet::train::{self, TrainOptions};
+use capsnet::train::{self, GivenFlag, TrainOptions};
 use capsnet::{Error, Result, data};
 
 use super::args::*;
 use super::device::{Selected, select};
 
-/// `capsnet train`.
-pub fn run(a: TrainArgs) -> Result<()> {
+/// The flags given on the command line (or by their environment variable), and those a given
+/// `--preset` sets, named by the preset.
+pub fn given_flags(m: Option<&clap::ArgMatches>) -> Vec<GivenFlag> {
+    use clap::parser::ValueSource;
+    let Some(m) = m else { return vec![] };
+    let mut given: Vec<GivenFlag> = m
+        .ids()
+        .filter(|id| matches!(m.value_source(id.as_str()), Some(ValueSource::CommandLine | ValueSource::EnvVariable)))
+        .map(|id| GivenFlag {
+            flag: format!("--{}", id.as_str().replace('_', "-")),
+            via: None,
+        })
+        .collect();
+    if given.iter().any(|g| g.flag == "--preset") {
+        let name = m.get_one::<PresetArg>("preset").copied().unwrap_or(PresetArg::Notebook);
+        let via = format!("--preset {}", if name == PresetArg::Paper { "paper" } else { "notebook" });
+        for flag in ["--routing", "--batch-size", "--shift", "--lr-decay", "--lr-decay-steps"] {
+            if !given.iter().any(|g| g.flag == flag) {
+                given.push(GivenFlag {
+                    flag: flag.into(),
+                    via: Some(via.clone()),
+                });
+            }
+        }
+    }
+    given
+}
+
+/// `capsnet train`; `given`: the flags given ([`given_flags`]).
+pub fn run(a: TrainArgs, given: Vec<GivenFlag>) -> Result<()> {
     let sel = select(a.device, &a.kernels)?;
     // only what is missing: train() reads and checks every file anyway
     if a.download
@@ -43,6 +71,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         },
         epochs: a.epochs,
         eager: a.eager,
+        given: Some(given),
         resume: a.resume,
         checkpoint_every: match a.checkpoint_minutes {
             m if !(m.is_finite() && m >= 0.0) => {

@@ -68,14 +68,11 @@ pub(crate) fn run_epoch<B: StepRuntime>(
     let last = opts.run_dir.join(LAST);
     for chunk in order.chunks(state.run.batch_size).skip(r.batches) {
         if INTERRUPT.load(Ordering::SeqCst) {
-            if last.exists() {
-                eprintln!(
-                    "\ninterrupted before a new step: {} is the latest state",
-                    last.display()
-                );
-            } else {
-                eprintln!("\ninterrupted before the first step: nothing was trained");
-            }
+            eprintln!(
+                "\ninterrupted before a new step: {} is the latest state\ncontinue with:\n  {}",
+                last.display(),
+                resume_command()
+            );
             return Ok(None);
         }
         train_step(
@@ -97,7 +94,7 @@ pub(crate) fn run_epoch<B: StepRuntime>(
             let mut st = state.clone();
             st.step = adam.step;
             st.partial = Some(r.clone());
-            checkpoint::save(&last, &snapshot(tape, adam, model, st, history)?)?;
+            checkpoint::save(&last, &snapshot(tape, adam, model, st, history, saver.last_step())?)?;
             saver.saved(adam.step);
             if stop {
                 eprintln!(

@@ -56,6 +56,18 @@ pub struct TrainOptions {
     /// Launch every op of every step from the host, also where the backend can replay a captured
     /// step ([`StepRuntime::can_capture`]); the results are the same bit for bit.
     pub eager: bool,
+    /// The flags given on the command line. A resumed run takes the stored model and settings, and
+    /// refuses only the given flags that differ from them; None: every setting here is meant (and
+    /// checked against the stored run), as for a caller of the library.
+    pub given: Option<Vec<GivenFlag>>,
+}
+
+/// A flag given on the command line: its name (`--batch-size`), and the preset flag that set it, if
+/// a preset did (`--preset paper`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GivenFlag {
+    pub flag: String,
+    pub via: Option<String>,
 }
 
 impl TrainOptions {
@@ -113,14 +125,31 @@ impl EpochMetrics {
 /// Trains as `opts` says; returns the metrics of the epochs run in this call.
 pub fn train<B: StepRuntime>(backend: B, opts: &TrainOptions) -> Result<Vec<EpochMetrics>> {
     opts.validate()?;
-    // flags and data first, the run directory last: a bad flag is reported as such wherever it points
+    // a resumed run is the stored one: its settings come first; a fresh run's flags and data come
+    // before its directory, so a bad flag is reported as such wherever it points
+    let (resumed, stored_opts) = match opts.resume {
+        true => {
+            let (lock, ck, stored) = run_dir::open_resume(opts)?;
+            (Some((lock, ck)), Some(stored))
+        }
+        false => (None, None),
+    };
+    let opts = stored_opts.as_ref().unwrap_or(opts);
     let (train_set, val_set) = data::train_val(
         data::load(&opts.data_dir, Which::Train)?,
         opts.run.limit,
         opts.run.val_limit,
     )?;
-    let resumed = run_dir::open(opts)?;
+    let (_lock, resumed) = match resumed {
+        Some((lock, ck)) => (lock, Some(ck)),
+        None => (run_dir::open_fresh(opts)?, None),
+    };
+    let fresh = resumed.is_none();
     let mut run = Run::new(backend, opts, resumed, &train_set, &val_set)?;
+    if fresh {
+        // the run exists on disk from its first moment: a write that fails later leaves it resumable
+        run.save(opts, false)?;
+    }
     let mut history = vec![];
     while run.state.epoch < opts.epochs {
         if run.state.should_stop() {
@@ -138,6 +167,16 @@ pub fn train<B: StepRuntime>(backend: B, opts: &TrainOptions) -> Result<Vec<Epoc
         run.save(opts, improved)?;
         progress::epoch_done(&m, improved, run.graphs.captured());
         history.push(m);
+        if interrupted() {
+            // the interrupt came during validation, which ran to the epoch's end and was saved
+            eprintln!(
+                "interrupted: saved the end of epoch {} to {}\ncontinue with:\n  {}",
+                run.state.epoch,
+                opts.run_dir.join(LAST).display(),
+                run_dir::resume_command()
+            );
+            return Ok(history);
+        }
     }
     Ok(history)
 }
@@ -190,10 +229,11 @@ impl<'a, B: StepRuntime> Run<'a, B> {
             None => CapsNet::new(cfg.clone(), &mut tape, &init_params(&cfg, opts.run.seed))?,
         };
         let mut adam = Adam::new(&tape, opts.run.lr)?;
-        let (state, history) = match resumed {
+        let (mut state, history) = match resumed {
             None => (TrainState::start(opts.run.clone()), vec![]),
             Some(ck) => run_dir::resume(opts, ck, &tape, &mut adam)?,
         };
+        state.target_epochs = Some(opts.epochs);
         let resident = Resident::new(tape.backend(), &train, state.run.shift)?;
         if resident.is_some() {
             let shifted = if state.run.shift > 0 { " and shifted" } else { "" };
@@ -284,7 +324,14 @@ impl<'a, B: StepRuntime> Run<'a, B> {
 
     /// Saves the epoch's end: last.safetensors, best.safetensors when it `improved`, metrics.jsonl.
     fn save(&mut self, opts: &TrainOptions, improved: bool) -> Result<()> {
-        let ck = run_dir::snapshot(&self.tape, &self.adam, &self.model, self.state.clone(), &self.history)?;
+        let ck = run_dir::snapshot(
+            &self.tape,
+            &self.adam,
+            &self.model,
+            self.state.clone(),
+            &self.history,
+            self.saver.last_step(),
+        )?;
         run_dir::save_epoch(opts, &ck, improved)?;
         self.saver.saved(self.state.step);
         Ok(())

@@ -1,11 +1,13 @@
 //! The run directory: its files (last.safetensors, best.safetensors, metrics.jsonl), what a fresh run
 //! and a resumed one require of it, the leftovers of killed writes, and when a step checkpoint is due.
 
+use std::fs::File;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::TrainOptions;
 use super::evaluate::check_side;
+pub use crate::checkpoint::{BEST, LAST};
 use crate::checkpoint::{self, Checkpoint, TrainState};
 use crate::float::Float;
 use crate::model::CapsNet;
@@ -14,9 +16,9 @@ use crate::runtime::StepRuntime;
 use crate::tape::Tape;
 use crate::{Error, Result};
 
-pub const LAST: &str = "last.safetensors";
-pub const BEST: &str = "best.safetensors";
 pub const METRICS: &str = "metrics.jsonl";
+/// The lock file: held (flock) by the run writing into the directory, for its whole life.
+pub const LOCK: &str = ".lock";
 
 pub(crate) fn snapshot<B: StepRuntime>(
     tape: &Tape<B>,
@@ -24,6 +26,7 @@ pub(crate) fn snapshot<B: StepRuntime>(
     model: &CapsNet,
     state: TrainState,
     history: &[serde_json::Value],
+    last_saved: u64,
 ) -> Result<Checkpoint> {
     let be = tape.backend();
     let f32s = |buf: &B::Buf| -> Result<Vec<f32>> { Ok(be.download(buf)?.iter().map(|x| x.to_f64() as f32).collect()) };
@@ -37,7 +40,7 @@ pub(crate) fn snapshot<B: StepRuntime>(
     for (spec, p) in model.cfg.param_specs().iter().zip(&params) {
         if let Some(i) = p.iter().position(|x| !x.is_finite()) {
             return Err(Error::msg(format!(
-                "training diverged by step {}: {}[{i}] is {} (a non-finite gradient); the run's last checkpoint is the last good state",
+                "training diverged by step {}: {}[{i}] is {} (a non-finite gradient); the run's {LAST} (step {last_saved}) is the last good state: lower --lr, or resume it with --resume",
                 state.step, spec.name, p[i]
             )));
         }
@@ -58,19 +61,27 @@ pub(crate) fn upload_all<B: StepRuntime>(be: &B, host: &[Vec<f32>]) -> Result<Ve
         .collect()
 }
 
+/// Whether process `pid` is alive; None where that cannot be told (no /proc).
+fn process_alive(pid: u32) -> Option<bool> {
+    let proc = Path::new("/proc");
+    proc.join("self").exists().then(|| proc.join(pid.to_string()).exists())
+}
+
 /// Removes the temporary files of writes that a kill interrupted (`.last.safetensors.tmpPID`, written by
 /// [`crate::error::write_atomic`]): the file they were to replace is intact, so they are only waste.
+/// Only those whose writer is gone: a live process's are left alone (the caller holds the run's lock,
+/// so no other training writes here; where liveness cannot be told, nothing is removed).
 pub(crate) fn remove_leftover_temporaries(run_dir: &Path) {
     let Ok(entries) = std::fs::read_dir(run_dir) else {
         return;
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let ours = [LAST, BEST, METRICS].iter().any(|f| {
-            name.strip_prefix(&format!(".{f}.tmp"))
-                .is_some_and(|pid| pid.chars().all(|c| c.is_ascii_digit()))
-        });
-        if ours && std::fs::remove_file(e.path()).is_ok() {
+        let writer = [LAST, BEST, METRICS]
+            .iter()
+            .find_map(|f| name.strip_prefix(&format!(".{f}.tmp"))?.parse::<u32>().ok());
+        let gone = writer.is_some_and(|pid| pid != std::process::id() && process_alive(pid) == Some(false));
+        if gone && std::fs::remove_file(e.path()).is_ok() {
             eprintln!("removed {}, left by an interrupted write", e.path().display());
         }
     }
@@ -118,6 +129,10 @@ impl StepSaver {
         self.every.is_some_and(|d| self.last_time.elapsed() >= d)
             || self.steps.is_some_and(|n| step >= self.last_step + n)
     }
+    /// The step of the last write.
+    pub(crate) fn last_step(&self) -> u64 {
+        self.last_step
+    }
     pub(crate) fn saved(&mut self, step: u64) {
         self.last_time = Instant::now();
         self.last_step = step;
@@ -142,45 +157,151 @@ pub(crate) fn resume_command() -> String {
         .join(" ")
 }
 
-/// The run directory as `opts` needs it: empty of a run for a fresh one (nothing saved is ever
-/// overwritten), holding one to resume (its last checkpoint, loaded and checked against the flags);
-/// created, and cleared of the temporaries of killed writes. The resumed checkpoint, if any.
-pub(crate) fn open(opts: &TrainOptions) -> Result<Option<Checkpoint>> {
-    let last = opts.run_dir.join(LAST);
+/// The run directory's lock, held while the value lives (and released by the OS if the process dies).
+pub(crate) struct RunLock {
+    _file: File,
+}
+
+/// Takes the lock of `dir` (which exists), or says which process holds it.
+fn lock(dir: &Path) -> Result<RunLock> {
+    use std::io::Write;
+    let path = dir.join(LOCK);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::file(dir, format!("cannot write in the run directory: {}", crate::error::io_words(&e))))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            let who = if holder.is_empty() { "another process".to_string() } else { format!("process {holder}") };
+            return Err(Error::file(
+                dir,
+                format!("a training run ({who}) is using this run directory; wait for it to end, or choose another --checkpoint-dir"),
+            ));
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(Error::file(&path, format!("cannot lock the run directory: {}", crate::error::io_words(&e))));
+        }
+    }
+    // the holder's PID, for the message of a run that is refused
+    let _ = file.set_len(0);
+    let _ = writeln!(file, "{}", std::process::id());
+    Ok(RunLock { _file: file })
+}
+
+/// Bytes a checkpoint of `cfg` takes: its parameters and both Adam moments in f32, and a header.
+fn checkpoint_bytes(cfg: &crate::config::Config) -> u64 {
+    cfg.param_count() as u64 * 4 * 3 + (1 << 20)
+}
+
+/// Bytes free for an unprivileged writer on the file system of `dir`; None where it cannot be told.
+pub(crate) fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a writable statvfs
+    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// The run's files at their largest (best and last, and one of them again while it is replaced)
+/// must fit beside what the directory holds already; `free`: the bytes the disk has.
+pub(crate) fn check_space(dir: &Path, cfg: &crate::config::Config, free: Option<u64>) -> Result<()> {
+    let one = checkpoint_bytes(cfg);
+    let held: u64 = [LAST, BEST]
+        .iter()
+        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    let need = (3 * one).saturating_sub(held);
+    match free {
+        Some(free) if free < need => Err(Error::file(
+            dir,
+            format!(
+                "not enough free space for the run's checkpoints: they need {:.1} MB (last and best, {:.1} MB each, and one more while one is replaced) and the disk has {:.1} MB free",
+                need as f64 / 1e6,
+                one as f64 / 1e6,
+                free as f64 / 1e6
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The run directory for a fresh run: created, locked, empty of a run (nothing saved is ever
+/// overwritten), with room for the run's checkpoints, cleared of the temporaries of killed writes.
+pub(crate) fn open_fresh(opts: &TrainOptions) -> Result<RunLock> {
+    let dir = &opts.run_dir;
+    opts.config.validate()?;
+    check_side(&opts.config, opts.run.dataset, &dir.join(LAST))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::file(dir, format!("cannot create the run directory: {}", crate::error::io_words(&e))))?;
+    let held = lock(dir)?;
     let run_files: Vec<&str> = [LAST, BEST, METRICS]
         .into_iter()
-        .filter(|f| opts.run_dir.join(f).exists())
+        .filter(|f| dir.join(f).exists())
         .collect();
-    if !opts.resume && !run_files.is_empty() {
+    if !run_files.is_empty() {
         return Err(Error::file(
-            &opts.run_dir,
+            dir,
             format!(
                 "already holds a run ({}); pass --resume to continue it, or choose another --checkpoint-dir",
                 run_files.join(", ")
             ),
         ));
     }
-    if opts.resume && !last.exists() {
+    check_space(dir, &opts.config, free_bytes(dir))?;
+    remove_leftover_temporaries(dir);
+    Ok(held)
+}
+
+/// The run directory for `--resume`: locked, its last checkpoint loaded, the flags given checked
+/// against it; the options of the stored run (its model and settings, `opts`' way of running).
+pub(crate) fn open_resume(opts: &TrainOptions) -> Result<(RunLock, Checkpoint, TrainOptions)> {
+    let dir = &opts.run_dir;
+    let last = dir.join(LAST);
+    if !dir.is_dir() {
         return Err(Error::file(
-            &opts.run_dir,
-            "there is no run to resume here (no last.safetensors); leave out --resume to start one",
+            dir,
+            "there is no run to resume here (no such directory); leave out --resume to start one",
         ));
     }
-    let resumed = if opts.resume {
-        Some(checkpoint::load(&last)?)
-    } else {
-        None
-    };
-    if let Some(ck) = &resumed {
-        check_resume(ck, opts)?;
+    let held = lock(dir)?;
+    if !last.exists() {
+        let best = if dir.join(BEST).exists() {
+            format!(" ({BEST} is here: copy it to {LAST} to continue from it)")
+        } else {
+            String::new()
+        };
+        return Err(Error::file(
+            dir,
+            format!("there is no run to resume here (no {LAST}){best}; leave out --resume to start one"),
+        ));
     }
-    let cfg = resumed.as_ref().map_or(&opts.config, |c| &c.config);
-    cfg.validate()?;
-    check_side(cfg, opts.run.dataset, &last)?;
-    std::fs::create_dir_all(&opts.run_dir)
-        .map_err(|e| Error::file(&opts.run_dir, format!("cannot create run directory: {e}")))?;
-    remove_leftover_temporaries(&opts.run_dir);
-    Ok(resumed)
+    let ck = checkpoint::load(&last)?;
+    if !ck.has_optimizer() {
+        return Err(Error::file(
+            &last,
+            "holds weights only (written by capsnet export): a run resumes from a training checkpoint",
+        ));
+    }
+    check_resume(&ck, opts)?;
+    let mut resumed = opts.clone();
+    resumed.config = ck.config.clone();
+    resumed.run = ck.state.run.clone();
+    let epochs_given = opts.given.as_ref().is_none_or(|g| g.iter().any(|f| f.flag == "--epochs"));
+    if !epochs_given {
+        resumed.epochs = ck.state.target_epochs.unwrap_or(opts.epochs);
+    }
+    resumed.config.validate()?;
+    check_side(&resumed.config, resumed.run.dataset, &last)?;
+    check_space(dir, &resumed.config, free_bytes(dir))?;
+    remove_leftover_temporaries(dir);
+    Ok((held, ck, resumed))
 }
 
 /// Continues checkpoint `ck`: Adam's moments and step onto the backend; the state and the history,
@@ -224,24 +345,56 @@ pub(crate) fn save_epoch(opts: &TrainOptions, ck: &Checkpoint, improved: bool) -
     write_metrics(&opts.run_dir.join(METRICS), &ck.history)
 }
 
-/// A resumed run continues the stored one: flags that would change it must agree with it.
+/// A resumed run continues the stored one: the flags given that would change it must agree with it
+/// (with `opts.given` None, every setting of `opts` is meant and checked).
 fn check_resume(ck: &Checkpoint, opts: &TrainOptions) -> Result<()> {
-    let mut diffs = vec![];
-    if opts.config != ck.config {
-        diffs.push(format!(
-            "model config {} vs stored {}",
-            opts.config.to_json(),
-            ck.config.to_json()
-        ));
-    }
+    let mut diffs = opts.config.differences(&ck.config);
     diffs.extend(opts.run.differences(&ck.state.run));
-    if diffs.is_empty() {
+    let lines: Vec<String> = diffs
+        .iter()
+        .filter_map(|d| {
+            let via = match &opts.given {
+                None => String::new(),
+                Some(given) => match given.iter().find(|g| g.flag == d.flag) {
+                    None => return None,
+                    Some(g) => g.via.as_ref().map_or(String::new(), |v| format!(" (set by {v})")),
+                },
+            };
+            Some(format!("{} {}{via}, stored {}", d.flag, d.given, d.stored))
+        })
+        .collect();
+    if lines.is_empty() {
         Ok(())
     } else {
         Err(Error::msg(format!(
-            "--resume: {} was written with other settings; pass the same flags to continue it:\n  {}",
+            "--resume: {} continues the run it stores; leave out the flags that would change it (or start a new run in another --checkpoint-dir):\n  {}",
             opts.run_dir.join(LAST).display(),
-            diffs.join("\n  ")
+            lines.join("\n  ")
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disk_without_room_for_three_checkpoints_is_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("capsnet-space-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = crate::config::Config::default();
+        let one = checkpoint_bytes(&cfg);
+        let e = check_space(&dir, &cfg, Some(3 * one - 1)).unwrap_err().to_string();
+        assert!(e.starts_with(&dir.display().to_string()) && e.contains("not enough free space"), "{e}");
+        assert!(e.contains(&format!("{:.1} MB each", one as f64 / 1e6)), "{e}");
+        check_space(&dir, &cfg, Some(3 * one)).unwrap();
+        check_space(&dir, &cfg, None).unwrap();
+        // the checkpoints already there count: replacing them needs one more
+        std::fs::write(dir.join(LAST), vec![0u8; 1000]).unwrap();
+        check_space(&dir, &cfg, Some(3 * one - 1000)).unwrap();
+        assert!(check_space(&dir, &cfg, Some(3 * one - 1001)).is_err());
+        // the real file system answers
+        assert!(free_bytes(&dir).is_some_and(|b| b > 0));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
