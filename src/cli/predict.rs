@@ -20,16 +20,18 @@ pub fn run(a: PredictArgs) -> Result<()> {
             a.batch_size
         )));
     }
+    let images = expand_dirs(&a.images)?;
     let ck = capsnet::checkpoint::load(&a.checkpoint)?;
     if let Some(dir) = &a.save_input {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::file(dir, format!("--save-input: cannot create the directory: {e}")))?;
     }
-    let sel = select(a.device, &KernelArgs::default())?;
+    let sel = select(a.device, &a.kernels)?;
+    let how = if a.raw { predict::Preparation::Raw } else { predict::Preparation::Full };
     let results = with_backend!(sel, |be| {
         let mut tape = capsnet::tape::Tape::new(be);
         let model = capsnet::model::CapsNet::from_checkpoint(&mut tape, &ck)?;
-        predict::predict_files(&mut tape, &model, &a.images, a.threshold, a.batch_size)
+        predict::predict_files(&mut tape, &model, &images, a.threshold, a.batch_size, how)
     })?;
     let side = ck.config.image_side;
     let mut used = std::collections::HashSet::<String>::new();
@@ -66,16 +68,19 @@ pub fn run(a: PredictArgs) -> Result<()> {
                 capsnet::error::write_atomic(&path, &predict::gray_png(px, side)?)?;
             }
         }
+        let confident = p.confident;
         if a.json {
             println!(
                 "{}",
                 serde_json::json!({
                     "file": file.display().to_string(),
                     "digit": p.digit,
+                    "confident": confident,
                     "present": p.present,
                     "lengths": p.lengths,
                     "inverted": p.prepared.inverted,
                     "resized": !p.prepared.as_is,
+                    "separation": p.prepared.separation,
                 })
             );
         } else {
@@ -90,7 +95,17 @@ pub fn run(a: PredictArgs) -> Result<()> {
             } else {
                 format!(", also {}", also.join(", "))
             };
-            println!("{}: {} ({:.3}){also}", file.display(), p.digit, p.lengths[p.digit]);
+            let doubt = if confident {
+                String::new()
+            } else {
+                let why = if p.lengths[p.digit] <= a.threshold {
+                    format!("no capsule is longer than --threshold {}", a.threshold)
+                } else {
+                    format!("the ink hardly stands out (separation {:.2})", p.prepared.separation)
+                };
+                format!(" - not confident: {why}; this may not be a digit")
+            };
+            println!("{}: {} ({:.3}){also}{doubt}", file.display(), p.digit, p.lengths[p.digit]);
             let lengths: Vec<String> = p
                 .lengths
                 .iter()
@@ -102,9 +117,43 @@ pub fn run(a: PredictArgs) -> Result<()> {
     }
     if failed > 0 {
         return Err(Error::msg(format!(
-            "{failed} of {} images could not be predicted (each is named above)",
-            results.len()
+            "{failed} of {} image{} could not be predicted (each is named above)",
+            results.len(),
+            if results.len() == 1 { "" } else { "s" }
         )));
     }
     Ok(())
+}
+
+/// The image files named, with each directory replaced by its image files (by extension, sorted).
+fn expand_dirs(paths: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf>> {
+    const EXTENSIONS: [&str; 10] = ["png", "jpg", "jpeg", "gif", "bmp", "webp", "pnm", "pgm", "ppm", "pbm"];
+    let mut out = vec![];
+    for p in paths {
+        if !p.is_dir() {
+            out.push(p.clone());
+            continue;
+        }
+        let entries = std::fs::read_dir(p)
+            .map_err(|e| Error::file(p, format!("cannot list the directory: {}", capsnet::error::io_words(&e))))?;
+        let mut found: Vec<std::path::PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|f| {
+                f.is_file()
+                    && f.extension()
+                        .and_then(|x| x.to_str())
+                        .is_some_and(|x| EXTENSIONS.contains(&x.to_ascii_lowercase().as_str()))
+            })
+            .collect();
+        if found.is_empty() {
+            return Err(Error::file(
+                p,
+                "a directory without image files (PNG, JPEG, GIF, BMP, WebP or PNM by their extension)",
+            ));
+        }
+        found.sort();
+        out.extend(found);
+    }
+    Ok(out)
 }
