@@ -161,6 +161,47 @@ pub struct PeerRun<'a> {
     pub threads: usize,
 }
 
+/// What the PyTorch peer needs, checked before any benchmark runs: its script, and a python with
+/// torch (`python3`, or `CAPSNET_PYTHON`), as the script answers `--check`.
+pub fn check_peer(script: &std::path::Path) -> Result<()> {
+    use crate::Error;
+    if !script.is_file() {
+        return Err(Error::msg(format!(
+            "--peer {}: no such file (the default is relative to the repository's root: run there, or give the script's path, --peer PATH/benches/capsnet_torch_bench.py)",
+            script.display()
+        )));
+    }
+    let python = std::env::var("CAPSNET_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(&python)
+        .arg(script)
+        .arg("--check")
+        .output()
+        .map_err(|e| Error::msg(format!("--peer: cannot run {python}: {}", crate::error::io_words(&e))))?;
+    if !out.status.success() {
+        return Err(peer_failed(script, &python, &out));
+    }
+    Ok(())
+}
+
+/// Why the peer failed: no torch in words (not its traceback), else the status and the last lines
+/// of what it printed.
+fn peer_failed(script: &std::path::Path, python: &str, out: &std::process::Output) -> crate::Error {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("No module named 'torch'") {
+        return crate::Error::msg(format!(
+            "--peer {}: {python} has no torch (pip install torch)",
+            script.display()
+        ));
+    }
+    let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
+    crate::Error::msg(format!(
+        "--peer {}: {python} exited with {}: {}",
+        script.display(),
+        out.status,
+        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    ))
+}
+
 /// Runs the PyTorch peer `script` with `python3` (or `CAPSNET_PYTHON`): the notebook's model as `run`
 /// describes it, with `run.threads` CPU threads; reads the JSON object its last line prints. Every way
 /// this can fail (no python, no torch, a script that fails or prints something else) is an error that
@@ -190,20 +231,8 @@ pub fn torch_peer(script: &std::path::Path, run: &PeerRun<'_>) -> Result<PeerRep
         .env("MKL_NUM_THREADS", n(threads))
         .output()
         .map_err(|e| Error::msg(format!("--peer: cannot run {python}: {e}")))?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        let hint = if stderr.contains("No module named 'torch'") {
-            " (torch is not installed: pip install torch)"
-        } else {
-            ""
-        };
-        let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
-        return Err(Error::msg(format!(
-            "--peer {}: {python} exited with {}{hint}: {}",
-            script.display(),
-            out.status,
-            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-        )));
+        return Err(peer_failed(script, &python, &out));
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
@@ -522,7 +551,7 @@ fn version_bench_inner(
     use crate::backend::cpu::CpuBackend;
     use crate::cuda::registry::{KernelSet, OPS};
     use crate::float::sum_error_bound;
-    let ev = |e: cudarc::driver::DriverError| crate::Error::msg(format!("CUDA event: {e:?}"));
+    let ev = |e: cudarc::driver::DriverError| crate::Error::msg(format!("CUDA event: {}", crate::cuda::describe(&e)));
     let mut out = vec![];
     for op in OPS {
         // the reference once per precision: the op's outputs, and on absolute values the scale

@@ -344,7 +344,20 @@ fn unreadable(bytes: &[u8], detail: &str) -> String {
 
 pub fn load(path: &Path) -> Result<Checkpoint> {
     let bad = |what: String| Error::file(path, format!("not a valid capsnet checkpoint: {what}"));
-    let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read checkpoint: {e}")))?;
+    if path.is_dir() {
+        let inside: Vec<String> = [BEST, LAST]
+            .iter()
+            .filter(|f| path.join(f).is_file())
+            .map(|f| path.join(f).display().to_string())
+            .collect();
+        let hint = match inside.first() {
+            Some(f) => format!(", such as {f}"),
+            None => String::new(),
+        };
+        return Err(Error::file(path, format!("is a directory; name a checkpoint file in it{hint}")));
+    }
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::file(path, format!("cannot read checkpoint: {}", crate::error::io_words(&e))))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::file(path, unreadable(&bytes, &e.to_string())))?;
     let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("{e}")))?;
     let meta = header.metadata().clone().unwrap_or_default();

@@ -28,8 +28,9 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> capsnet::Result<()> {
     }
 }
 
-/// `capsnet eval | head` closes stdout early: println! then panics on the broken pipe. End quietly
-/// instead, with the status a shell gives a command killed by SIGPIPE (128 + 13), as Unix tools do.
+/// `capsnet eval | head` closes stdout early (`train 2>&1 | head`, stderr): println! then panics on
+/// the broken pipe. End quietly instead, with the status a shell gives a command killed by SIGPIPE
+/// (128 + 13), as Unix tools do. A training run's checkpoints on disk are whole (written atomically).
 fn quiet_broken_pipe() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -39,15 +40,42 @@ fn quiet_broken_pipe() {
             .map(String::as_str)
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("");
-        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+        // stdout (`capsnet eval | head`) or stderr (`capsnet train 2>&1 | head`): what was saved stays
+        if (msg.contains("failed printing to stdout") || msg.contains("failed printing to stderr"))
+            && msg.contains("Broken pipe")
+        {
             std::process::exit(141);
         }
         default(info);
     }));
 }
 
+/// A message without Rust's "(os error N)" after each I/O error: the words say it.
+fn without_os_error_numbers(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(i) = rest.find(" (os error ") {
+        let tail = &rest[i + " (os error ".len()..];
+        let digits = tail.chars().take_while(char::is_ascii_digit).count();
+        out.push_str(&rest[..i]);
+        if digits > 0 && tail[digits..].starts_with(')') {
+            rest = &tail[digits + 1..];
+        } else {
+            out.push_str(" (os error ");
+            rest = tail;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 fn main() -> ExitCode {
     quiet_broken_pipe();
+    // an empty CAPSNET_DATA is no setting, as shells treat empty variables
+    if std::env::var_os("CAPSNET_DATA").is_some_and(|v| v.is_empty()) {
+        // SAFETY: the only thread there is yet
+        unsafe { std::env::remove_var("CAPSNET_DATA") };
+    }
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match run(cli, &matches) {
@@ -55,7 +83,7 @@ fn main() -> ExitCode {
         Ok(()) if train::interrupted() => ExitCode::from(130),
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", without_os_error_numbers(&e.to_string()));
             ExitCode::FAILURE
         }
     }

@@ -582,6 +582,7 @@ fn bench_runs_a_peer_beside_it_and_says_why_one_fails() {
     let good = script(
         "peer.py",
         "import sys, json\n\
+         if sys.argv[1:] == ['--check']: sys.exit(0)\n\
          want = ['--device', 'cpu', '--batch-size', '2', '--steps', '1', '--warmup', '0', '--routing-iters', '3']\n\
          if sys.argv[1:11] != want: sys.exit('unexpected arguments: %s' % sys.argv[1:])\n\
          print('timed 1 steps')\n\
@@ -637,7 +638,9 @@ fn bench_runs_a_peer_beside_it_and_says_why_one_fails() {
         ),
         &[],
     );
-    assert_clean_error(&o, &["pip install torch"]);
+    assert_clean_error(&o, &["has no torch (pip install torch)"]);
+    // found before the benchmark runs, and said in words, not a traceback
+    assert!(!stdout(&o).contains("batch 2:") && !stderr(&o).contains("Traceback"), "{}", stderr(&o));
     let o = run(&script("chatty.py", "print('hello')\n"), &[]);
     assert_clean_error(&o, &["not the peer's JSON report", "hello"]);
     let o = run(&good, &["--conv1-channels", "16"]);
@@ -1293,4 +1296,204 @@ fn other_drivers_and_gpus_are_named_and_kernels_are_compiled_once() {
         "{third}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The surprises a new user met, each now a clear answer: ranges, flags that do nothing where they
+/// are given, devices by number, messages in words.
+#[test]
+fn flags_that_do_nothing_or_are_out_of_range_are_refused_in_words() {
+    let data = mnist_dir();
+    let run = temp_dir("cli_surprises");
+    let ck = run.join("last.safetensors");
+    let o = capsnet(&train_tiny(&data, &run, &["--epochs", "1"]), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // the one line on stdout: the checkpoint to use
+    assert!(
+        stdout(&o).starts_with(&format!("best checkpoint: {} (epoch 1, validation accuracy", run.join("best.safetensors").display())),
+        "{}",
+        stdout(&o)
+    );
+    let eval = |extra: &[&str]| {
+        let mut a = vec!["eval", "--checkpoint", s(&ck), "--data", s(&data), "--device", "cpu"];
+        a.extend(extra);
+        capsnet(&a, &[])
+    };
+    assert_clean_error(&eval(&["--batch-size", "100000"]), &["--batch-size must be between 1 and 4096, got 100000"]);
+    let o = eval(&["--limit", "0"]);
+    assert_clean_error(&o, &["--limit must be at least 1"]);
+    assert!(!stderr(&o).contains("--batch-size"), "{}", stderr(&o));
+    assert_clean_error(&eval(&["--count", "5"]), &["--count is a figure's setting", "--figures DIR"]);
+    // eval --json: one object
+    let o = eval(&["--limit", "20", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["images"], 20);
+    assert_eq!(v["confusion"].as_array().unwrap().len(), 10);
+    assert!((0.0..=1.0).contains(&v["accuracy"].as_f64().unwrap()));
+    // a directory given as a checkpoint names the file to give
+    assert_clean_error(
+        &capsnet(&["eval", "--checkpoint", s(&run), "--data", s(&data)], &[]),
+        &["is a directory", "such as", "best.safetensors"],
+    );
+    // --eager does nothing on the CPU; --arch only with --kernels, and only where the kernels run
+    assert_clean_error(&capsnet(&train_tiny(&data, &run, &["--eager"]), &[]), &["--eager", "CPU"]);
+    assert_clean_error(&capsnet(&["info", "--arch", "sm_80"], &[]), &["--arch sm_80", "add --kernels"]);
+    let o = capsnet(&["info", "--kernels", "--arch", "sm_75"], &[]);
+    assert_clean_error(&o, &["--arch sm_75", "sm_80 (Ampere) or newer"]);
+    assert!(stderr(&o).lines().count() <= 2, "one line, not ptxas's log:\n{}", stderr(&o));
+    // devices by number; a wrong one in words, not clap's suggestion of 'cpu'
+    for (value, needle) in [("gpu:x", "cuda:N"), ("tpu", "is not a device"), ("cuda:-1", "cuda:N")] {
+        let o = capsnet(&["train", "--device", value], &[]);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains(needle) && !stderr(&o).contains("panicked"), "{value}: {}", stderr(&o));
+    }
+    // counts in words; a negative threshold is a value, refused by range
+    let o = capsnet(&["train", "--shift=-1"], &[]);
+    assert!(stderr(&o).contains("'-1' is negative") && !stderr(&o).contains("invalid digit"), "{}", stderr(&o));
+    assert_clean_error(
+        &capsnet(&["predict", "--checkpoint", s(&ck), "--threshold", "-1", "x.png"], &[]),
+        &["--threshold must be between 0 and 1", "got -1"],
+    );
+    // an empty CAPSNET_DATA is no setting: the default directory is looked for and named
+    let o = capsnet(&["eval", "--checkpoint", s(&ck), "--device", "cpu"], &[("CAPSNET_DATA", "")]);
+    assert_clean_error(&o, &["data/mnist"]);
+    assert!(!stderr(&o).contains("a value is required"), "{}", stderr(&o));
+    // no raw OS error numbers
+    let o = capsnet(&["eval", "--checkpoint", "/nonexistent/x.safetensors", "--data", s(&data)], &[]);
+    assert_clean_error(&o, &["No such file or directory"]);
+    assert!(!stderr(&o).contains("os error"), "{}", stderr(&o));
+    // one step, not "1 steps"
+    let o = capsnet(&["bench", "--device", "cpu", "--conv1-channels", "4", "--primary-maps", "2", "--batch-size", "2", "--steps", "1", "--warmup", "0"], &[]);
+    assert!(stdout(&o).contains("over 1 step,"), "{}", stdout(&o));
+}
+
+/// `capsnet train 2>&1 | head -3`: the reader goes away; the run ends quietly (SIGPIPE's status), and
+/// a Ctrl-C during validation ends the epoch, saves it and says how to continue.
+#[test]
+fn a_closed_stderr_and_an_interrupt_during_validation_end_cleanly() {
+    use std::io::BufRead;
+    let data = mnist_dir();
+    let run = temp_dir("cli_closed_stderr");
+    let mut c = capsnet_command(&train_tiny(&data, &run, &["--epochs", "2"]));
+    c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    err.read_line(&mut first).unwrap();
+    drop(err); // the reader goes away after a line
+    let o = child.wait_with_output().unwrap();
+    assert!(matches!(o.status.code(), Some(141) | Some(0)), "{:?}", o.status);
+    // (a panic would be status 101); whatever it had written is whole
+    if run.join("last.safetensors").exists() {
+        checkpoint::load(&run.join("last.safetensors")).unwrap();
+    }
+
+    // a long validation: interrupted while it runs
+    let run = temp_dir("cli_interrupt_validation");
+    let mut args = train_tiny(&data, &run, &["--epochs", "2"]);
+    let at = args.iter().position(|a| *a == "100").unwrap(); // --val-limit
+    args[at] = "5000";
+    let mut c = capsnet_command(&args);
+    c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).unwrap() > 0, "the run ended before validating:\n{seen}");
+        seen.push_str(&line);
+        if line.contains("validation [") {
+            break;
+        }
+    }
+    let sent = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(sent.success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{seen}{rest}");
+    assert!(rest.contains("interrupted: saved the end of epoch 1") && rest.contains("continue with:"), "{rest}");
+    assert_eq!(last_checkpoint(&run).state.epoch, 1);
+}
+
+/// docs/CLI.md's synopsis of each command lists exactly the flags its `--help` has, and every flag
+/// the README shows exists: the documentation and the binary cannot drift apart.
+#[test]
+fn the_docs_and_help_agree_on_every_flag() {
+    use std::collections::BTreeSet;
+    let flags_in = |text: &str| -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        let b = text.as_bytes();
+        let mut i = 0;
+        while let Some(k) = text[i..].find("--") {
+            let start = i + k;
+            let before = if start == 0 { b' ' } else { b[start - 1] };
+            let end = start + 2 + text[start + 2..].find(|c: char| !(c.is_ascii_alphanumeric() || c == '-')).unwrap_or(text.len() - start - 2);
+            let name = &text[start..end];
+            if name.len() > 3 && !before.is_ascii_alphanumeric() && before != b'-' {
+                out.insert(name.to_string());
+            }
+            i = end.max(start + 2);
+        }
+        out
+    };
+    let help = |cmd: &str| -> BTreeSet<String> {
+        let o = capsnet(&[cmd, "--help"], &[]);
+        assert!(o.status.success(), "{cmd} --help: {}", stderr(&o));
+        let flags: BTreeSet<String> = stdout(&o)
+            .lines()
+            .filter_map(|l| {
+                let t = l.trim_start();
+                let t = t.strip_prefix("-h, ").unwrap_or(t);
+                t.starts_with("--").then(|| t.split([' ', '=', '[', '<']).next().unwrap().to_string())
+            })
+            .filter(|f| f != "--help")
+            .collect();
+        flags
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let docs = std::fs::read_to_string(root.join("docs/CLI.md")).unwrap();
+    let o = capsnet(&["--help"], &[]);
+    let commands: Vec<String> = stdout(&o)
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .filter(|c| c != "help")
+        .collect();
+    assert!(commands.len() >= 9, "{commands:?}");
+    let mut every = std::collections::BTreeMap::new();
+    for cmd in &commands {
+        let head = format!("    capsnet {cmd} ");
+        let lines: Vec<&str> = docs.lines().collect();
+        let start = lines
+            .iter()
+            .position(|l| l.starts_with(&head) || *l == head.trim_end())
+            .unwrap_or_else(|| panic!("docs/CLI.md has no synopsis of `capsnet {cmd}`"));
+        let block: String = std::iter::once(lines[start])
+            .chain(lines[start + 1..].iter().copied().take_while(|l| l.starts_with("          ")))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let documented = flags_in(&block);
+        let actual = help(cmd);
+        assert_eq!(documented, actual, "`capsnet {cmd}`: docs/CLI.md's synopsis (left) and --help (right)");
+        every.insert(cmd.clone(), actual);
+    }
+    // the README's commands use flags that exist
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let mut checked = 0;
+    for line in readme.lines() {
+        let Some(cmd) = commands.iter().find(|c| line.contains(&format!("-- {c} ")) || line.contains(&format!("capsnet {c} "))) else {
+            continue;
+        };
+        let code = line.split('#').next().unwrap();
+        // the flags after the command's name (before it: cargo's)
+        let at = code.find(&format!(" {cmd} ")).unwrap();
+        for f in flags_in(&code[at..]) {
+            assert!(every[cmd].contains(&f), "README: `{f}` is not a flag of `capsnet {cmd}`: {line}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 8, "only {checked} flags found in the README's commands");
 }

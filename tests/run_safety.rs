@@ -155,10 +155,10 @@ fn a_full_disk_mid_run_leaves_a_run_that_resume_continues() {
     let whole = temp_dir("safety_disk_whole");
     let o = capsnet(&train_args(&data, &whole, &["--epochs", "2"]), &[]);
     assert!(o.status.success(), "{}", stderr(&o));
-    // a fresh run writes last + metrics at step 0, then best, last, metrics at each epoch's end:
-    // the disk fills at each of them in turn (epoch 2 writes best only if it improved: its first or
-    // second write is the 6th or 7th)
-    for writes in ["1", "2", "3", "4", "5", "6"] {
+    // a fresh run writes last + metrics at step 0, then steps.jsonl, then best, last, metrics at
+    // each epoch's end: the disk fills at each of them in turn (epoch 2 writes best only if it
+    // improved: its first or second write is the 7th or 8th)
+    for writes in ["1", "2", "3", "4", "5", "6", "7"] {
         let run = temp_dir(&format!("safety_disk_{writes}"));
         let o = capsnet(&train_args(&data, &run, &["--epochs", "2"]), &[("CAPSNET_FAULT_WRITES", writes)]);
         assert_clean_error(&o, &["cannot write: No space left on device"]);
@@ -185,6 +185,13 @@ fn a_full_disk_mid_run_leaves_a_run_that_resume_continues() {
             std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count(),
             2
         );
+        // steps.jsonl: every step once, in order, as an uninterrupted run has them
+        let steps: Vec<u64> = std::fs::read_to_string(run.join("steps.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, (1..=8).collect::<Vec<u64>>(), "after {writes} writes");
     }
     // a failed first write leaves no run: the next fresh run may start
     let run = temp_dir("safety_disk_0");
@@ -213,9 +220,9 @@ fn resume_takes_the_stored_settings_and_the_target_epochs() {
     let paper = ["--preset", "paper", "--routing", "1", "--lr", "0.002", "--seed", "9"];
     let mut first = train_args(&data, &run, &["--epochs", "2", "--checkpoint-steps", "2"]);
     first.extend(paper);
-    // 4 steps an epoch; the disk fills in epoch 2, after step 0 (2 writes), epoch 1's two step
-    // checkpoints and its end (3), and epoch 2's first step checkpoint
-    let o = capsnet(&first, &[("CAPSNET_FAULT_WRITES", "8")]);
+    // 4 steps an epoch; the disk fills in epoch 2, after step 0 (3 writes with steps.jsonl), epoch
+    // 1's two step checkpoints and its end (3), and epoch 2's first step checkpoint
+    let o = capsnet(&first, &[("CAPSNET_FAULT_WRITES", "9")]);
     assert_clean_error(&o, &["No space left on device"]);
     let stopped = checkpoint::load(&run.join("last.safetensors")).unwrap();
     assert!(

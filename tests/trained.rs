@@ -582,7 +582,7 @@ fn tweak_rows_change_along_the_row_and_pass_through_the_plain_reconstruction() {
     assert_eq!(
         sheet.img.dimensions(),
         (
-            TWEAK_LEFT + digits as u32 * (group + 3 * PAD),
+            TWEAK_LEFT + digits as u32 * (group + 8 * PAD),
             LABEL + dims as u32 * side as u32 + PAD
         )
     );
@@ -625,8 +625,31 @@ fn figures_and_eval_figures_write_every_png_and_refuse_bad_flags() {
     let group = TWEAK_STEPS as u32 * cell;
     assert_eq!(
         dims("tweaks.png"),
-        (TWEAK_LEFT + 2 * (group + 3 * PAD), LABEL + 16 * cell + PAD)
+        (TWEAK_LEFT + 2 * (group + 8 * PAD), LABEL + 16 * cell + PAD)
     );
+    // every label whole: nothing drawn on the top rows of a sheet or of a band of labels
+    let blank_rows = |name: &str, rows: std::ops::Range<u32>| {
+        let img = image::open(out.join(name)).unwrap().to_luma8();
+        for y in rows {
+            let dark = (0..img.width()).filter(|&x| img.get_pixel(x, y).0[0] < 200).count();
+            assert_eq!(dark, 0, "{name}: row {y} has {dark} drawn pixels (a label cut at the top)");
+        }
+        img
+    };
+    blank_rows("reconstructions.png", 0..2);
+    blank_rows("errors.png", 0..2);
+    let tweaks = blank_rows("tweaks.png", 0..2);
+    // the first panel's "+0.25" and the second's "-0.25" stay apart: 16 clear columns between them
+    let inked = |x: u32| (2..LABEL).any(|y| tweaks.get_pixel(x, y).0[0] < 200);
+    let end_of_first = TWEAK_LEFT + group;
+    let clear = (end_of_first - 20..end_of_first + 8 * PAD + 20)
+        .map(inked)
+        .collect::<Vec<bool>>()
+        .split(|&ink| ink)
+        .map(<[bool]>::len)
+        .max()
+        .unwrap();
+    assert!(clear >= 16, "only {clear} clear columns between the panels' headings");
     assert_eq!(dims("curves.png"), (1000, 400));
     assert_eq!(dims("confusion.png"), (64 + 10 * 44 + 8, 40 + 10 * 44 + 8));
     // about 7% of 300 are wrong: at least a row of 10

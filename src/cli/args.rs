@@ -22,7 +22,8 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Cmd {
-    /// Train on MNIST (the last 5,000 training images validate), checkpointing every epoch.
+    /// Train on MNIST or MultiMNIST (the last 5,000 training images validate), checkpointing every
+    /// epoch; --resume continues a run with its stored settings.
     // `--lr -0.001` is a value (which train refuses), not an unknown flag `-0`
     #[command(allow_negative_numbers = true)]
     Train(TrainArgs),
@@ -52,17 +53,55 @@ pub enum Cmd {
     Info(InfoArgs),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+/// A whole number of 0 or more, for every count flag: "'-1' is not a whole number ≥ 0" rather than
+/// Rust's "invalid digit found in string".
+pub fn whole<T: std::str::FromStr>(s: &str) -> std::result::Result<T, String> {
+    s.trim().parse::<T>().map_err(|_| {
+        let what = if s.trim().starts_with('-') { "negative" } else { "not a whole number" };
+        format!("'{s}' is {what}: give a whole number of 0 or more")
+    })
+}
+
+/// Where a command runs: `--device auto|cpu|cpu-reference|cuda|cuda:N|emulated` (`gpu` is `cuda`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
     /// The fast CPU backend: f32, SIMD GEMMs, every core.
     Cpu,
     /// The CPU reference: f32 storage, every sum in f64 (the spec the others are tested against; slow).
     CpuReference,
-    Cuda,
+    /// GPU N (0 for plain `cuda`).
+    Cuda(usize),
+    /// GPU 0 when there is one that can run the kernels, else the CPU (saying why).
     Auto,
     /// The CUDA backend on the emulated device: every kernel runs on the CPU, one fiber per CUDA
     /// thread (slow; for checking kernels without a GPU). Needs g++ and NVRTC.
     Emulated,
+}
+
+/// The help text of every --device flag.
+pub const DEVICE_HELP: &str = "Where to run: auto (GPU 0 when it can run the kernels, else the CPU), cpu (SIMD, every core), cpu-reference (f64 sums; slow), cuda or cuda:N (GPU N; also gpu, gpu:N), emulated (the CUDA backend on an emulated device; needs g++ and NVRTC)";
+
+/// Parses --device's value.
+pub fn parse_device(s: &str) -> std::result::Result<Device, String> {
+    let gpu = |rest: &str| -> std::result::Result<Device, String> {
+        match rest {
+            "" => Ok(Device::Cuda(0)),
+            n => n
+                .strip_prefix(':')
+                .and_then(|n| n.parse::<usize>().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("'{s}': a GPU is cuda or cuda:N, N its number from 0 (capsnet info lists GPU 0)")),
+        }
+    };
+    match s {
+        "auto" => Ok(Device::Auto),
+        "cpu" => Ok(Device::Cpu),
+        "cpu-reference" => Ok(Device::CpuReference),
+        "emulated" => Ok(Device::Emulated),
+        _ if s.starts_with("cuda") => gpu(&s[4..]),
+        _ if s.starts_with("gpu") => gpu(&s[3..]),
+        _ => Err(format!("'{s}' is not a device: auto, cpu, cpu-reference, cuda, cuda:N or emulated")),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -162,13 +201,14 @@ pub struct MultiMnistArgs {
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Examples to write: every digit's first pairing, then every digit's second, and so on.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, value_parser = whole::<usize>, default_value_t = 100)]
     pub count: usize,
+    /// Which MNIST digits the pairs are made of.
     #[arg(long, value_enum, default_value_t = SplitArg::Test)]
     pub split: SplitArg,
     /// The generator's seed [default: 2017 for the test split, as eval uses; 42, train's default, for
     /// the others].
-    #[arg(long)]
+    #[arg(long, value_parser = whole::<u64>)]
     pub seed: Option<u64>,
     #[command(flatten)]
     pub data: DataArg,
@@ -183,9 +223,10 @@ pub struct InfoArgs {
     /// shared memory and theoretical occupancy, from ptxas's own report through NVRTC.
     #[arg(long)]
     pub kernels: bool,
-    /// The architecture of --kernels (occupancy is computed for sm_80 and sm_90).
-    #[arg(long, default_value = "sm_90")]
-    pub arch: String,
+    /// The architecture of --kernels, sm_80 or newer (occupancy is computed for sm_80 and sm_90)
+    /// [default: sm_90].
+    #[arg(long)]
+    pub arch: Option<String>,
 }
 
 #[derive(Args)]
@@ -198,13 +239,13 @@ pub struct DataArg {
 #[derive(Args)]
 pub struct ModelArgs {
     /// Routing-by-agreement rounds (the notebook: 2, the paper: 3) [default: 2, or the preset's].
-    #[arg(long)]
+    #[arg(long, value_parser = whole::<usize>)]
     pub routing: Option<usize>,
     /// conv1 filters.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, value_parser = whole::<usize>, default_value_t = 256)]
     pub conv1_channels: usize,
     /// Primary capsule types (each an 8-D capsule per 6x6 position).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, value_parser = whole::<usize>, default_value_t = 32)]
     pub primary_maps: usize,
     /// Standard deviation of the N(0, σ) initialisation of W.
     #[arg(long, default_value_t = 0.01)]
@@ -264,28 +305,29 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = PresetArg::Notebook, verbatim_doc_comment)]
     pub preset: PresetArg,
     /// Epochs to reach in total (a resumed run continues up to this count).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, value_parser = whole::<usize>, default_value_t = 10)]
     pub epochs: usize,
     /// Images per step [default: the preset's].
-    #[arg(long)]
+    #[arg(long, value_parser = whole::<usize>)]
     pub batch_size: Option<usize>,
     /// Shift each training image by a random whole number of pixels, up to this many in each
     /// direction (zero padding), drawn per image per epoch from the seed [default: the preset's].
-    #[arg(long)]
+    #[arg(long, value_parser = whole::<usize>)]
     pub shift: Option<usize>,
     /// Multiply the learning rate by this every --lr-decay-steps steps, continuously (1: constant)
     /// [default: the preset's].
     #[arg(long)]
     pub lr_decay: Option<f64>,
     /// The interval of --lr-decay, in steps [default: 2000].
-    #[arg(long)]
+    #[arg(long, value_parser = whole::<u64>)]
     pub lr_decay_steps: Option<u64>,
     /// Adam learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
-    #[arg(long, default_value_t = 42)]
+    /// The seed of the initial weights, the shuffles and the shifts: the same seed, the same run.
+    #[arg(long, value_parser = whole::<u64>, default_value_t = 42)]
     pub seed: u64,
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    #[arg(long, default_value = "auto", value_parser = parse_device, help = DEVICE_HELP)]
     pub device: Device,
     #[command(flatten)]
     pub kernels: KernelArgs,
@@ -300,13 +342,13 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: bool,
     /// Stop after this many epochs without a lower validation loss (0: never).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_parser = whole::<usize>, default_value_t = 0)]
     pub patience: usize,
     /// Train on the first N training images only.
-    #[arg(long)]
+    #[arg(long, value_parser = whole::<usize>)]
     pub limit: Option<usize>,
     /// Validate on the first N validation images only.
-    #[arg(long)]
+    #[arg(long, value_parser = whole::<usize>)]
     pub val_limit: Option<usize>,
     /// Download MNIST into --data first if files are missing.
     #[arg(long)]
@@ -316,7 +358,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 2.0)]
     pub checkpoint_minutes: f64,
     /// Also write last.safetensors every N steps.
-    #[arg(long)]
+    #[arg(long, value_parser = whole::<u64>)]
     pub checkpoint_steps: Option<u64>,
 }
 
@@ -329,11 +371,12 @@ pub struct TestSetArgs {
     #[command(flatten)]
     pub data: DataArg,
     /// Evaluate the first N test images only (MultiMNIST: pairs built on the first N test digits).
-    #[arg(long)]
+    #[arg(long, value_parser = whole::<usize>)]
     pub limit: Option<usize>,
-    #[arg(long, default_value_t = 100)]
+    /// Images per forward pass (1 to 4096).
+    #[arg(long, value_parser = whole::<usize>, default_value_t = 100)]
     pub batch_size: usize,
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    #[arg(long, default_value = "auto", value_parser = parse_device, help = DEVICE_HELP)]
     pub device: Device,
     #[command(flatten)]
     pub kernels: KernelArgs,
@@ -341,7 +384,7 @@ pub struct TestSetArgs {
     #[arg(long, value_enum)]
     pub dataset: Option<DatasetArg>,
     /// MultiMNIST: test examples per test digit (the paper's 1,000 make 10M).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_parser = whole::<usize>, default_value_t = 1)]
     pub pairs_per_digit: usize,
 }
 
@@ -349,6 +392,9 @@ pub struct TestSetArgs {
 pub struct EvalArgs {
     #[command(flatten)]
     pub test: TestSetArgs,
+    /// The report as one JSON object on stdout (accuracy, losses, confusion matrix, files written).
+    #[arg(long)]
+    pub json: bool,
     /// Also write the figures (as `capsnet figures`) into this directory.
     #[arg(long, value_name = "DIR")]
     pub figures: Option<PathBuf>,
@@ -358,28 +404,42 @@ pub struct EvalArgs {
 
 #[derive(Args)]
 pub struct FigureArgs {
-    /// Test digits shown over their reconstructions.
-    #[arg(long, default_value_t = 10)]
-    pub count: usize,
-    /// Digits per capsule dimension in tweaks.png (each dimension shifted from -0.25 to +0.25 in 11 steps).
-    #[arg(long, default_value_t = 3)]
-    pub tweak_digits: usize,
-    /// Screen pixels per image pixel.
-    #[arg(long, default_value_t = 2)]
-    pub scale: u32,
-    /// Misclassified test digits shown in errors.png at most.
-    #[arg(long, default_value_t = 50)]
-    pub max_errors: usize,
+    /// Test digits shown over their reconstructions [default: 10].
+    #[arg(long, value_parser = whole::<usize>)]
+    pub count: Option<usize>,
+    /// Digits per capsule dimension in tweaks.png (each dimension shifted from -0.25 to +0.25 in 11
+    /// steps) [default: 3].
+    #[arg(long, value_parser = whole::<usize>)]
+    pub tweak_digits: Option<usize>,
+    /// Screen pixels per image pixel [default: 2].
+    #[arg(long, value_parser = whole::<u32>)]
+    pub scale: Option<u32>,
+    /// Misclassified test digits shown in errors.png at most [default: 50].
+    #[arg(long, value_parser = whole::<usize>)]
+    pub max_errors: Option<usize>,
 }
 
 impl FigureArgs {
     pub fn options(&self) -> capsnet::figures::FigureOptions {
         capsnet::figures::FigureOptions {
-            count: self.count,
-            tweak_digits: self.tweak_digits,
-            scale: self.scale,
-            max_errors: self.max_errors,
+            count: self.count.unwrap_or(10),
+            tweak_digits: self.tweak_digits.unwrap_or(3),
+            scale: self.scale.unwrap_or(2),
+            max_errors: self.max_errors.unwrap_or(50),
         }
+    }
+
+    /// The flags given, for a command that draws no figures.
+    pub fn given(&self) -> Vec<&'static str> {
+        [
+            (self.count.is_some(), "--count"),
+            (self.tweak_digits.is_some(), "--tweak-digits"),
+            (self.scale.is_some(), "--scale"),
+            (self.max_errors.is_some(), "--max-errors"),
+        ]
+        .into_iter()
+        .filter_map(|(g, f)| g.then_some(f))
+        .collect()
     }
 }
 
@@ -421,9 +481,9 @@ pub struct PredictArgs {
     #[arg(long, value_name = "DIR")]
     pub save_input: Option<PathBuf>,
     /// Images per forward pass (1 to 4096).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, value_parser = whole::<usize>, default_value_t = 100)]
     pub batch_size: usize,
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    #[arg(long, default_value = "auto", value_parser = parse_device, help = DEVICE_HELP)]
     pub device: Device,
     #[command(flatten)]
     pub kernels: KernelArgs,
@@ -455,16 +515,17 @@ pub struct ExportArgs {
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    #[arg(long, default_value_t = 50)]
+    /// Images per step (1 to 4096).
+    #[arg(long, value_parser = whole::<usize>, default_value_t = 50)]
     pub batch_size: usize,
     /// Timed steps (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, value_parser = whole::<usize>, default_value_t = 5)]
     pub steps: usize,
     /// Untimed steps first (at least 2 where steps are replayed as a CUDA graph: the first runs
     /// eagerly, the second captures the graph).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_parser = whole::<usize>, default_value_t = 1)]
     pub warmup: usize,
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    #[arg(long, default_value = "auto", value_parser = parse_device, help = DEVICE_HELP)]
     pub device: Device,
     #[command(flatten)]
     pub kernels: KernelArgs,

@@ -98,7 +98,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return Err(Error::msg("bench: --steps must be at least 1"));
     }
     a.model.config().validate()?;
+    if let Some(script) = &a.peer {
+        if a.ops {
+            return Err(Error::msg("--peer compares whole steps: leave out --ops"));
+        }
+        capsnet::bench::check_peer(script)?;
+    }
     let sel = select(a.device, &a.kernels)?;
+    if a.eager && !matches!(sel, Selected::Cuda(_)) {
+        return Err(Error::msg(
+            "--eager: only the CUDA backend replays steps as graphs; on the CPU every op is launched one by one already",
+        ));
+    }
     if a.ops {
         if let Selected::Cuda(be) = &sel {
             return print_version_bench(be, &a.model.config(), a.batch_size, a.steps, a.json);
@@ -155,8 +166,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         _ => "",
     };
     println!(
-        "batch {}: median {:.3} ms/step over {} steps, {:.1} images/s, {:.1} GFLOP/s{how}",
-        r.batch_size, r.median_ms, r.steps, r.images_per_s, r.gflops
+        "batch {}: median {:.3} ms/step over {} step{}, {:.1} images/s, {:.1} GFLOP/s{how}",
+        r.batch_size,
+        r.median_ms,
+        r.steps,
+        if r.steps == 1 { "" } else { "s" },
+        r.images_per_s,
+        r.gflops
     );
     if let Some(mib) = r.device_mib {
         println!("device memory held: {mib:.0} MiB");

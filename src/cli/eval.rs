@@ -66,7 +66,33 @@ fn print_eval(r: &train::EvalReport) {
 
 /// `capsnet eval`.
 pub fn eval(a: EvalArgs) -> Result<()> {
+    if a.figures.is_none() {
+        if let Some(flag) = a.figure.given().first() {
+            return Err(capsnet::Error::msg(format!(
+                "{flag} is a figure's setting: add --figures DIR to draw them"
+            )));
+        }
+    }
     let (r, written) = a.test.run(a.figures.as_deref(), &a.figure)?;
+    if a.json {
+        let mut o = serde_json::json!({
+            "checkpoint": a.test.checkpoint.display().to_string(),
+            "images": r.images,
+            "digits_per_image": r.per,
+            "accuracy": r.accuracy,
+            "loss": r.loss,
+            "margin": r.margin,
+            "reconstruction": r.recon,
+            "wrote": written.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+        });
+        if r.per > 1 {
+            o["digit_accuracy"] = serde_json::json!(r.digit_accuracy);
+        } else {
+            o["confusion"] = serde_json::json!(r.confusion);
+        }
+        println!("{o}");
+        return Ok(());
+    }
     print_eval(&r);
     written.iter().for_each(|f| println!("wrote {}", f.display()));
     Ok(())

@@ -59,9 +59,33 @@ fn kernel_report(arch: &str) -> Result<()> {
     Ok(())
 }
 
+/// `--arch`: sm_XY (an optional letter after), compute capability 8.0 or newer.
+fn check_arch(arch: &str) -> Result<()> {
+    let cc = arch
+        .strip_prefix("sm_")
+        .map(|n| n.trim_end_matches(|c: char| c.is_ascii_alphabetic()))
+        .and_then(|n| n.parse::<u32>().ok());
+    match cc {
+        None => Err(Error::msg(format!(
+            "--arch {arch}: an architecture is sm_ and its compute capability, such as sm_80 or sm_90"
+        ))),
+        Some(cc) if cc < 80 => Err(Error::msg(format!(
+            "--arch {arch}: capsnet's kernels need sm_80 (Ampere) or newer: their tensor-core and asynchronous-copy instructions do not exist before it"
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
 pub fn run(a: InfoArgs) -> Result<()> {
     if a.kernels {
-        return kernel_report(&a.arch);
+        let arch = a.arch.as_deref().unwrap_or("sm_90");
+        check_arch(arch)?;
+        return kernel_report(arch);
+    }
+    if let Some(arch) = &a.arch {
+        return Err(Error::msg(format!(
+            "--arch {arch}: the architecture of the static report; add --kernels"
+        )));
     }
     println!("capsnet {}", env!("CARGO_PKG_VERSION"));
     if a.emulated {

@@ -38,6 +38,11 @@ pub fn given_flags(m: Option<&clap::ArgMatches>) -> Vec<GivenFlag> {
 /// `capsnet train`; `given`: the flags given ([`given_flags`]).
 pub fn run(a: TrainArgs, given: Vec<GivenFlag>) -> Result<()> {
     let sel = select(a.device, &a.kernels)?;
+    if a.eager && !matches!(sel, Selected::Cuda(_)) {
+        return Err(Error::msg(
+            "--eager: only the CUDA backend replays steps as graphs; on the CPU every op is launched one by one already",
+        ));
+    }
     // only what is missing: train() reads and checks every file anyway
     if a.download
         && data::FILES
@@ -96,5 +101,26 @@ pub fn run(a: TrainArgs, given: Vec<GivenFlag>) -> Result<()> {
         eprintln!("\ninterrupt: saving the last completed step (interrupt again to exit at once)");
     });
     with_backend!(sel, |be| train::train(be, &opts))?;
+    // the one line on stdout: where the model to use is, and how it did
+    let best = opts.run_dir.join(capsnet::checkpoint::BEST);
+    if !train::interrupted() {
+        if let Ok(ck) = capsnet::checkpoint::load(&best) {
+            let val = ck
+                .history
+                .iter()
+                .rev()
+                .find(|m| m.get("epoch").and_then(|e| e.as_u64()) == Some(ck.state.epoch as u64))
+                .and_then(|m| Some((m.get("val_acc")?.as_f64()?, m.get("val_loss")?.as_f64()?)));
+            match val {
+                Some((acc, loss)) => println!(
+                    "best checkpoint: {} (epoch {}, validation accuracy {:.2}%, loss {loss:.5})",
+                    best.display(),
+                    ck.state.epoch,
+                    100.0 * acc
+                ),
+                None => println!("best checkpoint: {} (epoch {})", best.display(), ck.state.epoch),
+            }
+        }
+    }
     Ok(())
 }

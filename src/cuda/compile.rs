@@ -49,7 +49,7 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
     // SAFETY: the library is present; the call writes two ints.
     unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut a, &mut b) }
         .result()
-        .map_err(|e| Error::msg(format!("nvrtcVersion: {e:?}")))?;
+        .map_err(|e| Error::msg(format!("nvrtcVersion: {:?}", e.0)))?;
     Ok((a, b))
 }
 
@@ -62,11 +62,11 @@ pub fn supported_archs() -> Result<Vec<u32>> {
     // SAFETY: the library is present; the first call writes one int, the second n ints.
     unsafe { cudarc::nvrtc::sys::nvrtcGetNumSupportedArchs(&mut n) }
         .result()
-        .map_err(|e| Error::msg(format!("nvrtcGetNumSupportedArchs: {e:?}")))?;
+        .map_err(|e| Error::msg(format!("nvrtcGetNumSupportedArchs: {:?}", e.0)))?;
     let mut archs = vec![0i32; n.max(0) as usize];
     unsafe { cudarc::nvrtc::sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) }
         .result()
-        .map_err(|e| Error::msg(format!("nvrtcGetSupportedArchs: {e:?}")))?;
+        .map_err(|e| Error::msg(format!("nvrtcGetSupportedArchs: {:?}", e.0)))?;
     Ok(archs.into_iter().map(|a| a as u32).collect())
 }
 
@@ -274,7 +274,7 @@ fn nvrtc_compile(file: &str, src: &str, opts: &[String], target: Target) -> Resu
     let fail = |what: &str| Error::msg(format!("{}: {what}", crate::kernels::path_of(file)));
     let csrc = CString::new(src).map_err(|_| fail("the source holds a NUL byte"))?;
     let name = CString::new(file).map_err(|_| fail("the name holds a NUL byte"))?;
-    let prog = result::create_program(&csrc, Some(&name)).map_err(|e| fail(&format!("nvrtcCreateProgram: {e:?}")))?;
+    let prog = result::create_program(&csrc, Some(&name)).map_err(|e| fail(&format!("nvrtcCreateProgram: {:?}", e.0)))?;
     // SAFETY: `prog` was created above and is destroyed once, below; every output is read before.
     let out = unsafe {
         let compiled = result::compile_program(prog, opts);
@@ -286,8 +286,8 @@ fn nvrtc_compile(file: &str, src: &str, opts: &[String], target: Target) -> Resu
             .unwrap_or_default();
         match compiled {
             Err(e) => Err(fail(&format!(
-                "NVRTC cannot compile it for {}: {e:?}\n{log}",
-                target.arch()
+                "NVRTC cannot compile it for {}: {:?}\n{log}",
+                target.arch(), e.0
             ))),
             Ok(()) => {
                 let mut n = 0usize;
@@ -301,7 +301,7 @@ fn nvrtc_compile(file: &str, src: &str, opts: &[String], target: Target) -> Resu
                 let mut buf = vec![0u8; n];
                 size.result()
                     .and_then(|()| get(prog, buf.as_mut_ptr().cast()).result())
-                    .map_err(|e| fail(&format!("NVRTC has no output for {}: {e:?}", target.arch())))
+                    .map_err(|e| fail(&format!("NVRTC has no output for {}: {:?}", target.arch(), e.0)))
                     .and_then(|()| {
                         if buf.is_empty() {
                             Err(fail(&format!("NVRTC wrote an empty image for {}", target.arch())))

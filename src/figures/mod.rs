@@ -113,7 +113,9 @@ impl Sheet {
 /// Space between cells.
 pub const PAD: u32 = 4;
 /// Height of a column's label band.
-pub const LABEL: u32 = 16;
+pub const LABEL: u32 = 20;
+/// Where a label in a band starts: low enough that the tallest glyph is whole.
+pub const LABEL_TOP: i32 = 4;
 /// Width of the row labels of reconstructions.png ("input", "recon").
 pub const RECON_LEFT: u32 = 56;
 /// Width of the row labels of tweaks.png ("d0".."d15").
@@ -143,7 +145,7 @@ pub fn reconstructions(
         let c = if pred[k] == labels[k] { INK } else { RED };
         s.text(
             x as i32 + cell as i32 / 2 - 12,
-            1,
+            LABEL_TOP,
             &format!("{}/{}", pred[k], labels[k]),
             12,
             c,
@@ -184,15 +186,16 @@ pub fn tweaked_capsules(c: &Classified, digits: usize, classes: usize, dim: usiz
 /// dimension goes through [`tweak_deltas`]. `recons` in [`tweaked_capsules`]' order.
 pub fn tweaks(recons: &[f32], dims: usize, digits: usize, side: usize, scale: u32) -> Result<Sheet> {
     let cell = side as u32 * scale;
-    let (left, gap) = (TWEAK_LEFT, 3 * PAD);
+    // panels far enough apart that one's "+0.25" does not run into the next one's "-0.25"
+    let (left, gap) = (TWEAK_LEFT, 8 * PAD);
     let group = TWEAK_STEPS as u32 * cell;
     let width = left + digits as u32 * (group + gap);
     let mut s = Sheet::new(width, LABEL + dims as u32 * cell + PAD);
     for k in 0..digits as u32 {
         let x = (left + k * (group + gap)) as i32;
-        s.text(x, 1, &format!("{:+.2}", -TWEAK_RANGE), 11, INK)?;
-        s.text(x + group as i32 / 2 - 4, 1, "0", 11, INK)?;
-        s.text(x + group as i32 - 40, 1, &format!("{:+.2}", TWEAK_RANGE), 11, INK)?;
+        s.text(x, LABEL_TOP, &format!("{:+.2}", -TWEAK_RANGE), 11, INK)?;
+        s.text(x + group as i32 / 2 - 4, LABEL_TOP, "0", 11, INK)?;
+        s.text(x + group as i32 - 36, LABEL_TOP, &format!("{:+.2}", TWEAK_RANGE), 11, INK)?;
     }
     let px = side * side;
     for d in 0..dims {
@@ -242,7 +245,7 @@ pub fn errors(
         );
         s.text(
             x as i32 + cell as i32 / 2 - 12,
-            y as i32 + 1,
+            y as i32 + LABEL_TOP,
             &format!("{}/{}", pred[i], labels[i]),
             12,
             RED,
@@ -563,12 +566,12 @@ pub fn multi_reconstructions(
         let x = PAD + k as u32 * (cell + PAD);
         let (l, p) = (&labels[2 * k..2 * k + 2], &pred[2 * k..2 * k + 2]);
         let right = l.iter().all(|d| p.contains(d));
-        s.text(x as i32 + 2, 1, &format!("L:{},{}", l[0], l[1]), 12, INK)?;
+        s.text(x as i32 + 2, LABEL_TOP, &format!("L:{},{}", l[0], l[1]), 12, INK)?;
         s.digit(x, LABEL, &inputs[k * px..(k + 1) * px], side, scale);
         let c = if right { INK } else { RED };
         s.text(
             x as i32 + 2,
-            (LABEL + cell + PAD) as i32,
+            (LABEL + cell + PAD) as i32 + LABEL_TOP - 2,
             &format!("R:{},{}", p[0], p[1]),
             12,
             c,
@@ -645,7 +648,7 @@ pub fn multimnist_sheet(images: &[u8], labels: &[u8], scale: u32) -> Result<Shee
         );
         s.text(
             x as i32 + 2,
-            y as i32 + 1,
+            y as i32 + LABEL_TOP,
             &format!("{},{}", labels[2 * k], labels[2 * k + 1]),
             12,
             [0, 0, 0],

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::progress::{Progress, Running};
 use super::resident::Resident;
-use super::run_dir::{LAST, StepSaver, resume_command, snapshot};
+use super::run_dir::{LAST, StepLog, StepSaver, resume_command, snapshot};
 use super::schedule::{epoch_order, lr_at};
 use super::step::{StepGraphs, train_step};
 use super::{INTERRUPT, TrainOptions};
@@ -33,6 +33,7 @@ pub(crate) fn run_epoch<B: StepRuntime>(
     history: &[serde_json::Value],
     mut resident: Option<&mut Resident<B>>,
     graphs: &mut StepGraphs<B>,
+    log: &mut StepLog,
 ) -> Result<Option<Running>> {
     let order = epoch_order(set.digits(), state.run.seed, state.epoch);
     let batches = order.len().div_ceil(state.run.batch_size);
@@ -75,7 +76,7 @@ pub(crate) fn run_epoch<B: StepRuntime>(
             );
             return Ok(None);
         }
-        train_step(
+        let figures = train_step(
             tape,
             model,
             adam,
@@ -86,6 +87,7 @@ pub(crate) fn run_epoch<B: StepRuntime>(
             resident.as_deref_mut(),
             graphs,
         )?;
+        log.record(state.epoch + 1, adam.step, &figures)?;
         r.batches += 1;
         r.seconds = before + start.elapsed().as_secs_f64();
         bar.update(r.images, &r);
@@ -95,6 +97,7 @@ pub(crate) fn run_epoch<B: StepRuntime>(
             st.step = adam.step;
             st.partial = Some(r.clone());
             checkpoint::save(&last, &snapshot(tape, adam, model, st, history, saver.last_step())?)?;
+            log.flush()?;
             saver.saved(adam.step);
             if stop {
                 eprintln!(

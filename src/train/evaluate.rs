@@ -212,8 +212,15 @@ pub struct TestSet {
 
 impl TestSet {
     pub fn load(ckpt: &Path, data_dir: &Path, opts: &EvalOptions) -> Result<TestSet> {
-        if opts.batch_size == 0 || opts.limit == Some(0) {
-            return Err(Error::msg("--batch-size and --limit must be at least 1"));
+        if opts.batch_size == 0 || opts.batch_size > crate::config::Config::MAX_BATCH {
+            return Err(Error::msg(format!(
+                "--batch-size must be between 1 and {}, got {}",
+                crate::config::Config::MAX_BATCH,
+                opts.batch_size
+            )));
+        }
+        if opts.limit == Some(0) {
+            return Err(Error::msg("--limit must be at least 1 (or left out: every test image)"));
         }
         if !(1..=multimnist::PAIRS_PER_DIGIT).contains(&opts.pairs) {
             return Err(Error::msg(format!(

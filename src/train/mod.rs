@@ -18,7 +18,7 @@ use std::time::Duration;
 
 pub use bench::{BenchReport, bench};
 pub use evaluate::{EvalOptions, EvalReport, TestSet, check_side, eval_checkpoint, evaluate};
-pub use run_dir::{BEST, LAST, METRICS};
+pub use run_dir::{BEST, LAST, METRICS, STEPS};
 pub use schedule::{epoch_order, lr_at};
 
 use crate::checkpoint::{Checkpoint, TrainState};
@@ -33,7 +33,7 @@ use crate::{Error, Result};
 use evaluate::evaluate_on;
 use progress::Running;
 use resident::Resident;
-use run_dir::StepSaver;
+use run_dir::{StepLog, StepSaver};
 use step::StepGraphs;
 
 /// What `capsnet train` asks for: the model, what the run is, where its data and files are, and how
@@ -198,6 +198,9 @@ struct Run<'a, B: StepRuntime> {
     resident: Option<Resident<B>>,
     val_resident: Option<Resident<B>>,
     graphs: StepGraphs<B>,
+    /// steps.jsonl, opened before the first epoch (after a fresh run's step-0 checkpoint, so a run
+    /// whose first write fails leaves nothing behind).
+    log: Option<StepLog>,
 }
 
 impl<'a, B: StepRuntime> Run<'a, B> {
@@ -251,6 +254,7 @@ impl<'a, B: StepRuntime> Run<'a, B> {
             );
         }
         Ok(Run {
+            log: None,
             saver: StepSaver::new(opts, state.step),
             tape,
             model,
@@ -268,6 +272,11 @@ impl<'a, B: StepRuntime> Run<'a, B> {
 
     /// The next epoch's steps ([`epoch::run_epoch`]); None when interrupted.
     fn train_epoch(&mut self, opts: &TrainOptions) -> Result<Option<Running>> {
+        // the steps of the checkpoint this run starts from (a partial epoch's too)
+        let log = match &mut self.log {
+            Some(log) => log,
+            None => self.log.insert(StepLog::open(&opts.run_dir, self.state.step)?),
+        };
         epoch::run_epoch(
             &mut self.tape,
             &self.model,
@@ -279,6 +288,7 @@ impl<'a, B: StepRuntime> Run<'a, B> {
             &self.history,
             self.resident.as_mut(),
             &mut self.graphs,
+            log,
         )
     }
 
@@ -333,6 +343,9 @@ impl<'a, B: StepRuntime> Run<'a, B> {
             self.saver.last_step(),
         )?;
         run_dir::save_epoch(opts, &ck, improved)?;
+        if let Some(log) = &mut self.log {
+            log.flush()?;
+        }
         self.saver.saved(self.state.step);
         Ok(())
     }

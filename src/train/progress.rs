@@ -45,7 +45,6 @@ impl Progress {
         let finished = done == self.total;
         let line = || {
             let frac = done as f64 / self.total.max(1) as f64;
-            let filled = (frac * 24.0) as usize;
             let secs = self.start.elapsed().as_secs_f64();
             let rate = (done - self.base.min(done)) as f64 / secs.max(1e-9);
             let left = if finished {
@@ -55,17 +54,16 @@ impl Progress {
             } else {
                 ", ? left".into()
             };
-            format!(
-                "{} [{}{}] {done}/{} loss {:.4} acc {:.2}% {:.0} img/s {}{left}",
-                self.label,
-                "#".repeat(filled),
-                ".".repeat(24 - filled),
+            let figures = format!(
+                "{done}/{} loss {:.4} acc {:.2}%",
                 self.total,
                 mean(r, r.loss),
-                100.0 * mean(r, r.correct as f64),
-                rate,
-                clock(secs),
-            )
+                100.0 * mean(r, r.correct as f64)
+            );
+            let full = format!("{figures} {rate:.0} img/s {}{left}", clock(secs));
+            let short = format!("{figures}{left}");
+            let width = if self.tty { terminal_width() } else { usize::MAX };
+            fit_line(&self.label, frac, &[&full, &short], width)
         };
         let mut err = std::io::stderr();
         if self.tty {
@@ -81,6 +79,33 @@ impl Progress {
             }
         }
     }
+}
+
+/// The columns of the terminal on stderr (its window size, else COLUMNS, else 80).
+fn terminal_width() -> usize {
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes one winsize
+    if unsafe { libc::ioctl(2, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_col > 0 {
+        return ws.ws_col as usize;
+    }
+    std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()).filter(|&c| c > 0).unwrap_or(80)
+}
+
+/// A progress line in fewer than `width` columns (so the terminal never wraps it): the first of
+/// `tails` (fullest first) that fits beside a bar of 8 to 24 cells, else the last one, cut.
+pub(crate) fn fit_line(label: &str, frac: f64, tails: &[&str], width: usize) -> String {
+    let room = width.saturating_sub(1);
+    let fixed = |t: &str| label.chars().count() + t.chars().count() + 4; // " [" "] "
+    let tail = tails
+        .iter()
+        .find(|t| fixed(t) + 8 <= room)
+        .or(tails.last())
+        .copied()
+        .unwrap_or("");
+    let cells = room.saturating_sub(fixed(tail)).clamp(8, 24);
+    let filled = ((frac.clamp(0.0, 1.0) * cells as f64) as usize).min(cells);
+    let line = format!("{label} [{}{}] {tail}", "#".repeat(filled), ".".repeat(cells - filled));
+    line.chars().take(room).collect()
 }
 
 /// Seconds as m:ss, or h:mm:ss from an hour.
@@ -145,5 +170,28 @@ pub(crate) fn announce(
             "data: MultiMNIST pairs of {train} training digits (a new pairing each epoch), {val_examples} validation pairs of the {val} held-out digits, from {}",
             opts.data_dir.display()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_progress_line_fits_the_terminal() {
+        let full = "52000/55000 loss 0.0123 acc 99.12% 71 img/s 12:03, 0:42 left";
+        let short = "52000/55000 loss 0.0123 acc 99.12%, 0:42 left";
+        let tails = [full, short];
+        let wide = fit_line("epoch 10/10", 0.5, &tails, usize::MAX);
+        assert!(wide.contains(&format!("[{}{}]", "#".repeat(12), ".".repeat(12))), "{wide}");
+        assert!(wide.ends_with(full));
+        for width in [40, 60, 80, 100] {
+            let l = fit_line("epoch 10/10", 0.5, &tails, width);
+            assert!(l.chars().count() < width, "{width}: {} columns: {l}", l.chars().count());
+            assert!(l.starts_with("epoch 10/10 ["), "{l}");
+        }
+        // at 100 all of it with a narrower bar; at 80 the speed and time go, the time left stays
+        assert!(fit_line("epoch 10/10", 0.5, &tails, 100).ends_with(full));
+        assert!(fit_line("epoch 10/10", 0.5, &tails, 80).ends_with(short));
     }
 }

@@ -17,6 +17,9 @@ use crate::tape::Tape;
 use crate::{Error, Result};
 
 pub const METRICS: &str = "metrics.jsonl";
+/// One JSON object per training step (epoch, step, losses, batch accuracy, learning rate), for
+/// pandas or a plotting tool; kept in step with the checkpoints.
+pub const STEPS: &str = "steps.jsonl";
 /// The lock file: held (flock) by the run writing into the directory, for its whole life.
 pub const LOCK: &str = ".lock";
 
@@ -77,7 +80,7 @@ pub(crate) fn remove_leftover_temporaries(run_dir: &Path) {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let writer = [LAST, BEST, METRICS]
+        let writer = [LAST, BEST, METRICS, STEPS]
             .iter()
             .find_map(|f| name.strip_prefix(&format!(".{f}.tmp"))?.parse::<u32>().ok());
         let gone = writer.is_some_and(|pid| pid != std::process::id() && process_alive(pid) == Some(false));
@@ -105,6 +108,59 @@ pub(crate) fn read_metrics(path: &Path, epoch: usize) -> Vec<serde_json::Value> 
 pub(crate) fn write_metrics(path: &Path, history: &[serde_json::Value]) -> Result<()> {
     let text: String = history.iter().map(|m| format!("{m}\n")).collect();
     crate::error::write_atomic(path, text.as_bytes())
+}
+
+/// steps.jsonl, open for appending: the steps up to the run's checkpoint, one line each.
+pub(crate) struct StepLog {
+    path: std::path::PathBuf,
+    out: std::io::BufWriter<File>,
+}
+
+impl StepLog {
+    /// The run's step log holding the lines of steps up to `step` (those after it belong to no
+    /// checkpoint, as do a killed write's last partial line), ready for the next.
+    pub(crate) fn open(run_dir: &Path, step: u64) -> Result<StepLog> {
+        let path = run_dir.join(STEPS);
+        let kept: String = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step")?.as_u64())
+                    .is_some_and(|s| s <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        crate::error::write_atomic(&path, kept.as_bytes())?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::file(&path, format!("cannot open: {}", crate::error::io_words(&e))))?;
+        Ok(StepLog {
+            path,
+            out: std::io::BufWriter::new(file),
+        })
+    }
+
+    pub(crate) fn record(&mut self, epoch: usize, step: u64, f: &super::step::StepFigures) -> Result<()> {
+        use std::io::Write;
+        let line = serde_json::json!({
+            "epoch": epoch, "step": step, "loss": f.loss, "margin": f.margin, "recon": f.recon,
+            "acc": f.accuracy, "lr": f.lr,
+        });
+        writeln!(self.out, "{line}").map_err(|e| self.failed(e))
+    }
+
+    /// Onto the disk, as a checkpoint is written.
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        use std::io::Write;
+        self.out.flush().map_err(|e| self.failed(e))
+    }
+
+    fn failed(&self, e: std::io::Error) -> Error {
+        Error::file(&self.path, format!("cannot write: {}", crate::error::io_words(&e)))
+    }
 }
 
 /// When to write a step checkpoint: after `every` of time or `steps` steps since the last write.

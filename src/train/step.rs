@@ -66,7 +66,7 @@ pub(crate) fn train_step<B: StepRuntime>(
     r: &mut Running,
     resident: Option<&mut Resident<B>>,
     graphs: &mut StepGraphs<B>,
-) -> Result<()> {
+) -> Result<StepFigures> {
     adam.lr = lr_at(state.run.lr, state.run.lr_decay, state.run.lr_decay_steps, adam.step);
     let n = chunk.len();
     let report = match resident {
@@ -110,7 +110,24 @@ pub(crate) fn train_step<B: StepRuntime>(
     r.recon += n * recon;
     r.correct += report[3] as usize;
     r.images += chunk.len();
-    Ok(())
+    Ok(StepFigures {
+        loss,
+        margin,
+        recon,
+        accuracy: report[3] / n,
+        lr: adam.lr,
+    })
+}
+
+/// One step's figures, as steps.jsonl records them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct StepFigures {
+    pub loss: f64,
+    pub margin: f64,
+    pub recon: f64,
+    /// Of the batch's images (MultiMNIST: both digits right).
+    pub accuracy: f64,
+    pub lr: f64,
 }
 
 /// A step on the resident training set, everything it needs already on the device: the batch of `n`
