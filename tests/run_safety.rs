@@ -339,3 +339,15 @@ fn exported_weights_serve_eval_predict_and_figures_and_pytorch_names() {
     let o = capsnet(&train_args(&data, &wrun, &["--epochs", "2", "--resume"]), &[]);
     assert_clean_error(&o, &["weights only", "capsnet export"]);
 }
+
+#[test]
+fn a_run_that_diverges_at_once_keeps_its_step_0_checkpoint() {
+    let data = mnist_dir();
+    let run = temp_dir("safety_diverge");
+    let o = capsnet(&train_args(&data, &run, &["--epochs", "1", "--lr", "1e30"]), &[]);
+    assert_clean_error(&o, &["training diverged", "last good state"]);
+    // the state it names exists: the weights it started from
+    let ck = checkpoint::load(&run.join("last.safetensors")).unwrap();
+    assert_eq!((ck.state.step, ck.state.epoch), (0, 0));
+    assert!(ck.params.iter().flatten().all(|x| x.is_finite()));
+}
