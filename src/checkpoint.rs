@@ -269,8 +269,10 @@ pub fn save_as(path: &Path, ck: &Checkpoint, layout: Layout) -> Result<()> {
             named.push((format!("{prefix}{name}"), shape, to_bytes(&data)));
         }
     }
-    let sums: serde_json::Map<String, serde_json::Value> =
-        named.iter().map(|(n, _, b)| (n.clone(), json!(sha256_hex(b)))).collect();
+    let sums: serde_json::Map<String, serde_json::Value> = named
+        .iter()
+        .map(|(n, _, b)| (n.clone(), json!(sha256_hex(b))))
+        .collect();
     let views = named
         .iter()
         .map(|(n, shape, bytes)| {
@@ -281,7 +283,10 @@ pub fn save_as(path: &Path, ck: &Checkpoint, layout: Layout) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let mut meta = HashMap::from([
         ("format".to_string(), FORMAT.to_string()),
-        ("content".to_string(), if with_adam { "training" } else { "weights" }.to_string()),
+        (
+            "content".to_string(),
+            if with_adam { "training" } else { "weights" }.to_string(),
+        ),
         ("layout".to_string(), layout.name().to_string()),
         ("epoch".to_string(), ck.state.epoch.to_string()),
         ("step".to_string(), ck.state.step.to_string()),
@@ -354,7 +359,10 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
             Some(f) => format!(", such as {f}"),
             None => String::new(),
         };
-        return Err(Error::file(path, format!("is a directory; name a checkpoint file in it{hint}")));
+        return Err(Error::file(
+            path,
+            format!("is a directory; name a checkpoint file in it{hint}"),
+        ));
     }
     let bytes = std::fs::read(path)
         .map_err(|e| Error::file(path, format!("cannot read checkpoint: {}", crate::error::io_words(&e))))?;
@@ -484,7 +492,8 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         Ok(permute(&v, &shape, &inverse(&perm)).0)
     };
     let specs = config.param_specs();
-    let group = |prefix: &str| -> Result<Vec<Vec<f32>>> { specs.iter().map(|s| read(prefix, s.name, &s.shape)).collect() };
+    let group =
+        |prefix: &str| -> Result<Vec<Vec<f32>>> { specs.iter().map(|s| read(prefix, s.name, &s.shape)).collect() };
     // a weights-only file (capsnet export) has no Adam moments
     let weights_only = meta.get("content").is_some_and(|c| c == "weights");
     let (adam_m, adam_v) = if weights_only {

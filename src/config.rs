@@ -373,21 +373,46 @@ impl RunSettings {
         let limit = |l: Option<usize>| l.map_or_else(|| "not given (all images)".to_string(), |n| n.to_string());
         let (a, b) = (self, stored);
         let rows = [
-            (a.batch_size != b.batch_size, "--batch-size", a.batch_size.to_string(), b.batch_size.to_string()),
+            (
+                a.batch_size != b.batch_size,
+                "--batch-size",
+                a.batch_size.to_string(),
+                b.batch_size.to_string(),
+            ),
             (a.seed != b.seed, "--seed", a.seed.to_string(), b.seed.to_string()),
             (a.lr != b.lr, "--lr", a.lr.to_string(), b.lr.to_string()),
             (a.limit != b.limit, "--limit", limit(a.limit), limit(b.limit)),
-            (a.val_limit != b.val_limit, "--val-limit", limit(a.val_limit), limit(b.val_limit)),
-            (a.dataset != b.dataset, "--dataset", a.dataset.name().into(), b.dataset.name().into()),
+            (
+                a.val_limit != b.val_limit,
+                "--val-limit",
+                limit(a.val_limit),
+                limit(b.val_limit),
+            ),
+            (
+                a.dataset != b.dataset,
+                "--dataset",
+                a.dataset.name().into(),
+                b.dataset.name().into(),
+            ),
             (a.shift != b.shift, "--shift", a.shift.to_string(), b.shift.to_string()),
-            (a.lr_decay != b.lr_decay, "--lr-decay", a.lr_decay.to_string(), b.lr_decay.to_string()),
+            (
+                a.lr_decay != b.lr_decay,
+                "--lr-decay",
+                a.lr_decay.to_string(),
+                b.lr_decay.to_string(),
+            ),
             (
                 a.lr_decay_steps != b.lr_decay_steps,
                 "--lr-decay-steps",
                 a.lr_decay_steps.to_string(),
                 b.lr_decay_steps.to_string(),
             ),
-            (a.patience != b.patience, "--patience", a.patience.to_string(), b.patience.to_string()),
+            (
+                a.patience != b.patience,
+                "--patience",
+                a.patience.to_string(),
+                b.patience.to_string(),
+            ),
         ];
         rows.into_iter()
             .filter(|r| r.0)
@@ -410,16 +435,61 @@ impl Config {
     pub fn differences(&self, stored: &Config) -> Vec<Difference> {
         let (a, b) = (self, stored);
         let rows = [
-            (a.routing_rounds != b.routing_rounds, "--routing", a.routing_rounds.to_string(), b.routing_rounds.to_string()),
-            (a.conv1_channels != b.conv1_channels, "--conv1-channels", a.conv1_channels.to_string(), b.conv1_channels.to_string()),
-            (a.primary_maps != b.primary_maps, "--primary-maps", a.primary_maps.to_string(), b.primary_maps.to_string()),
+            (
+                a.routing_rounds != b.routing_rounds,
+                "--routing",
+                a.routing_rounds.to_string(),
+                b.routing_rounds.to_string(),
+            ),
+            (
+                a.conv1_channels != b.conv1_channels,
+                "--conv1-channels",
+                a.conv1_channels.to_string(),
+                b.conv1_channels.to_string(),
+            ),
+            (
+                a.primary_maps != b.primary_maps,
+                "--primary-maps",
+                a.primary_maps.to_string(),
+                b.primary_maps.to_string(),
+            ),
             (a.w_std != b.w_std, "--w-std", a.w_std.to_string(), b.w_std.to_string()),
-            (a.image_side != b.image_side, "image side", a.image_side.to_string(), b.image_side.to_string()),
-            (a.caps1_dim != b.caps1_dim, "caps1_dim", a.caps1_dim.to_string(), b.caps1_dim.to_string()),
-            (a.classes != b.classes, "classes", a.classes.to_string(), b.classes.to_string()),
-            (a.caps2_dim != b.caps2_dim, "caps2_dim", a.caps2_dim.to_string(), b.caps2_dim.to_string()),
-            (a.decoder_hidden != b.decoder_hidden, "decoder_hidden", format!("{:?}", a.decoder_hidden), format!("{:?}", b.decoder_hidden)),
-            (a.recon_weight != b.recon_weight, "recon_weight", a.recon_weight.to_string(), b.recon_weight.to_string()),
+            (
+                a.image_side != b.image_side,
+                "image side",
+                a.image_side.to_string(),
+                b.image_side.to_string(),
+            ),
+            (
+                a.caps1_dim != b.caps1_dim,
+                "caps1_dim",
+                a.caps1_dim.to_string(),
+                b.caps1_dim.to_string(),
+            ),
+            (
+                a.classes != b.classes,
+                "classes",
+                a.classes.to_string(),
+                b.classes.to_string(),
+            ),
+            (
+                a.caps2_dim != b.caps2_dim,
+                "caps2_dim",
+                a.caps2_dim.to_string(),
+                b.caps2_dim.to_string(),
+            ),
+            (
+                a.decoder_hidden != b.decoder_hidden,
+                "decoder_hidden",
+                format!("{:?}", a.decoder_hidden),
+                format!("{:?}", b.decoder_hidden),
+            ),
+            (
+                a.recon_weight != b.recon_weight,
+                "recon_weight",
+                a.recon_weight.to_string(),
+                b.recon_weight.to_string(),
+            ),
         ];
         rows.into_iter()
             .filter(|r| r.0)

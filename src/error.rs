@@ -48,7 +48,10 @@ pub fn io_words(e: &std::io::Error) -> String {
 fn simulated_full_disk() -> bool {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static WRITES: AtomicUsize = AtomicUsize::new(0);
-    let Some(n) = std::env::var("CAPSNET_FAULT_WRITES").ok().and_then(|v| v.parse::<usize>().ok()) else {
+    let Some(n) = std::env::var("CAPSNET_FAULT_WRITES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    else {
         return false;
     };
     WRITES.fetch_add(1, Ordering::SeqCst) >= n

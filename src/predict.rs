@@ -168,7 +168,8 @@ fn quantile(xs: &[f32], q: f64) -> f32 {
 
 /// `img` (w x h) resized to `nw` x `nh` with a triangle filter (averaging when shrinking).
 fn resized(img: &[f32], w: usize, h: usize, nw: usize, nh: usize) -> Vec<f32> {
-    let buf: ImageBuffer<Luma<f32>, Vec<f32>> = ImageBuffer::from_raw(w as u32, h as u32, img.to_vec()).expect("w*h pixels");
+    let buf: ImageBuffer<Luma<f32>, Vec<f32>> =
+        ImageBuffer::from_raw(w as u32, h as u32, img.to_vec()).expect("w*h pixels");
     image::imageops::resize(&buf, nw as u32, nh as u32, image::imageops::FilterType::Triangle).into_raw()
 }
 
@@ -236,7 +237,11 @@ fn otsu(xs: &[f32]) -> (f32, f32) {
         }
     }
     let mean = sum / total;
-    let var: f64 = hist.iter().enumerate().map(|(i, &n)| n * (i as f64 - mean).powi(2)).sum::<f64>();
+    let var: f64 = hist
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| n * (i as f64 - mean).powi(2))
+        .sum::<f64>();
     let eta = if var > 0.0 { best.max(0.0) / total / var } else { 0.0 };
     ((at as f32 + 0.5) / 255.0, eta as f32)
 }
@@ -318,8 +323,12 @@ fn digit_box(found: &[Blob]) -> Option<(usize, usize, usize, usize)> {
     let mut digit = main.clone();
     for b in found {
         if !b.edge_band && b.mass >= main.mass / 100.0 && main.gap(b) <= gap && !std::ptr::eq(b, main) {
-            (digit.x0, digit.y0, digit.x1, digit.y1) =
-                (digit.x0.min(b.x0), digit.y0.min(b.y0), digit.x1.max(b.x1), digit.y1.max(b.y1));
+            (digit.x0, digit.y0, digit.x1, digit.y1) = (
+                digit.x0.min(b.x0),
+                digit.y0.min(b.y0),
+                digit.x1.max(b.x1),
+                digit.y1.max(b.y1),
+            );
         }
     }
     Some((digit.x0, digit.y0, digit.x1, digit.y1))
@@ -386,7 +395,9 @@ pub fn prepare(g: &Gray, side: usize, how: Preparation) -> Result<Prepared> {
         let opened = rank_filter(&rank_filter(&small, sw, sh, k, false), sw, sh, k, true);
         let smooth = box_blur(&opened, sw, sh, k / 4);
         let background = resized(&smooth, sw, sh, w, h);
-        ink.iter_mut().zip(&background).for_each(|(p, b)| *p = (*p - b).max(0.0));
+        ink.iter_mut()
+            .zip(&background)
+            .for_each(|(p, b)| *p = (*p - b).max(0.0));
     } else {
         ink.iter_mut().for_each(|p| *p = (*p - bg).max(0.0));
     }
@@ -410,7 +421,9 @@ pub fn prepare(g: &Gray, side: usize, how: Preparation) -> Result<Prepared> {
     let level = quantile(&on, 0.99);
     let floor = if uneven { quantile(&border_of(&ink), 0.9) } else { 0.0 };
     if level - floor < MIN_CONTRAST {
-        return Err(Error::msg("no digit found: no ink stands out from the background's noise"));
+        return Err(Error::msg(
+            "no digit found: no ink stands out from the background's noise",
+        ));
     }
     ink.iter_mut()
         .for_each(|p| *p = ((*p - floor) / (level - floor)).clamp(0.0, 1.0));
@@ -428,7 +441,9 @@ pub fn prepare(g: &Gray, side: usize, how: Preparation) -> Result<Prepared> {
         return Err(blank());
     }
     let (bw, bh) = (x1 + 1 - x0, y1 + 1 - y0);
-    let crop: Vec<f32> = (y0..=y1).flat_map(|y| ink[y * w + x0..=y * w + x1].iter().copied()).collect();
+    let crop: Vec<f32> = (y0..=y1)
+        .flat_map(|y| ink[y * w + x0..=y * w + x1].iter().copied())
+        .collect();
     drop(ink);
     // MNIST's digits fit a 20x20 box; a model for smaller images gets a proportionally smaller one
     let fit = 20.min(((side * 20) as f64 / 28.0).round().max(1.0) as usize);
@@ -440,7 +455,10 @@ pub fn prepare(g: &Gray, side: usize, how: Preparation) -> Result<Prepared> {
     let mut small: Vec<f32> = if (sw, sh) == (bw, bh) {
         crop
     } else {
-        resized(&crop, bw, bh, sw, sh).into_iter().map(|p| p.clamp(0.0, 1.0)).collect()
+        resized(&crop, bw, bh, sw, sh)
+            .into_iter()
+            .map(|p| p.clamp(0.0, 1.0))
+            .collect()
     };
     // thin strokes averaged down come out faint: MNIST's strokes reach full ink
     let peak = small.iter().copied().fold(0f32, f32::max);
@@ -554,7 +572,12 @@ mod tests {
         assert!(p.as_is && !p.inverted);
         assert_eq!(p.pixels, g.pixels);
         let blank = gray(40, 30, |_, _| 0.7);
-        assert!(prepare(&blank, 28, Preparation::Full).unwrap_err().to_string().contains("blank"));
+        assert!(
+            prepare(&blank, 28, Preparation::Full)
+                .unwrap_err()
+                .to_string()
+                .contains("blank")
+        );
         let one = gray(1, 1, |_, _| 0.3);
         assert!(prepare(&one, 28, Preparation::Full).is_err());
     }
@@ -583,10 +606,20 @@ mod tests {
     #[test]
     fn blank_and_broken_pixels_are_errors_at_any_size() {
         let blank = gray(28, 28, |_, _| 0.0);
-        assert!(prepare(&blank, 28, Preparation::Full).unwrap_err().to_string().contains("blank"));
+        assert!(
+            prepare(&blank, 28, Preparation::Full)
+                .unwrap_err()
+                .to_string()
+                .contains("blank")
+        );
         let mut nan = gray(40, 40, |x, _| x as f32 / 40.0);
         nan.pixels[5] = f32::NAN;
-        assert!(prepare(&nan, 28, Preparation::Full).unwrap_err().to_string().contains("not numbers"));
+        assert!(
+            prepare(&nan, 28, Preparation::Full)
+                .unwrap_err()
+                .to_string()
+                .contains("not numbers")
+        );
     }
 
     /// A JPEG whose EXIF orientation is 6 (stored turned 90° anticlockwise, shown turned clockwise)

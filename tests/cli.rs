@@ -310,10 +310,23 @@ fn resume_refuses_other_settings_and_keeps_the_checkpoint() {
     other.extend(["--resume", "--epochs", "2", "--seed", "7"]);
     let o = capsnet(&other, &[]);
     assert_clean_error(&o, &["--resume", "--seed 7, stored 42"]);
-    assert!(!stderr(&o).contains("--batch-size"), "flags that agree are not named: {}", stderr(&o));
+    assert!(
+        !stderr(&o).contains("--batch-size"),
+        "flags that agree are not named: {}",
+        stderr(&o)
+    );
     // a flag not given is the stored run's; one given is named, in words, not Rust's debug syntax
     let o = capsnet(
-        &["train", "--data", s(&data), "--checkpoint-dir", s(&run), "--resume", "--limit", "200"],
+        &[
+            "train",
+            "--data",
+            s(&data),
+            "--checkpoint-dir",
+            s(&run),
+            "--resume",
+            "--limit",
+            "200",
+        ],
         &[],
     );
     assert_clean_error(&o, &["--limit 200, stored 300"]);
@@ -640,7 +653,11 @@ fn bench_runs_a_peer_beside_it_and_says_why_one_fails() {
     );
     assert_clean_error(&o, &["has no torch (pip install torch)"]);
     // found before the benchmark runs, and said in words, not a traceback
-    assert!(!stdout(&o).contains("batch 2:") && !stderr(&o).contains("Traceback"), "{}", stderr(&o));
+    assert!(
+        !stdout(&o).contains("batch 2:") && !stderr(&o).contains("Traceback"),
+        "{}",
+        stderr(&o)
+    );
     let o = run(&script("chatty.py", "print('hello')\n"), &[]);
     assert_clean_error(&o, &["not the peer's JSON report", "hello"]);
     let o = run(&good, &["--conv1-channels", "16"]);
@@ -1309,7 +1326,10 @@ fn flags_that_do_nothing_or_are_out_of_range_are_refused_in_words() {
     assert!(o.status.success(), "{}", stderr(&o));
     // the one line on stdout: the checkpoint to use
     assert!(
-        stdout(&o).starts_with(&format!("best checkpoint: {} (epoch 1, validation accuracy", run.join("best.safetensors").display())),
+        stdout(&o).starts_with(&format!(
+            "best checkpoint: {} (epoch 1, validation accuracy",
+            run.join("best.safetensors").display()
+        )),
         "{}",
         stdout(&o)
     );
@@ -1318,11 +1338,17 @@ fn flags_that_do_nothing_or_are_out_of_range_are_refused_in_words() {
         a.extend(extra);
         capsnet(&a, &[])
     };
-    assert_clean_error(&eval(&["--batch-size", "100000"]), &["--batch-size must be between 1 and 4096, got 100000"]);
+    assert_clean_error(
+        &eval(&["--batch-size", "100000"]),
+        &["--batch-size must be between 1 and 4096, got 100000"],
+    );
     let o = eval(&["--limit", "0"]);
     assert_clean_error(&o, &["--limit must be at least 1"]);
     assert!(!stderr(&o).contains("--batch-size"), "{}", stderr(&o));
-    assert_clean_error(&eval(&["--count", "5"]), &["--count is a figure's setting", "--figures DIR"]);
+    assert_clean_error(
+        &eval(&["--count", "5"]),
+        &["--count is a figure's setting", "--figures DIR"],
+    );
     // eval --json: one object
     let o = eval(&["--limit", "20", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -1336,34 +1362,75 @@ fn flags_that_do_nothing_or_are_out_of_range_are_refused_in_words() {
         &["is a directory", "such as", "best.safetensors"],
     );
     // --eager does nothing on the CPU; --arch only with --kernels, and only where the kernels run
-    assert_clean_error(&capsnet(&train_tiny(&data, &run, &["--eager"]), &[]), &["--eager", "CPU"]);
-    assert_clean_error(&capsnet(&["info", "--arch", "sm_80"], &[]), &["--arch sm_80", "add --kernels"]);
+    assert_clean_error(
+        &capsnet(&train_tiny(&data, &run, &["--eager"]), &[]),
+        &["--eager", "CPU"],
+    );
+    assert_clean_error(
+        &capsnet(&["info", "--arch", "sm_80"], &[]),
+        &["--arch sm_80", "add --kernels"],
+    );
     let o = capsnet(&["info", "--kernels", "--arch", "sm_75"], &[]);
     assert_clean_error(&o, &["--arch sm_75", "sm_80 (Ampere) or newer"]);
-    assert!(stderr(&o).lines().count() <= 2, "one line, not ptxas's log:\n{}", stderr(&o));
+    assert!(
+        stderr(&o).lines().count() <= 2,
+        "one line, not ptxas's log:\n{}",
+        stderr(&o)
+    );
     // devices by number; a wrong one in words, not clap's suggestion of 'cpu'
     for (value, needle) in [("gpu:x", "cuda:N"), ("tpu", "is not a device"), ("cuda:-1", "cuda:N")] {
         let o = capsnet(&["train", "--device", value], &[]);
         assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-        assert!(stderr(&o).contains(needle) && !stderr(&o).contains("panicked"), "{value}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(needle) && !stderr(&o).contains("panicked"),
+            "{value}: {}",
+            stderr(&o)
+        );
     }
     // counts in words; a negative threshold is a value, refused by range
     let o = capsnet(&["train", "--shift=-1"], &[]);
-    assert!(stderr(&o).contains("'-1' is negative") && !stderr(&o).contains("invalid digit"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("'-1' is negative") && !stderr(&o).contains("invalid digit"),
+        "{}",
+        stderr(&o)
+    );
     assert_clean_error(
         &capsnet(&["predict", "--checkpoint", s(&ck), "--threshold", "-1", "x.png"], &[]),
         &["--threshold must be between 0 and 1", "got -1"],
     );
     // an empty CAPSNET_DATA is no setting: the default directory is looked for and named
-    let o = capsnet(&["eval", "--checkpoint", s(&ck), "--device", "cpu"], &[("CAPSNET_DATA", "")]);
+    let o = capsnet(
+        &["eval", "--checkpoint", s(&ck), "--device", "cpu"],
+        &[("CAPSNET_DATA", "")],
+    );
     assert_clean_error(&o, &["data/mnist"]);
     assert!(!stderr(&o).contains("a value is required"), "{}", stderr(&o));
     // no raw OS error numbers
-    let o = capsnet(&["eval", "--checkpoint", "/nonexistent/x.safetensors", "--data", s(&data)], &[]);
+    let o = capsnet(
+        &["eval", "--checkpoint", "/nonexistent/x.safetensors", "--data", s(&data)],
+        &[],
+    );
     assert_clean_error(&o, &["No such file or directory"]);
     assert!(!stderr(&o).contains("os error"), "{}", stderr(&o));
     // one step, not "1 steps"
-    let o = capsnet(&["bench", "--device", "cpu", "--conv1-channels", "4", "--primary-maps", "2", "--batch-size", "2", "--steps", "1", "--warmup", "0"], &[]);
+    let o = capsnet(
+        &[
+            "bench",
+            "--device",
+            "cpu",
+            "--conv1-channels",
+            "4",
+            "--primary-maps",
+            "2",
+            "--batch-size",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+        ],
+        &[],
+    );
     assert!(stdout(&o).contains("over 1 step,"), "{}", stdout(&o));
 }
 
@@ -1375,7 +1442,8 @@ fn a_closed_stderr_and_an_interrupt_during_validation_end_cleanly() {
     let data = mnist_dir();
     let run = temp_dir("cli_closed_stderr");
     let mut c = capsnet_command(&train_tiny(&data, &run, &["--epochs", "2"]));
-    c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    c.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     let mut child = c.spawn().unwrap();
     let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut first = String::new();
@@ -1394,25 +1462,35 @@ fn a_closed_stderr_and_an_interrupt_during_validation_end_cleanly() {
     let at = args.iter().position(|a| *a == "100").unwrap(); // --val-limit
     args[at] = "5000";
     let mut c = capsnet_command(&args);
-    c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    c.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     let mut child = c.spawn().unwrap();
     let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut seen = String::new();
     loop {
         let mut line = String::new();
-        assert!(err.read_line(&mut line).unwrap() > 0, "the run ended before validating:\n{seen}");
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "the run ended before validating:\n{seen}"
+        );
         seen.push_str(&line);
         if line.contains("validation [") {
             break;
         }
     }
-    let sent = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(sent.success());
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "{seen}{rest}");
-    assert!(rest.contains("interrupted: saved the end of epoch 1") && rest.contains("continue with:"), "{rest}");
+    assert!(
+        rest.contains("interrupted: saved the end of epoch 1") && rest.contains("continue with:"),
+        "{rest}"
+    );
     assert_eq!(last_checkpoint(&run).state.epoch, 1);
 }
 
@@ -1428,7 +1506,11 @@ fn the_docs_and_help_agree_on_every_flag() {
         while let Some(k) = text[i..].find("--") {
             let start = i + k;
             let before = if start == 0 { b' ' } else { b[start - 1] };
-            let end = start + 2 + text[start + 2..].find(|c: char| !(c.is_ascii_alphanumeric() || c == '-')).unwrap_or(text.len() - start - 2);
+            let end = start
+                + 2
+                + text[start + 2..]
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+                    .unwrap_or(text.len() - start - 2);
             let name = &text[start..end];
             if name.len() > 3 && !before.is_ascii_alphanumeric() && before != b'-' {
                 out.insert(name.to_string());
@@ -1445,7 +1527,8 @@ fn the_docs_and_help_agree_on_every_flag() {
             .filter_map(|l| {
                 let t = l.trim_start();
                 let t = t.strip_prefix("-h, ").unwrap_or(t);
-                t.starts_with("--").then(|| t.split([' ', '=', '[', '<']).next().unwrap().to_string())
+                t.starts_with("--")
+                    .then(|| t.split([' ', '=', '[', '<']).next().unwrap().to_string())
             })
             .filter(|f| f != "--help")
             .collect();
@@ -1472,26 +1555,40 @@ fn the_docs_and_help_agree_on_every_flag() {
             .position(|l| l.starts_with(&head) || *l == head.trim_end())
             .unwrap_or_else(|| panic!("docs/CLI.md has no synopsis of `capsnet {cmd}`"));
         let block: String = std::iter::once(lines[start])
-            .chain(lines[start + 1..].iter().copied().take_while(|l| l.starts_with("          ")))
+            .chain(
+                lines[start + 1..]
+                    .iter()
+                    .copied()
+                    .take_while(|l| l.starts_with("          ")),
+            )
             .collect::<Vec<_>>()
             .join("\n");
         let documented = flags_in(&block);
         let actual = help(cmd);
-        assert_eq!(documented, actual, "`capsnet {cmd}`: docs/CLI.md's synopsis (left) and --help (right)");
+        assert_eq!(
+            documented, actual,
+            "`capsnet {cmd}`: docs/CLI.md's synopsis (left) and --help (right)"
+        );
         every.insert(cmd.clone(), actual);
     }
     // the README's commands use flags that exist
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     let mut checked = 0;
     for line in readme.lines() {
-        let Some(cmd) = commands.iter().find(|c| line.contains(&format!("-- {c} ")) || line.contains(&format!("capsnet {c} "))) else {
+        let Some(cmd) = commands
+            .iter()
+            .find(|c| line.contains(&format!("-- {c} ")) || line.contains(&format!("capsnet {c} ")))
+        else {
             continue;
         };
         let code = line.split('#').next().unwrap();
         // the flags after the command's name (before it: cargo's)
         let at = code.find(&format!(" {cmd} ")).unwrap();
         for f in flags_in(&code[at..]) {
-            assert!(every[cmd].contains(&f), "README: `{f}` is not a flag of `capsnet {cmd}`: {line}");
+            assert!(
+                every[cmd].contains(&f),
+                "README: `{f}` is not a flag of `capsnet {cmd}`: {line}"
+            );
             checked += 1;
         }
     }

@@ -37,8 +37,11 @@ fn train_args<'a>(data: &'a Path, run: &'a Path, extra: &[&'a str]) -> Vec<&'a s
     a
 }
 
+/// Parameters, Adam moments, step and epoch of a checkpoint.
+type WeightsAndState = (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Vec<f32>>, u64, usize);
+
 /// Parameters, Adam moments and state of a checkpoint (the history's timings differ between runs).
-fn weights_and_state(path: &Path) -> (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Vec<f32>>, u64, usize) {
+fn weights_and_state(path: &Path) -> WeightsAndState {
     let c = checkpoint::load(path).unwrap();
     (c.params, c.adam_m, c.adam_v, c.state.step, c.state.epoch)
 }
@@ -54,7 +57,11 @@ fn tensor_spans(bytes: &[u8]) -> Vec<(String, usize, usize)> {
         .filter(|(k, _)| *k != "__metadata__")
         .map(|(k, v)| {
             let o = &v["data_offsets"];
-            (k.clone(), 8 + n + o[0].as_u64().unwrap() as usize, 8 + n + o[1].as_u64().unwrap() as usize)
+            (
+                k.clone(),
+                8 + n + o[0].as_u64().unwrap() as usize,
+                8 + n + o[1].as_u64().unwrap() as usize,
+            )
         })
         .collect()
 }
@@ -62,7 +69,10 @@ fn tensor_spans(bytes: &[u8]) -> Vec<(String, usize, usize)> {
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
-        assert!(start.elapsed() < Duration::from_secs(120), "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -81,7 +91,9 @@ fn a_run_directory_serves_one_training_at_a_time() {
         .spawn()
         .unwrap();
     let pid = child.id().to_string();
-    wait_for("the first run's step-0 checkpoint", || run.join("last.safetensors").exists());
+    wait_for("the first run's step-0 checkpoint", || {
+        run.join("last.safetensors").exists()
+    });
     // leftovers of writes: a live writer's temporary stays, a dead one's goes (on the next open)
     let live = run.join(format!(".best.safetensors.tmp{}", std::process::id()));
     let dead_pid = {
@@ -95,16 +107,29 @@ fn a_run_directory_serves_one_training_at_a_time() {
     std::fs::write(&dead, b"dead").unwrap();
 
     let second = capsnet(&train_args(&data, &run, &["--epochs", "3"]), &[]);
-    assert_clean_error(&second, &[s(&run), &format!("a training run (process {pid}) is using this run directory")]);
+    assert_clean_error(
+        &second,
+        &[
+            s(&run),
+            &format!("a training run (process {pid}) is using this run directory"),
+        ],
+    );
     let resume = capsnet(&train_args(&data, &run, &["--epochs", "3", "--resume"]), &[]);
     assert_clean_error(&resume, &[&format!("process {pid}")]);
     assert!(live.exists() && dead.exists(), "a refused run removes nothing");
-    assert!(child.try_wait().unwrap().is_none(), "the first run ended before the others were refused: lengthen it");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the first run ended before the others were refused: lengthen it"
+    );
 
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ck = checkpoint::load(&run.join("last.safetensors")).unwrap();
-    assert_eq!((ck.state.epoch, ck.history.len()), (3, 3), "the first run finished untouched");
+    assert_eq!(
+        (ck.state.epoch, ck.history.len()),
+        (3, 3),
+        "the first run finished untouched"
+    );
 
     // the run is over: a resume may open the directory, and clears only the dead writer's temporary
     let mut resume = first.clone();
@@ -132,7 +157,17 @@ fn flipped_bytes_in_any_tensor_are_an_error_naming_it() {
         bad[mid] ^= 0x5a;
         std::fs::write(&last, &bad).unwrap();
         let o = capsnet(
-            &["eval", "--checkpoint", s(&last), "--data", s(&data), "--limit", "10", "--device", "cpu"],
+            &[
+                "eval",
+                "--checkpoint",
+                s(&last),
+                "--data",
+                s(&data),
+                "--limit",
+                "10",
+                "--device",
+                "cpu",
+            ],
             &[],
         );
         assert_clean_error(&o, &[s(&last), &format!("tensor '{name}'"), "SHA-256"]);
@@ -160,7 +195,10 @@ fn a_full_disk_mid_run_leaves_a_run_that_resume_continues() {
     // improved: its first or second write is the 7th or 8th)
     for writes in ["1", "2", "3", "4", "5", "6", "7"] {
         let run = temp_dir(&format!("safety_disk_{writes}"));
-        let o = capsnet(&train_args(&data, &run, &["--epochs", "2"]), &[("CAPSNET_FAULT_WRITES", writes)]);
+        let o = capsnet(
+            &train_args(&data, &run, &["--epochs", "2"]),
+            &[("CAPSNET_FAULT_WRITES", writes)],
+        );
         assert_clean_error(&o, &["cannot write: No space left on device"]);
         assert!(!stderr(&o).contains("os error"), "{}", stderr(&o));
         let tmps: Vec<PathBuf> = std::fs::read_dir(&run)
@@ -172,7 +210,16 @@ fn a_full_disk_mid_run_leaves_a_run_that_resume_continues() {
         assert!(tmps.is_empty(), "a failed write leaves no temporary: {tmps:?}");
         // space freed: the same directory, only --resume (and where to run) given
         let o = capsnet(
-            &["train", "--data", s(&data), "--checkpoint-dir", s(&run), "--resume", "--device", "cpu"],
+            &[
+                "train",
+                "--data",
+                s(&data),
+                "--checkpoint-dir",
+                s(&run),
+                "--resume",
+                "--device",
+                "cpu",
+            ],
             &[],
         );
         assert!(o.status.success(), "after {writes} writes: {}", stderr(&o));
@@ -182,20 +229,30 @@ fn a_full_disk_mid_run_leaves_a_run_that_resume_continues() {
             "the resumed run after {writes} writes ends where an uninterrupted one does"
         );
         assert_eq!(
-            std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count(),
+            std::fs::read_to_string(run.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .count(),
             2
         );
         // steps.jsonl: every step once, in order, as an uninterrupted run has them
         let steps: Vec<u64> = std::fs::read_to_string(run.join("steps.jsonl"))
             .unwrap()
             .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
             .collect();
         assert_eq!(steps, (1..=8).collect::<Vec<u64>>(), "after {writes} writes");
     }
     // a failed first write leaves no run: the next fresh run may start
     let run = temp_dir("safety_disk_0");
-    let o = capsnet(&train_args(&data, &run, &["--epochs", "1"]), &[("CAPSNET_FAULT_WRITES", "0")]);
+    let o = capsnet(
+        &train_args(&data, &run, &["--epochs", "1"]),
+        &[("CAPSNET_FAULT_WRITES", "0")],
+    );
     assert_clean_error(&o, &["No space left on device"]);
     let o = capsnet(&train_args(&data, &run, &["--epochs", "1"]), &[]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -210,7 +267,11 @@ fn a_run_directory_that_cannot_be_written_is_refused_before_training() {
     let under = file.join("run");
     let o = capsnet(&train_args(&data, &under, &["--epochs", "1"]), &[]);
     assert_clean_error(&o, &[s(&under), "cannot create the run directory", "Not a directory"]);
-    assert!(!stderr(&o).contains("os error") && !stderr(&o).contains("epoch 1"), "{}", stderr(&o));
+    assert!(
+        !stderr(&o).contains("os error") && !stderr(&o).contains("epoch 1"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -232,19 +293,54 @@ fn resume_takes_the_stored_settings_and_the_target_epochs() {
     );
     // given flags that agree are accepted, others refused by name
     let o = capsnet(
-        &["train", "--data", s(&data), "--checkpoint-dir", s(&run), "--resume", "--preset", "notebook", "--seed", "9"],
+        &[
+            "train",
+            "--data",
+            s(&data),
+            "--checkpoint-dir",
+            s(&run),
+            "--resume",
+            "--preset",
+            "notebook",
+            "--seed",
+            "9",
+        ],
         &[],
     );
     assert_clean_error(
         &o,
-        &["--routing 2 (set by --preset notebook), stored 1", "--shift 0 (set by --preset notebook), stored 2"],
+        &[
+            "--routing 2 (set by --preset notebook), stored 1",
+            "--shift 0 (set by --preset notebook), stored 2",
+        ],
     );
     assert!(!stderr(&o).contains("--seed"), "--seed agrees: {}", stderr(&o));
-    let o = capsnet(&["train", "--data", s(&data), "--checkpoint-dir", s(&run), "--resume", "--conv1-channels", "256"], &[]);
+    let o = capsnet(
+        &[
+            "train",
+            "--data",
+            s(&data),
+            "--checkpoint-dir",
+            s(&run),
+            "--resume",
+            "--conv1-channels",
+            "256",
+        ],
+        &[],
+    );
     assert_clean_error(&o, &["--conv1-channels 256, stored 4"]);
     // nothing retyped: the stored model, settings and --epochs
     let o = capsnet(
-        &["train", "--data", s(&data), "--checkpoint-dir", s(&run), "--resume", "--device", "cpu"],
+        &[
+            "train",
+            "--data",
+            s(&data),
+            "--checkpoint-dir",
+            s(&run),
+            "--resume",
+            "--device",
+            "cpu",
+        ],
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -261,7 +357,18 @@ fn resume_takes_the_stored_settings_and_the_target_epochs() {
     );
     // a later --epochs goes further
     let o = capsnet(
-        &["train", "--data", s(&data), "--checkpoint-dir", s(&run), "--resume", "--device", "cpu", "--epochs", "3"],
+        &[
+            "train",
+            "--data",
+            s(&data),
+            "--checkpoint-dir",
+            s(&run),
+            "--resume",
+            "--device",
+            "cpu",
+            "--epochs",
+            "3",
+        ],
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -272,7 +379,11 @@ fn resume_takes_the_stored_settings_and_the_target_epochs() {
 fn exported_weights_serve_eval_predict_and_figures_and_pytorch_names() {
     let data = mnist_dir();
     let run = temp_dir("safety_export");
-    assert!(capsnet(&train_args(&data, &run, &["--epochs", "1"]), &[]).status.success());
+    assert!(
+        capsnet(&train_args(&data, &run, &["--epochs", "1"]), &[])
+            .status
+            .success()
+    );
     let last = run.join("last.safetensors");
     let out = temp_dir("safety_export_out");
     let weights = out.join("weights.safetensors");
@@ -280,7 +391,18 @@ fn exported_weights_serve_eval_predict_and_figures_and_pytorch_names() {
     let o = capsnet(&["export", "--checkpoint", s(&last), "--out", s(&weights)], &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("wrote"), "{}", stdout(&o));
-    let o = capsnet(&["export", "--checkpoint", s(&last), "--out", s(&torch), "--layout", "pytorch"], &[]);
+    let o = capsnet(
+        &[
+            "export",
+            "--checkpoint",
+            s(&last),
+            "--out",
+            s(&torch),
+            "--layout",
+            "pytorch",
+        ],
+        &[],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     // nothing is overwritten
     let before = std::fs::read(&weights).unwrap();
@@ -317,7 +439,17 @@ fn exported_weights_serve_eval_predict_and_figures_and_pytorch_names() {
 
     let eval = |f: &Path| {
         let o = capsnet(
-            &["eval", "--checkpoint", s(f), "--data", s(&data), "--limit", "100", "--device", "cpu"],
+            &[
+                "eval",
+                "--checkpoint",
+                s(f),
+                "--data",
+                s(&data),
+                "--limit",
+                "100",
+                "--device",
+                "cpu",
+            ],
             &[],
         );
         assert!(o.status.success(), "{}", stderr(&o));
@@ -328,7 +460,19 @@ fn exported_weights_serve_eval_predict_and_figures_and_pytorch_names() {
     assert_eq!(eval(&torch), reference);
     let figs = out.join("figs");
     let o = capsnet(
-        &["figures", "--checkpoint", s(&weights), "--data", s(&data), "--limit", "100", "--out", s(&figs), "--device", "cpu"],
+        &[
+            "figures",
+            "--checkpoint",
+            s(&weights),
+            "--data",
+            s(&data),
+            "--limit",
+            "100",
+            "--out",
+            s(&figs),
+            "--device",
+            "cpu",
+        ],
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));

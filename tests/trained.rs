@@ -177,7 +177,11 @@ fn resized_inverted_and_coloured_digits_mostly_keep_evals_class() {
             })
             .collect();
         // the 28x28 inverted digits as they are: only inverted
-        let flags: &[&str] = if matches!(v, Variant::Inverted) { &["--raw"] } else { &[] };
+        let flags: &[&str] = if matches!(v, Variant::Inverted) {
+            &["--raw"]
+        } else {
+            &[]
+        };
         let (o, objs) = predict_json(&files, flags);
         assert!(o.status.success(), "{v:?}: {}", stderr(&o));
         assert_eq!(objs.len(), n);
@@ -229,16 +233,15 @@ fn photo(d: &GrayImage, v: Photo, rng: &mut common::Lcg) -> image::DynamicImage 
     };
     let on_paper = |paper: f32, a: f32| (paper * (1.0 - a) + 25.0 * a).round().clamp(0.0, 255.0) as u8;
     match v {
-        Photo::ShadowBand => {
-            ImageBuffer::from_fn(100, 80, |x, y| {
-                let paper = if x < 25 { 140.0 } else { 230.0 };
-                Luma([on_paper(paper, ink_at(x, y))])
-            })
-            .into()
-        }
-        Photo::Gradient => {
-            ImageBuffer::from_fn(100, 80, |x, y| Luma([on_paper(170.0 + 60.0 * x as f32 / 99.0, ink_at(x, y))])).into()
-        }
+        Photo::ShadowBand => ImageBuffer::from_fn(100, 80, |x, y| {
+            let paper = if x < 25 { 140.0 } else { 230.0 };
+            Luma([on_paper(paper, ink_at(x, y))])
+        })
+        .into(),
+        Photo::Gradient => ImageBuffer::from_fn(100, 80, |x, y| {
+            Luma([on_paper(170.0 + 60.0 * x as f32 / 99.0, ink_at(x, y))])
+        })
+        .into(),
         Photo::Noise => {
             let img: GrayImage = ImageBuffer::from_fn(100, 80, |x, y| {
                 let (u1, u2) = (rng.next_f64().max(1e-12), rng.next_f64());
@@ -254,18 +257,16 @@ fn photo(d: &GrayImage, v: Photo, rng: &mut common::Lcg) -> image::DynamicImage 
             });
             img.into()
         }
-        Photo::OffCentre28 => {
-            ImageBuffer::from_fn(28, 28, |x, y| {
-                let (sx, sy) = (x as i64 - 4, y as i64 + 3);
-                let p = if (0..28).contains(&sx) && (0..28).contains(&sy) {
-                    d.get_pixel(sx as u32, sy as u32).0[0]
-                } else {
-                    0
-                };
-                Luma([p])
-            })
-            .into()
-        }
+        Photo::OffCentre28 => ImageBuffer::from_fn(28, 28, |x, y| {
+            let (sx, sy) = (x as i64 - 4, y as i64 + 3);
+            let p = if (0..28).contains(&sx) && (0..28).contains(&sy) {
+                d.get_pixel(sx as u32, sy as u32).0[0]
+            } else {
+                0
+            };
+            Luma([p])
+        })
+        .into(),
     }
 }
 
@@ -280,7 +281,13 @@ fn shadows_gradients_noise_transparency_and_off_centre_digits_keep_evals_class()
     let raw = raw_classes(&split);
     let dir = temp_dir("predict-photos");
     let mut rng = common::Lcg(5);
-    for v in [Photo::ShadowBand, Photo::Gradient, Photo::Noise, Photo::Transparent, Photo::OffCentre28] {
+    for v in [
+        Photo::ShadowBand,
+        Photo::Gradient,
+        Photo::Noise,
+        Photo::Transparent,
+        Photo::OffCentre28,
+    ] {
         let files: Vec<PathBuf> = (0..n)
             .map(|i| {
                 let f = dir.join(format!("{v:?}-{i:03}.png"));
@@ -296,8 +303,13 @@ fn shadows_gradients_noise_transparency_and_off_centre_digits_keep_evals_class()
         sep.sort_by(f64::total_cmp);
         eprintln!("{v:?}: separation from {:.3} (median {:.3})", sep[0], sep[n / 2]);
         let doubted = objs.iter().filter(|o| o["confident"] == false).count();
-        let short = (0..n).filter(|&i| raw.lengths[i * 10 + raw.pred[i] as usize] <= 0.5).count();
-        assert!(doubted <= short + n / 20, "{v:?}: {doubted} flagged, {short} short capsules in eval");
+        let short = (0..n)
+            .filter(|&i| raw.lengths[i * 10 + raw.pred[i] as usize] <= 0.5)
+            .count();
+        assert!(
+            doubted <= short + n / 20,
+            "{v:?}: {doubted} flagged, {short} short capsules in eval"
+        );
         assert!(same * 100 >= n * 90, "{v:?}: only {same} of {n} keep eval's class");
         if let Photo::OffCentre28 = v {
             let (_, as_is) = predict_json(&files, &["--raw"]);
@@ -309,29 +321,44 @@ fn shadows_gradients_noise_transparency_and_off_centre_digits_keep_evals_class()
     // a directory is its image files; pure noise is not confidently a digit
     let noise_dir = temp_dir("predict-noise");
     for k in 0..5 {
-        let img: GrayImage =
-            ImageBuffer::from_fn(64, 64, |_, _| Luma([(rng.next_f64() * 255.0).round() as u8]));
+        let img: GrayImage = ImageBuffer::from_fn(64, 64, |_, _| Luma([(rng.next_f64() * 255.0).round() as u8]));
         img.save(noise_dir.join(format!("noise-{k}.png"))).unwrap();
     }
     std::fs::write(noise_dir.join("notes.txt"), b"not an image").unwrap();
-    let (_, objs) = predict_json(&[noise_dir.clone()], &[]);
-    assert_eq!(objs.len(), 5, "the directory's five images, not its text file: {objs:?}");
+    let (_, objs) = predict_json(std::slice::from_ref(&noise_dir), &[]);
+    assert_eq!(
+        objs.len(),
+        5,
+        "the directory's five images, not its text file: {objs:?}"
+    );
     // each is either no digit at all or a digit flagged as not confident
     for o in &objs {
         let no_digit = o["error"].as_str().is_some_and(|e| e.contains("no digit found"));
         assert!(no_digit || o["confident"] == false, "pure noise: {o}");
     }
-    let doubtful = objs.iter().find(|o| o["confident"] == false).expect("one noise image is predicted");
+    let doubtful = objs
+        .iter()
+        .find(|o| o["confident"] == false)
+        .expect("one noise image is predicted");
     let ck = trained().to_str().unwrap().to_string();
     let one = doubtful["file"].as_str().unwrap();
     let o = capsnet(&["predict", "--device", "cpu", "--checkpoint", &ck, one], &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("not confident"), "{}", stdout(&o));
     let empty = temp_dir("predict-empty-dir");
-    let o = capsnet(&["predict", "--device", "cpu", "--checkpoint", &ck, empty.to_str().unwrap()], &[]);
+    let o = capsnet(
+        &[
+            "predict",
+            "--device",
+            "cpu",
+            "--checkpoint",
+            &ck,
+            empty.to_str().unwrap(),
+        ],
+        &[],
+    );
     assert_clean_error(&o, &[empty.to_str().unwrap(), "without image files"]);
 }
-
 
 /// A PNG that declares `w` x `h` but holds no pixel data (a few dozen bytes).
 fn png_header_only(w: u32, h: u32) -> Vec<u8> {
@@ -632,7 +659,10 @@ fn figures_and_eval_figures_write_every_png_and_refuse_bad_flags() {
         let img = image::open(out.join(name)).unwrap().to_luma8();
         for y in rows {
             let dark = (0..img.width()).filter(|&x| img.get_pixel(x, y).0[0] < 200).count();
-            assert_eq!(dark, 0, "{name}: row {y} has {dark} drawn pixels (a label cut at the top)");
+            assert_eq!(
+                dark, 0,
+                "{name}: row {y} has {dark} drawn pixels (a label cut at the top)"
+            );
         }
         img
     };

@@ -57,7 +57,11 @@ pub enum Cmd {
 /// Rust's "invalid digit found in string".
 pub fn whole<T: std::str::FromStr>(s: &str) -> std::result::Result<T, String> {
     s.trim().parse::<T>().map_err(|_| {
-        let what = if s.trim().starts_with('-') { "negative" } else { "not a whole number" };
+        let what = if s.trim().starts_with('-') {
+            "negative"
+        } else {
+            "not a whole number"
+        };
         format!("'{s}' is {what}: give a whole number of 0 or more")
     })
 }
@@ -90,7 +94,9 @@ pub fn parse_device(s: &str) -> std::result::Result<Device, String> {
                 .strip_prefix(':')
                 .and_then(|n| n.parse::<usize>().ok())
                 .map(Device::Cuda)
-                .ok_or_else(|| format!("'{s}': a GPU is cuda or cuda:N, N its number from 0 (capsnet info lists GPU 0)")),
+                .ok_or_else(|| {
+                    format!("'{s}': a GPU is cuda or cuda:N, N its number from 0 (capsnet info lists GPU 0)")
+                }),
         }
     };
     match s {
@@ -100,7 +106,9 @@ pub fn parse_device(s: &str) -> std::result::Result<Device, String> {
         "emulated" => Ok(Device::Emulated),
         _ if s.starts_with("cuda") => gpu(&s[4..]),
         _ if s.starts_with("gpu") => gpu(&s[3..]),
-        _ => Err(format!("'{s}' is not a device: auto, cpu, cpu-reference, cuda, cuda:N or emulated")),
+        _ => Err(format!(
+            "'{s}' is not a device: auto, cpu, cpu-reference, cuda, cuda:N or emulated"
+        )),
     }
 }
 

@@ -40,7 +40,14 @@ pub fn select(device: Device, kernels: &KernelArgs) -> Result<Selected> {
             kernels.cpu_only("--device cpu-reference")?;
             Ok(Selected::CpuReference(CpuBackend::new()))
         }
-        Device::Cuda(n) => cuda(n, &if n == 0 { "cuda".to_string() } else { format!("cuda:{n}") }),
+        Device::Cuda(n) => cuda(
+            n,
+            &if n == 0 {
+                "cuda".to_string()
+            } else {
+                format!("cuda:{n}")
+            },
+        ),
         Device::Emulated => {
             cuda::emulator::load(cuda::emulator::Variant::Plain)
                 .map_err(|e| Error::msg(format!("--device emulated: {e}")))?;

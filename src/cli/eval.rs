@@ -66,12 +66,10 @@ fn print_eval(r: &train::EvalReport) {
 
 /// `capsnet eval`.
 pub fn eval(a: EvalArgs) -> Result<()> {
-    if a.figures.is_none() {
-        if let Some(flag) = a.figure.given().first() {
-            return Err(capsnet::Error::msg(format!(
-                "{flag} is a figure's setting: add --figures DIR to draw them"
-            )));
-        }
+    if let (None, Some(flag)) = (&a.figures, a.figure.given().first()) {
+        return Err(capsnet::Error::msg(format!(
+            "{flag} is a figure's setting: add --figures DIR to draw them"
+        )));
     }
     let (r, written) = a.test.run(a.figures.as_deref(), &a.figure)?;
     if a.json {

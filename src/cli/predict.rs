@@ -27,7 +27,11 @@ pub fn run(a: PredictArgs) -> Result<()> {
             .map_err(|e| Error::file(dir, format!("--save-input: cannot create the directory: {e}")))?;
     }
     let sel = select(a.device, &a.kernels)?;
-    let how = if a.raw { predict::Preparation::Raw } else { predict::Preparation::Full };
+    let how = if a.raw {
+        predict::Preparation::Raw
+    } else {
+        predict::Preparation::Full
+    };
     let results = with_backend!(sel, |be| {
         let mut tape = capsnet::tape::Tape::new(be);
         let model = capsnet::model::CapsNet::from_checkpoint(&mut tape, &ck)?;
@@ -105,7 +109,12 @@ pub fn run(a: PredictArgs) -> Result<()> {
                 };
                 format!(" - not confident: {why}; this may not be a digit")
             };
-            println!("{}: {} ({:.3}){also}{doubt}", file.display(), p.digit, p.lengths[p.digit]);
+            println!(
+                "{}: {} ({:.3}){also}{doubt}",
+                file.display(),
+                p.digit,
+                p.lengths[p.digit]
+            );
             let lengths: Vec<String> = p
                 .lengths
                 .iter()
@@ -134,8 +143,12 @@ fn expand_dirs(paths: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf>> 
             out.push(p.clone());
             continue;
         }
-        let entries = std::fs::read_dir(p)
-            .map_err(|e| Error::file(p, format!("cannot list the directory: {}", capsnet::error::io_words(&e))))?;
+        let entries = std::fs::read_dir(p).map_err(|e| {
+            Error::file(
+                p,
+                format!("cannot list the directory: {}", capsnet::error::io_words(&e)),
+            )
+        })?;
         let mut found: Vec<std::path::PathBuf> = entries
             .flatten()
             .map(|e| e.path())

@@ -14,7 +14,12 @@ pub fn given_flags(m: Option<&clap::ArgMatches>) -> Vec<GivenFlag> {
     let Some(m) = m else { return vec![] };
     let mut given: Vec<GivenFlag> = m
         .ids()
-        .filter(|id| matches!(m.value_source(id.as_str()), Some(ValueSource::CommandLine | ValueSource::EnvVariable)))
+        .filter(|id| {
+            matches!(
+                m.value_source(id.as_str()),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        })
         .map(|id| GivenFlag {
             flag: format!("--{}", id.as_str().replace('_', "-")),
             via: None,
@@ -22,7 +27,10 @@ pub fn given_flags(m: Option<&clap::ArgMatches>) -> Vec<GivenFlag> {
         .collect();
     if given.iter().any(|g| g.flag == "--preset") {
         let name = m.get_one::<PresetArg>("preset").copied().unwrap_or(PresetArg::Notebook);
-        let via = format!("--preset {}", if name == PresetArg::Paper { "paper" } else { "notebook" });
+        let via = format!(
+            "--preset {}",
+            if name == PresetArg::Paper { "paper" } else { "notebook" }
+        );
         for flag in ["--routing", "--batch-size", "--shift", "--lr-decay", "--lr-decay-steps"] {
             if !given.iter().any(|g| g.flag == flag) {
                 given.push(GivenFlag {
@@ -103,8 +111,10 @@ pub fn run(a: TrainArgs, given: Vec<GivenFlag>) -> Result<()> {
     with_backend!(sel, |be| train::train(be, &opts))?;
     // the one line on stdout: where the model to use is, and how it did
     let best = opts.run_dir.join(capsnet::checkpoint::BEST);
-    if !train::interrupted() {
-        if let Ok(ck) = capsnet::checkpoint::load(&best) {
+    if !train::interrupted()
+        && let Ok(ck) = capsnet::checkpoint::load(&best)
+    {
+        {
             let val = ck
                 .history
                 .iter()

@@ -274,7 +274,8 @@ fn nvrtc_compile(file: &str, src: &str, opts: &[String], target: Target) -> Resu
     let fail = |what: &str| Error::msg(format!("{}: {what}", crate::kernels::path_of(file)));
     let csrc = CString::new(src).map_err(|_| fail("the source holds a NUL byte"))?;
     let name = CString::new(file).map_err(|_| fail("the name holds a NUL byte"))?;
-    let prog = result::create_program(&csrc, Some(&name)).map_err(|e| fail(&format!("nvrtcCreateProgram: {:?}", e.0)))?;
+    let prog =
+        result::create_program(&csrc, Some(&name)).map_err(|e| fail(&format!("nvrtcCreateProgram: {:?}", e.0)))?;
     // SAFETY: `prog` was created above and is destroyed once, below; every output is read before.
     let out = unsafe {
         let compiled = result::compile_program(prog, opts);
@@ -287,7 +288,8 @@ fn nvrtc_compile(file: &str, src: &str, opts: &[String], target: Target) -> Resu
         match compiled {
             Err(e) => Err(fail(&format!(
                 "NVRTC cannot compile it for {}: {:?}\n{log}",
-                target.arch(), e.0
+                target.arch(),
+                e.0
             ))),
             Ok(()) => {
                 let mut n = 0usize;

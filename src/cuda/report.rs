@@ -136,8 +136,13 @@ fn ptxas_log(file: &str, arch: &str) -> Result<String> {
     let src = CString::new(expand(file)?)
         .map_err(|_| Error::msg(format!("{}: a NUL byte", crate::kernels::path_of(file))))?;
     let name = CString::new(file).expect("a file name without NUL");
-    let prog = cudarc::nvrtc::result::create_program(&src, Some(&name))
-        .map_err(|e| Error::msg(format!("{}: nvrtcCreateProgram: {:?}", crate::kernels::path_of(file), e.0)))?;
+    let prog = cudarc::nvrtc::result::create_program(&src, Some(&name)).map_err(|e| {
+        Error::msg(format!(
+            "{}: nvrtcCreateProgram: {:?}",
+            crate::kernels::path_of(file),
+            e.0
+        ))
+    })?;
     let opts: Vec<String> = [
         vec![
             format!("--gpu-architecture={arch}"),
@@ -152,13 +157,20 @@ fn ptxas_log(file: &str, arch: &str) -> Result<String> {
     let res = unsafe { cudarc::nvrtc::result::compile_program(prog, &opts) };
     let log = unsafe { cudarc::nvrtc::result::get_program_log(prog) };
     let _ = unsafe { cudarc::nvrtc::result::destroy_program(prog) };
-    let log = log.map_err(|e| Error::msg(format!("{}: nvrtcGetProgramLog: {:?}", crate::kernels::path_of(file), e.0)))?;
+    let log = log.map_err(|e| {
+        Error::msg(format!(
+            "{}: nvrtcGetProgramLog: {:?}",
+            crate::kernels::path_of(file),
+            e.0
+        ))
+    })?;
     let bytes: Vec<u8> = log.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
     let log = String::from_utf8_lossy(&bytes).into_owned();
     res.map_err(|e| {
         Error::msg(format!(
             "{}: NVRTC cannot compile it for {arch}: {:?}\n{log}",
-            crate::kernels::path_of(file), e.0
+            crate::kernels::path_of(file),
+            e.0
         ))
     })?;
     Ok(log)

@@ -195,7 +195,13 @@ pub fn tweaks(recons: &[f32], dims: usize, digits: usize, side: usize, scale: u3
         let x = (left + k * (group + gap)) as i32;
         s.text(x, LABEL_TOP, &format!("{:+.2}", -TWEAK_RANGE), 11, INK)?;
         s.text(x + group as i32 / 2 - 4, LABEL_TOP, "0", 11, INK)?;
-        s.text(x + group as i32 - 36, LABEL_TOP, &format!("{:+.2}", TWEAK_RANGE), 11, INK)?;
+        s.text(
+            x + group as i32 - 36,
+            LABEL_TOP,
+            &format!("{:+.2}", TWEAK_RANGE),
+            11,
+            INK,
+        )?;
     }
     let px = side * side;
     for d in 0..dims {

@@ -88,7 +88,11 @@ fn terminal_width() -> usize {
     if unsafe { libc::ioctl(2, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_col > 0 {
         return ws.ws_col as usize;
     }
-    std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()).filter(|&c| c > 0).unwrap_or(80)
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .filter(|&c| c > 0)
+        .unwrap_or(80)
 }
 
 /// A progress line in fewer than `width` columns (so the terminal never wraps it): the first of
@@ -183,7 +187,10 @@ mod tests {
         let short = "52000/55000 loss 0.0123 acc 99.12%, 0:42 left";
         let tails = [full, short];
         let wide = fit_line("epoch 10/10", 0.5, &tails, usize::MAX);
-        assert!(wide.contains(&format!("[{}{}]", "#".repeat(12), ".".repeat(12))), "{wide}");
+        assert!(
+            wide.contains(&format!("[{}{}]", "#".repeat(12), ".".repeat(12))),
+            "{wide}"
+        );
         assert!(wide.ends_with(full));
         for width in [40, 60, 80, 100] {
             let l = fit_line("epoch 10/10", 0.5, &tails, width);

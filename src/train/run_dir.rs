@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use super::TrainOptions;
 use super::evaluate::check_side;
-pub use crate::checkpoint::{BEST, LAST};
 use crate::checkpoint::{self, Checkpoint, TrainState};
+pub use crate::checkpoint::{BEST, LAST};
 use crate::float::Float;
 use crate::model::CapsNet;
 use crate::ops::Adam;
@@ -228,20 +228,34 @@ fn lock(dir: &Path) -> Result<RunLock> {
         .create(true)
         .truncate(false)
         .open(&path)
-        .map_err(|e| Error::file(dir, format!("cannot write in the run directory: {}", crate::error::io_words(&e))))?;
+        .map_err(|e| {
+            Error::file(
+                dir,
+                format!("cannot write in the run directory: {}", crate::error::io_words(&e)),
+            )
+        })?;
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
             let holder = std::fs::read_to_string(&path).unwrap_or_default();
             let holder = holder.trim();
-            let who = if holder.is_empty() { "another process".to_string() } else { format!("process {holder}") };
+            let who = if holder.is_empty() {
+                "another process".to_string()
+            } else {
+                format!("process {holder}")
+            };
             return Err(Error::file(
                 dir,
-                format!("a training run ({who}) is using this run directory; wait for it to end, or choose another --checkpoint-dir"),
+                format!(
+                    "a training run ({who}) is using this run directory; wait for it to end, or choose another --checkpoint-dir"
+                ),
             ));
         }
         Err(std::fs::TryLockError::Error(e)) => {
-            return Err(Error::file(&path, format!("cannot lock the run directory: {}", crate::error::io_words(&e))));
+            return Err(Error::file(
+                &path,
+                format!("cannot lock the run directory: {}", crate::error::io_words(&e)),
+            ));
         }
     }
     // the holder's PID, for the message of a run that is refused
@@ -294,8 +308,12 @@ pub(crate) fn open_fresh(opts: &TrainOptions) -> Result<RunLock> {
     let dir = &opts.run_dir;
     opts.config.validate()?;
     check_side(&opts.config, opts.run.dataset, &dir.join(LAST))?;
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::file(dir, format!("cannot create the run directory: {}", crate::error::io_words(&e))))?;
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Error::file(
+            dir,
+            format!("cannot create the run directory: {}", crate::error::io_words(&e)),
+        )
+    })?;
     let held = lock(dir)?;
     let run_files: Vec<&str> = [LAST, BEST, METRICS]
         .into_iter()
@@ -349,7 +367,10 @@ pub(crate) fn open_resume(opts: &TrainOptions) -> Result<(RunLock, Checkpoint, T
     let mut resumed = opts.clone();
     resumed.config = ck.config.clone();
     resumed.run = ck.state.run.clone();
-    let epochs_given = opts.given.as_ref().is_none_or(|g| g.iter().any(|f| f.flag == "--epochs"));
+    let epochs_given = opts
+        .given
+        .as_ref()
+        .is_none_or(|g| g.iter().any(|f| f.flag == "--epochs"));
     if !epochs_given {
         resumed.epochs = ck.state.target_epochs.unwrap_or(opts.epochs);
     }
@@ -441,7 +462,10 @@ mod tests {
         let cfg = crate::config::Config::default();
         let one = checkpoint_bytes(&cfg);
         let e = check_space(&dir, &cfg, Some(3 * one - 1)).unwrap_err().to_string();
-        assert!(e.starts_with(&dir.display().to_string()) && e.contains("not enough free space"), "{e}");
+        assert!(
+            e.starts_with(&dir.display().to_string()) && e.contains("not enough free space"),
+            "{e}"
+        );
         assert!(e.contains(&format!("{:.1} MB each", one as f64 / 1e6)), "{e}");
         check_space(&dir, &cfg, Some(3 * one)).unwrap();
         check_space(&dir, &cfg, None).unwrap();
