@@ -71,13 +71,25 @@ fn without_os_error_numbers(msg: &str) -> String {
 
 fn main() -> ExitCode {
     quiet_broken_pipe();
-    // an empty CAPSNET_DATA is no setting, as shells treat empty variables
-    if std::env::var_os("CAPSNET_DATA").is_some_and(|v| v.is_empty()) {
-        // SAFETY: the only thread there is yet
-        unsafe { std::env::remove_var("CAPSNET_DATA") };
+    // an empty variable is no setting, as shells treat empty variables
+    for var in ["CAPSNET_DATA", "CAPSNET_THREADS"] {
+        if std::env::var_os(var).is_some_and(|v| v.is_empty()) {
+            // SAFETY: the only thread there is yet
+            unsafe { std::env::remove_var(var) };
+        }
     }
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            eprintln!("error: --threads must be at least 1");
+            return ExitCode::FAILURE;
+        }
+        capsnet::par::set_threads(n);
+        // matrixmultiply sizes its pool from this at its first GEMM
+        // SAFETY: the only thread there is yet
+        unsafe { std::env::set_var("MATMUL_NUM_THREADS", n.to_string()) };
+    }
     match run(cli, &matches) {
         // an interrupted training run saved its state and said how to continue
         Ok(()) if train::interrupted() => ExitCode::from(130),

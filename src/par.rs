@@ -9,9 +9,24 @@ use std::sync::OnceLock;
 /// Below this many units of work a loop runs on the calling thread: spawning costs ~10 µs a thread.
 const MIN_PARALLEL_WORK: usize = 1 << 16;
 
+static THREADS: OnceLock<usize> = OnceLock::new();
+
+/// The threads the CPU backends' loops use: [`set_threads`]'s, else `CAPSNET_THREADS`, else every
+/// core the process may use.
 pub fn threads() -> usize {
-    static N: OnceLock<usize> = OnceLock::new();
-    *N.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+    *THREADS.get_or_init(|| {
+        std::env::var("CAPSNET_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+    })
+}
+
+/// Fixes the thread count before the first parallel loop (`--threads`); false if it was fixed
+/// already to another count.
+pub fn set_threads(n: usize) -> bool {
+    *THREADS.get_or_init(|| n.max(1)) == n.max(1)
 }
 
 /// Calls `f(row_index, row)` for each `row_len`-long row of `out`. `work_per_row` is a rough cost

@@ -1432,6 +1432,60 @@ fn flags_that_do_nothing_or_are_out_of_range_are_refused_in_words() {
         &[],
     );
     assert!(stdout(&o).contains("over 1 step,"), "{}", stdout(&o));
+    // the threads: by flag (any command) or variable; 0 is refused
+    let bench1 = [
+        "bench",
+        "--device",
+        "cpu",
+        "--conv1-channels",
+        "4",
+        "--primary-maps",
+        "2",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+    ];
+    let mut flagged = bench1.to_vec();
+    flagged.extend(["--threads", "1"]);
+    for (args, env) in [
+        (flagged.clone(), vec![]),
+        (bench1.to_vec(), vec![("CAPSNET_THREADS", "1")]),
+    ] {
+        let o = capsnet(&args, &env);
+        assert!(
+            stdout(&o).contains("backend: cpu (1 thread, "),
+            "{env:?}: {}",
+            stdout(&o)
+        );
+    }
+    let o = capsnet(
+        &[
+            "--threads",
+            "3",
+            "bench",
+            "--device",
+            "cpu",
+            "--conv1-channels",
+            "4",
+            "--primary-maps",
+            "2",
+            "--batch-size",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+        ],
+        &[],
+    );
+    assert!(stdout(&o).contains("backend: cpu (3 threads, "), "{}", stdout(&o));
+    assert_clean_error(
+        &capsnet(&["info", "--threads", "0"], &[]),
+        &["--threads must be at least 1"],
+    );
 }
 
 /// `capsnet train 2>&1 | head -3`: the reader goes away; the run ends quietly (SIGPIPE's status), and
@@ -1522,6 +1576,21 @@ fn the_docs_and_help_agree_on_every_flag() {
     let help = |cmd: &str| -> BTreeSet<String> {
         let o = capsnet(&[cmd, "--help"], &[]);
         assert!(o.status.success(), "{cmd} --help: {}", stderr(&o));
+        // every flag says what it does: text beside it or on the line under it
+        let text = stdout(&o);
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            let t = l.trim_start();
+            if !t.starts_with("--") && !t.starts_with("-h, ") {
+                continue;
+            }
+            let beside = t.split("  ").skip(1).any(|x| !x.trim().is_empty());
+            let under = lines.get(i + 1).is_some_and(|n| {
+                let n = n.trim_start();
+                !n.is_empty() && !n.starts_with('-')
+            });
+            assert!(beside || under, "`capsnet {cmd} --help`: no help text for {t}");
+        }
         let flags: BTreeSet<String> = stdout(&o)
             .lines()
             .filter_map(|l| {
@@ -1546,6 +1615,21 @@ fn the_docs_and_help_agree_on_every_flag() {
         .filter(|c| c != "help")
         .collect();
     assert!(commands.len() >= 9, "{commands:?}");
+    // flags every command takes (listed once in the docs)
+    let global: BTreeSet<String> = stdout(&o)
+        .lines()
+        .filter_map(|l| {
+            let t = l.trim_start();
+            let t = t.strip_prefix("-h, ").or_else(|| t.strip_prefix("-V, ")).unwrap_or(t);
+            t.starts_with("--")
+                .then(|| t.split([' ', '=', '[', '<']).next().unwrap().to_string())
+        })
+        .filter(|f| f != "--help" && f != "--version")
+        .collect();
+    assert!(global.contains("--threads"), "{global:?}");
+    for f in &global {
+        assert!(docs.contains(&format!("`{f}")), "docs/CLI.md does not describe {f}");
+    }
     let mut every = std::collections::BTreeMap::new();
     for cmd in &commands {
         let head = format!("    capsnet {cmd} ");
@@ -1564,7 +1648,7 @@ fn the_docs_and_help_agree_on_every_flag() {
             .collect::<Vec<_>>()
             .join("\n");
         let documented = flags_in(&block);
-        let actual = help(cmd);
+        let actual: BTreeSet<String> = help(cmd).difference(&global).cloned().collect();
         assert_eq!(
             documented, actual,
             "`capsnet {cmd}`: docs/CLI.md's synopsis (left) and --help (right)"

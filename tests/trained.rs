@@ -16,10 +16,14 @@ use capsnet::tape::Tape;
 use common::{assert_clean_error, capsnet, mnist_dir, stderr, stdout, temp_dir};
 use image::{GrayImage, ImageBuffer, Luma, Rgb, RgbImage};
 
-/// The trained checkpoint (trained on first use).
+/// The trained checkpoint (trained on first use), or the one `CAPSNET_TRAINED_CHECKPOINT` names (to
+/// measure these tests' figures on a fully trained model).
 fn trained() -> &'static Path {
     static CK: OnceLock<PathBuf> = OnceLock::new();
     CK.get_or_init(|| {
+        if let Some(ck) = std::env::var_os("CAPSNET_TRAINED_CHECKPOINT") {
+            return PathBuf::from(ck);
+        }
         let dir = temp_dir(&format!("trained-{}", std::process::id()));
         let data = mnist_dir();
         let run = dir.join("run");

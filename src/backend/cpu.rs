@@ -76,8 +76,9 @@ impl<T: Float> Core for CpuBackend<T> {
 
     fn name(&self) -> String {
         format!(
-            "cpu ({} threads, {} storage, f64 sums)",
+            "cpu ({} thread{}, {} storage, f64 sums)",
             crate::par::threads(),
+            if crate::par::threads() == 1 { "" } else { "s" },
             T::DTYPE
         )
     }

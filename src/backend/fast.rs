@@ -253,8 +253,9 @@ impl Core for FastCpu {
 
     fn name(&self) -> String {
         format!(
-            "cpu ({} threads, f32, {} loops, matrixmultiply sgemm)",
+            "cpu ({} thread{}, f32, {} loops, matrixmultiply sgemm)",
             crate::par::threads(),
+            if crate::par::threads() == 1 { "" } else { "s" },
             if wide_simd() { "AVX2+FMA" } else { "baseline" }
         )
     }

@@ -18,6 +18,10 @@ use capsnet::{Error, Result, data};
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
+    /// CPU threads for the CPU backends' loops and GEMMs (the GEMMs use at most 4) [default: every
+    /// core; also CAPSNET_THREADS].
+    #[arg(long, global = true, value_parser = whole::<usize>, env = "CAPSNET_THREADS")]
+    pub threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -37,7 +41,7 @@ pub enum Cmd {
     Figures(FiguresArgs),
     /// Classify your own images (PNG, JPEG, GIF, BMP, WebP, PNM; any size and colour), each prepared
     /// as MNIST's digits were: grey, inverted when dark on light, cropped to the digit, scaled to fit
-    /// 20x20 and centred by its centre of mass in 28x28 (a 28x28 image is taken as it is).
+    /// 20x20 and centred by its centre of mass in 28x28 (a 28x28 image too, unless --raw).
     Predict(PredictArgs),
     /// Time full training steps (forward, backward, Adam) on random images.
     #[command(allow_negative_numbers = true)]
