@@ -250,13 +250,14 @@ pub struct DataArg {
 
 #[derive(Args)]
 pub struct ModelArgs {
-    /// Routing-by-agreement rounds (the notebook: 2, the paper: 3) [default: 2, or the preset's].
+    /// Routing-by-agreement rounds, 1 to 16 (the notebook: 2, the paper: 3) [default: 2, or the
+    /// preset's].
     #[arg(long, value_parser = whole::<usize>)]
     pub routing: Option<usize>,
-    /// conv1 filters.
+    /// conv1 filters (1 to 4096).
     #[arg(long, value_parser = whole::<usize>, default_value_t = 256)]
     pub conv1_channels: usize,
-    /// Primary capsule types (each an 8-D capsule per 6x6 position).
+    /// Primary capsule types, 1 to 4096 (each an 8-D capsule per 6x6 position).
     #[arg(long, value_parser = whole::<usize>, default_value_t = 32)]
     pub primary_maps: usize,
     /// Standard deviation of the N(0, σ) initialisation of W.
@@ -319,7 +320,7 @@ pub struct TrainArgs {
     /// Epochs to reach in total (a resumed run continues up to this count).
     #[arg(long, value_parser = whole::<usize>, default_value_t = 10)]
     pub epochs: usize,
-    /// Images per step [default: the preset's].
+    /// Images per step, 1 to 4096 [default: the preset's].
     #[arg(long, value_parser = whole::<usize>)]
     pub batch_size: Option<usize>,
     /// Shift each training image by a random whole number of pixels, up to this many in each
@@ -395,7 +396,7 @@ pub struct TestSetArgs {
     /// The test set [default: the dataset the checkpoint was trained on].
     #[arg(long, value_enum)]
     pub dataset: Option<DatasetArg>,
-    /// MultiMNIST: test examples per test digit (the paper's 1,000 make 10M).
+    /// MultiMNIST: test examples per test digit, 1 to 1000 (the paper's 1,000 make 10M).
     #[arg(long, value_parser = whole::<usize>, default_value_t = 1)]
     pub pairs_per_digit: usize,
 }
@@ -416,17 +417,17 @@ pub struct EvalArgs {
 
 #[derive(Args)]
 pub struct FigureArgs {
-    /// Test digits shown over their reconstructions [default: 10].
+    /// Test digits shown over their reconstructions, 1 to 100 [default: 10].
     #[arg(long, value_parser = whole::<usize>)]
     pub count: Option<usize>,
-    /// Digits per capsule dimension in tweaks.png (each dimension shifted from -0.25 to +0.25 in 11
-    /// steps) [default: 3].
+    /// Digits per capsule dimension in tweaks.png, 1 to 10 (each dimension shifted from -0.25 to
+    /// +0.25 in 11 steps) [default: 3].
     #[arg(long, value_parser = whole::<usize>)]
     pub tweak_digits: Option<usize>,
-    /// Screen pixels per image pixel [default: 2].
+    /// Screen pixels per image pixel, 1 to 8 [default: 2].
     #[arg(long, value_parser = whole::<u32>)]
     pub scale: Option<u32>,
-    /// Misclassified test digits shown in errors.png at most [default: 50].
+    /// Misclassified test digits shown in errors.png at most, 0 to 1000 [default: 50].
     #[arg(long, value_parser = whole::<usize>)]
     pub max_errors: Option<usize>,
 }
