@@ -302,7 +302,8 @@ fn shadows_gradients_noise_transparency_and_off_centre_digits_keep_evals_class()
         let (o, objs) = predict_json(&files, &[]);
         assert!(o.status.success(), "{v:?}: {}", stderr(&o));
         let same = (0..n).filter(|&i| objs[i]["digit"] == raw.pred[i]).count();
-        eprintln!("{v:?}: {same} of {n} keep eval's class");
+        let right = (0..n).filter(|&i| objs[i]["digit"] == split.labels[i] as u32).count();
+        eprintln!("{v:?}: {same} of {n} keep eval's class, {right} are the label");
         let mut sep: Vec<f64> = objs.iter().map(|o| o["separation"].as_f64().unwrap()).collect();
         sep.sort_by(f64::total_cmp);
         eprintln!("{v:?}: separation from {:.3} (median {:.3})", sep[0], sep[n / 2]);
