@@ -458,6 +458,27 @@ fn exported_weights_serve_eval_predict_and_figures_and_pytorch_names() {
     let reference = eval(&last);
     assert_eq!(eval(&weights), reference);
     assert_eq!(eval(&torch), reference);
+    // predict reads weights alone too, and finds the same
+    let digit = out.join("bar.png");
+    image::GrayImage::from_fn(40, 40, |x, y| {
+        image::Luma([if (17..23).contains(&x) && (8..32).contains(&y) {
+            255
+        } else {
+            0
+        }])
+    })
+    .save(&digit)
+    .unwrap();
+    let predict = |f: &Path| {
+        let o = capsnet(
+            &["predict", "--checkpoint", s(f), "--device", "cpu", "--json", s(&digit)],
+            &[],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    assert_eq!(predict(&weights), predict(&last));
+    assert_eq!(predict(&torch), predict(&last));
     let figs = out.join("figs");
     let o = capsnet(
         &[
