@@ -29,7 +29,7 @@ impl Classified {
     }
 }
 
-fn host<B: Backend>(be: &B, buf: &B::Buf) -> Result<Vec<f32>> {
+pub(crate) fn host<B: Backend>(be: &B, buf: &B::Buf) -> Result<Vec<f32>> {
     Ok(be.download(buf)?.iter().map(|x| x.to_f64() as f32).collect())
 }
 

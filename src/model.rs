@@ -268,21 +268,35 @@ impl CapsNet {
         let (cfg, p) = (&self.cfg, &self.params);
         let side = cfg.image_side;
         let x = t.input(x, &[batch, side, side, 1])?;
-        let h = ops::conv2d(t, x, p.conv1.weight, p.conv1.bias, 1, Act::Relu)?;
-        let prim = ops::conv2d(t, h, p.primary.weight, p.primary.bias, 2, Act::Relu)?;
-        t.reshape(prim, &[batch, cfg.primary_caps(), cfg.caps1_dim])?;
-        let u = ops::squash(t, prim)?;
+        let (_, u) = self.primary_capsules(t, x)?;
         let v = ops::predict_routing(t, u, p.digit_w, cfg.routing_rounds)?;
         let lengths = ops::lengths(t, v)?;
         let pred = ops::argmax(t, lengths)?;
         Ok(Encoded { x, v, lengths, pred })
     }
 
+    /// The images x [B, side, side, 1] → conv1's feature maps [B, s1, s1, conv1_channels] and the
+    /// squashed primary capsules u [B, primary_caps, caps1_dim]: the encoder up to routing.
+    pub fn primary_capsules<B: Backend>(&self, t: &mut Tape<B>, x: Var) -> Result<(Var, Var)> {
+        let (cfg, p) = (&self.cfg, &self.params);
+        let batch = t.value(x).shape[0];
+        let h = ops::conv2d(t, x, p.conv1.weight, p.conv1.bias, 1, Act::Relu)?;
+        let prim = ops::conv2d(t, h, p.primary.weight, p.primary.bias, 2, Act::Relu)?;
+        t.reshape(prim, &[batch, cfg.primary_caps(), cfg.caps1_dim])?;
+        Ok((h, ops::squash(t, prim)?))
+    }
+
     /// Digit capsules v [B, classes, 16], each image's all but capsule `keep[b]` zeroed → the
     /// reconstruction [B, side²] in [0, 1].
     pub fn decode<B: Backend>(&self, t: &mut Tape<B>, v: Var, keep: Rc<B::Idx>) -> Result<Var> {
-        let [d1, d2, d3] = self.params.decoder;
         let masked = ops::mask(t, v, keep)?;
+        self.decode_masked(t, masked)
+    }
+
+    /// The decoder alone: its input [B, classes·16] as given (masked or blended by the caller) → the
+    /// reconstruction [B, side²] in [0, 1].
+    pub fn decode_masked<B: Backend>(&self, t: &mut Tape<B>, masked: Var) -> Result<Var> {
+        let [d1, d2, d3] = self.params.decoder;
         let h1 = ops::dense(t, masked, d1.weight, d1.bias, Act::Relu)?;
         let h2 = ops::dense(t, h1, d2.weight, d2.bias, Act::Relu)?;
         ops::dense(t, h2, d3.weight, d3.bias, Act::Sigmoid)

@@ -38,6 +38,8 @@ use crate::{Error, Result};
 
 /// Largest width or height read (a 48-megapixel photo is 8000 wide).
 pub const MAX_SIDE: u32 = 8192;
+/// The largest image file read (a camera's largest JPEGs are a few tens of MiB).
+pub const MAX_FILE_BYTES: u64 = 256 << 20;
 /// Memory the decoder may allocate for one image.
 pub const MAX_DECODE_BYTES: u64 = 512 << 20;
 /// Pixels above this (after contrast, in [0, 1]) beside the digit's blobs belong to its box: the
@@ -84,31 +86,43 @@ pub fn load_gray(path: &Path) -> Result<Gray> {
     if meta.is_dir() {
         return Err(Error::file(path, "is a directory, not an image"));
     }
-    if meta.len() == 0 {
-        return Err(Error::file(path, "is empty (0 bytes), not an image"));
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(Error::file(
+            path,
+            format!(
+                "is {} MiB; image files over {} MiB are not read",
+                meta.len() >> 20,
+                MAX_FILE_BYTES >> 20
+            ),
+        ));
     }
-    let not_image = |e: image::ImageError| Error::file(path, format!("cannot decode the image: {e}"));
-    let reader = || -> Result<_> {
-        ImageReader::open(path)
-            .map_err(open_err)?
+    let bytes = std::fs::read(path).map_err(open_err)?;
+    decode_gray(&bytes).map_err(|e| Error::file(path, e))
+}
+
+/// An image file's bytes decoded to grey, within [`MAX_SIDE`] and [`MAX_DECODE_BYTES`]; the error
+/// says what is wrong with them (the caller names where they came from).
+pub fn decode_gray(bytes: &[u8]) -> std::result::Result<Gray, String> {
+    if bytes.is_empty() {
+        return Err("is empty (0 bytes), not an image".into());
+    }
+    let not_image = |e: image::ImageError| format!("cannot decode the image: {e}");
+    let reader = || {
+        ImageReader::new(std::io::Cursor::new(bytes))
             .with_guessed_format()
-            .map_err(open_err)
+            .map_err(|e| format!("cannot read: {e}"))
     };
     let r = reader()?;
     if r.format().is_none() {
-        return Err(Error::file(
-            path,
-            "not an image in a known format (PNG, JPEG, GIF, BMP, WebP, PNM)",
-        ));
+        return Err("not an image in a known format (PNG, JPEG, GIF, BMP, WebP, PNM)".into());
     }
     let (w, h) = r.into_dimensions().map_err(not_image)?;
     if w == 0 || h == 0 {
-        return Err(Error::file(path, format!("the image is {w}x{h}: it has no pixels")));
+        return Err(format!("the image is {w}x{h}: it has no pixels"));
     }
     if w > MAX_SIDE || h > MAX_SIDE {
-        return Err(Error::file(
-            path,
-            format!("the image is {w}x{h}; at most {MAX_SIDE} pixels on a side are read (scale it down first)"),
+        return Err(format!(
+            "the image is {w}x{h}; at most {MAX_SIDE} pixels on a side are read (scale it down first)"
         ));
     }
     let mut r = reader()?;
