@@ -49,6 +49,7 @@ pub mod par;
 pub mod predict;
 pub mod prelude;
 pub mod runtime;
+pub mod serve;
 pub mod tape;
 pub mod train;
 

@@ -19,6 +19,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> capsnet::Result<()> {
         Cmd::Export(a) => cli::export::run(a),
         Cmd::Multimnist(a) => cli::multimnist::run(a),
         Cmd::Info(a) => cli::info::run(a),
+        Cmd::Serve(a) => cli::serve::run(a),
         Cmd::Download(a) => {
             for line in capsnet::data::download(&a.data, &capsnet::data::mirrors())? {
                 println!("{line}");

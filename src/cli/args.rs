@@ -51,6 +51,10 @@ pub enum Cmd {
     Export(ExportArgs),
     /// Write MultiMNIST examples (two overlapping digits, 36x36) as IDX files and a sample grid PNG.
     Multimnist(MultiMnistArgs),
+    /// The capsule explorer: a local web page where you draw a digit (or drop an image) and watch
+    /// the capsules, the routing and the reconstruction answer, with a JSON API for scripts.
+    #[command(allow_negative_numbers = true)]
+    Serve(ServeArgs),
     /// Fetch the four MNIST files, checked by SHA-256, into the data directory.
     Download(DataArg),
     /// The GPU, the CUDA driver and NVRTC versions, and whether every kernel compiles.
@@ -467,6 +471,31 @@ pub struct FiguresArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub figure: FigureArgs,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// A checkpoint written by `capsnet train`, or a weights-only file (`capsnet export`).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// The port to listen on, 0 to 65535 (0: any free port; the address is printed).
+    #[arg(long, value_parser = whole::<u16>, default_value_t = 8080)]
+    pub port: u16,
+    /// The address to listen on: 127.0.0.1 serves this machine only; 0.0.0.0 every network it is on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// A capsule longer than this counts as a digit present, between 0 and 1 (as predict's).
+    #[arg(long, default_value_t = 0.5)]
+    pub threshold: f32,
+    #[command(flatten)]
+    pub data: DataArg,
+    /// Test images searched for the gallery of errors, 1 to 10000 [default: all].
+    #[arg(long, value_parser = whole::<usize>)]
+    pub gallery_limit: Option<usize>,
+    #[arg(long, default_value = "auto", value_parser = parse_device, help = DEVICE_HELP)]
+    pub device: Device,
+    #[command(flatten)]
+    pub kernels: KernelArgs,
 }
 
 #[derive(Args)]

@@ -23,4 +23,5 @@ pub mod export;
 pub mod info;
 pub mod multimnist;
 pub mod predict;
+pub mod serve;
 pub mod train;
