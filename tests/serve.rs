@@ -111,24 +111,99 @@ fn serve(extra: &[&str]) -> Server {
     Server { child, url }
 }
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .into()
+/// One HTTP/1.1 request on its own connection: (status, body). A small client of std's sockets keeps
+/// this test executable small. It reads a Content-Length or chunked body to its end (a server may
+/// keep the connection open despite `Connection: close`), else until the server closes.
+fn http(method: &str, url: &str, body: Option<(&[u8], &str)>) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("an http:// address");
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let mut sock = std::net::TcpStream::connect(host)?;
+    sock.set_read_timeout(Some(Duration::from_secs(60)))?;
+    sock.set_write_timeout(Some(Duration::from_secs(60)))?;
+    let (bytes, ct) = body.unwrap_or((&[], "application/json"));
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    if body.is_some() || method != "GET" {
+        head += &format!("Content-Type: {ct}\r\nContent-Length: {}\r\n", bytes.len());
+    }
+    head += "\r\n";
+    sock.write_all(head.as_bytes())?;
+    // a server may answer (413) and stop reading before a large body is sent whole
+    let _ = sock.write_all(bytes);
+
+    let mut raw: Vec<u8> = vec![];
+    let mut buf = [0u8; 16384];
+    // reads more into `raw`; false at the end of the stream
+    let mut more = |raw: &mut Vec<u8>| -> std::io::Result<bool> {
+        match sock.read(&mut buf) {
+            Ok(0) => Ok(false),
+            Ok(n) => {
+                raw.extend_from_slice(&buf[..n]);
+                Ok(true)
+            }
+            Err(e) if raw.is_empty() => Err(e),
+            Err(_) => Ok(false),
+        }
+    };
+    let find = |raw: &[u8], pat: &[u8], from: usize| {
+        raw.get(from..)
+            .and_then(|r| r.windows(pat.len()).position(|w| w == pat))
+            .map(|p| p + from)
+    };
+    let split = loop {
+        if let Some(p) = find(&raw, b"\r\n\r\n", 0) {
+            break p;
+        }
+        if !more(&mut raw)? {
+            return Err(std::io::Error::other(format!("no HTTP head in {} bytes", raw.len())));
+        }
+    };
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status in {head:?}")))?;
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+    };
+    let start = split + 4;
+    let payload = if let Some(n) = header("content-length:").and_then(|v| v.parse::<usize>().ok()) {
+        while raw.len() < start + n && more(&mut raw)? {}
+        raw[start..(start + n).min(raw.len())].to_vec()
+    } else if header("transfer-encoding:").is_some_and(|v| v.contains("chunked")) {
+        let (mut out, mut at) = (vec![], start);
+        loop {
+            let Some(eol) = find(&raw, b"\r\n", at) else {
+                if more(&mut raw)? {
+                    continue;
+                }
+                break;
+            };
+            let size = String::from_utf8_lossy(&raw[at..eol]).trim().to_string();
+            let n = usize::from_str_radix(size.split(';').next().unwrap_or(""), 16)
+                .map_err(|_| std::io::Error::other(format!("bad chunk size {size:?}")))?;
+            if n == 0 {
+                break;
+            }
+            while raw.len() < eol + 2 + n + 2 && more(&mut raw)? {}
+            out.extend_from_slice(&raw[eol + 2..(eol + 2 + n).min(raw.len())]);
+            at = eol + 2 + n + 2;
+        }
+        out
+    } else {
+        while more(&mut raw)? {}
+        raw[start..].to_vec()
+    };
+    Ok((status, String::from_utf8_lossy(&payload).to_string()))
 }
 
 /// (status, JSON body) of a request; `body` None is a GET.
 fn call(url: &str, body: Option<(&[u8], &str)>) -> (u16, Value) {
-    let a = agent();
-    let mut r = match body {
-        None => a.get(url).call(),
-        Some((b, ct)) => a.post(url).header("Content-Type", ct).send(b),
-    }
-    .unwrap_or_else(|e| panic!("{url}: {e}"));
-    let status = r.status().as_u16();
-    let text = r.body_mut().read_to_string().unwrap();
+    let method = if body.is_some() { "POST" } else { "GET" };
+    let (status, text) = http(method, url, body).unwrap_or_else(|e| panic!("{url}: {e}"));
     let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{url}: not JSON ({e}): {text}"));
     (status, v)
 }
@@ -460,7 +535,7 @@ struct Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = agent().delete(&format!("{}/session/{}", self.url, self.session)).call();
+        let _ = http("DELETE", &format!("{}/session/{}", self.url, self.session), None);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -483,7 +558,7 @@ impl Driver {
             .unwrap_or_else(|e| panic!("{}: {e}", driver.display()));
         let url = format!("http://127.0.0.1:{port}");
         let t0 = Instant::now();
-        while agent().get(&format!("{url}/status")).call().is_err() {
+        while http("GET", &format!("{url}/status"), None).is_err() {
             assert!(t0.elapsed() < Duration::from_secs(30), "chromedriver did not start");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -502,17 +577,10 @@ impl Driver {
 
     fn cmd(&self, method: &str, path: &str, body: Value) -> Value {
         let url = format!("{}/session/{}{path}", self.url, self.session);
-        let a = agent();
-        let mut r = match method {
-            "GET" => a.get(&url).call(),
-            _ => a
-                .post(&url)
-                .header("Content-Type", "application/json")
-                .send(body.to_string().as_bytes()),
-        }
-        .unwrap();
-        let status = r.status().as_u16();
-        let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+        let sent = body.to_string();
+        let payload = (method != "GET").then_some((sent.as_bytes(), "application/json"));
+        let (status, text) = http(method, &url, payload).unwrap_or_else(|e| panic!("WebDriver {method} {path}: {e}"));
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("WebDriver {method} {path}: {e}: {text}"));
         assert_eq!(status, 200, "WebDriver {method} {path}: {v}");
         v["value"].clone()
     }
