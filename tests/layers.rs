@@ -18,7 +18,7 @@ const LAYERS: &[&[&str]] = &[
     &["checkpoint", "prelude"],
     &["model", "dataset", "infer"],
     &["train"],
-    &["predict", "figures", "bench"],
+    &["predict", "figures", "serve", "bench"],
     &["cli"],
 ];
 
