@@ -7,6 +7,9 @@ cap so that a hang or a crash in one loses nothing of the others, results writte
     python3 benches/gpu_run.py second OUT    # at most 5 minutes: what the first could not reach
     python3 benches/gpu_run.py first OUT --dry       # the same on the emulated device at toy sizes
     python3 benches/gpu_run.py fallbacks LOG # what a parity log's failures leave (see below)
+    python3 benches/gpu_run.py trim .gpu     # after ../shared/gpu/pack: keep only the test
+                                             # executables the runs use (TEST_EXES), so that
+                                             # what travels stays within 64 MiB
 
 first:  info (driver, GPU, every kernel compiled to a cubin for the GPU and loaded by the driver, with
         the driver's register and shared-memory figures); the fragment-layout test on the hardware;
@@ -59,6 +62,27 @@ PLANS = {
 # see a few images in fp32 (the tensor-core versions are emulated lane by lane, slowly)
 TOY = ["--conv1-channels", "4", "--primary-maps", "2"]
 TOY_TRAIN = ["--limit", "40", "--val-limit", "20", "--batch-size", "20"]
+
+
+# The test executables the runs use; `trim` removes every other one from a packed copy.
+TEST_EXES = ("fragments", "cuda")
+
+
+def trim(pack):
+    """Removes from PACK/tests every file that is not a test executable of TEST_EXES (the newest of
+    each); returns (kept, removed) file names."""
+    tests = os.path.join(pack, "tests")
+    if not os.path.isdir(tests):
+        raise SystemExit(f"{tests}: no such directory (run ../shared/gpu/pack first)")
+    keep = {os.path.basename(e) for e in (newest(tests, stem) for stem in TEST_EXES) if e}
+    kept, removed = [], []
+    for f in sorted(os.listdir(tests)):
+        if f in keep:
+            kept.append(f)
+        else:
+            os.remove(os.path.join(tests, f))
+            removed.append(f)
+    return kept, removed
 
 
 def newest(directory, stem):
@@ -299,6 +323,7 @@ class Run:
         return self.verdict([(rc, stopped)])
 
     def test_exe(self, stem, args, env=None):
+        assert stem in TEST_EXES, f"{stem}: add it to TEST_EXES, or trim leaves it behind"
         exe = newest(self.tests, stem)
         if exe is None:
             self.note(self.current, f"no {stem} test executable in {self.tests}")
@@ -544,6 +569,17 @@ class Run:
 
 
 def main(argv):
+    if argv[:1] == ["test-exes"]:
+        print(json.dumps(TEST_EXES))
+        return 0
+    if len(argv) == 2 and argv[0] == "trim":
+        kept, removed = trim(argv[1])
+        missing = [s for s in TEST_EXES if not any(re.fullmatch(re.escape(s) + r"-[0-9a-f]{16}", k) for k in kept)]
+        print(f"kept {', '.join(kept) or 'nothing'}; removed {len(removed)} other file(s)")
+        if missing:
+            print(f"missing test executables: {', '.join(missing)}", file=sys.stderr)
+            return 1
+        return 0
     if len(argv) >= 2 and argv[0] == "fallbacks":
         with open(argv[1]) as f:
             print(json.dumps(fallbacks(f.read())))

@@ -315,48 +315,86 @@ fn a_failing_version_is_named_and_the_later_phases_go_on_without_it() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// What ../shared/gpu/pack carries to the GPU machine, measured on this build: the release binary,
-/// every test executable, MNIST and the PyTorch peer, beside the tracked tree, within the 64 MiB that
-/// may travel (the figure is printed, and recorded in docs/BENCHMARKS.md).
+/// The test executables benches/gpu_run.py runs (its TEST_EXES), which `trim` keeps.
+fn gpu_test_exes() -> Vec<String> {
+    let o = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/gpu_run.py"))
+        .arg("test-exes")
+        .output()
+        .expect("python3 runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// `gpu_run.py trim` keeps in a packed copy's tests/ the newest executable of each stem the runs use
+/// and removes the rest; a stem with no executable is an error naming it.
+#[test]
+fn trim_keeps_only_the_test_executables_the_runs_use() {
+    let dir = common::temp_dir("gpu_run_trim");
+    let tests = dir.join("tests");
+    std::fs::create_dir_all(&tests).unwrap();
+    let stems = gpu_test_exes();
+    assert!(stems.contains(&"cuda".to_string()) && stems.contains(&"fragments".to_string()));
+    let mut want = vec![];
+    let write = |name: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        let p = tests.join(name);
+        std::fs::write(&p, b"x").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    for (i, stem) in stems.iter().enumerate() {
+        write(&format!("{stem}-{:016x}", i));
+        // a newer build of the same stem is the one kept
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let newer = format!("{stem}-{:016x}", 100 + i);
+        write(&newer);
+        want.push(newer);
+    }
+    for other in [
+        "cli-0123456789abcdef",
+        "serve-0123456789abcdef",
+        "capsnet-0123456789abcdef",
+        "tests.list",
+    ] {
+        write(other);
+    }
+    let trim = || {
+        Command::new("python3")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/gpu_run.py"))
+            .arg("trim")
+            .arg(&dir)
+            .output()
+            .expect("python3 runs")
+    };
+    let o = trim();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut left: Vec<String> = std::fs::read_dir(&tests)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    want.sort();
+    assert_eq!(left, want);
+    // with one stem's executable gone, trim says which
+    std::fs::remove_file(tests.join(&want[0])).unwrap();
+    let o = trim();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    let gone = want[0].rsplit_once('-').unwrap().0;
+    assert!(err.contains("missing test executables") && err.contains(gone), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What travels to the GPU machine, measured on this build: ../shared/gpu/pack's copy after
+/// `gpu_run.py trim` (the release binary, the test executables the runs use, MNIST) beside the
+/// tracked tree, within the 64 MiB that may travel (the figure is printed, and recorded in
+/// docs/BENCHMARKS.md).
 #[test]
 fn what_travels_to_the_gpu_machine_fits_its_64_mib() {
     let size = |p: &Path| p.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut stems: Vec<String> = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests"))
-        .unwrap()
-        .filter_map(|e| {
-            let n = e.ok()?.file_name().to_string_lossy().to_string();
-            n.strip_suffix(".rs").map(str::to_string)
-        })
-        .collect();
-    stems.sort();
-    let mut tests: u64 = stems.iter().map(|s| size(&test_exe(s))).sum();
+    let stems = gpu_test_exes();
+    let tests: u64 = stems.iter().map(|s| size(&test_exe(s))).sum();
     let binary = size(Path::new(env!("CARGO_BIN_EXE_capsnet")));
-    // the library's and the binary's unit tests: the two newest capsnet-HASH files that are not the
-    // binary itself (which cargo links into deps/ under the same kind of name)
-    {
-        use std::os::unix::fs::MetadataExt;
-        let bin_ino = Path::new(env!("CARGO_BIN_EXE_capsnet")).metadata().unwrap().ino();
-        let mut unit: Vec<(std::time::SystemTime, u64)> = std::fs::read_dir(deps_dir())
-            .unwrap()
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                let name = p.file_name().unwrap().to_string_lossy().to_string();
-                name.strip_prefix("capsnet-")
-                    .is_some_and(|h| h.len() == 16 && h.chars().all(|c| c.is_ascii_hexdigit()))
-            })
-            .filter_map(|p| p.metadata().ok())
-            .filter(|m| m.ino() != bin_ino)
-            .map(|m| (m.modified().unwrap(), m.len()))
-            .collect();
-        unit.sort();
-        assert!(
-            unit.len() >= 2,
-            "the library's and the binary's unit tests are not built"
-        );
-        tests += unit.iter().rev().take(2).map(|u| u.1).sum::<u64>();
-        stems.push("capsnet (lib)".into());
-        stems.push("capsnet (bin)".into());
-    }
     let mnist: u64 = std::fs::read_dir(common::mnist_dir())
         .unwrap()
         .map(|e| size(&e.unwrap().path()))
@@ -377,11 +415,11 @@ fn what_travels_to_the_gpu_machine_fits_its_64_mib() {
     let total = tests + binary + mnist + tree;
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     eprintln!(
-        "to the GPU machine: {:.1} MiB = binary {:.1} + {} test executables {:.1} + MNIST {:.1} + tracked tree {:.1}",
+        "to the GPU machine: {:.1} MiB = binary {:.1} + test executables {:.1} ({}) + MNIST {:.1} + tracked tree {:.1}",
         mib(total),
         mib(binary),
-        stems.len(),
         mib(tests),
+        stems.join(", "),
         mib(mnist),
         mib(tree)
     );
