@@ -73,7 +73,7 @@ fn without_os_error_numbers(msg: &str) -> String {
 fn main() -> ExitCode {
     quiet_broken_pipe();
     // an empty variable is no setting, as shells treat empty variables
-    for var in ["CAPSNET_DATA", "CAPSNET_THREADS"] {
+    for var in ["CAPSNET_DATA", "CAPSNET_THREADS", "CAPSNET_CPU_GEMM"] {
         if std::env::var_os(var).is_some_and(|v| v.is_empty()) {
             // SAFETY: the only thread there is yet
             unsafe { std::env::remove_var(var) };
@@ -90,6 +90,10 @@ fn main() -> ExitCode {
         // matrixmultiply sizes its pool from this at its first GEMM
         // SAFETY: the only thread there is yet
         unsafe { std::env::set_var("MATMUL_NUM_THREADS", n.to_string()) };
+    }
+    if let Some(cli::args::CpuGemmChoice(Some(g))) = cli.cpu_gemm {
+        // before the first GEMM: nothing has multiplied yet
+        capsnet::backend::set_cpu_gemm(g);
     }
     match run(cli, &matches) {
         // an interrupted training run saved its state and said how to continue

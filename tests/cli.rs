@@ -1703,3 +1703,70 @@ fn the_docs_and_help_agree_on_every_flag() {
     }
     assert!(checked >= 8, "only {checked} flags found in the README's commands");
 }
+
+/// `--cpu-gemm` (and `CAPSNET_CPU_GEMM`) forces the fast CPU backend's f32 GEMM, which the backend
+/// line names; a GEMM this CPU cannot run and an unknown name are refused in words.
+#[test]
+fn cpu_gemm_forces_the_gemm_and_the_backend_line_names_it() {
+    use capsnet::backend::CpuGemm;
+    let bench = [
+        "bench",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+    ];
+    let tiny = ["--conv1-channels", "4", "--primary-maps", "2"];
+    let backend_line = |o: &std::process::Output| {
+        stdout(o)
+            .lines()
+            .chain(stderr(o).lines())
+            .find(|l| l.starts_with("backend: "))
+            .unwrap_or_default()
+            .to_string()
+    };
+    for g in CpuGemm::ALL {
+        let mut a: Vec<&str> = bench.iter().chain(tiny.iter()).copied().collect();
+        a.extend(["--cpu-gemm", g.flag()]);
+        let o = capsnet(&a, &[]);
+        if g.supported() {
+            assert!(o.status.success(), "{}", stderr(&o));
+            assert!(
+                backend_line(&o).contains(&g.describe()),
+                "{}: {}",
+                g.flag(),
+                backend_line(&o)
+            );
+        } else {
+            assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+            assert!(
+                stderr(&o).contains("--cpu-gemm") && stderr(&o).contains("cannot run"),
+                "{}",
+                stderr(&o)
+            );
+        }
+    }
+    // the environment forces it too, and auto takes the best this CPU runs
+    let a: Vec<&str> = bench.iter().chain(tiny.iter()).copied().collect();
+    let o = capsnet(&a, &[("CAPSNET_CPU_GEMM", "avx2")]);
+    assert!(backend_line(&o).contains("matrixmultiply"), "{}", backend_line(&o));
+    let o = capsnet(&a, &[("CAPSNET_CPU_GEMM", "auto")]);
+    assert!(
+        backend_line(&o).contains(&CpuGemm::best().describe()),
+        "{}",
+        backend_line(&o)
+    );
+    let mut a = a.clone();
+    a.extend(["--cpu-gemm", "blas"]);
+    let o = capsnet(&a, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--cpu-gemm") && stderr(&o).contains("'blas' is not a CPU GEMM: give auto, avx512 or avx2"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -98,3 +98,56 @@ fn fast_cpu_full_model_step_matches_reference() {
 fn fast_cpu_steps_after_the_first_allocate_no_tensor() {
     parity::steps_after_the_first_allocate_nothing(FastCpu::new(), FastCpu::fresh_allocations);
 }
+
+/// The backend's name says which f32 GEMM multiplies, and `CAPSNET_CPU_GEMM` (as `--cpu-gemm`) forces it.
+#[test]
+fn fast_cpu_names_its_gemm_and_the_environment_forces_it() {
+    use capsnet::backend::{CpuGemm, cpu_gemm};
+    let g = cpu_gemm();
+    assert!(g.supported());
+    let name = FastCpu::new().name();
+    assert!(name.contains(&g.describe()), "{name}");
+    match std::env::var("CAPSNET_CPU_GEMM")
+        .ok()
+        .filter(|v| !v.is_empty() && v != "auto")
+    {
+        Some(forced) => assert_eq!(g.flag(), forced),
+        None => assert_eq!(g, CpuGemm::best()),
+    }
+}
+
+/// Every f32 GEMM this CPU runs passes the parity suite above (each op, ten training steps, the full
+/// model's step): this test executable runs those tests again once per GEMM, forced through
+/// `CAPSNET_CPU_GEMM`. A GEMM this CPU cannot run is refused in words instead.
+#[test]
+fn every_gemm_this_cpu_runs_passes_the_parity_suite() {
+    use capsnet::backend::CpuGemm;
+    let mut ran = vec![];
+    for g in CpuGemm::ALL {
+        if !g.supported() {
+            assert!(CpuGemm::parse(g.flag()).unwrap_err().contains("cannot run"));
+            continue;
+        }
+        let o = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["fast_cpu_", "--test-threads", "2"])
+            .env("CAPSNET_CPU_GEMM", g.flag())
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{}: {out}{}",
+            g.flag(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        // the op suites, the steps, the full model's step and the naming test all ran
+        let passed = out
+            .lines()
+            .filter(|l| l.starts_with("test fast_cpu_") && l.ends_with(" ok"))
+            .count();
+        assert!(passed >= 9, "{}: only {passed} tests ran: {out}", g.flag());
+        ran.push(g.flag());
+    }
+    assert!(!ran.is_empty());
+    eprintln!("parity suite passed on the f32 GEMMs: {}", ran.join(", "));
+}

@@ -1,7 +1,7 @@
 //! The fast CPU backend: f32 storage and f32 arithmetic on every core, for training.
 //!
-//! - Convolutions and dense layers are GEMMs (`matrixmultiply::sgemm`, which picks its FMA, AVX or
-//!   SSE2 kernel at run time). A convolution is im2col over chunks of images into one reused
+//! - Convolutions and dense layers are GEMMs ([`super::linalg::CpuGemm`]: the `gemm` crate's AVX-512
+//!   kernels or `matrixmultiply`'s, chosen at run time by what the CPU has, or by `--cpu-gemm`). A convolution is im2col over chunks of images into one reused
 //!   scratch buffer, with the bias loaded into the GEMM's output (beta = 1) and the activation applied
 //!   while the chunk is hot. The input gradient is dz·Wᵀ followed by col2im, so the stride-2 conv never
 //!   multiplies by the zeros a transposed convolution would stuff between its inputs. Weight gradients
@@ -253,10 +253,11 @@ impl Core for FastCpu {
 
     fn name(&self) -> String {
         format!(
-            "cpu ({} thread{}, f32, {} loops, matrixmultiply sgemm)",
+            "cpu ({} thread{}, f32, {} loops, {})",
             crate::par::threads(),
             if crate::par::threads() == 1 { "" } else { "s" },
-            if wide_simd() { "AVX2+FMA" } else { "baseline" }
+            if wide_simd() { "AVX2+FMA" } else { "baseline" },
+            super::linalg::cpu_gemm().describe()
         )
     }
 

@@ -16,6 +16,8 @@ pub mod cpu;
 pub mod fast;
 pub(crate) mod linalg;
 
+pub use linalg::{CpuGemm, cpu_gemm, set_cpu_gemm};
+
 use crate::float::Float;
 use crate::{Error, Result};
 

@@ -18,10 +18,23 @@ use capsnet::{Error, Result, data};
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
-    /// CPU threads for the CPU backends' loops and GEMMs (the GEMMs use at most 4) [default: every
+    /// CPU threads for the CPU backends' loops and GEMMs (matrixmultiply's use at most 4) [default: every
     /// core; also CAPSNET_THREADS].
     #[arg(long, global = true, value_parser = whole::<usize>, env = "CAPSNET_THREADS")]
     pub threads: Option<usize>,
+    /// The fast CPU backend's f32 GEMMs: avx512 (the gemm crate's AVX-512 kernels), avx2
+    /// (matrixmultiply's AVX2+FMA kernel, SSE2 on older CPUs) or auto (the first this CPU runs)
+    /// [default: auto; also CAPSNET_CPU_GEMM].
+    #[arg(long, global = true, value_name = "auto|avx512|avx2", value_parser = cpu_gemm, env = "CAPSNET_CPU_GEMM")]
+    pub cpu_gemm: Option<CpuGemmChoice>,
+}
+
+/// `--cpu-gemm`'s value: None for auto.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuGemmChoice(pub Option<capsnet::backend::CpuGemm>);
+
+fn cpu_gemm(s: &str) -> std::result::Result<CpuGemmChoice, String> {
+    capsnet::backend::CpuGemm::parse(s).map(CpuGemmChoice)
 }
 
 #[derive(Subcommand)]
