@@ -159,7 +159,50 @@ pub struct PeerRun<'a> {
     pub steps: usize,
     pub warmup: usize,
     pub threads: usize,
+    /// The configuration's own arguments ([`PeerConfig::args`]).
+    pub extra: &'a [&'a str],
 }
+
+/// One way of running the PyTorch peer: its name and the script's arguments for it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PeerConfig {
+    pub name: &'static str,
+    pub args: &'static [&'static str],
+}
+
+/// The peer's configurations on the CPU, each run in turn by `bench --peer` so that the ratio is
+/// against PyTorch at its fastest here: fp32 first (the like-for-like figure), then NHWC
+/// convolutions, bf16 autocast (oneDNN's bf16 kernels, on AMX where the CPU has it), both, and
+/// both under `torch.compile` (which needs a C++ compiler; a configuration that fails is reported
+/// and the others stand).
+pub const CPU_PEER_CONFIGS: &[PeerConfig] = &[
+    PeerConfig {
+        name: "fp32",
+        args: &[],
+    },
+    PeerConfig {
+        name: "fp32, channels_last",
+        args: &["--channels-last"],
+    },
+    PeerConfig {
+        name: "bf16 autocast",
+        args: &["--precision", "bf16-autocast"],
+    },
+    PeerConfig {
+        name: "bf16 autocast, channels_last",
+        args: &["--precision", "bf16-autocast", "--channels-last"],
+    },
+    PeerConfig {
+        name: "bf16 autocast, channels_last, torch.compile",
+        args: &["--precision", "bf16-autocast", "--channels-last", "--compile"],
+    },
+];
+
+/// The peer's configuration on a GPU: the script's defaults there.
+pub const CUDA_PEER_CONFIGS: &[PeerConfig] = &[PeerConfig {
+    name: "default",
+    args: &[],
+}];
 
 /// What the PyTorch peer needs, checked before any benchmark runs: its script, and a python with
 /// torch (`python3`, or `CAPSNET_PYTHON`), as the script answers `--check`.
@@ -215,7 +258,14 @@ pub fn torch_peer(script: &std::path::Path, run: &PeerRun<'_>) -> Result<PeerRep
         steps,
         warmup,
         threads,
+        extra,
     } = *run;
+    // torch.compile compiles in the first step (forward) and the second (backward): both untimed
+    let warmup = if extra.contains(&"--compile") {
+        warmup.max(2)
+    } else {
+        warmup
+    };
     use crate::Error;
     if !script.is_file() {
         return Err(Error::msg(format!("--peer {}: no such file", script.display())));
@@ -227,6 +277,7 @@ pub fn torch_peer(script: &std::path::Path, run: &PeerRun<'_>) -> Result<PeerRep
         .args(["--device", device, "--batch-size", &n(batch), "--steps", &n(steps)])
         .args(["--warmup", &n(warmup), "--routing-iters", &n(routing)])
         .args(["--w-init-std", &w_std.to_string()])
+        .args(extra)
         .env("OMP_NUM_THREADS", n(threads))
         .env("MKL_NUM_THREADS", n(threads))
         .output()

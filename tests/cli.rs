@@ -591,15 +591,22 @@ fn bench_runs_a_peer_beside_it_and_says_why_one_fails() {
         std::fs::write(&p, body).unwrap();
         p
     };
-    // answers only the arguments the real peer needs for this run
+    // answers only the arguments the real peer needs for this run, at a speed per configuration:
+    // fp32 1, bf16 autocast + channels_last 4 (the fastest), the others 2; torch.compile fails
     let good = script(
         "peer.py",
         "import sys, json\n\
          if sys.argv[1:] == ['--check']: sys.exit(0)\n\
-         want = ['--device', 'cpu', '--batch-size', '2', '--steps', '1', '--warmup', '0', '--routing-iters', '3']\n\
-         if sys.argv[1:11] != want: sys.exit('unexpected arguments: %s' % sys.argv[1:])\n\
+         want = ['--device', 'cpu', '--batch-size', '2', '--steps', '1', '--warmup']\n\
+         if sys.argv[1:8] != want or sys.argv[9:11] != ['--routing-iters', '3']: sys.exit('unexpected arguments: %s' % sys.argv[1:])\n\
+         rest = sys.argv[13:]\n\
+         if '--compile' in rest:\n\
+         \x20   if sys.argv[8] != '2': sys.exit('torch.compile needs two untimed steps')\n\
+         \x20   sys.exit('RuntimeError: no C++ compiler for the stand-in')\n\
+         if sys.argv[8] != '0': sys.exit('unexpected warm-up: %s' % sys.argv[8])\n\
+         speed = {(): 1.0, ('--precision', 'bf16-autocast', '--channels-last'): 4.0}.get(tuple(rest), 2.0)\n\
          print('timed 1 steps')\n\
-         print(json.dumps({'torch': '9.9-stand-in', 'median_ms_per_step': 2000.0, 'images_per_s': 1.0}))\n",
+         print(json.dumps({'torch': '9.9-stand-in', 'median_ms_per_step': 2000.0 / speed, 'images_per_s': speed}))\n",
     );
     let run = |peer: &std::path::Path, extra: &[&str]| {
         let mut args = vec![
@@ -621,7 +628,23 @@ fn bench_runs_a_peer_beside_it_and_says_why_one_fails() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(out.contains("peer: PyTorch 9.9-stand-in on cpu"), "{out}");
-    assert!(out.contains("1.0 images/s"), "{out}");
+    for (config, figure) in [
+        ("fp32", "1.0 images/s"),
+        ("fp32, channels_last", "2.0 images/s"),
+        ("bf16 autocast", "2.0 images/s"),
+        ("bf16 autocast, channels_last", "4.0 images/s"),
+        (
+            "bf16 autocast, channels_last, torch.compile",
+            "failed: python3 exited with",
+        ),
+    ] {
+        assert!(
+            out.lines().any(|l| l.trim_start().starts_with(&format!("{config} "))
+                && l.contains(figure)
+                && (!figure.starts_with("failed") || l.contains("RuntimeError: no C++ compiler"))),
+            "{config}: {figure}: {out}"
+        );
+    }
     // our images/s over the stand-in's 1.0
     let ours: f64 = out
         .lines()
@@ -629,15 +652,18 @@ fn bench_runs_a_peer_beside_it_and_says_why_one_fails() {
         .and_then(|l| l.split(", ").find(|p| p.ends_with("images/s")))
         .and_then(|p| p.trim_end_matches(" images/s").parse().ok())
         .unwrap_or_else(|| panic!("no images/s figure in {out}"));
-    let ratio: f64 = out
+    // against the fastest (4.0) and against fp32 (1.0)
+    let line = out
         .lines()
         .find_map(|l| l.strip_prefix("ratio: "))
-        .and_then(|l| l.strip_suffix("x the peer's images/s"))
-        .and_then(|r| r.parse().ok())
         .unwrap_or_else(|| panic!("no ratio line in {out}"));
+    let (fastest, fp32) = line
+        .split_once("x the fastest peer's images/s (bf16 autocast, channels_last), ")
+        .and_then(|(a, b)| Some((a.parse::<f64>().ok()?, b.strip_suffix("x fp32's")?.parse::<f64>().ok()?)))
+        .unwrap_or_else(|| panic!("ratio line: {line}"));
     assert!(
-        (ratio - ours).abs() <= 0.051,
-        "ratio {ratio} for {ours} images/s against 1.0: {out}"
+        (fastest - ours / 4.0).abs() <= 0.051 && (fp32 - ours).abs() <= 0.051,
+        "ratios {fastest} and {fp32} for {ours} images/s against 4.0 and 1.0: {out}"
     );
 
     let o = run(&d.join("missing.py"), &[]);
@@ -725,6 +751,31 @@ fn bench_reports_the_full_models_size_and_cost() {
     ] {
         assert!(out.contains(op), "no {op} in:\n{out}");
     }
+    // each op's share of a whole step of the default model (2 rounds), the rest, and the step: the
+    // shares add up to the step
+    let share = |l: &str| -> Option<f64> {
+        l.split_whitespace()
+            .rev()
+            .nth(3)
+            .and_then(|v| v.trim_end_matches('%').parse().ok())
+    };
+    let shares: f64 = out
+        .lines()
+        .filter(|l| l.ends_with("% of a step"))
+        .map(|l| share(l).unwrap_or_else(|| panic!("no share in {l:?}")))
+        .sum();
+    assert!((shares - 100.0).abs() < 0.5, "shares add up to {shares}:\n{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("routing fwd, 3 rounds") && l.ends_with("(not this model's rounds)")),
+        "{out}"
+    );
+    assert!(out.lines().any(|l| l.starts_with("the rest ")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("training step, 2 rounds") && l.ends_with("100.0%")),
+        "{out}"
+    );
 }
 
 #[test]

@@ -595,7 +595,9 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
     /// Also run the PyTorch peer (needs python3 with torch) on the same device, batch and threads, and
-    /// print both figures and their ratio. FILE defaults to benches/capsnet_torch_bench.py.
+    /// print both figures and their ratio; on the CPU in each of its fastest configurations in turn
+    /// (fp32, channels_last, bf16 autocast, both, and both under torch.compile), the ratio against the
+    /// fastest. FILE defaults to benches/capsnet_torch_bench.py.
     #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "benches/capsnet_torch_bench.py")]
     pub peer: Option<PathBuf>,
 }

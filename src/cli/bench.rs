@@ -114,11 +114,42 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if let Selected::Cuda(be) = &sel {
             return print_version_bench(be, &a.model.config(), a.batch_size, a.steps, a.json);
         }
+        let cfg = a.model.config();
         return with_backend!(sel, |be| {
             println!("ops, batch {}, {}", a.batch_size, capsnet::backend::Core::name(&be));
-            for t in capsnet::bench::op_bench(&be, &a.model.config(), a.batch_size, a.steps)? {
-                println!("{:<34} {:>9.3} ms {:>9.1} GFLOP/s", t.name, t.ms, t.gflops);
+            let ops = capsnet::bench::op_bench(&be, &cfg, a.batch_size, a.steps)?;
+            // a whole step of the same model and batch, for each op's share of it
+            let step = train::bench(be, cfg.clone(), a.batch_size, a.steps, a.warmup.max(1), false)?;
+            let other_rounds = |name: &str| {
+                name.starts_with("routing") && !name.ends_with(&format!(", {} rounds", cfg.routing_rounds))
+            };
+            let mut in_step = 0.0;
+            for t in &ops {
+                let share = if other_rounds(&t.name) {
+                    "(not this model's rounds)".to_string()
+                } else {
+                    in_step += t.ms;
+                    format!("{:>5.1}% of a step", 100.0 * t.ms / step.median_ms)
+                };
+                println!("{:<34} {:>9.3} ms {:>9.1} GFLOP/s  {share}", t.name, t.ms, t.gflops);
             }
+            let rest = step.median_ms - in_step;
+            println!(
+                "{:<34} {:>9.3} ms {:>17}  {:>5.1}% of a step",
+                "the rest",
+                rest,
+                "",
+                100.0 * rest / step.median_ms
+            );
+            println!(
+                "  (squash, losses, decoder backward, Adam, copies; negative when the ops above ran slower alone)"
+            );
+            println!(
+                "{:<34} {:>9.3} ms {:>9.1} GFLOP/s  100.0%",
+                format!("training step, {} rounds", cfg.routing_rounds),
+                step.median_ms,
+                step.gflops
+            );
             Ok(())
         });
     }
@@ -179,25 +210,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let mut peer_json = None;
     if let (Some(script), Some(device)) = (&a.peer, peer_device) {
-        let threads = capsnet::par::threads();
-        let run = capsnet::bench::PeerRun {
-            device,
-            routing: cfg.routing_rounds,
-            w_std: cfg.w_std,
-            batch: a.batch_size,
-            steps: a.steps,
-            warmup: a.warmup,
-            threads,
-        };
-        let p = capsnet::bench::torch_peer(script, &run)?;
-        println!(
-            "peer: PyTorch {} on {device} ({threads} threads), batch {}: median {:.1} ms/step, {:.1} images/s",
-            p.torch, a.batch_size, p.median_ms, p.images_per_s
-        );
-        println!("ratio: {:.2}x the peer's images/s", r.images_per_s / p.images_per_s);
-        peer_json = Some(serde_json::json!({
-            "torch": p.torch, "median_ms": p.median_ms, "images_per_s": p.images_per_s,
-        }));
+        peer_json = Some(run_peers(script, device, &cfg, &a, r.images_per_s)?);
     }
     if a.json {
         println!(
@@ -211,4 +224,89 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The PyTorch peer in each of its configurations for `device`, one after the other, beside our
+/// `ours` images/s: a line per configuration and the ratio against the fastest (and, on the CPU,
+/// against fp32). The first configuration failing is an error; a later one failing is reported.
+fn run_peers(
+    script: &std::path::Path,
+    device: &str,
+    cfg: &Config,
+    a: &BenchArgs,
+    ours: f64,
+) -> Result<serde_json::Value> {
+    let threads = capsnet::par::threads();
+    let configs = if device == "cpu" {
+        capsnet::bench::CPU_PEER_CONFIGS
+    } else {
+        capsnet::bench::CUDA_PEER_CONFIGS
+    };
+    let mut torch = String::new();
+    let mut done: Vec<(&str, capsnet::bench::PeerReport)> = vec![];
+    let mut json = vec![];
+    for (i, c) in configs.iter().enumerate() {
+        let run = capsnet::bench::PeerRun {
+            device,
+            routing: cfg.routing_rounds,
+            w_std: cfg.w_std,
+            batch: a.batch_size,
+            steps: a.steps,
+            warmup: a.warmup,
+            threads,
+            extra: c.args,
+        };
+        match capsnet::bench::torch_peer(script, &run) {
+            Ok(p) => {
+                if i == 0 {
+                    torch = p.torch.clone();
+                    println!(
+                        "peer: PyTorch {torch} on {device} ({threads} threads), batch {}, {}:",
+                        a.batch_size,
+                        if configs.len() > 1 {
+                            "each configuration in turn"
+                        } else {
+                            "its default configuration"
+                        }
+                    );
+                }
+                println!(
+                    "  {:<46} median {:.1} ms/step, {:.1} images/s",
+                    c.name, p.median_ms, p.images_per_s
+                );
+                json.push(serde_json::json!({
+                    "config": c.name, "median_ms": p.median_ms, "images_per_s": p.images_per_s,
+                }));
+                done.push((c.name, p));
+            }
+            Err(e) if i == 0 => return Err(e),
+            Err(e) => {
+                let why = e.to_string();
+                let prefix = format!("--peer {}: ", script.display());
+                let why = why.strip_prefix(&prefix).unwrap_or(&why).trim().to_string();
+                println!("  {:<46} failed: {why}", c.name);
+                json.push(serde_json::json!({ "config": c.name, "error": why }));
+            }
+        }
+    }
+    let (fastest, best) = done
+        .iter()
+        .max_by(|x, y| x.1.images_per_s.total_cmp(&y.1.images_per_s))
+        .map(|(n, p)| (*n, p.images_per_s))
+        .expect("the first configuration ran");
+    let first = done[0].1.images_per_s;
+    if done.len() > 1 {
+        println!(
+            "ratio: {:.2}x the fastest peer's images/s ({fastest}), {:.2}x {}'s",
+            ours / best,
+            ours / first,
+            done[0].0
+        );
+    } else {
+        println!("ratio: {:.2}x the peer's images/s ({fastest})", ours / best);
+    }
+    Ok(serde_json::json!({
+        "torch": torch, "configs": json, "fastest": fastest, "ratio_to_fastest": ours / best,
+        "ratio_to_first": ours / first,
+    }))
 }
