@@ -151,3 +151,46 @@ fn every_gemm_this_cpu_runs_passes_the_parity_suite() {
     assert!(!ran.is_empty());
     eprintln!("parity suite passed on the f32 GEMMs: {}", ran.join(", "));
 }
+
+/// The primary conv's weight gradient over more images than one im2col chunk holds (46: chunks of 23)
+/// is the sum of the gradients of its two halves, each one chunk (which the parity suite holds to the
+/// reference): the chunks accumulate, on whichever GEMM runs (rerun per GEMM above).
+#[test]
+fn fast_cpu_conv_weight_gradient_over_several_chunks_adds_them() {
+    use capsnet::ops::{ConvOps, ConvShape};
+    let be = FastCpu::new();
+    let shape = |batch| ConvShape {
+        batch,
+        in_h: 20,
+        in_w: 20,
+        in_c: 256,
+        out_c: 256,
+        k: 9,
+        stride: 2,
+    };
+    let (all, half) = (shape(46), shape(23));
+    let mut rng = Lcg(46);
+    let x: Vec<f32> = rng.vec(all.x_len(), -1.0, 1.0).iter().map(|&v| v as f32).collect();
+    let dz: Vec<f32> = rng.vec(all.y_len(), -1.0, 1.0).iter().map(|&v| v as f32).collect();
+    let grad = |s: &ConvShape, x: &[f32], dz: &[f32]| {
+        let mut dw = be.upload(&vec![0.0; s.w_len()]).unwrap();
+        be.conv2d_bwd_weight(s, &be.upload(x).unwrap(), &be.upload(dz).unwrap(), &mut dw)
+            .unwrap();
+        be.download(&dw).unwrap()
+    };
+    let whole = grad(&all, &x, &dz);
+    let (xh, zh) = (half.x_len(), half.y_len());
+    let first = grad(&half, &x[..xh], &dz[..zh]);
+    let second = grad(&half, &x[xh..], &dz[zh..]);
+    let mut worst = 0.0f32;
+    for i in 0..whole.len() {
+        let sum = first[i] + second[i];
+        // each element sums 46·36 products of magnitude ≤ 1 in f32
+        worst = worst.max((whole[i] - sum).abs());
+    }
+    assert!(worst < 2e-3, "chunks do not add up: worst difference {worst}");
+    assert!(
+        whole.iter().any(|&v| v.abs() > 1.0),
+        "a gradient of zeros proves nothing"
+    );
+}

@@ -2,7 +2,7 @@
 
 use crate::Result;
 use crate::backend::fast::{FastCpu, PoolBuf, images_per_chunk};
-use crate::backend::linalg::gemm;
+use crate::backend::linalg::{CpuGemm, cpu_gemm, gemm};
 
 use super::im2col::{col2im_add, im2col};
 use super::{ConvOps, ConvShape, check_conv2d_bwd_input, check_conv2d_bwd_weight, check_conv2d_fwd};
@@ -53,6 +53,33 @@ impl ConvOps for FastCpu {
         check_conv2d_bwd_weight(s, x.len(), dz.len(), dw.len())?;
         let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
         let chunk = images_per_chunk(s.batch, npix * kd);
+        if cpu_gemm() == CpuGemm::Avx512 {
+            // gemm's kernels write a row-major [co, kd] result at 1.6x the rate they write dW's
+            // [kd, co] (docs/BENCHMARKS.md): dWᵀ = dzᵀ · col into a pooled buffer, added to dW
+            // transposed once at the end
+            let mut dwt = self.take(co * kd, |_| {})?;
+            self.with_scratch(chunk * npix * kd, |col| {
+                for b0 in (0..s.batch).step_by(chunk) {
+                    let nb = chunk.min(s.batch - b0);
+                    im2col(s, x, b0, nb, col, |v| v);
+                    let dzc = &dz[b0 * npix * co..(b0 + nb) * npix * co];
+                    let beta = if b0 == 0 { 0.0 } else { 1.0 };
+                    gemm(
+                        co,
+                        nb * npix,
+                        kd,
+                        dzc,
+                        (1, co),
+                        &col[..nb * npix * kd],
+                        (kd, 1),
+                        &mut dwt,
+                        beta,
+                    );
+                }
+            })?;
+            add_transposed(&dwt, co, kd, dw);
+            return Ok(());
+        }
         self.with_scratch(chunk * npix * kd, |col| {
             for b0 in (0..s.batch).step_by(chunk) {
                 let nb = chunk.min(s.batch - b0);
@@ -73,4 +100,27 @@ impl ConvOps for FastCpu {
             }
         })
     }
+}
+
+/// `out` [cols, rows] += `a` [rows, cols]ᵀ, in square tiles so that both sides stay in cache, the
+/// rows of `out` split over the threads.
+pub(crate) fn add_transposed(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    const TILE: usize = 32;
+    debug_assert_eq!(a.len(), rows * cols);
+    debug_assert_eq!(out.len(), rows * cols);
+    crate::par::par_blocks(out, rows, rows, |first, block| {
+        let n = block.len() / rows.max(1);
+        for c0 in (0..n).step_by(TILE) {
+            let c1 = (c0 + TILE).min(n);
+            for r0 in (0..rows).step_by(TILE) {
+                let r1 = (r0 + TILE).min(rows);
+                for c in c0..c1 {
+                    let o = &mut block[c * rows..(c + 1) * rows];
+                    for r in r0..r1 {
+                        o[r] += a[r * cols + first + c];
+                    }
+                }
+            }
+        }
+    });
 }
