@@ -759,6 +759,19 @@ fn the_page_in_a_browser_draws_tweaks_refuses_and_shows_errors() {
             .unwrap();
         std::fs::write(&path, png).unwrap();
     }
+
+    // a phone's screen width (390 CSS pixels): one column, nothing wider than the screen, the
+    // drawing pad whole on it
+    d.cmd("POST", "/window/rect", json!({ "width": 390, "height": 844 }));
+    d.settle("window.innerWidth <= 400");
+    let fits = d.js(
+        "const w = window.innerWidth, pad = document.getElementById('pad').getBoundingClientRect();
+         return [w, document.documentElement.scrollWidth, pad.left >= 0 && pad.right <= w];",
+    );
+    let (w, scroll) = (fits[0].as_f64().unwrap(), fits[1].as_f64().unwrap());
+    assert!(w <= 400.0, "the window did not narrow: {fits}");
+    assert!(scroll <= w, "the page is wider than a phone's screen: {fits}");
+    assert_eq!(fits[2], json!(true), "the pad does not fit: {fits}");
 }
 
 /// A MultiMNIST checkpoint: two reconstructions, of the two longest capsules, and the gallery of pairs
