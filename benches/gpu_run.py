@@ -7,7 +7,7 @@ cap so that a hang or a crash in one loses nothing of the others, results writte
     python3 benches/gpu_run.py second OUT    # at most 5 minutes: what the first could not reach
     python3 benches/gpu_run.py first OUT --dry       # the same on the emulated device at toy sizes
     python3 benches/gpu_run.py fallbacks LOG # what a parity log's failures leave (see below)
-    python3 benches/gpu_run.py trim .gpu     # after ../shared/gpu/pack: keep only the test
+    python3 benches/gpu_run.py trim .gpu     # in a packed copy (.gpu/): keep only the test
                                              # executables the runs use (TEST_EXES), so that
                                              # what travels stays within 64 MiB
 
@@ -73,7 +73,7 @@ def trim(pack):
     each); returns (kept, removed) file names."""
     tests = os.path.join(pack, "tests")
     if not os.path.isdir(tests):
-        raise SystemExit(f"{tests}: no such directory (run ../shared/gpu/pack first)")
+        raise SystemExit(f"{tests}: no such directory (pack the binaries and test executables there first)")
     keep = {os.path.basename(e) for e in (newest(tests, stem) for stem in TEST_EXES) if e}
     kept, removed = [], []
     for f in sorted(os.listdir(tests)):

@@ -1,7 +1,7 @@
 //! The runs a lent GPU gets (benches/gpu_run.py), proven here without one: each plan's dry run on the
 //! emulated device at toy sizes, end to end through the same phases, commands and parsing; its time
 //! caps; that it leaves at most 8 files, the GPU machine's limit; the summary's format; how a failing
-//! kernel version is left out of the later phases; and that what ../shared/gpu/pack carries to the GPU
+//! kernel version is left out of the later phases; and that what the packed copy (.gpu/) carries to the GPU
 //! machine stays within its 64 MiB.
 //!
 //! The dry runs need python3, and the emulated device (g++, NVRTC); with CAPSNET_REQUIRE_GPU=1 they
@@ -385,7 +385,7 @@ fn trim_keeps_only_the_test_executables_the_runs_use() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// What travels to the GPU machine, measured on this build: ../shared/gpu/pack's copy after
+/// What travels to the GPU machine, measured on this build: the packed copy (.gpu/) after
 /// `gpu_run.py trim` (the release binary, the test executables the runs use, MNIST) beside the
 /// tracked tree, within the 64 MiB that may travel (the figure is printed, and recorded in
 /// docs/BENCHMARKS.md).
