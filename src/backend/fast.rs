@@ -1,11 +1,12 @@
 //! The fast CPU backend: f32 storage and f32 arithmetic on every core, for training.
 //!
 //! - Convolutions and dense layers are GEMMs ([`super::linalg::CpuGemm`]: the `gemm` crate's AVX-512
-//!   kernels or `matrixmultiply`'s, chosen at run time by what the CPU has, or by `--cpu-gemm`). A convolution is im2col over chunks of images into one reused
-//!   scratch buffer, with the bias loaded into the GEMM's output (beta = 1) and the activation applied
-//!   while the chunk is hot. The input gradient is dz·Wᵀ followed by col2im, so the stride-2 conv never
-//!   multiplies by the zeros a transposed convolution would stuff between its inputs. Weight gradients
-//!   accumulate straight into dW.
+//!   kernels or `matrixmultiply`'s, chosen at run time by what the CPU has, or by `--cpu-gemm`). A
+//!   convolution is im2col over chunks of images into one reused scratch buffer, with the bias
+//!   loaded into the GEMM's output (beta = 1) and the activation applied while the chunk is hot. The
+//!   input gradient is dz·Wᵀ followed by col2im, so the stride-2 conv never multiplies by the zeros a
+//!   transposed convolution would stuff between its inputs. Weight gradients accumulate straight
+//!   into dW (on the AVX-512 GEMM, into dWᵀ, added to dW transposed: that GEMM writes it faster).
 //! - Capsule ops (prediction vectors, routing, squash) and Adam are loops over 8-lane blocks, compiled
 //!   twice: with AVX2+FMA, used when the CPU has them (checked at run time), and for the baseline.
 //! - Work is split over threads by output rows ([`crate::par`]), each sum inside one thread, so results
@@ -148,17 +149,8 @@ pub(crate) fn images_per_chunk(batch: usize, elems: usize) -> usize {
     batch.div_ceil(batch.div_ceil(most).max(1)).max(1)
 }
 
-/// Whether the AVX2+FMA versions of the loops below can run here.
-pub fn wide_simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
+/// Whether the AVX2+FMA versions of the loops below can run here (the GEMMs' choice asks it too).
+pub use super::linalg::wide_simd;
 
 /// How a loop body multiplies and adds: fused where the CPU has FMA, else separately.
 pub(crate) trait Arith {

@@ -6,6 +6,18 @@
 
 use std::sync::OnceLock;
 
+/// Whether the CPU has AVX2 and FMA.
+pub fn wide_simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The library and kernel the fast CPU backend's f32 GEMMs run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CpuGemm {
@@ -42,10 +54,7 @@ impl CpuGemm {
     pub fn describe(self) -> String {
         match self {
             CpuGemm::Avx512 => "gemm AVX-512 sgemm".into(),
-            CpuGemm::Avx2 => format!(
-                "matrixmultiply {} sgemm",
-                if super::fast::wide_simd() { "AVX2+FMA" } else { "SSE2" }
-            ),
+            CpuGemm::Avx2 => format!("matrixmultiply {} sgemm", if wide_simd() { "AVX2+FMA" } else { "SSE2" }),
         }
     }
 
