@@ -161,7 +161,7 @@ pub(crate) unsafe fn sgemm_on(
     }
 }
 
-/// An element type `matrixmultiply` multiplies.
+/// An element type the CPU backends multiply: f64 with `matrixmultiply`, f32 on [`cpu_gemm`]'s GEMM.
 pub(crate) trait GemmScalar: Copy + Send + Sync {
     /// # Safety
     /// As `matrixmultiply::{s,d}gemm`: every element addressed by the sizes and strides is in bounds,

@@ -242,7 +242,6 @@ fn run_peers(
     } else {
         capsnet::bench::CUDA_PEER_CONFIGS
     };
-    let mut torch = String::new();
     let mut done: Vec<(&str, capsnet::bench::PeerReport)> = vec![];
     let mut json = vec![];
     for (i, c) in configs.iter().enumerate() {
@@ -259,9 +258,9 @@ fn run_peers(
         match capsnet::bench::torch_peer(script, &run) {
             Ok(p) => {
                 if i == 0 {
-                    torch = p.torch.clone();
                     println!(
-                        "peer: PyTorch {torch} on {device} ({threads} threads), batch {}, {}:",
+                        "peer: PyTorch {} on {device} ({threads} threads), batch {}, {}:",
+                        p.torch,
                         a.batch_size,
                         if configs.len() > 1 {
                             "each configuration in turn"
@@ -306,7 +305,7 @@ fn run_peers(
         println!("ratio: {:.2}x the peer's images/s ({fastest})", ours / best);
     }
     Ok(serde_json::json!({
-        "torch": torch, "configs": json, "fastest": fastest, "ratio_to_fastest": ours / best,
+        "torch": done[0].1.torch, "configs": json, "fastest": fastest, "ratio_to_fastest": ours / best,
         "ratio_to_first": ours / first,
     }))
 }

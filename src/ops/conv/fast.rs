@@ -53,58 +53,39 @@ impl ConvOps for FastCpu {
         check_conv2d_bwd_weight(s, x.len(), dz.len(), dw.len())?;
         let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
         let chunk = images_per_chunk(s.batch, npix * kd);
-        if cpu_gemm() == CpuGemm::Avx512 {
-            // gemm's kernels write a row-major [co, kd] result at 1.6x the rate they write dW's
-            // [kd, co] (docs/BENCHMARKS.md): dWᵀ = dzᵀ · col into a pooled buffer, added to dW
-            // transposed once at the end
-            let mut dwt = self.take(co * kd, |_| {})?;
-            self.with_scratch(chunk * npix * kd, |col| {
-                for b0 in (0..s.batch).step_by(chunk) {
-                    let nb = chunk.min(s.batch - b0);
-                    im2col(s, x, b0, nb, col, |v| v);
-                    let dzc = &dz[b0 * npix * co..(b0 + nb) * npix * co];
-                    let beta = if b0 == 0 { 0.0 } else { 1.0 };
-                    gemm(
-                        co,
-                        nb * npix,
-                        kd,
-                        dzc,
-                        (1, co),
-                        &col[..nb * npix * kd],
-                        (kd, 1),
-                        &mut dwt,
-                        beta,
-                    );
-                }
-            })?;
-            add_transposed(&dwt, co, kd, dw);
-            return Ok(());
-        }
+        // gemm's AVX-512 kernels write a row-major [co, kd] result at 1.6x the rate they write dW's
+        // [kd, co] (docs/BENCHMARKS.md): on them, dWᵀ = dzᵀ · col into a pooled buffer, added to dW
+        // transposed once at the end; matrixmultiply writes dW directly
+        let mut dwt = match cpu_gemm() {
+            CpuGemm::Avx512 => Some(self.take(co * kd, |_| {})?),
+            CpuGemm::Avx2 => None,
+        };
         self.with_scratch(chunk * npix * kd, |col| {
             for b0 in (0..s.batch).step_by(chunk) {
                 let nb = chunk.min(s.batch - b0);
                 im2col(s, x, b0, nb, col, |v| v);
-                // dW += colᵀ · dz, with col [rows, kd] read transposed through its strides
-                let dzc = &dz[b0 * npix * co..(b0 + nb) * npix * co];
-                gemm(
-                    kd,
-                    nb * npix,
-                    co,
-                    &col[..nb * npix * kd],
-                    (1, kd),
-                    dzc,
-                    (co, 1),
-                    dw,
-                    1.0,
-                );
+                let (col, dzc) = (&col[..nb * npix * kd], &dz[b0 * npix * co..(b0 + nb) * npix * co]);
+                match dwt.as_mut() {
+                    // dWᵀ (=, then +=) dzᵀ · col, with dz [rows, co] read transposed through its strides
+                    Some(dwt) => {
+                        let beta = if b0 == 0 { 0.0 } else { 1.0 };
+                        gemm(co, nb * npix, kd, dzc, (1, co), col, (kd, 1), dwt, beta);
+                    }
+                    // dW += colᵀ · dz, with col [rows, kd] read transposed through its strides
+                    None => gemm(kd, nb * npix, co, col, (1, kd), dzc, (co, 1), dw, 1.0),
+                }
             }
-        })
+        })?;
+        if let Some(dwt) = dwt {
+            add_transposed(&dwt, co, kd, dw);
+        }
+        Ok(())
     }
 }
 
 /// `out` [cols, rows] += `a` [rows, cols]ᵀ, in square tiles so that both sides stay in cache, the
 /// rows of `out` split over the threads.
-pub(crate) fn add_transposed(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+fn add_transposed(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
     const TILE: usize = 32;
     debug_assert_eq!(a.len(), rows * cols);
     debug_assert_eq!(out.len(), rows * cols);
