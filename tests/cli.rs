@@ -1193,10 +1193,45 @@ fn bench_ops_lists_every_kernel_version_and_version_flags_are_checked() {
     use capsnet::cuda::registry::OPS;
     // refused before any device is touched
     let o = capsnet(
-        &["train", "--device", "cpu", "--precision", "bf16", "--limit", "10"],
+        &["train", "--device", "cpu", "--precision", "tf32", "--limit", "10"],
         &[],
     );
-    assert_clean_error(&o, &["--precision bf16", "CPU"]);
+    assert_clean_error(&o, &["--precision tf32", "no tf32"]);
+    let o = capsnet(
+        &[
+            "train",
+            "--device",
+            "cpu-reference",
+            "--precision",
+            "bf16",
+            "--limit",
+            "10",
+        ],
+        &[],
+    );
+    assert_clean_error(&o, &["--precision bf16", "cpu-reference"]);
+    // bf16 on the CPU runs where it has AMX tiles, and is refused in words elsewhere
+    let amx = capsnet::backend::fast::FastCpu::with_precision(capsnet::float::Precision::Bf16).is_ok();
+    let small = [
+        "--conv1-channels",
+        "16",
+        "--primary-maps",
+        "4",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+    ];
+    let o = capsnet(
+        &[&["bench", "--device", "cpu", "--precision", "bf16"][..], &small].concat(),
+        &[],
+    );
+    if amx {
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stdout(&o).contains("AMX bf16 GEMMs"), "{}", stdout(&o));
+    } else {
+        assert_clean_error(&o, &["--device cpu", "AMX-BF16", "--precision fp32"]);
+    }
     let o = capsnet(&["bench", "--device", "cpu", "--kernels", "routing=v2"], &[]);
     assert_clean_error(&o, &["--kernels"]);
     if !emulated_device_usable() {

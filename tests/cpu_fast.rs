@@ -18,6 +18,37 @@ fn fast_cpu_conv2d_matches_reference() {
     parity::conv2d(&FastCpu::new());
 }
 
+/// The fast backend in bf16 (`--precision bf16`, AMX tiles), where the CPU has them: the convolutions
+/// and whole training steps against the reference that rounds the same GEMM inputs the same way.
+/// Where it has not, the backend is refused in words that name what is missing.
+#[test]
+fn fast_cpu_bf16_matches_the_rounded_reference_where_the_cpu_has_amx() {
+    use capsnet::float::Precision;
+    let be = match FastCpu::with_precision(Precision::Bf16) {
+        Ok(be) => be,
+        Err(e) => {
+            let e = e.to_string();
+            assert!(e.contains("AMX-BF16") && e.contains("--precision fp32"), "{e}");
+            eprintln!("no AMX-BF16 here: bf16 refused as it should be ({e})");
+            return;
+        }
+    };
+    assert_eq!(be.precision(), Precision::Bf16);
+    assert!(be.name().contains("AMX bf16"), "{}", be.name());
+    parity::conv2d_against_rounded_reference(&be, Precision::Bf16);
+    parity::dense_and_elementwise_against_rounded_reference(&be, Precision::Bf16);
+    parity::training_steps_match_rounded_reference(
+        || FastCpu::with_precision(Precision::Bf16).unwrap(),
+        Precision::Bf16,
+    );
+    assert!(
+        FastCpu::with_precision(Precision::Tf32)
+            .unwrap_err()
+            .to_string()
+            .contains("no tf32")
+    );
+}
+
 #[test]
 fn fast_cpu_dense_and_elementwise_match_reference() {
     parity::dense_and_elementwise(&FastCpu::new());

@@ -22,6 +22,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 
 use super::{Core, alloc_zeros, check};
+use crate::float::Precision;
 use crate::{Error, Result};
 
 /// Largest im2col chunk, in f32 elements (128 MiB).
@@ -35,6 +36,8 @@ pub(crate) const CHUNK_ELEMS: usize = 1 << 25;
 pub struct FastCpu {
     scratch: Mutex<Vec<f32>>,
     pool: Arc<Mutex<Shelves>>,
+    /// Whether the convolutions' and dense layers' GEMMs run in bf16 on AMX tiles (`--precision bf16`).
+    bf16: bool,
 }
 
 /// Freed buffers by length.
@@ -95,6 +98,52 @@ impl Drop for PoolBuf {
 impl FastCpu {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The backend whose convolutions and dense layers multiply in `p`: fp32 (the default), or bf16
+    /// on AMX tiles (inputs rounded to bf16 as the reference's rounded-input mode rounds them, f32
+    /// sums, as the GPU's bf16 kernels), where the CPU has AMX-BF16; an error says why not.
+    pub fn with_precision(p: Precision) -> Result<Self> {
+        match p {
+            Precision::Fp32 => Ok(Self::new()),
+            Precision::Bf16 if super::amx::supported() => Ok(FastCpu {
+                bf16: true,
+                ..Self::default()
+            }),
+            Precision::Bf16 => Err(Error::msg(
+                "--precision bf16 on the CPU needs AMX-BF16 tiles (Intel Xeon 4th generation and later, Linux 5.16 or later), which this machine lacks: give --precision fp32",
+            )),
+            Precision::Tf32 => Err(Error::msg(
+                "--precision tf32: the CPU has no tf32 arithmetic: give fp32, or bf16 where the CPU has AMX",
+            )),
+        }
+    }
+
+    /// What the convolutions and dense layers multiply in.
+    pub fn precision(&self) -> Precision {
+        if self.bf16 { Precision::Bf16 } else { Precision::Fp32 }
+    }
+
+    /// C (m×n, row-major) = A (m×k) · B (k×n) + beta·C in this backend's precision, A and B given by
+    /// (row stride, column stride): the f32 GEMM [`super::linalg::cpu_gemm`] picked, or bf16 on AMX.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm(
+        &self,
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f32],
+        sa: (usize, usize),
+        b: &[f32],
+        sb: (usize, usize),
+        c: &mut [f32],
+        beta: f32,
+    ) {
+        if self.bf16 {
+            super::amx::gemm(m, k, n, a, sa, b, sb, c, beta)
+        } else {
+            super::linalg::gemm(m, k, n, a, sa, b, sb, c, beta)
+        }
     }
 
     /// Tensors allocated so far (buffers reused from the pool are not counted).
@@ -249,7 +298,11 @@ impl Core for FastCpu {
             crate::par::threads(),
             if crate::par::threads() == 1 { "" } else { "s" },
             if wide_simd() { "AVX2+FMA" } else { "baseline" },
-            super::linalg::cpu_gemm().describe()
+            if self.bf16 {
+                "AMX bf16 GEMMs".to_string()
+            } else {
+                super::linalg::cpu_gemm().describe()
+            }
         )
     }
 

@@ -184,6 +184,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .kernels
             .precision
             .map_or(cuda::registry::DEFAULT_PRECISION, Into::into),
+        Selected::Cpu(be) => be.precision(),
         _ => Precision::Fp32,
     };
     let (backend_name, r) = with_backend!(sel, |be| {

@@ -27,15 +27,12 @@ pub fn select(device: Device, kernels: &KernelArgs) -> Result<Selected> {
             .map_err(|e| Error::msg(format!("--device {flag}: {e}")))
     };
     let cpu = |why: String| -> Result<Selected> {
-        kernels.cpu_only("--device auto (running on the CPU)")?;
+        let be = kernels.fast_cpu("--device auto (running on the CPU)")?;
         eprintln!("note: {why}; running on the CPU");
-        Ok(Selected::Cpu(FastCpu::new()))
+        Ok(Selected::Cpu(be))
     };
     match device {
-        Device::Cpu => {
-            kernels.cpu_only("--device cpu")?;
-            Ok(Selected::Cpu(FastCpu::new()))
-        }
+        Device::Cpu => Ok(Selected::Cpu(kernels.fast_cpu("--device cpu")?)),
         Device::CpuReference => {
             kernels.cpu_only("--device cpu-reference")?;
             Ok(Selected::CpuReference(CpuBackend::new()))

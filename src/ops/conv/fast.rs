@@ -1,13 +1,15 @@
 //! Convolutions on the fast CPU backend.
 
 use crate::Result;
+use crate::backend::amx::{self, Strided};
 use crate::backend::fast::{FastCpu, PoolBuf, images_per_chunk};
-use crate::backend::linalg::{CpuGemm, cpu_gemm, gemm};
+use crate::backend::linalg::{CpuGemm, cpu_gemm};
+use crate::float::Precision;
 
 use super::im2col::{col2im_add, im2col};
 use super::{ConvOps, ConvShape, check_conv2d_bwd_input, check_conv2d_bwd_weight, check_conv2d_fwd};
 use crate::ops::dense::Act;
-use crate::ops::dense::fast::affine;
+use crate::ops::dense::fast::{act_in_place, affine};
 
 impl ConvOps for FastCpu {
     fn conv2d_fwd(
@@ -21,13 +23,24 @@ impl ConvOps for FastCpu {
     ) -> Result<()> {
         check_conv2d_fwd(s, x.len(), w.len(), b.len(), y.len())?;
         let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
+        if let Some(p) = self.patches(s, x) {
+            // bf16 on AMX: the patches packed straight from x, the bias loaded into y first
+            for r in y.chunks_mut(co) {
+                r.copy_from_slice(b);
+            }
+            let w = Strided::new(w, (kd, co), (co, 1));
+            // SAFETY: AMX is there (bf16 mode); y holds rows×co values and aliases neither operand
+            unsafe { amx::gemm_from(s.rows(), kd, co, &p, &w, 1.0, y.as_mut_ptr(), co as isize) };
+            act_in_place(act, y, co);
+            return Ok(());
+        }
         let chunk = images_per_chunk(s.batch, npix * kd);
         self.with_scratch(chunk * npix * kd, |col| {
             for b0 in (0..s.batch).step_by(chunk) {
                 let nb = chunk.min(s.batch - b0);
                 im2col(s, x, b0, nb, col, |v| v);
                 let ys = &mut y[b0 * npix * co..(b0 + nb) * npix * co];
-                affine(nb * npix, kd, co, col, w, b, ys, act);
+                affine(self, nb * npix, kd, co, col, w, b, ys, act);
             }
         })
     }
@@ -43,7 +56,7 @@ impl ConvOps for FastCpu {
                 let dcol = &mut dcol[..nb * npix * kd];
                 // dcol = dz · Wᵀ, with W [kd, co] read transposed through its strides
                 let dzc = &dz[b0 * npix * co..(b0 + nb) * npix * co];
-                gemm(nb * npix, co, kd, dzc, (co, 1), w, (1, co), dcol, 0.0);
+                self.gemm(nb * npix, co, kd, dzc, (co, 1), w, (1, co), dcol, 0.0);
                 col2im_add(s, dcol, &mut dx[b0 * img..(b0 + nb) * img]);
             }
         })
@@ -52,13 +65,23 @@ impl ConvOps for FastCpu {
     fn conv2d_bwd_weight(&self, s: &ConvShape, x: &PoolBuf, dz: &PoolBuf, dw: &mut PoolBuf) -> Result<()> {
         check_conv2d_bwd_weight(s, x.len(), dz.len(), dw.len())?;
         let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
+        if let Some(p) = self.patches(s, x) {
+            // bf16 on AMX: dWᵀ = dzᵀ · patches, the patches packed straight from x
+            let mut dwt = self.take(co * kd, |_| {})?;
+            let dzt = Strided::new(dz, (co, s.rows()), (1, co));
+            // SAFETY: AMX is there (bf16 mode); dwt holds co×kd values and aliases neither operand
+            unsafe { amx::gemm_from(co, s.rows(), kd, &dzt, &p, 0.0, dwt.as_mut_ptr(), kd as isize) };
+            add_transposed(&dwt, co, kd, dw);
+            return Ok(());
+        }
         let chunk = images_per_chunk(s.batch, npix * kd);
         // gemm's AVX-512 kernels write a row-major [co, kd] result at 1.6x the rate they write dW's
-        // [kd, co] (docs/BENCHMARKS.md): on them, dWᵀ = dzᵀ · col into a pooled buffer, added to dW
-        // transposed once at the end; matrixmultiply writes dW directly
-        let mut dwt = match cpu_gemm() {
-            CpuGemm::Avx512 => Some(self.take(co * kd, |_| {})?),
-            CpuGemm::Avx2 => None,
+        // [kd, co] (docs/BENCHMARKS.md), and the AMX GEMM packs col faster as B than transposed as A:
+        // on them, dWᵀ = dzᵀ · col into a pooled buffer, added to dW transposed once at the end;
+        // matrixmultiply writes dW directly
+        let mut dwt = match (self.precision(), cpu_gemm()) {
+            (Precision::Bf16, _) | (_, CpuGemm::Avx512) => Some(self.take(co * kd, |_| {})?),
+            _ => None,
         };
         self.with_scratch(chunk * npix * kd, |col| {
             for b0 in (0..s.batch).step_by(chunk) {
@@ -69,10 +92,10 @@ impl ConvOps for FastCpu {
                     // dWᵀ (=, then +=) dzᵀ · col, with dz [rows, co] read transposed through its strides
                     Some(dwt) => {
                         let beta = if b0 == 0 { 0.0 } else { 1.0 };
-                        gemm(co, nb * npix, kd, dzc, (1, co), col, (kd, 1), dwt, beta);
+                        self.gemm(co, nb * npix, kd, dzc, (1, co), col, (kd, 1), dwt, beta);
                     }
                     // dW += colᵀ · dz, with col [rows, kd] read transposed through its strides
-                    None => gemm(kd, nb * npix, co, col, (1, kd), dzc, (co, 1), dw, 1.0),
+                    None => self.gemm(kd, nb * npix, co, col, (1, kd), dzc, (co, 1), dw, 1.0),
                 }
             }
         })?;
@@ -80,6 +103,44 @@ impl ConvOps for FastCpu {
             add_transposed(&dwt, co, kd, dw);
         }
         Ok(())
+    }
+}
+
+impl FastCpu {
+    /// The patch matrix of `x` as an AMX GEMM reads it, in bf16 mode where whole 32-value runs of it
+    /// lie contiguous in x (Cin a multiple of 32: the primary capsules' conv, not conv1).
+    fn patches<'a>(&self, s: &'a ConvShape, x: &'a [f32]) -> Option<Patches<'a>> {
+        (self.precision() == Precision::Bf16 && s.in_c.is_multiple_of(32) && x.len() == s.x_len()).then_some(Patches { s, x })
+    }
+}
+
+/// The im2col matrix of a batch (row (b, oy, ox), column (ky, kx, c)), read from the images.
+struct Patches<'a> {
+    s: &'a ConvShape,
+    x: &'a [f32],
+}
+
+impl Patches<'_> {
+    /// Where element (r, c) lies in x.
+    fn offset(&self, r: usize, c: usize) -> usize {
+        let s = self.s;
+        let (npix, ow) = (s.out_h() * s.out_w(), s.out_w());
+        let (b, p) = (r / npix, r % npix);
+        let (oy, ox) = (p / ow, p % ow);
+        let (kyx, ci) = (c / s.in_c, c % s.in_c);
+        let (ky, kx) = (kyx / s.k, kyx % s.k);
+        ((b * s.in_h + oy * s.stride + ky) * s.in_w + ox * s.stride + kx) * s.in_c + ci
+    }
+}
+
+// SAFETY: x holds the whole batch (checked in `patches`), and every (r, c) inside the patch matrix
+// (r < rows, c < patch_len) lies in it; a run stays inside one pixel's channels
+unsafe impl amx::Source for Patches<'_> {
+    fn at(&self, r: usize, c: usize) -> f32 {
+        self.x[self.offset(r, c)]
+    }
+    fn run(&self, r: usize, c0: usize, len: usize) -> Option<*const f32> {
+        (c0 % self.s.in_c + len <= self.s.in_c).then(|| self.x[self.offset(r, c0)..].as_ptr())
     }
 }
 

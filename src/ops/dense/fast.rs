@@ -2,7 +2,6 @@
 
 use crate::Result;
 use crate::backend::fast::{FastCpu, PoolBuf};
-use crate::backend::linalg::gemm;
 use crate::par::par_rows;
 
 use super::{
@@ -46,11 +45,21 @@ pub(crate) fn act_grad(act: Act, y: &[f32], dy: &[f32], dz: &mut [f32]) {
 
 /// y rows = bias, then y += x·w (the GEMM's epilogue is the bias it starts from), then the activation.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn affine(m: usize, k: usize, n: usize, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], act: Act) {
+pub(crate) fn affine(
+    be: &FastCpu,
+    m: usize,
+    k: usize,
+    n: usize,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    y: &mut [f32],
+    act: Act,
+) {
     for r in y.chunks_mut(n) {
         r.copy_from_slice(b);
     }
-    gemm(m, k, n, x, (k, 1), w, (n, 1), y, 1.0);
+    be.gemm(m, k, n, x, (k, 1), w, (n, 1), y, 1.0);
     act_in_place(act, y, n);
 }
 
@@ -65,19 +74,19 @@ impl DenseOps for FastCpu {
         act: Act,
     ) -> Result<()> {
         check_dense_fwd(s, x.len(), w.len(), b.len(), y.len())?;
-        affine(s.rows, s.inp, s.out, x, w, b, y, act);
+        affine(self, s.rows, s.inp, s.out, x, w, b, y, act);
         Ok(())
     }
 
     fn dense_bwd_input(&self, s: &DenseShape, dz: &PoolBuf, w: &PoolBuf, dx: &mut PoolBuf) -> Result<()> {
         check_dense_bwd_input(s, dz.len(), w.len(), dx.len())?;
-        gemm(s.rows, s.out, s.inp, dz, (s.out, 1), w, (1, s.out), dx, 1.0);
+        self.gemm(s.rows, s.out, s.inp, dz, (s.out, 1), w, (1, s.out), dx, 1.0);
         Ok(())
     }
 
     fn dense_bwd_weight(&self, s: &DenseShape, x: &PoolBuf, dz: &PoolBuf, dw: &mut PoolBuf) -> Result<()> {
         check_dense_bwd_weight(s, x.len(), dz.len(), dw.len())?;
-        gemm(s.inp, s.rows, s.out, x, (1, s.inp), dz, (s.out, 1), dw, 1.0);
+        self.gemm(s.inp, s.rows, s.out, x, (1, s.inp), dz, (s.out, 1), dw, 1.0);
         Ok(())
     }
 

@@ -1,0 +1,627 @@
+//! bf16 GEMMs on AMX tiles, for the fast CPU backend's `--precision bf16`.
+//!
+//! Intel's Advanced Matrix Extensions hold eight tile registers of up to 16 rows × 64 bytes;
+//! `TDPBF16PS` adds the product of a 16×32 bf16 tile (A) and a 32×16 one (B, stored as 16 rows of
+//! 16 bf16 pairs) to a 16×16 f32 tile (C). Inputs are rounded to bf16 to nearest, ties to even, as
+//! [`Precision::Bf16`] rounds them (the reference's rounded-input mode, and the GPU's bf16 kernels);
+//! sums are f32. The instructions are written as inline assembly: Rust has no stable AMX intrinsics.
+//!
+//! Both operands are packed first into 1 KiB tiles ([`pack_a`], [`pack_b`]), zero-padded to whole
+//! tiles, then each thread runs 32×32 blocks of C (2×2 tiles: four accumulators, two A tiles and two
+//! B tiles, the eight registers) over K in passes of [`KC_TILES`] tiles, with C in groups of
+//! [`MG_BLOCKS`]×[`NG_BLOCKS`] blocks that stay in L2 across the passes. Each element of C is summed by
+//! one thread in one fixed order, so results do not depend on the thread count.
+//!
+//! The CPU must have AMX-TILE and AMX-BF16 (CPUID leaf 7), and Linux must grant the process the
+//! tile-data state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, Linux 5.16 and later): [`supported`] asks both.
+//! Figures: docs/BENCHMARKS.md.
+
+use std::sync::{Mutex, OnceLock};
+
+/// Rows of an A or C tile.
+const TM: usize = 16;
+/// bf16 values along K in a tile (one 64-byte row of A; 16 pairs in a row of B).
+const TK: usize = 32;
+/// f32 columns of a C tile, and bf16 pairs in a row of B.
+const TN: usize = 16;
+/// bf16 values in one packed tile (1 KiB).
+const TILE: usize = TM * TK;
+/// Rows and columns of the C block one kernel call computes: 2×2 tiles.
+const BLOCK: usize = 32;
+/// K tiles per pass: an A block of 32 rows is 32 KiB, in L1 while it meets a group's B tiles.
+const KC_TILES: usize = 64;
+/// C blocks per group along N: the B block of one pass is 256 KiB, in L2.
+const NG_BLOCKS: usize = 8;
+/// C blocks per group along M: the group's C (512×256 f32, 512 KiB) stays in L2 across passes.
+const MG_BLOCKS: usize = 16;
+
+/// Whether this CPU and OS run AMX bf16 tiles (checked once; the OS permission is asked then).
+pub fn supported() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        {
+            // CPUID.(EAX=7,ECX=0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE
+            #[allow(unused_unsafe)]
+            // SAFETY: CPUID leaf 7 exists on every x86_64 CPU that Rust targets
+            let r = unsafe { std::arch::x86_64::__cpuid_count(7, 0) };
+            if r.edx & (1 << 22) == 0 || r.edx & (1 << 24) == 0 || !std::arch::is_x86_feature_detected!("avx512f") {
+                return false;
+            }
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: a plain system call with integer arguments; it only changes what the kernel
+            // lets this process use
+            let rc = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+            rc == 0
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        {
+            false
+        }
+    })
+}
+
+/// `x` rounded to bf16 as [`crate::float::Precision::Bf16`] rounds it, as its 16 bits.
+#[inline(always)]
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if b & 0x7f80_0000 == 0x7f80_0000 {
+        // infinities keep their bits; a NaN stays a NaN (its payload may sit in the low half)
+        return if b & 0x007f_ffff == 0 {
+            (b >> 16) as u16
+        } else {
+            ((b >> 16) | 0x0040) as u16
+        };
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// A raw pointer that worker threads share; each writes a disjoint part of what it points to.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+// SAFETY: used only to hand threads pointers to disjoint blocks of one buffer (see `multiply`)
+unsafe impl<T> Send for Shared<T> {}
+// SAFETY: as above
+unsafe impl<T> Sync for Shared<T> {}
+
+/// Where a GEMM operand's f32 values come from: a strided matrix ([`Strided`]), or a matrix computed
+/// as it is read, such as a convolution's patch matrix (im2col without the f32 copy).
+///
+/// # Safety
+/// `at` and `run` read inside the operand for every r and c (and c0..c0+len) below the sizes the
+/// GEMM is given with it.
+pub(crate) unsafe trait Source: Sync {
+    /// Element (r, c).
+    fn at(&self, r: usize, c: usize) -> f32;
+    /// `len` values of row r from column c0 on, where they lie contiguous in memory.
+    fn run(&self, r: usize, c0: usize, len: usize) -> Option<*const f32>;
+    /// Whether walking down a column reads memory in order (a transposed matrix).
+    fn by_columns(&self) -> bool {
+        false
+    }
+}
+
+/// A matrix at `ptr`, element (r, c) at `ptr[r*rs + c*cs]`.
+pub(crate) struct Strided {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+// SAFETY: only read through, while the slice it came from is borrowed
+unsafe impl Sync for Strided {}
+
+impl Strided {
+    /// A `rows`×`cols` matrix in `m`, read with row stride `rs` and column stride `cs`; panics where
+    /// it does not fit in `m`. Given to a GEMM, its sizes there must not exceed `rows` and `cols`.
+    pub(crate) fn new(m: &[f32], (rows, cols): (usize, usize), (rs, cs): (usize, usize)) -> Strided {
+        assert!(
+            rows == 0 || cols == 0 || m.len() > (rows - 1) * rs + (cols - 1) * cs,
+            "a GEMM operand outside its slice"
+        );
+        Strided {
+            ptr: m.as_ptr(),
+            rs: rs as isize,
+            cs: cs as isize,
+        }
+    }
+}
+
+// SAFETY: `Strided::new` checks the matrix against its slice, and a GEMM is given it with sizes
+// no larger than those
+unsafe impl Source for Strided {
+    fn at(&self, r: usize, c: usize) -> f32 {
+        // SAFETY: the caller of the packing asks only for elements inside the matrix
+        unsafe { *self.ptr.offset(r as isize * self.rs + c as isize * self.cs) }
+    }
+    fn run(&self, r: usize, c0: usize, _len: usize) -> Option<*const f32> {
+        (self.cs == 1).then(|| self.ptr.wrapping_offset(r as isize * self.rs + c0 as isize))
+    }
+    fn by_columns(&self) -> bool {
+        self.cs != 1 && self.rs == 1
+    }
+}
+
+/// 16 f32 rounded to bf16 as [`bf16_bits`] rounds them, each in the low half of a 32-bit lane.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn bf16x16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let b = _mm512_castps_si512(x);
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+    let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb));
+    // NaNs: the top half with the quiet bit set (the sum above may carry out of a NaN's bits)
+    let nan = _mm512_cmpgt_epu32_mask(
+        _mm512_and_si512(b, _mm512_set1_epi32(0x7fff_ffff)),
+        _mm512_set1_epi32(0x7f80_0000),
+    );
+    let q = _mm512_or_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(0x40));
+    _mm512_mask_blend_epi32(nan, r, q)
+}
+
+/// One row of an A tile: 32 contiguous f32 at `src` as 32 bf16 at `dst`.
+///
+/// # Safety
+/// AVX-512F; 32 readable f32 at `src`, 32 writable u16 at `dst`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn row32(src: *const f32, dst: *mut u16) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract
+    unsafe {
+        let lo = _mm512_cvtepi32_epi16(bf16x16(_mm512_loadu_ps(src)));
+        let hi = _mm512_cvtepi32_epi16(bf16x16(_mm512_loadu_ps(src.add(16))));
+        _mm256_storeu_si256(dst as *mut __m256i, lo);
+        _mm256_storeu_si256(dst.add(16) as *mut __m256i, hi);
+    }
+}
+
+/// One row of a B tile: 16 contiguous f32 of each of two rows of B (`p0`, `p1`) as 16 bf16 pairs at
+/// `dst`, the first row's value in each pair's low half.
+///
+/// # Safety
+/// AVX-512F; 16 readable f32 at `p0` and at `p1`, 32 writable u16 at `dst`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn pairs16(p0: *const f32, p1: *const f32, dst: *mut u16) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract
+    unsafe {
+        let lo = bf16x16(_mm512_loadu_ps(p0));
+        let hi = bf16x16(_mm512_loadu_ps(p1));
+        _mm512_storeu_si512(dst as *mut __m512i, _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi)));
+    }
+}
+
+/// Packs A (m×k, from `src`) into rows of tiles: tile (mt, kt) holds rows 16·mt.. and columns
+/// 32·kt.., row-major, at `(mt*kts + kt)*TILE`. Outside A: zeros.
+fn pack_a(m: usize, k: usize, src: &impl Source, kts: usize, out: &mut [u16]) {
+    crate::par::par_blocks(out, kts * TILE, kts * TILE, |mt0, rows| {
+        let mts = rows.len() / (kts * TILE);
+        for dm in 0..mts {
+            for kt in 0..kts {
+                let mt = mt0 + dm;
+                let tile = &mut rows[(dm * kts + kt) * TILE..][..TILE];
+                let (i0, p0) = (mt * TM, kt * TK);
+                let (ni, np) = (m.saturating_sub(i0).min(TM), k.saturating_sub(p0).min(TK));
+                if ni < TM || np < TK {
+                    tile.fill(0);
+                }
+                if np == TK && (0..ni).all(|i| src.run(i0 + i, p0, TK).is_some()) {
+                    for i in 0..ni {
+                        let run = src.run(i0 + i, p0, TK).unwrap_or(std::ptr::null());
+                        // SAFETY: the source has these 32 values contiguous; AVX-512F is there (`supported`)
+                        unsafe { row32(run, tile.as_mut_ptr().add(i * TK)) };
+                    }
+                } else if !src.by_columns() {
+                    for i in 0..ni {
+                        for p in 0..np {
+                            tile[i * TK + p] = bf16_bits(src.at(i0 + i, p0 + p));
+                        }
+                    }
+                } else {
+                    for p in 0..np {
+                        for i in 0..ni {
+                            tile[i * TK + p] = bf16_bits(src.at(i0 + i, p0 + p));
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Packs B (k×n, from `src`) into columns of tiles: tile (nt, kt) holds rows 32·kt.. and columns
+/// 16·nt.. as 16 rows of 16 pairs (row r: B[2r][j], B[2r+1][j] for each j), at `(nt*kts + kt)*TILE`.
+/// Outside B: zeros.
+fn pack_b(k: usize, n: usize, src: &impl Source, kts: usize, out: &mut [u16]) {
+    crate::par::par_blocks(out, kts * TILE, kts * TILE, |nt0, cols| {
+        let nts = cols.len() / (kts * TILE);
+        for kt in 0..kts {
+            for dn in 0..nts {
+                let nt = nt0 + dn;
+                let tile = &mut cols[(dn * kts + kt) * TILE..][..TILE];
+                let (p0, j0) = (kt * TK, nt * TN);
+                let (np, nj) = (k.saturating_sub(p0).min(TK), n.saturating_sub(j0).min(TN));
+                if np < TK || nj < TN {
+                    tile.fill(0);
+                }
+                if nj == TN && (0..np).all(|p| src.run(p0 + p, j0, TN).is_some()) {
+                    for r in 0..np / 2 {
+                        let (x, y) = (src.run(p0 + 2 * r, j0, TN), src.run(p0 + 2 * r + 1, j0, TN));
+                        let (x, y) = (x.unwrap_or(std::ptr::null()), y.unwrap_or(std::ptr::null()));
+                        // SAFETY: the source has both rows' 16 values contiguous; AVX-512F is there
+                        unsafe { pairs16(x, y, tile.as_mut_ptr().add(r * TK)) };
+                    }
+                    if np % 2 == 1 {
+                        for j in 0..nj {
+                            tile[(np / 2) * TK + j * 2] = bf16_bits(src.at(p0 + np - 1, j0 + j));
+                        }
+                    }
+                } else if !src.by_columns() {
+                    for p in 0..np {
+                        for j in 0..nj {
+                            tile[(p / 2) * TK + j * 2 + p % 2] = bf16_bits(src.at(p0 + p, j0 + j));
+                        }
+                    }
+                } else {
+                    for j in 0..nj {
+                        for p in 0..np {
+                            tile[(p / 2) * TK + j * 2 + p % 2] = bf16_bits(src.at(p0 + p, j0 + j));
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The palette-1 tile configuration: every tile register 16 rows of 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+/// Configures this thread's eight tile registers (16 rows × 64 bytes each).
+///
+/// # Safety
+/// [`supported`] returned true.
+unsafe fn configure_tiles() {
+    let mut cfg = TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb: [0; 16],
+        rows: [0; 16],
+    };
+    for t in 0..8 {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = TM as u8;
+    }
+    // SAFETY: the configuration is valid for palette 1; the CPU has AMX (the caller's contract)
+    unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) &cfg as *const TileConfig, options(nostack, readonly)) };
+}
+
+/// Gives the tile registers back (their state is large: the OS saves it only while in use).
+fn release_tiles() {
+    // SAFETY: TILERELEASE is valid whether or not tiles are configured, on a CPU with AMX
+    unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+}
+
+/// C block (32×32 f32 at `c`, rows `ldc` bytes apart) = (C if `load` else 0) + A·B over `kts` K tiles:
+/// A's two row tiles start at `a` and `a + a_next`, B's two column tiles at `b` and `b + b_next`
+/// (bf16 elements), each next K tile 1 KiB further.
+///
+/// # Safety
+/// Tiles configured on this thread; every address inside the packed buffers and the C block.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block(
+    a: *const u16,
+    a_next: usize,
+    b: *const u16,
+    b_next: usize,
+    kts: usize,
+    c: *mut f32,
+    ldc: usize,
+    load: bool,
+) {
+    use std::arch::asm;
+    let c2 = c.wrapping_byte_add(16 * ldc);
+    // SAFETY (every asm block): the tiles are configured and the addresses lie inside the C block and
+    // the packed tiles (the caller's contract)
+    unsafe {
+        if load {
+            asm!(
+                "tileloadd tmm0, [{c} + {s}*1]",
+                "tileloadd tmm1, [{c} + {s}*1 + 64]",
+                "tileloadd tmm2, [{c2} + {s}*1]",
+                "tileloadd tmm3, [{c2} + {s}*1 + 64]",
+                c = in(reg) c, c2 = in(reg) c2, s = in(reg) ldc, options(nostack, readonly)
+            );
+        } else {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        }
+        let (mut a0, mut b0) = (a, b);
+        for _ in 0..kts {
+            asm!(
+                "tileloadd tmm4, [{a0} + {s}*1]",
+                "tileloadd tmm6, [{b0} + {s}*1]",
+                "tileloadd tmm5, [{a1} + {s}*1]",
+                "tileloadd tmm7, [{b1} + {s}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a0, b0 = in(reg) b0, a1 = in(reg) a0.add(a_next), b1 = in(reg) b0.add(b_next),
+                s = in(reg) 64usize, options(nostack, readonly)
+            );
+            a0 = a0.add(TILE);
+            b0 = b0.add(TILE);
+        }
+        asm!(
+            "tilestored [{c} + {s}*1], tmm0",
+            "tilestored [{c} + {s}*1 + 64], tmm1",
+            "tilestored [{c2} + {s}*1], tmm2",
+            "tilestored [{c2} + {s}*1 + 64], tmm3",
+            c = in(reg) c, c2 = in(reg) c2, s = in(reg) ldc, options(nostack)
+        );
+    }
+}
+
+/// The packed operands, kept between calls (tens of MiB at the model's shapes).
+static PACKED: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+
+/// C (m×n, row-major, rows `rsc` apart) = A (m×k) · B (k×n) + beta·C on AMX tiles, A and B rounded to
+/// bf16, f32 sums, both read from their sources. With beta = 0, C is not read.
+///
+/// # Safety
+/// [`supported`] returned true; C holds m rows of n values, `rsc` apart, and aliases neither source.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_from(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &impl Source,
+    b: &impl Source,
+    beta: f32,
+    c: *mut f32,
+    rsc: isize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // C's rows scaled first where beta is neither 0 nor 1 (then the tiles add onto them)
+    let row = |i: usize| c.wrapping_offset(i as isize * rsc);
+    if beta != 0.0 && beta != 1.0 || k == 0 {
+        for i in 0..m {
+            // SAFETY: row i of C is in bounds (the caller's contract)
+            let r = unsafe { std::slice::from_raw_parts_mut(row(i), n) };
+            r.iter_mut()
+                .for_each(|v| *v = if beta == 0.0 { 0.0 } else { *v * beta });
+        }
+        if k == 0 {
+            return;
+        }
+    }
+    let zero_c = beta == 0.0;
+    let (mb, nb, kts) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK), k.div_ceil(TK));
+    let (a_len, b_len) = (mb * 2 * kts * TILE, nb * 2 * kts * TILE);
+    let mut packed = PACKED.lock().unwrap_or_else(|e| e.into_inner());
+    if packed.len() < a_len + b_len {
+        let more = a_len + b_len - packed.len();
+        packed.reserve_exact(more);
+        packed.resize(a_len + b_len, 0);
+    }
+    let (pa, pb) = packed[..a_len + b_len].split_at_mut(a_len);
+    pack_a(m, k, a, kts, pa);
+    pack_b(k, n, b, kts, pb);
+
+    let (pa, pb) = (Shared(pa.as_mut_ptr()), Shared(pb.as_mut_ptr()));
+    let cs = Shared(c);
+    // the threads split the blocks along M, or along N where M has too few
+    let threads = crate::par::threads().max(1);
+    let work = m * n * k;
+    let nt = if work < 1 << 22 { 1 } else { threads.min(mb.max(nb)) };
+    let split_m = mb >= 4 * nt || mb >= nb;
+    let parts = if split_m { mb } else { nb };
+    let per = parts.div_ceil(nt);
+    let run = move |t: usize| {
+        let (pa, pb, cs) = (pa, pb, cs);
+        let lo = t * per;
+        let hi = ((t + 1) * per).min(parts);
+        if lo >= hi {
+            return;
+        }
+        let (m_range, n_range) = if split_m { (lo..hi, 0..nb) } else { (0..mb, lo..hi) };
+        // SAFETY: tiles exist (the caller's contract); every block below lies inside the packed
+        // buffers and inside C (edge blocks go through `edge`), and this thread writes only the C
+        // blocks of its own range
+        unsafe {
+            configure_tiles();
+            let mut edge = [0f32; BLOCK * BLOCK];
+            for mg in m_range.clone().step_by(MG_BLOCKS) {
+                let mg_end = (mg + MG_BLOCKS).min(m_range.end);
+                for ng in n_range.clone().step_by(NG_BLOCKS) {
+                    let ng_end = (ng + NG_BLOCKS).min(n_range.end);
+                    for kc in (0..kts).step_by(KC_TILES) {
+                        let kn = KC_TILES.min(kts - kc);
+                        let load = kc > 0 || !zero_c;
+                        for bi in mg..mg_end {
+                            let ap = pa.0.add((bi * 2 * kts + kc) * TILE);
+                            for bj in ng..ng_end {
+                                let bp = pb.0.add((bj * 2 * kts + kc) * TILE);
+                                let (i0, j0) = (bi * BLOCK, bj * BLOCK);
+                                let (ni, nj) = ((m - i0).min(BLOCK), (n - j0).min(BLOCK));
+                                let c0 = cs.0.offset(i0 as isize * rsc + j0 as isize);
+                                if ni == BLOCK && nj == BLOCK {
+                                    block(ap, kts * TILE, bp, kts * TILE, kn, c0, rsc as usize * 4, load);
+                                } else {
+                                    for i in 0..BLOCK {
+                                        for j in 0..BLOCK {
+                                            edge[i * BLOCK + j] = if load && i < ni && j < nj {
+                                                *c0.offset(i as isize * rsc + j as isize)
+                                            } else {
+                                                0.0
+                                            };
+                                        }
+                                    }
+                                    block(ap, kts * TILE, bp, kts * TILE, kn, edge.as_mut_ptr(), BLOCK * 4, true);
+                                    for i in 0..ni {
+                                        for j in 0..nj {
+                                            *c0.offset(i as isize * rsc + j as isize) = edge[i * BLOCK + j];
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        release_tiles();
+    };
+    if nt == 1 {
+        run(0);
+    } else {
+        std::thread::scope(|sc| {
+            for t in 1..nt {
+                sc.spawn(move || run(t));
+            }
+            run(0);
+        });
+    }
+}
+
+/// As [`gemm_bf16`], on slices: C (m×n, row-major) = A (m×k) · B (k×n) + beta·C, A and B given by
+/// (row stride, column stride); the bounds checked as `linalg::gemm` checks them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    (rsb, csb): (usize, usize),
+    c: &mut [f32],
+    beta: f32,
+) {
+    assert!(supported(), "AMX bf16 GEMM on a CPU without AMX-BF16");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(c.len() >= m * n);
+    let (a, b) = (Strided::new(a, (m, k), (rsa, csa)), Strided::new(b, (k, n), (rsb, csb)));
+    // SAFETY: AMX is supported (asserted); the asserts above keep every element read and written
+    // inside the slices; C is a &mut, so aliases neither.
+    unsafe { gemm_from(m, k, n, &a, &b, beta, c.as_mut_ptr(), n as isize) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::float::Precision;
+
+    #[test]
+    fn bf16_bits_round_as_the_reference_does() {
+        let mut seed = 99u64;
+        for _ in 0..100_000 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let x = f32::from_bits((seed >> 32) as u32);
+            if x.is_nan() {
+                assert!(f32::from_bits((bf16_bits(x) as u32) << 16).is_nan());
+            } else {
+                assert_eq!(
+                    f32::from_bits((bf16_bits(x) as u32) << 16).to_bits(),
+                    Precision::Bf16.round(x).to_bits(),
+                    "{x:e}"
+                );
+            }
+        }
+        assert!(f32::from_bits((bf16_bits(f32::from_bits(0x7f80_0001)) as u32) << 16).is_nan());
+        assert_eq!(bf16_bits(f32::INFINITY), 0x7f80);
+        assert_eq!(bf16_bits(f32::MAX), 0x7f80, "rounds up to infinity");
+    }
+
+    /// The AMX GEMM against f64 sums of the same inputs rounded to bf16, at shapes and strides the
+    /// model uses and sizes off the tiles: within k·2⁻²⁴·Σ|a||b| each element (f32 sums of exact
+    /// products). Where the CPU has no AMX, `supported` must say so and the GEMM refuse to run.
+    #[test]
+    fn amx_bf16_gemm_matches_f64_sums_of_rounded_inputs() {
+        if !supported() {
+            let refused = std::panic::catch_unwind(|| gemm(1, 1, 1, &[1.0], (1, 1), &[1.0], (1, 1), &mut [0.0], 0.0));
+            assert!(refused.is_err(), "the AMX GEMM ran on a CPU that cannot run it");
+            return;
+        }
+        let mut seed = 777u64;
+        let mut rand = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        let r = |x: f32| Precision::Bf16.round(x) as f64;
+        // (m, k, n, A transposed, B transposed); the last ones are spread over threads
+        let shapes = [
+            (37, 300, 19, false, false),
+            (1, 1, 1, false, false),
+            (200, 81, 256, false, false),
+            (81, 500, 64, true, false),
+            (72, 256, 333, false, true),
+            (17, 2048, 33, true, true),
+            (300, 700, 70, false, false),
+            (64, 1200, 600, true, false),
+        ];
+        for &(m, k, n, ta, tb) in &shapes {
+            for beta in [0.0f32, 1.0, 0.5] {
+                let a: Vec<f32> = (0..m * k).map(|_| rand()).collect();
+                let b: Vec<f32> = (0..k * n).map(|_| rand()).collect();
+                let c0: Vec<f32> = (0..m * n).map(|_| rand()).collect();
+                let sa = if ta { (1, m) } else { (k, 1) };
+                let sb = if tb { (1, k) } else { (n, 1) };
+                let mut c: Vec<f32> = if beta == 0.0 { vec![f32::NAN; m * n] } else { c0.clone() };
+                gemm(m, k, n, &a, sa, &b, sb, &mut c, beta);
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut exact, mut mag) = (beta as f64 * c0[i * n + j] as f64, 0.0f64);
+                        for p in 0..k {
+                            let x = r(a[i * sa.0 + p * sa.1]) * r(b[p * sb.0 + j * sb.1]);
+                            exact += x;
+                            mag += x.abs();
+                        }
+                        let bound = (k + 2) as f64 * 2f64.powi(-24) * (mag + (beta * c0[i * n + j]).abs() as f64);
+                        let err = (c[i * n + j] as f64 - exact).abs();
+                        assert!(
+                            err <= bound,
+                            "m{m} k{k} n{n} ta{ta} tb{tb} beta{beta} at ({i},{j}): {} vs {exact} (bound {bound:e})",
+                            c[i * n + j]
+                        );
+                    }
+                }
+                // unrounded inputs would miss by far more than the bound somewhere
+                if k >= 32 && beta == 0.0 {
+                    let worst = (0..m * n)
+                        .map(|e| {
+                            let (i, j) = (e / n, e % n);
+                            let f: f64 = (0..k)
+                                .map(|p| a[i * sa.0 + p * sa.1] as f64 * b[p * sb.0 + j * sb.1] as f64)
+                                .sum();
+                            (c[e] as f64 - f).abs()
+                        })
+                        .fold(0.0, f64::max);
+                    assert!(worst > 1e-5, "m{m} k{k} n{n}: the result looks unrounded ({worst:e})");
+                }
+            }
+        }
+    }
+}
