@@ -110,7 +110,8 @@ impl FastCpu {
     /// The patch matrix of `x` as an AMX GEMM reads it, in bf16 mode where whole 32-value runs of it
     /// lie contiguous in x (Cin a multiple of 32: the primary capsules' conv, not conv1).
     fn patches<'a>(&self, s: &'a ConvShape, x: &'a [f32]) -> Option<Patches<'a>> {
-        (self.precision() == Precision::Bf16 && s.in_c.is_multiple_of(32) && x.len() == s.x_len()).then_some(Patches { s, x })
+        (self.precision() == Precision::Bf16 && s.in_c.is_multiple_of(32) && x.len() == s.x_len())
+            .then_some(Patches { s, x })
     }
 }
 
