@@ -96,9 +96,10 @@ pub(crate) unsafe trait Source: Sync {
     fn at(&self, r: usize, c: usize) -> f32;
     /// `len` values of row r from column c0 on, where they lie contiguous in memory.
     fn run(&self, r: usize, c0: usize, len: usize) -> Option<*const f32>;
-    /// Whether walking down a column reads memory in order (a transposed matrix).
-    fn by_columns(&self) -> bool {
-        false
+    /// `len` values of column c from row r0 on, where they lie contiguous in memory (a transposed
+    /// matrix).
+    fn col_run(&self, _r0: usize, _c: usize, _len: usize) -> Option<*const f32> {
+        None
     }
 }
 
@@ -138,8 +139,8 @@ unsafe impl Source for Strided {
     fn run(&self, r: usize, c0: usize, _len: usize) -> Option<*const f32> {
         (self.cs == 1).then(|| self.ptr.wrapping_offset(r as isize * self.rs + c0 as isize))
     }
-    fn by_columns(&self) -> bool {
-        self.cs != 1 && self.rs == 1
+    fn col_run(&self, r0: usize, c: usize, _len: usize) -> Option<*const f32> {
+        (self.rs == 1).then(|| self.ptr.wrapping_offset(r0 as isize + c as isize * self.cs))
     }
 }
 
@@ -194,6 +195,48 @@ unsafe fn pairs16(p0: *const f32, p1: *const f32, dst: *mut u16) {
     }
 }
 
+/// 16 bf16 pairs, one per lane (the value at `lo` in the low half, at `hi` in the high), stored
+/// `stride` u32 apart from `dst`: two columns of an A tile from a transposed A.
+///
+/// # Safety
+/// AVX-512F; 16 readable f32 at `lo` and at `hi`; 16 writable u32 `stride` apart from `dst`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn pairs16_strided(lo: *const f32, hi: *const f32, dst: *mut u32, stride: i32) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract
+    unsafe {
+        let v = _mm512_or_si512(bf16x16(_mm512_loadu_ps(lo)), _mm512_slli_epi32::<16>(bf16x16(_mm512_loadu_ps(hi))));
+        let idx = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(stride),
+        );
+        _mm512_i32scatter_epi32::<4>(dst as _, idx, v);
+    }
+}
+
+/// 32 contiguous f32 at `src` as 16 bf16 pairs (values 2r and 2r+1 in pair r), stored `stride` u32
+/// apart from `dst`: one column of a B tile from a transposed B.
+///
+/// # Safety
+/// AVX-512F; 32 readable f32 at `src`; 16 writable u32 `stride` apart from `dst`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn column32_strided(src: *const f32, dst: *mut u32, stride: i32) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract
+    unsafe {
+        let lo = _mm512_cvtepi32_epi16(bf16x16(_mm512_loadu_ps(src)));
+        let hi = _mm512_cvtepi32_epi16(bf16x16(_mm512_loadu_ps(src.add(16))));
+        let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+        let idx = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(stride),
+        );
+        _mm512_i32scatter_epi32::<4>(dst as _, idx, v);
+    }
+}
+
 /// Packs A (m×k, from `src`) into rows of tiles: tile (mt, kt) holds rows 16·mt.. and columns
 /// 32·kt.., row-major, at `(mt*kts + kt)*TILE`. Outside A: zeros.
 fn pack_a(m: usize, k: usize, src: &impl Source, kts: usize, out: &mut [u16]) {
@@ -214,15 +257,17 @@ fn pack_a(m: usize, k: usize, src: &impl Source, kts: usize, out: &mut [u16]) {
                         // SAFETY: the source has these 32 values contiguous; AVX-512F is there (`supported`)
                         unsafe { row32(run, tile.as_mut_ptr().add(i * TK)) };
                     }
-                } else if !src.by_columns() {
-                    for i in 0..ni {
-                        for p in 0..np {
-                            tile[i * TK + p] = bf16_bits(src.at(i0 + i, p0 + p));
-                        }
+                } else if ni == TM && np == TK && src.col_run(i0, p0, TM).is_some() {
+                    for p in (0..TK).step_by(2) {
+                        let lo = src.col_run(i0, p0 + p, TM).unwrap_or(std::ptr::null());
+                        let hi = src.col_run(i0, p0 + p + 1, TM).unwrap_or(std::ptr::null());
+                        // SAFETY: the source has both columns' 16 values contiguous; the 16 pairs
+                        // land in the tile's 16 rows (u32 p/2 of each); AVX-512F is there
+                        unsafe { pairs16_strided(lo, hi, (tile.as_mut_ptr() as *mut u32).add(p / 2), (TK / 2) as i32) };
                     }
                 } else {
-                    for p in 0..np {
-                        for i in 0..ni {
+                    for i in 0..ni {
+                        for p in 0..np {
                             tile[i * TK + p] = bf16_bits(src.at(i0 + i, p0 + p));
                         }
                     }
@@ -259,15 +304,16 @@ fn pack_b(k: usize, n: usize, src: &impl Source, kts: usize, out: &mut [u16]) {
                             tile[(np / 2) * TK + j * 2] = bf16_bits(src.at(p0 + np - 1, j0 + j));
                         }
                     }
-                } else if !src.by_columns() {
-                    for p in 0..np {
-                        for j in 0..nj {
-                            tile[(p / 2) * TK + j * 2 + p % 2] = bf16_bits(src.at(p0 + p, j0 + j));
-                        }
+                } else if np == TK && nj == TN && src.col_run(p0, j0, TK).is_some() {
+                    for j in 0..TN {
+                        let run = src.col_run(p0, j0 + j, TK).unwrap_or(std::ptr::null());
+                        // SAFETY: the source has column j's 32 values contiguous; its 16 pairs land
+                        // in the tile's 16 rows (u32 j of each); AVX-512F is there
+                        unsafe { column32_strided(run, (tile.as_mut_ptr() as *mut u32).add(j), TN as i32) };
                     }
                 } else {
-                    for j in 0..nj {
-                        for p in 0..np {
+                    for p in 0..np {
+                        for j in 0..nj {
                             tile[(p / 2) * TK + j * 2 + p % 2] = bf16_bits(src.at(p0 + p, j0 + j));
                         }
                     }
