@@ -206,7 +206,10 @@ unsafe fn pairs16_strided(lo: *const f32, hi: *const f32, dst: *mut u32, stride:
     use std::arch::x86_64::*;
     // SAFETY: the caller's contract
     unsafe {
-        let v = _mm512_or_si512(bf16x16(_mm512_loadu_ps(lo)), _mm512_slli_epi32::<16>(bf16x16(_mm512_loadu_ps(hi))));
+        let v = _mm512_or_si512(
+            bf16x16(_mm512_loadu_ps(lo)),
+            _mm512_slli_epi32::<16>(bf16x16(_mm512_loadu_ps(hi))),
+        );
         let idx = _mm512_mullo_epi32(
             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
             _mm512_set1_epi32(stride),
@@ -237,87 +240,91 @@ unsafe fn column32_strided(src: *const f32, dst: *mut u32, stride: i32) {
     }
 }
 
-/// Packs A (m×k, from `src`) into rows of tiles: tile (mt, kt) holds rows 16·mt.. and columns
-/// 32·kt.., row-major, at `(mt*kts + kt)*TILE`. Outside A: zeros.
+/// Packs tile (mt, kt) of A (m×k, from `src`): rows 16·mt.. and columns 32·kt.., row-major; zeros
+/// outside A.
+fn pack_a_tile(m: usize, k: usize, src: &impl Source, mt: usize, kt: usize, tile: &mut [u16]) {
+    let (i0, p0) = (mt * TM, kt * TK);
+    let (ni, np) = (m.saturating_sub(i0).min(TM), k.saturating_sub(p0).min(TK));
+    if ni < TM || np < TK {
+        tile.fill(0);
+    }
+    let mut runs = [std::ptr::null(); TM];
+    if np == TK && (0..ni).all(|i| src.run(i0 + i, p0, TK).map(|r| runs[i] = r).is_some()) {
+        for (i, &run) in runs.iter().enumerate().take(ni) {
+            // SAFETY: the source has these 32 values contiguous; AVX-512F is there (`supported`)
+            unsafe { row32(run, tile.as_mut_ptr().add(i * TK)) };
+        }
+    } else if ni == TM && np == TK && src.col_run(i0, p0, TM).is_some() {
+        for p in (0..TK).step_by(2) {
+            let lo = src.col_run(i0, p0 + p, TM).unwrap_or(std::ptr::null());
+            let hi = src.col_run(i0, p0 + p + 1, TM).unwrap_or(std::ptr::null());
+            // SAFETY: the source has both columns' 16 values contiguous; the 16 pairs
+            // land in the tile's 16 rows (u32 p/2 of each); AVX-512F is there
+            unsafe { pairs16_strided(lo, hi, (tile.as_mut_ptr() as *mut u32).add(p / 2), (TK / 2) as i32) };
+        }
+    } else {
+        for i in 0..ni {
+            for p in 0..np {
+                tile[i * TK + p] = bf16_bits(src.at(i0 + i, p0 + p));
+            }
+        }
+    }
+}
+
+/// Packs tile (nt, kt) of B (k×n, from `src`): rows 32·kt.. and columns 16·nt.. as 16 rows of 16
+/// pairs (row r: B[2r][j], B[2r+1][j] for each j); zeros outside B.
+fn pack_b_tile(k: usize, n: usize, src: &impl Source, nt: usize, kt: usize, tile: &mut [u16]) {
+    let (p0, j0) = (kt * TK, nt * TN);
+    let (np, nj) = (k.saturating_sub(p0).min(TK), n.saturating_sub(j0).min(TN));
+    if np < TK || nj < TN {
+        tile.fill(0);
+    }
+    let mut runs = [std::ptr::null(); TK];
+    if nj == TN && (0..np).all(|p| src.run(p0 + p, j0, TN).map(|r| runs[p] = r).is_some()) {
+        for r in 0..np / 2 {
+            // SAFETY: the source has both rows' 16 values contiguous; AVX-512F is there
+            unsafe { pairs16(runs[2 * r], runs[2 * r + 1], tile.as_mut_ptr().add(r * TK)) };
+        }
+        if np % 2 == 1 {
+            for j in 0..nj {
+                tile[(np / 2) * TK + j * 2] = bf16_bits(src.at(p0 + np - 1, j0 + j));
+            }
+        }
+    } else if np == TK && nj == TN && src.col_run(p0, j0, TK).is_some() {
+        for j in 0..TN {
+            let run = src.col_run(p0, j0 + j, TK).unwrap_or(std::ptr::null());
+            // SAFETY: the source has column j's 32 values contiguous; its 16 pairs land
+            // in the tile's 16 rows (u32 j of each); AVX-512F is there
+            unsafe { column32_strided(run, (tile.as_mut_ptr() as *mut u32).add(j), TN as i32) };
+        }
+    } else {
+        for p in 0..np {
+            for j in 0..nj {
+                tile[(p / 2) * TK + j * 2 + p % 2] = bf16_bits(src.at(p0 + p, j0 + j));
+            }
+        }
+    }
+}
+
+/// Packs all of A into rows of tiles, tile (mt, kt) at `(mt*kts + kt)*TILE`.
 fn pack_a(m: usize, k: usize, src: &impl Source, kts: usize, out: &mut [u16]) {
     crate::par::par_blocks(out, kts * TILE, kts * TILE, |mt0, rows| {
-        let mts = rows.len() / (kts * TILE);
-        for dm in 0..mts {
-            for kt in 0..kts {
-                let mt = mt0 + dm;
-                let tile = &mut rows[(dm * kts + kt) * TILE..][..TILE];
-                let (i0, p0) = (mt * TM, kt * TK);
-                let (ni, np) = (m.saturating_sub(i0).min(TM), k.saturating_sub(p0).min(TK));
-                if ni < TM || np < TK {
-                    tile.fill(0);
-                }
-                if np == TK && (0..ni).all(|i| src.run(i0 + i, p0, TK).is_some()) {
-                    for i in 0..ni {
-                        let run = src.run(i0 + i, p0, TK).unwrap_or(std::ptr::null());
-                        // SAFETY: the source has these 32 values contiguous; AVX-512F is there (`supported`)
-                        unsafe { row32(run, tile.as_mut_ptr().add(i * TK)) };
-                    }
-                } else if ni == TM && np == TK && src.col_run(i0, p0, TM).is_some() {
-                    for p in (0..TK).step_by(2) {
-                        let lo = src.col_run(i0, p0 + p, TM).unwrap_or(std::ptr::null());
-                        let hi = src.col_run(i0, p0 + p + 1, TM).unwrap_or(std::ptr::null());
-                        // SAFETY: the source has both columns' 16 values contiguous; the 16 pairs
-                        // land in the tile's 16 rows (u32 p/2 of each); AVX-512F is there
-                        unsafe { pairs16_strided(lo, hi, (tile.as_mut_ptr() as *mut u32).add(p / 2), (TK / 2) as i32) };
-                    }
-                } else {
-                    for i in 0..ni {
-                        for p in 0..np {
-                            tile[i * TK + p] = bf16_bits(src.at(i0 + i, p0 + p));
-                        }
-                    }
-                }
+        for (dm, row) in rows.chunks_mut(kts * TILE).enumerate() {
+            for (kt, tile) in row.chunks_mut(TILE).enumerate() {
+                pack_a_tile(m, k, src, mt0 + dm, kt, tile);
             }
         }
     });
 }
 
-/// Packs B (k×n, from `src`) into columns of tiles: tile (nt, kt) holds rows 32·kt.. and columns
-/// 16·nt.. as 16 rows of 16 pairs (row r: B[2r][j], B[2r+1][j] for each j), at `(nt*kts + kt)*TILE`.
-/// Outside B: zeros.
+/// Packs all of B into columns of tiles, tile (nt, kt) at `(nt*kts + kt)*TILE`.
 fn pack_b(k: usize, n: usize, src: &impl Source, kts: usize, out: &mut [u16]) {
     crate::par::par_blocks(out, kts * TILE, kts * TILE, |nt0, cols| {
         let nts = cols.len() / (kts * TILE);
+        // K outermost: the rows of a row-major B are read in order
         for kt in 0..kts {
             for dn in 0..nts {
-                let nt = nt0 + dn;
-                let tile = &mut cols[(dn * kts + kt) * TILE..][..TILE];
-                let (p0, j0) = (kt * TK, nt * TN);
-                let (np, nj) = (k.saturating_sub(p0).min(TK), n.saturating_sub(j0).min(TN));
-                if np < TK || nj < TN {
-                    tile.fill(0);
-                }
-                if nj == TN && (0..np).all(|p| src.run(p0 + p, j0, TN).is_some()) {
-                    for r in 0..np / 2 {
-                        let (x, y) = (src.run(p0 + 2 * r, j0, TN), src.run(p0 + 2 * r + 1, j0, TN));
-                        let (x, y) = (x.unwrap_or(std::ptr::null()), y.unwrap_or(std::ptr::null()));
-                        // SAFETY: the source has both rows' 16 values contiguous; AVX-512F is there
-                        unsafe { pairs16(x, y, tile.as_mut_ptr().add(r * TK)) };
-                    }
-                    if np % 2 == 1 {
-                        for j in 0..nj {
-                            tile[(np / 2) * TK + j * 2] = bf16_bits(src.at(p0 + np - 1, j0 + j));
-                        }
-                    }
-                } else if np == TK && nj == TN && src.col_run(p0, j0, TK).is_some() {
-                    for j in 0..TN {
-                        let run = src.col_run(p0, j0 + j, TK).unwrap_or(std::ptr::null());
-                        // SAFETY: the source has column j's 32 values contiguous; its 16 pairs land
-                        // in the tile's 16 rows (u32 j of each); AVX-512F is there
-                        unsafe { column32_strided(run, (tile.as_mut_ptr() as *mut u32).add(j), TN as i32) };
-                    }
-                } else {
-                    for p in 0..np {
-                        for j in 0..nj {
-                            tile[(p / 2) * TK + j * 2 + p % 2] = bf16_bits(src.at(p0 + p, j0 + j));
-                        }
-                    }
-                }
+                pack_b_tile(k, n, src, nt0 + dn, kt, &mut cols[(dn * kts + kt) * TILE..][..TILE]);
             }
         }
     });
@@ -463,49 +470,75 @@ pub(crate) unsafe fn gemm_from(
     }
     let zero_c = beta == 0.0;
     let (mb, nb, kts) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK), k.div_ceil(TK));
-    let (a_len, b_len) = (mb * 2 * kts * TILE, nb * 2 * kts * TILE);
+    // B is packed whole, up front. So is A where K takes several passes; where it takes one, each
+    // thread packs its own rows of A as it reaches them, and they are used while in cache
+    // (measured at the model's shapes: docs/BENCHMARKS.md)
+    let stream_a = kts <= KC_TILES;
+    let (b_len, a_len) = (nb * 2 * kts * TILE, if stream_a { 0 } else { mb * 2 * kts * TILE });
     let mut packed = PACKED.lock().unwrap_or_else(|e| e.into_inner());
     if packed.len() < a_len + b_len {
         let more = a_len + b_len - packed.len();
         packed.reserve_exact(more);
         packed.resize(a_len + b_len, 0);
     }
-    let (pa, pb) = packed[..a_len + b_len].split_at_mut(a_len);
-    pack_a(m, k, a, kts, pa);
+    let (pb, pa) = packed[..a_len + b_len].split_at_mut(b_len);
     pack_b(k, n, b, kts, pb);
-
+    if !stream_a {
+        pack_a(m, k, a, kts, pa);
+    }
     let (pa, pb) = (Shared(pa.as_mut_ptr()), Shared(pb.as_mut_ptr()));
     let cs = Shared(c);
     // the threads split the blocks along M, or along N where M has too few
     let threads = crate::par::threads().max(1);
-    let work = m * n * k;
-    let nt = if work < 1 << 22 { 1 } else { threads.min(mb.max(nb)) };
+    let nt = if m * n * k < 1 << 22 {
+        1
+    } else {
+        threads.min(mb.max(nb))
+    };
     let split_m = mb >= 4 * nt || mb >= nb;
     let parts = if split_m { mb } else { nb };
     let per = parts.div_ceil(nt);
     let run = move |t: usize| {
         let (pa, pb, cs) = (pa, pb, cs);
-        let lo = t * per;
-        let hi = ((t + 1) * per).min(parts);
+        let (lo, hi) = (t * per, ((t + 1) * per).min(parts));
         if lo >= hi {
             return;
         }
         let (m_range, n_range) = if split_m { (lo..hi, 0..nb) } else { (0..mb, lo..hi) };
+        let mut rows = if stream_a {
+            vec![0u16; MG_BLOCKS * 2 * kts * TILE]
+        } else {
+            vec![]
+        };
+        let mut edge = [0f32; BLOCK * BLOCK];
         // SAFETY: tiles exist (the caller's contract); every block below lies inside the packed
         // buffers and inside C (edge blocks go through `edge`), and this thread writes only the C
         // blocks of its own range
         unsafe {
             configure_tiles();
-            let mut edge = [0f32; BLOCK * BLOCK];
             for mg in m_range.clone().step_by(MG_BLOCKS) {
                 let mg_end = (mg + MG_BLOCKS).min(m_range.end);
+                if stream_a {
+                    for (d, row) in rows.chunks_mut(kts * TILE).take(2 * (mg_end - mg)).enumerate() {
+                        for (kt, tile) in row.chunks_mut(TILE).enumerate() {
+                            pack_a_tile(m, k, a, 2 * mg + d, kt, tile);
+                        }
+                    }
+                }
+                let a_rows = |bi: usize| {
+                    if stream_a {
+                        rows.as_ptr().add((bi - mg) * 2 * kts * TILE)
+                    } else {
+                        (pa.0 as *const u16).add(bi * 2 * kts * TILE)
+                    }
+                };
                 for ng in n_range.clone().step_by(NG_BLOCKS) {
                     let ng_end = (ng + NG_BLOCKS).min(n_range.end);
                     for kc in (0..kts).step_by(KC_TILES) {
                         let kn = KC_TILES.min(kts - kc);
                         let load = kc > 0 || !zero_c;
                         for bi in mg..mg_end {
-                            let ap = pa.0.add((bi * 2 * kts + kc) * TILE);
+                            let ap = a_rows(bi).add(kc * TILE);
                             for bj in ng..ng_end {
                                 let bp = pb.0.add((bj * 2 * kts + kc) * TILE);
                                 let (i0, j0) = (bi * BLOCK, bj * BLOCK);
