@@ -1210,8 +1210,9 @@ fn bench_ops_lists_every_kernel_version_and_version_flags_are_checked() {
         &[],
     );
     assert_clean_error(&o, &["--precision bf16", "cpu-reference"]);
-    // bf16 on the CPU runs where it has AMX tiles, and is refused in words elsewhere
-    let amx = capsnet::backend::fast::FastCpu::with_precision(capsnet::float::Precision::Bf16).is_ok();
+    // bf16 on the CPU runs on each bf16 GEMM the CPU has (CAPSNET_BF16_GEMM picks one), and is
+    // refused in words where it has none, or where the one named is not there or not a GEMM
+    use capsnet::backend::bf16::Bf16Gemm;
     let small = [
         "--conv1-channels",
         "16",
@@ -1222,15 +1223,28 @@ fn bench_ops_lists_every_kernel_version_and_version_flags_are_checked() {
         "--steps",
         "1",
     ];
-    let o = capsnet(
-        &[&["bench", "--device", "cpu", "--precision", "bf16"][..], &small].concat(),
-        &[],
-    );
-    if amx {
-        assert!(o.status.success(), "{}", stderr(&o));
-        assert!(stdout(&o).contains("AMX bf16 GEMMs"), "{}", stdout(&o));
-    } else {
-        assert_clean_error(&o, &["--device cpu", "AMX-BF16", "--precision fp32"]);
+    let bf16 = |env: &[(&str, &str)]| {
+        capsnet(
+            &[&["bench", "--device", "cpu", "--precision", "bf16"][..], &small].concat(),
+            env,
+        )
+    };
+    for k in Bf16Gemm::ALL {
+        let o = bf16(&[("CAPSNET_BF16_GEMM", k.flag())]);
+        if k.supported() {
+            assert!(o.status.success(), "{}", stderr(&o));
+            assert!(stdout(&o).contains(k.describe()), "{}", stdout(&o));
+        } else {
+            assert_clean_error(&o, &["CAPSNET_BF16_GEMM", k.flag(), "cannot run"]);
+        }
+    }
+    let o = bf16(&[("CAPSNET_BF16_GEMM", "avx1024")]);
+    assert_clean_error(&o, &["CAPSNET_BF16_GEMM", "avx1024", "amx or avx512-bf16"]);
+    if !Bf16Gemm::ALL.iter().any(|k| k.supported()) {
+        assert_clean_error(
+            &bf16(&[]),
+            &["--device cpu", "AMX-BF16", "AVX512_BF16", "--precision fp32"],
+        );
     }
     let o = capsnet(&["bench", "--device", "cpu", "--kernels", "routing=v2"], &[]);
     assert_clean_error(&o, &["--kernels"]);

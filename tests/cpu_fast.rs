@@ -18,29 +18,36 @@ fn fast_cpu_conv2d_matches_reference() {
     parity::conv2d(&FastCpu::new());
 }
 
-/// The fast backend in bf16 (`--precision bf16`, AMX tiles), where the CPU has them: the convolutions
-/// and whole training steps against the reference that rounds the same GEMM inputs the same way.
-/// Where it has not, the backend is refused in words that name what is missing.
+/// The fast backend in bf16 (`--precision bf16`) on each bf16 GEMM the CPU runs (AMX tiles,
+/// AVX512_BF16): the convolutions, dense layers and whole training steps against the reference that
+/// rounds the same GEMM inputs the same way. Where it runs neither, bf16 is refused in words that
+/// name what is missing.
 #[test]
-fn fast_cpu_bf16_matches_the_rounded_reference_where_the_cpu_has_amx() {
+fn fast_cpu_bf16_matches_the_rounded_reference_on_each_bf16_gemm_the_cpu_runs() {
+    use capsnet::backend::bf16::Bf16Gemm;
     use capsnet::float::Precision;
-    let be = match FastCpu::with_precision(Precision::Bf16) {
-        Ok(be) => be,
-        Err(e) => {
-            let e = e.to_string();
-            assert!(e.contains("AMX-BF16") && e.contains("--precision fp32"), "{e}");
-            eprintln!("no AMX-BF16 here: bf16 refused as it should be ({e})");
-            return;
-        }
-    };
-    assert_eq!(be.precision(), Precision::Bf16);
-    assert!(be.name().contains("AMX bf16"), "{}", be.name());
-    parity::conv2d_against_rounded_reference(&be, Precision::Bf16);
-    parity::dense_and_elementwise_against_rounded_reference(&be, Precision::Bf16);
-    parity::training_steps_match_rounded_reference(
-        || FastCpu::with_precision(Precision::Bf16).unwrap(),
-        Precision::Bf16,
+    let kernels: Vec<Bf16Gemm> = Bf16Gemm::ALL.into_iter().filter(|k| k.supported()).collect();
+    if kernels.is_empty() {
+        let e = FastCpu::with_precision(Precision::Bf16).unwrap_err().to_string();
+        assert!(
+            e.contains("AMX-BF16") && e.contains("AVX512_BF16") && e.contains("--precision fp32"),
+            "{e}"
+        );
+        eprintln!("no bf16 GEMM on this CPU: refused as it should be ({e})");
+        return;
+    }
+    assert_eq!(
+        FastCpu::with_precision(Precision::Bf16).unwrap().name(),
+        FastCpu::with_bf16_gemm(kernels[0]).name()
     );
+    for k in kernels {
+        let be = FastCpu::with_bf16_gemm(k);
+        assert_eq!(be.precision(), Precision::Bf16);
+        assert!(be.name().contains(k.describe()), "{}", be.name());
+        parity::conv2d_against_rounded_reference(&be, Precision::Bf16);
+        parity::dense_and_elementwise_against_rounded_reference(&be, Precision::Bf16);
+        parity::training_steps_match_rounded_reference(|| FastCpu::with_bf16_gemm(k), Precision::Bf16);
+    }
     assert!(
         FastCpu::with_precision(Precision::Tf32)
             .unwrap_err()

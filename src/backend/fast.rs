@@ -1,7 +1,9 @@
 //! The fast CPU backend: f32 storage and f32 arithmetic on every core, for training.
 //!
 //! - Convolutions and dense layers are GEMMs ([`super::linalg::CpuGemm`]: the `gemm` crate's AVX-512
-//!   kernels or `matrixmultiply`'s, chosen at run time by what the CPU has, or by `--cpu-gemm`). A
+//!   kernels or `matrixmultiply`'s, chosen at run time by what the CPU has, or by `--cpu-gemm`; in
+//!   bf16, [`super::bf16`]'s on AMX tiles or AVX512_BF16, the primary conv's patches packed straight
+//!   from its input). A
 //!   convolution is im2col over chunks of images into one reused scratch buffer, with the bias
 //!   loaded into the GEMM's output (beta = 1) and the activation applied while the chunk is hot. The
 //!   input gradient is dz·Wᵀ followed by col2im, so the stride-2 conv never multiplies by the zeros a
@@ -36,8 +38,9 @@ pub(crate) const CHUNK_ELEMS: usize = 1 << 25;
 pub struct FastCpu {
     scratch: Mutex<Vec<f32>>,
     pool: Arc<Mutex<Shelves>>,
-    /// Whether the convolutions' and dense layers' GEMMs run in bf16 on AMX tiles (`--precision bf16`).
-    bf16: bool,
+    /// The kernel the convolutions' and dense layers' GEMMs run on in bf16 (`--precision bf16`);
+    /// None: f32.
+    bf16: Option<super::bf16::Bf16Gemm>,
 }
 
 /// Freed buffers by length.
@@ -101,31 +104,50 @@ impl FastCpu {
     }
 
     /// The backend whose convolutions and dense layers multiply in `p`: fp32 (the default), or bf16
-    /// on AMX tiles (inputs rounded to bf16 as the reference's rounded-input mode rounds them, f32
-    /// sums, as the GPU's bf16 kernels), where the CPU has AMX-BF16; an error says why not.
+    /// (inputs rounded to bf16 as the reference's rounded-input mode rounds them, f32 sums, as the
+    /// GPU's bf16 kernels) on AMX tiles or with AVX512_BF16, the best the CPU has
+    /// (`CAPSNET_BF16_GEMM=amx|avx512-bf16` picks one); an error says why not.
     pub fn with_precision(p: Precision) -> Result<Self> {
         match p {
             Precision::Fp32 => Ok(Self::new()),
-            Precision::Bf16 if super::amx::supported() => Ok(FastCpu {
-                bf16: true,
-                ..Self::default()
-            }),
-            Precision::Bf16 => Err(Error::msg(
-                "--precision bf16 on the CPU needs AMX-BF16 tiles (Intel Xeon 4th generation and later, Linux 5.16 or later), which this machine lacks: give --precision fp32",
-            )),
+            Precision::Bf16 => super::bf16::Bf16Gemm::choose()
+                .map(Self::with_bf16_gemm)
+                .map_err(Error::msg),
             Precision::Tf32 => Err(Error::msg(
-                "--precision tf32: the CPU has no tf32 arithmetic: give fp32, or bf16 where the CPU has AMX",
+                "--precision tf32: the CPU has no tf32 arithmetic: give fp32, or bf16 where the CPU has AMX or AVX512_BF16",
             )),
+        }
+    }
+
+    /// The backend in bf16 on `kernel`, which must be supported (tests compare the kernels).
+    pub fn with_bf16_gemm(kernel: super::bf16::Bf16Gemm) -> Self {
+        assert!(
+            kernel.supported(),
+            "the {} GEMM on a CPU that cannot run it",
+            kernel.flag()
+        );
+        FastCpu {
+            bf16: Some(kernel),
+            ..Self::default()
         }
     }
 
     /// What the convolutions and dense layers multiply in.
     pub fn precision(&self) -> Precision {
-        if self.bf16 { Precision::Bf16 } else { Precision::Fp32 }
+        if self.bf16.is_some() {
+            Precision::Bf16
+        } else {
+            Precision::Fp32
+        }
+    }
+
+    /// The bf16 kernel, in bf16 mode.
+    pub(crate) fn bf16_gemm(&self) -> Option<super::bf16::Bf16Gemm> {
+        self.bf16
     }
 
     /// C (m×n, row-major) = A (m×k) · B (k×n) + beta·C in this backend's precision, A and B given by
-    /// (row stride, column stride): the f32 GEMM [`super::linalg::cpu_gemm`] picked, or bf16 on AMX.
+    /// (row stride, column stride): the f32 GEMM [`super::linalg::cpu_gemm`] picked, or the bf16 one.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm(
         &self,
@@ -139,8 +161,8 @@ impl FastCpu {
         c: &mut [f32],
         beta: f32,
     ) {
-        if self.bf16 {
-            super::amx::gemm(m, k, n, a, sa, b, sb, c, beta)
+        if let Some(kernel) = self.bf16 {
+            super::bf16::gemm(kernel, m, k, n, a, sa, b, sb, c, beta)
         } else {
             super::linalg::gemm(m, k, n, a, sa, b, sb, c, beta)
         }
@@ -298,11 +320,8 @@ impl Core for FastCpu {
             crate::par::threads(),
             if crate::par::threads() == 1 { "" } else { "s" },
             if wide_simd() { "AVX2+FMA" } else { "baseline" },
-            if self.bf16 {
-                "AMX bf16 GEMMs".to_string()
-            } else {
-                super::linalg::cpu_gemm().describe()
-            }
+            self.bf16
+                .map_or_else(|| super::linalg::cpu_gemm().describe(), |k| k.describe().to_string())
         )
     }
 

@@ -12,7 +12,7 @@
 //! - Scalars such as losses live in one-element buffers, so that a device backend never needs a
 //!   host round trip inside a step; the incoming gradient of a loss (`dloss`) is such a buffer too.
 
-pub(crate) mod amx;
+pub mod bf16;
 pub mod cpu;
 pub mod fast;
 pub(crate) mod linalg;

@@ -139,7 +139,7 @@ pub enum PrecisionArg {
     Fp32,
     /// tf32 tensor cores: GEMM inputs rounded to 10 mantissa bits, fp32 sums.
     Tf32,
-    /// bf16 tensor cores (or AMX tiles on the CPU): GEMM inputs rounded to 7 mantissa bits, fp32 sums.
+    /// bf16 tensor cores (on the CPU: AMX tiles or AVX512_BF16): GEMM inputs rounded to 7 mantissa bits, fp32 sums.
     Bf16,
 }
 
@@ -158,7 +158,7 @@ impl From<PrecisionArg> for Precision {
 pub struct KernelArgs {
     /// What the convolutions and the decoder multiply in on the GPU: bf16 or tf32 on tensor cores,
     /// fp32 exactly on CUDA cores (master weights, the capsule layers, the losses and Adam stay fp32)
-    /// [default: bf16 on a GPU, chosen by accuracy; fp32 on the CPU, where bf16 needs AMX tiles].
+    /// [default: bf16 on a GPU, chosen by accuracy; fp32 on the CPU, where bf16 needs AMX or AVX512_BF16].
     #[arg(long, value_enum)]
     pub precision: Option<PrecisionArg>,
     /// Kernel versions, OP=VERSION,... over --precision's (`capsnet info --kernels` lists them; the
@@ -178,7 +178,7 @@ impl KernelArgs {
         Ok(ks)
     }
 
-    /// The fast CPU backend for --precision (fp32 unless asked; bf16 where the CPU has AMX tiles),
+    /// The fast CPU backend for --precision (fp32 unless asked; bf16 where the CPU has AMX or AVX512_BF16),
     /// refusing --kernels, which only the CUDA backend has.
     pub fn fast_cpu(&self, device: &str) -> Result<capsnet::backend::fast::FastCpu> {
         if self.kernels.is_some() {
@@ -194,7 +194,7 @@ impl KernelArgs {
     pub fn cpu_only(&self, device: &str) -> Result<()> {
         if let Some(p) = self.precision.filter(|&p| p != PrecisionArg::Fp32) {
             return Err(Error::msg(format!(
-                "--precision {}: {device} computes in fp32 with f64 sums (bf16 runs on --device cpu where the CPU has AMX, and on the GPU)",
+                "--precision {}: {device} computes in fp32 with f64 sums (bf16 runs on --device cpu where the CPU has AMX or AVX512_BF16, and on the GPU)",
                 Precision::from(p).name()
             )));
         }

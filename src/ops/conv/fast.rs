@@ -1,7 +1,7 @@
 //! Convolutions on the fast CPU backend.
 
 use crate::Result;
-use crate::backend::amx::{self, Strided};
+use crate::backend::bf16::{self, Strided};
 use crate::backend::fast::{FastCpu, PoolBuf, images_per_chunk};
 use crate::backend::linalg::{CpuGemm, cpu_gemm};
 use crate::float::Precision;
@@ -23,14 +23,15 @@ impl ConvOps for FastCpu {
     ) -> Result<()> {
         check_conv2d_fwd(s, x.len(), w.len(), b.len(), y.len())?;
         let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
-        if let Some(p) = self.patches(s, x) {
-            // bf16 on AMX: the patches packed straight from x, the bias loaded into y first
+        if let Some((kernel, p)) = self.patches(s, x) {
+            // bf16: the patches packed straight from x, the bias loaded into y first
             for r in y.chunks_mut(co) {
                 r.copy_from_slice(b);
             }
             let w = Strided::new(w, (kd, co), (co, 1));
-            // SAFETY: AMX is there (bf16 mode); y holds rows×co values and aliases neither operand
-            unsafe { amx::gemm_from(s.rows(), kd, co, &p, &w, 1.0, y.as_mut_ptr(), co as isize) };
+            // SAFETY: the kernel is supported (bf16 mode); y holds rows×co values and aliases
+            // neither operand
+            unsafe { bf16::gemm_from(kernel, s.rows(), kd, co, &p, &w, 1.0, y.as_mut_ptr(), co as isize) };
             act_in_place(act, y, co);
             return Ok(());
         }
@@ -65,12 +66,13 @@ impl ConvOps for FastCpu {
     fn conv2d_bwd_weight(&self, s: &ConvShape, x: &PoolBuf, dz: &PoolBuf, dw: &mut PoolBuf) -> Result<()> {
         check_conv2d_bwd_weight(s, x.len(), dz.len(), dw.len())?;
         let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
-        if let Some(p) = self.patches(s, x) {
-            // bf16 on AMX: dWᵀ = dzᵀ · patches, the patches packed straight from x
+        if let Some((kernel, p)) = self.patches(s, x) {
+            // bf16: dWᵀ = dzᵀ · patches, the patches packed straight from x
             let mut dwt = self.take(co * kd, |_| {})?;
             let dzt = Strided::new(dz, (co, s.rows()), (1, co));
-            // SAFETY: AMX is there (bf16 mode); dwt holds co×kd values and aliases neither operand
-            unsafe { amx::gemm_from(co, s.rows(), kd, &dzt, &p, 0.0, dwt.as_mut_ptr(), kd as isize) };
+            // SAFETY: the kernel is supported (bf16 mode); dwt holds co×kd values and aliases
+            // neither operand
+            unsafe { bf16::gemm_from(kernel, co, s.rows(), kd, &dzt, &p, 0.0, dwt.as_mut_ptr(), kd as isize) };
             add_transposed(&dwt, co, kd, dw);
             return Ok(());
         }
@@ -107,11 +109,11 @@ impl ConvOps for FastCpu {
 }
 
 impl FastCpu {
-    /// The patch matrix of `x` as an AMX GEMM reads it, in bf16 mode where whole 32-value runs of it
-    /// lie contiguous in x (Cin a multiple of 32: the primary capsules' conv, not conv1).
-    fn patches<'a>(&self, s: &'a ConvShape, x: &'a [f32]) -> Option<Patches<'a>> {
-        (self.precision() == Precision::Bf16 && s.in_c.is_multiple_of(32) && x.len() == s.x_len())
-            .then_some(Patches { s, x })
+    /// In bf16 mode, the bf16 kernel and the patch matrix of `x` as it reads it, where whole 32-value
+    /// runs of it lie contiguous in x (Cin a multiple of 32: the primary capsules' conv, not conv1).
+    fn patches<'a>(&self, s: &'a ConvShape, x: &'a [f32]) -> Option<(bf16::Bf16Gemm, Patches<'a>)> {
+        let kernel = self.bf16_gemm()?;
+        (s.in_c.is_multiple_of(32) && x.len() == s.x_len()).then_some((kernel, Patches { s, x }))
     }
 }
 
@@ -136,7 +138,7 @@ impl Patches<'_> {
 
 // SAFETY: x holds the whole batch (checked in `patches`), and every (r, c) inside the patch matrix
 // (r < rows, c < patch_len) lies in it; a run stays inside one pixel's channels
-unsafe impl amx::Source for Patches<'_> {
+unsafe impl bf16::Source for Patches<'_> {
     fn at(&self, r: usize, c: usize) -> f32 {
         self.x[self.offset(r, c)]
     }

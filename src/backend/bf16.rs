@@ -1,19 +1,32 @@
-//! bf16 GEMMs on AMX tiles, for the fast CPU backend's `--precision bf16`.
+//! bf16 GEMMs for the fast CPU backend's `--precision bf16`: on AMX tiles where the CPU has them
+//! (Intel Xeon 4th generation and later), else with AVX512_BF16's `VDPBF16PS` (AMD Zen 4 and later,
+//! Intel Xeon 3rd generation Cooper Lake and later). [`Bf16Gemm`] names the two.
 //!
 //! Intel's Advanced Matrix Extensions hold eight tile registers of up to 16 rows × 64 bytes;
 //! `TDPBF16PS` adds the product of a 16×32 bf16 tile (A) and a 32×16 one (B, stored as 16 rows of
 //! 16 bf16 pairs) to a 16×16 f32 tile (C). Inputs are rounded to bf16 to nearest, ties to even, as
-//! [`Precision::Bf16`] rounds them (the reference's rounded-input mode, and the GPU's bf16 kernels);
+//! [`crate::float::Precision::Bf16`] rounds them (the reference's rounded-input mode, and the GPU's bf16 kernels);
 //! sums are f32. The instructions are written as inline assembly: Rust has no stable AMX intrinsics.
 //!
-//! Both operands are packed first into 1 KiB tiles ([`pack_a`], [`pack_b`]), zero-padded to whole
-//! tiles, then each thread runs 32×32 blocks of C (2×2 tiles: four accumulators, two A tiles and two
-//! B tiles, the eight registers) over K in passes of [`KC_TILES`] tiles, with C in groups of
-//! [`MG_BLOCKS`]×[`NG_BLOCKS`] blocks that stay in L2 across the passes. Each element of C is summed by
-//! one thread in one fixed order, so results do not depend on the thread count.
+//! The operands are packed into 1 KiB tiles, zero-padded to whole tiles: B whole before the threads
+//! start (`pack_b`); A whole too (`pack_a`) where K takes several passes, else each thread packs
+//! its rows of A as it reaches them, `MG_BLOCKS` blocks at a time, and uses them while they are in
+//! cache (the primary conv's input gradient, K = 256, and weight gradient, K = 1,800). Each thread
+//! runs 32×32 blocks of C (2×2 tiles: four accumulators, two A tiles and two B tiles, the eight
+//! registers) over K in passes of `KC_TILES` tiles, C in groups of `MG_BLOCKS`×`NG_BLOCKS`
+//! blocks. Each element of C is summed by one thread in one fixed order, so results do not depend on
+//! the thread count.
 //!
-//! The CPU must have AMX-TILE and AMX-BF16 (CPUID leaf 7), and Linux must grant the process the
-//! tile-data state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, Linux 5.16 and later): [`supported`] asks both.
+//! What bounds it (one core of the Xeon this was tuned on): `TDPBF16PS` alone, 3.7 TFLOP/s; this
+//! 2×2 kernel with its tiles in L1, 1.6 TFLOP/s; with B's tiles from L2, 0.75 TFLOP/s: a tile load per
+//! two products, and the loads, not the products, set the pace.
+//!
+//! `VDPBF16PS` adds the products of 16 bf16 pairs to 16 f32 lanes; the AVX512_BF16 kernel reads the
+//! same packed tiles (a B tile row is 16 pairs of K; an A tile row holds the pairs it broadcasts) and
+//! keeps a 16×16 block of C in 16 registers.
+//!
+//! AMX needs AMX-TILE and AMX-BF16 (CPUID leaf 7), and Linux must grant the process the tile-data
+//! state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, Linux 5.16 and later): `amx_supported` asks both.
 //! Figures: docs/BENCHMARKS.md.
 
 use std::sync::{Mutex, OnceLock};
@@ -28,15 +41,76 @@ const TN: usize = 16;
 const TILE: usize = TM * TK;
 /// Rows and columns of the C block one kernel call computes: 2×2 tiles.
 const BLOCK: usize = 32;
-/// K tiles per pass: an A block of 32 rows is 32 KiB, in L1 while it meets a group's B tiles.
+/// K tiles per pass (2,048 values of K): one A block row of 32 rows is 128 KiB; 8, 32 and 64 measured
+/// within noise of each other at the primary conv's shapes.
 const KC_TILES: usize = 64;
-/// C blocks per group along N: the B block of one pass is 256 KiB, in L2.
+/// C blocks per group along N (256 columns).
 const NG_BLOCKS: usize = 8;
-/// C blocks per group along M: the group's C (512×256 f32, 512 KiB) stays in L2 across passes.
+/// C blocks per group along M (512 rows): the group's C, 512 KiB, stays in L2 across K passes.
 const MG_BLOCKS: usize = 16;
 
+/// The kernel a bf16 GEMM runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Gemm {
+    /// AMX tiles: `TDPBF16PS`, 16×16×32 products an instruction.
+    Amx,
+    /// AVX512_BF16: `VDPBF16PS`, 16 lanes of bf16 pairs an instruction.
+    Avx512Bf16,
+}
+
+impl Bf16Gemm {
+    /// Every kernel, best first.
+    pub const ALL: [Bf16Gemm; 2] = [Bf16Gemm::Amx, Bf16Gemm::Avx512Bf16];
+
+    /// The name `CAPSNET_BF16_GEMM` takes.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Bf16Gemm::Amx => "amx",
+            Bf16Gemm::Avx512Bf16 => "avx512-bf16",
+        }
+    }
+
+    /// Whether this CPU (and OS) can run it.
+    pub fn supported(self) -> bool {
+        match self {
+            Bf16Gemm::Amx => amx_supported(),
+            Bf16Gemm::Avx512Bf16 => {
+                std::arch::is_x86_feature_detected!("avx512bf16") && std::arch::is_x86_feature_detected!("avx512bw")
+            }
+        }
+    }
+
+    /// How the backend's name says it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Bf16Gemm::Amx => "AMX bf16 GEMMs",
+            Bf16Gemm::Avx512Bf16 => "AVX512_BF16 GEMMs",
+        }
+    }
+
+    /// The one `CAPSNET_BF16_GEMM` names, else the best this CPU runs; an error says what is wrong
+    /// (a name that is none, a kernel this CPU cannot run, a CPU with neither).
+    pub fn choose() -> std::result::Result<Bf16Gemm, String> {
+        match std::env::var("CAPSNET_BF16_GEMM").ok().filter(|v| !v.trim().is_empty()) {
+            Some(v) => {
+                let g = Self::ALL.into_iter().find(|g| g.flag() == v.trim()).ok_or_else(|| {
+                    format!("CAPSNET_BF16_GEMM: '{}' is not a bf16 GEMM: give amx or avx512-bf16", v.trim())
+                })?;
+                if g.supported() {
+                    Ok(g)
+                } else {
+                    Err(format!("CAPSNET_BF16_GEMM: this CPU cannot run the {} GEMM", g.flag()))
+                }
+            }
+            None => Self::ALL.into_iter().find(|g| g.supported()).ok_or_else(|| {
+                "--precision bf16 on the CPU needs AMX-BF16 tiles or AVX512_BF16, which this machine lacks: give --precision fp32".to_string()
+            }),
+        }
+    }
+}
+
 /// Whether this CPU and OS run AMX bf16 tiles (checked once; the OS permission is asked then).
-pub fn supported() -> bool {
+pub fn amx_supported() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -433,16 +507,65 @@ unsafe fn block(
     }
 }
 
+/// As [`block`], with AVX512_BF16 instead of tiles: the C block as four 16×16 quarters, each in 16
+/// registers, every product `VDPBF16PS` of a B tile row (16 pairs) and an A row's pair broadcast.
+///
+/// # Safety
+/// The CPU has AVX512_BF16 and AVX512BW; every address inside the packed buffers and the C block.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_avx512(
+    a: *const u16,
+    a_next: usize,
+    b: *const u16,
+    b_next: usize,
+    kts: usize,
+    c: *mut f32,
+    ldc: usize,
+    load: bool,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY (the whole body): the caller's contract
+    unsafe {
+        for q in 0..4 {
+            let (ai, bj) = (q / 2, q % 2);
+            let (at, bt) = (a.add(ai * a_next), b.add(bj * b_next));
+            let cq = c.byte_add(ai * TM * ldc).add(bj * TN);
+            let mut acc = [_mm512_setzero_ps(); TM];
+            if load {
+                for (i, r) in acc.iter_mut().enumerate() {
+                    *r = _mm512_loadu_ps(cq.byte_add(i * ldc));
+                }
+            }
+            for kt in 0..kts {
+                let (ta, tb) = (at.add(kt * TILE), bt.add(kt * TILE));
+                for r in 0..TK / 2 {
+                    let bv: __m512bh = std::mem::transmute(_mm512_loadu_si512(tb.add(r * TK) as *const __m512i));
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let pair = (ta.add(i * TK + 2 * r) as *const i32).read_unaligned();
+                        let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                        *acc = _mm512_dpbf16_ps(*acc, av, bv);
+                    }
+                }
+            }
+            for (i, r) in acc.iter().enumerate() {
+                _mm512_storeu_ps(cq.byte_add(i * ldc), *r);
+            }
+        }
+    }
+}
+
 /// The packed operands, kept between calls (tens of MiB at the model's shapes).
 static PACKED: Mutex<Vec<u16>> = Mutex::new(Vec::new());
 
-/// C (m×n, row-major, rows `rsc` apart) = A (m×k) · B (k×n) + beta·C on AMX tiles, A and B rounded to
+/// C (m×n, row-major, rows `rsc` apart) = A (m×k) · B (k×n) + beta·C on `kernel`, A and B rounded to
 /// bf16, f32 sums, both read from their sources. With beta = 0, C is not read.
 ///
 /// # Safety
-/// [`supported`] returned true; C holds m rows of n values, `rsc` apart, and aliases neither source.
+/// `kernel` is supported; C holds m rows of n values, `rsc` apart, and aliases neither source.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_from(
+    kernel: Bf16Gemm,
     m: usize,
     k: usize,
     n: usize,
@@ -515,7 +638,16 @@ pub(crate) unsafe fn gemm_from(
         // buffers and inside C (edge blocks go through `edge`), and this thread writes only the C
         // blocks of its own range
         unsafe {
-            configure_tiles();
+            if kernel == Bf16Gemm::Amx {
+                configure_tiles();
+            }
+            let block = |ap, an, bp, bn, kn, c, ldc, load| {
+                if kernel == Bf16Gemm::Amx {
+                    block(ap, an, bp, bn, kn, c, ldc, load)
+                } else {
+                    block_avx512(ap, an, bp, bn, kn, c, ldc, load)
+                }
+            };
             for mg in m_range.clone().step_by(MG_BLOCKS) {
                 let mg_end = (mg + MG_BLOCKS).min(m_range.end);
                 if stream_a {
@@ -569,7 +701,9 @@ pub(crate) unsafe fn gemm_from(
                 }
             }
         }
-        release_tiles();
+        if kernel == Bf16Gemm::Amx {
+            release_tiles();
+        }
     };
     if nt == 1 {
         run(0);
@@ -583,10 +717,11 @@ pub(crate) unsafe fn gemm_from(
     }
 }
 
-/// As [`gemm_bf16`], on slices: C (m×n, row-major) = A (m×k) · B (k×n) + beta·C, A and B given by
+/// As [`gemm_from`], on slices: C (m×n, row-major) = A (m×k) · B (k×n) + beta·C, A and B given by
 /// (row stride, column stride); the bounds checked as `linalg::gemm` checks them.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm(
+    kernel: Bf16Gemm,
     m: usize,
     k: usize,
     n: usize,
@@ -597,15 +732,19 @@ pub(crate) fn gemm(
     c: &mut [f32],
     beta: f32,
 ) {
-    assert!(supported(), "AMX bf16 GEMM on a CPU without AMX-BF16");
+    assert!(
+        kernel.supported(),
+        "the {} GEMM on a CPU that cannot run it",
+        kernel.flag()
+    );
     if m == 0 || n == 0 {
         return;
     }
     assert!(c.len() >= m * n);
     let (a, b) = (Strided::new(a, (m, k), (rsa, csa)), Strided::new(b, (k, n), (rsb, csb)));
-    // SAFETY: AMX is supported (asserted); the asserts above keep every element read and written
-    // inside the slices; C is a &mut, so aliases neither.
-    unsafe { gemm_from(m, k, n, &a, &b, beta, c.as_mut_ptr(), n as isize) }
+    // SAFETY: the kernel is supported (asserted); the asserts above keep every element read and
+    // written inside the slices; C is a &mut, so aliases neither.
+    unsafe { gemm_from(kernel, m, k, n, &a, &b, beta, c.as_mut_ptr(), n as isize) }
 }
 
 #[cfg(test)]
@@ -634,16 +773,31 @@ mod tests {
         assert_eq!(bf16_bits(f32::MAX), 0x7f80, "rounds up to infinity");
     }
 
-    /// The AMX GEMM against f64 sums of the same inputs rounded to bf16, at shapes and strides the
-    /// model uses and sizes off the tiles: within k·2⁻²⁴·Σ|a||b| each element (f32 sums of exact
-    /// products). Where the CPU has no AMX, `supported` must say so and the GEMM refuse to run.
+    /// Each bf16 GEMM this CPU runs against f64 sums of the same inputs rounded to bf16, at shapes
+    /// and strides the model uses and sizes off the tiles, K in one pass and in several: within
+    /// k·2⁻²⁴·Σ|a||b| each element (f32 sums of exact products). A kernel the CPU cannot run must be
+    /// refused.
     #[test]
-    fn amx_bf16_gemm_matches_f64_sums_of_rounded_inputs() {
-        if !supported() {
-            let refused = std::panic::catch_unwind(|| gemm(1, 1, 1, &[1.0], (1, 1), &[1.0], (1, 1), &mut [0.0], 0.0));
-            assert!(refused.is_err(), "the AMX GEMM ran on a CPU that cannot run it");
-            return;
+    fn bf16_gemms_match_f64_sums_of_rounded_inputs() {
+        let mut ran = 0;
+        for kernel in Bf16Gemm::ALL {
+            if kernel.supported() {
+                check_kernel(kernel);
+                ran += 1;
+            } else {
+                let refused =
+                    std::panic::catch_unwind(|| gemm(kernel, 1, 1, 1, &[1.0], (1, 1), &[1.0], (1, 1), &mut [0.0], 0.0));
+                assert!(
+                    refused.is_err(),
+                    "the {} GEMM ran on a CPU that cannot run it",
+                    kernel.flag()
+                );
+            }
         }
+        eprintln!("{ran} bf16 GEMM(s) run on this CPU");
+    }
+
+    fn check_kernel(kernel: Bf16Gemm) {
         let mut seed = 777u64;
         let mut rand = move || {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -660,6 +814,8 @@ mod tests {
             (17, 2048, 33, true, true),
             (300, 700, 70, false, false),
             (64, 1200, 600, true, false),
+            (40, 2100, 50, false, false),
+            (33, 4200, 20, true, false),
         ];
         for &(m, k, n, ta, tb) in &shapes {
             for beta in [0.0f32, 1.0, 0.5] {
@@ -669,7 +825,7 @@ mod tests {
                 let sa = if ta { (1, m) } else { (k, 1) };
                 let sb = if tb { (1, k) } else { (n, 1) };
                 let mut c: Vec<f32> = if beta == 0.0 { vec![f32::NAN; m * n] } else { c0.clone() };
-                gemm(m, k, n, &a, sa, &b, sb, &mut c, beta);
+                gemm(kernel, m, k, n, &a, sa, &b, sb, &mut c, beta);
                 for i in 0..m {
                     for j in 0..n {
                         let (mut exact, mut mag) = (beta as f64 * c0[i * n + j] as f64, 0.0f64);
@@ -682,7 +838,8 @@ mod tests {
                         let err = (c[i * n + j] as f64 - exact).abs();
                         assert!(
                             err <= bound,
-                            "m{m} k{k} n{n} ta{ta} tb{tb} beta{beta} at ({i},{j}): {} vs {exact} (bound {bound:e})",
+                            "{} m{m} k{k} n{n} ta{ta} tb{tb} beta{beta} at ({i},{j}): {} vs {exact} (bound {bound:e})",
+                            kernel.flag(),
                             c[i * n + j]
                         );
                     }
