@@ -717,6 +717,65 @@ pub(crate) unsafe fn gemm_from(
     }
 }
 
+/// GFLOP/s of one thread running `kernel`'s 32×32 block over B tiles spread across `b_kib` KiB, one
+/// A block reused throughout (as the GEMM reuses it): what the kernel reaches with B in L1, in L2 or
+/// in memory (`cargo bench --bench ops` prints it).
+#[doc(hidden)]
+pub fn kernel_rate(kernel: Bf16Gemm, b_kib: usize) -> f64 {
+    assert!(
+        kernel.supported(),
+        "the {} GEMM on a CPU that cannot run it",
+        kernel.flag()
+    );
+    let kn = 16;
+    let blocks = (b_kib * 1024 / (2 * kn * TILE * 2)).max(1);
+    // bf16 ones: the sums stay finite however long it runs
+    let a = vec![0x3f80u16; 2 * kn * TILE];
+    let b = vec![0x3f80u16; blocks * 2 * kn * TILE];
+    let mut c = vec![0f32; BLOCK * BLOCK];
+    let flops_per_block = (2 * BLOCK * BLOCK * kn * TK) as f64;
+    let (mut done, start) = (0usize, std::time::Instant::now());
+    // SAFETY: the kernel is supported (asserted); every tile read lies in a and b, the block in c
+    unsafe {
+        if kernel == Bf16Gemm::Amx {
+            configure_tiles();
+        }
+        while start.elapsed().as_secs_f64() < 0.3 {
+            for j in 0..blocks {
+                let bp = b.as_ptr().add(j * 2 * kn * TILE);
+                if kernel == Bf16Gemm::Amx {
+                    block(
+                        a.as_ptr(),
+                        kn * TILE,
+                        bp,
+                        kn * TILE,
+                        kn,
+                        c.as_mut_ptr(),
+                        BLOCK * 4,
+                        true,
+                    );
+                } else {
+                    block_avx512(
+                        a.as_ptr(),
+                        kn * TILE,
+                        bp,
+                        kn * TILE,
+                        kn,
+                        c.as_mut_ptr(),
+                        BLOCK * 4,
+                        true,
+                    );
+                }
+            }
+            done += blocks;
+        }
+        if kernel == Bf16Gemm::Amx {
+            release_tiles();
+        }
+    }
+    done as f64 * flops_per_block / start.elapsed().as_secs_f64() / 1e9
+}
+
 /// As [`gemm_from`], on slices: C (m×n, row-major) = A (m×k) · B (k×n) + beta·C, A and B given by
 /// (row stride, column stride); the bounds checked as `linalg::gemm` checks them.
 #[allow(clippy::too_many_arguments)]
