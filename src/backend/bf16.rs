@@ -6,12 +6,17 @@
 //! `TDPBF16PS` adds the product of a 16×32 bf16 tile (A) and a 32×16 one (B, stored as 16 rows of
 //! 16 bf16 pairs) to a 16×16 f32 tile (C). Inputs are rounded to bf16 to nearest, ties to even, as
 //! [`crate::float::Precision::Bf16`] rounds them (the reference's rounded-input mode, and the GPU's bf16 kernels);
-//! sums are f32. The instructions are written as inline assembly: Rust has no stable AMX intrinsics.
+//! sums are f32. Both instructions treat bf16 denormals (below 2⁻¹²⁶ in magnitude) as zero and flush
+//! denormal results to zero, whatever MXCSR says; the reference does not, a difference below every
+//! tolerance that holds this code to it. The AMX instructions are inline assembly (Rust has no stable
+//! AMX intrinsics); the tile registers keep their values from one `asm!` block to the next, which
+//! holds because the compiler never allocates them (it cannot name them as clobbers either).
 //!
 //! The operands are packed into 1 KiB tiles, zero-padded to whole tiles: B whole before the threads
 //! start (`pack_b`); A whole too (`pack_a`) where K takes several passes, else each thread packs
 //! its rows of A as it reaches them, `MG_BLOCKS` blocks at a time, and uses them while they are in
-//! cache (the primary conv's input gradient, K = 256, and weight gradient, K = 1,800). Each thread
+//! cache (the primary conv's input gradient, K = 256, and at batch 50 its weight gradient, K = 1,800).
+//! Each thread
 //! runs 32×32 blocks of C (2×2 tiles: four accumulators, two A tiles and two B tiles, the eight
 //! registers) over K in passes of `KC_TILES` tiles, C in groups of `MG_BLOCKS`×`NG_BLOCKS`
 //! blocks. Each element of C is summed by one thread in one fixed order, so results do not depend on
@@ -30,6 +35,8 @@
 //! Figures: docs/BENCHMARKS.md.
 
 use std::sync::{Mutex, OnceLock};
+
+use crate::{Error, Result};
 
 /// Rows of an A or C tile.
 const TM: usize = 16;
@@ -75,7 +82,9 @@ impl Bf16Gemm {
         match self {
             Bf16Gemm::Amx => amx_supported(),
             Bf16Gemm::Avx512Bf16 => {
-                std::arch::is_x86_feature_detected!("avx512bf16") && std::arch::is_x86_feature_detected!("avx512bw")
+                std::arch::is_x86_feature_detected!("avx512bf16")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512f")
             }
         }
     }
@@ -154,7 +163,7 @@ fn bf16_bits(x: f32) -> u16 {
 /// A raw pointer that worker threads share; each writes a disjoint part of what it points to.
 #[derive(Clone, Copy)]
 struct Shared<T>(*mut T);
-// SAFETY: used only to hand threads pointers to disjoint blocks of one buffer (see `multiply`)
+// SAFETY: used only to hand threads pointers to disjoint blocks of one buffer (see `gemm_from`)
 unsafe impl<T> Send for Shared<T> {}
 // SAFETY: as above
 unsafe impl<T> Sync for Shared<T> {}
@@ -163,8 +172,9 @@ unsafe impl<T> Sync for Shared<T> {}
 /// as it is read, such as a convolution's patch matrix (im2col without the f32 copy).
 ///
 /// # Safety
-/// `at` and `run` read inside the operand for every r and c (and c0..c0+len) below the sizes the
-/// GEMM is given with it.
+/// For every r and c below the sizes the GEMM is given with it, `at` reads inside the operand, and a
+/// pointer `run` (`col_run`) returns has `len` readable values from it, row r's from column c0 on
+/// (column c's from row r0 on), alive while the source is.
 pub(crate) unsafe trait Source: Sync {
     /// Element (r, c).
     fn at(&self, r: usize, c: usize) -> f32;
@@ -177,44 +187,46 @@ pub(crate) unsafe trait Source: Sync {
     }
 }
 
-/// A matrix at `ptr`, element (r, c) at `ptr[r*rs + c*cs]`.
-pub(crate) struct Strided {
-    ptr: *const f32,
-    rs: isize,
-    cs: isize,
+/// A matrix in a borrowed slice, element (r, c) at `[r*rs + c*cs]`.
+pub(crate) struct Strided<'a> {
+    m: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
 }
 
-// SAFETY: only read through, while the slice it came from is borrowed
-unsafe impl Sync for Strided {}
-
-impl Strided {
+impl<'a> Strided<'a> {
     /// A `rows`×`cols` matrix in `m`, read with row stride `rs` and column stride `cs`; panics where
-    /// it does not fit in `m`. Given to a GEMM, its sizes there must not exceed `rows` and `cols`.
-    pub(crate) fn new(m: &[f32], (rows, cols): (usize, usize), (rs, cs): (usize, usize)) -> Strided {
+    /// it does not fit in `m` (checked without overflow). Given to a GEMM, its sizes there must not
+    /// exceed `rows` and `cols`.
+    pub(crate) fn new(m: &'a [f32], (rows, cols): (usize, usize), (rs, cs): (usize, usize)) -> Strided<'a> {
+        let last = || (rows - 1).checked_mul(rs)?.checked_add((cols - 1).checked_mul(cs)?);
         assert!(
-            rows == 0 || cols == 0 || m.len() > (rows - 1) * rs + (cols - 1) * cs,
+            rows == 0 || cols == 0 || last().is_some_and(|l| l < m.len() && l <= isize::MAX as usize),
             "a GEMM operand outside its slice"
         );
-        Strided {
-            ptr: m.as_ptr(),
-            rs: rs as isize,
-            cs: cs as isize,
-        }
+        Strided { m, rows, cols, rs, cs }
     }
 }
 
-// SAFETY: `Strided::new` checks the matrix against its slice, and a GEMM is given it with sizes
-// no larger than those
-unsafe impl Source for Strided {
+// SAFETY: `Strided::new` checks the matrix against its slice, `at` checks (r, c) against the
+// matrix, and the runs' bounds are the GEMM's sizes, which do not exceed the matrix's
+unsafe impl Source for Strided<'_> {
     fn at(&self, r: usize, c: usize) -> f32 {
-        // SAFETY: the caller of the packing asks only for elements inside the matrix
-        unsafe { *self.ptr.offset(r as isize * self.rs + c as isize * self.cs) }
+        assert!(
+            r < self.rows && c < self.cols,
+            "({r}, {c}) outside a {}×{} operand",
+            self.rows,
+            self.cols
+        );
+        self.m[r * self.rs + c * self.cs]
     }
-    fn run(&self, r: usize, c0: usize, _len: usize) -> Option<*const f32> {
-        (self.cs == 1).then(|| self.ptr.wrapping_offset(r as isize * self.rs + c0 as isize))
+    fn run(&self, r: usize, c0: usize, len: usize) -> Option<*const f32> {
+        (self.cs == 1 && r < self.rows && c0 + len <= self.cols).then(|| self.m[r * self.rs + c0..].as_ptr())
     }
-    fn col_run(&self, r0: usize, c: usize, _len: usize) -> Option<*const f32> {
-        (self.rs == 1).then(|| self.ptr.wrapping_offset(r0 as isize + c as isize * self.cs))
+    fn col_run(&self, r0: usize, c: usize, len: usize) -> Option<*const f32> {
+        (self.rs == 1 && c < self.cols && r0 + len <= self.rows).then(|| self.m[r0 + c * self.cs..].as_ptr())
     }
 }
 
@@ -322,19 +334,24 @@ fn pack_a_tile(m: usize, k: usize, src: &impl Source, mt: usize, kt: usize, tile
     if ni < TM || np < TK {
         tile.fill(0);
     }
-    let mut runs = [std::ptr::null(); TM];
+    let (mut runs, mut cols) = ([std::ptr::null(); TM], [std::ptr::null(); TK]);
     if np == TK && (0..ni).all(|i| src.run(i0 + i, p0, TK).map(|r| runs[i] = r).is_some()) {
         for (i, &run) in runs.iter().enumerate().take(ni) {
             // SAFETY: the source has these 32 values contiguous; AVX-512F is there (`supported`)
             unsafe { row32(run, tile.as_mut_ptr().add(i * TK)) };
         }
-    } else if ni == TM && np == TK && src.col_run(i0, p0, TM).is_some() {
+    } else if ni == TM && np == TK && (0..TK).all(|p| src.col_run(i0, p0 + p, TM).map(|r| cols[p] = r).is_some()) {
         for p in (0..TK).step_by(2) {
-            let lo = src.col_run(i0, p0 + p, TM).unwrap_or(std::ptr::null());
-            let hi = src.col_run(i0, p0 + p + 1, TM).unwrap_or(std::ptr::null());
             // SAFETY: the source has both columns' 16 values contiguous; the 16 pairs
             // land in the tile's 16 rows (u32 p/2 of each); AVX-512F is there
-            unsafe { pairs16_strided(lo, hi, (tile.as_mut_ptr() as *mut u32).add(p / 2), (TK / 2) as i32) };
+            unsafe {
+                pairs16_strided(
+                    cols[p],
+                    cols[p + 1],
+                    (tile.as_mut_ptr() as *mut u32).add(p / 2),
+                    (TK / 2) as i32,
+                )
+            };
         }
     } else {
         for i in 0..ni {
@@ -353,7 +370,7 @@ fn pack_b_tile(k: usize, n: usize, src: &impl Source, nt: usize, kt: usize, tile
     if np < TK || nj < TN {
         tile.fill(0);
     }
-    let mut runs = [std::ptr::null(); TK];
+    let (mut runs, mut cols) = ([std::ptr::null(); TK], [std::ptr::null(); TN]);
     if nj == TN && (0..np).all(|p| src.run(p0 + p, j0, TN).map(|r| runs[p] = r).is_some()) {
         for r in 0..np / 2 {
             // SAFETY: the source has both rows' 16 values contiguous; AVX-512F is there
@@ -364,9 +381,8 @@ fn pack_b_tile(k: usize, n: usize, src: &impl Source, nt: usize, kt: usize, tile
                 tile[(np / 2) * TK + j * 2] = bf16_bits(src.at(p0 + np - 1, j0 + j));
             }
         }
-    } else if np == TK && nj == TN && src.col_run(p0, j0, TK).is_some() {
-        for j in 0..TN {
-            let run = src.col_run(p0, j0 + j, TK).unwrap_or(std::ptr::null());
+    } else if np == TK && nj == TN && (0..TN).all(|j| src.col_run(p0, j0 + j, TK).map(|r| cols[j] = r).is_some()) {
+        for (j, &run) in cols.iter().enumerate() {
             // SAFETY: the source has column j's 32 values contiguous; its 16 pairs land
             // in the tile's 16 rows (u32 j of each); AVX-512F is there
             unsafe { column32_strided(run, (tile.as_mut_ptr() as *mut u32).add(j), TN as i32) };
@@ -438,6 +454,25 @@ unsafe fn configure_tiles() {
 fn release_tiles() {
     // SAFETY: TILERELEASE is valid whether or not tiles are configured, on a CPU with AMX
     unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+}
+
+/// This thread's tiles, configured while it lives and released when it drops (a panic included).
+struct Tiles;
+
+impl Tiles {
+    /// # Safety
+    /// AMX is supported ([`amx_supported`]).
+    unsafe fn configure() -> Tiles {
+        // SAFETY: the caller's contract
+        unsafe { configure_tiles() };
+        Tiles
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        release_tiles();
+    }
 }
 
 /// C block (32×32 f32 at `c`, rows `ldc` bytes apart) = (C if `load` else 0) + A·B over `kts` K tiles:
@@ -555,7 +590,8 @@ unsafe fn block_avx512(
     }
 }
 
-/// The packed operands, kept between calls (tens of MiB at the model's shapes).
+/// The packed operands, kept between calls: at batch 50 the primary conv's patches, 72 MiB, and its
+/// weights, 10 MiB (about 190 MiB at batch 128).
 static PACKED: Mutex<Vec<u16>> = Mutex::new(Vec::new());
 
 /// C (m×n, row-major, rows `rsc` apart) = A (m×k) · B (k×n) + beta·C on `kernel`, A and B rounded to
@@ -574,9 +610,9 @@ pub(crate) unsafe fn gemm_from(
     beta: f32,
     c: *mut f32,
     rsc: isize,
-) {
+) -> Result<()> {
     if m == 0 || n == 0 {
-        return;
+        return Ok(());
     }
     // C's rows scaled first where beta is neither 0 nor 1 (then the tiles add onto them)
     let row = |i: usize| c.wrapping_offset(i as isize * rsc);
@@ -588,20 +624,33 @@ pub(crate) unsafe fn gemm_from(
                 .for_each(|v| *v = if beta == 0.0 { 0.0 } else { *v * beta });
         }
         if k == 0 {
-            return;
+            return Ok(());
         }
     }
     let zero_c = beta == 0.0;
     let (mb, nb, kts) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK), k.div_ceil(TK));
-    // B is packed whole, up front. So is A where K takes several passes; where it takes one, each
-    // thread packs its own rows of A as it reaches them, and they are used while in cache
-    // (measured at the model's shapes: docs/BENCHMARKS.md)
-    let stream_a = kts <= KC_TILES;
+    // the threads split the blocks along M, or along N where M has too few
+    let threads = crate::par::threads().max(1);
+    let nt = if m * n * k < 1 << 22 {
+        1
+    } else {
+        threads.min(mb.max(nb))
+    };
+    let split_m = mb >= 4 * nt || mb >= nb;
+    // B is packed whole, up front. So is A where K takes several passes or the threads split N;
+    // else each thread packs its own rows of A as it reaches them, and they are used while in
+    // cache (measured at the model's shapes: docs/BENCHMARKS.md)
+    let stream_a = kts <= KC_TILES && split_m;
     let (b_len, a_len) = (nb * 2 * kts * TILE, if stream_a { 0 } else { mb * 2 * kts * TILE });
     let mut packed = PACKED.lock().unwrap_or_else(|e| e.into_inner());
     if packed.len() < a_len + b_len {
         let more = a_len + b_len - packed.len();
-        packed.reserve_exact(more);
+        packed.try_reserve_exact(more).map_err(|_| {
+            Error::msg(format!(
+                "out of memory: cannot allocate {} MiB for the bf16 GEMM's packed operands",
+                ((a_len + b_len) * 2) >> 20
+            ))
+        })?;
         packed.resize(a_len + b_len, 0);
     }
     let (pb, pa) = packed[..a_len + b_len].split_at_mut(b_len);
@@ -611,19 +660,10 @@ pub(crate) unsafe fn gemm_from(
     }
     let (pa, pb) = (Shared(pa.as_mut_ptr()), Shared(pb.as_mut_ptr()));
     let cs = Shared(c);
-    // the threads split the blocks along M, or along N where M has too few
-    let threads = crate::par::threads().max(1);
-    let nt = if m * n * k < 1 << 22 {
-        1
-    } else {
-        threads.min(mb.max(nb))
-    };
-    let split_m = mb >= 4 * nt || mb >= nb;
     let parts = if split_m { mb } else { nb };
-    let per = parts.div_ceil(nt);
     let run = move |t: usize| {
         let (pa, pb, cs) = (pa, pb, cs);
-        let (lo, hi) = (t * per, ((t + 1) * per).min(parts));
+        let (lo, hi) = (t * parts / nt, (t + 1) * parts / nt);
         if lo >= hi {
             return;
         }
@@ -638,9 +678,7 @@ pub(crate) unsafe fn gemm_from(
         // buffers and inside C (edge blocks go through `edge`), and this thread writes only the C
         // blocks of its own range
         unsafe {
-            if kernel == Bf16Gemm::Amx {
-                configure_tiles();
-            }
+            let _tiles = (kernel == Bf16Gemm::Amx).then(|| Tiles::configure());
             let block = |ap, an, bp, bn, kn, c, ldc, load| {
                 if kernel == Bf16Gemm::Amx {
                     block(ap, an, bp, bn, kn, c, ldc, load)
@@ -701,9 +739,6 @@ pub(crate) unsafe fn gemm_from(
                 }
             }
         }
-        if kernel == Bf16Gemm::Amx {
-            release_tiles();
-        }
     };
     if nt == 1 {
         run(0);
@@ -715,6 +750,7 @@ pub(crate) unsafe fn gemm_from(
             run(0);
         });
     }
+    Ok(())
 }
 
 /// GFLOP/s of one thread running `kernel`'s 32×32 block over B tiles spread across `b_kib` KiB, one
@@ -737,9 +773,7 @@ pub fn kernel_rate(kernel: Bf16Gemm, b_kib: usize) -> f64 {
     let (mut done, start) = (0usize, std::time::Instant::now());
     // SAFETY: the kernel is supported (asserted); every tile read lies in a and b, the block in c
     unsafe {
-        if kernel == Bf16Gemm::Amx {
-            configure_tiles();
-        }
+        let _tiles = (kernel == Bf16Gemm::Amx).then(|| Tiles::configure());
         while start.elapsed().as_secs_f64() < 0.3 {
             for j in 0..blocks {
                 let bp = b.as_ptr().add(j * 2 * kn * TILE);
@@ -769,9 +803,6 @@ pub fn kernel_rate(kernel: Bf16Gemm, b_kib: usize) -> f64 {
             }
             done += blocks;
         }
-        if kernel == Bf16Gemm::Amx {
-            release_tiles();
-        }
     }
     done as f64 * flops_per_block / start.elapsed().as_secs_f64() / 1e9
 }
@@ -790,16 +821,16 @@ pub(crate) fn gemm(
     (rsb, csb): (usize, usize),
     c: &mut [f32],
     beta: f32,
-) {
+) -> Result<()> {
     assert!(
         kernel.supported(),
         "the {} GEMM on a CPU that cannot run it",
         kernel.flag()
     );
     if m == 0 || n == 0 {
-        return;
+        return Ok(());
     }
-    assert!(c.len() >= m * n);
+    assert!(m.checked_mul(n).is_some_and(|mn| c.len() >= mn));
     let (a, b) = (Strided::new(a, (m, k), (rsa, csa)), Strided::new(b, (k, n), (rsb, csb)));
     // SAFETY: the kernel is supported (asserted); the asserts above keep every element read and
     // written inside the slices; C is a &mut, so aliases neither.
@@ -884,7 +915,7 @@ mod tests {
                 let sa = if ta { (1, m) } else { (k, 1) };
                 let sb = if tb { (1, k) } else { (n, 1) };
                 let mut c: Vec<f32> = if beta == 0.0 { vec![f32::NAN; m * n] } else { c0.clone() };
-                gemm(kernel, m, k, n, &a, sa, &b, sb, &mut c, beta);
+                gemm(kernel, m, k, n, &a, sa, &b, sb, &mut c, beta).unwrap();
                 for i in 0..m {
                     for j in 0..n {
                         let (mut exact, mut mag) = (beta as f64 * c0[i * n + j] as f64, 0.0f64);

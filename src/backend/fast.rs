@@ -8,11 +8,12 @@
 //!   loaded into the GEMM's output (beta = 1) and the activation applied while the chunk is hot. The
 //!   input gradient is dz·Wᵀ followed by col2im, so the stride-2 conv never multiplies by the zeros a
 //!   transposed convolution would stuff between its inputs. Weight gradients accumulate straight
-//!   into dW (on the AVX-512 GEMM, into dWᵀ, added to dW transposed: that GEMM writes it faster).
+//!   into dW (on the AVX-512 GEMM and in bf16, into dWᵀ, added to dW transposed: those GEMMs write
+//!   or read it faster).
 //! - Capsule ops (prediction vectors, routing, squash) and Adam are loops over 8-lane blocks, compiled
 //!   twice: with AVX2+FMA, used when the CPU has them (checked at run time), and for the baseline.
-//! - Work is split over threads by output rows ([`crate::par`]), each sum inside one thread, so results
-//!   are bit-identical run to run on one machine.
+//! - Work is split over threads by output rows ([`crate::par`]; the bf16 GEMMs by blocks of rows or
+//!   of columns), each sum inside one thread, so results are bit-identical run to run on one machine.
 //!
 //! This file holds the backend itself (its pool, scratch buffer, SIMD dispatch and shared loops); each
 //! op family's fast implementation is its `fast.rs` under `crate::ops`. Tested against the f64
@@ -147,7 +148,8 @@ impl FastCpu {
     }
 
     /// C (m×n, row-major) = A (m×k) · B (k×n) + beta·C in this backend's precision, A and B given by
-    /// (row stride, column stride): the f32 GEMM [`super::linalg::cpu_gemm`] picked, or the bf16 one.
+    /// (row stride, column stride): the f32 GEMM [`super::linalg::cpu_gemm`] picked, or the bf16 one
+    /// (which can fail to allocate its packed operands: an error that says so).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm(
         &self,
@@ -160,11 +162,12 @@ impl FastCpu {
         sb: (usize, usize),
         c: &mut [f32],
         beta: f32,
-    ) {
+    ) -> Result<()> {
         if let Some(kernel) = self.bf16 {
             super::bf16::gemm(kernel, m, k, n, a, sa, b, sb, c, beta)
         } else {
-            super::linalg::gemm(m, k, n, a, sa, b, sb, c, beta)
+            super::linalg::gemm(m, k, n, a, sa, b, sb, c, beta);
+            Ok(())
         }
     }
 

@@ -234,9 +234,13 @@ pub(crate) fn gemm<T: GemmScalar>(
     if m == 0 || n == 0 {
         return;
     }
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(k == 0 || (a.len() > last(m, k, rsa, csa) && b.len() > last(k, n, rsb, csb)));
-    assert!(c.len() >= m * n);
+    // the last element each operand reads, None where that overflows (then it is out of bounds)
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        (rows - 1).checked_mul(rs)?.checked_add((cols - 1).checked_mul(cs)?)
+    };
+    let inside = |len: usize, last: Option<usize>| last.is_some_and(|l| l < len && l <= isize::MAX as usize);
+    assert!(k == 0 || (inside(a.len(), last(m, k, rsa, csa)) && inside(b.len(), last(k, n, rsb, csb))));
+    assert!(m.checked_mul(n).is_some_and(|mn| c.len() >= mn));
     // SAFETY: the asserts above keep every element the GEMM reads (A: m×k, B: k×n with the given
     // strides) and writes (C: m×n, row-major) inside the slices; C is a &mut, so aliases neither.
     unsafe {

@@ -31,7 +31,7 @@ impl ConvOps for FastCpu {
             let w = Strided::new(w, (kd, co), (co, 1));
             // SAFETY: the kernel is supported (bf16 mode); y holds rows×co values and aliases
             // neither operand
-            unsafe { bf16::gemm_from(kernel, s.rows(), kd, co, &p, &w, 1.0, y.as_mut_ptr(), co as isize) };
+            unsafe { bf16::gemm_from(kernel, s.rows(), kd, co, &p, &w, 1.0, y.as_mut_ptr(), co as isize)? };
             act_in_place(act, y, co);
             return Ok(());
         }
@@ -41,9 +41,10 @@ impl ConvOps for FastCpu {
                 let nb = chunk.min(s.batch - b0);
                 im2col(s, x, b0, nb, col, |v| v);
                 let ys = &mut y[b0 * npix * co..(b0 + nb) * npix * co];
-                affine(self, nb * npix, kd, co, col, w, b, ys, act);
+                affine(self, nb * npix, kd, co, col, w, b, ys, act)?;
             }
-        })
+            Ok(())
+        })?
     }
 
     fn conv2d_bwd_input(&self, s: &ConvShape, dz: &PoolBuf, w: &PoolBuf, dx: &mut PoolBuf) -> Result<()> {
@@ -57,10 +58,11 @@ impl ConvOps for FastCpu {
                 let dcol = &mut dcol[..nb * npix * kd];
                 // dcol = dz · Wᵀ, with W [kd, co] read transposed through its strides
                 let dzc = &dz[b0 * npix * co..(b0 + nb) * npix * co];
-                self.gemm(nb * npix, co, kd, dzc, (co, 1), w, (1, co), dcol, 0.0);
+                self.gemm(nb * npix, co, kd, dzc, (co, 1), w, (1, co), dcol, 0.0)?;
                 col2im_add(s, dcol, &mut dx[b0 * img..(b0 + nb) * img]);
             }
-        })
+            Ok(())
+        })?
     }
 
     fn conv2d_bwd_weight(&self, s: &ConvShape, x: &PoolBuf, dz: &PoolBuf, dw: &mut PoolBuf) -> Result<()> {
@@ -72,7 +74,7 @@ impl ConvOps for FastCpu {
             let dzt = Strided::new(dz, (co, s.rows()), (1, co));
             // SAFETY: the kernel is supported (bf16 mode); dwt holds co×kd values and aliases
             // neither operand
-            unsafe { bf16::gemm_from(kernel, co, s.rows(), kd, &dzt, &p, 0.0, dwt.as_mut_ptr(), kd as isize) };
+            unsafe { bf16::gemm_from(kernel, co, s.rows(), kd, &dzt, &p, 0.0, dwt.as_mut_ptr(), kd as isize)? };
             add_transposed(&dwt, co, kd, dw);
             return Ok(());
         }
@@ -94,13 +96,14 @@ impl ConvOps for FastCpu {
                     // dWᵀ (=, then +=) dzᵀ · col, with dz [rows, co] read transposed through its strides
                     Some(dwt) => {
                         let beta = if b0 == 0 { 0.0 } else { 1.0 };
-                        self.gemm(co, nb * npix, kd, dzc, (1, co), col, (kd, 1), dwt, beta);
+                        self.gemm(co, nb * npix, kd, dzc, (1, co), col, (kd, 1), dwt, beta)?;
                     }
                     // dW += colᵀ · dz, with col [rows, kd] read transposed through its strides
-                    None => self.gemm(kd, nb * npix, co, col, (1, kd), dzc, (co, 1), dw, 1.0),
+                    None => self.gemm(kd, nb * npix, co, col, (1, kd), dzc, (co, 1), dw, 1.0)?,
                 }
             }
-        })?;
+            Ok(())
+        })??;
         if let Some(dwt) = dwt {
             add_transposed(&dwt, co, kd, dw);
         }
@@ -143,7 +146,8 @@ unsafe impl bf16::Source for Patches<'_> {
         self.x[self.offset(r, c)]
     }
     fn run(&self, r: usize, c0: usize, len: usize) -> Option<*const f32> {
-        (c0 % self.s.in_c + len <= self.s.in_c).then(|| self.x[self.offset(r, c0)..].as_ptr())
+        let at = self.offset(r, c0);
+        (c0 % self.s.in_c + len <= self.s.in_c).then(|| self.x[at..at + len].as_ptr())
     }
 }
 

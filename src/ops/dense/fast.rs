@@ -55,12 +55,13 @@ pub(crate) fn affine(
     b: &[f32],
     y: &mut [f32],
     act: Act,
-) {
+) -> Result<()> {
     for r in y.chunks_mut(n) {
         r.copy_from_slice(b);
     }
-    be.gemm(m, k, n, x, (k, 1), w, (n, 1), y, 1.0);
+    be.gemm(m, k, n, x, (k, 1), w, (n, 1), y, 1.0)?;
     act_in_place(act, y, n);
+    Ok(())
 }
 
 impl DenseOps for FastCpu {
@@ -74,20 +75,17 @@ impl DenseOps for FastCpu {
         act: Act,
     ) -> Result<()> {
         check_dense_fwd(s, x.len(), w.len(), b.len(), y.len())?;
-        affine(self, s.rows, s.inp, s.out, x, w, b, y, act);
-        Ok(())
+        affine(self, s.rows, s.inp, s.out, x, w, b, y, act)
     }
 
     fn dense_bwd_input(&self, s: &DenseShape, dz: &PoolBuf, w: &PoolBuf, dx: &mut PoolBuf) -> Result<()> {
         check_dense_bwd_input(s, dz.len(), w.len(), dx.len())?;
-        self.gemm(s.rows, s.out, s.inp, dz, (s.out, 1), w, (1, s.out), dx, 1.0);
-        Ok(())
+        self.gemm(s.rows, s.out, s.inp, dz, (s.out, 1), w, (1, s.out), dx, 1.0)
     }
 
     fn dense_bwd_weight(&self, s: &DenseShape, x: &PoolBuf, dz: &PoolBuf, dw: &mut PoolBuf) -> Result<()> {
         check_dense_bwd_weight(s, x.len(), dz.len(), dw.len())?;
-        self.gemm(s.inp, s.rows, s.out, x, (1, s.inp), dz, (s.out, 1), dw, 1.0);
-        Ok(())
+        self.gemm(s.inp, s.rows, s.out, x, (1, s.inp), dz, (s.out, 1), dw, 1.0)
     }
 
     fn bias_bwd(&self, rows: usize, cols: usize, dz: &PoolBuf, db: &mut PoolBuf) -> Result<()> {
