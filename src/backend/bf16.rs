@@ -594,11 +594,22 @@ unsafe fn block_avx512(
 /// weights, 10 MiB (about 190 MiB at batch 128).
 static PACKED: Mutex<Vec<u16>> = Mutex::new(Vec::new());
 
-/// C (m×n, row-major, rows `rsc` apart) = A (m×k) · B (k×n) + beta·C on `kernel`, A and B rounded to
-/// bf16, f32 sums, both read from their sources. With beta = 0, C is not read.
+/// Where a GEMM's product goes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Out {
+    /// C (m×n, rows `rsc` apart) = A·B + beta·C; with beta = 0, C is not read.
+    Rows { beta: f32 },
+    /// C (n×m, rows `rsc` apart) += (A·B)ᵀ, each block added as it is done: a weight gradient that
+    /// is computed transposed, without a buffer for the transpose.
+    AddTransposed,
+}
+
+/// A (m×k) · B (k×n) into C as `out` says, on `kernel`, A and B rounded to bf16, f32 sums, both read
+/// from their sources.
 ///
 /// # Safety
-/// `kernel` is supported; C holds m rows of n values, `rsc` apart, and aliases neither source.
+/// `kernel` is supported; C holds m rows of n values (n of m for [`Out::AddTransposed`]), `rsc`
+/// apart, and aliases neither source.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_from(
     kernel: Bf16Gemm,
@@ -607,13 +618,17 @@ pub(crate) unsafe fn gemm_from(
     n: usize,
     a: &impl Source,
     b: &impl Source,
-    beta: f32,
+    out: Out,
     c: *mut f32,
     rsc: isize,
 ) -> Result<()> {
-    if m == 0 || n == 0 {
+    if m == 0 || n == 0 || k == 0 && out == Out::AddTransposed {
         return Ok(());
     }
+    let (beta, transposed) = match out {
+        Out::Rows { beta } => (beta, false),
+        Out::AddTransposed => (1.0, true),
+    };
     // C's rows scaled first where beta is neither 0 nor 1 (then the tiles add onto them)
     let row = |i: usize| c.wrapping_offset(i as isize * rsc);
     if beta != 0.0 && beta != 1.0 || k == 0 {
@@ -704,8 +719,10 @@ pub(crate) unsafe fn gemm_from(
                 };
                 for ng in n_range.clone().step_by(NG_BLOCKS) {
                     let ng_end = (ng + NG_BLOCKS).min(n_range.end);
-                    for kc in (0..kts).step_by(KC_TILES) {
-                        let kn = KC_TILES.min(kts - kc);
+                    // a transposed C takes all of K in one pass: each block is added once, done
+                    let kc_step = if transposed { kts } else { KC_TILES };
+                    for kc in (0..kts).step_by(kc_step) {
+                        let kn = kc_step.min(kts - kc);
                         let load = kc > 0 || !zero_c;
                         for bi in mg..mg_end {
                             let ap = a_rows(bi).add(kc * TILE);
@@ -713,6 +730,16 @@ pub(crate) unsafe fn gemm_from(
                                 let bp = pb.0.add((bj * 2 * kts + kc) * TILE);
                                 let (i0, j0) = (bi * BLOCK, bj * BLOCK);
                                 let (ni, nj) = ((m - i0).min(BLOCK), (n - j0).min(BLOCK));
+                                if transposed {
+                                    block(ap, kts * TILE, bp, kts * TILE, kn, edge.as_mut_ptr(), BLOCK * 4, false);
+                                    for j in 0..nj {
+                                        let row = cs.0.offset((j0 + j) as isize * rsc + i0 as isize);
+                                        for i in 0..ni {
+                                            *row.add(i) += edge[i * BLOCK + j];
+                                        }
+                                    }
+                                    continue;
+                                }
                                 let c0 = cs.0.offset(i0 as isize * rsc + j0 as isize);
                                 if ni == BLOCK && nj == BLOCK {
                                     block(ap, kts * TILE, bp, kts * TILE, kn, c0, rsc as usize * 4, load);
@@ -834,7 +861,7 @@ pub(crate) fn gemm(
     let (a, b) = (Strided::new(a, (m, k), (rsa, csa)), Strided::new(b, (k, n), (rsb, csb)));
     // SAFETY: the kernel is supported (asserted); the asserts above keep every element read and
     // written inside the slices; C is a &mut, so aliases neither.
-    unsafe { gemm_from(kernel, m, k, n, &a, &b, beta, c.as_mut_ptr(), n as isize) }
+    unsafe { gemm_from(kernel, m, k, n, &a, &b, Out::Rows { beta }, c.as_mut_ptr(), n as isize) }
 }
 
 #[cfg(test)]
@@ -946,6 +973,56 @@ mod tests {
                         })
                         .fold(0.0, f64::max);
                     assert!(worst > 1e-5, "m{m} k{k} n{n}: the result looks unrounded ({worst:e})");
+                }
+            }
+            // the product added transposed into an n×m C whose rows are m + 3 apart
+            let a: Vec<f32> = (0..m * k).map(|_| rand()).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rand()).collect();
+            let ld = m + 3;
+            let sa = if ta { (1, m) } else { (k, 1) };
+            let sb = if tb { (1, k) } else { (n, 1) };
+            let d0: Vec<f32> = (0..n * ld).map(|_| rand()).collect();
+            let mut d = d0.clone();
+            let (sa_, sb_) = (Strided::new(&a, (m, k), sa), Strided::new(&b, (k, n), sb));
+            // SAFETY: the kernel is supported; d holds n rows of m values ld apart
+            unsafe {
+                gemm_from(
+                    kernel,
+                    m,
+                    k,
+                    n,
+                    &sa_,
+                    &sb_,
+                    Out::AddTransposed,
+                    d.as_mut_ptr(),
+                    ld as isize,
+                )
+                .unwrap()
+            };
+            for j in 0..n {
+                for i in 0..ld {
+                    let got = d[j * ld + i] as f64;
+                    if i >= m {
+                        assert_eq!(
+                            got,
+                            d0[j * ld + i] as f64,
+                            "{} transposed: padding at ({j},{i}) written",
+                            kernel.flag()
+                        );
+                        continue;
+                    }
+                    let (mut exact, mut mag) = (d0[j * ld + i] as f64, 0.0f64);
+                    for p in 0..k {
+                        let x = r(a[i * sa.0 + p * sa.1]) * r(b[p * sb.0 + j * sb.1]);
+                        exact += x;
+                        mag += x.abs();
+                    }
+                    let bound = (k + 2) as f64 * 2f64.powi(-24) * (mag + d0[j * ld + i].abs() as f64);
+                    assert!(
+                        (got - exact).abs() <= bound,
+                        "{} transposed m{m} k{k} n{n} at ({j},{i}): {got} vs {exact}",
+                        kernel.flag()
+                    );
                 }
             }
         }

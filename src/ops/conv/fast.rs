@@ -1,7 +1,7 @@
 //! Convolutions on the fast CPU backend.
 
 use crate::Result;
-use crate::backend::bf16::{self, Strided};
+use crate::backend::bf16::{self, Out, Strided};
 use crate::backend::fast::{FastCpu, PoolBuf, images_per_chunk};
 use crate::backend::linalg::{CpuGemm, cpu_gemm};
 use crate::float::Precision;
@@ -31,7 +31,19 @@ impl ConvOps for FastCpu {
             let w = Strided::new(w, (kd, co), (co, 1));
             // SAFETY: the kernel is supported (bf16 mode); y holds rows×co values and aliases
             // neither operand
-            unsafe { bf16::gemm_from(kernel, s.rows(), kd, co, &p, &w, 1.0, y.as_mut_ptr(), co as isize)? };
+            unsafe {
+                bf16::gemm_from(
+                    kernel,
+                    s.rows(),
+                    kd,
+                    co,
+                    &p,
+                    &w,
+                    Out::Rows { beta: 1.0 },
+                    y.as_mut_ptr(),
+                    co as isize,
+                )?
+            };
             act_in_place(act, y, co);
             return Ok(());
         }
@@ -69,13 +81,24 @@ impl ConvOps for FastCpu {
         check_conv2d_bwd_weight(s, x.len(), dz.len(), dw.len())?;
         let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
         if let Some((kernel, p)) = self.patches(s, x) {
-            // bf16: dWᵀ = dzᵀ · patches, the patches packed straight from x
-            let mut dwt = self.take(co * kd, |_| {})?;
+            // bf16: dW += (dzᵀ · patches)ᵀ, the patches packed straight from x, each block of the
+            // product added to dW as it is done
             let dzt = Strided::new(dz, (co, s.rows()), (1, co));
-            // SAFETY: the kernel is supported (bf16 mode); dwt holds co×kd values and aliases
+            // SAFETY: the kernel is supported (bf16 mode); dw holds kd×co values and aliases
             // neither operand
-            unsafe { bf16::gemm_from(kernel, co, s.rows(), kd, &dzt, &p, 0.0, dwt.as_mut_ptr(), kd as isize)? };
-            add_transposed(&dwt, co, kd, dw);
+            unsafe {
+                bf16::gemm_from(
+                    kernel,
+                    co,
+                    s.rows(),
+                    kd,
+                    &dzt,
+                    &p,
+                    Out::AddTransposed,
+                    dw.as_mut_ptr(),
+                    co as isize,
+                )?
+            };
             return Ok(());
         }
         let chunk = images_per_chunk(s.batch, npix * kd);
