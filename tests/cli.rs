@@ -1854,12 +1854,18 @@ fn cpu_gemm_forces_the_gemm_and_the_backend_line_names_it() {
     let a: Vec<&str> = bench.iter().chain(tiny.iter()).copied().collect();
     let o = capsnet(&a, &[("CAPSNET_CPU_GEMM", "avx2")]);
     assert!(backend_line(&o).contains("matrixmultiply"), "{}", backend_line(&o));
+    // auto names none: the CPU's default precision runs (bf16 where it has AMX tiles)
     let o = capsnet(&a, &[("CAPSNET_CPU_GEMM", "auto")]);
-    assert!(
-        backend_line(&o).contains(&CpuGemm::best().describe()),
-        "{}",
-        backend_line(&o)
-    );
+    let default = if capsnet::backend::bf16::Bf16Gemm::Amx.supported() {
+        "AMX bf16 GEMMs".to_string()
+    } else {
+        CpuGemm::best().describe()
+    };
+    assert!(backend_line(&o).contains(&default), "{}", backend_line(&o));
+    // an f32 GEMM named beside bf16 is a flag that does nothing: refused
+    let mut both = a.clone();
+    both.extend(["--cpu-gemm", "avx2", "--precision", "bf16"]);
+    assert_clean_error(&capsnet(&both, &[]), &["--cpu-gemm", "--precision bf16"]);
     let mut a = a.clone();
     a.extend(["--cpu-gemm", "blas"]);
     let o = capsnet(&a, &[]);

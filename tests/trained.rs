@@ -58,11 +58,16 @@ fn test_split(n: usize) -> Split {
     data::load(&mnist_dir(), Which::Test).unwrap().slice(0..n)
 }
 
+/// The backend `--device cpu` runs by default (bf16 where the CPU has AMX tiles, else fp32).
+fn default_cpu() -> FastCpu {
+    FastCpu::with_precision(FastCpu::default_precision()).unwrap()
+}
+
 /// The lengths and predictions of the raw test pixels, as `eval` computes them (its pixel scaling,
-/// batch 100).
+/// batch 100, the CPU's default precision).
 fn raw_classes(split: &Split) -> infer::Classified {
     let ck = checkpoint::load(trained()).unwrap();
-    let mut tape = Tape::new(FastCpu::new());
+    let mut tape = Tape::new(default_cpu());
     let model = CapsNet::from_checkpoint(&mut tape, &ck).unwrap();
     let idx: Vec<usize> = (0..split.len()).collect();
     let (x, _) = split.batch::<f32>(&idx);
@@ -503,7 +508,7 @@ fn predict_text_output_threshold_and_saved_inputs() {
 
 fn trained_model() -> (Tape<FastCpu>, CapsNet) {
     let ck = checkpoint::load(trained()).unwrap();
-    let mut tape = Tape::new(FastCpu::new());
+    let mut tape = Tape::new(default_cpu());
     let model = CapsNet::from_checkpoint(&mut tape, &ck).unwrap();
     (tape, model)
 }

@@ -22,9 +22,10 @@
 //! blocks. Each element of C is summed by one thread in one fixed order, so results do not depend on
 //! the thread count.
 //!
-//! What bounds it (one core of the Xeon this was tuned on): `TDPBF16PS` alone, 3.7 TFLOP/s; this
-//! 2×2 kernel with its tiles in L1, 1.6 TFLOP/s; with B's tiles from L2, 0.75 TFLOP/s: a tile load per
-//! two products, and the loads, not the products, set the pace.
+//! What bounds it: a tile load per two products. On one core of the Xeon this was tuned on
+//! (`cargo bench --bench ops`), the AMX kernel runs at 1.1 TFLOP/s with its B tiles within 32 KiB,
+//! 0.71 from L2 and 0.60 from memory; the AVX512_BF16 kernel at 0.12, below the f32 GEMM's rate there
+//! (docs/BENCHMARKS.md).
 //!
 //! `VDPBF16PS` adds the products of 16 bf16 pairs to 16 f32 lanes; the AVX512_BF16 kernel reads the
 //! same packed tiles (a B tile row is 16 pairs of K; an A tile row holds the pairs it broadcasts) and

@@ -120,6 +120,18 @@ impl FastCpu {
         }
     }
 
+    /// The precision `--device cpu` runs in unless told: bf16 where the CPU has AMX tiles (as accurate
+    /// as fp32 over the notebook's 10 epochs, and 1.4 times as fast: docs/TRAINING.md,
+    /// docs/BENCHMARKS.md), else fp32 (AVX512_BF16's GEMM is slower than the f32 one where measured),
+    /// and fp32 where an f32 GEMM was named (`--cpu-gemm`).
+    pub fn default_precision() -> Precision {
+        if super::bf16::Bf16Gemm::Amx.supported() && !super::linalg::cpu_gemm_named() {
+            Precision::Bf16
+        } else {
+            Precision::Fp32
+        }
+    }
+
     /// The backend in bf16 on `kernel`, which must be supported (tests compare the kernels).
     pub fn with_bf16_gemm(kernel: super::bf16::Bf16Gemm) -> Self {
         assert!(

@@ -86,10 +86,23 @@ impl CpuGemm {
 
 static CHOSEN: OnceLock<CpuGemm> = OnceLock::new();
 
+/// Whether an f32 GEMM was named ([`set_cpu_gemm`]).
+static NAMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Fixes the f32 GEMM before the first one runs (`--cpu-gemm`); false if it was fixed already to
 /// another. Refuses (false) a GEMM this CPU cannot run.
 pub fn set_cpu_gemm(g: CpuGemm) -> bool {
-    g.supported() && *CHOSEN.get_or_init(|| g) == g
+    let ok = g.supported() && *CHOSEN.get_or_init(|| g) == g;
+    if ok {
+        NAMED.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    ok
+}
+
+/// Whether [`set_cpu_gemm`] named the f32 GEMM (an f32 GEMM asked for: the CPU's default precision
+/// is then fp32).
+pub fn cpu_gemm_named() -> bool {
+    NAMED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The f32 GEMM in use: [`set_cpu_gemm`]'s, else `CAPSNET_CPU_GEMM`'s where valid, else the best this

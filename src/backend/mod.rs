@@ -17,7 +17,7 @@ pub mod cpu;
 pub mod fast;
 pub(crate) mod linalg;
 
-pub use linalg::{CpuGemm, cpu_gemm, set_cpu_gemm};
+pub use linalg::{CpuGemm, cpu_gemm, cpu_gemm_named, set_cpu_gemm};
 
 use crate::float::Float;
 use crate::{Error, Result};

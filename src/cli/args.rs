@@ -156,9 +156,10 @@ impl From<PrecisionArg> for Precision {
 /// Which kernel versions the CUDA backend launches.
 #[derive(Args, Clone, Default)]
 pub struct KernelArgs {
-    /// What the convolutions and the decoder multiply in on the GPU: bf16 or tf32 on tensor cores,
-    /// fp32 exactly on CUDA cores (master weights, the capsule layers, the losses and Adam stay fp32)
-    /// [default: bf16 on a GPU, chosen by accuracy; fp32 on the CPU, where bf16 needs AMX or AVX512_BF16].
+    /// What the convolutions and the decoder multiply in: bf16 or tf32 on a GPU's tensor cores (bf16
+    /// on a CPU's AMX tiles or AVX512_BF16), fp32 exactly (master weights, the capsule layers, the
+    /// losses and Adam stay fp32)
+    /// [default: bf16 on a GPU and on a CPU with AMX tiles, chosen by accuracy and speed; else fp32].
     #[arg(long, value_enum)]
     pub precision: Option<PrecisionArg>,
     /// Kernel versions, OP=VERSION,... over --precision's (`capsnet info --kernels` lists them; the
@@ -178,7 +179,8 @@ impl KernelArgs {
         Ok(ks)
     }
 
-    /// The fast CPU backend for --precision (fp32 unless asked; bf16 where the CPU has AMX or AVX512_BF16),
+    /// The fast CPU backend for --precision (by default bf16 where the CPU has AMX tiles and no f32
+    /// GEMM is named, else fp32),
     /// refusing --kernels, which only the CUDA backend has.
     pub fn fast_cpu(&self, device: &str) -> Result<capsnet::backend::fast::FastCpu> {
         if self.kernels.is_some() {
@@ -186,7 +188,14 @@ impl KernelArgs {
                 "--kernels: kernel versions are the CUDA backend's, and {device} runs on the CPU"
             )));
         }
-        let p = self.precision.map_or(Precision::Fp32, Into::into);
+        if self.precision == Some(PrecisionArg::Bf16) && capsnet::backend::cpu_gemm_named() {
+            return Err(Error::msg(
+                "--cpu-gemm names the fp32 GEMM, and --precision bf16 runs none: give one or the other",
+            ));
+        }
+        let p = self
+            .precision
+            .map_or_else(capsnet::backend::fast::FastCpu::default_precision, Into::into);
         capsnet::backend::fast::FastCpu::with_precision(p).map_err(|e| Error::msg(format!("{device}: {e}")))
     }
 
