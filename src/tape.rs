@@ -11,6 +11,8 @@
 //!   ([`GradStore::get`] hands out zero-initialised buffers), so a variable used by several ops
 //!   (fan-out) receives the sum of their contributions.
 
+use std::time::Instant;
+
 use crate::backend::Core;
 use crate::{Error, Result};
 
@@ -99,6 +101,10 @@ impl<B: Core> GradStore<'_, B> {
 
 pub trait BackwardOp<B: Core> {
     fn name(&self) -> &'static str;
+    /// The name with the op's shape where that tells its instances apart (a step profile's rows).
+    fn label(&self) -> String {
+        self.name().to_string()
+    }
     /// Adds this op's contribution to the gradients of its inputs.
     fn backward(&self, ctx: &Ctx<'_, B>, grads: &mut GradStore<'_, B>) -> Result<()>;
 }
@@ -116,6 +122,33 @@ pub struct Tape<B: Core> {
     nodes: Vec<Node<B>>,
     n_params: usize,
     recording: bool,
+    profiler: Option<Profiler>,
+}
+
+/// The wall time one op took in a profiled step ([`Tape::set_profiling`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpTime {
+    /// Whether this is the op's backward (else its forward).
+    pub backward: bool,
+    /// The op, with its shape where it has several instances (`BackwardOp::label`).
+    pub label: String,
+    pub ms: f64,
+}
+
+/// Op times of the steps so far, and when the last one ended.
+struct Profiler {
+    mark: Instant,
+    times: Vec<OpTime>,
+}
+
+impl Profiler {
+    /// Records the time since the last mark under `label`, and marks now.
+    fn lap(&mut self, backward: bool, label: String) {
+        let now = Instant::now();
+        let ms = (now - self.mark).as_secs_f64() * 1e3;
+        self.times.push(OpTime { backward, label, ms });
+        self.mark = now;
+    }
 }
 
 impl<B: Core> Tape<B> {
@@ -128,6 +161,7 @@ impl<B: Core> Tape<B> {
             nodes: vec![],
             n_params: 0,
             recording: true,
+            profiler: None,
         }
     }
 
@@ -182,6 +216,9 @@ impl<B: Core> Tape<B> {
         op: impl BackwardOp<B> + 'static,
     ) -> Result<Var> {
         let needs = self.recording && inputs.iter().any(|v| self.needs[v.0]);
+        if let Some(p) = self.profiler.as_mut() {
+            p.lap(false, op.label());
+        }
         let out = self.push_value(buf, shape, needs)?;
         if needs {
             self.nodes.push(Node { op: Box::new(op), out });
@@ -200,6 +237,28 @@ impl<B: Core> Tape<B> {
         self.needs.truncate(self.n_params);
         self.grads.truncate(self.n_params);
         self.nodes.clear();
+        if let Some(p) = self.profiler.as_mut() {
+            p.mark = Instant::now();
+        }
+    }
+
+    /// While on, each op's forward (the time from the previous op's end, or from [`Tape::reset`], to
+    /// its output's recording) and backward are timed by the wall clock, as is the zeroing of the
+    /// gradients: a step profile, true where the backend computes as it is called (the CPU
+    /// backends), not where it queues work (CUDA). Turning it on or off drops the times so far.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profiler = on.then(|| Profiler {
+            mark: Instant::now(),
+            times: vec![],
+        });
+    }
+
+    /// The op times recorded since profiling was turned on or last taken, in the order they ran.
+    pub fn take_profile(&mut self) -> Vec<OpTime> {
+        self.profiler
+            .as_mut()
+            .map(|p| std::mem::take(&mut p.times))
+            .unwrap_or_default()
     }
 
     pub fn value(&self, v: Var) -> &Tensor<B> {
@@ -266,12 +325,18 @@ impl<B: Core> Tape<B> {
                 self.values[loss.0].shape
             )));
         }
+        if let Some(p) = self.profiler.as_mut() {
+            p.mark = Instant::now();
+        }
         for g in self.grads.iter_mut().flatten() {
             self.backend.fill(g, 0.0)?;
         }
         let mut seed = self.backend.zeros(1)?;
         self.backend.fill(&mut seed, 1.0)?;
         self.grads[loss.0] = Some(seed);
+        if let Some(p) = self.profiler.as_mut() {
+            p.lap(true, "zero the gradients".to_string());
+        }
         let lens: Vec<usize> = self.values.iter().map(|t| t.numel()).collect();
         for node in self.nodes.iter().rev() {
             // every consumer of `out` was recorded after it, so its gradient is complete here
@@ -291,6 +356,9 @@ impl<B: Core> Tape<B> {
                 grads: &mut self.grads,
             };
             let res = node.op.backward(&ctx, &mut store);
+            if let Some(p) = self.profiler.as_mut() {
+                p.lap(true, node.op.label());
+            }
             self.grads[node.out.0] = Some(dout);
             res.map_err(|e| Error::msg(format!("backward of {}: {e}", node.op.name())))?;
         }

@@ -605,7 +605,8 @@ pub struct BenchArgs {
     pub device: Device,
     #[command(flatten)]
     pub kernels: KernelArgs,
-    /// Time each op at the model's shapes instead of whole steps.
+    /// Time each op at the model's shapes instead of whole steps (on the CPU, then profile whole
+    /// steps: each op's forward and backward, the gradients' zeroing and Adam, with their shares).
     #[arg(long)]
     pub ops: bool,
     /// On a GPU, launch every kernel of every step from the host instead of replaying the step

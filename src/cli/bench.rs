@@ -118,37 +118,41 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return with_backend!(sel, |be| {
             println!("ops, batch {}, {}", a.batch_size, capsnet::backend::Core::name(&be));
             let ops = capsnet::bench::op_bench(&be, &cfg, a.batch_size, a.steps)?;
-            // a whole step of the same model and batch, for each op's share of it
-            let step = train::bench(be, cfg.clone(), a.batch_size, a.steps, a.warmup.max(1), false)?;
+            // whole steps of the same model and batch, profiled: each op's share of a step
+            let (profile, step_ms) = train::profile(be, cfg.clone(), a.batch_size, a.steps, a.warmup.max(1))?;
             let other_rounds = |name: &str| {
                 name.starts_with("routing") && !name.ends_with(&format!(", {} rounds", cfg.routing_rounds))
             };
-            let mut in_step = 0.0;
             for t in &ops {
                 let share = if other_rounds(&t.name) {
                     "(not this model's rounds)".to_string()
                 } else {
-                    in_step += t.ms;
-                    format!("{:>5.1}% of a step", 100.0 * t.ms / step.median_ms)
+                    format!("{:>5.1}% of a step", 100.0 * t.ms / step_ms)
                 };
                 println!("{:<34} {:>9.3} ms {:>9.1} GFLOP/s  {share}", t.name, t.ms, t.gflops);
             }
-            let rest = step.median_ms - in_step;
             println!(
-                "{:<34} {:>9.3} ms {:>17}  {:>5.1}% of a step",
-                "the rest",
-                rest,
-                "",
-                100.0 * rest / step.median_ms
+                "\ntraining step, {} rounds: {step_ms:.3} ms, {:.1} GFLOP/s (median of {} steps; each op's time is its median)",
+                cfg.routing_rounds,
+                cfg.train_flops_per_image() * a.batch_size as f64 / step_ms / 1e6,
+                a.steps
             );
+            let mut in_ops = 0.0;
+            for t in &profile {
+                in_ops += t.ms;
+                let phase = if t.backward { "backward" } else { "forward" };
+                println!(
+                    "  {phase:<9}{:<32} {:>9.3} ms  {:>5.1}%",
+                    t.label,
+                    t.ms,
+                    100.0 * t.ms / step_ms
+                );
+            }
             println!(
-                "  (squash, losses, decoder backward, Adam, copies; negative when the ops above ran slower alone)"
-            );
-            println!(
-                "{:<34} {:>9.3} ms {:>9.1} GFLOP/s  100.0%",
-                format!("training step, {} rounds", cfg.routing_rounds),
-                step.median_ms,
-                step.gflops
+                "  {:<41} {:>9.3} ms  {:>5.1}%",
+                "between ops (reading the loss, medians)",
+                step_ms - in_ops,
+                100.0 * (step_ms - in_ops) / step_ms
             );
             Ok(())
         });

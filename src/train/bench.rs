@@ -14,7 +14,7 @@ use crate::model::{CapsNet, init_params};
 use crate::ops::Adam;
 use crate::runtime::StepRow;
 use crate::runtime::StepRuntime;
-use crate::tape::Tape;
+use crate::tape::{OpTime, Tape};
 use crate::{Error, Result};
 
 #[derive(Clone, Debug)]
@@ -47,13 +47,7 @@ pub fn bench<B: StepRuntime>(
     if batch_size == 0 || steps == 0 {
         return Err(Error::msg("bench: --batch-size and --steps must be at least 1"));
     }
-    let mut rng = StdRng::seed_from_u64(7);
-    let split = Split {
-        images: (0..batch_size * MNIST_PIXELS)
-            .map(|_| rand::RngExt::random::<u8>(&mut rng))
-            .collect(),
-        labels: (0..batch_size).map(|i| (i % cfg.classes) as u8).collect(),
-    };
+    let split = random_batch(&cfg, batch_size);
     let flops = cfg.train_flops_per_image() * batch_size as f64;
     let mut tape = Tape::new(backend);
     let model = CapsNet::new(cfg.clone(), &mut tape, &init_params(&cfg, 1))?;
@@ -110,4 +104,72 @@ pub fn bench<B: StepRuntime>(
         gflops: flops / (median_ms / 1e3) / 1e9,
         device_mib: tape.backend().device_bytes().map(|b| b as f64 / (1 << 20) as f64),
     })
+}
+
+/// Where a training step's time goes on a backend that computes as it is called (the CPU backends):
+/// `steps` steps after `warmup`, as [`bench`] runs them without a resident batch, each op's forward and
+/// backward, the gradients' zeroing and Adam timed (`Tape::set_profiling`); each row is the
+/// median over the steps of that op in that place. Returns the rows in the order they ran and the
+/// median step time (ms).
+pub fn profile<B: StepRuntime>(
+    backend: B,
+    cfg: Config,
+    batch_size: usize,
+    steps: usize,
+    warmup: usize,
+) -> Result<(Vec<OpTime>, f64)> {
+    if batch_size == 0 || steps == 0 {
+        return Err(Error::msg("bench: --batch-size and --steps must be at least 1"));
+    }
+    let split = random_batch(&cfg, batch_size);
+    let mut tape = Tape::new(backend);
+    let model = CapsNet::new(cfg.clone(), &mut tape, &init_params(&cfg, 1))?;
+    let mut adam = Adam::new(&tape, 1e-3)?;
+    let idx: Vec<usize> = (0..batch_size).collect();
+    let (x, y) = split.batch::<B::E>(&idx);
+    let (mut runs, mut totals): (Vec<Vec<OpTime>>, Vec<f64>) = (vec![], vec![]);
+    tape.set_profiling(true);
+    for s in 0..warmup + steps {
+        let t0 = Instant::now();
+        tape.reset();
+        let f = model.forward(&mut tape, &x, &y, true)?;
+        tape.backward(f.loss)?;
+        let t_adam = Instant::now();
+        adam.update(&mut tape)?;
+        scalar(&tape, f.loss)?;
+        let mut times = tape.take_profile();
+        times.push(OpTime {
+            backward: true,
+            label: "Adam".to_string(),
+            ms: t_adam.elapsed().as_secs_f64() * 1e3,
+        });
+        if s >= warmup {
+            runs.push(times);
+            totals.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let rows = runs[0]
+        .iter()
+        .enumerate()
+        .map(|(i, first)| OpTime {
+            ms: median(runs.iter().map(|r| r.get(i).map_or(0.0, |t| t.ms)).collect()),
+            ..first.clone()
+        })
+        .collect();
+    Ok((rows, median(totals)))
+}
+
+/// `batch_size` seeded random images with labels cycling through the classes.
+fn random_batch(cfg: &Config, batch_size: usize) -> Split {
+    let mut rng = StdRng::seed_from_u64(7);
+    Split {
+        images: (0..batch_size * MNIST_PIXELS)
+            .map(|_| rand::RngExt::random::<u8>(&mut rng))
+            .collect(),
+        labels: (0..batch_size).map(|i| (i % cfg.classes) as u8).collect(),
+    }
 }

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-pub use bench::{BenchReport, bench};
+pub use bench::{BenchReport, bench, profile};
 pub use evaluate::{EvalOptions, EvalReport, TestSet, check_side, eval_checkpoint, evaluate};
 pub use run_dir::{BEST, LAST, METRICS, STEPS};
 pub use schedule::{epoch_order, lr_at};

@@ -121,6 +121,10 @@ impl<B: ConvOps + DenseOps> BackwardOp<B> for Conv2dBackward {
     fn name(&self) -> &'static str {
         "conv2d"
     }
+    fn label(&self) -> String {
+        let s = &self.s;
+        format!("conv2d {}->{} {}x{}/{}", s.in_c, s.out_c, s.k, s.k, s.stride)
+    }
     fn backward(&self, ctx: &Ctx<'_, B>, g: &mut GradStore<'_, B>) -> Result<()> {
         let be = ctx.backend;
         let mut dz = be.alloc_out(self.s.y_len())?;

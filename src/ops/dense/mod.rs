@@ -79,6 +79,9 @@ impl<B: DenseOps> BackwardOp<B> for DenseBackward {
     fn name(&self) -> &'static str {
         "dense"
     }
+    fn label(&self) -> String {
+        format!("dense {}->{}", self.s.inp, self.s.out)
+    }
     fn backward(&self, ctx: &Ctx<'_, B>, g: &mut GradStore<'_, B>) -> Result<()> {
         let be = ctx.backend;
         let mut dz = be.alloc_out(self.s.rows * self.s.out)?;
