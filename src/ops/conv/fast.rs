@@ -137,40 +137,58 @@ impl ConvOps for FastCpu {
 impl FastCpu {
     /// In bf16 mode, the bf16 kernel and the patch matrix of `x` as it reads it, where whole 32-value
     /// runs of it lie contiguous in x (Cin a multiple of 32: the primary capsules' conv, not conv1).
-    fn patches<'a>(&self, s: &'a ConvShape, x: &'a [f32]) -> Option<(bf16::Bf16Gemm, Patches<'a>)> {
+    fn patches<'a>(&self, s: &ConvShape, x: &'a [f32]) -> Option<(bf16::Bf16Gemm, Patches<'a>)> {
         let kernel = self.bf16_gemm()?;
-        (s.in_c.is_multiple_of(32) && x.len() == s.x_len()).then_some((kernel, Patches { s, x }))
+        (s.in_c.is_multiple_of(32) && x.len() == s.x_len()).then(|| (kernel, Patches::new(s, x)))
     }
 }
 
-/// The im2col matrix of a batch (row (b, oy, ox), column (ky, kx, c)), read from the images.
+/// The im2col matrix of a batch (row (b, oy, ox), column (ky, kx, c)), read from the images (NHWC,
+/// Cin a multiple of 32): element (r, c) is x[row[r] + col[c / 32] + c % 32], no division per read.
 struct Patches<'a> {
-    s: &'a ConvShape,
     x: &'a [f32],
+    /// Where each row's patch starts in x: its image's and its top-left pixel's offset.
+    row: Vec<usize>,
+    /// Each run of 32 columns' offset from its row's start (one pixel's 32 channels).
+    col: Vec<usize>,
 }
 
-impl Patches<'_> {
-    /// Where element (r, c) lies in x.
-    fn offset(&self, r: usize, c: usize) -> usize {
-        let s = self.s;
+impl<'a> Patches<'a> {
+    fn new(s: &ConvShape, x: &'a [f32]) -> Patches<'a> {
         let (npix, ow) = (s.out_h() * s.out_w(), s.out_w());
-        let (b, p) = (r / npix, r % npix);
-        let (oy, ox) = (p / ow, p % ow);
-        let (kyx, ci) = (c / s.in_c, c % s.in_c);
-        let (ky, kx) = (kyx / s.k, kyx % s.k);
-        ((b * s.in_h + oy * s.stride + ky) * s.in_w + ox * s.stride + kx) * s.in_c + ci
+        let row = (0..s.rows())
+            .map(|r| {
+                let (b, p) = (r / npix, r % npix);
+                ((b * s.in_h + p / ow * s.stride) * s.in_w + p % ow * s.stride) * s.in_c
+            })
+            .collect();
+        let col = (0..s.patch_len() / 32)
+            .map(|q| {
+                let (kyx, ci) = (q * 32 / s.in_c, q * 32 % s.in_c);
+                (kyx / s.k * s.in_w + kyx % s.k) * s.in_c + ci
+            })
+            .collect();
+        Patches { x, row, col }
+    }
+
+    /// Where element (r, c) lies in x.
+    #[inline(always)]
+    fn offset(&self, r: usize, c: usize) -> usize {
+        self.row[r] + self.col[c / 32] + c % 32
     }
 }
 
-// SAFETY: x holds the whole batch (checked in `patches`), and every (r, c) inside the patch matrix
-// (r < rows, c < patch_len) lies in it; a run stays inside one pixel's channels
+// SAFETY: x holds the whole batch (checked in `patches`), every (r, c) inside the patch matrix
+// (r < rows, c < patch_len; the tables' lengths) lies in it, and a run stays inside one run of 32
+// columns, which lie contiguous (one pixel's channels)
 unsafe impl bf16::Source for Patches<'_> {
     fn at(&self, r: usize, c: usize) -> f32 {
         self.x[self.offset(r, c)]
     }
+    #[inline(always)]
     fn run(&self, r: usize, c0: usize, len: usize) -> Option<*const f32> {
         let at = self.offset(r, c0);
-        (c0 % self.s.in_c + len <= self.s.in_c).then(|| self.x[at..at + len].as_ptr())
+        (c0 % 32 + len <= 32).then(|| self.x[at..at + len].as_ptr())
     }
 }
 
