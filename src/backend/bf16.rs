@@ -12,15 +12,17 @@
 //! AMX intrinsics); the tile registers keep their values from one `asm!` block to the next, which
 //! holds because the compiler never allocates them (it cannot name them as clobbers either).
 //!
-//! The operands are packed into 1 KiB tiles, zero-padded to whole tiles: B whole before the threads
-//! start (`pack_b`); A whole too (`pack_a`) where K takes several passes, else each thread packs
-//! its rows of A as it reaches them, `MG_BLOCKS` blocks at a time, and uses them while they are in
-//! cache (the primary conv's input gradient, K = 256, and at batch 50 its weight gradient, K = 1,800).
-//! Each thread
+//! The operands are packed into 1 KiB tiles, zero-padded to whole tiles, each just before it is used
+//! where that can be done once: where B is at least four times wider than A is tall (a convolution's
+//! input and weight gradients), A whole up front and the threads split N, each packing its B tiles
+//! `NG_BLOCKS` blocks wide and using them for all of M while they are in cache; else the threads
+//! split M, B is packed whole up front and A as it is reached: each block row's pass of K where N is
+//! one group (a convolution's forward), `MG_BLOCKS` block rows at a time where K takes one pass, else
+//! whole up front. Packed buffers are kept between calls. Each thread
 //! runs 32×32 blocks of C (2×2 tiles: four accumulators, two A tiles and two B tiles, the eight
-//! registers) over K in passes of `KC_TILES` tiles, C in groups of `MG_BLOCKS`×`NG_BLOCKS`
-//! blocks. Each element of C is summed by one thread in one fixed order, so results do not depend on
-//! the thread count.
+//! registers) over K in passes of `KC_TILES` tiles. Each element of C is summed by one thread in one
+//! fixed order, so results do not depend on the thread count. A product can also go to a sink block
+//! by block (a convolution's patch gradient added into its image gradient, [`Out::Sink`]).
 //!
 //! What bounds it: a tile load per two products. On one core of the Xeon this was tuned on
 //! (`cargo bench --bench ops`), the AMX kernel runs at 1.1 TFLOP/s with its B tiles within 32 KiB,
@@ -591,26 +593,94 @@ unsafe fn block_avx512(
     }
 }
 
-/// The packed operands, kept between calls: at batch 50 the primary conv's patches, 72 MiB, and its
-/// weights, 10 MiB (about 190 MiB at batch 128).
+/// The packed operands and each thread's packing space, kept between calls (so neither is zeroed
+/// by the system again each call): at batch 50 the primary conv's weights, 10 MiB, and a few MiB per
+/// thread.
 static PACKED: Mutex<Vec<u16>> = Mutex::new(Vec::new());
 
 /// Where a GEMM's product goes.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) enum Out {
+#[derive(Clone, Copy)]
+pub(crate) enum Out<'s> {
     /// C (m×n, rows `rsc` apart) = A·B + beta·C; with beta = 0, C is not read.
     Rows { beta: f32 },
     /// C (n×m, rows `rsc` apart) += (A·B)ᵀ, each block added as it is done: a weight gradient that
     /// is computed transposed, without a buffer for the transpose.
     AddTransposed,
+    /// Each block of A·B handed to a sink as it is done (all of K in one pass): a product that is not
+    /// kept as a matrix, such as a convolution's patch gradient added into the image gradient.
+    Sink(&'s dyn BlockSink),
+}
+
+/// Takes the finished blocks of a GEMM's product ([`Out::Sink`]), from several threads at once.
+///
+/// # Safety
+/// `add` writes only memory that no one else reads or writes during the GEMM, and calls for blocks in
+/// different column groups (`n_group` blocks of 32 columns each: columns `32·n_group·g` on) or with
+/// rows in different row groups (`m_group` rows each) write disjoint parts of it: the threads split
+/// the work along these groups.
+pub(crate) unsafe trait BlockSink: Sync {
+    /// Row group size, in rows (at least 1).
+    fn m_group(&self) -> usize;
+    /// Column group size, in blocks of 32 columns (at least 1).
+    fn n_group(&self) -> usize;
+    /// Adds rows `rows` (within i0..i0+32) of the block at row i0, columns j0..j0+nj, held in `blk`
+    /// (32×32, row-major, row i0 first).
+    fn add(&self, i0: usize, rows: std::ops::Range<usize>, j0: usize, nj: usize, blk: &[f32; BLOCK * BLOCK]);
+}
+
+/// How a thread gets its A tiles.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum APack {
+    /// Packed whole before the threads start.
+    Whole,
+    /// Each `MG_BLOCKS` block rows at once, all of K (K in one pass; reused across N's groups).
+    Group,
+    /// Each block row's pass of K just before its blocks (N in one group: used once).
+    Strip,
+}
+
+/// A thread's share of C: rows (a range of whole blocks, except where a sink's row groups cut one)
+/// and a range of column blocks.
+#[derive(Clone, Debug)]
+struct Share {
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+}
+
+/// Splits 0..n into `parts` ranges at multiples of `unit` (as even as the units allow).
+fn split(n: usize, unit: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    let units = n.div_ceil(unit);
+    (0..parts)
+        .map(|p| (p * units / parts * unit).min(n)..((p + 1) * units / parts * unit).min(n))
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+/// The groups of up to `NG_BLOCKS` column blocks of `cols`, none across a multiple of `seg`.
+fn column_groups(cols: &std::ops::Range<usize>, seg: usize) -> Vec<(usize, usize)> {
+    let mut groups = vec![];
+    let mut s0 = cols.start;
+    while s0 < cols.end {
+        let s1 = ((s0 / seg + 1) * seg).min(cols.end);
+        groups.extend((s0..s1).step_by(NG_BLOCKS).map(|g| (g, (g + NG_BLOCKS).min(s1))));
+        s0 = s1;
+    }
+    groups
 }
 
 /// A (m×k) · B (k×n) into C as `out` says, on `kernel`, A and B rounded to bf16, f32 sums, both read
 /// from their sources.
 ///
+/// How the operands are packed, by shape: where B is at least four times wider than A is tall (a
+/// convolution's input and weight gradients), A is packed whole up front, the threads split N and
+/// each packs its B tiles `NG_BLOCKS` blocks wide just before using them for all of M; else the
+/// threads split M and B is packed whole up front, A as it is reached: each block row's pass of K
+/// where N is one group (a convolution's forward), `MG_BLOCKS` block rows at a time where K takes
+/// one pass, else whole up front.
+///
 /// # Safety
 /// `kernel` is supported; C holds m rows of n values (n of m for [`Out::AddTransposed`]), `rsc`
-/// apart, and aliases neither source.
+/// apart, and aliases neither source (for [`Out::Sink`], the sink's contract).
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_from(
     kernel: Bf16Gemm,
@@ -619,16 +689,17 @@ pub(crate) unsafe fn gemm_from(
     n: usize,
     a: &impl Source,
     b: &impl Source,
-    out: Out,
+    out: Out<'_>,
     c: *mut f32,
     rsc: isize,
 ) -> Result<()> {
-    if m == 0 || n == 0 || k == 0 && out == Out::AddTransposed {
+    let one_pass = !matches!(out, Out::Rows { .. });
+    if m == 0 || n == 0 || k == 0 && one_pass {
         return Ok(());
     }
-    let (beta, transposed) = match out {
-        Out::Rows { beta } => (beta, false),
-        Out::AddTransposed => (1.0, true),
+    let beta = match out {
+        Out::Rows { beta } => beta,
+        _ => 1.0,
     };
     // C's rows scaled first where beta is neither 0 nor 1 (then the tiles add onto them)
     let row = |i: usize| c.wrapping_offset(i as isize * rsc);
@@ -645,54 +716,101 @@ pub(crate) unsafe fn gemm_from(
     }
     let zero_c = beta == 0.0;
     let (mb, nb, kts) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK), k.div_ceil(TK));
-    // the threads split the blocks along M, or along N where M has too few
-    let threads = crate::par::threads().max(1);
-    let nt = if m * n * k < 1 << 22 {
+    let kc_step = if one_pass { kts } else { KC_TILES };
+    let threads = if m * n * k < 1 << 22 {
         1
     } else {
-        threads.min(mb.max(nb))
+        crate::par::threads().max(1)
     };
-    let split_m = mb >= 4 * nt || mb >= nb;
-    // B is packed whole, up front. So is A where K takes several passes or the threads split N;
-    // else each thread packs its own rows of A as it reaches them, and they are used while in
-    // cache (measured at the model's shapes: docs/BENCHMARKS.md)
-    let stream_a = kts <= KC_TILES && split_m;
-    let (b_len, a_len) = (nb * 2 * kts * TILE, if stream_a { 0 } else { mb * 2 * kts * TILE });
+    let stream_b = n >= 4 * m && nb >= threads;
+    let shares: Vec<Share> = match out {
+        Out::Sink(sink) => {
+            // column groups first, then row groups (each thread a group's rectangle)
+            let (mg, ng) = (sink.m_group().max(1), sink.n_group().max(1));
+            let cols = split(nb, ng, threads.min(nb.div_ceil(ng)));
+            let rows = split(m, mg, (threads / cols.len()).clamp(1, m.div_ceil(mg)));
+            cols.iter()
+                .flat_map(|c| {
+                    rows.iter().map(|r| Share {
+                        rows: r.clone(),
+                        cols: c.clone(),
+                    })
+                })
+                .collect()
+        }
+        _ if stream_b => split(nb, 1, threads)
+            .into_iter()
+            .map(|cols| Share { rows: 0..m, cols })
+            .collect(),
+        _ if mb >= 4 * threads || mb >= nb => split(m, BLOCK, threads.min(mb))
+            .into_iter()
+            .map(|rows| Share { rows, cols: 0..nb })
+            .collect(),
+        _ => split(nb, 1, threads.min(nb))
+            .into_iter()
+            .map(|cols| Share { rows: 0..m, cols })
+            .collect(),
+    };
+    // a sink's column groups are stepped through from their own starts, so the blocks reach each
+    // element of its output in one order whatever the thread count
+    let n_seg = match out {
+        Out::Sink(sink) => sink.n_group().max(1),
+        _ => nb,
+    };
+    let split_m = shares.iter().all(|s| s.cols == (0..nb)) && shares.len() > 1;
+    let b_panels = stream_b || matches!(out, Out::Sink(_)) && shares.iter().all(|s| s.rows == (0..m));
+    let a_pack = if !split_m && shares.len() > 1 || b_panels {
+        APack::Whole
+    } else if nb <= NG_BLOCKS {
+        APack::Strip
+    } else if kts <= KC_TILES {
+        APack::Group
+    } else {
+        APack::Whole
+    };
+    // the packed buffer: whole operands first, then each thread's own space
+    let kc_max = kc_step.min(kts);
+    let a_len = if a_pack == APack::Whole { mb * 2 * kts * TILE } else { 0 };
+    let b_len = if b_panels { 0 } else { nb * 2 * kts * TILE };
+    let own_len = match a_pack {
+        APack::Whole => 0,
+        APack::Group => MG_BLOCKS * 2 * kts * TILE,
+        APack::Strip => 2 * kc_max * TILE,
+    } + if b_panels { NG_BLOCKS * 2 * kc_max * TILE } else { 0 };
+    let total = a_len + b_len + shares.len() * own_len;
     let mut packed = PACKED.lock().unwrap_or_else(|e| e.into_inner());
-    if packed.len() < a_len + b_len {
-        let more = a_len + b_len - packed.len();
+    if packed.len() < total {
+        let more = total - packed.len();
         packed.try_reserve_exact(more).map_err(|_| {
             Error::msg(format!(
                 "out of memory: cannot allocate {} MiB for the bf16 GEMM's packed operands",
-                ((a_len + b_len) * 2) >> 20
+                (total * 2) >> 20
             ))
         })?;
-        packed.resize(a_len + b_len, 0);
+        packed.resize(total, 0);
     }
-    let (pb, pa) = packed[..a_len + b_len].split_at_mut(b_len);
-    pack_b(k, n, b, kts, pb);
-    if !stream_a {
+    let (whole, own) = packed[..total].split_at_mut(a_len + b_len);
+    let (pa, pb) = whole.split_at_mut(a_len);
+    if !b_panels {
+        pack_b(k, n, b, kts, pb);
+    }
+    if a_pack == APack::Whole {
         pack_a(m, k, a, kts, pa);
     }
-    let (pa, pb) = (Shared(pa.as_mut_ptr()), Shared(pb.as_mut_ptr()));
-    let cs = Shared(c);
-    let parts = if split_m { mb } else { nb };
-    let run = move |t: usize| {
+    let (pa, pb, cs) = (Shared(pa.as_mut_ptr()), Shared(pb.as_mut_ptr()), Shared(c));
+    let run = |share: &Share, own: &mut [u16]| {
         let (pa, pb, cs) = (pa, pb, cs);
-        let (lo, hi) = (t * parts / nt, (t + 1) * parts / nt);
-        if lo >= hi {
-            return;
-        }
-        let (m_range, n_range) = if split_m { (lo..hi, 0..nb) } else { (0..mb, lo..hi) };
-        let mut rows = if stream_a {
-            vec![0u16; MG_BLOCKS * 2 * kts * TILE]
+        let (a_own, b_own) = own.split_at_mut(own_len - if b_panels { NG_BLOCKS * 2 * kc_max * TILE } else { 0 });
+        let blocks_m = share.rows.start / BLOCK..share.rows.end.div_ceil(BLOCK);
+        let mg_step = if a_pack == APack::Group {
+            MG_BLOCKS
         } else {
-            vec![]
+            blocks_m.len()
         };
         let mut edge = [0f32; BLOCK * BLOCK];
         // SAFETY: tiles exist (the caller's contract); every block below lies inside the packed
         // buffers and inside C (edge blocks go through `edge`), and this thread writes only the C
-        // blocks of its own range
+        // blocks of its own share (a sink's groups keep shares apart: its contract)
         unsafe {
             let _tiles = (kernel == Bf16Gemm::Amx).then(|| Tiles::configure());
             let block = |ap, an, bp, bn, kn, c, ldc, load| {
@@ -702,62 +820,85 @@ pub(crate) unsafe fn gemm_from(
                     block_avx512(ap, an, bp, bn, kn, c, ldc, load)
                 }
             };
-            for mg in m_range.clone().step_by(MG_BLOCKS) {
-                let mg_end = (mg + MG_BLOCKS).min(m_range.end);
-                if stream_a {
-                    for (d, row) in rows.chunks_mut(kts * TILE).take(2 * (mg_end - mg)).enumerate() {
+            for mg in blocks_m.clone().step_by(mg_step) {
+                let mg_end = (mg + mg_step).min(blocks_m.end);
+                if a_pack == APack::Group {
+                    for (d, row) in a_own.chunks_mut(kts * TILE).take(2 * (mg_end - mg)).enumerate() {
                         for (kt, tile) in row.chunks_mut(TILE).enumerate() {
                             pack_a_tile(m, k, a, 2 * mg + d, kt, tile);
                         }
                     }
                 }
-                let a_rows = |bi: usize| {
-                    if stream_a {
-                        rows.as_ptr().add((bi - mg) * 2 * kts * TILE)
-                    } else {
-                        (pa.0 as *const u16).add(bi * 2 * kts * TILE)
-                    }
-                };
-                for ng in n_range.clone().step_by(NG_BLOCKS) {
-                    let ng_end = (ng + NG_BLOCKS).min(n_range.end);
-                    // a transposed C takes all of K in one pass: each block is added once, done
-                    let kc_step = if transposed { kts } else { KC_TILES };
+                for (ng, ng_end) in column_groups(&share.cols, n_seg) {
                     for kc in (0..kts).step_by(kc_step) {
                         let kn = kc_step.min(kts - kc);
                         let load = kc > 0 || !zero_c;
+                        if b_panels {
+                            // K outermost: the rows of a row-major B are read in order
+                            for kt in 0..kn {
+                                for nt in 0..2 * (ng_end - ng) {
+                                    let tile = &mut b_own[(nt * kn + kt) * TILE..][..TILE];
+                                    pack_b_tile(k, n, b, 2 * ng + nt, kc + kt, tile);
+                                }
+                            }
+                        }
                         for bi in mg..mg_end {
-                            let ap = a_rows(bi).add(kc * TILE);
+                            let (ap, a_next) = match a_pack {
+                                APack::Whole => ((pa.0 as *const u16).add((bi * 2 * kts + kc) * TILE), kts * TILE),
+                                APack::Group => (a_own.as_ptr().add(((bi - mg) * 2 * kts + kc) * TILE), kts * TILE),
+                                APack::Strip => {
+                                    for r in 0..2 {
+                                        for kt in 0..kn {
+                                            let tile = &mut a_own[(r * kn + kt) * TILE..][..TILE];
+                                            pack_a_tile(m, k, a, 2 * bi + r, kc + kt, tile);
+                                        }
+                                    }
+                                    (a_own.as_ptr(), kn * TILE)
+                                }
+                            };
                             for bj in ng..ng_end {
-                                let bp = pb.0.add((bj * 2 * kts + kc) * TILE);
+                                let (bp, b_next) = if b_panels {
+                                    (b_own.as_ptr().add(2 * (bj - ng) * kn * TILE), kn * TILE)
+                                } else {
+                                    ((pb.0 as *const u16).add((bj * 2 * kts + kc) * TILE), kts * TILE)
+                                };
                                 let (i0, j0) = (bi * BLOCK, bj * BLOCK);
                                 let (ni, nj) = ((m - i0).min(BLOCK), (n - j0).min(BLOCK));
-                                if transposed {
-                                    block(ap, kts * TILE, bp, kts * TILE, kn, edge.as_mut_ptr(), BLOCK * 4, false);
-                                    for j in 0..nj {
-                                        let row = cs.0.offset((j0 + j) as isize * rsc + i0 as isize);
-                                        for i in 0..ni {
-                                            *row.add(i) += edge[i * BLOCK + j];
-                                        }
+                                match out {
+                                    Out::Sink(sink) => {
+                                        block(ap, a_next, bp, b_next, kn, edge.as_mut_ptr(), BLOCK * 4, false);
+                                        let rows = i0.max(share.rows.start)..(i0 + ni).min(share.rows.end);
+                                        sink.add(i0, rows, j0, nj, &edge);
                                     }
-                                    continue;
-                                }
-                                let c0 = cs.0.offset(i0 as isize * rsc + j0 as isize);
-                                if ni == BLOCK && nj == BLOCK {
-                                    block(ap, kts * TILE, bp, kts * TILE, kn, c0, rsc as usize * 4, load);
-                                } else {
-                                    for i in 0..BLOCK {
-                                        for j in 0..BLOCK {
-                                            edge[i * BLOCK + j] = if load && i < ni && j < nj {
-                                                *c0.offset(i as isize * rsc + j as isize)
-                                            } else {
-                                                0.0
-                                            };
-                                        }
-                                    }
-                                    block(ap, kts * TILE, bp, kts * TILE, kn, edge.as_mut_ptr(), BLOCK * 4, true);
-                                    for i in 0..ni {
+                                    Out::AddTransposed => {
+                                        block(ap, a_next, bp, b_next, kn, edge.as_mut_ptr(), BLOCK * 4, false);
                                         for j in 0..nj {
-                                            *c0.offset(i as isize * rsc + j as isize) = edge[i * BLOCK + j];
+                                            let row = cs.0.offset((j0 + j) as isize * rsc + i0 as isize);
+                                            for i in 0..ni {
+                                                *row.add(i) += edge[i * BLOCK + j];
+                                            }
+                                        }
+                                    }
+                                    Out::Rows { .. } if ni == BLOCK && nj == BLOCK => {
+                                        let c0 = cs.0.offset(i0 as isize * rsc + j0 as isize);
+                                        block(ap, a_next, bp, b_next, kn, c0, rsc as usize * 4, load);
+                                    }
+                                    Out::Rows { .. } => {
+                                        let c0 = cs.0.offset(i0 as isize * rsc + j0 as isize);
+                                        for i in 0..BLOCK {
+                                            for j in 0..BLOCK {
+                                                edge[i * BLOCK + j] = if load && i < ni && j < nj {
+                                                    *c0.offset(i as isize * rsc + j as isize)
+                                                } else {
+                                                    0.0
+                                                };
+                                            }
+                                        }
+                                        block(ap, a_next, bp, b_next, kn, edge.as_mut_ptr(), BLOCK * 4, true);
+                                        for i in 0..ni {
+                                            for j in 0..nj {
+                                                *c0.offset(i as isize * rsc + j as isize) = edge[i * BLOCK + j];
+                                            }
                                         }
                                     }
                                 }
@@ -768,14 +909,19 @@ pub(crate) unsafe fn gemm_from(
             }
         }
     };
-    if nt == 1 {
-        run(0);
+    let mut owns: Vec<&mut [u16]> = if own_len == 0 {
+        shares.iter().map(|_| &mut [][..]).collect()
     } else {
+        own.chunks_mut(own_len).collect()
+    };
+    if shares.len() == 1 {
+        run(&shares[0], owns.pop().unwrap_or_default());
+    } else {
+        let run = &run;
         std::thread::scope(|sc| {
-            for t in 1..nt {
-                sc.spawn(move || run(t));
+            for (share, own) in shares.iter().zip(owns) {
+                sc.spawn(move || run(share, own));
             }
-            run(0);
         });
     }
     Ok(())
@@ -934,6 +1080,12 @@ mod tests {
             (64, 1200, 600, true, false),
             (40, 2100, 50, false, false),
             (33, 4200, 20, true, false),
+            // B far wider than A is tall: B packed by each thread for its columns
+            (40, 300, 1400, false, false),
+            (33, 260, 700, true, true),
+            // M split, A packed MG_BLOCKS block rows at a time; whole, K in several passes
+            (400, 100, 300, true, false),
+            (260, 2100, 300, false, false),
         ];
         for &(m, k, n, ta, tb) in &shapes {
             for beta in [0.0f32, 1.0, 0.5] {

@@ -120,6 +120,17 @@ pub fn conv_shapes() -> Vec<ConvShape> {
             k: 3,
             stride: 2,
         },
+        // 32 channels (one class: the bf16 input gradient's threads split by image), 49 patch rows
+        // an image (blocks of 32 rows straddle images), big enough for the GEMMs to use threads
+        ConvShape {
+            batch: 4,
+            in_h: 11,
+            in_w: 11,
+            in_c: 32,
+            out_c: 48,
+            k: 5,
+            stride: 1,
+        },
         Config::default().conv1_shape(3),
         Config::default().primary_shape(2),
     ]

@@ -62,6 +62,37 @@ impl ConvOps for FastCpu {
     fn conv2d_bwd_input(&self, s: &ConvShape, dz: &PoolBuf, w: &PoolBuf, dx: &mut PoolBuf) -> Result<()> {
         check_conv2d_bwd_input(s, dz.len(), w.len(), dx.len())?;
         let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
+        if let Some(kernel) = self.bf16_gemm()
+            && s.in_c.is_multiple_of(32)
+        {
+            // bf16: dx += dz · Wᵀ, each block of the patch gradient added onto dx as it is done (no
+            // patch gradient in memory); Wᵀ's columns in class order, so the threads split by class
+            let order = ClassOrder::new(s);
+            let wt = WeightsByClass { w, co, order };
+            let dz = Strided::new(dz, (s.rows(), co), (co, 1));
+            let sink = Col2im {
+                dx: dx.as_mut_ptr(),
+                dx_len: dx.len(),
+                at: PatchTable::new(s),
+                order,
+                npix,
+            };
+            // SAFETY: the kernel is supported (bf16 mode); the sink's writes stay in dx, which
+            // nothing else touches during the call
+            return unsafe {
+                bf16::gemm_from(
+                    kernel,
+                    s.rows(),
+                    co,
+                    kd,
+                    &dz,
+                    &wt,
+                    Out::Sink(&sink),
+                    std::ptr::null_mut(),
+                    0,
+                )
+            };
+        }
         let img = s.in_h * s.in_w * s.in_c;
         let chunk = images_per_chunk(s.batch, npix * kd);
         self.with_scratch(chunk * npix * kd, |dcol| {
@@ -143,18 +174,18 @@ impl FastCpu {
     }
 }
 
-/// The im2col matrix of a batch (row (b, oy, ox), column (ky, kx, c)), read from the images (NHWC,
-/// Cin a multiple of 32): element (r, c) is x[row[r] + col[c / 32] + c % 32], no division per read.
-struct Patches<'a> {
-    x: &'a [f32],
-    /// Where each row's patch starts in x: its image's and its top-left pixel's offset.
+/// Where the patch matrix's elements lie in a batch of NHWC images whose channels come in whole runs
+/// of 32: element (r, c), row (b, oy, ox) and column (ky, kx, ci), at `row[r] + col[c / 32] + c % 32`
+/// (no division per element).
+struct PatchTable {
+    /// Where each row's patch starts: its image's and its top-left pixel's offset.
     row: Vec<usize>,
     /// Each run of 32 columns' offset from its row's start (one pixel's 32 channels).
     col: Vec<usize>,
 }
 
-impl<'a> Patches<'a> {
-    fn new(s: &ConvShape, x: &'a [f32]) -> Patches<'a> {
+impl PatchTable {
+    fn new(s: &ConvShape) -> PatchTable {
         let (npix, ow) = (s.out_h() * s.out_w(), s.out_w());
         let row = (0..s.rows())
             .map(|r| {
@@ -168,13 +199,27 @@ impl<'a> Patches<'a> {
                 (kyx / s.k * s.in_w + kyx % s.k) * s.in_c + ci
             })
             .collect();
-        Patches { x, row, col }
+        PatchTable { row, col }
     }
 
-    /// Where element (r, c) lies in x.
     #[inline(always)]
     fn offset(&self, r: usize, c: usize) -> usize {
         self.row[r] + self.col[c / 32] + c % 32
+    }
+}
+
+/// The im2col matrix of a batch, read from the images (Cin a multiple of 32).
+struct Patches<'a> {
+    x: &'a [f32],
+    at: PatchTable,
+}
+
+impl<'a> Patches<'a> {
+    fn new(s: &ConvShape, x: &'a [f32]) -> Patches<'a> {
+        Patches {
+            x,
+            at: PatchTable::new(s),
+        }
     }
 }
 
@@ -183,12 +228,99 @@ impl<'a> Patches<'a> {
 // columns, which lie contiguous (one pixel's channels)
 unsafe impl bf16::Source for Patches<'_> {
     fn at(&self, r: usize, c: usize) -> f32 {
-        self.x[self.offset(r, c)]
+        self.x[self.at.offset(r, c)]
     }
     #[inline(always)]
     fn run(&self, r: usize, c0: usize, len: usize) -> Option<*const f32> {
-        let at = self.offset(r, c0);
+        let at = self.at.offset(r, c0);
         (c0 % 32 + len <= 32).then(|| self.x[at..at + len].as_ptr())
+    }
+}
+
+/// The patch matrix's columns in class order: column c' = 32·(class·k² + pixel) + e is column
+/// 32·(pixel·Cin/32 + class) + e of the natural order (kernel pixel (ky, kx), channel 32·class + e).
+/// Columns of different classes reach different channels of an image, so a col2im split by class
+/// needs no locks.
+#[derive(Clone, Copy)]
+struct ClassOrder {
+    pixels: usize,
+    classes: usize,
+}
+
+impl ClassOrder {
+    fn new(s: &ConvShape) -> ClassOrder {
+        ClassOrder {
+            pixels: s.k * s.k,
+            classes: s.in_c / 32,
+        }
+    }
+
+    /// The natural column of column `c` in class order.
+    #[inline(always)]
+    fn natural(self, c: usize) -> usize {
+        let (q, e) = (c / 32, c % 32);
+        ((q % self.pixels) * self.classes + q / self.pixels) * 32 + e
+    }
+}
+
+/// Wᵀ (Cout × patch length) of a conv's weights W [patch length, Cout], its columns in class order.
+struct WeightsByClass<'a> {
+    w: &'a [f32],
+    co: usize,
+    order: ClassOrder,
+}
+
+// SAFETY: w holds patch_len × co values (checked by `check_conv2d_bwd_input`); r < co and c <
+// patch_len keep every read and run inside it (a column of Wᵀ is a row of W, contiguous)
+unsafe impl bf16::Source for WeightsByClass<'_> {
+    fn at(&self, r: usize, c: usize) -> f32 {
+        self.w[self.order.natural(c) * self.co + r]
+    }
+    fn run(&self, _r: usize, _c0: usize, _len: usize) -> Option<*const f32> {
+        None
+    }
+    #[inline(always)]
+    fn col_run(&self, r0: usize, c: usize, len: usize) -> Option<*const f32> {
+        let at = self.order.natural(c) * self.co + r0;
+        Some(self.w[at..at + len].as_ptr())
+    }
+}
+
+/// col2im as a GEMM's sink: each block of the patch gradient (columns in class order) added onto the
+/// image gradient's pixels it came from, as soon as it is done.
+struct Col2im {
+    dx: *mut f32,
+    dx_len: usize,
+    at: PatchTable,
+    order: ClassOrder,
+    npix: usize,
+}
+
+// SAFETY: the threads share `dx` only through `add`, whose writes the groups keep apart (below)
+unsafe impl Sync for Col2im {}
+
+// SAFETY: dx is borrowed mutably for the GEMM (`conv2d_bwd_input`) and written only here; a block's
+// row lies in one image, and its 32 columns in one class: one row group is one image (npix rows), one
+// column group one class (k² blocks), and two writes to one element of dx come from the same image
+// and the same class
+unsafe impl bf16::BlockSink for Col2im {
+    fn m_group(&self) -> usize {
+        self.npix
+    }
+    fn n_group(&self) -> usize {
+        self.order.pixels
+    }
+    fn add(&self, i0: usize, rows: std::ops::Range<usize>, j0: usize, nj: usize, blk: &[f32; 1024]) {
+        let base = self.at.col[self.order.natural(j0) / 32];
+        for r in rows {
+            let at = self.at.row[r] + base;
+            assert!(at + nj <= self.dx_len && nj <= 32);
+            // SAFETY: inside dx (asserted); no other thread writes these values (the groups)
+            let dst = unsafe { std::slice::from_raw_parts_mut(self.dx.add(at), nj) };
+            for (d, v) in dst.iter_mut().zip(&blk[(r - i0) * 32..]) {
+                *d += v;
+            }
+        }
     }
 }
 
