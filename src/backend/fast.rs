@@ -344,6 +344,12 @@ impl Core for FastCpu {
         self.take(n, |b| b.fill(0.0))
     }
 
+    /// A pooled buffer as it was left (zeros where newly allocated): no memset before an op that
+    /// overwrites it.
+    fn alloc_out(&self, n: usize) -> Result<PoolBuf> {
+        self.take(n, |_| {})
+    }
+
     fn upload(&self, host: &[f32]) -> Result<PoolBuf> {
         self.take(host.len(), |b| b.copy_from_slice(host))
     }

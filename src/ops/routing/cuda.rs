@@ -38,7 +38,7 @@ impl RoutingOps for CudaBackend {
             block_dim: (reg::ROUTING_THREADS, 1, 1),
             shared_mem_bytes: smem,
         };
-        let RoutingSaved { c, s: ss, v: sv } = saved;
+        let RoutingSaved { c, s: ss, v: sv, .. } = saved;
         // SAFETY: routing_fwd_v1 and _v2 (uhat, v, saved_c, saved_s, saved_v, CapsParams, int rounds), one
         // block per image with the dynamic shared memory routing_kernel computes; lengths checked above.
         launch!(
@@ -146,7 +146,7 @@ impl RoutingOps for CudaBackend {
         let chunk = chunk as i32;
         let (_, smem_reduce) = reg::fused_routing_plan(reg::CAPS_ROUTE_FWD_REDUCE, &s.dims(), rounds)?;
         let mut partial = self.take::<f32>(s.batch * chunks as usize * s.out_caps * s.out_dim)?;
-        let RoutingSaved { c, s: ss, v: sv } = saved;
+        let RoutingSaved { c, s: ss, v: sv, .. } = saved;
         for r in 0..nr {
             // SAFETY: caps_route_fwd_partial(u, w, saved_c, saved_v, partial [B, chunks, J, D], CapsParams,
             // int rounds, int r, int chunk, int group) on a (chunks, groups) grid with the shared memory

@@ -24,6 +24,9 @@ pub struct RoutingSaved<Buf> {
     pub c: Buf,
     pub s: Buf,
     pub v: Buf,
+    /// The prediction vectors û, where a backend keeps them from the forward for the backward
+    /// (the fast CPU backend; the others compute them again, or never store them).
+    pub uhat: Option<Buf>,
 }
 
 /// The routing op's common preconditions: at least one round, û and the saved buffers' lengths.
@@ -47,6 +50,7 @@ pub trait RoutingOps: CapsuleOps {
             c: self.zeros(b * rounds * i * j)?,
             s: self.zeros(b * rounds * j * d)?,
             v: self.zeros(b * rounds * j * d)?,
+            uhat: None,
         })
     }
     /// Routing by agreement, all rounds: b = 0; per round c = softmax_j(b), s_j = Σ_i c_ij û_{j|i},
