@@ -228,6 +228,12 @@ impl FastCpu {
     }
 }
 
+/// `buf.fill(v)` over the threads (a gradient's zeroing is a pass over memory).
+fn par_fill(buf: &mut [f32], v: f32) {
+    const PART: usize = 1 << 14;
+    crate::par::par_blocks(buf, PART, PART, |_, b| b.fill(v));
+}
+
 /// Images per im2col chunk for `batch` images of `elems` patch values each: as few chunks as
 /// [`CHUNK_ELEMS`] allows, of equal size (a small last chunk would make an inefficient GEMM).
 pub(crate) fn images_per_chunk(batch: usize, elems: usize) -> usize {
@@ -341,7 +347,7 @@ impl Core for FastCpu {
     }
 
     fn zeros(&self, n: usize) -> Result<PoolBuf> {
-        self.take(n, |b| b.fill(0.0))
+        self.take(n, |b| par_fill(b, 0.0))
     }
 
     /// A pooled buffer as it was left (zeros where newly allocated): no memset before an op that
@@ -375,7 +381,7 @@ impl Core for FastCpu {
     }
 
     fn fill(&self, buf: &mut PoolBuf, value: f64) -> Result<()> {
-        buf.fill(value as f32);
+        par_fill(buf, value as f32);
         Ok(())
     }
 

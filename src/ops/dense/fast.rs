@@ -2,7 +2,7 @@
 
 use crate::Result;
 use crate::backend::fast::{FastCpu, PoolBuf};
-use crate::par::par_rows;
+use crate::par::{par_blocks, par_rows};
 
 use super::{
     Act, DenseOps, DenseShape, check_act_bwd, check_bias_bwd, check_dense_bwd_input, check_dense_bwd_weight,
@@ -90,16 +90,20 @@ impl DenseOps for FastCpu {
 
     fn bias_bwd(&self, rows: usize, cols: usize, dz: &PoolBuf, db: &mut PoolBuf) -> Result<()> {
         check_bias_bwd(rows, cols, dz.len(), db.len())?;
-        // f32 sums over blocks of 64 rows, the blocks summed in f64
-        let (mut total, mut part) = (vec![0f64; cols], vec![0f32; cols]);
-        for block in dz.chunks((64 * cols).max(1)) {
-            part.fill(0.0);
-            for r in block.chunks(cols.max(1)) {
-                part.iter_mut().zip(r).for_each(|(a, v)| *a += v);
+        // f32 sums over blocks of 64 rows, the blocks summed in f64; the threads split the columns
+        // (each column summed in one order whatever their number)
+        par_blocks(db, 1, rows, |c0, db| {
+            let n = db.len();
+            let (mut total, mut part) = (vec![0f64; n], vec![0f32; n]);
+            for block in dz.chunks((64 * cols).max(1)) {
+                part.fill(0.0);
+                for r in block.chunks(cols.max(1)) {
+                    part.iter_mut().zip(&r[c0..c0 + n]).for_each(|(a, v)| *a += v);
+                }
+                total.iter_mut().zip(&part).for_each(|(t, p)| *t += *p as f64);
             }
-            total.iter_mut().zip(&part).for_each(|(t, p)| *t += *p as f64);
-        }
-        db.iter_mut().zip(&total).for_each(|(o, t)| *o = (*o as f64 + t) as f32);
+            db.iter_mut().zip(&total).for_each(|(o, t)| *o = (*o as f64 + t) as f32);
+        });
         Ok(())
     }
 
