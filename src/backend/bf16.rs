@@ -603,6 +603,10 @@ static PACKED: Mutex<Vec<u16>> = Mutex::new(Vec::new());
 pub(crate) enum Out<'s> {
     /// C (m×n, rows `rsc` apart) = A·B + beta·C; with beta = 0, C is not read.
     Rows { beta: f32 },
+    /// C (m×n, rows `rsc` apart) = A·B + bias (added to every row), then max(·, 0) where `relu`,
+    /// each block finished while it is in cache; C is not read. A layer's forward in one pass over
+    /// its output.
+    Affine { bias: &'s [f32], relu: bool },
     /// C (n×m, rows `rsc` apart) += (A·B)ᵀ, each block added as it is done: a weight gradient that
     /// is computed transposed, without a buffer for the transpose.
     AddTransposed,
@@ -693,12 +697,16 @@ pub(crate) unsafe fn gemm_from(
     c: *mut f32,
     rsc: isize,
 ) -> Result<()> {
-    let one_pass = !matches!(out, Out::Rows { .. });
+    let one_pass = !matches!(out, Out::Rows { .. } | Out::Affine { .. });
+    if let Out::Affine { bias, .. } = out {
+        assert!(bias.len() >= n, "a bias of {} values for {n} columns", bias.len());
+    }
     if m == 0 || n == 0 || k == 0 && one_pass {
         return Ok(());
     }
     let beta = match out {
         Out::Rows { beta } => beta,
+        Out::Affine { .. } => 0.0,
         _ => 1.0,
     };
     // C's rows scaled first where beta is neither 0 nor 1 (then the tiles add onto them)
@@ -879,11 +887,11 @@ pub(crate) unsafe fn gemm_from(
                                             }
                                         }
                                     }
-                                    Out::Rows { .. } if ni == BLOCK && nj == BLOCK => {
+                                    Out::Rows { .. } | Out::Affine { .. } if ni == BLOCK && nj == BLOCK => {
                                         let c0 = cs.0.offset(i0 as isize * rsc + j0 as isize);
                                         block(ap, a_next, bp, b_next, kn, c0, rsc as usize * 4, load);
                                     }
-                                    Out::Rows { .. } => {
+                                    Out::Rows { .. } | Out::Affine { .. } => {
                                         let c0 = cs.0.offset(i0 as isize * rsc + j0 as isize);
                                         for i in 0..BLOCK {
                                             for j in 0..BLOCK {
@@ -899,6 +907,20 @@ pub(crate) unsafe fn gemm_from(
                                             for j in 0..nj {
                                                 *c0.offset(i as isize * rsc + j as isize) = edge[i * BLOCK + j];
                                             }
+                                        }
+                                    }
+                                }
+                                if let Out::Affine { bias, relu } = out
+                                    && kc + kn == kts
+                                {
+                                    // the block's last pass: bias and activation while it is in cache
+                                    let bias = &bias[j0..j0 + nj];
+                                    for i in 0..ni {
+                                        let row = cs.0.offset((i0 + i) as isize * rsc + j0 as isize);
+                                        let row = std::slice::from_raw_parts_mut(row, nj);
+                                        for (v, b) in row.iter_mut().zip(bias) {
+                                            let x = *v + b;
+                                            *v = if relu { x.max(0.0) } else { x };
                                         }
                                     }
                                 }
@@ -1176,6 +1198,47 @@ mod tests {
                         "{} transposed m{m} k{k} n{n} at ({j},{i}): {got} vs {exact}",
                         kernel.flag()
                     );
+                }
+            }
+            // C = A·B + bias, with and without a ReLU, over a C that starts as NaN
+            let bias: Vec<f32> = (0..n).map(|_| rand()).collect();
+            for relu in [false, true] {
+                let mut c = vec![f32::NAN; m * n];
+                // SAFETY: the kernel is supported; c holds m rows of n values
+                unsafe {
+                    gemm_from(
+                        kernel,
+                        m,
+                        k,
+                        n,
+                        &sa_,
+                        &sb_,
+                        Out::Affine { bias: &bias, relu },
+                        c.as_mut_ptr(),
+                        n as isize,
+                    )
+                    .unwrap()
+                };
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut exact, mut mag) = (bias[j] as f64, bias[j].abs() as f64);
+                        for p in 0..k {
+                            let x = r(a[i * sa.0 + p * sa.1]) * r(b[p * sb.0 + j * sb.1]);
+                            exact += x;
+                            mag += x.abs();
+                        }
+                        let bound = (k + 2) as f64 * 2f64.powi(-24) * mag;
+                        let want = if relu { exact.max(0.0) } else { exact };
+                        let got = c[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() <= bound,
+                            "{} affine (relu {relu}) m{m} k{k} n{n} at ({i},{j}): {got} vs {want}",
+                            kernel.flag()
+                        );
+                    }
+                }
+                if relu && m * n >= 64 {
+                    assert!(c.iter().any(|&v| v == 0.0), "m{m} k{k} n{n}: no value was clipped to 0");
                 }
             }
         }

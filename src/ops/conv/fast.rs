@@ -9,7 +9,7 @@ use crate::float::Precision;
 use super::im2col::{col2im_add, im2col};
 use super::{ConvOps, ConvShape, check_conv2d_bwd_input, check_conv2d_bwd_weight, check_conv2d_fwd};
 use crate::ops::dense::Act;
-use crate::ops::dense::fast::{act_in_place, affine};
+use crate::ops::dense::fast::{affine, affine_bf16};
 
 impl ConvOps for FastCpu {
     fn conv2d_fwd(
@@ -24,28 +24,8 @@ impl ConvOps for FastCpu {
         check_conv2d_fwd(s, x.len(), w.len(), b.len(), y.len())?;
         let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
         if let Some((kernel, p)) = self.patches(s, x) {
-            // bf16: the patches packed straight from x, the bias loaded into y first
-            for r in y.chunks_mut(co) {
-                r.copy_from_slice(b);
-            }
-            let w = Strided::new(w, (kd, co), (co, 1));
-            // SAFETY: the kernel is supported (bf16 mode); y holds rows×co values and aliases
-            // neither operand
-            unsafe {
-                bf16::gemm_from(
-                    kernel,
-                    s.rows(),
-                    kd,
-                    co,
-                    &p,
-                    &w,
-                    Out::Rows { beta: 1.0 },
-                    y.as_mut_ptr(),
-                    co as isize,
-                )?
-            };
-            act_in_place(act, y, co);
-            return Ok(());
+            // bf16: the patches packed straight from x
+            return affine_bf16(kernel, s.rows(), kd, co, &p, w, b, y, act);
         }
         let chunk = images_per_chunk(s.batch, npix * kd);
         self.with_scratch(chunk * npix * kd, |col| {

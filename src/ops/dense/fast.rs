@@ -1,6 +1,7 @@
 //! Dense layers, biases and activations on the fast CPU backend.
 
 use crate::Result;
+use crate::backend::bf16::{self, Bf16Gemm, Out, Source, Strided};
 use crate::backend::fast::{FastCpu, PoolBuf};
 use crate::par::{par_blocks, par_rows};
 
@@ -43,7 +44,37 @@ pub(crate) fn act_grad(act: Act, y: &[f32], dy: &[f32], dz: &mut [f32]) {
     }
 }
 
-/// y rows = bias, then y += x·w (the GEMM's epilogue is the bias it starts from), then the activation.
+/// y = act(x·w + b) (x m×k, w k×n, y m×n): in bf16, x read from its source and the bias and a ReLU
+/// added to each block of y as the GEMM finishes it (one pass over y; a sigmoid after).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn affine_bf16(
+    kernel: Bf16Gemm,
+    m: usize,
+    k: usize,
+    n: usize,
+    x: &impl Source,
+    w: &[f32],
+    b: &[f32],
+    y: &mut [f32],
+    act: Act,
+) -> Result<()> {
+    assert!(m.checked_mul(n).is_some_and(|mn| y.len() >= mn) && b.len() >= n);
+    let w = Strided::new(w, (k, n), (n, 1));
+    let out = Out::Affine {
+        bias: b,
+        relu: act == Act::Relu,
+    };
+    // SAFETY: the caller's kernel is supported (a bf16 backend's); y holds m rows of n values
+    // (asserted) and, a &mut, aliases neither operand
+    unsafe { bf16::gemm_from(kernel, m, k, n, x, &w, out, y.as_mut_ptr(), n as isize)? };
+    if act == Act::Sigmoid {
+        act_in_place(act, y, n);
+    }
+    Ok(())
+}
+
+/// y = act(x·w + b) (x m×k, w k×n, y m×n): y rows = bias, then y += x·w, then the activation; in
+/// bf16, [`affine_bf16`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn affine(
     be: &FastCpu,
@@ -56,6 +87,10 @@ pub(crate) fn affine(
     y: &mut [f32],
     act: Act,
 ) -> Result<()> {
+    if let Some(kernel) = be.bf16_gemm() {
+        let x = Strided::new(x, (m, k), (k, 1));
+        return affine_bf16(kernel, m, k, n, &x, w, b, y, act);
+    }
     for r in y.chunks_mut(n) {
         r.copy_from_slice(b);
     }
