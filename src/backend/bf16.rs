@@ -1238,7 +1238,7 @@ mod tests {
                     }
                 }
                 if relu && m * n >= 64 {
-                    assert!(c.iter().any(|&v| v == 0.0), "m{m} k{k} n{n}: no value was clipped to 0");
+                    assert!(c.contains(&0.0), "m{m} k{k} n{n}: no value was clipped to 0");
                 }
             }
         }
