@@ -39,11 +39,28 @@ fn routing_fwd_body<A: Arith>(
             softmax_row(lr, cr);
         }
         let sr = &mut ss[r * nj * d..(r + 1) * nj * d];
-        sr.fill(0.0);
-        for i in 0..ni {
-            for j in 0..nj {
-                let k = (i * nj + j) * d;
-                axpy::<A>(c[i * nj + j], &uh[k..k + d], &mut sr[j * d..(j + 1) * d]);
+        if d == 16 {
+            // each s_j summed in registers: four partial sums (i mod 4) hide the FMA's latency
+            for (j, sj) in sr.chunks_exact_mut(16).enumerate() {
+                let mut acc = [[0f32; 16]; 4];
+                for (q, (cq, uq)) in c.chunks_exact(nj).zip(uh.chunks_exact(nj * 16)).enumerate() {
+                    let u: &[f32; 16] = uq[j * 16..][..16].try_into().expect("16 values");
+                    let a = &mut acc[q % 4];
+                    for l in 0..16 {
+                        a[l] = A::fma(cq[j], u[l], a[l]);
+                    }
+                }
+                for l in 0..16 {
+                    sj[l] = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+                }
+            }
+        } else {
+            sr.fill(0.0);
+            for i in 0..ni {
+                for j in 0..nj {
+                    let k = (i * nj + j) * d;
+                    axpy::<A>(c[i * nj + j], &uh[k..k + d], &mut sr[j * d..(j + 1) * d]);
+                }
             }
         }
         let vr = &mut vs[r * nj * d..(r + 1) * nj * d];
