@@ -307,25 +307,56 @@ unsafe fn pairs16_strided(lo: *const f32, hi: *const f32, dst: *mut u32, stride:
     }
 }
 
-/// 32 contiguous f32 at `src` as 16 bf16 pairs (values 2r and 2r+1 in pair r), stored `stride` u32
-/// apart from `dst`: one column of a B tile from a transposed B.
+/// A whole B tile from 16 columns of a transposed B, each 32 contiguous f32 at `cols[j]`: each
+/// column rounded to 16 bf16 pairs in one register, then the 16 registers transposed (as 32-bit
+/// lanes) so that each is a row of the tile, stored whole (16 stores where one scatter a column
+/// made 256).
 ///
 /// # Safety
-/// AVX-512F; 32 readable f32 at `src`; 16 writable u32 `stride` apart from `dst`.
+/// AVX-512F; 32 readable f32 at each `cols[j]`; a tile's 512 writable u16 at `tile`.
 #[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn column32_strided(src: *const f32, dst: *mut u32, stride: i32) {
+unsafe fn columns16(cols: &[*const f32; TN], tile: *mut u16) {
     use std::arch::x86_64::*;
     // SAFETY: the caller's contract
     unsafe {
-        let lo = _mm512_cvtepi32_epi16(bf16x16(_mm512_loadu_ps(src)));
-        let hi = _mm512_cvtepi32_epi16(bf16x16(_mm512_loadu_ps(src.add(16))));
-        let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
-        let idx = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32(stride),
-        );
-        _mm512_i32scatter_epi32::<4>(dst as _, idx, v);
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (rj, &col) in r.iter_mut().zip(cols) {
+            let lo = _mm512_cvtepi32_epi16(bf16x16(_mm512_loadu_ps(col)));
+            let hi = _mm512_cvtepi32_epi16(bf16x16(_mm512_loadu_ps(col.add(16))));
+            // lane p: the pair (2p, 2p+1) of column j
+            *rj = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+        }
+        // 32-bit, then 64-bit interleaves within each 128-bit quarter: b[4i + c], quarter q holds
+        // lane 4q + c of registers 4i..4i+3
+        let mut a = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        let mut b = [_mm512_setzero_si512(); 16];
+        for i in 0..4 {
+            b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+            b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+            b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+            b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+        }
+        // quarters gathered across the four groups: row 4q + c is quarter q of b[c], b[4+c], b[8+c],
+        // b[12+c]
+        for c in 0..4 {
+            let t0 = _mm512_shuffle_i32x4::<0x88>(b[c], b[4 + c]);
+            let t1 = _mm512_shuffle_i32x4::<0xdd>(b[c], b[4 + c]);
+            let t2 = _mm512_shuffle_i32x4::<0x88>(b[8 + c], b[12 + c]);
+            let t3 = _mm512_shuffle_i32x4::<0xdd>(b[8 + c], b[12 + c]);
+            let rows = [
+                _mm512_shuffle_i32x4::<0x88>(t0, t2),
+                _mm512_shuffle_i32x4::<0x88>(t1, t3),
+                _mm512_shuffle_i32x4::<0xdd>(t0, t2),
+                _mm512_shuffle_i32x4::<0xdd>(t1, t3),
+            ];
+            for (q, row) in rows.iter().enumerate() {
+                _mm512_storeu_si512(tile.add((4 * q + c) * TK) as *mut __m512i, *row);
+            }
+        }
     }
 }
 
@@ -385,11 +416,9 @@ fn pack_b_tile(k: usize, n: usize, src: &impl Source, nt: usize, kt: usize, tile
             }
         }
     } else if np == TK && nj == TN && (0..TN).all(|j| src.col_run(p0, j0 + j, TK).map(|r| cols[j] = r).is_some()) {
-        for (j, &run) in cols.iter().enumerate() {
-            // SAFETY: the source has column j's 32 values contiguous; its 16 pairs land
-            // in the tile's 16 rows (u32 j of each); AVX-512F is there
-            unsafe { column32_strided(run, (tile.as_mut_ptr() as *mut u32).add(j), TN as i32) };
-        }
+        // SAFETY: the source has each column's 32 values contiguous; the tile holds TILE values;
+        // AVX-512F is there
+        unsafe { columns16(&cols, tile.as_mut_ptr()) };
     } else {
         for p in 0..np {
             for j in 0..nj {
