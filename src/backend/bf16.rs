@@ -176,8 +176,9 @@ unsafe impl<T> Sync for Shared<T> {}
 ///
 /// # Safety
 /// For every r and c below the sizes the GEMM is given with it, `at` reads inside the operand, and a
-/// pointer `run` (`col_run`) returns has `len` readable values from it, row r's from column c0 on
-/// (column c's from row r0 on), alive while the source is.
+/// pointer `run` (`col_run`, `run_bf16`) returns has `len` readable values from it, row r's from
+/// column c0 on (column c's from row r0 on), alive while the source is; `run_bf16`'s are
+/// [`bf16_bits`] of the values `at` reads there.
 pub(crate) unsafe trait Source: Sync {
     /// Element (r, c).
     fn at(&self, r: usize, c: usize) -> f32;
@@ -188,6 +189,29 @@ pub(crate) unsafe trait Source: Sync {
     fn col_run(&self, _r0: usize, _c: usize, _len: usize) -> Option<*const f32> {
         None
     }
+    /// `len` values of row r from column c0 on already rounded to bf16 (as [`bf16_bits`] rounds
+    /// them), where they lie contiguous: what the packing copies without converting.
+    fn run_bf16(&self, _r: usize, _c0: usize, _len: usize) -> Option<*const u16> {
+        None
+    }
+}
+
+/// `dst[i]` = `src[i]` rounded to bf16 as the packing rounds it (to nearest, ties to even), over the
+/// threads: an operand read many times, converted once.
+pub(crate) fn to_bf16(src: &[f32], dst: &mut [u16]) {
+    assert_eq!(src.len(), dst.len());
+    const PART: usize = 1 << 14;
+    crate::par::par_blocks(dst, PART, PART, |first, part| {
+        let src = &src[first * PART..][..part.len()];
+        let whole = part.len() / TK * TK;
+        for (d, s) in part[..whole].chunks_exact_mut(TK).zip(src.chunks_exact(TK)) {
+            // SAFETY: 32 values each side; AVX-512F is there (a bf16 GEMM's caller)
+            unsafe { row32(s.as_ptr(), d.as_mut_ptr()) };
+        }
+        for (d, s) in part[whole..].iter_mut().zip(&src[whole..]) {
+            *d = bf16_bits(*s);
+        }
+    });
 }
 
 /// A matrix in a borrowed slice, element (r, c) at `[r*rs + c*cs]`.
@@ -284,6 +308,22 @@ unsafe fn pairs16(p0: *const f32, p1: *const f32, dst: *mut u16) {
     }
 }
 
+/// As [`pairs16`], from values already in bf16.
+///
+/// # Safety
+/// AVX-512F; 16 readable u16 at `p0` and at `p1`, 32 writable u16 at `dst`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn pairs16_bf16(p0: *const u16, p1: *const u16, dst: *mut u16) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract
+    unsafe {
+        let lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p0 as *const __m256i));
+        let hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p1 as *const __m256i));
+        _mm512_storeu_si512(dst as *mut __m512i, _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi)));
+    }
+}
+
 /// 16 bf16 pairs, one per lane (the value at `lo` in the low half, at `hi` in the high), stored
 /// `stride` u32 apart from `dst`: two columns of an A tile from a transposed A.
 ///
@@ -369,7 +409,13 @@ fn pack_a_tile(m: usize, k: usize, src: &impl Source, mt: usize, kt: usize, tile
         tile.fill(0);
     }
     let (mut runs, mut cols) = ([std::ptr::null(); TM], [std::ptr::null(); TK]);
-    if np == TK && (0..ni).all(|i| src.run(i0 + i, p0, TK).map(|r| runs[i] = r).is_some()) {
+    let mut halves = [std::ptr::null(); TM];
+    if np == TK && (0..ni).all(|i| src.run_bf16(i0 + i, p0, TK).map(|r| halves[i] = r).is_some()) {
+        for (i, &run) in halves.iter().enumerate().take(ni) {
+            // SAFETY: the source has these 32 bf16 values contiguous; row i of the tile holds 32
+            unsafe { std::ptr::copy_nonoverlapping(run, tile.as_mut_ptr().add(i * TK), TK) };
+        }
+    } else if np == TK && (0..ni).all(|i| src.run(i0 + i, p0, TK).map(|r| runs[i] = r).is_some()) {
         for (i, &run) in runs.iter().enumerate().take(ni) {
             // SAFETY: the source has these 32 values contiguous; AVX-512F is there (`supported`)
             unsafe { row32(run, tile.as_mut_ptr().add(i * TK)) };
@@ -405,7 +451,13 @@ fn pack_b_tile(k: usize, n: usize, src: &impl Source, nt: usize, kt: usize, tile
         tile.fill(0);
     }
     let (mut runs, mut cols) = ([std::ptr::null(); TK], [std::ptr::null(); TN]);
-    if nj == TN && (0..np).all(|p| src.run(p0 + p, j0, TN).map(|r| runs[p] = r).is_some()) {
+    let mut halves = [std::ptr::null(); TK];
+    if nj == TN && np == TK && (0..np).all(|p| src.run_bf16(p0 + p, j0, TN).map(|r| halves[p] = r).is_some()) {
+        for r in 0..TK / 2 {
+            // SAFETY: the source has both rows' 16 bf16 values contiguous; AVX-512F is there
+            unsafe { pairs16_bf16(halves[2 * r], halves[2 * r + 1], tile.as_mut_ptr().add(r * TK)) };
+        }
+    } else if nj == TN && (0..np).all(|p| src.run(p0 + p, j0, TN).map(|r| runs[p] = r).is_some()) {
         for r in 0..np / 2 {
             // SAFETY: the source has both rows' 16 values contiguous; AVX-512F is there
             unsafe { pairs16(runs[2 * r], runs[2 * r + 1], tile.as_mut_ptr().add(r * TK)) };

@@ -24,8 +24,11 @@ impl ConvOps for FastCpu {
         check_conv2d_fwd(s, x.len(), w.len(), b.len(), y.len())?;
         let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
         if let Some((kernel, p)) = self.patches(s, x) {
-            // bf16: the patches packed straight from x
-            return affine_bf16(kernel, s.rows(), kd, co, &p, w, b, y, act);
+            // bf16: the patches packed straight from x (its bf16 copy)
+            return self.with_bf16(x, |xb| {
+                let p = Patches { xb: Some(xb), ..p };
+                affine_bf16(kernel, s.rows(), kd, co, &p, w, b, y, act)
+            })?;
         }
         let chunk = images_per_chunk(s.batch, npix * kd);
         self.with_scratch(chunk * npix * kd, |col| {
@@ -95,22 +98,24 @@ impl ConvOps for FastCpu {
             // bf16: dW += (dzᵀ · patches)ᵀ, the patches packed straight from x, each block of the
             // product added to dW as it is done
             let dzt = Strided::new(dz, (co, s.rows()), (1, co));
-            // SAFETY: the kernel is supported (bf16 mode); dw holds kd×co values and aliases
-            // neither operand
-            unsafe {
-                bf16::gemm_from(
-                    kernel,
-                    co,
-                    s.rows(),
-                    kd,
-                    &dzt,
-                    &p,
-                    Out::AddTransposed,
-                    dw.as_mut_ptr(),
-                    co as isize,
-                )?
-            };
-            return Ok(());
+            return self.with_bf16(x, |xb| {
+                let p = Patches { xb: Some(xb), ..p };
+                // SAFETY: the kernel is supported (bf16 mode); dw holds kd×co values and aliases
+                // neither operand
+                unsafe {
+                    bf16::gemm_from(
+                        kernel,
+                        co,
+                        s.rows(),
+                        kd,
+                        &dzt,
+                        &p,
+                        Out::AddTransposed,
+                        dw.as_mut_ptr(),
+                        co as isize,
+                    )
+                }
+            })?;
         }
         let chunk = images_per_chunk(s.batch, npix * kd);
         // gemm's AVX-512 kernels write a row-major [co, kd] result at 1.6x the rate they write dW's
@@ -147,6 +152,18 @@ impl ConvOps for FastCpu {
 }
 
 impl FastCpu {
+    /// Runs `f` on `x` rounded to bf16 (in the scratch buffer): a conv's input, which the patches
+    /// read about k²/stride² times, converted once.
+    fn with_bf16<R>(&self, x: &[f32], f: impl FnOnce(&[u16]) -> R) -> Result<R> {
+        self.with_scratch(x.len().div_ceil(2), |sc| {
+            // SAFETY: u16's alignment divides f32's, and the scratch's len(x)/2 f32 (rounded up)
+            // hold len(x) u16
+            let xb = unsafe { std::slice::from_raw_parts_mut(sc.as_mut_ptr() as *mut u16, x.len()) };
+            bf16::to_bf16(x, xb);
+            f(xb)
+        })
+    }
+
     /// In bf16 mode, the bf16 kernel and the patch matrix of `x` as it reads it, where whole 32-value
     /// runs of it lie contiguous in x (Cin a multiple of 32: the primary capsules' conv, not conv1).
     fn patches<'a>(&self, s: &ConvShape, x: &'a [f32]) -> Option<(bf16::Bf16Gemm, Patches<'a>)> {
@@ -189,10 +206,12 @@ impl PatchTable {
     }
 }
 
-/// The im2col matrix of a batch, read from the images (Cin a multiple of 32).
+/// The im2col matrix of a batch, read from the images (Cin a multiple of 32), and from their bf16
+/// copy where there is one.
 struct Patches<'a> {
     x: &'a [f32],
     at: PatchTable,
+    xb: Option<&'a [u16]>,
 }
 
 impl<'a> Patches<'a> {
@@ -200,6 +219,7 @@ impl<'a> Patches<'a> {
         Patches {
             x,
             at: PatchTable::new(s),
+            xb: None,
         }
     }
 }
@@ -215,6 +235,12 @@ unsafe impl bf16::Source for Patches<'_> {
     fn run(&self, r: usize, c0: usize, len: usize) -> Option<*const f32> {
         let at = self.at.offset(r, c0);
         (c0 % 32 + len <= 32).then(|| self.x[at..at + len].as_ptr())
+    }
+    #[inline(always)]
+    fn run_bf16(&self, r: usize, c0: usize, len: usize) -> Option<*const u16> {
+        let xb = self.xb?;
+        let at = self.at.offset(r, c0);
+        (c0 % 32 + len <= 32).then(|| xb[at..at + len].as_ptr())
     }
 }
 
