@@ -146,18 +146,24 @@ impl CapsuleOps for FastCpu {
     fn squash_fwd(&self, rows: usize, dim: usize, s: &PoolBuf, v: &mut PoolBuf) -> Result<()> {
         check_squash_fwd(rows, dim, s.len(), v.len())?;
         let d = dim.max(1);
-        for (vr, sr) in v.chunks_mut(d).zip(s.chunks(d)) {
-            squash_row::<Plain>(sr, vr);
-        }
+        // blocks of 64 rows over the threads
+        par_blocks(v, 64 * d, 64 * d * 4, |r0, vb| {
+            for (vr, sr) in vb.chunks_mut(d).zip(s[r0 * 64 * d..].chunks(d)) {
+                squash_row::<Plain>(sr, vr);
+            }
+        });
         Ok(())
     }
 
     fn squash_bwd(&self, rows: usize, dim: usize, s: &PoolBuf, dv: &PoolBuf, ds: &mut PoolBuf) -> Result<()> {
         check_squash_bwd(rows, dim, s.len(), dv.len(), ds.len())?;
         let d = dim.max(1);
-        for ((dsr, sr), dvr) in ds.chunks_mut(d).zip(s.chunks(d)).zip(dv.chunks(d)) {
-            squash_row_bwd::<Plain>(sr, dvr, dsr);
-        }
+        par_blocks(ds, 64 * d, 64 * d * 8, |r0, db| {
+            let (s, dv) = (&s[r0 * 64 * d..], &dv[r0 * 64 * d..]);
+            for ((dsr, sr), dvr) in db.chunks_mut(d).zip(s.chunks(d)).zip(dv.chunks(d)) {
+                squash_row_bwd::<Plain>(sr, dvr, dsr);
+            }
+        });
         Ok(())
     }
 
