@@ -24,10 +24,10 @@
 //! fixed order, so results do not depend on the thread count. A product can also go to a sink block
 //! by block (a convolution's patch gradient added into its image gradient, [`Out::Sink`]).
 //!
-//! What bounds it: a tile load per two products. On one core of the Xeon this was tuned on
-//! (`cargo bench --bench ops`), the AMX kernel runs at 1.1 TFLOP/s with its B tiles within 32 KiB,
-//! 0.71 from L2 and 0.60 from memory; the AVX512_BF16 kernel at 0.12, below the f32 GEMM's rate there
-//! (docs/BENCHMARKS.md).
+//! What bounds it: a tile load per two products (each product is issued as soon as its two tiles are
+//! loaded). On one core of the Xeon this was tuned on (`cargo bench --bench ops`), the AMX kernel runs
+//! at 1.06 TFLOP/s with its B tiles within 32 KiB, 0.73 from L2 and 0.57 from memory; the AVX512_BF16
+//! kernel at 0.12, below the f32 GEMM's rate there (docs/BENCHMARKS.md).
 //!
 //! `VDPBF16PS` adds the products of 16 bf16 pairs to 16 f32 lanes; the AVX512_BF16 kernel reads the
 //! same packed tiles (a B tile row is 16 pairs of K; an A tile row holds the pairs it broadcasts) and

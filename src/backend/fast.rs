@@ -121,7 +121,7 @@ impl FastCpu {
     }
 
     /// The precision `--device cpu` runs in unless told: bf16 where the CPU has AMX tiles (as accurate
-    /// as fp32 over the notebook's 10 epochs, and 1.4 times as fast: docs/TRAINING.md,
+    /// as fp32 over the notebook's 10 epochs, and 2.2 times as fast: docs/TRAINING.md,
     /// docs/BENCHMARKS.md), else fp32 (AVX512_BF16's GEMM is slower than the f32 one where measured),
     /// and fp32 where an f32 GEMM was named (`--cpu-gemm`).
     pub fn default_precision() -> Precision {
