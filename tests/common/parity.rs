@@ -848,17 +848,21 @@ pub fn caps_routing_at<B: Backend>(g: &B, shapes: &[CapsShape], round_counts: &[
     }
 }
 
-/// Losses of `steps` training steps on fixed random images, and the gradients of the first step.
-pub fn train_steps<B: Backend>(be: B, steps: usize) -> (Vec<f64>, Vec<Vec<f64>>) {
-    let cfg = small_config();
-    let mut rng = Lcg(5);
+/// Six random images (from `seed`) and their labels, `label(i)` for image i.
+fn fixed_batch<B: Backend>(seed: u64, label: impl Fn(u32) -> u32) -> (Vec<B::E>, Vec<u32>) {
     let batch = 6;
-    let images: Vec<B::E> = rng
+    let images = Lcg(seed)
         .vec(batch * 784, 0.0, 1.0)
         .iter()
         .map(|&x| B::E::from_f64(x as f32 as f64))
         .collect();
-    let labels: Vec<u32> = (0..batch as u32).map(|i| i % 10).collect();
+    (images, (0..batch as u32).map(label).collect())
+}
+
+/// Losses of `steps` training steps on fixed random images, and the gradients of the first step.
+pub fn train_steps<B: Backend>(be: B, steps: usize) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let cfg = small_config();
+    let (images, labels) = fixed_batch::<B>(5, |i| i % 10);
     let mut t = Tape::new(be);
     let model = CapsNet::new(cfg.clone(), &mut t, &init_params(&cfg, 3)).unwrap();
     let mut adam = Adam::new(&t, 1e-3).unwrap();
@@ -933,14 +937,7 @@ pub fn training_steps_match_rounded_reference<B: Backend>(make: impl Fn() -> B, 
 /// the same parameters does, bit for bit: nothing left over from the first step leaks into it.
 pub fn second_step_equals_a_fresh_backends<B: Backend>(make: &impl Fn() -> B) {
     let cfg = small_config();
-    let mut rng = Lcg(11);
-    let batch = 6;
-    let images: Vec<B::E> = rng
-        .vec(batch * 784, 0.0, 1.0)
-        .iter()
-        .map(|&x| B::E::from_f64(x as f32 as f64))
-        .collect();
-    let labels: Vec<u32> = (0..batch as u32).map(|i| (i * 3) % 10).collect();
+    let (images, labels) = fixed_batch::<B>(11, |i| (i * 3) % 10);
     let mut t = Tape::new(make());
     let model = CapsNet::new(cfg.clone(), &mut t, &init_params(&cfg, 3)).unwrap();
     let mut adam = Adam::new(&t, 1e-3).unwrap();
