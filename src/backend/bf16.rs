@@ -778,6 +778,32 @@ pub(crate) unsafe fn gemm_from(
     c: *mut f32,
     rsc: isize,
 ) -> Result<()> {
+    let threads = if m * n * k < 1 << 22 {
+        1
+    } else {
+        crate::par::threads().max(1)
+    };
+    // SAFETY: the caller's contract
+    unsafe { gemm_on(threads, kernel, m, k, n, a, b, out, c, rsc) }
+}
+
+/// [`gemm_from`] on `threads` threads (at most).
+///
+/// # Safety
+/// As [`gemm_from`]'s.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_on(
+    threads: usize,
+    kernel: Bf16Gemm,
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &impl Source,
+    b: &impl Source,
+    out: Out<'_>,
+    c: *mut f32,
+    rsc: isize,
+) -> Result<()> {
     let one_pass = !matches!(out, Out::Rows { .. } | Out::Affine { .. });
     if let Out::Affine { bias, .. } = out {
         assert!(bias.len() >= n, "a bias of {} values for {n} columns", bias.len());
@@ -796,8 +822,16 @@ pub(crate) unsafe fn gemm_from(
         for i in 0..m {
             // SAFETY: row i of C is in bounds (the caller's contract)
             let r = unsafe { std::slice::from_raw_parts_mut(row(i), n) };
-            r.iter_mut()
-                .for_each(|v| *v = if beta == 0.0 { 0.0 } else { *v * beta });
+            match out {
+                // an empty product: the bias, activated
+                Out::Affine { bias, relu } => r
+                    .iter_mut()
+                    .zip(bias)
+                    .for_each(|(v, b)| *v = if relu { b.max(0.0) } else { *b }),
+                _ => r
+                    .iter_mut()
+                    .for_each(|v| *v = if beta == 0.0 { 0.0 } else { *v * beta }),
+            }
         }
         if k == 0 {
             return Ok(());
@@ -806,11 +840,7 @@ pub(crate) unsafe fn gemm_from(
     let zero_c = beta == 0.0;
     let (mb, nb, kts) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK), k.div_ceil(TK));
     let kc_step = if one_pass { kts } else { KC_TILES };
-    let threads = if m * n * k < 1 << 22 {
-        1
-    } else {
-        crate::par::threads().max(1)
-    };
+    let threads = threads.max(1);
     let stream_b = n >= 4 * m && nb >= threads;
     let shares: Vec<Share> = match out {
         Out::Sink(sink) => {
@@ -848,7 +878,9 @@ pub(crate) unsafe fn gemm_from(
     };
     let split_m = shares.iter().all(|s| s.cols == (0..nb)) && shares.len() > 1;
     let b_panels = stream_b || matches!(out, Out::Sink(_)) && shares.iter().all(|s| s.rows == (0..m));
-    let a_pack = if !split_m && shares.len() > 1 || b_panels {
+    // a sink's blocks add onto shared elements: A whole, so that every thread visits its blocks
+    // column group by column group, each block row in turn, as one thread would
+    let a_pack = if !split_m && shares.len() > 1 || b_panels || matches!(out, Out::Sink(_)) {
         APack::Whole
     } else if nb <= NG_BLOCKS {
         APack::Strip
@@ -1144,6 +1176,130 @@ mod tests {
     /// and strides the model uses and sizes off the tiles, K in one pass and in several: within
     /// k·2⁻²⁴·Σ|a||b| each element (f32 sums of exact products). A kernel the CPU cannot run must be
     /// refused.
+    /// Folds each row group onto one row and each column group's blocks onto that group's 32 columns
+    /// (as col2im adds many blocks onto one pixel): the blocks of one row group and one column group
+    /// add onto the same 32 elements.
+    struct Fold {
+        out: *mut f32,
+        rows: usize,
+        groups: usize,
+        m_group: usize,
+        n_group: usize,
+    }
+    // SAFETY: written only through `add`, whose writes the groups keep apart (below)
+    unsafe impl Sync for Fold {}
+    // SAFETY: out holds rows × 32·groups values; a block's writes go to its rows and its column
+    // group's 32 columns
+    unsafe impl BlockSink for Fold {
+        fn m_group(&self) -> usize {
+            self.m_group
+        }
+        fn n_group(&self) -> usize {
+            self.n_group
+        }
+        fn add(&self, i0: usize, rows: std::ops::Range<usize>, j0: usize, nj: usize, blk: &[f32; BLOCK * BLOCK]) {
+            let g = j0 / BLOCK / self.n_group;
+            assert!(g < self.groups && rows.end <= self.rows);
+            for r in rows {
+                let o = r / self.m_group * self.groups * BLOCK + g * BLOCK;
+                for j in 0..nj {
+                    // SAFETY: inside out (asserted); no other thread writes it (the groups)
+                    unsafe { *self.out.add(o + j) += blk[(r - i0) * BLOCK + j] };
+                }
+            }
+        }
+    }
+
+    /// A sink's sums are the same, bit for bit, on 1, 2 or 3 threads: row groups of 49 rows (blocks
+    /// straddle them) and one column group of nine blocks (the threads split the rows), as a conv with
+    /// 32 channels and a 3x3 kernel gives its input gradient; then two column groups.
+    #[test]
+    fn a_sinks_sums_do_not_depend_on_the_thread_count() {
+        let kernels: Vec<Bf16Gemm> = Bf16Gemm::ALL.iter().copied().filter(|k| k.supported()).collect();
+        if kernels.is_empty() {
+            eprintln!("no bf16 kernel on this CPU: nothing to run");
+            return;
+        }
+        let mut seed = 99u64;
+        let mut rand = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        let (m, k, n) = (49 * 24, 288, 9 * BLOCK);
+        let a: Vec<f32> = (0..m * k).map(|_| rand()).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rand()).collect();
+        let (sa, sb) = (Strided::new(&a, (m, k), (k, 1)), Strided::new(&b, (k, n), (n, 1)));
+        for kernel in kernels {
+            for n_group in [9, 3] {
+                let groups = 9 / n_group;
+                let run = |threads: usize| {
+                    let mut out = vec![0f32; m / 49 * groups * BLOCK];
+                    let fold = Fold {
+                        out: out.as_mut_ptr(),
+                        rows: m,
+                        groups,
+                        m_group: 49,
+                        n_group,
+                    };
+                    // SAFETY: the kernel is supported; the sink writes only `out`
+                    unsafe {
+                        gemm_on(
+                            threads,
+                            kernel,
+                            m,
+                            k,
+                            n,
+                            &sa,
+                            &sb,
+                            Out::Sink(&fold),
+                            std::ptr::null_mut(),
+                            0,
+                        )
+                    }
+                    .unwrap();
+                    out
+                };
+                let one = run(1);
+                assert!(one.iter().any(|&v| v != 0.0));
+                for threads in [2, 3] {
+                    assert!(
+                        run(threads) == one,
+                        "{} sink, column groups of {n_group}: {threads} threads sum differently from one",
+                        kernel.flag()
+                    );
+                }
+            }
+        }
+    }
+
+    /// With K = 0 an affine output is its bias, activated.
+    #[test]
+    fn an_empty_affine_product_is_the_bias() {
+        let (a, b) = (Strided::new(&[], (2, 0), (0, 1)), Strided::new(&[], (0, 3), (3, 1)));
+        let bias = [-1.0f32, 2.0, 0.5];
+        for kernel in Bf16Gemm::ALL.iter().copied().filter(|k| k.supported()) {
+            for (relu, want) in [(false, [-1.0, 2.0, 0.5]), (true, [0.0, 2.0, 0.5])] {
+                let mut c = [f32::NAN; 6];
+                // SAFETY: the kernel is supported; c holds 2 rows of 3 values
+                unsafe {
+                    gemm_from(
+                        kernel,
+                        2,
+                        0,
+                        3,
+                        &a,
+                        &b,
+                        Out::Affine { bias: &bias, relu },
+                        c.as_mut_ptr(),
+                        3,
+                    )
+                }
+                .unwrap();
+                assert_eq!(c, [want, want].concat()[..], "{} relu {relu}", kernel.flag());
+            }
+        }
+    }
+
     #[test]
     fn bf16_gemms_match_f64_sums_of_rounded_inputs() {
         let mut ran = 0;
