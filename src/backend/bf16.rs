@@ -877,10 +877,11 @@ unsafe fn gemm_on(
         _ => nb,
     };
     let split_m = shares.iter().all(|s| s.cols == (0..nb)) && shares.len() > 1;
-    let b_panels = stream_b || matches!(out, Out::Sink(_)) && shares.iter().all(|s| s.rows == (0..m));
+    let sink = matches!(out, Out::Sink(_));
+    let b_panels = stream_b || sink && shares.iter().all(|s| s.rows == (0..m));
     // a sink's blocks add onto shared elements: A whole, so that every thread visits its blocks
     // column group by column group, each block row in turn, as one thread would
-    let a_pack = if !split_m && shares.len() > 1 || b_panels || matches!(out, Out::Sink(_)) {
+    let a_pack = if !split_m && shares.len() > 1 || b_panels || sink {
         APack::Whole
     } else if nb <= NG_BLOCKS {
         APack::Strip
@@ -893,11 +894,12 @@ unsafe fn gemm_on(
     let kc_max = kc_step.min(kts);
     let a_len = if a_pack == APack::Whole { mb * 2 * kts * TILE } else { 0 };
     let b_len = if b_panels { 0 } else { nb * 2 * kts * TILE };
-    let own_len = match a_pack {
+    let a_own_len = match a_pack {
         APack::Whole => 0,
         APack::Group => MG_BLOCKS * 2 * kts * TILE,
         APack::Strip => 2 * kc_max * TILE,
-    } + if b_panels { NG_BLOCKS * 2 * kc_max * TILE } else { 0 };
+    };
+    let own_len = a_own_len + if b_panels { NG_BLOCKS * 2 * kc_max * TILE } else { 0 };
     let total = a_len + b_len + shares.len() * own_len;
     let mut packed = PACKED.lock().unwrap_or_else(|e| e.into_inner());
     if packed.len() < total {
@@ -921,7 +923,7 @@ unsafe fn gemm_on(
     let (pa, pb, cs) = (Shared(pa.as_mut_ptr()), Shared(pb.as_mut_ptr()), Shared(c));
     let run = |share: &Share, own: &mut [u16]| {
         let (pa, pb, cs) = (pa, pb, cs);
-        let (a_own, b_own) = own.split_at_mut(own_len - if b_panels { NG_BLOCKS * 2 * kc_max * TILE } else { 0 });
+        let (a_own, b_own) = own.split_at_mut(a_own_len);
         let blocks_m = share.rows.start / BLOCK..share.rows.end.div_ceil(BLOCK);
         let mg_step = if a_pack == APack::Group {
             MG_BLOCKS
