@@ -1054,12 +1054,7 @@ unsafe fn gemm_on(
     if shares.len() == 1 {
         run(&shares[0], owns.pop().unwrap_or_default());
     } else {
-        let run = &run;
-        std::thread::scope(|sc| {
-            for (share, own) in shares.iter().zip(owns) {
-                sc.spawn(move || run(share, own));
-            }
-        });
+        crate::par::scatter(shares.iter().zip(owns).collect(), |_, (share, own)| run(share, own));
     }
     Ok(())
 }
