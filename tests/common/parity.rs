@@ -727,6 +727,15 @@ pub fn routing_1_2_3_rounds<B: Backend>(g: &B) {
             out_caps: 7,
             out_dim: 5,
         },
+        // 16-D capsules (the AVX-512 kernels' case) in 7 classes (their runs of 4, 2 and 1 classes)
+        // whose 259 (i, j) pairs end in a partial group of 16
+        CapsShape {
+            batch: 2,
+            in_caps: 37,
+            in_dim: 8,
+            out_caps: 7,
+            out_dim: 16,
+        },
     ];
     routing_at(g, &shapes, &[1, 2, 3]);
 }

@@ -9,7 +9,7 @@ use crate::backend::Core;
 use crate::ops::capsules::fast::{squash_row, squash_row_bwd};
 use crate::ops::capsules::{CapsShape, CapsuleOps};
 
-fn softmax_row(x: &[f32], out: &mut [f32]) {
+pub(super) fn softmax_row(x: &[f32], out: &mut [f32]) {
     let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let mut z = 0.0;
     for (o, v) in out.iter_mut().zip(x) {
@@ -157,6 +157,14 @@ simd_fn!(fn routing_bwd_image(
     duh: &mut [f32],
 ) => routing_bwd_body;);
 
+/// Whether the AVX-512 kernels of 16-D capsules route `s` here.
+fn avx512_usable(s: &CapsShape) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::avx512::usable(s);
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
+
 impl RoutingOps for FastCpu {
     fn routing_fwd(
         &self,
@@ -177,8 +185,14 @@ impl RoutingOps for FastCpu {
             .zip(saved.v.chunks_mut(rounds * nj * d))
             .zip(v.chunks_mut(nj * d))
             .collect();
+        let wide16 = avx512_usable(s);
         par_items(items, rounds * ni * nj * d * 2, |b, (((cs, ss), vs), vb)| {
             let uh = &uhat[b * ni * nj * d..(b + 1) * ni * nj * d];
+            #[cfg(target_arch = "x86_64")]
+            if wide16 {
+                // SAFETY: the CPU has AVX-512F (`usable`); one image's slices
+                return unsafe { super::avx512::fwd_image(s, rounds, uh, cs, ss, vs, vb) };
+            }
             routing_fwd_image(s, rounds, uh, cs, ss, vs, vb)
         });
         Ok(())
@@ -267,20 +281,20 @@ fn routing_bwd(
     check_routing(OP, s, rounds, uhat.len(), [saved.c.len(), saved.s.len(), saved.v.len()])?;
     check_routing_bwd(s, dv.len(), duhat.len())?;
     let (per_c, per_s) = (rounds * ni * nj, rounds * nj * d);
+    let wide16 = avx512_usable(s);
     par_rows(duhat, ni * nj * d, rounds * ni * nj * d * 4, |b, duh| {
+        let (uh, cs) = (&uhat[b * ni * nj * d..(b + 1) * ni * nj * d], &saved.c[b * per_c..(b + 1) * per_c]);
+        let (ss, vs) = (&saved.s[b * per_s..(b + 1) * per_s], &saved.v[b * per_s..(b + 1) * per_s]);
+        let dv = &dv[b * nj * d..(b + 1) * nj * d];
+        #[cfg(target_arch = "x86_64")]
+        if wide16 {
+            // SAFETY: the CPU has AVX-512F (`usable`); one image's slices
+            return unsafe { super::avx512::bwd_image(s, rounds, uh, cs, ss, vs, dv, duh, overwrite) };
+        }
         if overwrite {
             duh.fill(0.0);
         }
-        routing_bwd_image(
-            s,
-            rounds,
-            &uhat[b * ni * nj * d..(b + 1) * ni * nj * d],
-            &saved.c[b * per_c..(b + 1) * per_c],
-            &saved.s[b * per_s..(b + 1) * per_s],
-            &saved.v[b * per_s..(b + 1) * per_s],
-            &dv[b * nj * d..(b + 1) * nj * d],
-            duh,
-        )
+        routing_bwd_image(s, rounds, uh, cs, ss, vs, dv, duh)
     });
     Ok(())
 }

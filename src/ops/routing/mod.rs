@@ -7,6 +7,8 @@
 //! Here: [`RoutingSaved`], the [`RoutingOps`] interface with its unfused defaults, and the tape ops;
 //! the implementations beside them.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub(crate) mod cpu;
 pub(crate) mod cuda;
 pub(crate) mod fast;

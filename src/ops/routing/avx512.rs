@@ -1,0 +1,290 @@
+//! One image's routing of 16-D capsules on AVX-512: one capsule vector is one register.
+//!
+//! The weighted sums (s_j = Σ_i c_ij û_ij, and their backward twin) read û once, front to back, with
+//! the sums of a few j at a time held in registers. The agreements û_ij · v_j (and dc_ij = û_ij · ds_j)
+//! are taken sixteen (i, j) pairs at a time, in the order û lies: sixteen products reduced together,
+//! one lane each, by a transpose-and-add tree (45 instructions for 16 sums, against 8 for each
+//! horizontal sum alone).
+
+use std::arch::x86_64::*;
+
+use super::fast::softmax_row;
+use crate::backend::fast::{Fused, dot};
+use crate::ops::capsules::CapsShape;
+use crate::ops::capsules::fast::{squash_row, squash_row_bwd};
+
+/// Whether these kernels run `s` here: 16-D output capsules on a CPU with AVX-512F.
+pub(super) fn usable(s: &CapsShape) -> bool {
+    s.out_dim == 16 && std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// `acc[q] = Σ_i w[i·nj + j0 + q] · û[i, j0 + q, :]` for q < N: N of the j's sums in registers,
+/// û read front to back.
+///
+/// # Safety
+/// AVX-512F; `uh` holds ni·nj·16 values and `w` ni·nj, j0 + N ≤ nj, `out` (N·16).
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn weighted_sums<const N: usize>(ni: usize, nj: usize, j0: usize, w: &[f32], uh: &[f32], out: &mut [f32]) {
+    debug_assert!(j0 + N <= nj && w.len() >= ni * nj && uh.len() >= ni * nj * 16 && out.len() >= N * 16);
+    let mut acc = [_mm512_setzero_ps(); N];
+    let (w, u) = (w.as_ptr(), uh.as_ptr());
+    for i in 0..ni {
+        let k = i * nj + j0;
+        for (q, a) in acc.iter_mut().enumerate() {
+            // SAFETY: k + q < ni·nj (the caller's contract)
+            unsafe {
+                let c = _mm512_set1_ps(*w.add(k + q));
+                *a = _mm512_fmadd_ps(c, _mm512_loadu_ps(u.add((k + q) * 16)), *a);
+            }
+        }
+    }
+    for (q, a) in acc.iter().enumerate() {
+        // SAFETY: out holds N·16 values
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(q * 16), *a) };
+    }
+}
+
+/// `out[j·16..][..16] = Σ_i w[i·nj + j] · û[i, j, :]` for every j: [`weighted_sums`] over the j's in
+/// runs of 8, 4, 2 and 1.
+///
+/// # Safety
+/// AVX-512F; `uh` holds ni·nj·16 values, `w` ni·nj and `out` nj·16.
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn all_weighted_sums(ni: usize, nj: usize, w: &[f32], uh: &[f32], out: &mut [f32]) {
+    let mut j0 = 0;
+    while j0 < nj {
+        let o = &mut out[j0 * 16..];
+        // SAFETY: j0 + the run's length ≤ nj; the rest is the caller's contract
+        unsafe {
+            match nj - j0 {
+                8.. => weighted_sums::<8>(ni, nj, j0, w, uh, o),
+                4..=7 => weighted_sums::<4>(ni, nj, j0, w, uh, o),
+                2..=3 => weighted_sums::<2>(ni, nj, j0, w, uh, o),
+                _ => weighted_sums::<1>(ni, nj, j0, w, uh, o),
+            }
+        }
+        j0 += match nj - j0 {
+            8.. => 8,
+            4..=7 => 4,
+            2..=3 => 2,
+            _ => 1,
+        };
+    }
+}
+
+/// Lane q of the result = the sum of the 16 lanes of `p[4·(q % 4) + q / 4]`: sixteen horizontal sums
+/// at once. Load the product for lane q into that slot ([`slot`]) and lane q holds its sum.
+#[target_feature(enable = "avx512f")]
+fn reduce16(p: [__m512; 16]) -> __m512 {
+    // halves of each vector added: vectors 2a and 2a+1 share one register, 8 partial sums each
+    let mut l1 = [_mm512_setzero_ps(); 8];
+    for (a, o) in l1.iter_mut().enumerate() {
+        let (x, y) = (p[2 * a], p[2 * a + 1]);
+        *o = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(x, y), _mm512_shuffle_f32x4::<0xEE>(x, y));
+    }
+    // 4 partial sums each: block m of l2[b] holds vector 4b + m's
+    let mut l2 = [_mm512_setzero_ps(); 4];
+    for (b, o) in l2.iter_mut().enumerate() {
+        let (x, y) = (l1[2 * b], l1[2 * b + 1]);
+        *o = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(x, y), _mm512_shuffle_f32x4::<0xDD>(x, y));
+    }
+    // 2 partial sums each, interleaved within each 128-bit block
+    let mut l3 = [_mm512_setzero_ps(); 2];
+    for (c, o) in l3.iter_mut().enumerate() {
+        let (x, y) = (l2[2 * c], l2[2 * c + 1]);
+        *o = _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+    }
+    // lane 4m + t: vector m + 4t's sum
+    let (x, y) = (_mm512_castps_pd(l3[0]), _mm512_castps_pd(l3[1]));
+    _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)),
+    )
+}
+
+/// The slot of [`reduce16`]'s input whose sum lands in lane q.
+const fn slot(q: usize) -> usize {
+    4 * (q % 4) + q / 4
+}
+
+/// `out[k] += û_k · x[k % nj]` for every pair k = i·nj + j (û_k the 16 values at k·16), sixteen pairs
+/// a time through [`reduce16`], the last few one by one.
+///
+/// # Safety
+/// AVX-512F; `uh` holds n·16 values, `out` n, `x` nj·16.
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn add_agreements(nj: usize, uh: &[f32], x: &[f32], out: &mut [f32]) {
+    let n = out.len();
+    debug_assert!(uh.len() >= n * 16 && x.len() >= nj * 16);
+    let (u, xp) = (uh.as_ptr(), x.as_ptr());
+    let mut j = 0;
+    let mut k0 = 0;
+    while k0 + 16 <= n {
+        let mut p = [_mm512_setzero_ps(); 16];
+        for q in 0..16 {
+            // SAFETY: k0 + q < n and j < nj (the caller's contract)
+            unsafe {
+                p[slot(q)] = _mm512_mul_ps(_mm512_loadu_ps(u.add((k0 + q) * 16)), _mm512_loadu_ps(xp.add(j * 16)));
+            }
+            j = if j + 1 == nj { 0 } else { j + 1 };
+        }
+        let o = &mut out[k0..k0 + 16];
+        // SAFETY: o holds 16 values
+        unsafe {
+            let sums = _mm512_add_ps(_mm512_loadu_ps(o.as_ptr()), reduce16(p));
+            _mm512_storeu_ps(o.as_mut_ptr(), sums);
+        }
+        k0 += 16;
+    }
+    for k in k0..n {
+        out[k] += dot::<Fused>(&uh[k * 16..(k + 1) * 16], &x[(k % nj) * 16..][..16]);
+    }
+}
+
+/// One image's routing forward, as [`super::fast`]'s for any shape: every round's c, s and v into
+/// `cs`, `ss`, `vs`, the last v into `v`.
+///
+/// # Safety
+/// AVX-512F ([`usable`]); the slices as `routing_fwd` hands them out for one image of `s`.
+#[target_feature(enable = "avx512f,fma")]
+pub(super) unsafe fn fwd_image(
+    s: &CapsShape,
+    rounds: usize,
+    uh: &[f32],
+    cs: &mut [f32],
+    ss: &mut [f32],
+    vs: &mut [f32],
+    v: &mut [f32],
+) {
+    let (ni, nj, d) = (s.in_caps, s.out_caps, s.out_dim);
+    assert!(d == 16 && uh.len() == ni * nj * d && cs.len() == rounds * ni * nj && ss.len() == rounds * nj * d);
+    let mut logits = vec![0f32; ni * nj];
+    for r in 0..rounds {
+        let c = &mut cs[r * ni * nj..(r + 1) * ni * nj];
+        if r == 0 {
+            // the softmax of equal logits, exactly as softmax_row computes it: e⁰ / nj
+            c.fill(1.0 / nj as f32);
+        } else {
+            for (cr, lr) in c.chunks_mut(nj).zip(logits.chunks(nj)) {
+                softmax_row(lr, cr);
+            }
+        }
+        let sr = &mut ss[r * nj * d..(r + 1) * nj * d];
+        // SAFETY: AVX-512F (the caller's contract); the lengths asserted above
+        unsafe { all_weighted_sums(ni, nj, c, uh, sr) };
+        let vr = &mut vs[r * nj * d..(r + 1) * nj * d];
+        for (vj, sj) in vr.chunks_mut(d).zip(sr.chunks(d)) {
+            squash_row::<Fused>(sj, vj);
+        }
+        if r + 1 < rounds {
+            // SAFETY: as above
+            unsafe { add_agreements(nj, uh, vr, &mut logits) };
+        }
+    }
+    v.copy_from_slice(&vs[(rounds - 1) * nj * d..]);
+}
+
+/// One image's routing backward, as [`super::fast`]'s: dû += (with `fresh`, =) the gradient of the
+/// last round's v through every round.
+///
+/// # Safety
+/// AVX-512F ([`usable`]); the slices as `routing_bwd` hands them out for one image of `s`.
+#[target_feature(enable = "avx512f,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn bwd_image(
+    s: &CapsShape,
+    rounds: usize,
+    uh: &[f32],
+    cs: &[f32],
+    ss: &[f32],
+    vs: &[f32],
+    dv: &[f32],
+    duh: &mut [f32],
+    fresh: bool,
+) {
+    let (ni, nj, d) = (s.in_caps, s.out_caps, s.out_dim);
+    let n = ni * nj;
+    assert!(d == 16 && uh.len() == n * d && duh.len() == n * d && cs.len() == rounds * n);
+    assert!(ss.len() == rounds * nj * d && vs.len() == rounds * nj * d && dv.len() == nj * d);
+    // the gradient with respect to the logits b_{r+1} entering the round after this one
+    let mut db_next = vec![0f32; n];
+    let mut dc = vec![0f32; n];
+    let mut dvr = vec![0f32; nj * d];
+    let mut ds = vec![0f32; nj * d];
+    let mut fresh = fresh;
+    for r in (0..rounds).rev() {
+        let c = &cs[r * n..(r + 1) * n];
+        let sr = &ss[r * nj * d..(r + 1) * nj * d];
+        let last = r + 1 == rounds;
+        if last {
+            dvr.copy_from_slice(dv);
+        } else {
+            // b_{r+1} = b_r + û·v_r: v_r receives Σ_i db_{r+1} û
+            // SAFETY: AVX-512F (the caller's contract); the lengths asserted above
+            unsafe { all_weighted_sums(ni, nj, &db_next, uh, &mut dvr) };
+        }
+        ds.fill(0.0);
+        for ((sj, dvj), dsj) in sr.chunks(d).zip(dvr.chunks(d)).zip(ds.chunks_mut(d)) {
+            squash_row_bwd::<Fused>(sj, dvj, dsj);
+        }
+        // û receives db_{r+1} v_r (not in the last round) and c ds (s_j = Σ_i c_ij û_ij), in one pass
+        let vr = &vs[r * nj * d..(r + 1) * nj * d];
+        let (dp, dsp, vp) = (duh.as_mut_ptr(), ds.as_ptr(), vr.as_ptr());
+        for i in 0..ni {
+            for j in 0..nj {
+                let k = i * nj + j;
+                // SAFETY: k < n, j < nj: inside duh, ds and v_r (asserted lengths)
+                unsafe {
+                    let mut x = if fresh { _mm512_setzero_ps() } else { _mm512_loadu_ps(dp.add(k * 16)) };
+                    if !last {
+                        x = _mm512_fmadd_ps(_mm512_set1_ps(db_next[k]), _mm512_loadu_ps(vp.add(j * 16)), x);
+                    }
+                    x = _mm512_fmadd_ps(_mm512_set1_ps(c[k]), _mm512_loadu_ps(dsp.add(j * 16)), x);
+                    _mm512_storeu_ps(dp.add(k * 16), x);
+                }
+            }
+        }
+        fresh = false;
+        if r == 0 {
+            // b_0 is the constant 0: nothing receives its gradient
+            break;
+        }
+        dc.fill(0.0);
+        // SAFETY: as above
+        unsafe { add_agreements(nj, uh, &ds, &mut dc) };
+        // c_i = softmax(b_i): db_ij = c_ij (dc_ij − Σ_j' c_ij' dc_ij'); b_r also flows on to b_{r+1}
+        for ((ci, dci), dbi) in c.chunks(nj).zip(dc.chunks(nj)).zip(db_next.chunks_mut(nj)) {
+            let m: f32 = ci.iter().zip(dci).map(|(a, b)| a * b).sum();
+            for ((o, cv), dcv) in dbi.iter_mut().zip(ci).zip(dci) {
+                *o += cv * (dcv - m);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sixteen_sums_land_in_their_lanes() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            // the scalar path is the one in use there; this test is about the AVX-512 tree
+            assert!(!usable(&crate::config::Config::default().caps_shape(1)));
+            return;
+        }
+        // vector q holds q·1000 + its lane: its sum 16000·q + 120, unique per q
+        let vals: Vec<f32> = (0..256).map(|e| ((e / 16) * 1000 + e % 16) as f32).collect();
+        let mut out = [0f32; 16];
+        // SAFETY: AVX-512F (checked); 16 vectors of 16
+        unsafe {
+            let mut p = [_mm512_setzero_ps(); 16];
+            for q in 0..16 {
+                p[slot(q)] = _mm512_loadu_ps(vals.as_ptr().add(q * 16));
+            }
+            _mm512_storeu_ps(out.as_mut_ptr(), reduce16(p));
+        }
+        let want: Vec<f32> = (0..16).map(|q| (16000 * q + 120) as f32).collect();
+        assert_eq!(out.to_vec(), want);
+    }
+}
