@@ -232,3 +232,34 @@ fn fast_cpu_conv_weight_gradient_over_several_chunks_adds_them() {
         "a gradient of zeros proves nothing"
     );
 }
+
+/// The activation's and the bias's gradients in one pass (what the backward of a conv or dense layer
+/// calls) equal the two ops in turn, bit for bit: a partial last block of 64 rows, one column, and
+/// blocks enough to go over the threads.
+#[test]
+fn fast_cpu_activation_and_bias_gradients_in_one_pass_equal_the_two_ops() {
+    use capsnet::ops::Act;
+    use capsnet::ops::dense::DenseOps;
+    let be = FastCpu::new();
+    let mut rng = Lcg(71);
+    for (rows, cols) in [(200, 37), (64, 1), (1000, 256)] {
+        for act in [Act::None, Act::Relu, Act::Sigmoid] {
+            let n = rows * cols;
+            let (y, dy) = (
+                parity::rand(&mut rng, n, -1.0, 1.0),
+                parity::rand(&mut rng, n, -1.0, 1.0),
+            );
+            let db0 = parity::rand(&mut rng, cols, -1.0, 1.0);
+            let (y, dy) = (parity::up(&be, &y), parity::up(&be, &dy));
+            let (mut dz1, mut db1) = (parity::poisoned(&be, n), parity::up(&be, &db0));
+            be.act_bwd(act, &y, &dy, &mut dz1).unwrap();
+            be.bias_bwd(rows, cols, &dz1, &mut db1).unwrap();
+            let (mut dz2, mut db2) = (parity::poisoned(&be, n), parity::up(&be, &db0));
+            be.act_bias_bwd(act, rows, cols, &y, &dy, &mut dz2, Some(&mut db2))
+                .unwrap();
+            let bits = |b: &[f32]| b.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&dz1), bits(&dz2), "dz, {rows}x{cols}, {act:?}");
+            assert_eq!(bits(&db1), bits(&db2), "db, {rows}x{cols}, {act:?}");
+        }
+    }
+}

@@ -128,15 +128,13 @@ impl<B: ConvOps + DenseOps> BackwardOp<B> for Conv2dBackward {
     fn backward(&self, ctx: &Ctx<'_, B>, g: &mut GradStore<'_, B>) -> Result<()> {
         let be = ctx.backend;
         let mut dz = be.alloc_out(self.s.y_len())?;
-        be.act_bwd(self.act, ctx.y(), ctx.dout, &mut dz)?;
+        let db = g.get(self.b)?;
+        be.act_bias_bwd(self.act, self.s.rows(), self.s.out_c, ctx.y(), ctx.dout, &mut dz, db)?;
         if let Some(dx) = g.get(self.x)? {
             be.conv2d_bwd_input(&self.s, &dz, ctx.value(self.w), dx)?;
         }
         if let Some(dw) = g.get(self.w)? {
             be.conv2d_bwd_weight(&self.s, ctx.value(self.x), &dz, dw)?;
-        }
-        if let Some(db) = g.get(self.b)? {
-            be.bias_bwd(self.s.rows(), self.s.out_c, &dz, db)?;
         }
         Ok(())
     }

@@ -3,7 +3,7 @@
 use crate::Result;
 use crate::backend::bf16::{self, Bf16Gemm, Out, Source, Strided};
 use crate::backend::fast::{FastCpu, PoolBuf};
-use crate::par::{par_blocks, par_rows};
+use crate::par::{par_blocks, par_items, par_rows};
 
 use super::{
     Act, DenseOps, DenseShape, check_act_bwd, check_bias_bwd, check_dense_bwd_input, check_dense_bwd_weight,
@@ -139,6 +139,40 @@ impl DenseOps for FastCpu {
             }
             db.iter_mut().zip(&total).for_each(|(o, t)| *o = (*o as f64 + t) as f32);
         });
+        Ok(())
+    }
+
+    /// In one pass: each block of 64 rows of dz written, then summed (as `bias_bwd` sums it) while
+    /// in cache; the blocks' sums added up in f64 in block order, so db is `bias_bwd`'s to the bit.
+    fn act_bias_bwd(
+        &self,
+        act: Act,
+        rows: usize,
+        cols: usize,
+        y: &PoolBuf,
+        dy: &PoolBuf,
+        dz: &mut PoolBuf,
+        db: Option<&mut PoolBuf>,
+    ) -> Result<()> {
+        let Some(db) = db.filter(|_| rows > 0 && cols > 0) else {
+            return self.act_bwd(act, y, dy, dz);
+        };
+        check_act_bwd(y.len(), dy.len(), dz.len())?;
+        check_bias_bwd(rows, cols, dz.len(), db.len())?;
+        let block = 64 * cols;
+        let mut parts = vec![0f32; rows.div_ceil(64) * cols];
+        let items: Vec<_> = dz.chunks_mut(block).zip(parts.chunks_mut(cols)).collect();
+        par_items(items, block, |b, (dzb, part)| {
+            let at = b * block;
+            act_grad(act, &y[at..at + dzb.len()], &dy[at..at + dzb.len()], dzb);
+            for r in dzb.chunks(cols) {
+                part.iter_mut().zip(r).for_each(|(a, v)| *a += v);
+            }
+        });
+        for (c, o) in db.iter_mut().enumerate() {
+            let total = parts.chunks(cols).fold(0f64, |t, p| t + p[c] as f64);
+            *o = (*o as f64 + total) as f32;
+        }
         Ok(())
     }
 

@@ -49,6 +49,25 @@ pub trait DenseOps: Core {
     fn bias_bwd(&self, rows: usize, cols: usize, dz: &Self::Buf, db: &mut Self::Buf) -> Result<()>;
     /// dz = dy · act'(y), from the activation's output y. Overwrites dz (a temporary).
     fn act_bwd(&self, act: Act, y: &Self::Buf, dy: &Self::Buf, dz: &mut Self::Buf) -> Result<()>;
+    /// [`DenseOps::act_bwd`] over `rows` rows of `cols` columns, then, where `db` is given,
+    /// [`DenseOps::bias_bwd`] of the dz it wrote: a backend may do both in one pass over dz.
+    #[allow(clippy::too_many_arguments)]
+    fn act_bias_bwd(
+        &self,
+        act: Act,
+        rows: usize,
+        cols: usize,
+        y: &Self::Buf,
+        dy: &Self::Buf,
+        dz: &mut Self::Buf,
+        db: Option<&mut Self::Buf>,
+    ) -> Result<()> {
+        self.act_bwd(act, y, dy, dz)?;
+        match db {
+            Some(db) => self.bias_bwd(rows, cols, dz, db),
+            None => Ok(()),
+        }
+    }
 }
 
 pub fn dense<B: DenseOps>(t: &mut Tape<B>, x: Var, w: Var, b: Var, act: Act) -> Result<Var> {
@@ -85,15 +104,13 @@ impl<B: DenseOps> BackwardOp<B> for DenseBackward {
     fn backward(&self, ctx: &Ctx<'_, B>, g: &mut GradStore<'_, B>) -> Result<()> {
         let be = ctx.backend;
         let mut dz = be.alloc_out(self.s.rows * self.s.out)?;
-        be.act_bwd(self.act, ctx.y(), ctx.dout, &mut dz)?;
+        let db = g.get(self.b)?;
+        be.act_bias_bwd(self.act, self.s.rows, self.s.out, ctx.y(), ctx.dout, &mut dz, db)?;
         if let Some(dx) = g.get(self.x)? {
             be.dense_bwd_input(&self.s, &dz, ctx.value(self.w), dx)?;
         }
         if let Some(dw) = g.get(self.w)? {
             be.dense_bwd_weight(&self.s, ctx.value(self.x), &dz, dw)?;
-        }
-        if let Some(db) = g.get(self.b)? {
-            be.bias_bwd(self.s.rows, self.s.out, &dz, db)?;
         }
         Ok(())
     }

@@ -235,7 +235,11 @@ pub(super) unsafe fn bwd_image(
                 let k = i * nj + j;
                 // SAFETY: k < n, j < nj: inside duh, ds and v_r (asserted lengths)
                 unsafe {
-                    let mut x = if fresh { _mm512_setzero_ps() } else { _mm512_loadu_ps(dp.add(k * 16)) };
+                    let mut x = if fresh {
+                        _mm512_setzero_ps()
+                    } else {
+                        _mm512_loadu_ps(dp.add(k * 16))
+                    };
                     if !last {
                         x = _mm512_fmadd_ps(_mm512_set1_ps(db_next[k]), _mm512_loadu_ps(vp.add(j * 16)), x);
                     }

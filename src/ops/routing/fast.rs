@@ -283,8 +283,14 @@ fn routing_bwd(
     let (per_c, per_s) = (rounds * ni * nj, rounds * nj * d);
     let wide16 = avx512_usable(s);
     par_rows(duhat, ni * nj * d, rounds * ni * nj * d * 4, |b, duh| {
-        let (uh, cs) = (&uhat[b * ni * nj * d..(b + 1) * ni * nj * d], &saved.c[b * per_c..(b + 1) * per_c]);
-        let (ss, vs) = (&saved.s[b * per_s..(b + 1) * per_s], &saved.v[b * per_s..(b + 1) * per_s]);
+        let (uh, cs) = (
+            &uhat[b * ni * nj * d..(b + 1) * ni * nj * d],
+            &saved.c[b * per_c..(b + 1) * per_c],
+        );
+        let (ss, vs) = (
+            &saved.s[b * per_s..(b + 1) * per_s],
+            &saved.v[b * per_s..(b + 1) * per_s],
+        );
         let dv = &dv[b * nj * d..(b + 1) * nj * d];
         #[cfg(target_arch = "x86_64")]
         if wide16 {
