@@ -8,10 +8,13 @@
 //!   (TensorFlow's HWIO), dense kernels [in, out], capsule weights W [I, J, Dout, Din].
 //! - Accumulation rule: a function that writes the gradient of a tape variable (every `d*`
 //!   argument of a `*_bwd_*` function) ADDS to it; the tape zeroes gradients once per backward pass.
-//!   The only exception is `DenseOps::act_bwd`, which writes a temporary and overwrites it.
+//!   The only exception is `DenseOps::act_bwd` (and `act_bias_bwd`'s dz), which writes a temporary
+//!   and overwrites it.
 //! - Scalars such as losses live in one-element buffers, so that a device backend never needs a
 //!   host round trip inside a step; the incoming gradient of a loss (`dloss`) is such a buffer too.
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512;
 pub mod bf16;
 pub mod cpu;
 pub mod fast;

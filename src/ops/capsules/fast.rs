@@ -142,6 +142,70 @@ fn predict_bwd_weight_body<A: Arith>(s: &CapsShape, i: usize, dwi: &mut [f32], u
 }
 simd_fn!(fn predict_bwd_weight_row(s: &CapsShape, i: usize, dwi: &mut [f32], u: &[f32], duhat: &[f32]) => predict_bwd_weight_body;);
 
+/// Wᵀ[i, t, jk] = W[i, jk, t] into `wt`: each input dimension's row of a capsule's weights
+/// contiguous.
+pub(crate) fn transpose_weights(s: &CapsShape, w: &[f32], wt: &mut [f32]) {
+    let (din, njd) = (s.in_dim, s.out_caps * s.out_dim);
+    let wide16 = avx512_usable(s);
+    par_rows(wt, din * njd, din * njd, |i, wti| {
+        let wi = &w[i * njd * din..(i + 1) * njd * din];
+        #[cfg(target_arch = "x86_64")]
+        if wide16 {
+            // SAFETY: the CPU has AVX-512F (`usable`); 16·J rows of 8
+            return unsafe { super::avx512::transpose_capsule(njd, wi, wti) };
+        }
+        for jk in 0..njd {
+            for t in 0..din {
+                wti[t * njd + jk] = wi[jk * din + t];
+            }
+        }
+    });
+}
+
+impl FastCpu {
+    /// [`CapsuleOps::predict_fwd`] from the weights transposed ([`transpose_weights`]).
+    pub(crate) fn predict_fwd_transposed(&self, s: &CapsShape, u: &[f32], wt: &[f32], uhat: &mut [f32]) {
+        let (ni, din, njd) = (s.in_caps, s.in_dim, s.out_caps * s.out_dim);
+        let wide16 = avx512_usable(s);
+        par_blocks(uhat, ni * njd, ni * njd * din, |b0, block| {
+            #[cfg(target_arch = "x86_64")]
+            if wide16 {
+                // SAFETY: the CPU has AVX-512F and s its shape (`usable`); whole images
+                return unsafe { super::avx512::predict_fwd_block(s, b0, block, u, wt) };
+            }
+            predict_fwd_block(s, b0, block, u, wt)
+        });
+    }
+
+    /// [`CapsuleOps::predict_bwd_input`] from the weights transposed, where the AVX-512 kernels run
+    /// `s` (false: not done, the caller's to do from W).
+    pub(crate) fn predict_bwd_input_transposed(
+        &self,
+        s: &CapsShape,
+        duhat: &[f32],
+        wt: &[f32],
+        du: &mut [f32],
+    ) -> bool {
+        if !avx512_usable(s) {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        par_blocks(du, s.in_caps * s.in_dim, s.w_len(), |b0, block| {
+            // SAFETY: the CPU has AVX-512F and s its shape (`usable`); whole images
+            unsafe { super::avx512::predict_bwd_input_block(s, b0, block, duhat, wt) }
+        });
+        true
+    }
+}
+
+/// Whether the AVX-512 kernels of 8-D into 16-D capsules run `s` here.
+fn avx512_usable(s: &CapsShape) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::avx512::usable(s);
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
+
 impl CapsuleOps for FastCpu {
     fn squash_fwd(&self, rows: usize, dim: usize, s: &PoolBuf, v: &mut PoolBuf) -> Result<()> {
         check_squash_fwd(rows, dim, s.len(), v.len())?;
@@ -169,27 +233,21 @@ impl CapsuleOps for FastCpu {
 
     fn predict_fwd(&self, s: &CapsShape, u: &PoolBuf, w: &PoolBuf, uhat: &mut PoolBuf) -> Result<()> {
         check_predict_fwd(s, u.len(), w.len(), uhat.len())?;
-        let (ni, din, njd) = (s.in_caps, s.in_dim, s.out_caps * s.out_dim);
         self.with_scratch(w.len(), |wt| {
-            // Wᵀ[i, t, jk] = W[i, jk, t]: each input dimension's row of weights is contiguous
-            par_rows(wt, din * njd, din * njd, |i, wti| {
-                for jk in 0..njd {
-                    for t in 0..din {
-                        wti[t * njd + jk] = w[(i * njd + jk) * din + t];
-                    }
-                }
-            });
-            let wt = &*wt;
-            par_blocks(uhat, ni * njd, ni * njd * din, |b0, block| {
-                predict_fwd_block(s, b0, block, u, wt)
-            });
+            transpose_weights(s, w, wt);
+            self.predict_fwd_transposed(s, u, wt, uhat)
         })
     }
 
     fn predict_bwd_input(&self, s: &CapsShape, duhat: &PoolBuf, w: &PoolBuf, du: &mut PoolBuf) -> Result<()> {
         check_predict_bwd_input(s, duhat.len(), w.len(), du.len())?;
-        let work = s.w_len();
-        par_blocks(du, s.in_caps * s.in_dim, work, |b0, block| {
+        if avx512_usable(s) {
+            return self.with_scratch(w.len(), |wt| {
+                transpose_weights(s, w, wt);
+                self.predict_bwd_input_transposed(s, duhat, wt, du);
+            });
+        }
+        par_blocks(du, s.in_caps * s.in_dim, s.w_len(), |b0, block| {
             predict_bwd_input_block(s, b0, block, duhat, w)
         });
         Ok(())

@@ -9,6 +9,8 @@
 //! Here: [`CapsShape`], [`NORM_EPS`], the [`CapsuleOps`] interface and the tape ops; the implementations
 //! beside them.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub(crate) mod cpu;
 pub(crate) mod cuda;
 pub(crate) mod fast;

@@ -6,8 +6,8 @@ use crate::par::{par_items, par_rows};
 
 use super::{RoutingOps, RoutingSaved, check_routing, check_routing_bwd, check_routing_fwd};
 use crate::backend::Core;
-use crate::ops::capsules::fast::{squash_row, squash_row_bwd};
-use crate::ops::capsules::{CapsShape, CapsuleOps};
+use crate::ops::capsules::fast::{squash_row, squash_row_bwd, transpose_weights};
+use crate::ops::capsules::{CapsShape, CapsuleOps, check_predict_bwd_input, check_predict_fwd};
 
 pub(super) fn softmax_row(x: &[f32], out: &mut [f32]) {
     let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -158,7 +158,7 @@ simd_fn!(fn routing_bwd_image(
 ) => routing_bwd_body;);
 
 /// Whether the AVX-512 kernels of 16-D capsules route `s` here.
-fn avx512_usable(s: &CapsShape) -> bool {
+pub(crate) fn avx512_usable(s: &CapsShape) -> bool {
     #[cfg(target_arch = "x86_64")]
     return super::avx512::usable(s);
     #[cfg(not(target_arch = "x86_64"))]
@@ -221,10 +221,14 @@ impl RoutingOps for FastCpu {
         v: &mut PoolBuf,
         saved: &mut RoutingSaved<PoolBuf>,
     ) -> Result<()> {
+        check_predict_fwd(s, u.len(), w.len(), s.uhat_len())?;
         let mut uhat = self.alloc_out(s.uhat_len())?;
-        self.predict_fwd(s, u, w, &mut uhat)?;
+        let mut wt = self.alloc_out(w.len())?;
+        transpose_weights(s, w, &mut wt);
+        self.predict_fwd_transposed(s, u, &wt, &mut uhat);
         self.routing_fwd(s, rounds, &uhat, v, saved)?;
         saved.uhat = Some(uhat);
+        saved.wt = Some(wt);
         Ok(())
     }
 
@@ -257,7 +261,16 @@ impl RoutingOps for FastCpu {
         let mut duhat = self.alloc_out(s.uhat_len())?;
         routing_bwd(s, rounds, uhat, saved, dv, &mut duhat, true)?;
         if let Some(du) = du {
-            self.predict_bwd_input(s, &duhat, w, du)?;
+            let done = match &saved.wt {
+                Some(wt) if wt.len() == w.len() => {
+                    check_predict_bwd_input(s, duhat.len(), w.len(), du.len())?;
+                    self.predict_bwd_input_transposed(s, &duhat, wt, du)
+                }
+                _ => false,
+            };
+            if !done {
+                self.predict_bwd_input(s, &duhat, w, du)?;
+            }
         }
         if let Some(dw) = dw {
             self.predict_bwd_weight(s, u, &duhat, dw)?;

@@ -29,6 +29,9 @@ pub struct RoutingSaved<Buf> {
     /// The prediction vectors û, where a backend keeps them from the forward for the backward
     /// (the fast CPU backend; the others compute them again, or never store them).
     pub uhat: Option<Buf>,
+    /// The capsule weights transposed (each input dimension's weights of a capsule contiguous), where
+    /// a backend keeps them from the forward for the backward (the fast CPU backend).
+    pub wt: Option<Buf>,
 }
 
 /// The routing op's common preconditions: at least one round, û and the saved buffers' lengths.
@@ -53,6 +56,7 @@ pub trait RoutingOps: CapsuleOps {
             s: self.zeros(b * rounds * j * d)?,
             v: self.zeros(b * rounds * j * d)?,
             uhat: None,
+            wt: None,
         })
     }
     /// Routing by agreement, all rounds: b = 0; per round c = softmax_j(b), s_j = Σ_i c_ij û_{j|i},

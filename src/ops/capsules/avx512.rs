@@ -1,0 +1,139 @@
+//! Prediction vectors û = W·u of 8-D capsules into 16-D ones on AVX-512: one output capsule per
+//! register, from the transposed weights Wᵀ[i, t, (j, d)] (each input dimension's 16·J weights of a
+//! capsule contiguous).
+
+use std::arch::x86_64::*;
+
+use super::CapsShape;
+use crate::backend::avx512::{reduce16, slot};
+
+/// Whether these kernels run `s` here: 8-D capsules into 16-D ones, on a CPU with AVX-512F.
+pub(super) fn usable(s: &CapsShape) -> bool {
+    s.in_dim == 8 && s.out_dim == 16 && std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// Wᵀ[t, jd] = W[jd, t] for one capsule's weights W [16·J, 8]: sixteen jd at a time, by gathers.
+///
+/// # Safety
+/// AVX-512F; `wi` and `wti` hold 8·njd values, njd a multiple of 16.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn transpose_capsule(njd: usize, wi: &[f32], wti: &mut [f32]) {
+    assert!(njd.is_multiple_of(16) && wi.len() >= 8 * njd && wti.len() >= 8 * njd);
+    let rows = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
+    for jd0 in (0..njd).step_by(16) {
+        for t in 0..8 {
+            // SAFETY: the 16 reads W[jd0 + r, t] and the 16 writes lie inside the asserted lengths
+            unsafe {
+                let v = _mm512_i32gather_ps::<4>(rows, wi.as_ptr().add(jd0 * 8 + t));
+                _mm512_storeu_ps(wti.as_mut_ptr().add(t * njd + jd0), v);
+            }
+        }
+    }
+}
+
+/// `out[q·16..][..16] = Σ_t u[t] · wt[t·njd + (j0 + q)·16..][..16]` for q < N, the sum over t in
+/// order (as the portable loop sums it).
+///
+/// # Safety
+/// AVX-512F; `u` holds 8 values, `wt` 8·njd, `out` N·16; (j0 + N)·16 ≤ njd.
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+unsafe fn predict_run<const N: usize>(u: &[f32], wt: &[f32], njd: usize, j0: usize, out: &mut [f32]) {
+    debug_assert!(u.len() >= 8 && wt.len() >= 8 * njd && out.len() >= N * 16 && (j0 + N) * 16 <= njd);
+    let mut acc = [_mm512_setzero_ps(); N];
+    for (t, &x) in u.iter().take(8).enumerate() {
+        let x = _mm512_set1_ps(x);
+        for (q, a) in acc.iter_mut().enumerate() {
+            // SAFETY: t·njd + (j0 + q)·16 + 16 ≤ 8·njd (the caller's contract)
+            *a = _mm512_fmadd_ps(
+                x,
+                unsafe { _mm512_loadu_ps(wt.as_ptr().add(t * njd + (j0 + q) * 16)) },
+                *a,
+            );
+        }
+    }
+    for (q, a) in acc.iter().enumerate() {
+        // SAFETY: out holds N·16 values
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(q * 16), *a) };
+    }
+}
+
+/// û for a block of images (as the portable `predict_fwd_block`): capsule i outer, so that its 5 KiB
+/// of Wᵀ stay in L1 across the images (64 capsules at a time over each image, their Wᵀ in L2, was
+/// slower); the output capsules in runs of 8, 4, 2 and 1 held in registers.
+///
+/// # Safety
+/// AVX-512F ([`usable`] for `s`); `block` holds whole images' û from image b0 on, `u` and `wt` all of
+/// theirs.
+#[target_feature(enable = "avx512f,fma")]
+pub(super) unsafe fn predict_fwd_block(s: &CapsShape, b0: usize, block: &mut [f32], u: &[f32], wt: &[f32]) {
+    let (ni, nj) = (s.in_caps, s.out_caps);
+    let njd = nj * 16;
+    let nb = block.len() / (ni * njd);
+    assert!(s.in_dim == 8 && s.out_dim == 16 && wt.len() >= ni * 8 * njd && u.len() >= (b0 + nb) * ni * 8);
+    for i in 0..ni {
+        let wti = &wt[i * 8 * njd..(i + 1) * 8 * njd];
+        for bl in 0..nb {
+            let ui = &u[((b0 + bl) * ni + i) * 8..][..8];
+            let out = &mut block[(bl * ni + i) * njd..(bl * ni + i + 1) * njd];
+            let mut j0 = 0;
+            while j0 < nj {
+                let o = &mut out[j0 * 16..];
+                // SAFETY: each run ends by nj; the lengths asserted above
+                j0 += unsafe {
+                    match nj - j0 {
+                        8.. => (predict_run::<8>(ui, wti, njd, j0, o), 8).1,
+                        4..=7 => (predict_run::<4>(ui, wti, njd, j0, o), 4).1,
+                        2..=3 => (predict_run::<2>(ui, wti, njd, j0, o), 2).1,
+                        _ => (predict_run::<1>(ui, wti, njd, j0, o), 1).1,
+                    }
+                };
+            }
+        }
+    }
+}
+
+/// du[b,i,:] += Σ_jd dû[b,i,jd] · W[i,jd,:] for a block of images (as the portable
+/// `predict_bwd_input_block`): for each capsule i and two images at a time, the 16 dot products of
+/// length 16·J (8 input dimensions × 2 images) summed in registers and reduced together.
+///
+/// # Safety
+/// AVX-512F ([`usable`] for `s`); `block` holds whole images' du from image b0 on, `duhat` and `wt`
+/// all of theirs.
+#[target_feature(enable = "avx512f,fma")]
+pub(super) unsafe fn predict_bwd_input_block(s: &CapsShape, b0: usize, block: &mut [f32], duhat: &[f32], wt: &[f32]) {
+    let (ni, nj) = (s.in_caps, s.out_caps);
+    let njd = nj * 16;
+    let nb = block.len() / (ni * 8);
+    assert!(s.in_dim == 8 && s.out_dim == 16 && wt.len() >= ni * 8 * njd && duhat.len() >= (b0 + nb) * ni * njd);
+    for i in 0..ni {
+        let wt = wt[i * 8 * njd..(i + 1) * 8 * njd].as_ptr();
+        for bl in (0..nb).step_by(2) {
+            let mut p = [_mm512_setzero_ps(); 16];
+            for img in 0..2.min(nb - bl) {
+                let g = duhat[((b0 + bl + img) * ni + i) * njd..][..njd].as_ptr();
+                for t in 0..8 {
+                    let mut acc = _mm512_setzero_ps();
+                    for c in 0..nj {
+                        // SAFETY: c·16 + 16 ≤ njd and t·njd + c·16 + 16 ≤ 8·njd: inside g and Wᵀ[i]
+                        unsafe {
+                            acc = _mm512_fmadd_ps(
+                                _mm512_loadu_ps(g.add(c * 16)),
+                                _mm512_loadu_ps(wt.add(t * njd + c * 16)),
+                                acc,
+                            );
+                        }
+                    }
+                    p[slot(img * 8 + t)] = acc;
+                }
+            }
+            let mut sums = [0f32; 16];
+            // SAFETY: 16 values
+            unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), reduce16(p)) };
+            for img in 0..2.min(nb - bl) {
+                let du = &mut block[((bl + img) * ni + i) * 8..][..8];
+                du.iter_mut().zip(&sums[img * 8..]).for_each(|(d, v)| *d += v);
+            }
+        }
+    }
+}
