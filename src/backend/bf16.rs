@@ -674,6 +674,13 @@ unsafe fn block_avx512(
     }
 }
 
+/// Bytes in a cache line: where the packed tiles and the C blocks the kernel loads and stores start.
+const LINE: usize = 64;
+
+/// A C block in the kernel's layout, on its own cache lines.
+#[repr(C, align(64))]
+struct EdgeBlock([f32; BLOCK * BLOCK]);
+
 /// The packed operands and each thread's packing space, kept between calls (so neither is zeroed
 /// by the system again each call): at batch 50 the primary conv's weights, 10 MiB, and a few MiB per
 /// thread.
@@ -878,6 +885,8 @@ unsafe fn gemm_on(
     };
     let split_m = shares.iter().all(|s| s.cols == (0..nb)) && shares.len() > 1;
     let sink = matches!(out, Out::Sink(_));
+    // each thread packs its own B columns just before using them (in cache, never written whole)
+    // wherever every thread spans all of M
     let b_panels = stream_b || sink && shares.iter().all(|s| s.rows == (0..m));
     // a sink's blocks add onto shared elements: A whole, so that every thread visits its blocks
     // column group by column group, each block row in turn, as one thread would
@@ -902,17 +911,27 @@ unsafe fn gemm_on(
     let own_len = a_own_len + if b_panels { NG_BLOCKS * 2 * kc_max * TILE } else { 0 };
     let total = a_len + b_len + shares.len() * own_len;
     let mut packed = PACKED.lock().unwrap_or_else(|e| e.into_inner());
-    if packed.len() < total {
-        let more = total - packed.len();
+    // room to start on a cache line: a tile row that straddles two lines costs two of the loads the
+    // kernel waits on (the GEMMs ran a third slower with the space 48 bytes past a line)
+    let room = total + LINE / 2;
+    if packed.len() < room {
+        let more = room - packed.len();
         packed.try_reserve_exact(more).map_err(|_| {
             Error::msg(format!(
                 "out of memory: cannot allocate {} MiB for the bf16 GEMM's packed operands",
-                (total * 2) >> 20
+                (room * 2) >> 20
             ))
         })?;
-        packed.resize(total, 0);
+        packed.resize(room, 0);
     }
-    let (whole, own) = packed[..total].split_at_mut(a_len + b_len);
+    let start = packed.as_ptr().align_offset(LINE);
+    assert!(start + total <= packed.len(), "u16 storage is 2-byte aligned");
+    let (whole, own) = packed[start..start + total].split_at_mut(a_len + b_len);
+    assert_eq!(
+        whole.as_ptr() as usize % LINE,
+        0,
+        "the packed tiles start on a cache line"
+    );
     let (pa, pb) = whole.split_at_mut(a_len);
     if !b_panels {
         pack_b(k, n, b, kts, pb);
@@ -930,7 +949,8 @@ unsafe fn gemm_on(
         } else {
             blocks_m.len()
         };
-        let mut edge = [0f32; BLOCK * BLOCK];
+        let mut edge = EdgeBlock([0f32; BLOCK * BLOCK]);
+        let edge = &mut edge.0;
         // SAFETY: tiles exist (the caller's contract); every block below lies inside the packed
         // buffers and inside C (edge blocks go through `edge`), and this thread writes only the C
         // blocks of its own share (a sink's groups keep shares apart: its contract)
