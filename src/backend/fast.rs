@@ -47,7 +47,7 @@ pub struct FastCpu {
 /// Freed buffers by length.
 #[derive(Debug, Default)]
 pub(crate) struct Shelves {
-    free: HashMap<usize, Vec<Vec<f32>>>,
+    free: HashMap<usize, Vec<Lined>>,
     /// Bytes held in `free`, at most [`POOL_BYTES`].
     bytes: usize,
     /// Buffers allocated (not taken from the pool) so far.
@@ -57,23 +57,53 @@ pub(crate) struct Shelves {
 /// The most freed memory the pool keeps; a buffer freed beyond it goes back to the allocator.
 pub(crate) const POOL_BYTES: usize = 1 << 30;
 
-/// A tensor of the fast CPU backend: f32 values that go back to the backend's pool when dropped.
+/// `len` f32 values that start on a cache line: the AMX kernel loads and stores 64-byte rows of its
+/// outputs (and the conv gradients add 32-value runs), each of which would straddle two lines
+/// otherwise (the allocator's large blocks start 16 bytes past a page).
+#[derive(Debug, Default)]
+struct Lined {
+    v: Vec<f32>,
+    start: usize,
+    len: usize,
+}
+
+impl Lined {
+    /// `n` zeros on a cache line.
+    fn zeros(n: usize) -> Result<Lined> {
+        let v: Vec<f32> = alloc_zeros(n + LINE_F32 - 1)?;
+        let start = v.as_ptr().align_offset(LINE_F32 * 4);
+        assert!(start < LINE_F32, "f32 storage is 4-byte aligned");
+        Ok(Lined { v, start, len: n })
+    }
+    fn get(&self) -> &[f32] {
+        &self.v[self.start..self.start + self.len]
+    }
+    fn get_mut(&mut self) -> &mut [f32] {
+        &mut self.v[self.start..self.start + self.len]
+    }
+}
+
+/// f32 values in a cache line.
+const LINE_F32: usize = 16;
+
+/// A tensor of the fast CPU backend: f32 values, starting on a cache line, that go back to the
+/// backend's pool when dropped.
 #[derive(Debug)]
 pub struct PoolBuf {
-    data: Vec<f32>,
+    data: Lined,
     pool: Arc<Mutex<Shelves>>,
 }
 
 impl Deref for PoolBuf {
     type Target = [f32];
     fn deref(&self) -> &[f32] {
-        &self.data
+        self.data.get()
     }
 }
 
 impl DerefMut for PoolBuf {
     fn deref_mut(&mut self) -> &mut [f32] {
-        &mut self.data
+        self.data.get_mut()
     }
 }
 
@@ -81,20 +111,20 @@ impl<'a> IntoIterator for &'a PoolBuf {
     type Item = &'a f32;
     type IntoIter = std::slice::Iter<'a, f32>;
     fn into_iter(self) -> Self::IntoIter {
-        self.data.iter()
+        self.data.get().iter()
     }
 }
 
 impl Drop for PoolBuf {
     fn drop(&mut self) {
         let data = std::mem::take(&mut self.data);
-        let bytes = data.len() * 4;
+        let bytes = data.len * 4;
         if let Ok(mut p) = self.pool.lock()
             && bytes > 0
             && p.bytes + bytes <= POOL_BYTES
         {
             p.bytes += bytes;
-            p.free.entry(data.len()).or_default().push(data);
+            p.free.entry(data.len).or_default().push(data);
         }
     }
 }
@@ -201,7 +231,7 @@ impl FastCpu {
         };
         let data = match reused {
             Some(v) => v,
-            None => alloc_zeros(n)?,
+            None => Lined::zeros(n)?,
         };
         let mut b = PoolBuf {
             data,
@@ -211,20 +241,25 @@ impl FastCpu {
         Ok(b)
     }
 
-    /// Runs `f` on the first `n` values of the scratch buffer (old contents, not zeros).
+    /// Runs `f` on `n` values of the scratch buffer from its first cache line on (old contents, not
+    /// zeros).
     pub(crate) fn with_scratch<R>(&self, n: usize, f: impl FnOnce(&mut [f32]) -> R) -> Result<R> {
         let mut s = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        if s.len() < n {
-            let more = n - s.len();
+        // from a cache line on (the bf16 patches are copied from it in 64-byte runs)
+        let room = n + LINE_F32 - 1;
+        if s.len() < room {
+            let more = room - s.len();
             s.try_reserve_exact(more).map_err(|_| {
                 Error::msg(format!(
                     "out of memory: cannot allocate {} MiB of scratch",
                     (n * 4) >> 20
                 ))
             })?;
-            s.resize(n, 0.0);
+            s.resize(room, 0.0);
         }
-        Ok(f(&mut s[..n]))
+        let start = s.as_ptr().align_offset(LINE_F32 * 4);
+        assert!(start < LINE_F32, "f32 storage is 4-byte aligned");
+        Ok(f(&mut s[start..start + n]))
     }
 }
 
@@ -398,5 +433,29 @@ impl Core for FastCpu {
             *o = x + y;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensors_and_scratch_start_on_a_cache_line() {
+        let be = FastCpu::new();
+        for n in [1, 3, 17, 1000, 1 << 20] {
+            let a = be.take(n, |_| {}).unwrap();
+            assert_eq!(a.as_ptr() as usize % 64, 0, "a new tensor of {n} values");
+            assert_eq!(a.len(), n);
+            assert!(a.iter().all(|&v| v == 0.0), "a new tensor of {n} values is zeros");
+            drop(a);
+            let b = be.take(n, |_| {}).unwrap();
+            assert_eq!(b.as_ptr() as usize % 64, 0, "a pooled tensor of {n} values");
+            be.with_scratch(n, |s| {
+                assert_eq!(s.as_ptr() as usize % 64, 0, "scratch of {n} values");
+                assert_eq!(s.len(), n);
+            })
+            .unwrap();
+        }
     }
 }
