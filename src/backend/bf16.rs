@@ -1011,7 +1011,7 @@ unsafe fn gemm_on(
                                     Out::Sink(sink) => {
                                         block(ap, a_next, bp, b_next, kn, edge.as_mut_ptr(), BLOCK * 4, false);
                                         let rows = i0.max(share.rows.start)..(i0 + ni).min(share.rows.end);
-                                        sink.add(i0, rows, j0, nj, &edge);
+                                        sink.add(i0, rows, j0, nj, edge);
                                     }
                                     Out::AddTransposed => {
                                         block(ap, a_next, bp, b_next, kn, edge.as_mut_ptr(), BLOCK * 4, false);
