@@ -1092,9 +1092,15 @@ pub fn kernel_rate(kernel: Bf16Gemm, b_kib: usize) -> f64 {
     let kn = 16;
     let blocks = (b_kib * 1024 / (2 * kn * TILE * 2)).max(1);
     // bf16 ones: the sums stay finite however long it runs
-    let a = vec![0x3f80u16; 2 * kn * TILE];
-    let b = vec![0x3f80u16; blocks * 2 * kn * TILE];
-    let mut c = vec![0f32; BLOCK * BLOCK];
+    // on cache lines, as the GEMM's packed tiles and C blocks are
+    let (a0, b0) = (
+        vec![0x3f80u16; 2 * kn * TILE + LINE / 2],
+        vec![0x3f80u16; blocks * 2 * kn * TILE + LINE / 2],
+    );
+    let a = &a0[a0.as_ptr().align_offset(LINE)..];
+    let b = &b0[b0.as_ptr().align_offset(LINE)..];
+    let mut c = EdgeBlock([0f32; BLOCK * BLOCK]);
+    let c = &mut c.0;
     let flops_per_block = (2 * BLOCK * BLOCK * kn * TK) as f64;
     let (mut done, start) = (0usize, std::time::Instant::now());
     // SAFETY: the kernel is supported (asserted); every tile read lies in a and b, the block in c

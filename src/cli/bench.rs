@@ -191,6 +191,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Selected::Cpu(be) => be.precision(),
         _ => Precision::Fp32,
     };
+    // the GEMM peak of this machine in the step's precision, measured in the same run
+    let peak = match &sel {
+        Selected::Cpu(be) => Some(be.gemm_peak()?),
+        _ => None,
+    };
     let (backend_name, r) = with_backend!(sel, |be| {
         let name = capsnet::backend::Core::name(&be);
         println!("backend: {name}");
@@ -213,6 +218,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(mib) = r.device_mib {
         println!("device memory held: {mib:.0} MiB");
     }
+    if let Some((gflops, n)) = peak {
+        println!(
+            "GEMM peak here ({} GEMM, {n}x{n}x{n}, the same threads): {gflops:.1} GFLOP/s; the step runs at {:.0}% of it",
+            precision.name(),
+            100.0 * r.gflops / gflops
+        );
+    }
     let mut peer_json = None;
     if let (Some(script), Some(device)) = (&a.peer, peer_device) {
         peer_json = Some(run_peers(script, device, &cfg, &a, r.images_per_s)?);
@@ -225,6 +237,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 "batch": r.batch_size, "steps": r.steps, "graph": r.graph, "resident": r.resident,
                 "median_ms": r.median_ms, "images_per_s": r.images_per_s, "gflops": r.gflops,
                 "device_mib": r.device_mib, "peer": peer_json,
+                "gemm_peak_gflops": peak.map(|p| p.0), "gemm_peak_n": peak.map(|p| p.1),
             })
         );
     }
