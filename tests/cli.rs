@@ -1244,6 +1244,19 @@ fn bench_ops_lists_every_kernel_version_and_version_flags_are_checked() {
         if k.supported() {
             assert!(o.status.success(), "{}", stderr(&o));
             assert!(stdout(&o).contains(k.describe()), "{}", stdout(&o));
+            // the GEMM peak in the step's precision, measured in the same run, and the step's share
+            let out = stdout(&o);
+            let line = out
+                .lines()
+                .find(|l| l.starts_with("GEMM peak here (bf16 GEMM, 2048x2048x2048"))
+                .unwrap_or_else(|| panic!("no bf16 GEMM peak in\n{out}"));
+            let gflops: f64 = line
+                .split("): ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no figure in {line:?}"));
+            assert!(gflops > 0.0 && line.ends_with("% of it"), "{line}");
         } else {
             assert_clean_error(&o, &["CAPSNET_BF16_GEMM", k.flag(), "cannot run"]);
         }
