@@ -347,6 +347,64 @@ unsafe fn pairs16_strided(lo: *const f32, hi: *const f32, dst: *mut u32, stride:
     }
 }
 
+/// The 16×16 transpose of 32-bit lanes: lane j of row p out is lane p of `r[j]`. 32-bit, then
+/// 64-bit interleaves within each 128-bit quarter, then the quarters gathered across registers.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+    // b[4i + c], quarter q holds lane 4q + c of registers 4i..4i+3
+    let mut a = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    let mut b = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+        b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+    }
+    // row 4q + c is quarter q of b[c], b[4+c], b[8+c], b[12+c]
+    let mut out = [_mm512_setzero_si512(); 16];
+    for c in 0..4 {
+        let t0 = _mm512_shuffle_i32x4::<0x88>(b[c], b[4 + c]);
+        let t1 = _mm512_shuffle_i32x4::<0xdd>(b[c], b[4 + c]);
+        let t2 = _mm512_shuffle_i32x4::<0x88>(b[8 + c], b[12 + c]);
+        let t3 = _mm512_shuffle_i32x4::<0xdd>(b[8 + c], b[12 + c]);
+        out[c] = _mm512_shuffle_i32x4::<0x88>(t0, t2);
+        out[4 + c] = _mm512_shuffle_i32x4::<0x88>(t1, t3);
+        out[8 + c] = _mm512_shuffle_i32x4::<0xdd>(t0, t2);
+        out[12 + c] = _mm512_shuffle_i32x4::<0xdd>(t1, t3);
+    }
+    out
+}
+
+/// `dst[j·ld + i] += blk[i·BLOCK + j]` for i, j < 32: a whole C block added to a transposed C, a 16×16
+/// quarter at a time through [`transpose16`] (each row of the transposed C then one contiguous add).
+///
+/// # Safety
+/// AVX-512F; 32 rows of 32 writable f32 `ld` apart from `dst`.
+#[target_feature(enable = "avx512f")]
+unsafe fn add_block_transposed(blk: &[f32; BLOCK * BLOCK], dst: *mut f32, ld: usize) {
+    use std::arch::x86_64::*;
+    for (i0, j0) in [(0, 0), (0, 16), (16, 0), (16, 16)] {
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (i, ri) in r.iter_mut().enumerate() {
+            // SAFETY: inside the block
+            *ri = unsafe { _mm512_loadu_si512(blk.as_ptr().add((i0 + i) * BLOCK + j0) as *const __m512i) };
+        }
+        for (j, col) in transpose16(r).iter().enumerate() {
+            // SAFETY: row j0 + j of the transposed C, values i0..i0+16 (the caller's contract)
+            unsafe {
+                let d = dst.add((j0 + j) * ld + i0);
+                _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), _mm512_castsi512_ps(*col)));
+            }
+        }
+    }
+}
+
 /// A whole B tile from 16 columns of a transposed B, each 32 contiguous f32 at `cols[j]`: each
 /// column rounded to 16 bf16 pairs in one register, then the 16 registers transposed (as 32-bit
 /// lanes) so that each is a row of the tile, stored whole (16 stores where one scatter a column
@@ -366,36 +424,9 @@ unsafe fn columns16(cols: &[*const f32; TN], tile: *mut u16) {
             // lane p: the pair (2p, 2p+1) of column j
             *rj = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
         }
-        // 32-bit, then 64-bit interleaves within each 128-bit quarter: b[4i + c], quarter q holds
-        // lane 4q + c of registers 4i..4i+3
-        let mut a = [_mm512_setzero_si512(); 16];
-        for i in 0..8 {
-            a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-            a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-        }
-        let mut b = [_mm512_setzero_si512(); 16];
-        for i in 0..4 {
-            b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
-            b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
-            b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
-            b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
-        }
-        // quarters gathered across the four groups: row 4q + c is quarter q of b[c], b[4+c], b[8+c],
-        // b[12+c]
-        for c in 0..4 {
-            let t0 = _mm512_shuffle_i32x4::<0x88>(b[c], b[4 + c]);
-            let t1 = _mm512_shuffle_i32x4::<0xdd>(b[c], b[4 + c]);
-            let t2 = _mm512_shuffle_i32x4::<0x88>(b[8 + c], b[12 + c]);
-            let t3 = _mm512_shuffle_i32x4::<0xdd>(b[8 + c], b[12 + c]);
-            let rows = [
-                _mm512_shuffle_i32x4::<0x88>(t0, t2),
-                _mm512_shuffle_i32x4::<0x88>(t1, t3),
-                _mm512_shuffle_i32x4::<0xdd>(t0, t2),
-                _mm512_shuffle_i32x4::<0xdd>(t1, t3),
-            ];
-            for (q, row) in rows.iter().enumerate() {
-                _mm512_storeu_si512(tile.add((4 * q + c) * TK) as *mut __m512i, *row);
-            }
+        let rows = transpose16(r);
+        for (p, row) in rows.iter().enumerate() {
+            _mm512_storeu_si512(tile.add(p * TK) as *mut __m512i, *row);
         }
     }
 }
@@ -1015,10 +1046,15 @@ unsafe fn gemm_on(
                                     }
                                     Out::AddTransposed => {
                                         block(ap, a_next, bp, b_next, kn, edge.as_mut_ptr(), BLOCK * 4, false);
-                                        for j in 0..nj {
-                                            let row = cs.0.offset((j0 + j) as isize * rsc + i0 as isize);
-                                            for i in 0..ni {
-                                                *row.add(i) += edge[i * BLOCK + j];
+                                        if ni == BLOCK && nj == BLOCK {
+                                            let c0 = cs.0.offset(j0 as isize * rsc + i0 as isize);
+                                            add_block_transposed(edge, c0, rsc as usize);
+                                        } else {
+                                            for j in 0..nj {
+                                                let row = cs.0.offset((j0 + j) as isize * rsc + i0 as isize);
+                                                for i in 0..ni {
+                                                    *row.add(i) += edge[i * BLOCK + j];
+                                                }
                                             }
                                         }
                                     }
