@@ -263,3 +263,12 @@ fn fast_cpu_activation_and_bias_gradients_in_one_pass_equal_the_two_ops() {
         }
     }
 }
+
+/// Prediction vectors and routing as one op (`caps_routing_fwd`/`_bwd`, the model's path: û and the
+/// transposed weights kept from the forward, both gradients of the prediction in one pass over dû on
+/// AVX-512) against the reference, at the parity suite's shapes (the model's at an odd batch, and
+/// shapes the AVX-512 kernels leave to the portable loops).
+#[test]
+fn fast_cpu_fused_prediction_and_routing_match_reference() {
+    parity::caps_routing_at(&FastCpu::new(), &parity::caps_routing_shapes(), &[1, 2, 3]);
+}

@@ -137,3 +137,114 @@ pub(super) unsafe fn predict_bwd_input_block(s: &CapsShape, b0: usize, block: &m
         }
     }
 }
+
+/// Both gradients of the prediction from one pass over dû, for the capsules whose rows of dW `dw`
+/// holds (from capsule i0 on): for each capsule, first du[b,i,:] += Σ_jd dû[b,i,jd] · W[i,jd,:] for
+/// every image (as [`predict_bwd_input_block`] sums it), then, with that capsule's dû rows of all the
+/// images still in cache, dW[i,jd,t] += Σ_b dû[b,i,jd] · u[b,i,t] (the sum over the images in order,
+/// in registers, then added to dW once, as the portable `predict_bwd_weight_row` sums it).
+///
+/// # Safety
+/// AVX-512F ([`usable`] for `s`); `dw` holds whole capsules' rows (8·16·J each); `du` points to
+/// du [B, I, 8], whose rows of these capsules no one else touches during the call; `dwt` holds 8·16·J
+/// values.
+#[target_feature(enable = "avx512f,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn predict_bwd_capsules(
+    s: &CapsShape,
+    i0: usize,
+    dw: &mut [f32],
+    duhat: &[f32],
+    wt: &[f32],
+    u: &[f32],
+    du: *mut f32,
+    dwt: &mut [f32],
+) {
+    let (ni, nj, nb) = (s.in_caps, s.out_caps, s.batch);
+    let njd = nj * 16;
+    let row = 8 * njd;
+    assert!(s.in_dim == 8 && s.out_dim == 16 && dw.len().is_multiple_of(row) && dwt.len() >= row);
+    assert!(
+        i0 + dw.len() / row <= ni && wt.len() >= ni * row && duhat.len() >= nb * ni * njd && u.len() >= nb * ni * 8
+    );
+    // dWᵀ[t, jd] back to dW[jd, t]: lanes 0..8 the 8 t of one jd, lanes 8..16 of the next
+    let to_rows = _mm512_setr_epi32(
+        0,
+        njd as i32,
+        2 * njd as i32,
+        3 * njd as i32,
+        4 * njd as i32,
+        5 * njd as i32,
+        6 * njd as i32,
+        7 * njd as i32,
+        1,
+        1 + njd as i32,
+        1 + 2 * njd as i32,
+        1 + 3 * njd as i32,
+        1 + 4 * njd as i32,
+        1 + 5 * njd as i32,
+        1 + 6 * njd as i32,
+        1 + 7 * njd as i32,
+    );
+    for (di, dwi) in dw.chunks_exact_mut(row).enumerate() {
+        let i = i0 + di;
+        let wti = wt[i * row..(i + 1) * row].as_ptr();
+        let g = |b: usize| duhat[(b * ni + i) * njd..][..njd].as_ptr();
+        for b0 in (0..nb).step_by(2) {
+            let mut p = [_mm512_setzero_ps(); 16];
+            for img in 0..2.min(nb - b0) {
+                let g = g(b0 + img);
+                for t in 0..8 {
+                    let mut acc = _mm512_setzero_ps();
+                    for c in 0..nj {
+                        // SAFETY: c·16 + 16 ≤ njd and t·njd + c·16 + 16 ≤ 8·njd: inside dû's row and Wᵀ[i]
+                        unsafe {
+                            acc = _mm512_fmadd_ps(
+                                _mm512_loadu_ps(g.add(c * 16)),
+                                _mm512_loadu_ps(wti.add(t * njd + c * 16)),
+                                acc,
+                            );
+                        }
+                    }
+                    p[slot(img * 8 + t)] = acc;
+                }
+            }
+            let mut sums = [0f32; 16];
+            // SAFETY: 16 values
+            unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), reduce16(p)) };
+            for img in 0..2.min(nb - b0) {
+                for (t, v) in sums[img * 8..img * 8 + 8].iter().enumerate() {
+                    // SAFETY: du[b, i, t] of this capsule: inside du and this call's alone (the caller's contract)
+                    unsafe { *du.add(((b0 + img) * ni + i) * 8 + t) += v };
+                }
+            }
+        }
+        // dWᵀ[t, :] = Σ_b u[b,i,t] · dû[b,i,:], the images in order, one output capsule at a time
+        for t in 0..8 {
+            for c in 0..nj {
+                let mut acc = _mm512_setzero_ps();
+                for b in 0..nb {
+                    // SAFETY: c·16 + 16 ≤ njd: inside dû's row
+                    unsafe {
+                        acc = _mm512_fmadd_ps(
+                            _mm512_set1_ps(u[(b * ni + i) * 8 + t]),
+                            _mm512_loadu_ps(g(b).add(c * 16)),
+                            acc,
+                        );
+                    }
+                }
+                // SAFETY: t·njd + c·16 + 16 ≤ 8·njd
+                unsafe { _mm512_storeu_ps(dwt.as_mut_ptr().add(t * njd + c * 16), acc) };
+            }
+        }
+        for jd in (0..njd).step_by(2) {
+            // SAFETY: the gather reads dWᵀ[t, jd] and dWᵀ[t, jd + 1], inside dwt; the 16 values of
+            // dW[jd..jd+2, :] lie inside this capsule's row
+            unsafe {
+                let v = _mm512_i32gather_ps::<4>(to_rows, dwt.as_ptr().add(jd));
+                let d = dwi.as_mut_ptr().add(jd * 8);
+                _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), v));
+            }
+        }
+    }
+}
