@@ -149,9 +149,9 @@ pub(crate) fn transpose_weights(s: &CapsShape, w: &[f32], wt: &mut [f32]) {
     let wide16 = avx512_usable(s);
     par_rows(wt, din * njd, din * njd, |i, wti| {
         let wi = &w[i * njd * din..(i + 1) * njd * din];
-        #[cfg(target_arch = "x86_64")]
         if wide16 {
             // SAFETY: the CPU has AVX-512F (`usable`); 16·J rows of 8
+            #[cfg(target_arch = "x86_64")]
             return unsafe { super::avx512::transpose_capsule(njd, wi, wti) };
         }
         for jk in 0..njd {
@@ -168,9 +168,9 @@ impl FastCpu {
         let (ni, din, njd) = (s.in_caps, s.in_dim, s.out_caps * s.out_dim);
         let wide16 = avx512_usable(s);
         par_blocks(uhat, ni * njd, ni * njd * din, |b0, block| {
-            #[cfg(target_arch = "x86_64")]
             if wide16 {
                 // SAFETY: the CPU has AVX-512F and s its shape (`usable`); whole images
+                #[cfg(target_arch = "x86_64")]
                 return unsafe { super::avx512::predict_fwd_block(s, b0, block, u, wt) };
             }
             predict_fwd_block(s, b0, block, u, wt)

@@ -188,9 +188,9 @@ impl RoutingOps for FastCpu {
         let wide16 = avx512_usable(s);
         par_items(items, rounds * ni * nj * d * 2, |b, (((cs, ss), vs), vb)| {
             let uh = &uhat[b * ni * nj * d..(b + 1) * ni * nj * d];
-            #[cfg(target_arch = "x86_64")]
             if wide16 {
                 // SAFETY: the CPU has AVX-512F (`usable`); one image's slices
+                #[cfg(target_arch = "x86_64")]
                 return unsafe { super::avx512::fwd_image(s, rounds, uh, cs, ss, vs, vb) };
             }
             routing_fwd_image(s, rounds, uh, cs, ss, vs, vb)
@@ -313,9 +313,9 @@ fn routing_bwd(
             &saved.v[b * per_s..(b + 1) * per_s],
         );
         let dv = &dv[b * nj * d..(b + 1) * nj * d];
-        #[cfg(target_arch = "x86_64")]
         if wide16 {
             // SAFETY: the CPU has AVX-512F (`usable`); one image's slices
+            #[cfg(target_arch = "x86_64")]
             return unsafe { super::avx512::bwd_image(s, rounds, uh, cs, ss, vs, dv, duh, overwrite) };
         }
         if overwrite {
