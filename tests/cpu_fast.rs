@@ -272,3 +272,54 @@ fn fast_cpu_activation_and_bias_gradients_in_one_pass_equal_the_two_ops() {
 fn fast_cpu_fused_prediction_and_routing_match_reference() {
     parity::caps_routing_at(&FastCpu::new(), &parity::caps_routing_shapes(), &[1, 2, 3]);
 }
+
+/// Adam on the fast backend stores a moment that falls below f32's normal range as zero (arithmetic on
+/// subnormal floats is many times slower on x86), and leaves every other moment as the update makes
+/// it: a parameter with no gradient whose first moment decays from just above the normal range, beside
+/// one with a gradient.
+#[test]
+fn fast_cpu_adam_stores_no_subnormal_moment() {
+    use capsnet::ops::{AdamGroup, AdamHyper, AdamOps};
+    let be = FastCpu::new();
+    let tiny = f32::MIN_POSITIVE;
+    let mut p = parity::up(&be, &[0.5, -0.25]);
+    let grad = parity::up(&be, &[0.0, 0.125]);
+    let mut m = parity::up(&be, &[4.0 * tiny, 0.0]);
+    let mut v = parity::up(&be, &[4.0 * tiny, 0.0]);
+    let (mut m_want, mut v_want) = (0.0f32, 0.0f32);
+    for step in 1..=30u64 {
+        let hp = AdamHyper {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            step,
+        };
+        be.adam_step(
+            &hp,
+            &mut [AdamGroup {
+                param: &mut p,
+                grad: &grad,
+                m: &mut m,
+                v: &mut v,
+            }],
+        )
+        .unwrap();
+        // the update's own f32 arithmetic (fused as the AVX2 path fuses it; the portable path rounds
+        // the product apart, hence the tolerance)
+        m_want = 0.9f32.mul_add(m_want, (1.0 - 0.9f32) * 0.125);
+        v_want = 0.999f32.mul_add(v_want, (1.0 - 0.999f32) * 0.125 * 0.125);
+        for x in m.iter().chain(v.iter()) {
+            assert!(*x == 0.0 || x.is_normal(), "step {step}: a subnormal moment {x:e}");
+        }
+        let close = |x: f32, want: f32| (x - want).abs() <= 1e-6 * want;
+        assert!(
+            close(m[1], m_want) && close(v[1], v_want),
+            "step {step}: {} {}",
+            m[1],
+            v[1]
+        );
+    }
+    // 4·tiny·0.9^k is below the normal range from k = 14 on: zero by then, and the parameter unmoved
+    assert_eq!((m[0], p[0]), (0.0, 0.5));
+}
