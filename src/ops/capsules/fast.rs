@@ -177,43 +177,6 @@ impl FastCpu {
         });
     }
 
-    /// [`CapsuleOps::predict_bwd_input`] and [`CapsuleOps::predict_bwd_weight`] in one pass over dû,
-    /// from the weights transposed, where the AVX-512 kernels run `s` (false: not done, the caller's
-    /// to do one by one). The threads split the capsules; each capsule's du and dW sums are those of
-    /// the two ops.
-    pub(crate) fn predict_bwd_both_transposed(
-        &self,
-        s: &CapsShape,
-        u: &[f32],
-        duhat: &[f32],
-        wt: &[f32],
-        du: &mut [f32],
-        dw: &mut [f32],
-    ) -> Result<bool> {
-        if !avx512_usable(s) {
-            return Ok(false);
-        }
-        check_predict_bwd_input(s, duhat.len(), wt.len(), du.len())?;
-        check_predict_bwd_weight(s, u.len(), duhat.len(), dw.len())?;
-        #[cfg(target_arch = "x86_64")]
-        {
-            /// du, whose rows the threads write for their own capsules only.
-            struct Rows(*mut f32);
-            // SAFETY: each thread writes the du rows of its own capsules (disjoint)
-            unsafe impl Sync for Rows {}
-            let du = Rows(du.as_mut_ptr());
-            let row = s.out_caps * s.out_dim * s.in_dim;
-            par_blocks(dw, row, s.batch * row * 2, |i0, dwb| {
-                let du = &du;
-                let mut dwt = vec![0f32; row];
-                // SAFETY: the CPU has AVX-512F and s its shape (`usable`); the lengths checked above;
-                // this block's capsules' du rows are written here only
-                unsafe { super::avx512::predict_bwd_capsules(s, i0, dwb, duhat, wt, u, du.0, &mut dwt) }
-            });
-        }
-        Ok(true)
-    }
-
     /// [`CapsuleOps::predict_bwd_input`] from the weights transposed, where the AVX-512 kernels run
     /// `s` (false: not done, the caller's to do from W).
     pub(crate) fn predict_bwd_input_transposed(

@@ -260,14 +260,6 @@ impl RoutingOps for FastCpu {
         };
         let mut duhat = self.alloc_out(s.uhat_len())?;
         routing_bwd(s, rounds, uhat, saved, dv, &mut duhat, true)?;
-        let (mut du, mut dw) = (du, dw);
-        // both gradients in one pass over dû where the kernels allow
-        if let (Some(dui), Some(dwi), Some(wt)) = (du.as_deref_mut(), dw.as_deref_mut(), &saved.wt)
-            && wt.len() == w.len()
-            && self.predict_bwd_both_transposed(s, u, &duhat, wt, dui, dwi)?
-        {
-            (du, dw) = (None, None);
-        }
         if let Some(du) = du {
             let done = match &saved.wt {
                 Some(wt) if wt.len() == w.len() => {
