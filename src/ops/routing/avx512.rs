@@ -8,7 +8,7 @@
 
 use std::arch::x86_64::*;
 
-use super::fast::softmax_row;
+use super::fast::{softmax_row, softmax_rows_bwd_add};
 use crate::backend::avx512::{reduce16, slot};
 use crate::backend::fast::{Fused, dot};
 use crate::ops::capsules::CapsShape;
@@ -222,12 +222,7 @@ pub(super) unsafe fn bwd_image(
         dc.fill(0.0);
         // SAFETY: as above
         unsafe { add_agreements(nj, uh, &ds, &mut dc) };
-        // c_i = softmax(b_i): db_ij = c_ij (dc_ij − Σ_j' c_ij' dc_ij'); b_r also flows on to b_{r+1}
-        for ((ci, dci), dbi) in c.chunks(nj).zip(dc.chunks(nj)).zip(db_next.chunks_mut(nj)) {
-            let m: f32 = ci.iter().zip(dci).map(|(a, b)| a * b).sum();
-            for ((o, cv), dcv) in dbi.iter_mut().zip(ci).zip(dci) {
-                *o += cv * (dcv - m);
-            }
-        }
+        // c_i = softmax(b_i); b_r also flows on to b_{r+1}
+        softmax_rows_bwd_add(nj, c, &dc, &mut db_next);
     }
 }

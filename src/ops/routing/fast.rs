@@ -20,6 +20,17 @@ pub(super) fn softmax_row(x: &[f32], out: &mut [f32]) {
     out.iter_mut().for_each(|o| *o *= r);
 }
 
+/// db_ij += c_ij (dc_ij − Σ_j' c_ij' dc_ij') for each row i of `nj` couplings c = softmax(b): the
+/// gradient through the softmax of each row, added.
+pub(super) fn softmax_rows_bwd_add(nj: usize, c: &[f32], dc: &[f32], db: &mut [f32]) {
+    for ((ci, dci), dbi) in c.chunks(nj).zip(dc.chunks(nj)).zip(db.chunks_mut(nj)) {
+        let m: f32 = ci.iter().zip(dci).map(|(a, b)| a * b).sum();
+        for ((o, cv), dcv) in dbi.iter_mut().zip(ci).zip(dci) {
+            *o += cv * (dcv - m);
+        }
+    }
+}
+
 /// One image's routing forward: every round's c, s and v into `cs`, `ss`, `vs`, the last v into `v`.
 #[inline(always)]
 fn routing_fwd_body<A: Arith>(
@@ -137,13 +148,8 @@ fn routing_bwd_body<A: Arith>(
                 dc[i * nj + j] = dot::<A>(&uh[k..k + d], dsj);
             }
         }
-        // c_i = softmax(b_i): db_ij = c_ij (dc_ij − Σ_j' c_ij' dc_ij'); b_r also flows on to b_{r+1}
-        for ((ci, dci), dbi) in c.chunks(nj).zip(dc.chunks(nj)).zip(db_next.chunks_mut(nj)) {
-            let m: f32 = ci.iter().zip(dci).map(|(a, b)| a * b).sum();
-            for ((o, cv), dcv) in dbi.iter_mut().zip(ci).zip(dci) {
-                *o += cv * (dcv - m);
-            }
-        }
+        // c_i = softmax(b_i); b_r also flows on to b_{r+1}
+        softmax_rows_bwd_add(nj, c, &dc, &mut db_next);
     }
 }
 simd_fn!(fn routing_bwd_image(
