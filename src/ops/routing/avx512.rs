@@ -226,3 +226,38 @@ pub(super) unsafe fn bwd_image(
         softmax_rows_bwd_add(nj, c, &dc, &mut db_next);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::avx512::{reduce16, slot};
+
+    #[test]
+    fn sixteen_sums_land_in_their_lanes() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            // the routing's portable path is the one in use there, even at the model's shape
+            let model = CapsShape {
+                batch: 1,
+                in_caps: 1152,
+                in_dim: 8,
+                out_caps: 10,
+                out_dim: 16,
+            };
+            assert!(!usable(&model));
+            return;
+        }
+        // vector q holds q·1000 + its lane: its sum 16000·q + 120, unique per q
+        let vals: Vec<f32> = (0..256).map(|e| ((e / 16) * 1000 + e % 16) as f32).collect();
+        let mut out = [0f32; 16];
+        // SAFETY: AVX-512F (checked); 16 vectors of 16
+        unsafe {
+            let mut p = [_mm512_setzero_ps(); 16];
+            for q in 0..16 {
+                p[slot(q)] = _mm512_loadu_ps(vals.as_ptr().add(q * 16));
+            }
+            _mm512_storeu_ps(out.as_mut_ptr(), reduce16(p));
+        }
+        let want: Vec<f32> = (0..16).map(|q| (16000 * q + 120) as f32).collect();
+        assert_eq!(out.to_vec(), want);
+    }
+}

@@ -164,7 +164,7 @@ simd_fn!(fn routing_bwd_image(
 ) => routing_bwd_body;);
 
 /// Whether the AVX-512 kernels of 16-D capsules route `s` here.
-pub(crate) fn avx512_usable(s: &CapsShape) -> bool {
+fn avx512_usable(s: &CapsShape) -> bool {
     #[cfg(target_arch = "x86_64")]
     return super::avx512::usable(s);
     #[cfg(not(target_arch = "x86_64"))]
