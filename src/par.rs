@@ -27,8 +27,10 @@ fn pool() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
-/// Calls `f(t, part)` for every part at once, part t on its own pool thread (the first on the one that
-/// takes the call), and returns when all are done. A panic in a part is raised here once all are done.
+/// Calls `f(t, part)` for every part, the parts handed to the pool's threads at once (the calling
+/// thread waits), and returns when all are done. A panic in a part is raised here once all are done.
+/// A part must not take a lock that the caller holds across the call: a pool thread waiting in a loop
+/// of its own may run another part meanwhile.
 pub fn scatter<P: Send>(parts: Vec<P>, f: impl Fn(usize, P) + Sync) {
     let Some(pool) = pool().filter(|_| parts.len() > 1) else {
         parts.into_iter().enumerate().for_each(|(t, p)| f(t, p));

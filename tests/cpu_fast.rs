@@ -323,3 +323,17 @@ fn fast_cpu_adam_stores_no_subnormal_moment() {
     // 4·tiny·0.9^k is below the normal range from k = 14 on: zero by then, and the parameter unmoved
     assert_eq!((m[0], p[0]), (0.0, 0.5));
 }
+
+/// The fused op at 16-D shapes the model's does not reach: 5 classes (the AVX-512 kernels' runs of 4
+/// and 1, and 35 (i, j) pairs: two groups of 16 and a tail) and a single class (couplings of 1).
+#[test]
+fn fast_cpu_fused_prediction_and_routing_match_reference_at_small_16d_shapes() {
+    let shape = |out_caps| capsnet::ops::CapsShape {
+        batch: 3,
+        in_caps: 7,
+        in_dim: 8,
+        out_caps,
+        out_dim: 16,
+    };
+    parity::caps_routing_at(&FastCpu::new(), &[shape(5), shape(1)], &[1, 2, 3]);
+}

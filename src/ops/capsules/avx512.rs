@@ -7,9 +7,12 @@ use std::arch::x86_64::*;
 use super::CapsShape;
 use crate::backend::avx512::{reduce16, slot};
 
-/// Whether these kernels run `s` here: 8-D capsules into 16-D ones, on a CPU with AVX-512F.
+/// Whether these kernels run `s` here: 8-D capsules into 16-D ones, on a CPU with AVX-512F and FMA.
 pub(super) fn usable(s: &CapsShape) -> bool {
-    s.in_dim == 8 && s.out_dim == 16 && std::arch::is_x86_feature_detected!("avx512f")
+    s.in_dim == 8
+        && s.out_dim == 16
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("fma")
 }
 
 /// Wᵀ[t, jd] = W[jd, t] for one capsule's weights W [16·J, 8]: sixteen jd at a time, by gathers.

@@ -154,11 +154,13 @@ impl DenseOps for FastCpu {
         dz: &mut PoolBuf,
         db: Option<&mut PoolBuf>,
     ) -> Result<()> {
+        check_act_bwd(y.len(), dy.len(), dz.len())?;
+        if let Some(db) = &db {
+            check_bias_bwd(rows, cols, dz.len(), db.len())?;
+        }
         let Some(db) = db.filter(|_| rows > 0 && cols > 0) else {
             return self.act_bwd(act, y, dy, dz);
         };
-        check_act_bwd(y.len(), dy.len(), dz.len())?;
-        check_bias_bwd(rows, cols, dz.len(), db.len())?;
         let block = 64 * cols;
         let mut parts = vec![0f32; rows.div_ceil(64) * cols];
         let items: Vec<_> = dz.chunks_mut(block).zip(parts.chunks_mut(cols)).collect();

@@ -14,9 +14,9 @@ use crate::backend::fast::{Fused, dot};
 use crate::ops::capsules::CapsShape;
 use crate::ops::capsules::fast::{squash_row, squash_row_bwd};
 
-/// Whether these kernels run `s` here: 16-D output capsules on a CPU with AVX-512F.
+/// Whether these kernels run `s` here: 16-D output capsules on a CPU with AVX-512F and FMA.
 pub(super) fn usable(s: &CapsShape) -> bool {
-    s.out_dim == 16 && std::arch::is_x86_feature_detected!("avx512f")
+    s.out_dim == 16 && std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
 }
 
 /// `acc[q] = Σ_i w[i·nj + j0 + q] · û[i, j0 + q, :]` for q < N: N of the j's sums in registers,
