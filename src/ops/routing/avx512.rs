@@ -8,7 +8,7 @@
 
 use std::arch::x86_64::*;
 
-use super::fast::{softmax_row, softmax_rows_bwd_add};
+use super::softmax::{softmax_row, softmax_rows_bwd_add};
 use crate::backend::avx512::{reduce16, slot};
 use crate::backend::fast::{Fused, dot};
 use crate::ops::capsules::CapsShape;

@@ -9,27 +9,7 @@ use crate::backend::Core;
 use crate::ops::capsules::fast::{squash_row, squash_row_bwd, transpose_weights};
 use crate::ops::capsules::{CapsShape, CapsuleOps, check_predict_bwd_input, check_predict_fwd};
 
-pub(super) fn softmax_row(x: &[f32], out: &mut [f32]) {
-    let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut z = 0.0;
-    for (o, v) in out.iter_mut().zip(x) {
-        *o = (v - m).exp();
-        z += *o;
-    }
-    let r = 1.0 / z;
-    out.iter_mut().for_each(|o| *o *= r);
-}
-
-/// db_ij += c_ij (dc_ij − Σ_j' c_ij' dc_ij') for each row i of `nj` couplings c = softmax(b): the
-/// gradient through the softmax of each row, added.
-pub(super) fn softmax_rows_bwd_add(nj: usize, c: &[f32], dc: &[f32], db: &mut [f32]) {
-    for ((ci, dci), dbi) in c.chunks(nj).zip(dc.chunks(nj)).zip(db.chunks_mut(nj)) {
-        let m: f32 = ci.iter().zip(dci).map(|(a, b)| a * b).sum();
-        for ((o, cv), dcv) in dbi.iter_mut().zip(ci).zip(dci) {
-            *o += cv * (dcv - m);
-        }
-    }
-}
+use super::softmax::{softmax_row, softmax_rows_bwd_add};
 
 /// One image's routing forward: every round's c, s and v into `cs`, `ss`, `vs`, the last v into `v`.
 #[inline(always)]

@@ -12,6 +12,7 @@ mod avx512;
 pub(crate) mod cpu;
 pub(crate) mod cuda;
 pub(crate) mod fast;
+mod softmax;
 #[cfg(test)]
 mod tests;
 
