@@ -279,7 +279,7 @@ fn fast_cpu_fused_prediction_and_routing_match_reference() {
 /// one with a gradient.
 #[test]
 fn fast_cpu_adam_stores_no_subnormal_moment() {
-    use capsnet::ops::{AdamGroup, AdamHyper, AdamOps};
+    use capsnet::ops::{AdamGroup, AdamOps};
     let be = FastCpu::new();
     let tiny = f32::MIN_POSITIVE;
     let mut p = parity::up(&be, &[0.5, -0.25]);
@@ -288,13 +288,7 @@ fn fast_cpu_adam_stores_no_subnormal_moment() {
     let mut v = parity::up(&be, &[4.0 * tiny, 0.0]);
     let (mut m_want, mut v_want) = (0.0f32, 0.0f32);
     for step in 1..=30u64 {
-        let hp = AdamHyper {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            step,
-        };
+        let hp = parity::hyper(1e-3, step);
         be.adam_step(
             &hp,
             &mut [AdamGroup {

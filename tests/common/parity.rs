@@ -336,13 +336,7 @@ pub fn adam<B: Backend>(g: &B) {
         }
         for (step, guard) in (1..).zip(guards) {
             let before = state!(bufs);
-            let hp = AdamHyper {
-                lr: 1e-3,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                step,
-            };
+            let hp = hyper(1e-3, step);
             let mut groups: Vec<AdamGroup<'_, _>> = bufs
                 .iter_mut()
                 .map(|[p, gr, m, v]| AdamGroup {
@@ -489,7 +483,8 @@ pub fn resident_batches<B: StepRuntime>(be: &B) {
 }
 
 /// Adam's hyper-parameters for update `step` at learning rate `lr`.
-fn hyper(lr: f64, step: u64) -> AdamHyper {
+/// Adam's hyper-parameters of the tests: β1 0.9, β2 0.999, ε 1e-8.
+pub fn hyper(lr: f64, step: u64) -> AdamHyper {
     AdamHyper {
         lr,
         beta1: 0.9,
