@@ -32,8 +32,13 @@ pub(crate) fn act_grad(act: Act, y: &[f32], dy: &[f32], dz: &mut [f32]) {
     match act {
         Act::None => dz.copy_from_slice(dy),
         Act::Relu => {
-            for ((o, yv), g) in dz.iter_mut().zip(y).zip(dy) {
-                *o = if *yv > 0.0 { *g } else { 0.0 };
+            // dy where y > 0, else 0, as a mask on dy's bits: the same values as the branch, but a
+            // loop the compiler vectorises (the branch was compiled to scalar code)
+            let n = dz.len();
+            let (y, dy) = (&y[..n], &dy[..n]);
+            for i in 0..n {
+                let keep = if y[i] > 0.0 { u32::MAX } else { 0 };
+                dz[i] = f32::from_bits(dy[i].to_bits() & keep);
             }
         }
         Act::Sigmoid => {
