@@ -131,7 +131,12 @@ pub fn amx_supported() -> bool {
             #[allow(unused_unsafe)]
             // SAFETY: CPUID leaf 7 exists on every x86_64 CPU that Rust targets
             let r = unsafe { std::arch::x86_64::__cpuid_count(7, 0) };
-            if r.edx & (1 << 22) == 0 || r.edx & (1 << 24) == 0 || !std::arch::is_x86_feature_detected!("avx512f") {
+            // the packing's AVX-512 code needs F and BW (every CPU with AMX has both)
+            if r.edx & (1 << 22) == 0
+                || r.edx & (1 << 24) == 0
+                || !std::arch::is_x86_feature_detected!("avx512f")
+                || !std::arch::is_x86_feature_detected!("avx512bw")
+            {
                 return false;
             }
             const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
@@ -324,6 +329,35 @@ unsafe fn pairs16_bf16(p0: *const u16, p1: *const u16, dst: *mut u16) {
     }
 }
 
+/// Two B tiles side by side from 32 rows of B already in bf16, each row's 32 values contiguous at
+/// `rows[p]`: row r of `t0` gets the pairs of rows 2r and 2r+1 in columns 0..16, of `t1` in columns
+/// 16..32 (as [`pairs16_bf16`] lays them out), each pair of rows loaded once and interleaved by two
+/// word permutes.
+///
+/// # Safety
+/// AVX-512F and AVX512BW; 32 readable u16 at each `rows[p]`; a tile's 512 writable u16 at `t0` and at
+/// `t1`.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pairs32_bf16(rows: &[*const u16; TK], t0: *mut u16, t1: *mut u16) {
+    use std::arch::x86_64::*;
+    // word 2j of a tile row: column j of the first row; word 2j+1: of the second (index 32 on: `b`)
+    let lo: [u16; 32] = std::array::from_fn(|w| (w / 2 + 32 * (w % 2)) as u16);
+    let hi: [u16; 32] = std::array::from_fn(|w| lo[w] + 16);
+    // SAFETY: the caller's contract
+    unsafe {
+        let (lo, hi) = (
+            _mm512_loadu_si512(lo.as_ptr() as *const __m512i),
+            _mm512_loadu_si512(hi.as_ptr() as *const __m512i),
+        );
+        for r in 0..TK / 2 {
+            let a = _mm512_loadu_si512(rows[2 * r] as *const __m512i);
+            let b = _mm512_loadu_si512(rows[2 * r + 1] as *const __m512i);
+            _mm512_storeu_si512(t0.add(r * TK) as *mut __m512i, _mm512_permutex2var_epi16(a, lo, b));
+            _mm512_storeu_si512(t1.add(r * TK) as *mut __m512i, _mm512_permutex2var_epi16(a, hi, b));
+        }
+    }
+}
+
 /// 16 bf16 pairs, one per lane (the value at `lo` in the low half, at `hi` in the high), stored
 /// `stride` u32 apart from `dst`: two columns of an A tile from a transposed A.
 ///
@@ -508,6 +542,27 @@ fn pack_b_tile(k: usize, n: usize, src: &impl Source, nt: usize, kt: usize, tile
                 tile[(p / 2) * TK + j * 2 + p % 2] = bf16_bits(src.at(p0 + p, j0 + j));
             }
         }
+    }
+}
+
+/// Packs tiles (nt, kt) and (nt + 1, kt) of B into `t0` and `t1`, as [`pack_b_tile`] packs each:
+/// both at once where the source has each of the 32 rows' 32 values contiguous in bf16 (a
+/// convolution's patches: one row lookup serves both tiles).
+fn pack_b_tiles2(k: usize, n: usize, src: &impl Source, nt: usize, kt: usize, t0: &mut [u16], t1: &mut [u16]) {
+    let (p0, j0) = (kt * TK, nt * TN);
+    let mut rows = [std::ptr::null(); TK];
+    if p0 + TK <= k
+        && j0 + 2 * TN <= n
+        && t0.len() >= TILE
+        && t1.len() >= TILE
+        && (0..TK).all(|p| src.run_bf16(p0 + p, j0, 2 * TN).map(|r| rows[p] = r).is_some())
+    {
+        // SAFETY: each row's 32 bf16 values are readable (the source's contract); both tiles hold
+        // TILE values (checked); AVX-512F and BW are there (a bf16 GEMM runs)
+        unsafe { pairs32_bf16(&rows, t0.as_mut_ptr(), t1.as_mut_ptr()) };
+    } else {
+        pack_b_tile(k, n, src, nt, kt, t0);
+        pack_b_tile(k, n, src, nt + 1, kt, t1);
     }
 }
 
@@ -1010,9 +1065,11 @@ unsafe fn gemm_on(
                         if b_panels {
                             // K outermost: the rows of a row-major B are read in order
                             for kt in 0..kn {
-                                for nt in 0..2 * (ng_end - ng) {
-                                    let tile = &mut b_own[(nt * kn + kt) * TILE..][..TILE];
-                                    pack_b_tile(k, n, b, 2 * ng + nt, kc + kt, tile);
+                                for nt in (0..2 * (ng_end - ng)).step_by(2) {
+                                    let (first, second) = b_own.split_at_mut((nt + 1) * kn * TILE);
+                                    let t0 = &mut first[(nt * kn + kt) * TILE..][..TILE];
+                                    let t1 = &mut second[kt * TILE..][..TILE];
+                                    pack_b_tiles2(k, n, b, 2 * ng + nt, kc + kt, t0, t1);
                                 }
                             }
                         }
