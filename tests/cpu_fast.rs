@@ -331,3 +331,94 @@ fn fast_cpu_fused_prediction_and_routing_match_reference_at_small_16d_shapes() {
     };
     parity::caps_routing_at(&FastCpu::new(), &[shape(5), shape(1)], &[1, 2, 3]);
 }
+
+/// The weight and bias gradients of a conv of one input channel in one op (the first layer's
+/// backward; on AVX-512 dz is made 64 rows at a time and never stored, its products f32 FMAs) in
+/// fp32 and, where the CPU runs a bf16 GEMM, in bf16: db equal to the bit to the default's two steps
+/// (dz with its bias gradient, then the weight gradient), dW against the f64 sum of the products of
+/// the inputs rounded as the precision rounds them, within f32 FMA sums' error where the AVX-512
+/// kernel runs (out channels in blocks of 64: a missing rounding errs far more) and the GEMM's bound
+/// where the default runs. Shapes: conv1's at batch 3 (chunks over two parts, a partial last chunk),
+/// a stride of 2 without activation, and 48 channels (the default's path).
+#[test]
+fn fast_cpu_first_layer_gradients_in_one_op() {
+    use capsnet::backend::bf16::Bf16Gemm;
+    use capsnet::float::{Precision, sum_error_bound};
+    use capsnet::ops::Act;
+    use capsnet::ops::conv::{ConvOps, ConvShape};
+    use capsnet::ops::dense::DenseOps;
+    let mut precisions = vec![Precision::Fp32];
+    if Bf16Gemm::ALL.into_iter().any(|k| k.supported()) {
+        precisions.push(Precision::Bf16);
+    }
+    let wide = std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma");
+    let mut rng = Lcg(97);
+    for p in precisions {
+        let be = FastCpu::with_precision(p).unwrap();
+        for (batch, side, k, stride, out_c, act) in [
+            (3, 28, 9, 1, 256, Act::Relu),
+            (2, 11, 3, 2, 64, Act::None),
+            (2, 9, 3, 1, 48, Act::Relu),
+        ] {
+            let s = ConvShape {
+                batch,
+                in_h: side,
+                in_w: side,
+                in_c: 1,
+                out_c,
+                k,
+                stride,
+            };
+            let x = parity::rand(&mut rng, s.x_len(), 0.0, 1.0);
+            let (y, dy) = (
+                parity::rand(&mut rng, s.y_len(), -1.0, 1.0),
+                parity::rand(&mut rng, s.y_len(), -1.0, 1.0),
+            );
+            let (dw0, db0) = (
+                parity::rand(&mut rng, s.w_len(), -1.0, 1.0),
+                parity::rand(&mut rng, out_c, -1.0, 1.0),
+            );
+            let (xb, yb, dyb) = (parity::up(&be, &x), parity::up(&be, &y), parity::up(&be, &dy));
+            let (mut dw1, mut db1) = (parity::up(&be, &dw0), parity::up(&be, &db0));
+            be.conv2d_bwd_params(&s, act, &xb, &yb, &dyb, &mut dw1, Some(&mut db1))
+                .unwrap();
+            let mut db2 = parity::up(&be, &db0);
+            let mut dz = parity::poisoned(&be, s.y_len());
+            be.act_bias_bwd(act, s.rows(), out_c, &yb, &dyb, &mut dz, Some(&mut db2))
+                .unwrap();
+            let bits = |b: &[f32]| b.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let what = format!("{p:?} {s:?} {act:?}");
+            assert_eq!(bits(&db1), bits(&db2), "db, {what}");
+            // the f64 sums of the rounded products, and of their magnitudes (for the bound)
+            let dz = parity::down(&be, &dz);
+            let (oh, ow) = (s.out_h(), s.out_w());
+            let (mut want, mut mag) = (vec![0f64; s.w_len()], vec![0f64; s.w_len()]);
+            for r in 0..s.rows() {
+                let (b, q) = (r / (oh * ow), r % (oh * ow));
+                let (oy, ox) = (q / ow, q % ow);
+                for t in 0..k * k {
+                    let xv = x[(b * side + oy * stride + t / k) * side + ox * stride + t % k];
+                    let xv = p.round(xv) as f64;
+                    for c in 0..out_c {
+                        let term = xv * p.round(dz[r * out_c + c] as f32) as f64;
+                        want[t * out_c + c] += term;
+                        mag[t * out_c + c] += term.abs();
+                    }
+                }
+            }
+            let fma = wide && out_c % 64 == 0;
+            let bound = sum_error_bound(if fma { Precision::Fp32 } else { p }, s.rows()) + 2f64.powi(-23);
+            let mut moved = 0usize;
+            for (i, (a, (w, m))) in dw1.iter().zip(want.iter().zip(&mag)).enumerate() {
+                let tol = bound * (m + dw0[i].abs() as f64);
+                let (a, w) = (*a as f64, dw0[i] as f64 + w);
+                assert!((a - w).abs() <= tol, "dW[{i}], {what}: {a}, want {w} (allowed {tol:e})");
+                moved += ((a - dw0[i] as f64).abs() > 10.0 * tol) as usize;
+            }
+            assert!(
+                moved > s.w_len() / 2,
+                "dW hardly moved beyond the tolerance, {what}: the test proves nothing"
+            );
+        }
+    }
+}

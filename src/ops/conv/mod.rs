@@ -4,6 +4,8 @@
 //! Here: [`ConvShape`], the [`ConvOps`] interface, the tape op [`conv2d`]; the CPU reference, fast CPU
 //! and CUDA implementations beside it (cpu.rs, fast.rs, cuda.rs).
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub(crate) mod cpu;
 pub(crate) mod cuda;
 pub(crate) mod fast;
@@ -75,6 +77,28 @@ pub trait ConvOps: Core {
     fn conv2d_bwd_input(&self, s: &ConvShape, dz: &Self::Buf, w: &Self::Buf, dx: &mut Self::Buf) -> Result<()>;
     /// dw += Σ over batch and positions of patch(x)ᵀ · dz.
     fn conv2d_bwd_weight(&self, s: &ConvShape, x: &Self::Buf, dz: &Self::Buf, dw: &mut Self::Buf) -> Result<()>;
+    /// The weight and bias gradients of a conv whose input needs none (the first layer):
+    /// dw += Σ patch(x)ᵀ · dz and, where given, db += Σ dz, with dz = dy · act'(y) from the output y
+    /// and its gradient dy. This default makes dz ([`DenseOps::act_bias_bwd`]), then runs
+    /// [`ConvOps::conv2d_bwd_weight`]; a backend may never store dz.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_bwd_params(
+        &self,
+        s: &ConvShape,
+        act: Act,
+        x: &Self::Buf,
+        y: &Self::Buf,
+        dy: &Self::Buf,
+        dw: &mut Self::Buf,
+        db: Option<&mut Self::Buf>,
+    ) -> Result<()>
+    where
+        Self: DenseOps,
+    {
+        let mut dz = self.alloc_out(s.y_len())?;
+        self.act_bias_bwd(act, s.rows(), s.out_c, y, dy, &mut dz, db)?;
+        self.conv2d_bwd_weight(s, x, &dz, dw)
+    }
 }
 
 pub fn conv2d<B: ConvOps + DenseOps>(t: &mut Tape<B>, x: Var, w: Var, b: Var, stride: usize, act: Act) -> Result<Var> {
@@ -127,6 +151,13 @@ impl<B: ConvOps + DenseOps> BackwardOp<B> for Conv2dBackward {
     }
     fn backward(&self, ctx: &Ctx<'_, B>, g: &mut GradStore<'_, B>) -> Result<()> {
         let be = ctx.backend;
+        if g.get(self.x)?.is_none()
+            && let (Some(dw), db) = g.get_two(self.w, self.b)?
+        {
+            // no input gradient (the first layer): the parameters' gradients in one op
+            let x = ctx.value(self.x);
+            return be.conv2d_bwd_params(&self.s, self.act, x, ctx.y(), ctx.dout, dw, db);
+        }
         let mut dz = be.alloc_out(self.s.y_len())?;
         let db = g.get(self.b)?;
         be.act_bias_bwd(self.act, self.s.rows(), self.s.out_c, ctx.y(), ctx.dout, &mut dz, db)?;
