@@ -332,6 +332,46 @@ fn fast_cpu_fused_prediction_and_routing_match_reference_at_small_16d_shapes() {
     parity::caps_routing_at(&FastCpu::new(), &[shape(5), shape(1)], &[1, 2, 3]);
 }
 
+/// The fused backward of the predictions and the routing (on AVX-512, dû made per capsule and image
+/// in L1 and never stored) equals the unfused ops on the same backend bit for bit: routing_bwd into
+/// dû, then predict_bwd_input and predict_bwd_weight; the model's shape at an odd batch, 1 to 3
+/// rounds, both gradients accumulated onto random values.
+#[test]
+fn fast_cpu_fused_prediction_and_routing_backward_equals_the_unfused_ops_bit_for_bit() {
+    use capsnet::ops::{CapsuleOps, RoutingOps};
+    let be = FastCpu::new();
+    let s = Config::default().caps_shape(5);
+    for rounds in 1..=3 {
+        let mut rng = Lcg(300 + rounds as u64);
+        let (u, w, dv, du0, dw0) = (
+            parity::up(&be, &parity::rand(&mut rng, s.u_len(), -0.5, 0.5)),
+            parity::up(&be, &parity::rand(&mut rng, s.w_len(), -0.1, 0.1)),
+            parity::up(&be, &parity::rand(&mut rng, s.v_len(), -1.0, 1.0)),
+            parity::rand(&mut rng, s.u_len(), -1.0, 1.0),
+            parity::rand(&mut rng, s.w_len(), -1.0, 1.0),
+        );
+        let mut v = parity::poisoned(&be, s.v_len());
+        let mut saved = be.routing_saved(&s, rounds).unwrap();
+        be.caps_routing_fwd(&s, rounds, &u, &w, &mut v, &mut saved).unwrap();
+        let (mut du1, mut dw1) = (parity::up(&be, &du0), parity::up(&be, &dw0));
+        be.caps_routing_bwd(&s, rounds, &u, &w, &saved, &dv, Some(&mut du1), Some(&mut dw1))
+            .unwrap();
+        let uhat = saved.uhat.as_ref().expect("the fast backend keeps û");
+        let mut duhat = be.zeros(s.uhat_len()).unwrap();
+        be.routing_bwd(&s, rounds, uhat, &saved, &dv, &mut duhat).unwrap();
+        let (mut du2, mut dw2) = (parity::up(&be, &du0), parity::up(&be, &dw0));
+        be.predict_bwd_input(&s, &duhat, &w, &mut du2).unwrap();
+        be.predict_bwd_weight(&s, &u, &duhat, &mut dw2).unwrap();
+        let bits = |b: &[f32]| b.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&du1), bits(&du2), "du, {rounds} rounds");
+        assert_eq!(bits(&dw1), bits(&dw2), "dW, {rounds} rounds");
+        assert!(
+            du1.iter().zip(&du0).filter(|(a, b)| a != b).count() > du0.len() / 2,
+            "du hardly moved, {rounds} rounds: the test proves nothing"
+        );
+    }
+}
+
 /// The weight and bias gradients of a conv of one input channel in one op (the first layer's
 /// backward; on AVX-512 dz is made 64 rows at a time and never stored, its products f32 FMAs) in
 /// fp32 and, where the CPU runs a bf16 GEMM, in bf16: db equal to the bit to the default's two steps

@@ -227,6 +227,219 @@ pub(super) unsafe fn bwd_image(
     }
 }
 
+/// One image's routing backward as [`bwd_image`] runs it, without dû: what dû is made of, kept for
+/// [`predict_grads`]: each round's ds (`ds_all`, rounds × nj × 16) and, for every round but the
+/// last, the gradient of the logits entering the round after it (`g_all`, (rounds − 1) × ni·nj).
+///
+/// # Safety
+/// AVX-512F ([`usable`]); the slices as `routing_bwd` hands them out for one image of `s`.
+#[target_feature(enable = "avx512f,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn bwd_coeffs_image(
+    s: &CapsShape,
+    rounds: usize,
+    uh: &[f32],
+    cs: &[f32],
+    ss: &[f32],
+    dv: &[f32],
+    ds_all: &mut [f32],
+    g_all: &mut [f32],
+) {
+    let (ni, nj, d) = (s.in_caps, s.out_caps, s.out_dim);
+    let n = ni * nj;
+    assert!(d == 16 && uh.len() == n * d && cs.len() == rounds * n && ss.len() == rounds * nj * d);
+    assert!(dv.len() == nj * d && ds_all.len() == rounds * nj * d && g_all.len() == (rounds - 1) * n);
+    let mut db_next = vec![0f32; n];
+    let mut dc = vec![0f32; n];
+    let mut dvr = vec![0f32; nj * d];
+    for r in (0..rounds).rev() {
+        let c = &cs[r * n..(r + 1) * n];
+        let sr = &ss[r * nj * d..(r + 1) * nj * d];
+        if r + 1 == rounds {
+            dvr.copy_from_slice(dv);
+        } else {
+            // SAFETY: AVX-512F (the caller's contract); the lengths asserted above
+            unsafe { all_weighted_sums(ni, nj, &db_next, uh, &mut dvr) };
+            g_all[r * n..(r + 1) * n].copy_from_slice(&db_next);
+        }
+        let ds = &mut ds_all[r * nj * d..(r + 1) * nj * d];
+        ds.fill(0.0);
+        for ((sj, dvj), dsj) in sr.chunks(d).zip(dvr.chunks(d)).zip(ds.chunks_mut(d)) {
+            squash_row_bwd::<Fused>(sj, dvj, dsj);
+        }
+        if r == 0 {
+            break;
+        }
+        dc.fill(0.0);
+        // SAFETY: as above
+        unsafe { add_agreements(nj, uh, ds, &mut dc) };
+        softmax_rows_bwd_add(nj, c, &dc, &mut db_next);
+    }
+}
+
+/// Images ahead whose values [`predict_grads`] fetches.
+const AHEAD: usize = 8;
+
+/// Where [`predict_grads`] writes: du [B, I, 8] and dW [I, 16·J, 8], each where wanted.
+#[derive(Clone, Copy)]
+pub(super) struct GradsOut {
+    pub du: Option<*mut f32>,
+    pub dw: Option<*mut f32>,
+}
+
+// SAFETY: the pointers are written only by `predict_grads`, whose callers give each thread its own
+// capsules (their elements of du and rows of dW)
+unsafe impl Sync for GradsOut {}
+unsafe impl Send for GradsOut {}
+
+/// The prediction's gradients for capsules `caps` of 8-D capsules into 16-D ones, from the routing's
+/// backward coefficients ([`bwd_coeffs_image`] for every image) and no dû: for each image, dû[b,i] is
+/// made in L1 exactly as [`bwd_image`] makes it, then du[b,i,:] += Σ_jd dû[jd] · W[i,jd,:] (as
+/// the capsules' `predict_bwd_input_block` sums it) and dW[i,jd,:] += Σ_b dû[b,i,jd] · u[b,i,:]
+/// (summed over the batch in order from zero, then added, as `predict_bwd_weight` sums it).
+///
+/// # Safety
+/// AVX-512F and FMA; `s` has 8-D inputs and 16-D outputs; cs and vs are the saved c and v, ds_all
+/// and g_all every image's coefficients, u [B, I, 8], wt the transposed weights [I, 8, 16·J]; `out`
+/// points into du and dW of the whole shape, and no one else touches their parts for `caps` during
+/// the call.
+#[target_feature(enable = "avx512f,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn predict_grads(
+    s: &CapsShape,
+    rounds: usize,
+    caps: std::ops::Range<usize>,
+    cs: &[f32],
+    vs: &[f32],
+    ds_all: &[f32],
+    g_all: &[f32],
+    u: &[f32],
+    wt: &[f32],
+    out: GradsOut,
+) {
+    let (nb, ni, nj) = (s.batch, s.in_caps, s.out_caps);
+    let (n, njd) = (ni * nj, nj * 16);
+    assert!(s.in_dim == 8 && s.out_dim == 16 && caps.end <= ni);
+    assert!(cs.len() == nb * rounds * n && vs.len() == nb * rounds * njd && ds_all.len() == nb * rounds * njd);
+    assert!(g_all.len() == nb * (rounds - 1) * n && u.len() == nb * ni * 8 && wt.len() == ni * 8 * njd);
+    // dû of two images, and dWᵀ[i] (8 × 16·J) summed over the batch
+    let mut dub = vec![0f32; 2 * njd];
+    let mut wacc = vec![0f32; 8 * njd];
+    for i in caps {
+        let wti = &wt[i * 8 * njd..(i + 1) * 8 * njd];
+        wacc.fill(0.0);
+        for b0 in (0..nb).step_by(2) {
+            let imgs = 2.min(nb - b0);
+            // this capsule's values of images a few on lie 36-92 KB apart (strides the hardware
+            // does not follow across pages): fetched ahead
+            for b in (b0 + AHEAD..b0 + AHEAD + imgs).filter(|&b| b < nb) {
+                // u[b, i] (8 values), and each round's c[b, r, i, :] and g[b, r, i, :] (nj values)
+                let u_at = [(u.as_ptr(), (b * ni + i) * 8, 8)];
+                let c_at = (0..rounds).map(|r| (cs.as_ptr(), (b * rounds + r) * n + i * nj, nj));
+                let g_at = (0..rounds - 1).map(|r| (g_all.as_ptr(), (b * (rounds - 1) + r) * n + i * nj, nj));
+                for (base, at, len) in u_at.into_iter().chain(c_at).chain(g_at) {
+                    for e in [at, at + len - 1] {
+                        // SAFETY: a prefetch of an address inside the slice (e < len: asserted
+                        // lengths) does not fault
+                        unsafe { _mm_prefetch::<_MM_HINT_T0>(base.add(e) as *const i8) };
+                    }
+                }
+                if let Some(du) = out.du {
+                    // SAFETY: as above, inside du
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(du.add((b * ni + i) * 8) as *const i8) };
+                }
+            }
+            for img in 0..imgs {
+                let b = b0 + img;
+                let (c, g) = (&cs[b * rounds * n..], &g_all[b * (rounds - 1) * n..]);
+                let (ds, v) = (&ds_all[b * rounds * njd..], &vs[b * rounds * njd..]);
+                for j in 0..nj {
+                    let k = i * nj + j;
+                    let last = rounds - 1;
+                    // SAFETY: r < rounds, k < n, j < nj: inside the asserted lengths
+                    unsafe {
+                        let at = |x: &[f32], e: usize| *x.get_unchecked(e);
+                        let vec = |x: &[f32], e: usize| _mm512_loadu_ps(x.as_ptr().add(e));
+                        let mut x = _mm512_fmadd_ps(
+                            _mm512_set1_ps(at(c, last * n + k)),
+                            vec(ds, last * njd + j * 16),
+                            _mm512_setzero_ps(),
+                        );
+                        for r in (0..last).rev() {
+                            x = _mm512_fmadd_ps(_mm512_set1_ps(at(g, r * n + k)), vec(v, r * njd + j * 16), x);
+                            x = _mm512_fmadd_ps(_mm512_set1_ps(at(c, r * n + k)), vec(ds, r * njd + j * 16), x);
+                        }
+                        _mm512_storeu_ps(dub.as_mut_ptr().add(img * njd + j * 16), x);
+                    }
+                }
+            }
+            if out.dw.is_some() {
+                // both images' terms in turn on each sum, loaded and stored once
+                let ub = &u[(b0 * ni + i) * 8..][..8];
+                let ub2 = if imgs == 2 {
+                    &u[((b0 + 1) * ni + i) * 8..][..8]
+                } else {
+                    ub
+                };
+                for t in 0..8 {
+                    let (u0, u1) = (_mm512_set1_ps(ub[t]), _mm512_set1_ps(ub2[t]));
+                    for q in 0..nj {
+                        // SAFETY: inside wacc and dub
+                        unsafe {
+                            let w = wacc.as_mut_ptr().add(t * njd + q * 16);
+                            let mut acc = _mm512_loadu_ps(w);
+                            acc = _mm512_fmadd_ps(_mm512_loadu_ps(dub.as_ptr().add(q * 16)), u0, acc);
+                            if imgs == 2 {
+                                acc = _mm512_fmadd_ps(_mm512_loadu_ps(dub.as_ptr().add(njd + q * 16)), u1, acc);
+                            }
+                            _mm512_storeu_ps(w, acc);
+                        }
+                    }
+                }
+            }
+            if let Some(du) = out.du {
+                let mut p = [_mm512_setzero_ps(); 16];
+                for img in 0..imgs {
+                    // the eight sums side by side (eight independent chains of FMAs), each over q in
+                    // order
+                    let mut acc = [_mm512_setzero_ps(); 8];
+                    for q in 0..nj {
+                        // SAFETY: inside dub and Wᵀ[i]
+                        unsafe {
+                            let g = _mm512_loadu_ps(dub.as_ptr().add(img * njd + q * 16));
+                            for (t, a) in acc.iter_mut().enumerate() {
+                                *a = _mm512_fmadd_ps(g, _mm512_loadu_ps(wti.as_ptr().add(t * njd + q * 16)), *a);
+                            }
+                        }
+                    }
+                    for (t, a) in acc.into_iter().enumerate() {
+                        p[slot(img * 8 + t)] = a;
+                    }
+                }
+                let mut sums = [0f32; 16];
+                // SAFETY: 16 values; du[b, i, :] of these images lies in du (the caller's contract),
+                // capsule i is this call's alone
+                unsafe {
+                    _mm512_storeu_ps(sums.as_mut_ptr(), reduce16(p));
+                    for img in 0..imgs {
+                        let d = std::slice::from_raw_parts_mut(du.add(((b0 + img) * ni + i) * 8), 8);
+                        d.iter_mut().zip(&sums[img * 8..]).for_each(|(d, v)| *d += v);
+                    }
+                }
+            }
+        }
+        if let Some(dw) = out.dw {
+            // SAFETY: row i of dW (16·J × 8) lies in dW, and is this call's alone (the caller's contract)
+            let dwi = unsafe { std::slice::from_raw_parts_mut(dw.add(i * njd * 8), njd * 8) };
+            for (jd, row) in dwi.chunks_exact_mut(8).enumerate() {
+                for (t, o) in row.iter_mut().enumerate() {
+                    *o += wacc[t * njd + jd];
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
