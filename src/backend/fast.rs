@@ -283,10 +283,45 @@ impl FastCpu {
     }
 }
 
-/// `buf.fill(v)` over the threads (a gradient's zeroing is a pass over memory).
+/// `buf.fill(v)` over the threads (a gradient's zeroing is a pass over memory); a buffer of 1 MiB or
+/// more with non-temporal stores where the CPU has AVX-512F: they write whole lines without reading
+/// them first and leave the caches to the data in use (zeroing a bf16 step's gradients, 55 MB at
+/// batch 50, took 2.3 ms with plain stores and 1.3 ms so, and the step gained about 3 ms on the Xeon).
 fn par_fill(buf: &mut [f32], v: f32) {
     const PART: usize = 1 << 14;
-    crate::par::par_blocks(buf, PART, PART, |_, b| b.fill(v));
+    #[cfg(target_arch = "x86_64")]
+    let stream = buf.len() >= 1 << 18 && std::arch::is_x86_feature_detected!("avx512f");
+    crate::par::par_blocks(buf, PART, PART, |_, b| {
+        #[cfg(target_arch = "x86_64")]
+        if stream {
+            // SAFETY: AVX-512F (checked)
+            return unsafe { stream_fill(b, v) };
+        }
+        b.fill(v)
+    });
+}
+
+/// `b.fill(v)` with non-temporal stores for its whole cache lines.
+///
+/// # Safety
+/// AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn stream_fill(b: &mut [f32], v: f32) {
+    use std::arch::x86_64::*;
+    let head = b.as_ptr().align_offset(64).min(b.len());
+    let (h, rest) = b.split_at_mut(head);
+    h.fill(v);
+    let whole = rest.len() / 16 * 16;
+    let x = _mm512_set1_ps(v);
+    for i in (0..whole).step_by(16) {
+        // SAFETY: 16 values from i < whole ≤ rest.len(), on a 64-byte boundary (rest starts on one)
+        unsafe { _mm512_stream_ps(rest.as_mut_ptr().add(i), x) };
+    }
+    rest[whole..].fill(v);
+    // the streamed stores ordered before anything this thread does next (the parallel loop's end
+    // publishes them to the others)
+    _mm_sfence();
 }
 
 /// Images per im2col chunk for `batch` images of `elems` patch values each: as few chunks as
@@ -459,6 +494,21 @@ impl Core for FastCpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fill large enough for the streaming stores, off a cache line at both ends, sets every value
+    /// and nothing beside them.
+    #[test]
+    fn a_large_fill_sets_every_value_and_no_other() {
+        let n = (1 << 18) + 37;
+        let mut v = vec![f32::NAN; n + 8];
+        par_fill(&mut v[3..3 + n], 7.5);
+        assert!(
+            v[..3].iter().chain(&v[3 + n..]).all(|x| x.is_nan()),
+            "a value beside the fill changed"
+        );
+        let wrong = v[3..3 + n].iter().filter(|&&x| x != 7.5).count();
+        assert_eq!(wrong, 0, "{wrong} of {n} values not filled");
+    }
 
     #[test]
     fn tensors_and_scratch_start_on_a_cache_line() {
