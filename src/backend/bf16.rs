@@ -54,6 +54,11 @@ const BLOCK: usize = 32;
 /// K tiles per pass (2,048 values of K): one A block row of 32 rows is 128 KiB; 8, 32 and 64 measured
 /// within noise of each other at the primary conv's shapes.
 const KC_TILES: usize = 64;
+/// K tiles per pass of a transposed-add product kept between passes (256 values of K: a block's
+/// A and B strips, 16 KiB each, stay in L1 across the group's blocks).
+const KC_ADD: usize = 8;
+/// The most bytes of C blocks a thread keeps between the passes of a transposed-add product.
+const ADD_BLOCKS_MAX: usize = 1 << 19;
 /// C blocks per group along N (256 columns).
 const NG_BLOCKS: usize = 8;
 /// C blocks per group along M (512 rows): the group's C, 512 KiB, stays in L2 across K passes.
@@ -932,7 +937,22 @@ unsafe fn gemm_on(
     }
     let zero_c = beta == 0.0;
     let (mb, nb, kts) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK), k.div_ceil(TK));
-    let kc_step = if one_pass { kts } else { KC_TILES };
+    // a transposed-add product (a weight gradient: K the batch's rows, thousands) over passes of
+    // `KC_ADD` tiles, each thread's blocks of a column group kept in its own buffer between passes,
+    // where they fit `ADD_BLOCKS_MAX`: one pass read its A and B strips (114 KiB each at the primary
+    // conv's shape) from L2 for every block
+    let add_passes = matches!(out, Out::AddTransposed)
+        && n >= 4 * m
+        && nb >= threads
+        && kts > KC_ADD
+        && mb * NG_BLOCKS * BLOCK * BLOCK * 4 <= ADD_BLOCKS_MAX;
+    let kc_step = if add_passes {
+        KC_ADD
+    } else if one_pass {
+        kts
+    } else {
+        KC_TILES
+    };
     let threads = threads.max(1);
     let stream_b = n >= 4 * m && nb >= threads;
     let shares: Vec<Share> = match out {
@@ -1037,6 +1057,13 @@ unsafe fn gemm_on(
         };
         let mut edge = EdgeBlock([0f32; BLOCK * BLOCK]);
         let edge = &mut edge.0;
+        let mut kept: Vec<EdgeBlock> = if add_passes {
+            (0..blocks_m.len() * NG_BLOCKS)
+                .map(|_| EdgeBlock([0f32; BLOCK * BLOCK]))
+                .collect()
+        } else {
+            vec![]
+        };
         // SAFETY: tiles exist (the caller's contract); every block below lies inside the packed
         // buffers and inside C (edge blocks go through `edge`), and this thread writes only the C
         // blocks of its own share (a sink's groups keep shares apart: its contract)
@@ -1102,7 +1129,17 @@ unsafe fn gemm_on(
                                         sink.add(i0, rows, j0, nj, edge);
                                     }
                                     Out::AddTransposed => {
-                                        block(ap, a_next, bp, b_next, kn, edge.as_mut_ptr(), BLOCK * 4, false);
+                                        let blk = if add_passes {
+                                            let at = (bi - blocks_m.start) * NG_BLOCKS + (bj - ng);
+                                            &mut kept[at].0
+                                        } else {
+                                            &mut *edge
+                                        };
+                                        block(ap, a_next, bp, b_next, kn, blk.as_mut_ptr(), BLOCK * 4, kc > 0);
+                                        if kc + kn < kts {
+                                            continue;
+                                        }
+                                        let edge = &*blk;
                                         if ni == BLOCK && nj == BLOCK {
                                             let c0 = cs.0.offset(j0 as isize * rsc + i0 as isize);
                                             add_block_transposed(edge, c0, rsc as usize);
