@@ -368,19 +368,37 @@ unsafe impl bf16::BlockSink for Col2im {
     }
     fn add(&self, i0: usize, rows: std::ops::Range<usize>, j0: usize, nj: usize, blk: &[f32; 1024]) {
         let base = self.at.col[self.order.natural(j0) / 32];
+        assert!(nj <= 32 && rows.start >= i0 && rows.end <= i0 + 32 && rows.end <= self.at.row.len());
+        if nj == 32 {
+            // SAFETY: AVX-512F is there (a bf16 GEMM runs); the rows' offsets are checked inside
+            unsafe { self.add_rows32(i0, rows, base, blk) };
+            return;
+        }
         for r in rows {
             let at = self.at.row[r] + base;
-            assert!(at + nj <= self.dx_len && nj <= 32 && r - i0 < 32);
+            assert!(at + nj <= self.dx_len);
             let src = &blk[(r - i0) * 32..][..nj];
-            if nj == 32 {
-                // SAFETY: 32 values inside dx (asserted) that no other thread writes (the groups);
-                // AVX-512F is there (a bf16 GEMM runs)
-                unsafe { add32(self.dx.add(at), src.as_ptr()) };
-            } else {
-                // SAFETY: as above
-                let dst = unsafe { std::slice::from_raw_parts_mut(self.dx.add(at), nj) };
-                dst.iter_mut().zip(src).for_each(|(d, v)| *d += v);
-            }
+            // SAFETY: nj values inside dx (asserted) that no other thread writes (the groups)
+            let dst = unsafe { std::slice::from_raw_parts_mut(self.dx.add(at), nj) };
+            dst.iter_mut().zip(src).for_each(|(d, v)| *d += v);
+        }
+    }
+}
+
+impl Col2im {
+    /// The whole-width rows of a block added onto dx, in one AVX-512 function (one call a block, not
+    /// one a row: a row's call and its return to non-AVX-512 code cost as much as its adds).
+    ///
+    /// # Safety
+    /// AVX-512F; rows within i0..i0 + 32 and the patch table; no other thread writes these values
+    /// of dx (the sink's groups).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn add_rows32(&self, i0: usize, rows: std::ops::Range<usize>, base: usize, blk: &[f32; 1024]) {
+        for r in rows {
+            let at = self.at.row[r] + base;
+            assert!(at + 32 <= self.dx_len);
+            // SAFETY: 32 values inside dx (asserted), and the block's row r - i0 < 32; AVX-512F
+            unsafe { add32(self.dx.add(at), blk.as_ptr().add((r - i0) * 32)) };
         }
     }
 }
@@ -390,6 +408,7 @@ unsafe impl bf16::BlockSink for Col2im {
 /// # Safety
 /// AVX-512F; 32 readable f32 at `src` and 32 writable at `dst`.
 #[target_feature(enable = "avx512f")]
+#[inline]
 unsafe fn add32(dst: *mut f32, src: *const f32) {
     use std::arch::x86_64::*;
     // SAFETY: the caller's contract
