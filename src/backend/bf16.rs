@@ -214,10 +214,8 @@ pub(crate) fn to_bf16(src: &[f32], dst: &mut [u16]) {
     crate::par::par_blocks(dst, PART, PART, |first, part| {
         let src = &src[first * PART..][..part.len()];
         let whole = part.len() / TK * TK;
-        for (d, s) in part[..whole].chunks_exact_mut(TK).zip(src.chunks_exact(TK)) {
-            // SAFETY: 32 values each side; AVX-512F is there (a bf16 GEMM's caller)
-            unsafe { row32(s.as_ptr(), d.as_mut_ptr()) };
-        }
+        // SAFETY: AVX-512F is there (a bf16 GEMM's caller)
+        unsafe { rows32_contiguous(&src[..whole], &mut part[..whole]) };
         for (d, s) in part[whole..].iter_mut().zip(&src[whole..]) {
             *d = bf16_bits(*s);
         }
@@ -298,6 +296,57 @@ unsafe fn row32(src: *const f32, dst: *mut u16) {
         let hi = _mm512_cvtepi32_epi16(bf16x16(_mm512_loadu_ps(src.add(16))));
         _mm256_storeu_si256(dst as *mut __m256i, lo);
         _mm256_storeu_si256(dst.add(16) as *mut __m256i, hi);
+    }
+}
+
+/// [`row32`] over whole runs of 32: `dst` = `src` rounded, both a multiple of 32 long. The loops
+/// below are AVX-512 functions of their own so that the one-row helpers inline into them: a call per
+/// row, and its return to code without AVX-512, cost as much as the row.
+///
+/// # Safety
+/// AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn rows32_contiguous(src: &[f32], dst: &mut [u16]) {
+    assert!(src.len() == dst.len() && src.len().is_multiple_of(TK));
+    for (d, s) in dst.chunks_exact_mut(TK).zip(src.chunks_exact(TK)) {
+        // SAFETY: 32 values each side
+        unsafe { row32(s.as_ptr(), d.as_mut_ptr()) };
+    }
+}
+
+/// [`row32`] of each run into consecutive rows of a tile.
+///
+/// # Safety
+/// AVX-512F; 32 readable f32 at each run; `runs.len()` rows of 32 writable u16 from `tile`.
+#[target_feature(enable = "avx512f")]
+unsafe fn rows32(runs: &[*const f32], tile: *mut u16) {
+    for (i, &run) in runs.iter().enumerate() {
+        // SAFETY: the caller's contract
+        unsafe { row32(run, tile.add(i * TK)) };
+    }
+}
+
+/// [`pairs16`] of each pair of runs into consecutive rows of a B tile.
+///
+/// # Safety
+/// AVX-512F; 16 readable f32 at each run; `runs.len() / 2` rows of 32 writable u16 from `tile`.
+#[target_feature(enable = "avx512f")]
+unsafe fn pairs16_rows(runs: &[*const f32], tile: *mut u16) {
+    for r in 0..runs.len() / 2 {
+        // SAFETY: the caller's contract
+        unsafe { pairs16(runs[2 * r], runs[2 * r + 1], tile.add(r * TK)) };
+    }
+}
+
+/// [`pairs16_bf16`] of each pair of the 32 runs into the 16 rows of a B tile.
+///
+/// # Safety
+/// AVX-512F; 16 readable u16 at each run; a tile's 512 writable u16 at `tile`.
+#[target_feature(enable = "avx512f")]
+unsafe fn pairs16_bf16_rows(halves: &[*const u16; TK], tile: *mut u16) {
+    for r in 0..TK / 2 {
+        // SAFETY: the caller's contract
+        unsafe { pairs16_bf16(halves[2 * r], halves[2 * r + 1], tile.add(r * TK)) };
     }
 }
 
@@ -486,10 +535,10 @@ fn pack_a_tile(m: usize, k: usize, src: &impl Source, mt: usize, kt: usize, tile
             unsafe { std::ptr::copy_nonoverlapping(run, tile.as_mut_ptr().add(i * TK), TK) };
         }
     } else if np == TK && (0..ni).all(|i| src.run(i0 + i, p0, TK).map(|r| runs[i] = r).is_some()) {
-        for (i, &run) in runs.iter().enumerate().take(ni) {
-            // SAFETY: the source has these 32 values contiguous; AVX-512F is there (`supported`)
-            unsafe { row32(run, tile.as_mut_ptr().add(i * TK)) };
-        }
+        assert!(tile.len() >= ni * TK);
+        // SAFETY: the source has these 32 values contiguous; the tile holds ni rows (asserted);
+        // AVX-512F is there (`supported`)
+        unsafe { rows32(&runs[..ni], tile.as_mut_ptr()) };
     } else if ni == TM && np == TK && (0..TK).all(|p| src.col_run(i0, p0 + p, TM).map(|r| cols[p] = r).is_some()) {
         for p in (0..TK).step_by(2) {
             // SAFETY: the source has both columns' 16 values contiguous; the 16 pairs
@@ -523,15 +572,15 @@ fn pack_b_tile(k: usize, n: usize, src: &impl Source, nt: usize, kt: usize, tile
     let (mut runs, mut cols) = ([std::ptr::null(); TK], [std::ptr::null(); TN]);
     let mut halves = [std::ptr::null(); TK];
     if nj == TN && np == TK && (0..np).all(|p| src.run_bf16(p0 + p, j0, TN).map(|r| halves[p] = r).is_some()) {
-        for r in 0..TK / 2 {
-            // SAFETY: the source has both rows' 16 bf16 values contiguous; AVX-512F is there
-            unsafe { pairs16_bf16(halves[2 * r], halves[2 * r + 1], tile.as_mut_ptr().add(r * TK)) };
-        }
+        assert!(tile.len() >= TILE);
+        // SAFETY: the source has each row's 16 bf16 values contiguous; a whole tile (asserted);
+        // AVX-512F is there
+        unsafe { pairs16_bf16_rows(&halves, tile.as_mut_ptr()) };
     } else if nj == TN && (0..np).all(|p| src.run(p0 + p, j0, TN).map(|r| runs[p] = r).is_some()) {
-        for r in 0..np / 2 {
-            // SAFETY: the source has both rows' 16 values contiguous; AVX-512F is there
-            unsafe { pairs16(runs[2 * r], runs[2 * r + 1], tile.as_mut_ptr().add(r * TK)) };
-        }
+        assert!(tile.len() >= np / 2 * TK);
+        // SAFETY: the source has each row's 16 values contiguous; np/2 tile rows (asserted);
+        // AVX-512F is there
+        unsafe { pairs16_rows(&runs[..np / 2 * 2], tile.as_mut_ptr()) };
         if np % 2 == 1 {
             for j in 0..nj {
                 tile[(np / 2) * TK + j * 2] = bf16_bits(src.at(p0 + np - 1, j0 + j));
