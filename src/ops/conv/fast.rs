@@ -1,7 +1,6 @@
 //! Convolutions on the fast CPU backend.
 
 use crate::Result;
-use crate::backend::Core;
 use crate::backend::bf16::{self, Out, Strided};
 use crate::backend::fast::{FastCpu, PoolBuf, images_per_chunk};
 use crate::backend::linalg::{CpuGemm, cpu_gemm};
@@ -10,7 +9,7 @@ use crate::float::Precision;
 use super::im2col::{col2im_add, im2col};
 use super::{ConvOps, ConvShape, check_conv2d_bwd_input, check_conv2d_bwd_weight, check_conv2d_fwd};
 use crate::ops::dense::fast::{affine, affine_bf16};
-use crate::ops::dense::{Act, DenseOps, check_act_bwd, check_bias_bwd};
+use crate::ops::dense::{Act, check_act_bwd, check_bias_bwd};
 
 impl ConvOps for FastCpu {
     fn conv2d_fwd(
@@ -152,7 +151,7 @@ impl ConvOps for FastCpu {
     }
 
     /// On AVX-512 for one input channel (conv1): dz made 64 rows at a time and never stored, the
-    /// patches read from the image ([`super::avx512`]); else the default.
+    /// patches read from the image ([`super::avx512`]); else the default's two steps.
     fn conv2d_bwd_params(
         &self,
         s: &ConvShape,
@@ -161,46 +160,25 @@ impl ConvOps for FastCpu {
         y: &PoolBuf,
         dy: &PoolBuf,
         dw: &mut PoolBuf,
-        mut db: Option<&mut PoolBuf>,
+        db: Option<&mut PoolBuf>,
     ) -> Result<()> {
-        if self.conv2d_bwd_params_wide(s, act, x, y, dy, dw, &mut db)? {
-            return Ok(());
-        }
-        let mut dz = self.alloc_out(s.y_len())?;
-        self.act_bias_bwd(act, s.rows(), s.out_c, y, dy, &mut dz, db)?;
-        self.conv2d_bwd_weight(s, x, &dz, dw)
-    }
-}
-
-impl FastCpu {
-    /// The AVX-512 weight and bias gradients of a conv of one input channel, where they run `s`.
-    #[allow(clippy::too_many_arguments)]
-    fn conv2d_bwd_params_wide(
-        &self,
-        s: &ConvShape,
-        act: Act,
-        x: &PoolBuf,
-        y: &PoolBuf,
-        dy: &PoolBuf,
-        dw: &mut PoolBuf,
-        db: &mut Option<&mut PoolBuf>,
-    ) -> Result<bool> {
         #[cfg(target_arch = "x86_64")]
         if super::avx512::usable(s, act) {
             check_conv2d_bwd_weight(s, x.len(), y.len(), dw.len())?;
             check_act_bwd(y.len(), dy.len(), y.len())?;
-            if let Some(db) = db {
+            if let Some(db) = &db {
                 check_bias_bwd(s.rows(), s.out_c, y.len(), db.len())?;
             }
-            let db = db.as_deref_mut().map(|d| &mut d[..]);
+            let db = db.map(|d| &mut d[..]);
             // SAFETY: `usable`; the lengths are checked above
             unsafe { super::avx512::params_bwd(s, act, self.precision(), x, y, dy, dw, db) };
-            return Ok(true);
+            return Ok(());
         }
-        let _ = (s, act, x, y, dy, dw, db);
-        Ok(false)
+        super::conv2d_bwd_params_in_two_steps(self, s, act, x, y, dy, dw, db)
     }
+}
 
+impl FastCpu {
     /// Runs `f` on `x` rounded to bf16 (in the scratch buffer): a conv's input, which the patches
     /// read about k²/stride² times, converted once.
     fn with_bf16<R>(&self, x: &[f32], f: impl FnOnce(&[u16]) -> R) -> Result<R> {

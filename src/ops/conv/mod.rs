@@ -2,7 +2,7 @@
 //! x [B, H, W, Cin] · w [K, K, Cin, Cout] + b [Cout] → y [B, OH, OW, Cout].
 //!
 //! Here: [`ConvShape`], the [`ConvOps`] interface, the tape op [`conv2d`]; the CPU reference, fast CPU
-//! and CUDA implementations beside it (cpu.rs, fast.rs, cuda.rs).
+//! and CUDA implementations beside it (cpu.rs, fast.rs with its AVX-512 kernel in avx512.rs, cuda.rs).
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -95,10 +95,26 @@ pub trait ConvOps: Core {
     where
         Self: DenseOps,
     {
-        let mut dz = self.alloc_out(s.y_len())?;
-        self.act_bias_bwd(act, s.rows(), s.out_c, y, dy, &mut dz, db)?;
-        self.conv2d_bwd_weight(s, x, &dz, dw)
+        conv2d_bwd_params_in_two_steps(self, s, act, x, y, dy, dw, db)
     }
+}
+
+/// [`ConvOps::conv2d_bwd_params`] as its default runs it: dz with its bias gradient
+/// ([`DenseOps::act_bias_bwd`]), then [`ConvOps::conv2d_bwd_weight`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv2d_bwd_params_in_two_steps<B: ConvOps + DenseOps + ?Sized>(
+    be: &B,
+    s: &ConvShape,
+    act: Act,
+    x: &B::Buf,
+    y: &B::Buf,
+    dy: &B::Buf,
+    dw: &mut B::Buf,
+    db: Option<&mut B::Buf>,
+) -> Result<()> {
+    let mut dz = be.alloc_out(s.y_len())?;
+    be.act_bias_bwd(act, s.rows(), s.out_c, y, dy, &mut dz, db)?;
+    be.conv2d_bwd_weight(s, x, &dz, dw)
 }
 
 pub fn conv2d<B: ConvOps + DenseOps>(t: &mut Tape<B>, x: Var, w: Var, b: Var, stride: usize, act: Act) -> Result<Var> {
