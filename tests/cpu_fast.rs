@@ -462,3 +462,37 @@ fn fast_cpu_first_layer_gradients_in_one_op() {
         }
     }
 }
+
+/// The first layer's gradients in one op refuse buffers of the wrong length with an error naming
+/// the op and the buffer (before any kernel runs), on the AVX-512 path and the default's.
+#[test]
+fn fast_cpu_first_layer_gradients_refuse_a_wrong_length() {
+    use capsnet::ops::Act;
+    use capsnet::ops::conv::{ConvOps, ConvShape};
+    let be = FastCpu::new();
+    for out_c in [64, 48] {
+        let s = ConvShape {
+            batch: 2,
+            in_h: 9,
+            in_w: 9,
+            in_c: 1,
+            out_c,
+            k: 3,
+            stride: 1,
+        };
+        let (x, y, dy) = (
+            be.zeros(s.x_len()).unwrap(),
+            be.zeros(s.y_len() - 1).unwrap(),
+            be.zeros(s.y_len()).unwrap(),
+        );
+        let (mut dw, mut db) = (be.zeros(s.w_len()).unwrap(), be.zeros(out_c).unwrap());
+        let e = be
+            .conv2d_bwd_params(&s, Act::Relu, &x, &y, &dy, &mut dw, Some(&mut db))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("{}", s.y_len() - 1)), "{out_c} channels: {e}");
+        if out_c == 64 {
+            assert!(e.contains("conv2d_bwd_params") && e.contains("y"), "{e}");
+        }
+    }
+}

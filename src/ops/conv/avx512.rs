@@ -23,10 +23,12 @@ const PART_CHUNKS: usize = 16;
 /// Taps per register block: 6 × 4 accumulators, 4 registers of dz and a broadcast.
 const TB: usize = 6;
 
-/// Whether this kernel runs a conv of shape `s` and activation `act` here: one input channel, output
-/// channels in whole blocks of 64, ReLU or none, a CPU with AVX-512F and FMA.
+/// Whether this kernel runs a conv of shape `s` and activation `act` here: one input channel, a
+/// kernel of at least one tap, output channels in whole blocks of 64, ReLU or none, a CPU with
+/// AVX-512F and FMA.
 pub(super) fn usable(s: &ConvShape, act: Act) -> bool {
     s.in_c == 1
+        && s.k > 0
         && s.out_c.is_multiple_of(CB)
         && matches!(act, Act::Relu | Act::None)
         && std::arch::is_x86_feature_detected!("avx512f")

@@ -8,8 +8,9 @@ use crate::float::Precision;
 
 use super::im2col::{col2im_add, im2col};
 use super::{ConvOps, ConvShape, check_conv2d_bwd_input, check_conv2d_bwd_weight, check_conv2d_fwd};
+use crate::backend::check;
+use crate::ops::dense::Act;
 use crate::ops::dense::fast::{affine, affine_bf16};
-use crate::ops::dense::{Act, check_act_bwd, check_bias_bwd};
 
 impl ConvOps for FastCpu {
     fn conv2d_fwd(
@@ -164,10 +165,13 @@ impl ConvOps for FastCpu {
     ) -> Result<()> {
         #[cfg(target_arch = "x86_64")]
         if super::avx512::usable(s, act) {
-            check_conv2d_bwd_weight(s, x.len(), y.len(), dw.len())?;
-            check_act_bwd(y.len(), dy.len(), y.len())?;
+            const OP: &str = "conv2d_bwd_params";
+            check(OP, "x", x.len(), s.x_len())?;
+            check(OP, "y", y.len(), s.y_len())?;
+            check(OP, "dy", dy.len(), s.y_len())?;
+            check(OP, "dw", dw.len(), s.w_len())?;
             if let Some(db) = &db {
-                check_bias_bwd(s.rows(), s.out_c, y.len(), db.len())?;
+                check(OP, "db", db.len(), s.out_c)?;
             }
             let db = db.map(|d| &mut d[..]);
             // SAFETY: `usable`; the lengths are checked above

@@ -168,6 +168,7 @@ impl<B: ConvOps + DenseOps> BackwardOp<B> for Conv2dBackward {
     fn backward(&self, ctx: &Ctx<'_, B>, g: &mut GradStore<'_, B>) -> Result<()> {
         let be = ctx.backend;
         if g.get(self.x)?.is_none()
+            && self.w != self.b
             && let (Some(dw), db) = g.get_two(self.w, self.b)?
         {
             // no input gradient (the first layer): the parameters' gradients in one op

@@ -337,7 +337,7 @@ pub(super) unsafe fn predict_grads(
                 let u_at = [(u.as_ptr(), (b * ni + i) * 8, 8)];
                 let c_at = (0..rounds).map(|r| (cs.as_ptr(), (b * rounds + r) * n + i * nj, nj));
                 let g_at = (0..rounds - 1).map(|r| (g_all.as_ptr(), (b * (rounds - 1) + r) * n + i * nj, nj));
-                for (base, at, len) in u_at.into_iter().chain(c_at).chain(g_at) {
+                for (base, at, len) in u_at.into_iter().chain(c_at).chain(g_at).filter(|l| l.2 > 0) {
                     for e in [at, at + len - 1] {
                         // SAFETY: a prefetch of an address inside the slice (e < len: asserted
                         // lengths) does not fault

@@ -298,11 +298,12 @@ impl FastCpu {
         check_routing(OP, s, rounds, uhat.len(), [saved.c.len(), saved.s.len(), saved.v.len()])?;
         check(OP, "dv", dv.len(), nb * nj * d)?;
         check(OP, "u", u.len(), nb * ni * 8)?;
+        check(OP, "w", wt.len(), s.w_len())?;
         if let Some(du) = &du {
             check(OP, "du", du.len(), u.len())?;
         }
         if let Some(dw) = &dw {
-            check(OP, "dw", dw.len(), wt.len())?;
+            check(OP, "dw", dw.len(), s.w_len())?;
         }
         let mut ds_all = self.alloc_out(nb * rounds * nj * d)?;
         let mut g_all = self.alloc_out(nb * (rounds - 1) * n)?;
