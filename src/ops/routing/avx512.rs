@@ -151,7 +151,8 @@ pub(super) unsafe fn fwd_image(
 }
 
 /// One image's routing backward, as [`super::fast`]'s: dû += (with `fresh`, =) the gradient of the
-/// last round's v through every round.
+/// last round's v through every round: [`bwd_coeffs_image`]'s coefficients, then each dû_ij made
+/// from them by [`duhat_ij`] in one pass.
 ///
 /// # Safety
 /// AVX-512F ([`usable`]); the slices as `routing_bwd` hands them out for one image of `s`.
@@ -170,60 +171,57 @@ pub(super) unsafe fn bwd_image(
 ) {
     let (ni, nj, d) = (s.in_caps, s.out_caps, s.out_dim);
     let n = ni * nj;
-    assert!(d == 16 && uh.len() == n * d && duh.len() == n * d && cs.len() == rounds * n);
-    assert!(ss.len() == rounds * nj * d && vs.len() == rounds * nj * d && dv.len() == nj * d);
-    // the gradient with respect to the logits b_{r+1} entering the round after this one
-    let mut db_next = vec![0f32; n];
-    let mut dc = vec![0f32; n];
-    let mut dvr = vec![0f32; nj * d];
-    let mut ds = vec![0f32; nj * d];
-    let mut fresh = fresh;
-    for r in (0..rounds).rev() {
-        let c = &cs[r * n..(r + 1) * n];
-        let sr = &ss[r * nj * d..(r + 1) * nj * d];
-        let last = r + 1 == rounds;
-        if last {
-            dvr.copy_from_slice(dv);
-        } else {
-            // b_{r+1} = b_r + û·v_r: v_r receives Σ_i db_{r+1} û
-            // SAFETY: AVX-512F (the caller's contract); the lengths asserted above
-            unsafe { all_weighted_sums(ni, nj, &db_next, uh, &mut dvr) };
+    assert!(d == 16 && duh.len() == n * d && vs.len() == rounds * nj * d);
+    let mut ds_all = vec![0f32; rounds * nj * d];
+    let mut g_all = vec![0f32; (rounds - 1) * n];
+    // SAFETY: AVX-512F (the caller's contract); bwd_coeffs_image asserts the rest
+    unsafe { bwd_coeffs_image(s, rounds, uh, cs, ss, dv, &mut ds_all, &mut g_all) };
+    for k in 0..n {
+        // SAFETY: k < n and the lengths asserted here and in bwd_coeffs_image
+        unsafe {
+            let out = duh.as_mut_ptr().add(k * 16);
+            let x0 = if fresh {
+                _mm512_setzero_ps()
+            } else {
+                _mm512_loadu_ps(out)
+            };
+            _mm512_storeu_ps(out, duhat_ij(rounds, n, nj * d, cs, &g_all, &ds_all, vs, k, k % nj, x0));
         }
-        ds.fill(0.0);
-        for ((sj, dvj), dsj) in sr.chunks(d).zip(dvr.chunks(d)).zip(ds.chunks_mut(d)) {
-            squash_row_bwd::<Fused>(sj, dvj, dsj);
+    }
+}
+
+/// dû_ij of one image, added to `x0`, from the image's couplings `c` (rounds × ni·nj), the logits'
+/// gradients `g` ((rounds − 1) × ni·nj), `ds` and `v` (rounds × nj·16 each), k = i·nj + j: the last
+/// round's c·ds, then for each earlier round (back to the first) its g·v and c·ds, each an FMA.
+///
+/// # Safety
+/// AVX-512F and FMA; the slices hold what those lengths say, k < ni·nj, j < nj, njd = nj·16.
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn duhat_ij(
+    rounds: usize,
+    n: usize,
+    njd: usize,
+    c: &[f32],
+    g: &[f32],
+    ds: &[f32],
+    v: &[f32],
+    k: usize,
+    j: usize,
+    x0: __m512,
+) -> __m512 {
+    let last = rounds - 1;
+    // SAFETY: the caller's contract
+    unsafe {
+        let at = |x: &[f32], e: usize| _mm512_set1_ps(*x.get_unchecked(e));
+        let vec = |x: &[f32], e: usize| _mm512_loadu_ps(x.as_ptr().add(e));
+        let mut x = _mm512_fmadd_ps(at(c, last * n + k), vec(ds, last * njd + j * 16), x0);
+        for r in (0..last).rev() {
+            x = _mm512_fmadd_ps(at(g, r * n + k), vec(v, r * njd + j * 16), x);
+            x = _mm512_fmadd_ps(at(c, r * n + k), vec(ds, r * njd + j * 16), x);
         }
-        // û receives db_{r+1} v_r (not in the last round) and c ds (s_j = Σ_i c_ij û_ij), in one pass
-        let vr = &vs[r * nj * d..(r + 1) * nj * d];
-        let (dp, dsp, vp) = (duh.as_mut_ptr(), ds.as_ptr(), vr.as_ptr());
-        for i in 0..ni {
-            for j in 0..nj {
-                let k = i * nj + j;
-                // SAFETY: k < n, j < nj: inside duh, ds and v_r (asserted lengths)
-                unsafe {
-                    let mut x = if fresh {
-                        _mm512_setzero_ps()
-                    } else {
-                        _mm512_loadu_ps(dp.add(k * 16))
-                    };
-                    if !last {
-                        x = _mm512_fmadd_ps(_mm512_set1_ps(db_next[k]), _mm512_loadu_ps(vp.add(j * 16)), x);
-                    }
-                    x = _mm512_fmadd_ps(_mm512_set1_ps(c[k]), _mm512_loadu_ps(dsp.add(j * 16)), x);
-                    _mm512_storeu_ps(dp.add(k * 16), x);
-                }
-            }
-        }
-        fresh = false;
-        if r == 0 {
-            // b_0 is the constant 0: nothing receives its gradient
-            break;
-        }
-        dc.fill(0.0);
-        // SAFETY: as above
-        unsafe { add_agreements(nj, uh, &ds, &mut dc) };
-        // c_i = softmax(b_i); b_r also flows on to b_{r+1}
-        softmax_rows_bwd_add(nj, c, &dc, &mut db_next);
+        x
     }
 }
 
@@ -354,21 +352,9 @@ pub(super) unsafe fn predict_grads(
                 let (c, g) = (&cs[b * rounds * n..], &g_all[b * (rounds - 1) * n..]);
                 let (ds, v) = (&ds_all[b * rounds * njd..], &vs[b * rounds * njd..]);
                 for j in 0..nj {
-                    let k = i * nj + j;
-                    let last = rounds - 1;
-                    // SAFETY: r < rounds, k < n, j < nj: inside the asserted lengths
+                    // SAFETY: i·nj + j < n, j < nj: inside the asserted lengths
                     unsafe {
-                        let at = |x: &[f32], e: usize| *x.get_unchecked(e);
-                        let vec = |x: &[f32], e: usize| _mm512_loadu_ps(x.as_ptr().add(e));
-                        let mut x = _mm512_fmadd_ps(
-                            _mm512_set1_ps(at(c, last * n + k)),
-                            vec(ds, last * njd + j * 16),
-                            _mm512_setzero_ps(),
-                        );
-                        for r in (0..last).rev() {
-                            x = _mm512_fmadd_ps(_mm512_set1_ps(at(g, r * n + k)), vec(v, r * njd + j * 16), x);
-                            x = _mm512_fmadd_ps(_mm512_set1_ps(at(c, r * n + k)), vec(ds, r * njd + j * 16), x);
-                        }
+                        let x = duhat_ij(rounds, n, njd, c, g, ds, v, i * nj + j, j, _mm512_setzero_ps());
                         _mm512_storeu_ps(dub.as_mut_ptr().add(img * njd + j * 16), x);
                     }
                 }
