@@ -990,9 +990,10 @@ unsafe fn gemm_on(
     // `KC_ADD` tiles, each thread's blocks of a column group kept in its own buffer between passes,
     // where they fit `ADD_BLOCKS_MAX`: one pass read its A and B strips (114 KiB each at the primary
     // conv's shape) from L2 for every block
+    let threads = threads.max(1);
+    let stream_b = n >= 4 * m && nb >= threads;
     let add_passes = matches!(out, Out::AddTransposed)
-        && n >= 4 * m
-        && nb >= threads
+        && stream_b
         && kts > KC_ADD
         && mb * NG_BLOCKS * BLOCK * BLOCK * 4 <= ADD_BLOCKS_MAX;
     let kc_step = if add_passes {
@@ -1002,8 +1003,6 @@ unsafe fn gemm_on(
     } else {
         KC_TILES
     };
-    let threads = threads.max(1);
-    let stream_b = n >= 4 * m && nb >= threads;
     let shares: Vec<Share> = match out {
         Out::Sink(sink) => {
             // column groups first, then row groups (each thread a group's rectangle)
