@@ -96,6 +96,29 @@ pub(super) unsafe fn predict_fwd_block(s: &CapsShape, b0: usize, block: &mut [f3
     }
 }
 
+/// For one capsule and image, the eight vectors whose lanes sum to du[t] = Σ_jd dû[jd] · Wᵀ[t, jd]
+/// (t < 8): side by side, eight independent chains of FMAs, each over the output capsules in order.
+///
+/// # Safety
+/// AVX-512F and FMA; 16·nj readable f32 at `g` (dû of the capsule) and 8 rows of 16·nj at `wt` (its
+/// Wᵀ).
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+pub(crate) unsafe fn input_grad_sums(g: *const f32, wt: *const f32, nj: usize) -> [__m512; 8] {
+    let njd = nj * 16;
+    let mut acc = [_mm512_setzero_ps(); 8];
+    for q in 0..nj {
+        // SAFETY: q·16 + 16 ≤ njd and t·njd + q·16 + 16 ≤ 8·njd (the caller's contract)
+        unsafe {
+            let gq = _mm512_loadu_ps(g.add(q * 16));
+            for (t, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(gq, _mm512_loadu_ps(wt.add(t * njd + q * 16)), *a);
+            }
+        }
+    }
+    acc
+}
+
 /// du[b,i,:] += Σ_jd dû[b,i,jd] · W[i,jd,:] for a block of images (as the portable
 /// `predict_bwd_input_block`): for each capsule i and two images at a time, the 16 dot products of
 /// length 16·J (8 input dimensions × 2 images) summed in registers and reduced together.
@@ -115,19 +138,10 @@ pub(super) unsafe fn predict_bwd_input_block(s: &CapsShape, b0: usize, block: &m
             let mut p = [_mm512_setzero_ps(); 16];
             for img in 0..2.min(nb - bl) {
                 let g = duhat[((b0 + bl + img) * ni + i) * njd..][..njd].as_ptr();
-                for t in 0..8 {
-                    let mut acc = _mm512_setzero_ps();
-                    for c in 0..nj {
-                        // SAFETY: c·16 + 16 ≤ njd and t·njd + c·16 + 16 ≤ 8·njd: inside g and Wᵀ[i]
-                        unsafe {
-                            acc = _mm512_fmadd_ps(
-                                _mm512_loadu_ps(g.add(c * 16)),
-                                _mm512_loadu_ps(wt.add(t * njd + c * 16)),
-                                acc,
-                            );
-                        }
-                    }
-                    p[slot(img * 8 + t)] = acc;
+                // SAFETY: g holds dû[b, i] (16·J values), wt Wᵀ[i] (8 rows of 16·J)
+                let acc = unsafe { input_grad_sums(g, wt, nj) };
+                for (t, a) in acc.into_iter().enumerate() {
+                    p[slot(img * 8 + t)] = a;
                 }
             }
             let mut sums = [0f32; 16];

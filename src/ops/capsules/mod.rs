@@ -10,7 +10,7 @@
 //! beside them.
 
 #[cfg(target_arch = "x86_64")]
-mod avx512;
+pub(crate) mod avx512;
 pub(crate) mod cpu;
 pub(crate) mod cuda;
 pub(crate) mod fast;

@@ -12,6 +12,7 @@ use super::softmax::{softmax_row, softmax_rows_bwd_add};
 use crate::backend::avx512::{reduce16, slot};
 use crate::backend::fast::{Fused, dot};
 use crate::ops::capsules::CapsShape;
+use crate::ops::capsules::avx512::input_grad_sums;
 use crate::ops::capsules::fast::{squash_row, squash_row_bwd};
 
 /// Whether these kernels run `s` here: 16-D output capsules on a CPU with AVX-512F and FMA.
@@ -386,18 +387,8 @@ pub(super) unsafe fn predict_grads(
             if let Some(du) = out.du {
                 let mut p = [_mm512_setzero_ps(); 16];
                 for img in 0..imgs {
-                    // the eight sums side by side (eight independent chains of FMAs), each over q in
-                    // order
-                    let mut acc = [_mm512_setzero_ps(); 8];
-                    for q in 0..nj {
-                        // SAFETY: inside dub and Wᵀ[i]
-                        unsafe {
-                            let g = _mm512_loadu_ps(dub.as_ptr().add(img * njd + q * 16));
-                            for (t, a) in acc.iter_mut().enumerate() {
-                                *a = _mm512_fmadd_ps(g, _mm512_loadu_ps(wti.as_ptr().add(t * njd + q * 16)), *a);
-                            }
-                        }
-                    }
+                    // SAFETY: dub holds the image's dû (16·J values), wti Wᵀ[i]
+                    let acc = unsafe { input_grad_sums(dub.as_ptr().add(img * njd), wti.as_ptr(), nj) };
                     for (t, a) in acc.into_iter().enumerate() {
                         p[slot(img * 8 + t)] = a;
                     }
