@@ -482,8 +482,7 @@ pub fn resident_batches<B: StepRuntime>(be: &B) {
     }
 }
 
-/// Adam's hyper-parameters for update `step` at learning rate `lr`.
-/// Adam's hyper-parameters of the tests: β1 0.9, β2 0.999, ε 1e-8.
+/// The tests' Adam hyper-parameters for update `step` at learning rate `lr`: β1 0.9, β2 0.999, ε 1e-8.
 pub fn hyper(lr: f64, step: u64) -> AdamHyper {
     AdamHyper {
         lr,
