@@ -215,7 +215,7 @@ impl<B: Core> Tape<B> {
         inputs: &[Var],
         op: impl BackwardOp<B> + 'static,
     ) -> Result<Var> {
-        let needs = self.recording && inputs.iter().any(|v| self.needs[v.0]);
+        let needs = self.records(inputs);
         if let Some(p) = self.profiler.as_mut() {
             p.lap(false, op.label());
         }
@@ -224,6 +224,17 @@ impl<B: Core> Tape<B> {
             self.nodes.push(Node { op: Box::new(op), out });
         }
         Ok(out)
+    }
+
+    /// Whether an op with these inputs is kept for the backward pass ([`Tape::push_op`]): so that
+    /// its forward knows whether to save anything for it.
+    pub fn records(&self, inputs: &[Var]) -> bool {
+        self.recording && inputs.iter().any(|v| self.needs[v.0])
+    }
+
+    /// Whether a gradient flows to `v`.
+    pub fn needs_grad(&self, v: Var) -> bool {
+        self.needs[v.0]
     }
 
     /// While off, ops record nothing (evaluation): no backward state is kept.

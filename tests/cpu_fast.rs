@@ -463,6 +463,73 @@ fn fast_cpu_first_layer_gradients_in_one_op() {
     }
 }
 
+/// A conv's forward for a training step, and its input and weight gradients from what it kept,
+/// equal the ops without it bit for bit in bf16 (x rounded once, W packed once for both GEMMs): 64
+/// channels at stride 2 as the primary capsules' conv, 32 at stride 1 with a 5x5 kernel, and 48 out
+/// channels, where nothing is kept.
+#[test]
+fn fast_cpu_conv_gradients_from_what_the_forward_kept_equal_the_plain_ops() {
+    use capsnet::backend::bf16::Bf16Gemm;
+    use capsnet::float::Precision;
+    use capsnet::ops::Act;
+    use capsnet::ops::conv::{ConvOps, ConvShape};
+    if !Bf16Gemm::ALL.into_iter().any(|k| k.supported()) {
+        // no bf16 GEMM here: what a user gets is a refusal
+        assert!(FastCpu::with_precision(Precision::Bf16).is_err());
+        return;
+    }
+    let be = FastCpu::with_precision(Precision::Bf16).unwrap();
+    let mut rng = Lcg(41);
+    let bits = |b: &[f32]| b.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for (batch, side, in_c, out_c, k, stride, kept) in [
+        (3, 13, 64, 64, 3, 2, true),
+        (2, 9, 32, 32, 5, 1, true),
+        (2, 9, 32, 48, 3, 1, false),
+    ] {
+        let s = ConvShape {
+            batch,
+            in_h: side,
+            in_w: side,
+            in_c,
+            out_c,
+            k,
+            stride,
+        };
+        let up = |v: &[f32]| parity::up(&be, v);
+        let x = up(&parity::rand(&mut rng, s.x_len(), -1.0, 1.0));
+        let w = up(&parity::rand(&mut rng, s.w_len(), -0.5, 0.5));
+        let b = up(&parity::rand(&mut rng, out_c, -0.1, 0.1));
+        let dz = up(&parity::rand(&mut rng, s.y_len(), -1.0, 1.0));
+        let (dx0, dw0) = (
+            parity::rand(&mut rng, s.x_len(), -1.0, 1.0),
+            parity::rand(&mut rng, s.w_len(), -1.0, 1.0),
+        );
+        let what = format!("{s:?}");
+        let (mut y1, mut y2) = (parity::poisoned(&be, s.y_len()), parity::poisoned(&be, s.y_len()));
+        be.conv2d_fwd(&s, &x, &w, &b, &mut y1, Act::Relu).unwrap();
+        let saved = be.conv2d_fwd_saving(&s, &x, &w, &b, &mut y2, Act::Relu).unwrap();
+        assert_eq!(bits(&y1), bits(&y2), "y, {what}");
+        assert_eq!(
+            (saved.x_bf16.is_some(), saved.wt_tiles.is_some()),
+            (kept, kept),
+            "what was kept, {what}"
+        );
+        let (mut dx1, mut dx2) = (up(&dx0), up(&dx0));
+        be.conv2d_bwd_input(&s, &dz, &w, &mut dx1).unwrap();
+        be.conv2d_bwd_input_saved(&s, &dz, &w, &saved, &mut dx2).unwrap();
+        assert_eq!(bits(&dx1), bits(&dx2), "dx, {what}");
+        let (mut dw1, mut dw2) = (up(&dw0), up(&dw0));
+        be.conv2d_bwd_weight(&s, &x, &dz, &mut dw1).unwrap();
+        be.conv2d_bwd_weight_saved(&s, &x, &saved, &dz, &mut dw2).unwrap();
+        assert_eq!(bits(&dw1), bits(&dw2), "dW, {what}");
+        let moved = |a: &[f32], a0: &[f32]| a.iter().zip(a0).filter(|(p, q)| p != q).count();
+        assert!(
+            moved(&dx1, &dx0) > s.x_len() / 2 && moved(&dw1, &dw0) > s.w_len() / 2,
+            "the gradients hardly moved, {what}: the test proves nothing"
+        );
+    }
+}
+
 /// The first layer's gradients in one op refuse buffers of the wrong length with an error naming
 /// the op and the buffer (before any kernel runs), on the AVX-512 path and the default's.
 #[test]

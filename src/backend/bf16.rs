@@ -204,6 +204,76 @@ pub(crate) unsafe trait Source: Sync {
     fn run_bf16(&self, _r: usize, _c0: usize, _len: usize) -> Option<*const u16> {
         None
     }
+    /// The whole operand already packed as the B of a k×n product, tile (nt, kt) at
+    /// `(nt·kts + kt)·TILE` (kts = k/32 rounded up, 2·⌈n/32⌉ column tiles, zeros outside B), where it
+    /// is: the GEMM then reads these tiles instead of packing its own.
+    fn packed_b(&self, _k: usize, _n: usize) -> Option<*const u16> {
+        None
+    }
+}
+
+// SAFETY: forwards every method to a source that keeps the contract (tests that try several)
+#[cfg(test)]
+unsafe impl Source for &dyn Source {
+    fn at(&self, r: usize, c: usize) -> f32 {
+        (**self).at(r, c)
+    }
+    fn run(&self, r: usize, c0: usize, len: usize) -> Option<*const f32> {
+        (**self).run(r, c0, len)
+    }
+    fn col_run(&self, r0: usize, c: usize, len: usize) -> Option<*const f32> {
+        (**self).col_run(r0, c, len)
+    }
+    fn run_bf16(&self, r: usize, c0: usize, len: usize) -> Option<*const u16> {
+        (**self).run_bf16(r, c0, len)
+    }
+    fn packed_b(&self, k: usize, n: usize) -> Option<*const u16> {
+        (**self).packed_b(k, n)
+    }
+}
+
+/// An operand packed once as the B of a k×n product (by [`pack_b_both`]), for GEMMs that would
+/// otherwise each pack it again.
+pub(crate) struct PackedB<'a> {
+    tiles: &'a [u16],
+    k: usize,
+    n: usize,
+}
+
+impl<'a> PackedB<'a> {
+    /// The tiles of a k×n B in `tiles`, laid out as [`Source::packed_b`] says; panics where they do
+    /// not fill it.
+    pub(crate) fn new(tiles: &'a [u16], k: usize, n: usize) -> PackedB<'a> {
+        assert_eq!(tiles.len(), packed_b_len(k, n), "a packed {k}×{n} B");
+        PackedB { tiles, k, n }
+    }
+}
+
+/// The u16 a k×n B takes packed whole: ⌈n/32⌉ blocks of two column tiles, each ⌈k/32⌉ tiles deep.
+pub(crate) fn packed_b_len(k: usize, n: usize) -> usize {
+    n.div_ceil(BLOCK) * 2 * k.div_ceil(TK) * TILE
+}
+
+// SAFETY: `new` checks the tiles against k and n; `at` indexes the slice (checked), and `packed_b`
+// hands out the whole slice only for the k and n it was packed for
+unsafe impl Source for PackedB<'_> {
+    fn at(&self, r: usize, c: usize) -> f32 {
+        assert!(
+            r < self.k && c < self.n,
+            "({r}, {c}) outside a {}×{} operand",
+            self.k,
+            self.n
+        );
+        let tile = (c / TN) * self.k.div_ceil(TK) + r / TK;
+        let bits = self.tiles[tile * TILE + (r % TK) / 2 * TK + (c % TN) * 2 + r % 2];
+        f32::from_bits((bits as u32) << 16)
+    }
+    fn run(&self, _r: usize, _c0: usize, _len: usize) -> Option<*const f32> {
+        None
+    }
+    fn packed_b(&self, k: usize, n: usize) -> Option<*const u16> {
+        (k == self.k && n == self.n).then_some(self.tiles.as_ptr())
+    }
 }
 
 /// `dst[i]` = `src[i]` rounded to bf16 as the packing rounds it (to nearest, ties to even), over the
@@ -617,6 +687,113 @@ fn pack_b_tiles2(k: usize, n: usize, src: &impl Source, nt: usize, kt: usize, t0
     } else {
         pack_b_tile(k, n, src, nt, kt, t0);
         pack_b_tile(k, n, src, nt + 1, kt, t1);
+    }
+}
+
+/// W (k×n f32, row-major; k and n multiples of 32) packed as a B twice in one pass over it: into `b`
+/// as the B of a k×n product, and into `bt` as Wᵀ, the B of an n×k product, whose column tile t
+/// (rows 16t.. of W) goes to column tile `place(t)` (a permutation of 0..k/16). Both laid out as
+/// [`Source::packed_b`] says and bit for bit what packing each from W gives; each value of W is read
+/// and rounded once.
+pub(crate) fn pack_b_both(
+    w: &[f32],
+    k: usize,
+    n: usize,
+    place: impl Fn(usize) -> usize,
+    b: &mut [u16],
+    bt: &mut [u16],
+) {
+    assert!(
+        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw"),
+        "packing needs AVX-512F and BW (every CPU a bf16 GEMM runs on has them)"
+    );
+    assert!(
+        k.is_multiple_of(BLOCK) && n.is_multiple_of(BLOCK),
+        "a {k}×{n} W in whole blocks"
+    );
+    assert!(w.len() == k * n && b.len() == packed_b_len(k, n) && bt.len() == packed_b_len(n, k));
+    // the threads write Wᵀ's tiles where `place` says: checked to be a permutation, so that no two
+    // row blocks of W land on one tile
+    let placed: Vec<usize> = (0..k / TN).map(&place).collect();
+    let mut seen = vec![false; k / TN];
+    for &t in &placed {
+        assert!(
+            t < k / TN && !std::mem::replace(&mut seen[t], true),
+            "place is not a permutation"
+        );
+    }
+    let (kts, bs, bts) = (k / TK, Shared(b.as_mut_ptr()), Shared(bt.as_mut_ptr()));
+    let parts = split(kts, 1, crate::par::threads().clamp(1, kts));
+    crate::par::scatter(parts, |_, kts_part| {
+        let (bs, bts) = (bs, bts);
+        for kt in kts_part {
+            // SAFETY: AVX-512F and BW are there (a bf16 GEMM's caller); rows 32·kt.. of W lie in w
+            // (k·n values, asserted); the tiles written, b's (·, kt) and bt's (placed[2kt + h], ·),
+            // lie in b and bt (their lengths asserted) and belong to this kt alone (a permutation)
+            unsafe {
+                pack_rows32_both(
+                    w.as_ptr().add(kt * TK * n),
+                    n,
+                    kts,
+                    [placed[2 * kt], placed[2 * kt + 1]],
+                    bs.0.add(kt * TILE),
+                    bts.0,
+                )
+            };
+        }
+    });
+}
+
+/// [`pack_b_both`] for one run of 32 rows of W (`rows`, `n` values each): their tiles of b from `b0`
+/// (tile nt at nt·kts tiles further), and Wᵀ's two column tiles of them, placed at `placed`.
+///
+/// # Safety
+/// AVX-512F and AVX512BW; 32 rows of n readable f32 at `rows`; the tiles written inside `b0`'s and
+/// `bt`'s buffers.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_rows32_both(rows: *const f32, n: usize, kts: usize, placed: [usize; 2], b0: *mut u16, bt: *mut u16) {
+    use std::arch::x86_64::*;
+    let bt_kts = n / TK;
+    for u in 0..n / BLOCK {
+        for (h, &nt) in placed.iter().enumerate() {
+            // rows 16h.. of the run, columns 32u..: b's two tiles get rows 8h.. (a pair of W's rows
+            // each), Wᵀ's tile its 16 rows (a row of W's 32 values as 16 pairs each, transposed)
+            let mut g = [_mm512_setzero_si512(); 16];
+            for r in 0..TM / 2 {
+                let p0 = rows.wrapping_add((16 * h + 2 * r) * n + BLOCK * u);
+                let p1 = p0.wrapping_add(n);
+                // SAFETY: 32 values of each row at column 32u (the caller's contract)
+                let (a0, a1, c0, c1) = unsafe {
+                    (
+                        bf16x16(_mm512_loadu_ps(p0)),
+                        bf16x16(_mm512_loadu_ps(p0.add(TN))),
+                        bf16x16(_mm512_loadu_ps(p1)),
+                        bf16x16(_mm512_loadu_ps(p1.add(TN))),
+                    )
+                };
+                let row = (8 * h + r) * TK;
+                // SAFETY: tiles 2u and 2u + 1 of this run, inside b (the caller's contract)
+                unsafe {
+                    let t0 = b0.add(2 * u * kts * TILE + row);
+                    let t1 = b0.add((2 * u + 1) * kts * TILE + row);
+                    _mm512_storeu_si512(t0 as *mut __m512i, _mm512_or_si512(a0, _mm512_slli_epi32::<16>(c0)));
+                    _mm512_storeu_si512(t1 as *mut __m512i, _mm512_or_si512(a1, _mm512_slli_epi32::<16>(c1)));
+                }
+                let pairs = |lo, hi| {
+                    _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(_mm512_cvtepi32_epi16(lo)),
+                        _mm512_cvtepi32_epi16(hi),
+                    )
+                };
+                g[2 * r] = pairs(a0, a1);
+                g[2 * r + 1] = pairs(c0, c1);
+            }
+            let tile = bt.wrapping_add((nt * bt_kts + u) * TILE);
+            for (q, row) in transpose16(g).iter().enumerate() {
+                // SAFETY: Wᵀ's tile (nt, u), inside bt (the caller's contract)
+                unsafe { _mm512_storeu_si512(tile.add(q * TK) as *mut __m512i, *row) };
+            }
+        }
     }
 }
 
@@ -1039,9 +1216,10 @@ unsafe fn gemm_on(
     };
     let split_m = shares.iter().all(|s| s.cols == (0..nb)) && shares.len() > 1;
     let sink = matches!(out, Out::Sink(_));
-    // each thread packs its own B columns just before using them (in cache, never written whole)
-    // wherever every thread spans all of M
-    let b_panels = stream_b || sink && shares.iter().all(|s| s.rows == (0..m));
+    // B packed before the call, else each thread packs its own B columns just before using them (in
+    // cache, never written whole) wherever every thread spans all of M
+    let pre_b = b.packed_b(k, n);
+    let b_panels = pre_b.is_none() && (stream_b || sink && shares.iter().all(|s| s.rows == (0..m)));
     // a sink's blocks add onto shared elements: A whole, so that every thread visits its blocks
     // column group by column group, each block row in turn, as one thread would
     let a_pack = if !split_m && shares.len() > 1 || b_panels || sink {
@@ -1056,7 +1234,11 @@ unsafe fn gemm_on(
     // the packed buffer: whole operands first, then each thread's own space
     let kc_max = kc_step.min(kts);
     let a_len = if a_pack == APack::Whole { mb * 2 * kts * TILE } else { 0 };
-    let b_len = if b_panels { 0 } else { nb * 2 * kts * TILE };
+    let b_len = if b_panels || pre_b.is_some() {
+        0
+    } else {
+        nb * 2 * kts * TILE
+    };
     let a_own_len = match a_pack {
         APack::Whole => 0,
         APack::Group => MG_BLOCKS * 2 * kts * TILE,
@@ -1087,13 +1269,15 @@ unsafe fn gemm_on(
         "the packed tiles start on a cache line"
     );
     let (pa, pb) = whole.split_at_mut(a_len);
-    if !b_panels {
+    if !b_panels && pre_b.is_none() {
         pack_b(k, n, b, kts, pb);
     }
     if a_pack == APack::Whole {
         pack_a(m, k, a, kts, pa);
     }
-    let (pa, pb, cs) = (Shared(pa.as_mut_ptr()), Shared(pb.as_mut_ptr()), Shared(c));
+    // the kernel only reads B's tiles: a pre-packed B's pointer is never written through
+    let pb = pre_b.map_or(pb.as_mut_ptr(), |p| p as *mut u16);
+    let (pa, pb, cs) = (Shared(pa.as_mut_ptr()), Shared(pb), Shared(c));
     let run = |share: &Share, own: &mut [u16]| {
         let (pa, pb, cs) = (pa, pb, cs);
         let (a_own, b_own) = own.split_at_mut(a_own_len);
@@ -1474,6 +1658,143 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// W packed once for both products ([`pack_b_both`]) gives, bit for bit, the tiles of W and of
+    /// Wᵀ (its column tiles moved as `place` says) that packing each alone gives, values that round
+    /// up, to even, to infinity, NaNs and subnormals among them; [`PackedB`] reads its values back;
+    /// and the GEMMs on the packed tiles equal those that pack their own, bit for bit: an affine
+    /// product (B packed whole) and a product with B four times wider than A is tall (each thread's
+    /// columns packed as it goes) into a sink.
+    #[test]
+    fn b_packed_once_for_both_products_equals_each_packed_alone() {
+        let kernels: Vec<Bf16Gemm> = Bf16Gemm::ALL.iter().copied().filter(|k| k.supported()).collect();
+        if kernels.is_empty() {
+            // no kernel to run: what a user gets here is a refusal
+            assert!(
+                Bf16Gemm::choose().is_err(),
+                "a bf16 kernel chosen on a CPU that runs none"
+            );
+            return;
+        }
+        let mut seed = 5u64;
+        let mut rand = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        let (k, n) = (96, 64);
+        let mut w: Vec<f32> = (0..k * n).map(|_| rand()).collect();
+        let special = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            -0.0,
+            1e-40,
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            f32::from_bits(0x3f80_8001),
+        ];
+        for (i, v) in special.iter().enumerate() {
+            w[i * 613 % (k * n)] = *v;
+        }
+        let place = |t: usize| (5 * t + 1) % (k / TN);
+        let (mut b, mut bt) = (vec![0u16; packed_b_len(k, n)], vec![7u16; packed_b_len(n, k)]);
+        pack_b_both(&w, k, n, place, &mut b, &mut bt);
+        let mut want_b = vec![1u16; packed_b_len(k, n)];
+        pack_b(k, n, &Strided::new(&w, (k, n), (n, 1)), k / TK, &mut want_b);
+        assert!(b == want_b, "W's tiles differ from pack_b's");
+        // Wᵀ with its columns where `place` puts them: column c of tile place(t) is row 16t + c of W
+        let mut wt = vec![0f32; n * k];
+        for t in 0..k / TN {
+            for c in 0..TN {
+                for r in 0..n {
+                    wt[r * k + place(t) * TN + c] = w[(TN * t + c) * n + r];
+                }
+            }
+        }
+        let mut want_bt = vec![1u16; packed_b_len(n, k)];
+        pack_b(n, k, &Strided::new(&wt, (n, k), (k, 1)), n / TK, &mut want_bt);
+        assert!(bt == want_bt, "Wᵀ's tiles differ from pack_b's");
+        let packed = PackedB::new(&b, k, n);
+        for r in 0..k {
+            for c in 0..n {
+                let (got, x) = (packed.at(r, c), w[r * n + c]);
+                let want = f32::from_bits((bf16_bits(x) as u32) << 16);
+                assert!(
+                    got.to_bits() == want.to_bits() || x.is_nan() && got.is_nan(),
+                    "({r}, {c})"
+                );
+            }
+        }
+        // finite values for the products
+        for v in w.iter_mut().chain(wt.iter_mut()) {
+            if !v.is_finite() || v.abs() > 1.0 {
+                *v = 0.25;
+            }
+        }
+        pack_b_both(&w, k, n, place, &mut b, &mut bt);
+        let (pb, pbt) = (PackedB::new(&b, k, n), PackedB::new(&bt, n, k));
+        let (sb, sbt) = (Strided::new(&w, (k, n), (n, 1)), Strided::new(&wt, (n, k), (k, 1)));
+        let (m, m2) = (70, 20);
+        let a: Vec<f32> = (0..m * k).map(|_| rand()).collect();
+        let a2: Vec<f32> = (0..m2 * n).map(|_| rand()).collect();
+        let (sa, sa2) = (Strided::new(&a, (m, k), (k, 1)), Strided::new(&a2, (m2, n), (n, 1)));
+        let bias: Vec<f32> = (0..n).map(|_| rand()).collect();
+        for kernel in kernels {
+            let affine = |bsrc: &dyn Fn(&mut [f32])| {
+                let mut c = vec![f32::NAN; m * n];
+                bsrc(&mut c);
+                c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            let out = Out::Affine {
+                bias: &bias,
+                relu: true,
+            };
+            // SAFETY (each call): the kernel is supported; C holds m rows of n values
+            let own =
+                affine(&|c| unsafe { gemm_on(2, kernel, m, k, n, &sa, &sb, out, c.as_mut_ptr(), n as isize) }.unwrap());
+            let pre =
+                affine(&|c| unsafe { gemm_on(2, kernel, m, k, n, &sa, &pb, out, c.as_mut_ptr(), n as isize) }.unwrap());
+            assert!(
+                own == pre && own.iter().any(|&v| v != 0),
+                "{}: affine on packed W",
+                kernel.flag()
+            );
+            let sink = |bsrc: &dyn Source| {
+                let mut out = vec![0f32; m2 * k];
+                let fold = Fold {
+                    out: out.as_mut_ptr(),
+                    rows: m2,
+                    groups: k / BLOCK,
+                    m_group: 1,
+                    n_group: 1,
+                };
+                // SAFETY: the kernel is supported; the sink writes only `out`
+                unsafe {
+                    gemm_on(
+                        2,
+                        kernel,
+                        m2,
+                        n,
+                        k,
+                        &sa2,
+                        &bsrc,
+                        Out::Sink(&fold),
+                        std::ptr::null_mut(),
+                        0,
+                    )
+                }
+                .unwrap();
+                out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            let (own, pre) = (sink(&sbt), sink(&pbt));
+            assert!(
+                own == pre && own.iter().any(|&v| v != 0),
+                "{}: sink on packed Wᵀ",
+                kernel.flag()
+            );
         }
     }
 

@@ -1,13 +1,13 @@
 //! Convolutions on the fast CPU backend.
 
 use crate::Result;
-use crate::backend::bf16::{self, Out, Strided};
+use crate::backend::bf16::{self, Out, PackedB, Strided};
 use crate::backend::fast::{FastCpu, PoolBuf, images_per_chunk};
 use crate::backend::linalg::{CpuGemm, cpu_gemm};
 use crate::float::Precision;
 
 use super::im2col::{col2im_add, im2col};
-use super::{ConvOps, ConvShape, check_conv2d_bwd_input, check_conv2d_bwd_weight, check_conv2d_fwd};
+use super::{ConvOps, ConvSaved, ConvShape, check_conv2d_bwd_input, check_conv2d_bwd_weight, check_conv2d_fwd};
 use crate::backend::check;
 use crate::ops::dense::Act;
 use crate::ops::dense::fast::{affine, affine_bf16};
@@ -28,7 +28,8 @@ impl ConvOps for FastCpu {
             // bf16: the patches packed straight from x (its bf16 copy)
             return self.with_bf16(x, |xb| {
                 let p = Patches { xb: Some(xb), ..p };
-                affine_bf16(kernel, s.rows(), kd, co, &p, w, b, y, act)
+                let w = Strided::new(w, (kd, co), (co, 1));
+                affine_bf16(kernel, s.rows(), kd, co, &p, &w, b, y, act)
             })?;
         }
         let chunk = images_per_chunk(s.batch, npix * kd);
@@ -43,7 +44,56 @@ impl ConvOps for FastCpu {
         })?
     }
 
+    /// In bf16 with whole runs of 32 input and output channels: x rounded to bf16 once and kept for
+    /// the weight gradient, and W packed in one pass both as the forward's B and, transposed, as the
+    /// input gradient's (kept): each read and rounded once a step, not once per GEMM.
+    fn conv2d_fwd_saving(
+        &self,
+        s: &ConvShape,
+        x: &PoolBuf,
+        w: &PoolBuf,
+        b: &PoolBuf,
+        y: &mut PoolBuf,
+        act: Act,
+    ) -> Result<ConvSaved<PoolBuf>> {
+        check_conv2d_fwd(s, x.len(), w.len(), b.len(), y.len())?;
+        let (kd, co) = (s.patch_len(), s.out_c);
+        let Some((kernel, p)) = self.patches(s, x).filter(|_| co.is_multiple_of(32)) else {
+            self.conv2d_fwd(s, x, w, b, y, act)?;
+            return Ok(ConvSaved::none());
+        };
+        let mut xb = self.take(x.len().div_ceil(2), |_| {})?;
+        bf16::to_bf16(x, &mut as_bf16_mut(&mut xb)[..x.len()]);
+        let mut wt = self.take(bf16::packed_b_len(co, kd) / 2, |_| {})?;
+        let order = ClassOrder::new(s);
+        self.with_scratch(bf16::packed_b_len(kd, co) / 2, |wf| {
+            let wf = as_bf16_mut(wf);
+            bf16::pack_b_both(w, kd, co, |t| order.placed_tile(t), wf, as_bf16_mut(&mut wt));
+            let p = Patches {
+                xb: Some(&as_bf16(&xb)[..x.len()]),
+                ..p
+            };
+            affine_bf16(kernel, s.rows(), kd, co, &p, &PackedB::new(wf, kd, co), b, y, act)
+        })??;
+        Ok(ConvSaved {
+            x_bf16: Some(xb),
+            wt_tiles: Some(wt),
+        })
+    }
+
     fn conv2d_bwd_input(&self, s: &ConvShape, dz: &PoolBuf, w: &PoolBuf, dx: &mut PoolBuf) -> Result<()> {
+        self.conv2d_bwd_input_saved(s, dz, w, &ConvSaved::none(), dx)
+    }
+
+    /// In bf16, with Wᵀ's tiles from the forward where it kept them.
+    fn conv2d_bwd_input_saved(
+        &self,
+        s: &ConvShape,
+        dz: &PoolBuf,
+        w: &PoolBuf,
+        saved: &ConvSaved<PoolBuf>,
+        dx: &mut PoolBuf,
+    ) -> Result<()> {
         check_conv2d_bwd_input(s, dz.len(), w.len(), dx.len())?;
         let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
         if let Some(kernel) = self.bf16_gemm()
@@ -52,7 +102,6 @@ impl ConvOps for FastCpu {
             // bf16: dx += dz · Wᵀ, each block of the patch gradient added onto dx as it is done (no
             // patch gradient in memory); Wᵀ's columns in class order, so the threads split by class
             let order = ClassOrder::new(s);
-            let wt = WeightsByClass { w, co, order };
             let dz = Strided::new(dz, (s.rows(), co), (co, 1));
             let sink = Col2im {
                 dx: dx.as_mut_ptr(),
@@ -61,20 +110,26 @@ impl ConvOps for FastCpu {
                 order,
                 npix,
             };
-            // SAFETY: the kernel is supported (bf16 mode); the sink's writes stay in dx, which
-            // nothing else touches during the call
-            return unsafe {
-                bf16::gemm_from(
-                    kernel,
-                    s.rows(),
-                    co,
-                    kd,
-                    &dz,
-                    &wt,
-                    Out::Sink(&sink),
-                    std::ptr::null_mut(),
-                    0,
-                )
+            let packed = saved
+                .wt_tiles
+                .as_ref()
+                .filter(|t| t.len() * 2 == bf16::packed_b_len(co, kd));
+            /// dx += dz · Wᵀ through the sink, Wᵀ read from `wt`.
+            fn gemm(
+                kernel: bf16::Bf16Gemm,
+                (m, k, n): (usize, usize, usize),
+                dz: &Strided,
+                wt: &impl bf16::Source,
+                sink: &Col2im,
+            ) -> Result<()> {
+                // SAFETY: the kernel is supported (bf16 mode); the sink's writes stay in dx, which
+                // nothing else touches during the call
+                unsafe { bf16::gemm_from(kernel, m, k, n, dz, wt, Out::Sink(sink), std::ptr::null_mut(), 0) }
+            }
+            let mkn = (s.rows(), co, kd);
+            return match packed {
+                Some(t) => gemm(kernel, mkn, &dz, &PackedB::new(as_bf16(t), co, kd), &sink),
+                None => gemm(kernel, mkn, &dz, &WeightsByClass { w, co, order }, &sink),
             };
         }
         let img = s.in_h * s.in_w * s.in_c;
@@ -93,13 +148,25 @@ impl ConvOps for FastCpu {
     }
 
     fn conv2d_bwd_weight(&self, s: &ConvShape, x: &PoolBuf, dz: &PoolBuf, dw: &mut PoolBuf) -> Result<()> {
+        self.conv2d_bwd_weight_saved(s, x, &ConvSaved::none(), dz, dw)
+    }
+
+    /// In bf16, the patches from x's bf16 copy the forward kept where it did.
+    fn conv2d_bwd_weight_saved(
+        &self,
+        s: &ConvShape,
+        x: &PoolBuf,
+        saved: &ConvSaved<PoolBuf>,
+        dz: &PoolBuf,
+        dw: &mut PoolBuf,
+    ) -> Result<()> {
         check_conv2d_bwd_weight(s, x.len(), dz.len(), dw.len())?;
         let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
         if let Some((kernel, p)) = self.patches(s, x) {
             // bf16: dW += (dzᵀ · patches)ᵀ, the patches packed straight from x, each block of the
             // product added to dW as it is done
             let dzt = Strided::new(dz, (co, s.rows()), (1, co));
-            return self.with_bf16(x, |xb| {
+            let gemm = |xb: &[u16]| {
                 let p = Patches { xb: Some(xb), ..p };
                 // SAFETY: the kernel is supported (bf16 mode); dw holds kd×co values and aliases
                 // neither operand
@@ -116,7 +183,11 @@ impl ConvOps for FastCpu {
                         co as isize,
                     )
                 }
-            })?;
+            };
+            return match saved.x_bf16.as_ref().filter(|xb| xb.len() == x.len().div_ceil(2)) {
+                Some(xb) => gemm(&as_bf16(xb)[..x.len()]),
+                None => self.with_bf16(x, gemm)?,
+            };
         }
         let chunk = images_per_chunk(s.batch, npix * kd);
         // gemm's AVX-512 kernels write a row-major [co, kd] result at 1.6x the rate they write dW's
@@ -182,14 +253,24 @@ impl ConvOps for FastCpu {
     }
 }
 
+/// The bits of bf16 values held two to an f32 (a buffer of the backend's as bf16 storage).
+fn as_bf16(b: &[f32]) -> &[u16] {
+    // SAFETY: u16's alignment divides f32's, and len f32 hold 2·len u16; every bit pattern is a u16
+    unsafe { std::slice::from_raw_parts(b.as_ptr() as *const u16, 2 * b.len()) }
+}
+
+/// [`as_bf16`], to write.
+fn as_bf16_mut(b: &mut [f32]) -> &mut [u16] {
+    // SAFETY: as in `as_bf16`; and every bit pattern written through it is an f32
+    unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr() as *mut u16, 2 * b.len()) }
+}
+
 impl FastCpu {
     /// Runs `f` on `x` rounded to bf16 (in the scratch buffer): a conv's input, which the patches
     /// read about k²/stride² times, converted once.
     fn with_bf16<R>(&self, x: &[f32], f: impl FnOnce(&[u16]) -> R) -> Result<R> {
         self.with_scratch(x.len().div_ceil(2), |sc| {
-            // SAFETY: u16's alignment divides f32's, and the scratch's len(x)/2 f32 (rounded up)
-            // hold len(x) u16
-            let xb = unsafe { std::slice::from_raw_parts_mut(sc.as_mut_ptr() as *mut u16, x.len()) };
+            let xb = &mut as_bf16_mut(sc)[..x.len()];
             bf16::to_bf16(x, xb);
             f(xb)
         })
@@ -298,6 +379,12 @@ impl ClassOrder {
     fn natural(self, c: usize) -> usize {
         let (q, e) = (c / 32, c % 32);
         ((q % self.pixels) * self.classes + q / self.pixels) * 32 + e
+    }
+
+    /// Where the natural columns 16t..16t+16 lie in class order, in tiles of 16 columns.
+    fn placed_tile(self, t: usize) -> usize {
+        let (q, h) = (t / 2, t % 2);
+        2 * ((q % self.classes) * self.pixels + q / self.classes) + h
     }
 }
 

@@ -60,6 +60,27 @@ impl ConvShape {
     }
 }
 
+/// What a backend keeps from a conv's forward for its backward, made once per step instead of once
+/// per GEMM: the fast CPU backend's bf16 mode keeps the input rounded to bf16 (for the weight
+/// gradient) and the weights packed for the input gradient's GEMM (packed together with the
+/// forward's). Bits of bf16, two to an element of `Buf`. Empty by default.
+pub struct ConvSaved<Buf> {
+    /// x rounded to bf16.
+    pub x_bf16: Option<Buf>,
+    /// Wᵀ packed as the input gradient GEMM's B.
+    pub wt_tiles: Option<Buf>,
+}
+
+impl<Buf> ConvSaved<Buf> {
+    /// Nothing kept.
+    pub fn none() -> ConvSaved<Buf> {
+        ConvSaved {
+            x_bf16: None,
+            wt_tiles: None,
+        }
+    }
+}
+
 /// Convolutions: an implicit GEMM [B·OH·OW, K·K·Cin] × [K·K·Cin, Cout]. The bias and activation
 /// gradients are [`super::dense::DenseOps`]'.
 pub trait ConvOps: Core {
@@ -73,10 +94,48 @@ pub trait ConvOps: Core {
         y: &mut Self::Buf,
         act: Act,
     ) -> Result<()>;
+    /// [`ConvOps::conv2d_fwd`] for a training step: also returns what the backward may reuse
+    /// ([`ConvSaved`]). This default keeps nothing.
+    fn conv2d_fwd_saving(
+        &self,
+        s: &ConvShape,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        y: &mut Self::Buf,
+        act: Act,
+    ) -> Result<ConvSaved<Self::Buf>> {
+        self.conv2d_fwd(s, x, w, b, y, act)?;
+        Ok(ConvSaved::none())
+    }
     /// dx += conv_transpose(dz, w), where dz is the gradient before the activation.
     fn conv2d_bwd_input(&self, s: &ConvShape, dz: &Self::Buf, w: &Self::Buf, dx: &mut Self::Buf) -> Result<()>;
+    /// [`ConvOps::conv2d_bwd_input`] with what the forward of the same x and w kept. This default
+    /// ignores it.
+    fn conv2d_bwd_input_saved(
+        &self,
+        s: &ConvShape,
+        dz: &Self::Buf,
+        w: &Self::Buf,
+        _saved: &ConvSaved<Self::Buf>,
+        dx: &mut Self::Buf,
+    ) -> Result<()> {
+        self.conv2d_bwd_input(s, dz, w, dx)
+    }
     /// dw += Σ over batch and positions of patch(x)ᵀ · dz.
     fn conv2d_bwd_weight(&self, s: &ConvShape, x: &Self::Buf, dz: &Self::Buf, dw: &mut Self::Buf) -> Result<()>;
+    /// [`ConvOps::conv2d_bwd_weight`] with what the forward of the same x and w kept. This default
+    /// ignores it.
+    fn conv2d_bwd_weight_saved(
+        &self,
+        s: &ConvShape,
+        x: &Self::Buf,
+        _saved: &ConvSaved<Self::Buf>,
+        dz: &Self::Buf,
+        dw: &mut Self::Buf,
+    ) -> Result<()> {
+        self.conv2d_bwd_weight(s, x, dz, dw)
+    }
     /// The weight and bias gradients of a conv whose input needs none (the first layer):
     /// dw += Σ patch(x)ᵀ · dz and, where given, db += Σ dz, with dz = dy · act'(y) from the output y
     /// and its gradient dy. This default makes dz ([`DenseOps::act_bias_bwd`]), then runs
@@ -139,25 +198,32 @@ pub fn conv2d<B: ConvOps + DenseOps>(t: &mut Tape<B>, x: Var, w: Var, b: Var, st
         stride,
     };
     let mut y = t.backend().alloc_out(s.y_len())?;
-    t.backend()
-        .conv2d_fwd(&s, &t.value(x).buf, &t.value(w).buf, &t.value(b).buf, &mut y, act)?;
+    let (be, xb, wb, bb) = (t.backend(), &t.value(x).buf, &t.value(w).buf, &t.value(b).buf);
+    // the input gradient needs x to want one; without it (the first layer) nothing kept serves
+    let saved = if t.records(&[x, w, b]) && t.needs_grad(x) {
+        be.conv2d_fwd_saving(&s, xb, wb, bb, &mut y, act)?
+    } else {
+        be.conv2d_fwd(&s, xb, wb, bb, &mut y, act)?;
+        ConvSaved::none()
+    };
     t.push_op(
         y,
         &[s.batch, s.out_h(), s.out_w(), s.out_c],
         &[x, w, b],
-        Conv2dBackward { x, w, b, s, act },
+        Conv2dBackward { x, w, b, s, act, saved },
     )
 }
 
-struct Conv2dBackward {
+struct Conv2dBackward<Buf> {
     x: Var,
     w: Var,
     b: Var,
     s: ConvShape,
     act: Act,
+    saved: ConvSaved<Buf>,
 }
 
-impl<B: ConvOps + DenseOps> BackwardOp<B> for Conv2dBackward {
+impl<B: ConvOps + DenseOps> BackwardOp<B> for Conv2dBackward<B::Buf> {
     fn name(&self) -> &'static str {
         "conv2d"
     }
@@ -179,10 +245,10 @@ impl<B: ConvOps + DenseOps> BackwardOp<B> for Conv2dBackward {
         let db = g.get(self.b)?;
         be.act_bias_bwd(self.act, self.s.rows(), self.s.out_c, ctx.y(), ctx.dout, &mut dz, db)?;
         if let Some(dx) = g.get(self.x)? {
-            be.conv2d_bwd_input(&self.s, &dz, ctx.value(self.w), dx)?;
+            be.conv2d_bwd_input_saved(&self.s, &dz, ctx.value(self.w), &self.saved, dx)?;
         }
         if let Some(dw) = g.get(self.w)? {
-            be.conv2d_bwd_weight(&self.s, ctx.value(self.x), &dz, dw)?;
+            be.conv2d_bwd_weight_saved(&self.s, ctx.value(self.x), &self.saved, &dz, dw)?;
         }
         Ok(())
     }

@@ -49,8 +49,8 @@ pub(crate) fn act_grad(act: Act, y: &[f32], dy: &[f32], dz: &mut [f32]) {
     }
 }
 
-/// y = act(x·w + b) (x m×k, w k×n, y m×n): in bf16, x read from its source and the bias and a ReLU
-/// added to each block of y as the GEMM finishes it (one pass over y; a sigmoid after).
+/// y = act(x·w + b) (x m×k, w k×n, y m×n): in bf16, x and w read from their sources and the bias and
+/// a ReLU added to each block of y as the GEMM finishes it (one pass over y; a sigmoid after).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn affine_bf16(
     kernel: Bf16Gemm,
@@ -58,20 +58,19 @@ pub(crate) fn affine_bf16(
     k: usize,
     n: usize,
     x: &impl Source,
-    w: &[f32],
+    w: &impl Source,
     b: &[f32],
     y: &mut [f32],
     act: Act,
 ) -> Result<()> {
     assert!(m.checked_mul(n).is_some_and(|mn| y.len() >= mn) && b.len() >= n);
-    let w = Strided::new(w, (k, n), (n, 1));
     let out = Out::Affine {
         bias: b,
         relu: act == Act::Relu,
     };
     // SAFETY: the caller's kernel is supported (a bf16 backend's); y holds m rows of n values
     // (asserted) and, a &mut, aliases neither operand
-    unsafe { bf16::gemm_from(kernel, m, k, n, x, &w, out, y.as_mut_ptr(), n as isize)? };
+    unsafe { bf16::gemm_from(kernel, m, k, n, x, w, out, y.as_mut_ptr(), n as isize)? };
     if act == Act::Sigmoid {
         act_in_place(act, y, n);
     }
@@ -93,8 +92,8 @@ pub(crate) fn affine(
     act: Act,
 ) -> Result<()> {
     if let Some(kernel) = be.bf16_gemm() {
-        let x = Strided::new(x, (m, k), (k, 1));
-        return affine_bf16(kernel, m, k, n, &x, w, b, y, act);
+        let (x, w) = (Strided::new(x, (m, k), (k, 1)), Strided::new(w, (k, n), (n, 1)));
+        return affine_bf16(kernel, m, k, n, &x, &w, b, y, act);
     }
     for r in y.chunks_mut(n) {
         r.copy_from_slice(b);
