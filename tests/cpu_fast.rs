@@ -376,10 +376,12 @@ fn fast_cpu_fused_prediction_and_routing_backward_equals_the_unfused_ops_bit_for
 /// backward; on AVX-512 dz is made 64 rows at a time and never stored, its products f32 FMAs) in
 /// fp32 and, where the CPU runs a bf16 GEMM, in bf16: db equal to the bit to the default's two steps
 /// (dz with its bias gradient, then the weight gradient), dW against the f64 sum of the products of
-/// the inputs rounded as the precision rounds them, within f32 FMA sums' error where the AVX-512
-/// kernel runs (out channels in blocks of 64: a missing rounding errs far more) and the GEMM's bound
-/// where the default runs. Shapes: conv1's at batch 3 (chunks over two parts, a partial last chunk),
-/// a stride of 2 without activation, and 48 channels (the default's path).
+/// the inputs rounded as the precision rounds them, within f32 FMA sums' error where the out
+/// channels come in blocks of 64 (the AVX-512 kernel; in bf16 on AMX the GEMM over the rows, which
+/// stays within it too; a missing rounding errs far more) and the GEMM's bound elsewhere. Shapes:
+/// conv1's at batch 3 (chunks over two parts, a partial last chunk), a stride of 2 without
+/// activation, 48 channels (the default's path), and 32 channels over an odd number of rows (75: in
+/// bf16 on AMX, a last K tile partly empty and a row pair with one row).
 #[test]
 fn fast_cpu_first_layer_gradients_in_one_op() {
     use capsnet::backend::bf16::Bf16Gemm;
@@ -399,6 +401,7 @@ fn fast_cpu_first_layer_gradients_in_one_op() {
             (3, 28, 9, 1, 256, Act::Relu),
             (2, 11, 3, 2, 64, Act::None),
             (2, 9, 3, 1, 48, Act::Relu),
+            (3, 7, 3, 1, 32, Act::Relu),
         ] {
             let s = ConvShape {
                 batch,

@@ -282,14 +282,141 @@ pub(crate) fn to_bf16(src: &[f32], dst: &mut [u16]) {
     assert_eq!(src.len(), dst.len());
     const PART: usize = 1 << 14;
     crate::par::par_blocks(dst, PART, PART, |first, part| {
-        let src = &src[first * PART..][..part.len()];
-        let whole = part.len() / TK * TK;
-        // SAFETY: AVX-512F is there (a bf16 GEMM's caller)
-        unsafe { rows32_contiguous(&src[..whole], &mut part[..whole]) };
-        for (d, s) in part[whole..].iter_mut().zip(&src[whole..]) {
-            *d = bf16_bits(*s);
-        }
+        round_bf16(&src[first * PART..][..part.len()], part)
     });
+}
+
+/// [`to_bf16`] on this thread alone (short runs).
+pub(crate) fn round_bf16(src: &[f32], dst: &mut [u16]) {
+    assert_eq!(src.len(), dst.len());
+    let whole = dst.len() / TK * TK;
+    // SAFETY: AVX-512F is there (a bf16 GEMM's caller)
+    unsafe { rows32_contiguous(&src[..whole], &mut dst[..whole]) };
+    for (d, s) in dst[whole..].iter_mut().zip(&src[whole..]) {
+        *d = bf16_bits(*s);
+    }
+}
+
+/// A row-major matrix of bf16 values (their bits), as a GEMM operand.
+pub(crate) struct Bf16Rows<'a> {
+    m: &'a [u16],
+    rows: usize,
+    cols: usize,
+}
+
+impl<'a> Bf16Rows<'a> {
+    /// A `rows`×`cols` matrix in `m`; panics where it does not fit.
+    pub(crate) fn new(m: &'a [u16], rows: usize, cols: usize) -> Bf16Rows<'a> {
+        assert!(
+            rows.checked_mul(cols).is_some_and(|n| n <= m.len()),
+            "a bf16 operand outside its slice"
+        );
+        Bf16Rows { m, rows, cols }
+    }
+}
+
+// SAFETY: `new` checks the matrix against its slice; `at` indexes it (checked), and a run stays in
+// its row (checked)
+unsafe impl Source for Bf16Rows<'_> {
+    fn at(&self, r: usize, c: usize) -> f32 {
+        assert!(
+            r < self.rows && c < self.cols,
+            "({r}, {c}) outside a {}×{} operand",
+            self.rows,
+            self.cols
+        );
+        f32::from_bits((self.m[r * self.cols + c] as u32) << 16)
+    }
+    fn run(&self, _r: usize, _c0: usize, _len: usize) -> Option<*const f32> {
+        None
+    }
+    #[inline(always)]
+    fn run_bf16(&self, r: usize, c0: usize, len: usize) -> Option<*const u16> {
+        (r < self.rows && c0 + len <= self.cols).then(|| self.m[r * self.cols + c0..].as_ptr())
+    }
+}
+
+/// Rows `r0..r0 + nr` of a k×n B made from rows of `dy` (nr × n, row-major; n a multiple of 32, r0
+/// of 32): each row dy itself, or where `relu`, dy where the same row of `y` is above 0 and +0
+/// elsewhere (a ReLU's gradient, as a mask on dy's bits). Each row is added to `sums` (n f32, row
+/// after row) and packed into its K tile of `tiles`, laid out as [`Source::packed_b`] says (rows past
+/// the last, up to the tile's end, as zeros): a layer's dz, made, summed for its bias gradient and
+/// packed while in registers, never stored.
+///
+/// # Safety
+/// AVX-512F; `tiles` points to the whole packed B of a k×n product (k ≥ r0 + nr), and no one else
+/// reads or writes these rows' tiles meanwhile.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn pack_b_act_rows(
+    relu: bool,
+    y: &[f32],
+    dy: &[f32],
+    n: usize,
+    r0: usize,
+    k: usize,
+    sums: &mut [f32],
+    tiles: *mut u16,
+) {
+    use std::arch::x86_64::*;
+    assert!(n.is_multiple_of(BLOCK) && r0.is_multiple_of(TK) && dy.len().is_multiple_of(n) && sums.len() == n);
+    let nr = dy.len() / n;
+    assert!(r0 + nr <= k && (!relu || y.len() >= dy.len()));
+    let kts = k.div_ceil(TK);
+    // 10 MB of tiles at batch 50, read by the GEMM from memory anyway: written without reading
+    // their lines first where they start on one
+    let stream = (tiles as usize).is_multiple_of(LINE);
+    // row p's dz in columns 16·nt.. (zeros past the last row)
+    let dz = |p: usize, nt: usize| {
+        if p >= nr {
+            return _mm512_setzero_ps();
+        }
+        // SAFETY: 16 values of row p of dy (and of y, asserted as long), a bounds-checked slice
+        let g = unsafe { _mm512_loadu_ps(dy[p * n + nt * TN..][..TN].as_ptr()) };
+        if relu {
+            // SAFETY: as above
+            let yv = unsafe { _mm512_loadu_ps(y[p * n + nt * TN..][..TN].as_ptr()) };
+            _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(yv, _mm512_setzero_ps()), g)
+        } else {
+            g
+        }
+    };
+    for p in (0..nr.next_multiple_of(2)).step_by(2) {
+        let (kt, row) = ((r0 + p) / TK, (p % TK) / 2);
+        for nt in 0..n / TN {
+            let (lo, hi) = (dz(p, nt), dz(p + 1, nt));
+            let s = &mut sums[nt * TN..][..TN];
+            // SAFETY: 16 values of a bounds-checked slice
+            let mut acc = _mm512_add_ps(unsafe { _mm512_loadu_ps(s.as_ptr()) }, lo);
+            if p + 1 < nr {
+                acc = _mm512_add_ps(acc, hi);
+            }
+            // SAFETY: as above
+            unsafe { _mm512_storeu_ps(s.as_mut_ptr(), acc) };
+            let pair = _mm512_or_si512(bf16x16(lo), _mm512_slli_epi32::<16>(bf16x16(hi)));
+            // SAFETY: row `row` of tile (nt, kt) of the packed B (the caller's contract)
+            let at = unsafe { tiles.add((nt * kts + kt) * TILE + row * TK) } as *mut __m512i;
+            if stream {
+                // SAFETY: as above, on a cache line
+                unsafe { _mm512_stream_si512(at, pair) };
+            } else {
+                // SAFETY: as above
+                unsafe { _mm512_storeu_si512(at, pair) };
+            }
+        }
+    }
+    // the streamed stores ordered before anything this thread does next (the parallel loop's end
+    // publishes them to the others)
+    _mm_sfence();
+    // the rest of the last tile's rows
+    let end = (r0 + nr).next_multiple_of(2);
+    if !end.is_multiple_of(TK) && end < kts * TK {
+        let (kt, from) = (end / TK, (end % TK) / 2);
+        for nt in 0..n / TN {
+            // SAFETY: as above, rows from..16 of tile (nt, kt)
+            unsafe { std::ptr::write_bytes(tiles.add((nt * kts + kt) * TILE + from * TK), 0, (TM - from) * TK) };
+        }
+    }
 }
 
 /// A matrix in a borrowed slice, element (r, c) at `[r*rs + c*cs]`.

@@ -10,7 +10,7 @@ use super::im2col::{col2im_add, im2col};
 use super::{ConvOps, ConvSaved, ConvShape, check_conv2d_bwd_input, check_conv2d_bwd_weight, check_conv2d_fwd};
 use crate::backend::check;
 use crate::ops::dense::Act;
-use crate::ops::dense::fast::{affine, affine_bf16};
+use crate::ops::dense::fast::{act_bias_bwd_tiles, affine, affine_bf16};
 
 impl ConvOps for FastCpu {
     fn conv2d_fwd(
@@ -222,8 +222,10 @@ impl ConvOps for FastCpu {
         Ok(())
     }
 
-    /// On AVX-512 for one input channel (conv1): dz made 64 rows at a time and never stored, the
-    /// patches read from the image ([`super::avx512`]); else the default's two steps.
+    /// For one input channel (conv1): in bf16 on AMX, dz made and packed as the B of a GEMM over
+    /// the rows 64 rows at a time (never stored) and the transposed patches (taps × rows) as its A;
+    /// else on AVX-512, dz made 64 rows at a time and never stored, the patches read from the image
+    /// ([`super::avx512`]); else the default's two steps.
     fn conv2d_bwd_params(
         &self,
         s: &ConvShape,
@@ -234,6 +236,43 @@ impl ConvOps for FastCpu {
         dw: &mut PoolBuf,
         db: Option<&mut PoolBuf>,
     ) -> Result<()> {
+        if let Some(kernel @ bf16::Bf16Gemm::Amx) = self.bf16_gemm()
+            && s.in_c == 1
+            && s.out_c.is_multiple_of(32)
+            && matches!(act, Act::Relu | Act::None)
+        {
+            const OP: &str = "conv2d_bwd_params";
+            check(OP, "x", x.len(), s.x_len())?;
+            check(OP, "y", y.len(), s.y_len())?;
+            check(OP, "dy", dy.len(), s.y_len())?;
+            check(OP, "dw", dw.len(), s.w_len())?;
+            if let Some(db) = &db {
+                check(OP, "db", db.len(), s.out_c)?;
+            }
+            let (rows, kd, co) = (s.rows(), s.patch_len(), s.out_c);
+            let mut dz = self.take(bf16::packed_b_len(rows, co) / 2, |_| {})?;
+            act_bias_bwd_tiles(act, rows, co, y, dy, as_bf16_mut(&mut dz), db.map(|d| &mut d[..]));
+            return self.with_scratch((kd * rows).div_ceil(2), |sc| {
+                let pt = &mut as_bf16_mut(sc)[..kd * rows];
+                patches_transposed(s, x, pt);
+                let (pt, dz) = (bf16::Bf16Rows::new(pt, kd, rows), PackedB::new(as_bf16(&dz), rows, co));
+                // SAFETY: the kernel is supported (bf16 mode); dw holds kd rows of co values (checked)
+                // and aliases neither operand
+                unsafe {
+                    bf16::gemm_from(
+                        kernel,
+                        kd,
+                        rows,
+                        co,
+                        &pt,
+                        &dz,
+                        Out::Rows { beta: 1.0 },
+                        dw.as_mut_ptr(),
+                        co as isize,
+                    )
+                }
+            })?;
+        }
         #[cfg(target_arch = "x86_64")]
         if super::avx512::usable(s, act) {
             const OP: &str = "conv2d_bwd_params";
@@ -251,6 +290,31 @@ impl ConvOps for FastCpu {
         }
         super::conv2d_bwd_params_in_two_steps(self, s, act, x, y, dy, dw, db)
     }
+}
+
+/// The patch matrix of one-channel images transposed and rounded to bf16: `out[t·rows + r]` = tap t
+/// (ky, kx) of row r (image b, output pixel (oy, ox)), each image's taps copied from its bf16 copy a
+/// row of output pixels at a time.
+fn patches_transposed(s: &ConvShape, x: &[f32], out: &mut [u16]) {
+    assert!(s.in_c == 1 && x.len() == s.x_len() && out.len() == s.patch_len() * s.rows());
+    let (rows, k, st) = (s.rows(), s.k, s.stride);
+    let (oh, ow, iw) = (s.out_h(), s.out_w(), s.in_w);
+    let mut xb = vec![0u16; x.len()];
+    bf16::round_bf16(x, &mut xb);
+    crate::par::par_rows(out, rows, rows * 2, |t, row| {
+        let (ky, kx) = (t / k, t % k);
+        for b in 0..s.batch {
+            for oy in 0..oh {
+                let from = (b * s.in_h + oy * st + ky) * iw + kx;
+                let dst = &mut row[(b * oh + oy) * ow..][..ow];
+                if st == 1 {
+                    dst.copy_from_slice(&xb[from..from + ow]);
+                } else {
+                    dst.iter_mut().enumerate().for_each(|(ox, d)| *d = xb[from + ox * st]);
+                }
+            }
+        }
+    });
 }
 
 /// The bits of bf16 values held two to an f32 (a buffer of the backend's as bf16 storage).

@@ -49,6 +49,61 @@ pub(crate) fn act_grad(act: Act, y: &[f32], dy: &[f32], dz: &mut [f32]) {
     }
 }
 
+/// dz = dy · act'(y) (rows × cols, cols a multiple of 32) not stored but packed as the B of a GEMM
+/// over its rows (bf16 tiles laid out as [`Source::packed_b`] says, k = rows, n = cols), and db +=
+/// Σ dz where given: each block of 64 rows made, added to db's partial sums exactly as
+/// [`DenseOps::act_bias_bwd`] adds them (so db is the same to the bit), and packed while in cache. A
+/// first layer's weight gradient, whose dz nothing else reads.
+pub(crate) fn act_bias_bwd_tiles(
+    act: Act,
+    rows: usize,
+    cols: usize,
+    y: &[f32],
+    dy: &[f32],
+    tiles: &mut [u16],
+    db: Option<&mut [f32]>,
+) {
+    assert!(
+        cols.is_multiple_of(32)
+            && tiles.len() == bf16::packed_b_len(rows, cols)
+            && y.len() >= rows * cols
+            && dy.len() >= rows * cols
+            && db.as_ref().is_none_or(|d| d.len() == cols)
+            && std::arch::is_x86_feature_detected!("avx512f"),
+        "act_bias_bwd_tiles: {rows}×{cols} values and their tiles"
+    );
+    assert!(matches!(act, Act::Relu | Act::None), "act_bias_bwd_tiles: {act:?}");
+    const RB: usize = 64;
+    let block = RB * cols;
+    let mut parts = vec![0f32; rows.div_ceil(RB) * cols];
+    // each block writes only its own rows' K tiles
+    let at = tiles.as_mut_ptr() as usize;
+    let items: Vec<_> = parts.chunks_mut(cols).collect();
+    par_items(items, block, |b, part| {
+        let rs = b * block..(b * block + block).min(rows * cols);
+        // SAFETY: AVX-512F (asserted); the tiles are a whole packed B of rows × cols (asserted), and
+        // this block's rows' tiles are its own
+        unsafe {
+            bf16::pack_b_act_rows(
+                act == Act::Relu,
+                &y[rs.clone()],
+                &dy[rs],
+                cols,
+                b * RB,
+                rows,
+                part,
+                at as *mut u16,
+            )
+        };
+    });
+    if let Some(db) = db {
+        for (c, o) in db.iter_mut().enumerate() {
+            let total = parts.chunks(cols).fold(0f64, |t, p| t + p[c] as f64);
+            *o = (*o as f64 + total) as f32;
+        }
+    }
+}
+
 /// y = act(x·w + b) (x m×k, w k×n, y m×n): in bf16, x and w read from their sources and the bias and
 /// a ReLU added to each block of y as the GEMM finishes it (one pass over y; a sigmoid after).
 #[allow(clippy::too_many_arguments)]
