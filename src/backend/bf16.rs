@@ -523,6 +523,28 @@ unsafe fn rows32(runs: &[*const f32], tile: *mut u16) {
     }
 }
 
+/// As [`rows32`] for runs of `np` < 32 values (the last K tile of a K that is not a multiple of 32,
+/// such as conv1's 81): each row's values past np as zeros, none of them read.
+///
+/// # Safety
+/// AVX-512F; np readable f32 at each run; `runs.len()` rows of 32 writable u16 from `tile`.
+#[target_feature(enable = "avx512f")]
+unsafe fn rows_short(runs: &[*const f32], np: usize, tile: *mut u16) {
+    use std::arch::x86_64::*;
+    let lanes = |n: usize| ((1u32 << n.min(16)) - 1) as u16;
+    let (lo, hi) = (lanes(np), lanes(np.saturating_sub(16)));
+    for (i, &run) in runs.iter().enumerate() {
+        // SAFETY: masked loads read only the run's np values (the caller's contract); row i of the
+        // tile holds 32
+        unsafe {
+            let a = _mm512_cvtepi32_epi16(bf16x16(_mm512_maskz_loadu_ps(lo, run)));
+            let b = _mm512_cvtepi32_epi16(bf16x16(_mm512_maskz_loadu_ps(hi, run.wrapping_add(16))));
+            _mm256_storeu_si256(tile.add(i * TK) as *mut __m256i, a);
+            _mm256_storeu_si256(tile.add(i * TK + 16) as *mut __m256i, b);
+        }
+    }
+}
+
 /// [`pairs16`] of each pair of runs into consecutive rows of a B tile.
 ///
 /// # Safety
@@ -731,11 +753,17 @@ fn pack_a_tile(m: usize, k: usize, src: &impl Source, mt: usize, kt: usize, tile
             // SAFETY: the source has these 32 bf16 values contiguous; row i of the tile holds 32
             unsafe { std::ptr::copy_nonoverlapping(run, tile.as_mut_ptr().add(i * TK), TK) };
         }
-    } else if np == TK && (0..ni).all(|i| src.run(i0 + i, p0, TK).map(|r| runs[i] = r).is_some()) {
+    } else if (0..ni).all(|i| src.run(i0 + i, p0, np).map(|r| runs[i] = r).is_some()) {
         assert!(tile.len() >= ni * TK);
-        // SAFETY: the source has these 32 values contiguous; the tile holds ni rows (asserted);
+        // SAFETY: the source has these np values contiguous; the tile holds ni rows (asserted);
         // AVX-512F is there (`supported`)
-        unsafe { rows32(&runs[..ni], tile.as_mut_ptr()) };
+        unsafe {
+            if np == TK {
+                rows32(&runs[..ni], tile.as_mut_ptr())
+            } else {
+                rows_short(&runs[..ni], np, tile.as_mut_ptr())
+            }
+        };
     } else if ni == TM && np == TK && (0..TK).all(|p| src.col_run(i0, p0 + p, TM).map(|r| cols[p] = r).is_some()) {
         for p in (0..TK).step_by(2) {
             // SAFETY: the source has both columns' 16 values contiguous; the 16 pairs
@@ -1423,6 +1451,12 @@ unsafe fn gemm_on(
     // the kernel only reads B's tiles: a pre-packed B's pointer is never written through
     let pb = pre_b.map_or(pb.as_mut_ptr(), |p| p as *mut u16);
     let (pa, pb, cs) = (Shared(pa.as_mut_ptr()), Shared(pb), Shared(c));
+    // a large affine output (conv1's, 20 MB at batch 50) written without reading its lines first:
+    // it is not read again before it leaves the caches; C rows on cache lines
+    let stream_c = matches!(out, Out::Affine { .. })
+        && m * n * 4 >= STREAM_MIN
+        && (c as usize).is_multiple_of(LINE)
+        && (rsc as usize * 4).is_multiple_of(LINE);
     let run = |share: &Share, own: &mut [u16]| {
         let (pa, pb, cs) = (pa, pb, cs);
         let (a_own, b_own) = own.split_at_mut(a_own_len);
@@ -1529,6 +1563,20 @@ unsafe fn gemm_on(
                                             }
                                         }
                                     }
+                                    Out::Affine { bias, relu } if ni == BLOCK && nj == BLOCK && kc + kn == kts => {
+                                        // the block's last pass: bias and activation while it is in
+                                        // cache, each row stored once (from the tiles through a
+                                        // block of its own where the product takes one pass)
+                                        let c0 = cs.0.offset(i0 as isize * rsc + j0 as isize);
+                                        let bias = &bias[j0..j0 + BLOCK];
+                                        if load {
+                                            block(ap, a_next, bp, b_next, kn, c0, rsc as usize * 4, true);
+                                            affine_block(c0, rsc as usize, bias, relu, c0, rsc as usize, false);
+                                        } else {
+                                            block(ap, a_next, bp, b_next, kn, edge.as_mut_ptr(), BLOCK * 4, false);
+                                            affine_block(edge.as_ptr(), BLOCK, bias, relu, c0, rsc as usize, stream_c);
+                                        }
+                                    }
                                     Out::Rows { .. } | Out::Affine { .. } if ni == BLOCK && nj == BLOCK => {
                                         let c0 = cs.0.offset(i0 as isize * rsc + j0 as isize);
                                         block(ap, a_next, bp, b_next, kn, c0, rsc as usize * 4, load);
@@ -1554,8 +1602,9 @@ unsafe fn gemm_on(
                                 }
                                 if let Out::Affine { bias, relu } = out
                                     && kc + kn == kts
+                                    && (ni < BLOCK || nj < BLOCK)
                                 {
-                                    // the block's last pass: bias and activation while it is in cache
+                                    // an edge block's last pass: bias and activation while it is in cache
                                     let bias = &bias[j0..j0 + nj];
                                     for i in 0..ni {
                                         let row = cs.0.offset((i0 + i) as isize * rsc + j0 as isize);
@@ -1572,6 +1621,12 @@ unsafe fn gemm_on(
                 }
             }
         }
+        if stream_c {
+            // the streamed stores ordered before anything this thread does next (the threads'
+            // join publishes them)
+            // SAFETY: SSE is part of x86-64
+            unsafe { std::arch::x86_64::_mm_sfence() };
+        }
     };
     let mut owns: Vec<&mut [u16]> = if own_len == 0 {
         shares.iter().map(|_| &mut [][..]).collect()
@@ -1584,6 +1639,40 @@ unsafe fn gemm_on(
         crate::par::scatter(shares.iter().zip(owns).collect(), |_, (share, own)| run(share, own));
     }
     Ok(())
+}
+
+/// Bytes of an affine output from which its full blocks are written with non-temporal stores.
+const STREAM_MIN: usize = 8 << 20;
+
+/// `dst` rows (32 of 32 f32, `ldd` apart) = `src` rows (`lds` apart) + `bias`, then max(·, 0) where
+/// `relu` (as the scalar epilogue computes them), streamed past the caches where `stream` (then
+/// followed by a store fence).
+///
+/// # Safety
+/// 32 rows of 32 readable f32 at `src`, of 32 writable ones at `dst` (on cache lines where `stream`);
+/// `bias` holds 32 values.
+#[target_feature(enable = "avx512f")]
+unsafe fn affine_block(src: *const f32, lds: usize, bias: &[f32], relu: bool, dst: *mut f32, ldd: usize, stream: bool) {
+    use std::arch::x86_64::*;
+    assert!(bias.len() >= BLOCK);
+    // SAFETY (the whole body): the caller's contract
+    unsafe {
+        let b = [_mm512_loadu_ps(bias.as_ptr()), _mm512_loadu_ps(bias.as_ptr().add(16))];
+        for i in 0..BLOCK {
+            for (h, bh) in b.iter().enumerate() {
+                let mut v = _mm512_add_ps(_mm512_loadu_ps(src.add(i * lds + 16 * h)), *bh);
+                if relu {
+                    v = _mm512_max_ps(v, _mm512_setzero_ps());
+                }
+                let at = dst.add(i * ldd + 16 * h);
+                if stream {
+                    _mm512_stream_ps(at, v);
+                } else {
+                    _mm512_storeu_ps(at, v);
+                }
+            }
+        }
+    }
 }
 
 /// GFLOP/s of one thread running `kernel`'s 32×32 block over B tiles spread across `b_kib` KiB, one
@@ -1940,6 +2029,65 @@ mod tests {
                 "{}: sink on packed Wᵀ",
                 kernel.flag()
             );
+        }
+    }
+
+    /// An affine output equals the plain product with the bias added and the ReLU taken after, bit
+    /// for bit: whole blocks in one pass (an output of 8 MiB, written with streaming stores), in
+    /// several passes of K, and edge blocks; with and without the ReLU.
+    #[test]
+    fn an_affine_output_is_the_product_plus_bias_then_relu() {
+        let kernels: Vec<Bf16Gemm> = Bf16Gemm::ALL.iter().copied().filter(|k| k.supported()).collect();
+        // no kernel to run: what a user gets here is a refusal
+        assert!(!kernels.is_empty() || Bf16Gemm::choose().is_err());
+        let mut seed = 3u64;
+        let mut rand = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        for (m, k, n) in [(8192, 81, 256), (100, 2100, 64), (70, 300, 50)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rand()).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rand()).collect();
+            let bias: Vec<f32> = (0..n).map(|_| rand()).collect();
+            let (sa, sb) = (Strided::new(&a, (m, k), (k, 1)), Strided::new(&b, (k, n), (n, 1)));
+            // C on a cache line, as the backend's tensors are
+            let mut store = vec![0f32; m * n + 16];
+            let off = store.as_ptr().align_offset(LINE);
+            for &kernel in &kernels {
+                let mut plain = vec![0f32; m * n];
+                // SAFETY (both calls): the kernel is supported; C holds m rows of n values
+                unsafe {
+                    gemm_on(
+                        2,
+                        kernel,
+                        m,
+                        k,
+                        n,
+                        &sa,
+                        &sb,
+                        Out::Rows { beta: 0.0 },
+                        plain.as_mut_ptr(),
+                        n as isize,
+                    )
+                }
+                .unwrap();
+                for relu in [false, true] {
+                    let c = &mut store[off..off + m * n];
+                    c.fill(f32::NAN);
+                    let out = Out::Affine { bias: &bias, relu };
+                    unsafe { gemm_on(2, kernel, m, k, n, &sa, &sb, out, c.as_mut_ptr(), n as isize) }.unwrap();
+                    let want = plain.iter().enumerate().map(|(i, v)| {
+                        let x = v + bias[i % n];
+                        if relu { x.max(0.0) } else { x }
+                    });
+                    let (mut zeros, what) = (0, format!("{} {m}×{k}×{n} relu {relu}", kernel.flag()));
+                    for (i, (got, want)) in c.iter().zip(want).enumerate() {
+                        assert_eq!(got.to_bits(), want.to_bits(), "C[{i}], {what}");
+                        zeros += (*got == 0.0) as usize;
+                    }
+                    assert!(zeros < m * n / 4 * 3, "C mostly zero, {what}: the test proves little");
+                }
+            }
         }
     }
 
