@@ -65,20 +65,40 @@ pub struct GradStore<'a, B: Core> {
     lens: &'a [usize],
     needs: &'a [bool],
     grads: &'a mut [Option<B::Buf>],
+    /// Buffers kept from an earlier pass that hold no gradient of this one yet (zeros once read).
+    unwritten: &'a mut [bool],
 }
 
 impl<B: Core> GradStore<'_, B> {
-    /// The gradient buffer of `v` to add into, allocated as zeros on first use; `None` when no
+    /// The gradient buffer of `v` to add into, zeros before the first op adds to it; `None` when no
     /// gradient flows to `v` (a data input, or a value computed only from such inputs), so the op can
     /// skip that part of its backward.
     pub fn get(&mut self, v: Var) -> Result<Option<&mut B::Buf>> {
+        let backend = self.backend;
+        Ok(match self.get_to_write(v)? {
+            Some((g, true)) => {
+                backend.fill(g, 0.0)?;
+                Some(g)
+            }
+            Some((g, false)) => Some(g),
+            None => None,
+        })
+    }
+
+    /// As [`GradStore::get`], for an op that can write its gradient instead of adding it: with
+    /// `true`, the buffer holds no value yet (a parameter's gradient buffer kept from the last step,
+    /// before any op of this pass reached it), and the op must write every element (as if adding
+    /// to zeros), which saves zeroing it and reading the zeros back.
+    pub fn get_to_write(&mut self, v: Var) -> Result<Option<(&mut B::Buf, bool)>> {
         if !self.needs[v.0] {
             return Ok(None);
         }
         if self.grads[v.0].is_none() {
             self.grads[v.0] = Some(self.backend.zeros(self.lens[v.0])?);
+            self.unwritten[v.0] = false;
         }
-        Ok(self.grads[v.0].as_mut())
+        let unwritten = std::mem::replace(&mut self.unwritten[v.0], false);
+        Ok(self.grads[v.0].as_mut().map(|g| (g, unwritten)))
     }
 }
 
@@ -119,6 +139,8 @@ pub struct Tape<B: Core> {
     values: Vec<Tensor<B>>,
     needs: Vec<bool>,
     grads: Vec<Option<B::Buf>>,
+    /// Gradient buffers kept from the last backward pass that this one has not written yet.
+    unwritten: Vec<bool>,
     nodes: Vec<Node<B>>,
     n_params: usize,
     recording: bool,
@@ -158,6 +180,7 @@ impl<B: Core> Tape<B> {
             values: vec![],
             needs: vec![],
             grads: vec![],
+            unwritten: vec![],
             nodes: vec![],
             n_params: 0,
             recording: true,
@@ -203,6 +226,7 @@ impl<B: Core> Tape<B> {
         });
         self.needs.push(needs);
         self.grads.push(None);
+        self.unwritten.push(false);
         Ok(Var(self.values.len() - 1))
     }
 
@@ -247,6 +271,7 @@ impl<B: Core> Tape<B> {
         self.values.truncate(self.n_params);
         self.needs.truncate(self.n_params);
         self.grads.truncate(self.n_params);
+        self.unwritten.truncate(self.n_params);
         self.nodes.clear();
         if let Some(p) = self.profiler.as_mut() {
             p.mark = Instant::now();
@@ -339,21 +364,41 @@ impl<B: Core> Tape<B> {
         if let Some(p) = self.profiler.as_mut() {
             p.mark = Instant::now();
         }
-        for g in self.grads.iter_mut().flatten() {
-            self.backend.fill(g, 0.0)?;
+        // every kept gradient is zero until an op writes or adds to it: zeroed when first handed to
+        // an op that adds, not zeroed where an op writes it whole (`GradStore::get_to_write`), and
+        // the rest zeroed at the end
+        for (u, g) in self.unwritten.iter_mut().zip(&self.grads) {
+            *u = g.is_some();
         }
         let mut seed = self.backend.zeros(1)?;
         self.backend.fill(&mut seed, 1.0)?;
         self.grads[loss.0] = Some(seed);
+        self.unwritten[loss.0] = false;
+        let res = self.run_backward();
+        // gradients no op reached are zeros
+        for (u, g) in self.unwritten.iter_mut().zip(self.grads.iter_mut()) {
+            if let (true, Some(g)) = (std::mem::replace(u, false), g) {
+                self.backend.fill(g, 0.0)?;
+            }
+        }
         if let Some(p) = self.profiler.as_mut() {
             p.lap(true, "zero the gradients".to_string());
         }
+        res
+    }
+
+    /// The nodes' backward, last to first.
+    fn run_backward(&mut self) -> Result<()> {
         let lens: Vec<usize> = self.values.iter().map(|t| t.numel()).collect();
         for node in self.nodes.iter().rev() {
             // every consumer of `out` was recorded after it, so its gradient is complete here
-            let Some(dout) = self.grads[node.out.0].take() else {
+            let Some(mut dout) = self.grads[node.out.0].take() else {
                 continue;
             };
+            if std::mem::replace(&mut self.unwritten[node.out.0], false) {
+                // kept from an earlier pass, and no consumer reached it in this one
+                self.backend.fill(&mut dout, 0.0)?;
+            }
             let ctx = Ctx {
                 backend: &self.backend,
                 values: &self.values,
@@ -365,6 +410,7 @@ impl<B: Core> Tape<B> {
                 lens: &lens,
                 needs: &self.needs,
                 grads: &mut self.grads,
+                unwritten: &mut self.unwritten,
             };
             let res = node.op.backward(&ctx, &mut store);
             if let Some(p) = self.profiler.as_mut() {

@@ -467,7 +467,8 @@ fn fast_cpu_first_layer_gradients_in_one_op() {
 }
 
 /// A conv's forward for a training step, and its input and weight gradients from what it kept,
-/// equal the ops without it bit for bit in bf16 (x rounded once, W packed once for both GEMMs): 64
+/// equal the ops without it bit for bit in bf16 (x rounded once, W packed once for both GEMMs; dW
+/// also overwritten instead of added to, over NaNs, against the plain op on zeros): 64
 /// channels at stride 2 as the primary capsules' conv, 32 at stride 1 with a 5x5 kernel, and 48 out
 /// channels, where nothing is kept.
 #[test]
@@ -523,8 +524,14 @@ fn fast_cpu_conv_gradients_from_what_the_forward_kept_equal_the_plain_ops() {
         assert_eq!(bits(&dx1), bits(&dx2), "dx, {what}");
         let (mut dw1, mut dw2) = (up(&dw0), up(&dw0));
         be.conv2d_bwd_weight(&s, &x, &dz, &mut dw1).unwrap();
-        be.conv2d_bwd_weight_saved(&s, &x, &saved, &dz, &mut dw2).unwrap();
+        be.conv2d_bwd_weight_saved(&s, &x, &saved, &dz, &mut dw2, false)
+            .unwrap();
         assert_eq!(bits(&dw1), bits(&dw2), "dW, {what}");
+        // overwritten: as if added to zeros, whatever dW held
+        let (mut dw3, mut dw4) = (up(&vec![0.0; s.w_len()]), up(&vec![f32::NAN; s.w_len()]));
+        be.conv2d_bwd_weight(&s, &x, &dz, &mut dw3).unwrap();
+        be.conv2d_bwd_weight_saved(&s, &x, &saved, &dz, &mut dw4, true).unwrap();
+        assert_eq!(bits(&dw3), bits(&dw4), "dW overwritten, {what}");
         let moved = |a: &[f32], a0: &[f32]| a.iter().zip(a0).filter(|(p, q)| p != q).count();
         assert!(
             moved(&dx1, &dx0) > s.x_len() / 2 && moved(&dw1, &dw0) > s.w_len() / 2,

@@ -688,13 +688,14 @@ fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m51
     out
 }
 
-/// `dst[j·ld + i] += blk[i·BLOCK + j]` for i, j < 32: a whole C block added to a transposed C, a 16×16
-/// quarter at a time through [`transpose16`] (each row of the transposed C then one contiguous add).
+/// `dst[j·ld + i] += blk[i·BLOCK + j]` (`=` where not `add`) for i, j < 32: a whole C block added to
+/// (stored in) a transposed C, a 16×16 quarter at a time through [`transpose16`] (each row of the
+/// transposed C then one contiguous add or store).
 ///
 /// # Safety
 /// AVX-512F; 32 rows of 32 writable f32 `ld` apart from `dst`.
 #[target_feature(enable = "avx512f")]
-unsafe fn add_block_transposed(blk: &[f32; BLOCK * BLOCK], dst: *mut f32, ld: usize) {
+unsafe fn add_block_transposed(blk: &[f32; BLOCK * BLOCK], dst: *mut f32, ld: usize, add: bool) {
     use std::arch::x86_64::*;
     for (i0, j0) in [(0, 0), (0, 16), (16, 0), (16, 16)] {
         let mut r = [_mm512_setzero_si512(); 16];
@@ -706,7 +707,8 @@ unsafe fn add_block_transposed(blk: &[f32; BLOCK * BLOCK], dst: *mut f32, ld: us
             // SAFETY: row j0 + j of the transposed C, values i0..i0+16 (the caller's contract)
             unsafe {
                 let d = dst.add((j0 + j) * ld + i0);
-                _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), _mm512_castsi512_ps(*col)));
+                let v = _mm512_castsi512_ps(*col);
+                _mm512_storeu_ps(d, if add { _mm512_add_ps(_mm512_loadu_ps(d), v) } else { v });
             }
         }
     }
@@ -1185,9 +1187,10 @@ pub(crate) enum Out<'s> {
     /// each block finished while it is in cache; C is not read. A layer's forward in one pass over
     /// its output.
     Affine { bias: &'s [f32], relu: bool },
-    /// C (n×m, rows `rsc` apart) += (A·B)ᵀ, each block added as it is done: a weight gradient that
-    /// is computed transposed, without a buffer for the transpose.
-    AddTransposed,
+    /// C (n×m, rows `rsc` apart) += (A·B)ᵀ, or = where not `add` (C not read), each block added or
+    /// stored as it is done: a weight gradient that is computed transposed, without a buffer for the
+    /// transpose.
+    Transposed { add: bool },
     /// Each block of A·B handed to a sink as it is done (all of K in one pass): a product that is not
     /// kept as a matrix, such as a convolution's patch gradient added into the image gradient.
     Sink(&'s dyn BlockSink),
@@ -1261,7 +1264,7 @@ fn column_groups(cols: &std::ops::Range<usize>, seg: usize) -> Vec<(usize, usize
 /// one pass, else whole up front.
 ///
 /// # Safety
-/// `kernel` is supported; C holds m rows of n values (n of m for [`Out::AddTransposed`]), `rsc`
+/// `kernel` is supported; C holds m rows of n values (n of m for [`Out::Transposed { add: true }`]), `rsc`
 /// apart, and aliases neither source (for [`Out::Sink`], the sink's contract).
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_from(
@@ -1305,7 +1308,17 @@ unsafe fn gemm_on(
     if let Out::Affine { bias, .. } = out {
         assert!(bias.len() >= n, "a bias of {} values for {n} columns", bias.len());
     }
-    if m == 0 || n == 0 || k == 0 && one_pass {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 && one_pass {
+        if let Out::Transposed { add: false } = out {
+            // an empty product written: zeros
+            for j in 0..n {
+                // SAFETY: row j of C holds m values (the caller's contract)
+                unsafe { std::slice::from_raw_parts_mut(c.wrapping_offset(j as isize * rsc), m).fill(0.0) };
+            }
+        }
         return Ok(());
     }
     let beta = match out {
@@ -1342,7 +1355,7 @@ unsafe fn gemm_on(
     // conv's shape) from L2 for every block
     let threads = threads.max(1);
     let stream_b = n >= 4 * m && nb >= threads;
-    let add_passes = matches!(out, Out::AddTransposed)
+    let add_passes = matches!(out, Out::Transposed { .. })
         && stream_b
         && kts > KC_ADD
         && mb * NG_BLOCKS * BLOCK * BLOCK * 4 <= ADD_BLOCKS_MAX;
@@ -1539,7 +1552,7 @@ unsafe fn gemm_on(
                                         let rows = i0.max(share.rows.start)..(i0 + ni).min(share.rows.end);
                                         sink.add(i0, rows, j0, nj, edge);
                                     }
-                                    Out::AddTransposed => {
+                                    Out::Transposed { add } => {
                                         let blk = if add_passes {
                                             let at = (bi - blocks_m.start) * NG_BLOCKS + (bj - ng);
                                             &mut kept[at].0
@@ -1553,12 +1566,13 @@ unsafe fn gemm_on(
                                         let edge = &*blk;
                                         if ni == BLOCK && nj == BLOCK {
                                             let c0 = cs.0.offset(j0 as isize * rsc + i0 as isize);
-                                            add_block_transposed(edge, c0, rsc as usize);
+                                            add_block_transposed(edge, c0, rsc as usize, add);
                                         } else {
                                             for j in 0..nj {
                                                 let row = cs.0.offset((j0 + j) as isize * rsc + i0 as isize);
                                                 for i in 0..ni {
-                                                    *row.add(i) += edge[i * BLOCK + j];
+                                                    let v = edge[i * BLOCK + j];
+                                                    *row.add(i) = if add { *row.add(i) + v } else { v };
                                                 }
                                             }
                                         }
@@ -2227,7 +2241,7 @@ mod tests {
                     n,
                     &sa_,
                     &sb_,
-                    Out::AddTransposed,
+                    Out::Transposed { add: true },
                     d.as_mut_ptr(),
                     ld as isize,
                 )

@@ -148,10 +148,11 @@ impl ConvOps for FastCpu {
     }
 
     fn conv2d_bwd_weight(&self, s: &ConvShape, x: &PoolBuf, dz: &PoolBuf, dw: &mut PoolBuf) -> Result<()> {
-        self.conv2d_bwd_weight_saved(s, x, &ConvSaved::none(), dz, dw)
+        self.conv2d_bwd_weight_saved(s, x, &ConvSaved::none(), dz, dw, false)
     }
 
-    /// In bf16, the patches from x's bf16 copy the forward kept where it did.
+    /// In bf16, the patches from x's bf16 copy the forward kept where it did, and dW written without
+    /// being read where it is to be overwritten.
     fn conv2d_bwd_weight_saved(
         &self,
         s: &ConvShape,
@@ -159,12 +160,13 @@ impl ConvOps for FastCpu {
         saved: &ConvSaved<PoolBuf>,
         dz: &PoolBuf,
         dw: &mut PoolBuf,
+        overwrite: bool,
     ) -> Result<()> {
         check_conv2d_bwd_weight(s, x.len(), dz.len(), dw.len())?;
         let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
         if let Some((kernel, p)) = self.patches(s, x) {
-            // bf16: dW += (dzᵀ · patches)ᵀ, the patches packed straight from x, each block of the
-            // product added to dW as it is done
+            // bf16: dW += (dzᵀ · patches)ᵀ (= where overwritten), the patches packed straight from x,
+            // each block of the product added to dW as it is done
             let dzt = Strided::new(dz, (co, s.rows()), (1, co));
             let gemm = |xb: &[u16]| {
                 let p = Patches { xb: Some(xb), ..p };
@@ -178,7 +180,7 @@ impl ConvOps for FastCpu {
                         kd,
                         &dzt,
                         &p,
-                        Out::AddTransposed,
+                        Out::Transposed { add: !overwrite },
                         dw.as_mut_ptr(),
                         co as isize,
                     )
@@ -188,6 +190,9 @@ impl ConvOps for FastCpu {
                 Some(xb) => gemm(&as_bf16(xb)[..x.len()]),
                 None => self.with_bf16(x, gemm)?,
             };
+        }
+        if overwrite {
+            dw.fill(0.0);
         }
         let chunk = images_per_chunk(s.batch, npix * kd);
         // gemm's AVX-512 kernels write a row-major [co, kd] result at 1.6x the rate they write dW's

@@ -124,8 +124,9 @@ pub trait ConvOps: Core {
     }
     /// dw += Σ over batch and positions of patch(x)ᵀ · dz.
     fn conv2d_bwd_weight(&self, s: &ConvShape, x: &Self::Buf, dz: &Self::Buf, dw: &mut Self::Buf) -> Result<()>;
-    /// [`ConvOps::conv2d_bwd_weight`] with what the forward of the same x and w kept. This default
-    /// ignores it.
+    /// [`ConvOps::conv2d_bwd_weight`] with what the forward of the same x and w kept, and where
+    /// `overwrite`, dw = instead of += (dw holds no value yet: its first producer). This default
+    /// ignores what was kept and zeroes dw first where it is to be overwritten.
     fn conv2d_bwd_weight_saved(
         &self,
         s: &ConvShape,
@@ -133,7 +134,11 @@ pub trait ConvOps: Core {
         _saved: &ConvSaved<Self::Buf>,
         dz: &Self::Buf,
         dw: &mut Self::Buf,
+        overwrite: bool,
     ) -> Result<()> {
+        if overwrite {
+            self.fill(dw, 0.0)?;
+        }
         self.conv2d_bwd_weight(s, x, dz, dw)
     }
     /// The weight and bias gradients of a conv whose input needs none (the first layer):
@@ -247,8 +252,8 @@ impl<B: ConvOps + DenseOps> BackwardOp<B> for Conv2dBackward<B::Buf> {
         if let Some(dx) = g.get(self.x)? {
             be.conv2d_bwd_input_saved(&self.s, &dz, ctx.value(self.w), &self.saved, dx)?;
         }
-        if let Some(dw) = g.get(self.w)? {
-            be.conv2d_bwd_weight_saved(&self.s, ctx.value(self.x), &self.saved, &dz, dw)?;
+        if let Some((dw, unwritten)) = g.get_to_write(self.w)? {
+            be.conv2d_bwd_weight_saved(&self.s, ctx.value(self.x), &self.saved, &dz, dw, unwritten)?;
         }
         Ok(())
     }
