@@ -1843,25 +1843,37 @@ mod tests {
         }
     }
 
+    /// The bf16 kernels this CPU runs, or None where it runs none (and then refuses to choose one,
+    /// as it must).
+    fn kernels_here() -> Option<Vec<Bf16Gemm>> {
+        let kernels: Vec<Bf16Gemm> = Bf16Gemm::ALL.iter().copied().filter(|k| k.supported()).collect();
+        if kernels.is_empty() {
+            assert!(
+                Bf16Gemm::choose().is_err(),
+                "a bf16 kernel chosen on a CPU that runs none"
+            );
+            return None;
+        }
+        Some(kernels)
+    }
+
+    /// Values in [-0.5, 0.5) from a seed (a linear congruential generator).
+    fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
+        move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        }
+    }
+
     /// A sink's sums are the same, bit for bit, on 1, 2 or 3 threads: row groups of 49 rows (blocks
     /// straddle them) and one column group of nine blocks (the threads split the rows), as a conv with
     /// 32 channels and a 3x3 kernel gives its input gradient; then two column groups.
     #[test]
     fn a_sinks_sums_do_not_depend_on_the_thread_count() {
-        let kernels: Vec<Bf16Gemm> = Bf16Gemm::ALL.iter().copied().filter(|k| k.supported()).collect();
-        if kernels.is_empty() {
-            // no kernel to run: what a user gets here is a refusal
-            assert!(
-                Bf16Gemm::choose().is_err(),
-                "a bf16 kernel chosen on a CPU that runs none"
-            );
+        let Some(kernels) = kernels_here() else {
             return;
-        }
-        let mut seed = 99u64;
-        let mut rand = move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
+        let mut rand = uniform(99);
         let (m, k, n) = (49 * 24, 288, 9 * BLOCK);
         let a: Vec<f32> = (0..m * k).map(|_| rand()).collect();
         let b: Vec<f32> = (0..k * n).map(|_| rand()).collect();
@@ -1917,20 +1929,10 @@ mod tests {
     /// columns packed as it goes) into a sink.
     #[test]
     fn b_packed_once_for_both_products_equals_each_packed_alone() {
-        let kernels: Vec<Bf16Gemm> = Bf16Gemm::ALL.iter().copied().filter(|k| k.supported()).collect();
-        if kernels.is_empty() {
-            // no kernel to run: what a user gets here is a refusal
-            assert!(
-                Bf16Gemm::choose().is_err(),
-                "a bf16 kernel chosen on a CPU that runs none"
-            );
+        let Some(kernels) = kernels_here() else {
             return;
-        }
-        let mut seed = 5u64;
-        let mut rand = move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
+        let mut rand = uniform(5);
         let (k, n) = (96, 64);
         let mut w: Vec<f32> = (0..k * n).map(|_| rand()).collect();
         let special = [
@@ -2051,14 +2053,8 @@ mod tests {
     /// several passes of K, and edge blocks; with and without the ReLU.
     #[test]
     fn an_affine_output_is_the_product_plus_bias_then_relu() {
-        let kernels: Vec<Bf16Gemm> = Bf16Gemm::ALL.iter().copied().filter(|k| k.supported()).collect();
-        // no kernel to run: what a user gets here is a refusal
-        assert!(!kernels.is_empty() || Bf16Gemm::choose().is_err());
-        let mut seed = 3u64;
-        let mut rand = move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
+        let kernels = kernels_here().unwrap_or_default();
+        let mut rand = uniform(3);
         for (m, k, n) in [(8192, 81, 256), (100, 2100, 64), (70, 300, 50)] {
             let a: Vec<f32> = (0..m * k).map(|_| rand()).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rand()).collect();
@@ -2110,9 +2106,7 @@ mod tests {
     fn an_empty_affine_product_is_the_bias() {
         let (a, b) = (Strided::new(&[], (2, 0), (0, 1)), Strided::new(&[], (0, 3), (3, 1)));
         let bias = [-1.0f32, 2.0, 0.5];
-        let kernels: Vec<Bf16Gemm> = Bf16Gemm::ALL.iter().copied().filter(|k| k.supported()).collect();
-        // no kernel to run: what a user gets here is a refusal
-        assert!(!kernels.is_empty() || Bf16Gemm::choose().is_err());
+        let kernels = kernels_here().unwrap_or_default();
         for kernel in kernels {
             for (relu, want) in [(false, [-1.0, 2.0, 0.5]), (true, [0.0, 2.0, 0.5])] {
                 let mut c = [f32::NAN; 6];
