@@ -6,10 +6,14 @@
 //! - Each op's forward (in [`crate::ops`]) computes its output through the backend and pushes a
 //!   node: a boxed [`BackwardOp`] holding the input variables and whatever else its backward needs.
 //!   There is no central dispatcher: each op owns its backward.
-//! - [`Tape::backward`] zeroes every gradient, seeds d(loss) = 1 and replays the nodes in reverse.
+//! - [`Tape::backward`] seeds d(loss) = 1 and replays the nodes in reverse; a gradient kept from the
+//!   last pass counts as zeros until an op writes or adds to it (those no op reached are zeroed at
+//!   the end).
 //! - The accumulation rule: a backward ADDS into the gradients of its inputs
-//!   ([`GradStore::get`] hands out zero-initialised buffers), so a variable used by several ops
-//!   (fan-out) receives the sum of their contributions.
+//!   ([`GradStore::get`] hands out buffers that hold zeros or the sum so far), so a variable used by
+//!   several ops (fan-out) receives the sum of their contributions. An op that writes a gradient
+//!   whole may take it with [`GradStore::get_to_write`], which says whether it holds no value yet:
+//!   then the op writes it instead of adding (the buffer is not zeroed first).
 
 use std::time::Instant;
 

@@ -7,9 +7,10 @@
 //! - Layouts are row-major and channels-last: images [B, H, W, C], conv kernels [K, K, Cin, Cout]
 //!   (TensorFlow's HWIO), dense kernels [in, out], capsule weights W [I, J, Dout, Din].
 //! - Accumulation rule: a function that writes the gradient of a tape variable (every `d*`
-//!   argument of a `*_bwd_*` function) ADDS to it; the tape zeroes gradients once per backward pass.
-//!   The only exception is `DenseOps::act_bwd` (and `act_bias_bwd`'s dz), which writes a temporary
-//!   and overwrites it.
+//!   argument of a `*_bwd_*` function) ADDS to it; the tape hands a gradient out as zeros the first
+//!   time in a backward pass. The exceptions: `DenseOps::act_bwd` (and `act_bias_bwd`'s dz), which
+//!   writes a temporary and overwrites it, and a method with an `overwrite` flag, which writes the
+//!   gradient instead where the tape says it holds no value yet.
 //! - Scalars such as losses live in one-element buffers, so that a device backend never needs a
 //!   host round trip inside a step; the incoming gradient of a loss (`dloss`) is such a buffer too.
 
