@@ -243,6 +243,7 @@ impl ConvOps for FastCpu {
     ) -> Result<()> {
         if let Some(kernel @ bf16::Bf16Gemm::Amx) = self.bf16_gemm()
             && s.in_c == 1
+            && s.rows() > 0
             && s.out_c.is_multiple_of(32)
             && matches!(act, Act::Relu | Act::None)
         {
