@@ -379,10 +379,15 @@ impl<B: Core> Tape<B> {
         self.grads[loss.0] = Some(seed);
         self.unwritten[loss.0] = false;
         let res = self.run_backward();
-        // gradients no op reached are zeros
+        // gradients no op reached are zeros; after a failed pass all are (one handed out to be
+        // written may not have been)
+        let failed = res.is_err();
         for (u, g) in self.unwritten.iter_mut().zip(self.grads.iter_mut()) {
-            if let (true, Some(g)) = (std::mem::replace(u, false), g) {
-                self.backend.fill(g, 0.0)?;
+            if let (true, Some(g)) = (std::mem::replace(u, false) || failed, g) {
+                let zeroed = self.backend.fill(g, 0.0);
+                if !failed {
+                    zeroed?;
+                }
             }
         }
         if let Some(p) = self.profiler.as_mut() {

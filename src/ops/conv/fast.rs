@@ -58,7 +58,7 @@ impl ConvOps for FastCpu {
     ) -> Result<ConvSaved<PoolBuf>> {
         check_conv2d_fwd(s, x.len(), w.len(), b.len(), y.len())?;
         let (kd, co) = (s.patch_len(), s.out_c);
-        let Some((kernel, p)) = self.patches(s, x).filter(|_| co.is_multiple_of(32)) else {
+        let Some((kernel, p)) = self.patches(s, x).filter(|_| co.is_multiple_of(32) && co > 0 && kd > 0) else {
             self.conv2d_fwd(s, x, w, b, y, act)?;
             return Ok(ConvSaved::none());
         };
@@ -244,6 +244,7 @@ impl ConvOps for FastCpu {
         if let Some(kernel @ bf16::Bf16Gemm::Amx) = self.bf16_gemm()
             && s.in_c == 1
             && s.rows() > 0
+            && s.out_c > 0
             && s.out_c.is_multiple_of(32)
             && matches!(act, Act::Relu | Act::None)
         {
