@@ -192,7 +192,7 @@ impl ConvOps for FastCpu {
             };
         }
         if overwrite {
-            dw.fill(0.0);
+            crate::backend::Core::fill(self, dw, 0.0)?;
         }
         let chunk = images_per_chunk(s.batch, npix * kd);
         // gemm's AVX-512 kernels write a row-major [co, kd] result at 1.6x the rate they write dW's
@@ -248,14 +248,7 @@ impl ConvOps for FastCpu {
             && s.out_c.is_multiple_of(32)
             && matches!(act, Act::Relu | Act::None)
         {
-            const OP: &str = "conv2d_bwd_params";
-            check(OP, "x", x.len(), s.x_len())?;
-            check(OP, "y", y.len(), s.y_len())?;
-            check(OP, "dy", dy.len(), s.y_len())?;
-            check(OP, "dw", dw.len(), s.w_len())?;
-            if let Some(db) = &db {
-                check(OP, "db", db.len(), s.out_c)?;
-            }
+            check_params_bwd(s, x, y, dy, dw, db.as_deref())?;
             let (rows, kd, co) = (s.rows(), s.patch_len(), s.out_c);
             let mut dz = self.take(bf16::packed_b_len(rows, co) / 2, |_| {})?;
             act_bias_bwd_tiles(act, rows, co, y, dy, as_bf16_mut(&mut dz), db.map(|d| &mut d[..]));
@@ -282,14 +275,7 @@ impl ConvOps for FastCpu {
         }
         #[cfg(target_arch = "x86_64")]
         if super::avx512::usable(s, act) {
-            const OP: &str = "conv2d_bwd_params";
-            check(OP, "x", x.len(), s.x_len())?;
-            check(OP, "y", y.len(), s.y_len())?;
-            check(OP, "dy", dy.len(), s.y_len())?;
-            check(OP, "dw", dw.len(), s.w_len())?;
-            if let Some(db) = &db {
-                check(OP, "db", db.len(), s.out_c)?;
-            }
+            check_params_bwd(s, x, y, dy, dw, db.as_deref())?;
             let db = db.map(|d| &mut d[..]);
             // SAFETY: `usable`; the lengths are checked above
             unsafe { super::avx512::params_bwd(s, act, self.precision(), x, y, dy, dw, db) };
@@ -297,6 +283,17 @@ impl ConvOps for FastCpu {
         }
         super::conv2d_bwd_params_in_two_steps(self, s, act, x, y, dy, dw, db)
     }
+}
+
+/// The buffers of `conv2d_bwd_params`' own kernels against its shape, an error naming the op and the
+/// buffer before any kernel runs.
+fn check_params_bwd(s: &ConvShape, x: &[f32], y: &[f32], dy: &[f32], dw: &[f32], db: Option<&PoolBuf>) -> Result<()> {
+    const OP: &str = "conv2d_bwd_params";
+    check(OP, "x", x.len(), s.x_len())?;
+    check(OP, "y", y.len(), s.y_len())?;
+    check(OP, "dy", dy.len(), s.y_len())?;
+    check(OP, "dw", dw.len(), s.w_len())?;
+    db.map_or(Ok(()), |db| check(OP, "db", db.len(), s.out_c))
 }
 
 /// The patch matrix of one-channel images transposed and rounded to bf16: `out[t·rows + r]` = tap t
