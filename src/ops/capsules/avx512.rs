@@ -79,20 +79,108 @@ pub(super) unsafe fn predict_fwd_block(s: &CapsShape, b0: usize, block: &mut [f3
         for bl in 0..nb {
             let ui = &u[((b0 + bl) * ni + i) * 8..][..8];
             let out = &mut block[(bl * ni + i) * njd..(bl * ni + i + 1) * njd];
-            let mut j0 = 0;
-            while j0 < nj {
-                let o = &mut out[j0 * 16..];
-                // SAFETY: each run ends by nj; the lengths asserted above
-                j0 += unsafe {
-                    match nj - j0 {
-                        8.. => (predict_run::<8>(ui, wti, njd, j0, o), 8).1,
-                        4..=7 => (predict_run::<4>(ui, wti, njd, j0, o), 4).1,
-                        2..=3 => (predict_run::<2>(ui, wti, njd, j0, o), 2).1,
-                        _ => (predict_run::<1>(ui, wti, njd, j0, o), 1).1,
-                    }
-                };
-            }
+            // SAFETY: AVX-512F (the caller's contract); the lengths asserted above
+            unsafe { predict_capsule(nj, ui, wti, out) };
         }
+    }
+}
+
+/// One capsule's û of one image, `out[(j, d)] = Σ_t u[t] · wt[t, (j, d)]`: the output capsules in
+/// runs of 8, 4, 2 and 1 held in registers (what [`predict_fwd_block`] stores for each image and
+/// capsule, bit for bit).
+///
+/// # Safety
+/// AVX-512F and FMA; `u` holds 8 values, `wt` 8·16·nj (the capsule's Wᵀ), `out` 16·nj.
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+pub(crate) unsafe fn predict_capsule(nj: usize, u: &[f32], wt: &[f32], out: &mut [f32]) {
+    let njd = nj * 16;
+    assert!(u.len() >= 8 && wt.len() >= 8 * njd && out.len() >= njd);
+    let mut j0 = 0;
+    while j0 < nj {
+        let o = &mut out[j0 * 16..];
+        // SAFETY: each run ends by nj; the lengths asserted above
+        j0 += unsafe {
+            match nj - j0 {
+                8.. => (predict_run::<8>(u, wt, njd, j0, o), 8).1,
+                4..=7 => (predict_run::<4>(u, wt, njd, j0, o), 4).1,
+                2..=3 => (predict_run::<2>(u, wt, njd, j0, o), 2).1,
+                _ => (predict_run::<1>(u, wt, njd, j0, o), 1).1,
+            }
+        };
+    }
+}
+
+/// [`predict_run`] for two images at once (inputs `u0` and `u1`, outputs `o0` and `o1`): each weight
+/// vector loaded once for both, 2·N independent chains of FMAs. Each output is summed as
+/// [`predict_run`] sums it, bit for bit.
+///
+/// # Safety
+/// AVX-512F and FMA; as [`predict_run`] for each image.
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+unsafe fn predict_run_pair<const N: usize>(
+    u0: &[f32],
+    u1: &[f32],
+    wt: &[f32],
+    njd: usize,
+    j0: usize,
+    o0: &mut [f32],
+    o1: &mut [f32],
+) {
+    debug_assert!(u0.len() >= 8 && u1.len() >= 8 && wt.len() >= 8 * njd && (j0 + N) * 16 <= njd);
+    debug_assert!(o0.len() >= N * 16 && o1.len() >= N * 16);
+    let mut a0 = [_mm512_setzero_ps(); N];
+    let mut a1 = [_mm512_setzero_ps(); N];
+    for t in 0..8 {
+        let (x0, x1) = (_mm512_set1_ps(u0[t]), _mm512_set1_ps(u1[t]));
+        for q in 0..N {
+            // SAFETY: t·njd + (j0 + q)·16 + 16 ≤ 8·njd (the caller's contract)
+            let w = unsafe { _mm512_loadu_ps(wt.as_ptr().add(t * njd + (j0 + q) * 16)) };
+            a0[q] = _mm512_fmadd_ps(x0, w, a0[q]);
+            a1[q] = _mm512_fmadd_ps(x1, w, a1[q]);
+        }
+    }
+    for q in 0..N {
+        // SAFETY: o0 and o1 hold N·16 values
+        unsafe {
+            _mm512_storeu_ps(o0.as_mut_ptr().add(q * 16), a0[q]);
+            _mm512_storeu_ps(o1.as_mut_ptr().add(q * 16), a1[q]);
+        }
+    }
+}
+
+/// [`predict_capsule`] for two images of the same capsule (inputs `u0` and `u1`), each weight loaded
+/// once for both: the output capsules in runs of 10, 8, 4, 2 and 1 (20 chains of FMAs in flight at
+/// the model's 10). The same values as [`predict_capsule`] for each image, bit for bit.
+///
+/// # Safety
+/// AVX-512F and FMA; `u0` and `u1` hold 8 values, `wt` 8·16·nj (the capsule's Wᵀ), `o0` and `o1` 16·nj.
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+pub(crate) unsafe fn predict_capsule_pair(
+    nj: usize,
+    u0: &[f32],
+    u1: &[f32],
+    wt: &[f32],
+    o0: &mut [f32],
+    o1: &mut [f32],
+) {
+    let njd = nj * 16;
+    assert!(u0.len() >= 8 && u1.len() >= 8 && wt.len() >= 8 * njd && o0.len() >= njd && o1.len() >= njd);
+    let mut j0 = 0;
+    while j0 < nj {
+        let (p, q) = (&mut o0[j0 * 16..], &mut o1[j0 * 16..]);
+        // SAFETY: each run ends by nj; the lengths asserted above
+        j0 += unsafe {
+            match nj - j0 {
+                10.. => (predict_run_pair::<10>(u0, u1, wt, njd, j0, p, q), 10).1,
+                8..=9 => (predict_run_pair::<8>(u0, u1, wt, njd, j0, p, q), 8).1,
+                4..=7 => (predict_run_pair::<4>(u0, u1, wt, njd, j0, p, q), 4).1,
+                2..=3 => (predict_run_pair::<2>(u0, u1, wt, njd, j0, p, q), 2).1,
+                _ => (predict_run_pair::<1>(u0, u1, wt, njd, j0, p, q), 1).1,
+            }
+        };
     }
 }
 

@@ -9,8 +9,8 @@
 use std::arch::x86_64::*;
 
 use super::softmax::{softmax_row, softmax_rows_bwd_add};
-use crate::backend::avx512::{reduce16, slot};
-use crate::backend::fast::{Fused, dot};
+use crate::backend::avx512::{lanes, reduce16, slot, softmax16};
+use crate::backend::fast::Fused;
 use crate::ops::capsules::CapsShape;
 use crate::ops::capsules::avx512::input_grad_sums;
 use crate::ops::capsules::fast::{squash_row, squash_row_bwd};
@@ -75,7 +75,7 @@ unsafe fn all_weighted_sums(ni: usize, nj: usize, w: &[f32], uh: &[f32], out: &m
 }
 
 /// `out[k] += û_k · x[k % nj]` for every pair k = i·nj + j (û_k the 16 values at k·16), sixteen pairs
-/// a time through [`reduce16`], the last few one by one.
+/// a time through [`reduce16`], the last few likewise with the rest of their group zero.
 ///
 /// # Safety
 /// AVX-512F; `uh` holds n·16 values, `out` n, `x` nj·16.
@@ -85,26 +85,69 @@ unsafe fn add_agreements(nj: usize, uh: &[f32], x: &[f32], out: &mut [f32]) {
     debug_assert!(uh.len() >= n * 16 && x.len() >= nj * 16);
     let (u, xp) = (uh.as_ptr(), x.as_ptr());
     let mut j = 0;
-    let mut k0 = 0;
-    while k0 + 16 <= n {
+    for k0 in (0..n).step_by(16) {
+        let m = 16.min(n - k0);
         let mut p = [_mm512_setzero_ps(); 16];
-        for q in 0..16 {
+        for q in 0..m {
             // SAFETY: k0 + q < n and j < nj (the caller's contract)
             unsafe {
                 p[slot(q)] = _mm512_mul_ps(_mm512_loadu_ps(u.add((k0 + q) * 16)), _mm512_loadu_ps(xp.add(j * 16)));
             }
             j = if j + 1 == nj { 0 } else { j + 1 };
         }
-        let o = &mut out[k0..k0 + 16];
-        // SAFETY: o holds 16 values
+        let o = &mut out[k0..k0 + m];
+        // SAFETY: o holds m values, the mask's lanes
         unsafe {
-            let sums = _mm512_add_ps(_mm512_loadu_ps(o.as_ptr()), reduce16(p));
-            _mm512_storeu_ps(o.as_mut_ptr(), sums);
+            let mk = lanes(m);
+            let sums = _mm512_add_ps(_mm512_maskz_loadu_ps(mk, o.as_ptr()), reduce16(p));
+            _mm512_mask_storeu_ps(o.as_mut_ptr(), mk, sums);
         }
-        k0 += 16;
     }
-    for k in k0..n {
-        out[k] += dot::<Fused>(&uh[k * 16..(k + 1) * 16], &x[(k % nj) * 16..][..16]);
+}
+
+/// out = softmax(x) over one row of couplings, in one register by [`softmax16`] up to 16 classes
+/// (its e^x within 2 ulp, libm's within 1), else by [`softmax_row`].
+///
+/// # Safety
+/// AVX-512F and FMA; `x` and `out` of the same length.
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+pub(super) unsafe fn softmax_wide(x: &[f32], out: &mut [f32]) {
+    if x.len() <= 16 {
+        // SAFETY: AVX-512F and FMA (the caller's contract); at most 16 values each
+        unsafe { softmax16(x, out) }
+    } else {
+        softmax_row(x, out)
+    }
+}
+
+/// The gradient through the softmax of one row of couplings c = softmax(b), in registers (the row in
+/// the lanes of `m`): `db + c ⊙ (dc − Σ c·dc)`, the sum by `_mm512_reduce_add_ps`.
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+pub(super) fn softmax16_bwd_add(m: __mmask16, c: __m512, dc: __m512, db: __m512) -> __m512 {
+    let dot = _mm512_reduce_add_ps(_mm512_maskz_mul_ps(m, c, dc));
+    _mm512_add_ps(db, _mm512_mul_ps(c, _mm512_sub_ps(dc, _mm512_set1_ps(dot))))
+}
+
+/// [`softmax_rows_bwd_add`] for rows of up to 16 couplings by [`softmax16_bwd_add`], longer ones as
+/// it does.
+///
+/// # Safety
+/// AVX-512F and FMA; `c`, `dc` and `db` of the same length, a multiple of nj.
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn softmax_rows_bwd_add_wide(nj: usize, c: &[f32], dc: &[f32], db: &mut [f32]) {
+    if nj > 16 || nj == 0 {
+        return softmax_rows_bwd_add(nj, c, dc, db);
+    }
+    let m = lanes(nj);
+    for ((ci, dci), dbi) in c.chunks_exact(nj).zip(dc.chunks_exact(nj)).zip(db.chunks_exact_mut(nj)) {
+        // SAFETY: nj values in each row, the mask's lanes
+        unsafe {
+            let ld = |x: &[f32]| _mm512_maskz_loadu_ps(m, x.as_ptr());
+            let g = softmax16_bwd_add(m, ld(ci), ld(dci), ld(dbi));
+            _mm512_mask_storeu_ps(dbi.as_mut_ptr(), m, g);
+        }
     }
 }
 
@@ -133,7 +176,8 @@ pub(super) unsafe fn fwd_image(
             c.fill(1.0 / nj as f32);
         } else {
             for (cr, lr) in c.chunks_mut(nj).zip(logits.chunks(nj)) {
-                softmax_row(lr, cr);
+                // SAFETY: AVX-512F and FMA (the caller's contract)
+                unsafe { softmax_wide(lr, cr) };
             }
         }
         let sr = &mut ss[r * nj * d..(r + 1) * nj * d];
@@ -271,8 +315,10 @@ pub(super) unsafe fn bwd_coeffs_image(
         }
         dc.fill(0.0);
         // SAFETY: as above
-        unsafe { add_agreements(nj, uh, ds, &mut dc) };
-        softmax_rows_bwd_add(nj, c, &dc, &mut db_next);
+        unsafe {
+            add_agreements(nj, uh, ds, &mut dc);
+            softmax_rows_bwd_add_wide(nj, c, &dc, &mut db_next);
+        }
     }
 }
 
@@ -420,20 +466,23 @@ pub(super) unsafe fn predict_grads(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::avx512::{reduce16, slot};
+    use crate::backend::avx512::{exp16, reduce16, slot};
+
+    fn model() -> CapsShape {
+        CapsShape {
+            batch: 1,
+            in_caps: 1152,
+            in_dim: 8,
+            out_caps: 10,
+            out_dim: 16,
+        }
+    }
 
     #[test]
     fn sixteen_sums_land_in_their_lanes() {
         if !std::arch::is_x86_feature_detected!("avx512f") {
             // the routing's portable path is the one in use there, even at the model's shape
-            let model = CapsShape {
-                batch: 1,
-                in_caps: 1152,
-                in_dim: 8,
-                out_caps: 10,
-                out_dim: 16,
-            };
-            assert!(!usable(&model));
+            assert!(!usable(&model()));
             return;
         }
         // vector q holds q·1000 + its lane: its sum 16000·q + 120, unique per q
@@ -449,5 +498,47 @@ mod tests {
         }
         let want: Vec<f32> = (0..16).map(|q| (16000 * q + 120) as f32).collect();
         assert_eq!(out.to_vec(), want);
+    }
+
+    /// exp16 against f64's exp: within 2 ulp over the normal range of results (x from −87 to 88, every
+    /// 2⁻⁷, and values near 0), exactly 1 at 0, subnormal or 0 below the range, +∞ above it, NaN kept.
+    #[test]
+    fn exp16_is_within_two_ulp_of_exp() {
+        if !(std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")) {
+            // the kernels that call it do not run here
+            assert!(!usable(&model()));
+            return;
+        }
+        let exp = |xs: &[f32]| -> Vec<f32> {
+            let mut out = vec![0f32; xs.len()];
+            for (o, x) in out.chunks_mut(16).zip(xs.chunks(16)) {
+                let mut buf = [0f32; 16];
+                buf[..x.len()].copy_from_slice(x);
+                // SAFETY: AVX-512F and FMA (checked); 16 values
+                unsafe { _mm512_storeu_ps(buf.as_mut_ptr(), exp16(_mm512_loadu_ps(buf.as_ptr()))) };
+                o.copy_from_slice(&buf[..x.len()]);
+            }
+            out
+        };
+        let mut xs: Vec<f32> = (-87 * 128..88 * 128).map(|k| k as f32 / 128.0).collect();
+        xs.extend((1..200).flat_map(|k| [k as f32 * 1e-6, -(k as f32) * 1e-6]));
+        let got = exp(&xs);
+        let mut worst = 0f64;
+        for (&x, &y) in xs.iter().zip(&got) {
+            let want = (x as f64).exp();
+            let ulp = (want as f32).abs().to_bits().saturating_sub(1);
+            let ulp = (want as f32) as f64 - f32::from_bits(ulp) as f64;
+            worst = worst.max((y as f64 - want).abs() / ulp);
+        }
+        assert!(worst <= 2.0, "exp16 is {worst:.2} ulp off");
+        let edge = exp(&[0.0, -0.0, -100.0, -104.0, -200.0, 89.0, f32::NEG_INFINITY, f32::NAN]);
+        assert_eq!(&edge[..2], &[1.0, 1.0]);
+        let sub = edge[2];
+        assert!(
+            sub > 0.0 && !sub.is_normal() && ((sub as f64) / (-100f64).exp() - 1.0).abs() < 0.05,
+            "e^-100 = {sub:e}"
+        );
+        assert_eq!(&edge[3..7], &[0.0, 0.0, f32::INFINITY, 0.0]);
+        assert!(edge[7].is_nan());
     }
 }

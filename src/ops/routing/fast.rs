@@ -196,8 +196,10 @@ impl RoutingOps for FastCpu {
         routing_bwd(s, rounds, uhat, saved, dv, duhat, false)
     }
 
-    /// As the unfused pair, û kept from the forward for the backward (memory for time: 37 MB at
-    /// batch 50).
+    /// Of 8-D capsules into at most 16 classes of 16-D ones on AVX-512, without û (37 MB at batch
+    /// 50): the threads split the images, and each round is one pass over their capsules that makes û
+    /// again in L1 (the results those of the unfused pair, bit for bit). Elsewhere as the unfused
+    /// pair, û kept for the backward. The transposed weights are kept for the backward in both cases.
     fn caps_routing_fwd(
         &self,
         s: &CapsShape,
@@ -208,9 +210,16 @@ impl RoutingOps for FastCpu {
         saved: &mut RoutingSaved<PoolBuf>,
     ) -> Result<()> {
         check_predict_fwd(s, u.len(), w.len(), s.uhat_len())?;
-        let mut uhat = self.alloc_out(s.uhat_len())?;
         let mut wt = self.alloc_out(w.len())?;
         transpose_weights(s, w, &mut wt);
+        #[cfg(target_arch = "x86_64")]
+        if fused_usable(s) {
+            self.caps_routing_fwd_avx512(s, rounds, u, &wt, v, saved)?;
+            saved.uhat = None;
+            saved.wt = Some(wt);
+            return Ok(());
+        }
+        let mut uhat = self.alloc_out(s.uhat_len())?;
         self.predict_fwd_transposed(s, u, &wt, &mut uhat);
         self.routing_fwd(s, rounds, &uhat, v, saved)?;
         saved.uhat = Some(uhat);
@@ -234,6 +243,12 @@ impl RoutingOps for FastCpu {
         if du.is_none() && dw.is_none() {
             return Ok(());
         }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(wt) = saved.wt.as_ref().filter(|wt| wt.len() == w.len())
+            && fused_usable(s)
+        {
+            return self.caps_routing_bwd_avx512(s, rounds, u, wt, saved, dv, du, dw);
+        }
         let computed;
         let uhat = match &saved.uhat {
             Some(uhat) => uhat,
@@ -244,13 +259,6 @@ impl RoutingOps for FastCpu {
                 &computed
             }
         };
-        #[cfg(target_arch = "x86_64")]
-        if let Some(wt) = saved.wt.as_ref().filter(|wt| wt.len() == w.len())
-            && s.in_dim == 8
-            && avx512_usable(s)
-        {
-            return self.caps_routing_bwd_avx512(s, rounds, u, uhat, wt, saved, dv, du, dw);
-        }
         let mut duhat = self.alloc_out(s.uhat_len())?;
         routing_bwd(s, rounds, uhat, saved, dv, &mut duhat, true)?;
         if let Some(du) = du {
@@ -273,11 +281,54 @@ impl RoutingOps for FastCpu {
 }
 
 impl FastCpu {
-    /// [`RoutingOps::caps_routing_bwd`] of 8-D capsules into 16-D ones on AVX-512, without dû (37 MB
-    /// at batch 50, written once and read twice on the other path): the routing's backward image by
-    /// image keeps only what dû is made of (each round's ds and the logits' gradients, 2.4 MB), then
-    /// the threads split the capsules, and for each capsule and image dû is made in L1 and used at
-    /// once for du and dW (with that capsule's 5 KiB of Wᵀ and of dW's sums).
+    /// [`RoutingOps::caps_routing_fwd`] of 8-D capsules into 16-D ones on AVX-512, from the
+    /// transposed weights: the threads split the images into blocks, one pass per round over each.
+    #[cfg(target_arch = "x86_64")]
+    fn caps_routing_fwd_avx512(
+        &self,
+        s: &CapsShape,
+        rounds: usize,
+        u: &PoolBuf,
+        wt: &PoolBuf,
+        v: &mut PoolBuf,
+        saved: &mut RoutingSaved<PoolBuf>,
+    ) -> Result<()> {
+        const OP: &str = "caps_routing_fwd";
+        let (nb, n, njd) = (s.batch, s.in_caps * s.out_caps, s.out_caps * 16);
+        check_routing(
+            OP,
+            s,
+            rounds,
+            s.uhat_len(),
+            [saved.c.len(), saved.s.len(), saved.v.len()],
+        )?;
+        check_routing_fwd(s, v.len())?;
+        if nb == 0 || n == 0 {
+            return Ok(());
+        }
+        let mut logits = self.alloc_out(nb * n)?;
+        let per = image_block(s);
+        let parts: Vec<_> = saved
+            .c
+            .chunks_mut(per * rounds * n)
+            .zip(saved.s.chunks_mut(per * rounds * njd))
+            .zip(saved.v.chunks_mut(per * rounds * njd))
+            .zip(v.chunks_mut(per * njd))
+            .zip(logits.chunks_mut(per * n))
+            .collect();
+        crate::par::scatter(parts, |t, ((((cs, ss), vs), vb), lg)| {
+            // SAFETY: AVX-512F and FMA (`avx512_usable`), 8-D into 16-D; block t's slices, whole images
+            unsafe { super::fused::fwd_block(s, rounds, t * per, u, wt, cs, ss, vs, vb, lg) }
+        });
+        Ok(())
+    }
+
+    /// [`RoutingOps::caps_routing_bwd`] of 8-D capsules into 16-D ones on AVX-512, with neither û nor
+    /// dû (37 MB each at batch 50): the threads split the images into blocks, and the routing's
+    /// backward keeps only what dû is made of (each round's ds and the logits' gradients, 2.4 MB), û
+    /// made again in L1 as the forward makes it; then the threads split the capsules, and for each
+    /// capsule and image dû is made in L1 and used at once for du and dW (with that capsule's 5 KiB of
+    /// Wᵀ and of dW's sums).
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
     fn caps_routing_bwd_avx512(
@@ -285,7 +336,6 @@ impl FastCpu {
         s: &CapsShape,
         rounds: usize,
         u: &PoolBuf,
-        uhat: &PoolBuf,
         wt: &PoolBuf,
         saved: &RoutingSaved<PoolBuf>,
         dv: &PoolBuf,
@@ -294,8 +344,14 @@ impl FastCpu {
     ) -> Result<()> {
         const OP: &str = "caps_routing_bwd";
         let (nb, ni, nj, d) = (s.batch, s.in_caps, s.out_caps, s.out_dim);
-        let n = ni * nj;
-        check_routing(OP, s, rounds, uhat.len(), [saved.c.len(), saved.s.len(), saved.v.len()])?;
+        let (n, njd) = (ni * nj, nj * d);
+        check_routing(
+            OP,
+            s,
+            rounds,
+            s.uhat_len(),
+            [saved.c.len(), saved.s.len(), saved.v.len()],
+        )?;
         check(OP, "dv", dv.len(), nb * nj * d)?;
         check(OP, "u", u.len(), nb * ni * 8)?;
         check(OP, "w", wt.len(), s.w_len())?;
@@ -305,32 +361,24 @@ impl FastCpu {
         if let Some(dw) = &dw {
             check(OP, "dw", dw.len(), s.w_len())?;
         }
-        let mut ds_all = self.alloc_out(nb * rounds * nj * d)?;
+        if nb == 0 || n == 0 {
+            return Ok(());
+        }
+        let mut ds_all = self.alloc_out(nb * rounds * njd)?;
         let mut g_all = self.alloc_out(nb * (rounds - 1) * n)?;
-        let items: Vec<_> = ds_all
-            .chunks_mut(rounds * nj * d)
-            .zip(
-                g_all
-                    .chunks_mut(((rounds - 1) * n).max(1))
-                    .chain(std::iter::repeat_with(|| &mut [][..])),
-            )
-            .take(nb)
+        let per = image_block(s);
+        let g_per = ((rounds - 1) * n * per).max(1);
+        let parts: Vec<_> = ds_all
+            .chunks_mut(per * rounds * njd)
+            .zip(saved.c.chunks(per * rounds * n))
+            .zip(saved.s.chunks(per * rounds * njd))
+            .zip(dv.chunks(per * njd))
+            .zip(g_all.chunks_mut(g_per).chain(std::iter::repeat_with(|| &mut [][..])))
             .collect();
-        par_items(items, rounds * n * d * 2, |b, (dsb, gb)| {
-            let (per_c, per_s) = (rounds * n, rounds * nj * d);
-            // SAFETY: AVX-512F (`avx512_usable`); one image's slices
-            unsafe {
-                super::avx512::bwd_coeffs_image(
-                    s,
-                    rounds,
-                    &uhat[b * n * d..(b + 1) * n * d],
-                    &saved.c[b * per_c..(b + 1) * per_c],
-                    &saved.s[b * per_s..(b + 1) * per_s],
-                    &dv[b * nj * d..(b + 1) * nj * d],
-                    dsb,
-                    &mut gb[..(rounds - 1) * n],
-                )
-            }
+        crate::par::scatter(parts, |t, ((((dsb, cs), ss), dvb), gb)| {
+            let g_len = (rounds - 1) * n * (dvb.len() / njd);
+            // SAFETY: AVX-512F and FMA (`avx512_usable`), 8-D into 16-D; block t's slices, whole images
+            unsafe { super::fused::bwd_coeffs_block(s, rounds, t * per, u, wt, cs, ss, dvb, dsb, &mut gb[..g_len]) }
         });
         let out = super::avx512::GradsOut {
             du: du.map(|b| b.as_mut_ptr()),
@@ -346,6 +394,17 @@ impl FastCpu {
         });
         Ok(())
     }
+}
+
+/// Whether the fused AVX-512 kernels (`super::fused`, never holding û) run `s` here: 8-D capsules
+/// into at most 16 classes of 16-D ones, a class's coupling each in a lane of one register.
+fn fused_usable(s: &CapsShape) -> bool {
+    s.in_dim == 8 && s.out_caps <= 16 && avx512_usable(s)
+}
+
+/// Images per block of the fused kernels: the batch split evenly over the threads.
+fn image_block(s: &CapsShape) -> usize {
+    s.batch.div_ceil(crate::par::threads().min(s.batch).max(1)).max(1)
 }
 
 /// dû += (or, with `overwrite`, =) the routing's gradient, image by image over the threads.

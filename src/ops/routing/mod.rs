@@ -12,6 +12,8 @@ mod avx512;
 pub(crate) mod cpu;
 pub(crate) mod cuda;
 pub(crate) mod fast;
+#[cfg(target_arch = "x86_64")]
+mod fused;
 mod softmax;
 #[cfg(test)]
 mod tests;
@@ -27,8 +29,9 @@ pub struct RoutingSaved<Buf> {
     pub c: Buf,
     pub s: Buf,
     pub v: Buf,
-    /// The prediction vectors û, where a backend keeps them from the forward for the backward
-    /// (the fast CPU backend; the others compute them again, or never store them).
+    /// The prediction vectors û, where a backend keeps them from the forward for the backward (the
+    /// fast CPU backend where its fused AVX-512 kernels do not run; the others compute them again, or
+    /// never store them).
     pub uhat: Option<Buf>,
     /// The capsule weights transposed (each input dimension's weights of a capsule contiguous), where
     /// a backend keeps them from the forward for the backward (the fast CPU backend).
