@@ -9,7 +9,7 @@
 use std::arch::x86_64::*;
 
 use super::softmax::{softmax_row, softmax_rows_bwd_add};
-use crate::backend::avx512::{lanes, reduce16, slot, softmax16};
+use crate::backend::avx512::{lanes, lined, reduce16, slot, softmax16, values};
 use crate::backend::fast::Fused;
 use crate::ops::capsules::CapsShape;
 use crate::ops::capsules::avx512::input_grad_sums;
@@ -368,8 +368,8 @@ pub(super) unsafe fn predict_grads(
     assert!(cs.len() == nb * rounds * n && vs.len() == nb * rounds * njd && ds_all.len() == nb * rounds * njd);
     assert!(g_all.len() == nb * (rounds - 1) * n && u.len() == nb * ni * 8 && wt.len() == ni * 8 * njd);
     // dû of two images, and dWᵀ[i] (8 × 16·J) summed over the batch
-    let mut dub = vec![0f32; 2 * njd];
-    let mut wacc = vec![0f32; 8 * njd];
+    let (mut dub_lines, mut wacc_lines) = (lined(2 * njd), lined(8 * njd));
+    let (dub, wacc) = (values(&mut dub_lines), values(&mut wacc_lines));
     for i in caps {
         let wti = &wt[i * 8 * njd..(i + 1) * 8 * njd];
         wacc.fill(0.0);

@@ -13,7 +13,7 @@
 use std::arch::x86_64::*;
 
 use super::avx512::softmax16_bwd_add;
-use crate::backend::avx512::{lanes, reduce16, slot, softmax16_in};
+use crate::backend::avx512::{lanes, lined, reduce16, slot, softmax16_in, values};
 use crate::backend::fast::Fused;
 use crate::ops::capsules::CapsShape;
 use crate::ops::capsules::avx512::{predict_capsule, predict_capsule_pair};
@@ -22,23 +22,6 @@ use crate::ops::capsules::fast::{squash_row, squash_row_bwd};
 /// Images ahead whose inputs and couplings a pass fetches (one capsule's values of successive images
 /// lie 36-92 KB apart, strides the hardware does not follow across pages).
 const AHEAD: usize = 4;
-
-/// 16 values on a cache line of their own: the scratch rows that each (image, capsule) loads and stores
-/// whole registers of (a register that straddles two lines costs two accesses).
-#[repr(C, align(64))]
-#[derive(Clone, Copy)]
-struct Line([f32; 16]);
-
-/// `n` zeros (rounded up to whole lines), on cache lines.
-fn lined(n: usize) -> Vec<Line> {
-    vec![Line([0.0; 16]); n.div_ceil(16)]
-}
-
-/// The values of `lines`, one after the other.
-fn values(lines: &mut [Line]) -> &mut [f32] {
-    // SAFETY: Line is 16 f32 and nothing else (repr(C), and 64 bytes is a multiple of its alignment)
-    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<f32>(), lines.len() * 16) }
-}
 
 /// The agreements û_j · x_j of one capsule's nj ≤ 16 pairs (û_j and x_j the 16 values at j·16), lane
 /// j each, summed as `super::avx512::add_agreements` sums them (through [`reduce16`]); 0 in the lanes
