@@ -96,11 +96,16 @@ unsafe fn add_agreements(nj: usize, uh: &[f32], x: &[f32], out: &mut [f32]) {
             j = if j + 1 == nj { 0 } else { j + 1 };
         }
         let o = &mut out[k0..k0 + m];
-        // SAFETY: o holds m values, the mask's lanes
+        // SAFETY: o holds m values, the mask's lanes (all 16 but in the last group, whose stores
+        // alone are masked: a masked store holds up the loads that follow it)
         unsafe {
-            let mk = lanes(m);
-            let sums = _mm512_add_ps(_mm512_maskz_loadu_ps(mk, o.as_ptr()), reduce16(p));
-            _mm512_mask_storeu_ps(o.as_mut_ptr(), mk, sums);
+            if m == 16 {
+                _mm512_storeu_ps(o.as_mut_ptr(), _mm512_add_ps(_mm512_loadu_ps(o.as_ptr()), reduce16(p)));
+            } else {
+                let mk = lanes(m);
+                let sums = _mm512_add_ps(_mm512_maskz_loadu_ps(mk, o.as_ptr()), reduce16(p));
+                _mm512_mask_storeu_ps(o.as_mut_ptr(), mk, sums);
+            }
         }
     }
 }
