@@ -213,22 +213,33 @@ impl FastCpu {
         }
     }
 
-    /// GFLOP/s of this backend's GEMM (its precision, every thread) at 2048 cubed, the best of three
-    /// runs after an untimed one: the GEMM peak a training step's rate is measured against (`capsnet
-    /// bench`; at 4096 cubed within 2% of it on the 2-core Xeon, in bf16 and in fp32).
-    pub fn gemm_peak(&self) -> Result<f64> {
+    /// A backend of its own (buffers, pool) with this one's GEMM kernel: for measuring that GEMM
+    /// while this one is elsewhere.
+    pub fn gemm_twin(&self) -> FastCpu {
+        FastCpu {
+            bf16: self.bf16,
+            ..FastCpu::default()
+        }
+    }
+
+    /// GFLOP/s of this backend's GEMM (its precision, every thread) at 2048 cubed: the fastest of the
+    /// runs after an untimed one, repeated for at least `secs` seconds and at least three times (the
+    /// GEMM peak a training step's rate is measured against, `capsnet bench`: at 4096 cubed within 2%
+    /// of it on the 2-core Xeon, in bf16 and in fp32; three runs alone left it 10-30% low when the
+    /// machine was busy).
+    pub fn gemm_peak(&self, secs: f64) -> Result<f64> {
         const N: usize = 2048;
         // values of either sign, exact in bf16: the product is the same in both precisions
         let a: Vec<f32> = (0..N * N).map(|i| ((i * 7 + 3) % 17) as f32 / 8.0 - 1.0).collect();
         let b: Vec<f32> = (0..N * N).map(|i| ((i * 5 + 1) % 13) as f32 / 8.0 - 0.75).collect();
         let mut c = alloc_zeros::<f32>(N * N)?;
-        let mut best = f64::INFINITY;
-        for rep in 0..4 {
+        self.gemm(N, N, N, &a, (N, 1), &b, (N, 1), &mut c, 0.0)?;
+        let (start, mut best, mut runs) = (std::time::Instant::now(), f64::INFINITY, 0);
+        while runs < 3 || start.elapsed().as_secs_f64() < secs {
             let t0 = std::time::Instant::now();
             self.gemm(N, N, N, &a, (N, 1), &b, (N, 1), &mut c, 0.0)?;
-            if rep > 0 {
-                best = best.min(t0.elapsed().as_secs_f64());
-            }
+            best = best.min(t0.elapsed().as_secs_f64());
+            runs += 1;
         }
         Ok(2.0 * (N as f64).powi(3) / best / 1e9)
     }
