@@ -327,6 +327,46 @@ pub(super) unsafe fn bwd_coeffs_image(
     }
 }
 
+/// `wacc[t·njd + (q0 + q)·16..][..16] = Σ_b dub[b·njd + (q0 + q)·16..][..16] · u(b)[t]` for q < Q and
+/// t < 8: one capsule's weight gradient for Q output capsules, the 8·Q sums in registers over the
+/// images in order, each from zero by FMAs (as `predict_bwd_weight` sums it).
+///
+/// # Safety
+/// AVX-512F and FMA; `dub` holds nb·njd values, `u(b)` 8, `wacc` 8·njd; (q0 + Q)·16 ≤ njd.
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+unsafe fn weight_sums<'a, const Q: usize>(
+    nb: usize,
+    njd: usize,
+    q0: usize,
+    dub: &[f32],
+    u: &impl Fn(usize) -> &'a [f32],
+    wacc: &mut [f32],
+) {
+    assert!(dub.len() >= nb * njd && wacc.len() >= 8 * njd && (q0 + Q) * 16 <= njd);
+    let mut acc = [[_mm512_setzero_ps(); Q]; 8];
+    for b in 0..nb {
+        let ub = u(b);
+        let mut g = [_mm512_setzero_ps(); Q];
+        for (q, gq) in g.iter_mut().enumerate() {
+            // SAFETY: b·njd + (q0 + q)·16 + 16 ≤ nb·njd (asserted)
+            *gq = unsafe { _mm512_loadu_ps(dub.as_ptr().add(b * njd + (q0 + q) * 16)) };
+        }
+        for (t, at) in acc.iter_mut().enumerate() {
+            let x = _mm512_set1_ps(ub[t]);
+            for (a, gq) in at.iter_mut().zip(&g) {
+                *a = _mm512_fmadd_ps(*gq, x, *a);
+            }
+        }
+    }
+    for (t, at) in acc.iter().enumerate() {
+        for (q, a) in at.iter().enumerate() {
+            // SAFETY: t·njd + (q0 + q)·16 + 16 ≤ 8·njd (asserted)
+            unsafe { _mm512_storeu_ps(wacc.as_mut_ptr().add(t * njd + (q0 + q) * 16), *a) };
+        }
+    }
+}
+
 /// Images ahead whose values [`predict_grads`] fetches.
 const AHEAD: usize = 8;
 
@@ -372,12 +412,11 @@ pub(super) unsafe fn predict_grads(
     assert!(s.in_dim == 8 && s.out_dim == 16 && caps.end <= ni);
     assert!(cs.len() == nb * rounds * n && vs.len() == nb * rounds * njd && ds_all.len() == nb * rounds * njd);
     assert!(g_all.len() == nb * (rounds - 1) * n && u.len() == nb * ni * 8 && wt.len() == ni * 8 * njd);
-    // dû of two images, and dWᵀ[i] (8 × 16·J) summed over the batch
-    let (mut dub_lines, mut wacc_lines) = (lined(2 * njd), lined(8 * njd));
+    // dû of every image (32 KB at batch 50), and dWᵀ[i] (8 × 16·J) summed over the batch
+    let (mut dub_lines, mut wacc_lines) = (lined(nb * njd), lined(8 * njd));
     let (dub, wacc) = (values(&mut dub_lines), values(&mut wacc_lines));
     for i in caps {
         let wti = &wt[i * 8 * njd..(i + 1) * 8 * njd];
-        wacc.fill(0.0);
         for b0 in (0..nb).step_by(2) {
             let imgs = 2.min(nb - b0);
             // this capsule's values of images a few on lie 36-92 KB apart (strides the hardware
@@ -407,31 +446,7 @@ pub(super) unsafe fn predict_grads(
                     // SAFETY: i·nj + j < n, j < nj: inside the asserted lengths
                     unsafe {
                         let x = duhat_ij(rounds, n, njd, c, g, ds, v, i * nj + j, j, _mm512_setzero_ps());
-                        _mm512_storeu_ps(dub.as_mut_ptr().add(img * njd + j * 16), x);
-                    }
-                }
-            }
-            if out.dw.is_some() {
-                // both images' terms in turn on each sum, loaded and stored once
-                let ub = &u[(b0 * ni + i) * 8..][..8];
-                let ub2 = if imgs == 2 {
-                    &u[((b0 + 1) * ni + i) * 8..][..8]
-                } else {
-                    ub
-                };
-                for t in 0..8 {
-                    let (u0, u1) = (_mm512_set1_ps(ub[t]), _mm512_set1_ps(ub2[t]));
-                    for q in 0..nj {
-                        // SAFETY: inside wacc and dub
-                        unsafe {
-                            let w = wacc.as_mut_ptr().add(t * njd + q * 16);
-                            let mut acc = _mm512_loadu_ps(w);
-                            acc = _mm512_fmadd_ps(_mm512_loadu_ps(dub.as_ptr().add(q * 16)), u0, acc);
-                            if imgs == 2 {
-                                acc = _mm512_fmadd_ps(_mm512_loadu_ps(dub.as_ptr().add(njd + q * 16)), u1, acc);
-                            }
-                            _mm512_storeu_ps(w, acc);
-                        }
+                        _mm512_storeu_ps(dub.as_mut_ptr().add(b * njd + j * 16), x);
                     }
                 }
             }
@@ -439,7 +454,7 @@ pub(super) unsafe fn predict_grads(
                 let mut p = [_mm512_setzero_ps(); 16];
                 for img in 0..imgs {
                     // SAFETY: dub holds the image's dû (16·J values), wti Wᵀ[i]
-                    let acc = unsafe { input_grad_sums(dub.as_ptr().add(img * njd), wti.as_ptr(), nj) };
+                    let acc = unsafe { input_grad_sums(dub.as_ptr().add((b0 + img) * njd), wti.as_ptr(), nj) };
                     for (t, a) in acc.into_iter().enumerate() {
                         p[slot(img * 8 + t)] = a;
                     }
@@ -457,6 +472,21 @@ pub(super) unsafe fn predict_grads(
             }
         }
         if let Some(dw) = out.dw {
+            // dWᵀ[i][t, jd] = Σ_b dû[b, jd] · u[b, i, t], the images in order from zero, in registers:
+            // three output capsules (24 sums) at a time
+            let ui = |b: usize| &u[(b * ni + i) * 8..][..8];
+            let mut q0 = 0;
+            while q0 < nj {
+                // SAFETY: AVX-512F and FMA (the caller's contract); q0 + the run ≤ nj, dub holds
+                // every image's dû, wacc 8·16·nj values
+                q0 += unsafe {
+                    match nj - q0 {
+                        3.. => (weight_sums::<3>(nb, njd, q0, dub, &ui, wacc), 3).1,
+                        2 => (weight_sums::<2>(nb, njd, q0, dub, &ui, wacc), 2).1,
+                        _ => (weight_sums::<1>(nb, njd, q0, dub, &ui, wacc), 1).1,
+                    }
+                };
+            }
             // SAFETY: row i of dW (16·J × 8) lies in dW, and is this call's alone (the caller's contract)
             let dwi = unsafe { std::slice::from_raw_parts_mut(dw.add(i * njd * 8), njd * 8) };
             for (jd, row) in dwi.chunks_exact_mut(8).enumerate() {
