@@ -48,16 +48,21 @@ unsafe fn agreements(nj: usize, uh: &[f32], x: &[f32]) -> __m512 {
 }
 
 /// `acc[j] = c_j · û_j + acc[j]` for one capsule's nj ≤ 16 output capsules (16 values each), c_j lane
-/// j of `c`.
+/// j of `c` (`even`: every lane of `c` holds the same value).
 ///
 /// # Safety
 /// AVX-512F and FMA; `uh` and `acc` hold nj·16 values, nj ≤ 16.
 #[target_feature(enable = "avx512f,fma")]
 #[inline]
-unsafe fn add_weighted_lanes(nj: usize, c: __m512, uh: &[f32], acc: &mut [f32]) {
+unsafe fn add_weighted_lanes(nj: usize, c: __m512, even: bool, uh: &[f32], acc: &mut [f32]) {
     assert!(nj <= 16 && uh.len() >= nj * 16 && acc.len() >= nj * 16);
     for j in 0..nj {
-        let cj = _mm512_permutexvar_ps(_mm512_set1_epi32(j as i32), c);
+        // (couplings all equal, as in the first round: each lane is already every lane's value)
+        let cj = if even {
+            c
+        } else {
+            _mm512_permutexvar_ps(_mm512_set1_epi32(j as i32), c)
+        };
         // SAFETY: j·16 + 16 ≤ nj·16 (asserted)
         unsafe {
             let a = acc.as_mut_ptr().add(j * 16);
@@ -175,7 +180,7 @@ pub(super) unsafe fn fwd_block(
                             _mm512_mask_storeu_ps(c.as_mut_ptr(), m, cv);
                             cv
                         };
-                        add_weighted_lanes(nj, c, uh, &mut sums[bl * njd..(bl + 1) * njd]);
+                        add_weighted_lanes(nj, c, r == 0, uh, &mut sums[bl * njd..(bl + 1) * njd]);
                     }
                 }
             }
@@ -281,7 +286,7 @@ pub(super) unsafe fn bwd_coeffs_block(
                         };
                         let gv = softmax16_bwd_add(m, _mm512_maskz_loadu_ps(m, c.as_ptr()), dc, after);
                         _mm512_mask_storeu_ps(g.as_mut_ptr().add(to), m, gv);
-                        add_weighted_lanes(nj, gv, uh, &mut dvs[bl * njd..(bl + 1) * njd]);
+                        add_weighted_lanes(nj, gv, false, uh, &mut dvs[bl * njd..(bl + 1) * njd]);
                     }
                 }
             }
