@@ -121,7 +121,26 @@ impl<B: Core> GradStore<'_, B> {
         let (g_lo, g_hi) = (left[lo].as_mut(), right[0].as_mut());
         Ok(if a.0 < b.0 { (g_lo, g_hi) } else { (g_hi, g_lo) })
     }
+
+    /// [`GradStore::get_to_write`] of two different variables at once.
+    pub fn get_two_to_write(&mut self, a: Var, b: Var) -> Result<WritePair<'_, B>> {
+        assert_ne!(a.0, b.0, "get_two_to_write needs two different variables");
+        let write_a = self.get_to_write(a)?.map(|(_, w)| w);
+        let write_b = self.get_to_write(b)?.map(|(_, w)| w);
+        let (lo, hi) = (a.0.min(b.0), a.0.max(b.0));
+        let (left, right) = self.grads.split_at_mut(hi);
+        let (g_lo, g_hi) = (left[lo].as_mut(), right[0].as_mut());
+        let (ga, gb) = if a.0 < b.0 { (g_lo, g_hi) } else { (g_hi, g_lo) };
+        Ok((ga.zip(write_a), gb.zip(write_b)))
+    }
 }
+
+/// Two variables' gradient buffers, each with whether it is to be written whole
+/// ([`GradStore::get_to_write`]), `None` where no gradient flows.
+pub type WritePair<'g, B> = (
+    Option<(&'g mut <B as Core>::Buf, bool)>,
+    Option<(&'g mut <B as Core>::Buf, bool)>,
+);
 
 pub trait BackwardOp<B: Core> {
     fn name(&self) -> &'static str;

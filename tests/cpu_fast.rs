@@ -336,7 +336,8 @@ fn fast_cpu_fused_prediction_and_routing_match_reference_at_small_16d_shapes() {
 /// pass makes û again in L1, and dû is made per capsule and image) equals the unfused ops on the same
 /// backend bit for bit: the forward (v, and every round's c, s and v) against predict_fwd then
 /// routing_fwd, the backward against routing_bwd into dû then predict_bwd_input and
-/// predict_bwd_weight, both gradients accumulated onto random values. The model's shape at an odd
+/// predict_bwd_weight, both gradients accumulated onto random values; and each gradient written whole
+/// over NaNs (`caps_routing_bwd_into`) as it is added onto zeros. The model's shape at an odd
 /// batch (image blocks of unequal size), and 16-D shapes of 5 classes (35 pairs: the last three past
 /// the final group of 16) and of 1; 1 to 3 rounds.
 #[test]
@@ -399,6 +400,42 @@ fn fast_cpu_fused_prediction_and_routing_equals_the_unfused_ops_bit_for_bit() {
                 du1.iter().zip(&du0).filter(|(a, b)| a != b).count() > du0.len() / 2,
                 "du hardly moved, {at}: the test proves nothing"
             );
+
+            // a gradient written whole over NaNs is the one added onto zeros; the other added to
+            let (mut du3, mut dw3) = (parity::up(&be, &du0), parity::poisoned(&be, s.w_len()));
+            be.caps_routing_bwd_into(
+                &s,
+                rounds,
+                &u,
+                &w,
+                &saved,
+                &dv,
+                Some((&mut du3, false)),
+                Some((&mut dw3, true)),
+            )
+            .unwrap();
+            let (mut du4, mut dw4) = (parity::up(&be, &du0), be.zeros(s.w_len()).unwrap());
+            be.caps_routing_bwd(&s, rounds, &u, &w, &saved, &dv, Some(&mut du4), Some(&mut dw4))
+                .unwrap();
+            assert_eq!(bits(&du3), bits(&du4), "du added to, {at}");
+            assert_eq!(bits(&dw3), bits(&dw4), "dW written, {at}");
+            let (mut du5, mut dw5) = (parity::poisoned(&be, s.u_len()), parity::up(&be, &dw0));
+            be.caps_routing_bwd_into(
+                &s,
+                rounds,
+                &u,
+                &w,
+                &saved,
+                &dv,
+                Some((&mut du5, true)),
+                Some((&mut dw5, false)),
+            )
+            .unwrap();
+            let mut du6 = be.zeros(s.u_len()).unwrap();
+            be.caps_routing_bwd(&s, rounds, &u, &w, &saved, &dv, Some(&mut du6), None)
+                .unwrap();
+            assert_eq!(bits(&du5), bits(&du6), "du written, {at}");
+            assert_eq!(bits(&dw5), bits(&dw1), "dW added to, {at}");
         }
     }
 }

@@ -111,7 +111,7 @@ unsafe fn add_agreements(nj: usize, uh: &[f32], x: &[f32], out: &mut [f32]) {
 }
 
 /// out = softmax(x) over one row of couplings, in one register by [`softmax16`] up to 16 classes
-/// (its e^x within 2 ulp, libm's within 1), else by [`softmax_row`].
+/// (its e^x within 2 ulp of the exact value), else by [`softmax_row`].
 ///
 /// # Safety
 /// AVX-512F and FMA; `x` and `out` of the same length.
@@ -370,11 +370,18 @@ unsafe fn weight_sums<'a, const Q: usize>(
 /// Images ahead whose values [`predict_grads`] fetches.
 const AHEAD: usize = 8;
 
-/// Where [`predict_grads`] writes: du [B, I, 8] and dW [I, 16·J, 8], each where wanted.
+/// Where [`predict_grads`] writes: du [B, I, 8] and dW [I, 16·J, 8], each where wanted, with whether
+/// to write it whole (as if added to zeros) rather than add to it.
 #[derive(Clone, Copy)]
 pub(super) struct GradsOut {
-    pub du: Option<*mut f32>,
-    pub dw: Option<*mut f32>,
+    pub du: Option<(*mut f32, bool)>,
+    pub dw: Option<(*mut f32, bool)>,
+}
+
+/// `*o + x`, or where `write`, `0 + x` (what adding to zeros gives: −0 becomes +0).
+#[inline(always)]
+fn add_or_write(write: bool, o: f32, x: f32) -> f32 {
+    if write { 0.0 + x } else { o + x }
 }
 
 // SAFETY: the pointers are written only by `predict_grads`, whose callers give each thread its own
@@ -386,7 +393,8 @@ unsafe impl Send for GradsOut {}
 /// backward coefficients ([`bwd_coeffs_image`] for every image) and no dû: for each image, dû[b,i] is
 /// made in L1 exactly as [`bwd_image`] makes it, then du[b,i,:] += Σ_jd dû[jd] · W[i,jd,:] (as
 /// the capsules' `predict_bwd_input_block` sums it) and dW[i,jd,:] += Σ_b dû[b,i,jd] · u[b,i,:]
-/// (summed over the batch in order from zero, then added, as `predict_bwd_weight` sums it).
+/// (summed over the batch in order from zero, then added, as `predict_bwd_weight` sums it); each
+/// written instead where `out` says so.
 ///
 /// # Safety
 /// AVX-512F and FMA; `s` has 8-D inputs and 16-D outputs; cs and vs are the saved c and v, ds_all
@@ -433,7 +441,7 @@ pub(super) unsafe fn predict_grads(
                         unsafe { _mm_prefetch::<_MM_HINT_T0>(base.add(e) as *const i8) };
                     }
                 }
-                if let Some(du) = out.du {
+                if let Some((du, _)) = out.du {
                     // SAFETY: as above, inside du
                     unsafe { _mm_prefetch::<_MM_HINT_T0>(du.add((b * ni + i) * 8) as *const i8) };
                 }
@@ -450,7 +458,7 @@ pub(super) unsafe fn predict_grads(
                     }
                 }
             }
-            if let Some(du) = out.du {
+            if let Some((du, write)) = out.du {
                 let mut p = [_mm512_setzero_ps(); 16];
                 for img in 0..imgs {
                     // SAFETY: dub holds the image's dû (16·J values), wti Wᵀ[i]
@@ -466,12 +474,14 @@ pub(super) unsafe fn predict_grads(
                     _mm512_storeu_ps(sums.as_mut_ptr(), reduce16(p));
                     for img in 0..imgs {
                         let d = std::slice::from_raw_parts_mut(du.add(((b0 + img) * ni + i) * 8), 8);
-                        d.iter_mut().zip(&sums[img * 8..]).for_each(|(d, v)| *d += v);
+                        d.iter_mut()
+                            .zip(&sums[img * 8..])
+                            .for_each(|(d, v)| *d = add_or_write(write, *d, *v));
                     }
                 }
             }
         }
-        if let Some(dw) = out.dw {
+        if let Some((dw, write)) = out.dw {
             // dWᵀ[i][t, jd] = Σ_b dû[b, jd] · u[b, i, t], the images in order from zero, in registers:
             // three output capsules (24 sums) at a time
             let ui = |b: usize| &u[(b * ni + i) * 8..][..8];
@@ -491,7 +501,7 @@ pub(super) unsafe fn predict_grads(
             let dwi = unsafe { std::slice::from_raw_parts_mut(dw.add(i * njd * 8), njd * 8) };
             for (jd, row) in dwi.chunks_exact_mut(8).enumerate() {
                 for (t, o) in row.iter_mut().enumerate() {
-                    *o += wacc[t * njd + jd];
+                    *o = add_or_write(write, *o, wacc[t * njd + jd]);
                 }
             }
         }

@@ -247,6 +247,7 @@ impl RoutingOps for FastCpu {
         if let Some(wt) = saved.wt.as_ref().filter(|wt| wt.len() == w.len())
             && fused_usable(s)
         {
+            let (du, dw) = (du.map(|g| (g, false)), dw.map(|g| (g, false)));
             return self.caps_routing_bwd_avx512(s, rounds, u, wt, saved, dv, du, dw);
         }
         let computed;
@@ -277,6 +278,29 @@ impl RoutingOps for FastCpu {
             self.predict_bwd_weight(s, u, &duhat, dw)?;
         }
         Ok(())
+    }
+
+    /// As [`RoutingOps::caps_routing_bwd`]; on the fused AVX-512 path the buffers to write are
+    /// written (no zeroing first, and no zeros read back), elsewhere zeroed first.
+    fn caps_routing_bwd_into(
+        &self,
+        s: &CapsShape,
+        rounds: usize,
+        u: &PoolBuf,
+        w: &PoolBuf,
+        saved: &RoutingSaved<PoolBuf>,
+        dv: &PoolBuf,
+        du: Option<(&mut PoolBuf, bool)>,
+        dw: Option<(&mut PoolBuf, bool)>,
+    ) -> Result<()> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(wt) = saved.wt.as_ref().filter(|wt| wt.len() == w.len())
+            && fused_usable(s)
+            && (du.is_some() || dw.is_some())
+        {
+            return self.caps_routing_bwd_avx512(s, rounds, u, wt, saved, dv, du, dw);
+        }
+        super::caps_routing_bwd_zeroing(self, s, rounds, u, w, saved, dv, du, dw)
     }
 }
 
@@ -339,8 +363,8 @@ impl FastCpu {
         wt: &PoolBuf,
         saved: &RoutingSaved<PoolBuf>,
         dv: &PoolBuf,
-        du: Option<&mut PoolBuf>,
-        dw: Option<&mut PoolBuf>,
+        du: Option<(&mut PoolBuf, bool)>,
+        dw: Option<(&mut PoolBuf, bool)>,
     ) -> Result<()> {
         const OP: &str = "caps_routing_bwd";
         let (nb, ni, nj, d) = (s.batch, s.in_caps, s.out_caps, s.out_dim);
@@ -355,13 +379,17 @@ impl FastCpu {
         check(OP, "dv", dv.len(), nb * nj * d)?;
         check(OP, "u", u.len(), nb * ni * 8)?;
         check(OP, "w", wt.len(), s.w_len())?;
-        if let Some(du) = &du {
+        if let Some((du, _)) = &du {
             check(OP, "du", du.len(), u.len())?;
         }
-        if let Some(dw) = &dw {
+        if let Some((dw, _)) = &dw {
             check(OP, "dw", dw.len(), s.w_len())?;
         }
         if nb == 0 || n == 0 {
+            // nothing to add; a buffer to write holds zeros then
+            for (g, _) in [du, dw].into_iter().flatten().filter(|g| g.1) {
+                g.fill(0.0);
+            }
             return Ok(());
         }
         let mut ds_all = self.alloc_out(nb * rounds * njd)?;
@@ -381,8 +409,8 @@ impl FastCpu {
             unsafe { super::fused::bwd_coeffs_block(s, rounds, t * per, u, wt, cs, ss, dvb, dsb, &mut gb[..g_len]) }
         });
         let out = super::avx512::GradsOut {
-            du: du.map(|b| b.as_mut_ptr()),
-            dw: dw.map(|b| b.as_mut_ptr()),
+            du: du.map(|(b, write)| (b.as_mut_ptr(), write)),
+            dw: dw.map(|(b, write)| (b.as_mut_ptr(), write)),
         };
         // parts of 16 capsules, fixed by the shape: each capsule's sums in one thread
         const CAPS: usize = 16;

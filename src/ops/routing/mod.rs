@@ -115,6 +115,52 @@ pub trait RoutingOps: CapsuleOps {
     ) -> Result<()> {
         caps_routing_bwd_unfused(self, s, rounds, u, w, saved, dv, du, dw)
     }
+    /// [`RoutingOps::caps_routing_bwd`] with each gradient buffer paired with whether to write it
+    /// whole (`true`: it holds no value yet, and every element is set as if added to zeros) or add
+    /// to it. This default zeroes the ones to write, then adds.
+    #[allow(clippy::too_many_arguments)]
+    fn caps_routing_bwd_into(
+        &self,
+        s: &CapsShape,
+        rounds: usize,
+        u: &Self::Buf,
+        w: &Self::Buf,
+        saved: &RoutingSaved<Self::Buf>,
+        dv: &Self::Buf,
+        du: Option<(&mut Self::Buf, bool)>,
+        dw: Option<(&mut Self::Buf, bool)>,
+    ) -> Result<()> {
+        caps_routing_bwd_zeroing(self, s, rounds, u, w, saved, dv, du, dw)
+    }
+}
+
+/// [`RoutingOps::caps_routing_bwd_into`] by zeroing the buffers to write, then
+/// [`RoutingOps::caps_routing_bwd`] (the default, and a fusing backend's where it does not fuse).
+#[allow(clippy::too_many_arguments)]
+pub fn caps_routing_bwd_zeroing<B: RoutingOps + ?Sized>(
+    be: &B,
+    s: &CapsShape,
+    rounds: usize,
+    u: &B::Buf,
+    w: &B::Buf,
+    saved: &RoutingSaved<B::Buf>,
+    dv: &B::Buf,
+    du: Option<(&mut B::Buf, bool)>,
+    dw: Option<(&mut B::Buf, bool)>,
+) -> Result<()> {
+    fn zeroed<'g, B: RoutingOps + ?Sized>(be: &B, g: Option<(&'g mut B::Buf, bool)>) -> Result<Option<&'g mut B::Buf>> {
+        match g {
+            Some((buf, write)) => {
+                if write {
+                    be.fill(buf, 0.0)?;
+                }
+                Ok(Some(buf))
+            }
+            None => Ok(None),
+        }
+    }
+    let (du, dw) = (zeroed(be, du)?, zeroed(be, dw)?);
+    be.caps_routing_bwd(s, rounds, u, w, saved, dv, du, dw)
 }
 
 /// [`RoutingOps::caps_routing_fwd`] as two ops: [`CapsuleOps::predict_fwd`] into a temporary û, then
@@ -244,8 +290,8 @@ impl<B: RoutingOps> BackwardOp<B> for PredictRoutingBackward<B::Buf> {
         "predict_routing"
     }
     fn backward(&self, ctx: &Ctx<'_, B>, g: &mut GradStore<'_, B>) -> Result<()> {
-        let (du, dw) = g.get_two(self.u, self.w)?;
-        ctx.backend.caps_routing_bwd(
+        let (du, dw) = g.get_two_to_write(self.u, self.w)?;
+        ctx.backend.caps_routing_bwd_into(
             &self.s,
             self.rounds,
             ctx.value(self.u),
