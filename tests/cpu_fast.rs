@@ -402,40 +402,34 @@ fn fast_cpu_fused_prediction_and_routing_equals_the_unfused_ops_bit_for_bit() {
             );
 
             // a gradient written whole over NaNs is the one added onto zeros; the other added to
-            let (mut du3, mut dw3) = (parity::up(&be, &du0), parity::poisoned(&be, s.w_len()));
-            be.caps_routing_bwd_into(
-                &s,
-                rounds,
-                &u,
-                &w,
-                &saved,
-                &dv,
-                Some((&mut du3, false)),
-                Some((&mut dw3, true)),
-            )
-            .unwrap();
-            let (mut du4, mut dw4) = (parity::up(&be, &du0), be.zeros(s.w_len()).unwrap());
-            be.caps_routing_bwd(&s, rounds, &u, &w, &saved, &dv, Some(&mut du4), Some(&mut dw4))
+            for (du_write, dw_write) in [(false, true), (true, false)] {
+                let start = |write: bool, len: usize, init: &[f32]| match write {
+                    true => parity::poisoned(&be, len),
+                    false => parity::up(&be, init),
+                };
+                let (mut du3, mut dw3) = (start(du_write, s.u_len(), &du0), start(dw_write, s.w_len(), &dw0));
+                be.caps_routing_bwd_into(
+                    &s,
+                    rounds,
+                    &u,
+                    &w,
+                    &saved,
+                    &dv,
+                    Some((&mut du3, du_write)),
+                    Some((&mut dw3, dw_write)),
+                )
                 .unwrap();
-            assert_eq!(bits(&du3), bits(&du4), "du added to, {at}");
-            assert_eq!(bits(&dw3), bits(&dw4), "dW written, {at}");
-            let (mut du5, mut dw5) = (parity::poisoned(&be, s.u_len()), parity::up(&be, &dw0));
-            be.caps_routing_bwd_into(
-                &s,
-                rounds,
-                &u,
-                &w,
-                &saved,
-                &dv,
-                Some((&mut du5, true)),
-                Some((&mut dw5, false)),
-            )
-            .unwrap();
-            let mut du6 = be.zeros(s.u_len()).unwrap();
-            be.caps_routing_bwd(&s, rounds, &u, &w, &saved, &dv, Some(&mut du6), None)
-                .unwrap();
-            assert_eq!(bits(&du5), bits(&du6), "du written, {at}");
-            assert_eq!(bits(&dw5), bits(&dw1), "dW added to, {at}");
+                let added = |write: bool, len: usize, init: &[f32]| match write {
+                    true => be.zeros(len).unwrap(),
+                    false => parity::up(&be, init),
+                };
+                let (mut du4, mut dw4) = (added(du_write, s.u_len(), &du0), added(dw_write, s.w_len(), &dw0));
+                be.caps_routing_bwd(&s, rounds, &u, &w, &saved, &dv, Some(&mut du4), Some(&mut dw4))
+                    .unwrap();
+                let how = format!("du written {du_write}, dW written {dw_write}, {at}");
+                assert_eq!(bits(&du3), bits(&du4), "du, {how}");
+                assert_eq!(bits(&dw3), bits(&dw4), "dW, {how}");
+            }
         }
     }
 }

@@ -74,6 +74,12 @@ unsafe fn add_weighted_lanes(nj: usize, c: __m512, even: bool, uh: &[f32], acc: 
     }
 }
 
+/// Capsule i's 8 inputs of image b in `u` [B, I, 8], and where `two`, of image b + 1.
+fn capsule_inputs(u: &[f32], ni: usize, i: usize, b: usize, two: bool) -> (&[f32], Option<&[f32]>) {
+    let at = |b: usize| &u[(b * ni + i) * 8..][..8];
+    (at(b), two.then(|| at(b + 1)))
+}
+
 /// û[b, i] of one image, or of two (`u1`), into `uh` (nj·16 values each, one after the other), from
 /// their 8 inputs of capsule i and its Wᵀ `wti`.
 ///
@@ -81,7 +87,7 @@ unsafe fn add_weighted_lanes(nj: usize, c: __m512, even: bool, uh: &[f32], acc: 
 /// AVX-512F and FMA; `u0` and `u1` hold 8 values, `wti` 8·16·nj, `uh` 2·16·nj.
 #[target_feature(enable = "avx512f,fma")]
 #[inline]
-unsafe fn predict_images(nj: usize, u0: &[f32], u1: Option<&[f32]>, wti: &[f32], uh: &mut [f32]) {
+unsafe fn predict_images(nj: usize, (u0, u1): (&[f32], Option<&[f32]>), wti: &[f32], uh: &mut [f32]) {
     let (h0, h1) = uh.split_at_mut(nj * 16);
     // SAFETY: AVX-512F and FMA (the caller's contract); the lengths as stated
     unsafe {
@@ -151,15 +157,7 @@ pub(super) unsafe fn fwd_block(
                     prefetch(u, ((b0 + bl) * ni + i) * 8, &rows, bl);
                 }
                 // SAFETY: AVX-512F and FMA (the caller's contract); the inputs of images b0 + bp on
-                unsafe {
-                    predict_images(
-                        nj,
-                        &u[((b0 + bp) * ni + i) * 8..][..8],
-                        two.then(|| &u[((b0 + bp + 1) * ni + i) * 8..][..8]),
-                        wti,
-                        uh,
-                    )
-                };
+                unsafe { predict_images(nj, capsule_inputs(u, ni, i, b0 + bp, two), wti, uh) };
                 for bl in bp..bp + 1 + two as usize {
                     let uh = &uh[(bl - bp) * njd..(bl - bp + 1) * njd];
                     let c = &mut cs[(bl * rounds + r) * n + i * nj..][..nj];
@@ -257,15 +255,7 @@ pub(super) unsafe fn bwd_coeffs_block(
                     prefetch(u, ((b0 + bl) * ni + i) * 8, &rows, bl);
                 }
                 // SAFETY: AVX-512F and FMA (the caller's contract); the inputs of images b0 + bp on
-                unsafe {
-                    predict_images(
-                        nj,
-                        &u[((b0 + bp) * ni + i) * 8..][..8],
-                        two.then(|| &u[((b0 + bp + 1) * ni + i) * 8..][..8]),
-                        wti,
-                        uh,
-                    )
-                };
+                unsafe { predict_images(nj, capsule_inputs(u, ni, i, b0 + bp, two), wti, uh) };
                 for bl in bp..bp + 1 + two as usize {
                     let uh = &uh[(bl - bp) * njd..(bl - bp + 1) * njd];
                     let ds = &ds_all[(bl * rounds + r) * njd..][..njd];
