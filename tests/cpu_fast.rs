@@ -635,3 +635,47 @@ fn fast_cpu_first_layer_gradients_refuse_a_wrong_length() {
         }
     }
 }
+
+/// A dense layer's weight gradient written (`dense_bwd_weight_into` with `write`: the GEMM's β = 0,
+/// dw neither zeroed nor read) over NaNs equals the one added onto zeros, bit for bit, and without
+/// `write` it is `dense_bwd_weight`'s: the decoder's three shapes at batch 5 and an odd one, in fp32
+/// and, where the CPU runs a bf16 GEMM, in bf16.
+#[test]
+fn fast_cpu_dense_weight_gradient_written_equals_added_onto_zeros() {
+    use capsnet::backend::bf16::Bf16Gemm;
+    use capsnet::float::Precision;
+    use capsnet::ops::dense::{DenseOps, DenseShape};
+    let mut precisions = vec![Precision::Fp32];
+    if Bf16Gemm::ALL.into_iter().any(|k| k.supported()) {
+        precisions.push(Precision::Bf16);
+    }
+    let bits = |b: &[f32]| b.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let mut rng = Lcg(61);
+    for p in precisions {
+        let be = FastCpu::with_precision(p).unwrap();
+        for (rows, inp, out) in [(5, 160, 512), (5, 512, 1024), (5, 1024, 784), (7, 37, 45)] {
+            let s = DenseShape { rows, inp, out };
+            let x = parity::up(&be, &parity::rand(&mut rng, rows * inp, -1.0, 1.0));
+            let dz = parity::up(&be, &parity::rand(&mut rng, rows * out, -1.0, 1.0));
+            let dw0 = parity::rand(&mut rng, inp * out, -1.0, 1.0);
+            let mut written = parity::poisoned(&be, inp * out);
+            be.dense_bwd_weight_into(&s, &x, &dz, &mut written, true).unwrap();
+            let mut onto_zeros = be.zeros(inp * out).unwrap();
+            be.dense_bwd_weight(&s, &x, &dz, &mut onto_zeros).unwrap();
+            assert_eq!(bits(&written), bits(&onto_zeros), "written, {s:?}, {p:?}");
+            assert!(
+                written.iter().all(|v| v.is_finite()) && written.iter().any(|&v| v != 0.0),
+                "{s:?}, {p:?}"
+            );
+            let (mut added, mut want) = (parity::up(&be, &dw0), parity::up(&be, &dw0));
+            be.dense_bwd_weight_into(&s, &x, &dz, &mut added, false).unwrap();
+            be.dense_bwd_weight(&s, &x, &dz, &mut want).unwrap();
+            assert_eq!(bits(&added), bits(&want), "added, {s:?}, {p:?}");
+            assert_ne!(
+                bits(&added),
+                bits(&written),
+                "added equals written, {s:?}, {p:?}: nothing was added"
+            );
+        }
+    }
+}

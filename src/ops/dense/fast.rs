@@ -178,8 +178,21 @@ impl DenseOps for FastCpu {
     }
 
     fn dense_bwd_weight(&self, s: &DenseShape, x: &PoolBuf, dz: &PoolBuf, dw: &mut PoolBuf) -> Result<()> {
+        self.dense_bwd_weight_into(s, x, dz, dw, false)
+    }
+
+    /// The GEMM writes dw (β = 0: dw is neither zeroed first nor read) where `write`, else adds.
+    fn dense_bwd_weight_into(
+        &self,
+        s: &DenseShape,
+        x: &PoolBuf,
+        dz: &PoolBuf,
+        dw: &mut PoolBuf,
+        write: bool,
+    ) -> Result<()> {
         check_dense_bwd_weight(s, x.len(), dz.len(), dw.len())?;
-        self.gemm(s.inp, s.rows, s.out, x, (1, s.inp), dz, (s.out, 1), dw, 1.0)
+        let beta = if write { 0.0 } else { 1.0 };
+        self.gemm(s.inp, s.rows, s.out, x, (1, s.inp), dz, (s.out, 1), dw, beta)
     }
 
     fn bias_bwd(&self, rows: usize, cols: usize, dz: &PoolBuf, db: &mut PoolBuf) -> Result<()> {

@@ -45,6 +45,21 @@ pub trait DenseOps: Core {
     fn dense_bwd_input(&self, s: &DenseShape, dz: &Self::Buf, w: &Self::Buf, dx: &mut Self::Buf) -> Result<()>;
     /// dw += xᵀ · dz.
     fn dense_bwd_weight(&self, s: &DenseShape, x: &Self::Buf, dz: &Self::Buf, dw: &mut Self::Buf) -> Result<()>;
+    /// [`DenseOps::dense_bwd_weight`], or with `write`, dw = xᵀ · dz whatever dw held (what adding
+    /// to zeros gives). This default zeroes dw first, then adds.
+    fn dense_bwd_weight_into(
+        &self,
+        s: &DenseShape,
+        x: &Self::Buf,
+        dz: &Self::Buf,
+        dw: &mut Self::Buf,
+        write: bool,
+    ) -> Result<()> {
+        if write {
+            self.fill(dw, 0.0)?;
+        }
+        self.dense_bwd_weight(s, x, dz, dw)
+    }
     /// db[c] += Σ_r dz[r, c] over `rows` rows of `cols` columns (bias gradient of conv and dense).
     fn bias_bwd(&self, rows: usize, cols: usize, dz: &Self::Buf, db: &mut Self::Buf) -> Result<()>;
     /// dz = dy · act'(y), from the activation's output y. Overwrites dz (a temporary).
@@ -109,8 +124,8 @@ impl<B: DenseOps> BackwardOp<B> for DenseBackward {
         if let Some(dx) = g.get(self.x)? {
             be.dense_bwd_input(&self.s, &dz, ctx.value(self.w), dx)?;
         }
-        if let Some(dw) = g.get(self.w)? {
-            be.dense_bwd_weight(&self.s, ctx.value(self.x), &dz, dw)?;
+        if let Some((dw, write)) = g.get_to_write(self.w)? {
+            be.dense_bwd_weight_into(&self.s, ctx.value(self.x), &dz, dw, write)?;
         }
         Ok(())
     }
