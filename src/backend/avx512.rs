@@ -108,20 +108,3 @@ pub(crate) fn softmax16_in(m: __mmask16, x: __m512) -> __m512 {
     let z = _mm512_reduce_add_ps(_mm512_maskz_mov_ps(m, e));
     _mm512_mul_ps(e, _mm512_set1_ps(1.0 / z))
 }
-
-/// 16 values on a cache line of their own: scratch that kernels load and store whole registers of (a
-/// register that straddles two lines costs two accesses, and a store more).
-#[repr(C, align(64))]
-#[derive(Clone, Copy)]
-pub(crate) struct Line([f32; 16]);
-
-/// `n` zeros (rounded up to whole lines), on cache lines.
-pub(crate) fn lined(n: usize) -> Vec<Line> {
-    vec![Line([0.0; 16]); n.div_ceil(16)]
-}
-
-/// The values of `lines`, one after the other.
-pub(crate) fn values(lines: &mut [Line]) -> &mut [f32] {
-    // SAFETY: Line is 16 f32 and nothing else (repr(C), and 64 bytes is a multiple of its alignment)
-    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<f32>(), lines.len() * 16) }
-}

@@ -60,8 +60,9 @@ pub(crate) const POOL_BYTES: usize = 1 << 30;
 /// `len` f32 values that start on a cache line: the AMX kernel loads and stores 64-byte rows of its
 /// outputs (and the conv gradients add 32-value runs), each of which would straddle two lines
 /// otherwise (the allocator's large blocks start 16 bytes past a page).
+/// The kernels' own scratch rows, whose whole registers they load and store, are such values too.
 #[derive(Debug, Default)]
-struct Lined {
+pub(crate) struct Lined {
     v: Vec<f32>,
     start: usize,
     len: usize,
@@ -70,15 +71,22 @@ struct Lined {
 impl Lined {
     /// `n` zeros on a cache line.
     fn zeros(n: usize) -> Result<Lined> {
-        let v: Vec<f32> = alloc_zeros(n + LINE_F32 - 1)?;
+        Ok(Lined::on_line(alloc_zeros(n + LINE_F32 - 1)?, n))
+    }
+    /// `n` zeros on a cache line, for a kernel's scratch (a few KB: allocated as a `Vec` is).
+    pub(crate) fn scratch(n: usize) -> Lined {
+        Lined::on_line(vec![0.0; n + LINE_F32 - 1], n)
+    }
+    /// The `n` values of `v` (n + 15 long) from its first cache line on.
+    fn on_line(v: Vec<f32>, n: usize) -> Lined {
         let start = v.as_ptr().align_offset(LINE_F32 * 4);
         assert!(start < LINE_F32, "f32 storage is 4-byte aligned");
-        Ok(Lined { v, start, len: n })
+        Lined { v, start, len: n }
     }
     fn get(&self) -> &[f32] {
         &self.v[self.start..self.start + self.len]
     }
-    fn get_mut(&mut self) -> &mut [f32] {
+    pub(crate) fn get_mut(&mut self) -> &mut [f32] {
         &mut self.v[self.start..self.start + self.len]
     }
 }

@@ -9,8 +9,8 @@
 use std::arch::x86_64::*;
 
 use super::softmax::{softmax_row, softmax_rows_bwd_add};
-use crate::backend::avx512::{lanes, lined, reduce16, slot, softmax16, values};
-use crate::backend::fast::Fused;
+use crate::backend::avx512::{lanes, reduce16, slot, softmax16};
+use crate::backend::fast::{Fused, Lined};
 use crate::ops::capsules::CapsShape;
 use crate::ops::capsules::avx512::input_grad_sums;
 use crate::ops::capsules::fast::{squash_row, squash_row_bwd};
@@ -421,8 +421,8 @@ pub(super) unsafe fn predict_grads(
     assert!(cs.len() == nb * rounds * n && vs.len() == nb * rounds * njd && ds_all.len() == nb * rounds * njd);
     assert!(g_all.len() == nb * (rounds - 1) * n && u.len() == nb * ni * 8 && wt.len() == ni * 8 * njd);
     // dû of every image (32 KB at batch 50), and dWᵀ[i] (8 × 16·J) summed over the batch
-    let (mut dub_lines, mut wacc_lines) = (lined(nb * njd), lined(8 * njd));
-    let (dub, wacc) = (values(&mut dub_lines), values(&mut wacc_lines));
+    let (mut dub_lines, mut wacc_lines) = (Lined::scratch(nb * njd), Lined::scratch(8 * njd));
+    let (dub, wacc) = (dub_lines.get_mut(), wacc_lines.get_mut());
     for i in caps {
         let wti = &wt[i * 8 * njd..(i + 1) * 8 * njd];
         for b0 in (0..nb).step_by(2) {

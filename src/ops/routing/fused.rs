@@ -13,8 +13,8 @@
 use std::arch::x86_64::*;
 
 use super::avx512::softmax16_bwd_add;
-use crate::backend::avx512::{lanes, lined, reduce16, slot, softmax16_in, values};
-use crate::backend::fast::Fused;
+use crate::backend::avx512::{lanes, reduce16, slot, softmax16_in};
+use crate::backend::fast::{Fused, Lined};
 use crate::ops::capsules::CapsShape;
 use crate::ops::capsules::avx512::{predict_capsule, predict_capsule_pair};
 use crate::ops::capsules::fast::{squash_row, squash_row_bwd};
@@ -143,8 +143,10 @@ pub(super) unsafe fn fwd_block(
     assert!(u.len() >= (b0 + nbl) * ni * 8 && wt.len() == ni * 8 * njd && logits.len() >= nbl * n);
     assert!(cs.len() == nbl * rounds * n && ss.len() == nbl * rounds * njd && vs.len() == ss.len());
     let m = lanes(nj);
-    let (mut uh_lines, mut sum_lines) = (lined(2 * njd), lined(nbl * njd));
-    let (uh, sums) = (values(&mut uh_lines), values(&mut sum_lines));
+    // scratch rows on cache lines of their own (a register that straddles two lines costs two
+    // accesses, and a store more)
+    let (mut uh_lines, mut sum_lines) = (Lined::scratch(2 * njd), Lined::scratch(nbl * njd));
+    let (uh, sums) = (uh_lines.get_mut(), sum_lines.get_mut());
     logits[..nbl * n].fill(0.0);
     for r in 0..rounds {
         sums.fill(0.0);
@@ -239,8 +241,8 @@ pub(super) unsafe fn bwd_coeffs_block(
         ds_of(ds_all, ss, &dv[bl * njd..(bl + 1) * njd], bl, last);
     }
     let m = lanes(nj);
-    let (mut uh_lines, mut dv_lines) = (lined(2 * njd), lined(nbl * njd));
-    let (uh, dvs) = (values(&mut uh_lines), values(&mut dv_lines));
+    let (mut uh_lines, mut dv_lines) = (Lined::scratch(2 * njd), Lined::scratch(nbl * njd));
+    let (uh, dvs) = (uh_lines.get_mut(), dv_lines.get_mut());
     for r in (1..rounds).rev() {
         dvs.fill(0.0);
         for i in 0..ni {
