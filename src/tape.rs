@@ -116,10 +116,7 @@ impl<B: Core> GradStore<'_, B> {
         assert_ne!(a.0, b.0, "get_two needs two different variables");
         self.get(a)?;
         self.get(b)?;
-        let (lo, hi) = (a.0.min(b.0), a.0.max(b.0));
-        let (left, right) = self.grads.split_at_mut(hi);
-        let (g_lo, g_hi) = (left[lo].as_mut(), right[0].as_mut());
-        Ok(if a.0 < b.0 { (g_lo, g_hi) } else { (g_hi, g_lo) })
+        Ok(self.buffers_of(a, b))
     }
 
     /// [`GradStore::get_to_write`] of two different variables at once.
@@ -127,11 +124,16 @@ impl<B: Core> GradStore<'_, B> {
         assert_ne!(a.0, b.0, "get_two_to_write needs two different variables");
         let write_a = self.get_to_write(a)?.map(|(_, w)| w);
         let write_b = self.get_to_write(b)?.map(|(_, w)| w);
+        let (ga, gb) = self.buffers_of(a, b);
+        Ok((ga.zip(write_a), gb.zip(write_b)))
+    }
+
+    /// The gradient buffers of two different variables as they stand, in the order asked.
+    fn buffers_of(&mut self, a: Var, b: Var) -> GradPair<'_, B> {
         let (lo, hi) = (a.0.min(b.0), a.0.max(b.0));
         let (left, right) = self.grads.split_at_mut(hi);
         let (g_lo, g_hi) = (left[lo].as_mut(), right[0].as_mut());
-        let (ga, gb) = if a.0 < b.0 { (g_lo, g_hi) } else { (g_hi, g_lo) };
-        Ok((ga.zip(write_a), gb.zip(write_b)))
+        if a.0 < b.0 { (g_lo, g_hi) } else { (g_hi, g_lo) }
     }
 }
 

@@ -244,9 +244,7 @@ impl RoutingOps for FastCpu {
             return Ok(());
         }
         #[cfg(target_arch = "x86_64")]
-        if let Some(wt) = saved.wt.as_ref().filter(|wt| wt.len() == w.len())
-            && fused_usable(s)
-        {
+        if let Some(wt) = fused_weights(s, w, saved) {
             let (du, dw) = (du.map(|g| (g, false)), dw.map(|g| (g, false)));
             return self.caps_routing_bwd_avx512(s, rounds, u, wt, saved, dv, du, dw);
         }
@@ -294,8 +292,7 @@ impl RoutingOps for FastCpu {
         dw: Option<(&mut PoolBuf, bool)>,
     ) -> Result<()> {
         #[cfg(target_arch = "x86_64")]
-        if let Some(wt) = saved.wt.as_ref().filter(|wt| wt.len() == w.len())
-            && fused_usable(s)
+        if let Some(wt) = fused_weights(s, w, saved)
             && (du.is_some() || dw.is_some())
         {
             return self.caps_routing_bwd_avx512(s, rounds, u, wt, saved, dv, du, dw);
@@ -426,11 +423,20 @@ impl FastCpu {
 
 /// Whether the fused AVX-512 kernels (`super::fused`, never holding û) run `s` here: 8-D capsules
 /// into at most 16 classes of 16-D ones, a class's coupling each in a lane of one register.
+#[cfg(target_arch = "x86_64")]
 fn fused_usable(s: &CapsShape) -> bool {
     s.in_dim == 8 && s.out_caps <= 16 && avx512_usable(s)
 }
 
+/// The transposed weights the forward kept, where the fused backward runs `s` with them (W's own
+/// length: kept for these weights).
+#[cfg(target_arch = "x86_64")]
+fn fused_weights<'a>(s: &CapsShape, w: &PoolBuf, saved: &'a RoutingSaved<PoolBuf>) -> Option<&'a PoolBuf> {
+    saved.wt.as_ref().filter(|wt| wt.len() == w.len() && fused_usable(s))
+}
+
 /// Images per block of the fused kernels: the batch split evenly over the threads.
+#[cfg(target_arch = "x86_64")]
 fn image_block(s: &CapsShape) -> usize {
     s.batch.div_ceil(crate::par::threads().min(s.batch).max(1)).max(1)
 }
