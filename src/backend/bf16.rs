@@ -1121,6 +1121,10 @@ unsafe fn block(
 /// As [`block`], with AVX512_BF16 instead of tiles: the C block as four 16×16 quarters, each in 16
 /// registers, every product `VDPBF16PS` of a B tile row (16 pairs) and an A row's pair broadcast.
 ///
+/// The pair is broadcast by the instruction itself (`{1to16}` on its memory operand), written as
+/// inline assembly: left to the compiler, the broadcast was a separate `VBROADCASTSS`, and on an AMD
+/// Zen 4 that ran the kernel at 73% of `VDPBF16PS`'s rate instead of 98% (docs/BENCHMARKS.md).
+///
 /// # Safety
 /// The CPU has AVX512_BF16 and AVX512BW; every address inside the packed buffers and the C block.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
@@ -1148,15 +1152,51 @@ unsafe fn block_avx512(
                     *r = _mm512_loadu_ps(cq.byte_add(i * ldc));
                 }
             }
+            // the assembly below spells out a tile's 16 rows of 64 bytes
+            const _: () = assert!(TM == 16 && TK * 2 == 64);
             for kt in 0..kts {
                 let (ta, tb) = (at.add(kt * TILE), bt.add(kt * TILE));
                 for r in 0..TK / 2 {
-                    let bv: __m512bh = std::mem::transmute(_mm512_loadu_si512(tb.add(r * TK) as *const __m512i));
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let pair = (ta.add(i * TK + 2 * r) as *const i32).read_unaligned();
-                        let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
-                        *acc = _mm512_dpbf16_ps(*acc, av, bv);
-                    }
+                    let bv = _mm512_loadu_ps(tb.add(r * TK) as *const f32);
+                    // row i's pair r of the A tile is 4·r bytes into its 64-byte row
+                    let pa = ta.add(2 * r);
+                    std::arch::asm!(
+                        "vdpbf16ps {c0}, {b}, dword ptr [{p}]{{1to16}}",
+                        "vdpbf16ps {c1}, {b}, dword ptr [{p} + 64]{{1to16}}",
+                        "vdpbf16ps {c2}, {b}, dword ptr [{p} + 128]{{1to16}}",
+                        "vdpbf16ps {c3}, {b}, dword ptr [{p} + 192]{{1to16}}",
+                        "vdpbf16ps {c4}, {b}, dword ptr [{p} + 256]{{1to16}}",
+                        "vdpbf16ps {c5}, {b}, dword ptr [{p} + 320]{{1to16}}",
+                        "vdpbf16ps {c6}, {b}, dword ptr [{p} + 384]{{1to16}}",
+                        "vdpbf16ps {c7}, {b}, dword ptr [{p} + 448]{{1to16}}",
+                        "vdpbf16ps {c8}, {b}, dword ptr [{p} + 512]{{1to16}}",
+                        "vdpbf16ps {c9}, {b}, dword ptr [{p} + 576]{{1to16}}",
+                        "vdpbf16ps {c10}, {b}, dword ptr [{p} + 640]{{1to16}}",
+                        "vdpbf16ps {c11}, {b}, dword ptr [{p} + 704]{{1to16}}",
+                        "vdpbf16ps {c12}, {b}, dword ptr [{p} + 768]{{1to16}}",
+                        "vdpbf16ps {c13}, {b}, dword ptr [{p} + 832]{{1to16}}",
+                        "vdpbf16ps {c14}, {b}, dword ptr [{p} + 896]{{1to16}}",
+                        "vdpbf16ps {c15}, {b}, dword ptr [{p} + 960]{{1to16}}",
+                        c0 = inout(zmm_reg) acc[0],
+                        c1 = inout(zmm_reg) acc[1],
+                        c2 = inout(zmm_reg) acc[2],
+                        c3 = inout(zmm_reg) acc[3],
+                        c4 = inout(zmm_reg) acc[4],
+                        c5 = inout(zmm_reg) acc[5],
+                        c6 = inout(zmm_reg) acc[6],
+                        c7 = inout(zmm_reg) acc[7],
+                        c8 = inout(zmm_reg) acc[8],
+                        c9 = inout(zmm_reg) acc[9],
+                        c10 = inout(zmm_reg) acc[10],
+                        c11 = inout(zmm_reg) acc[11],
+                        c12 = inout(zmm_reg) acc[12],
+                        c13 = inout(zmm_reg) acc[13],
+                        c14 = inout(zmm_reg) acc[14],
+                        c15 = inout(zmm_reg) acc[15],
+                        b = in(zmm_reg) bv,
+                        p = in(reg) pa,
+                        options(pure, readonly, nostack, preserves_flags)
+                    );
                 }
             }
             for (i, r) in acc.iter().enumerate() {
