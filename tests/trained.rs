@@ -58,7 +58,7 @@ fn test_split(n: usize) -> Split {
     data::load(&mnist_dir(), Which::Test).unwrap().slice(0..n)
 }
 
-/// The backend `--device cpu` runs by default (bf16 where the CPU has AMX tiles, else fp32).
+/// The backend `--device cpu` runs by default (bf16 where the CPU has AMX, or AVX512_BF16 on an AMD CPU; else fp32).
 fn default_cpu() -> FastCpu {
     FastCpu::with_precision(FastCpu::default_precision()).unwrap()
 }

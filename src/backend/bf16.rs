@@ -126,6 +126,18 @@ impl Bf16Gemm {
     }
 }
 
+/// Whether the CPU is AMD's (CPUID's vendor string "AuthenticAMD").
+pub fn amd_cpu() -> bool {
+    // an unsafe function in older Rust
+    #[allow(unused_unsafe)]
+    // SAFETY: CPUID leaf 0 exists on every x86-64 CPU
+    let r = unsafe { std::arch::x86_64::__cpuid(0) };
+    [r.ebx, r.edx, r.ecx]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .eq(*b"AuthenticAMD")
+}
+
 /// Whether this CPU and OS run AMX bf16 tiles (checked once; the OS permission is asked then).
 pub fn amx_supported() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
@@ -1823,6 +1835,19 @@ pub(crate) fn gemm(
 mod tests {
     use super::*;
     use crate::float::Precision;
+
+    /// CPUID's vendor against the kernel's account of it.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn an_amd_cpu_is_told_as_linux_tells_it() {
+        let info = std::fs::read_to_string("/proc/cpuinfo").expect("/proc/cpuinfo is readable");
+        let vendor = info
+            .lines()
+            .find_map(|l| l.strip_prefix("vendor_id").and_then(|v| v.split(':').nth(1)))
+            .map(str::trim)
+            .expect("/proc/cpuinfo names the vendor");
+        assert_eq!(amd_cpu(), vendor == "AuthenticAMD", "vendor_id {vendor}");
+    }
 
     #[test]
     fn bf16_bits_round_as_the_reference_does() {

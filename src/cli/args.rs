@@ -179,8 +179,7 @@ impl KernelArgs {
         Ok(ks)
     }
 
-    /// The fast CPU backend for --precision (by default bf16 where the CPU has AMX tiles and no f32
-    /// GEMM is named, else fp32),
+    /// The fast CPU backend for --precision (by default [`capsnet::backend::fast::FastCpu::default_precision`]),
     /// refusing --kernels, which only the CUDA backend has.
     pub fn fast_cpu(&self, device: &str) -> Result<capsnet::backend::fast::FastCpu> {
         if self.kernels.is_some() {
