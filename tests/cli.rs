@@ -1877,10 +1877,14 @@ fn cpu_gemm_forces_the_gemm_and_the_backend_line_names_it() {
     let a: Vec<&str> = bench.iter().chain(tiny.iter()).copied().collect();
     let o = capsnet(&a, &[("CAPSNET_CPU_GEMM", "avx2")]);
     assert!(backend_line(&o).contains("matrixmultiply"), "{}", backend_line(&o));
-    // auto names none: the CPU's default precision runs (bf16 where it has AMX tiles)
+    // auto names none: the CPU's default precision runs (bf16 where it has AMX tiles, or
+    // AVX512_BF16 on an AMD CPU), on the best kernel for it
     let o = capsnet(&a, &[("CAPSNET_CPU_GEMM", "auto")]);
-    let default = if capsnet::backend::bf16::Bf16Gemm::Amx.supported() {
-        "AMX bf16 GEMMs".to_string()
+    let default = if capsnet::backend::fast::FastCpu::default_precision() == capsnet::float::Precision::Bf16 {
+        capsnet::backend::bf16::Bf16Gemm::choose()
+            .unwrap()
+            .describe()
+            .to_string()
     } else {
         CpuGemm::best().describe()
     };
