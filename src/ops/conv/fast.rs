@@ -429,9 +429,10 @@ unsafe impl bf16::Source for Patches<'_> {
 /// where slot is the kernel pixel's place in parity order: the pixels with ky and kx even first, then
 /// ky even and kx odd, ky odd and kx even, both odd, each set row by row.
 /// Columns of different classes reach different channels of an image, so a col2im split by class
-/// needs no locks. The parity order keeps a col2im's additions in L1: a block row's blocks are added
-/// in column order, and a stride-2 conv's kernel pixels of one parity reach a quarter of the image's
-/// pixels (12.8 KB of a class at the primary conv's shape, against 51 KB for the whole image).
+/// needs no locks. The parity order narrows what a col2im's additions reach in turn: a block row's
+/// blocks are added in column order, and a stride-2 conv's kernel pixels of one parity reach a
+/// quarter of the image's pixels (12.8 KB of a class at the primary conv's shape, against 51 KB for
+/// the whole image, more than a 32 KiB L1).
 #[derive(Clone, Copy)]
 struct ClassOrder {
     k: usize,
