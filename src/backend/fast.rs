@@ -164,7 +164,7 @@ impl FastCpu {
     /// and faster on both machines measured: 1.45 times fp32 on a Xeon's AMX tiles, 1.93 times with
     /// AVX512_BF16 on an AMD Zen 4, whose `VDPBF16PS` issues as often as its f32 FMA and does twice
     /// its multiplies (docs/BENCHMARKS.md). An Intel CPU with AVX512_BF16 and no AMX (Cooper Lake)
-    /// stays on fp32: its two f32 FMA units match that rate, and it has not been measured.
+    /// stays on fp32: none has been measured, and with two 512-bit FMA units its f32 GEMM may keep up.
     pub fn default_precision() -> Precision {
         let bf16 = super::bf16::Bf16Gemm::Amx.supported()
             || super::bf16::Bf16Gemm::Avx512Bf16.supported() && super::bf16::amd_cpu();
