@@ -436,7 +436,6 @@ unsafe impl bf16::Source for Patches<'_> {
 #[derive(Clone, Copy)]
 struct ClassOrder {
     k: usize,
-    pixels: usize,
     classes: usize,
 }
 
@@ -447,9 +446,14 @@ impl ClassOrder {
     fn new(s: &ConvShape) -> ClassOrder {
         ClassOrder {
             k: s.k,
-            pixels: s.k * s.k,
             classes: s.in_c / 32,
         }
+    }
+
+    /// Kernel pixels, k².
+    #[inline(always)]
+    fn pixels(self) -> usize {
+        self.k * self.k
     }
 
     /// How many of 0..k have parity `p`.
@@ -469,7 +473,7 @@ impl ClassOrder {
             }
             i -= ny * nx;
         }
-        unreachable!("slot {slot} of {} kernel pixels", self.pixels)
+        unreachable!("slot {slot} of {} kernel pixels", self.pixels())
     }
 
     /// The place of kernel pixel `pixel` in the parity order ([`ClassOrder::pixel`]'s inverse).
@@ -490,13 +494,13 @@ impl ClassOrder {
     #[inline(always)]
     fn natural(self, c: usize) -> usize {
         let (q, e) = (c / 32, c % 32);
-        (self.pixel(q % self.pixels) * self.classes + q / self.pixels) * 32 + e
+        (self.pixel(q % self.pixels()) * self.classes + q / self.pixels()) * 32 + e
     }
 
     /// Where the natural columns 16t..16t+16 lie in class order, in tiles of 16 columns.
     fn placed_tile(self, t: usize) -> usize {
         let (q, h) = (t / 2, t % 2);
-        2 * ((q % self.classes) * self.pixels + self.slot(q / self.classes)) + h
+        2 * ((q % self.classes) * self.pixels() + self.slot(q / self.classes)) + h
     }
 }
 
@@ -545,7 +549,7 @@ unsafe impl bf16::BlockSink for Col2im {
         self.npix
     }
     fn n_group(&self) -> usize {
-        self.order.pixels
+        self.order.pixels()
     }
     fn add(&self, i0: usize, rows: std::ops::Range<usize>, j0: usize, nj: usize, blk: &[f32; 1024]) {
         let base = self.at.col[self.order.natural(j0) / 32];
