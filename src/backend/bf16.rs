@@ -670,7 +670,7 @@ unsafe fn pairs16_strided(lo: *const f32, hi: *const f32, dst: *mut u32, stride:
 /// 64-bit interleaves within each 128-bit quarter, then the quarters gathered across registers.
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+pub(crate) fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
     use std::arch::x86_64::*;
     // b[4i + c], quarter q holds lane 4q + c of registers 4i..4i+3
     let mut a = [_mm512_setzero_si512(); 16];
@@ -1130,12 +1130,8 @@ unsafe fn block(
     }
 }
 
-/// As [`block`], with AVX512_BF16 instead of tiles: the C block as four 16×16 quarters, each in 16
-/// registers, every product `VDPBF16PS` of a B tile row (16 pairs) and an A row's pair broadcast.
-///
-/// The pair is broadcast by the instruction itself (`{1to16}` on its memory operand), written as
-/// inline assembly: left to the compiler, the broadcast was a separate `VBROADCASTSS`, and on an AMD
-/// Zen 4 that ran the kernel at 73% of `VDPBF16PS`'s rate instead of 98% (docs/BENCHMARKS.md).
+/// As [`block`], with AVX512_BF16 instead of tiles: the C block as four 16×16 quarters
+/// ([`quarter_avx512`]).
 ///
 /// # Safety
 /// The CPU has AVX512_BF16 and AVX512BW; every address inside the packed buffers and the C block.
@@ -1151,71 +1147,181 @@ unsafe fn block_avx512(
     ldc: usize,
     load: bool,
 ) {
+    for q in 0..4 {
+        let (ai, bj) = (q / 2, q % 2);
+        // SAFETY: the caller's contract
+        unsafe {
+            let cq = c.byte_add(ai * TM * ldc).add(bj * TN);
+            let (a, b) = (a.add(ai * a_next), b.add(bj * b_next));
+            quarter_avx512((a, TILE), (b, TILE), kts * TK / 2, cq, ldc, load, false);
+        }
+    }
+}
+
+/// A 16×16 C quarter (at `c`, rows `ldc` bytes apart) = (C if `load` else 0) + A·B over the first
+/// `pairs` pairs of K: A's row tile at `a.0`, B's column tile at `b.0`, each next K tile `a.1`
+/// (`b.1`) u16 further (the pairs past `pairs` in the last tile are not read); where `stream`, C is
+/// stored past the caches (non-temporal stores: its lines are not read first). In 16 registers, every product
+/// `VDPBF16PS` of a B tile row (16 pairs) and an A row's pair broadcast.
+///
+/// The pair is broadcast by the instruction itself (`{1to16}` on its memory operand), written as
+/// inline assembly: left to the compiler, the broadcast was a separate `VBROADCASTSS`, and on an AMD
+/// Zen 4 that ran the kernel at 73% of `VDPBF16PS`'s rate instead of 98% (docs/BENCHMARKS.md).
+///
+/// # Safety
+/// The CPU has AVX512_BF16 and AVX512BW; the tiles' first `pairs` pairs and the quarter are inside
+/// their buffers; C's rows on cache lines where `stream`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+unsafe fn quarter_avx512(
+    (a, a_ks): (*const u16, usize),
+    (b, b_ks): (*const u16, usize),
+    pairs: usize,
+    c: *mut f32,
+    ldc: usize,
+    load: bool,
+    stream: bool,
+) {
     use std::arch::x86_64::*;
     // SAFETY (the whole body): the caller's contract
     unsafe {
-        for q in 0..4 {
-            let (ai, bj) = (q / 2, q % 2);
-            let (at, bt) = (a.add(ai * a_next), b.add(bj * b_next));
-            let cq = c.byte_add(ai * TM * ldc).add(bj * TN);
-            let mut acc = [_mm512_setzero_ps(); TM];
-            if load {
-                for (i, r) in acc.iter_mut().enumerate() {
-                    *r = _mm512_loadu_ps(cq.byte_add(i * ldc));
-                }
+        let mut acc = [_mm512_setzero_ps(); TM];
+        if load {
+            for (i, r) in acc.iter_mut().enumerate() {
+                *r = _mm512_loadu_ps(c.byte_add(i * ldc));
             }
-            // the assembly below spells out a tile's 16 rows of 64 bytes
-            const _: () = assert!(TM == 16 && TK * 2 == 64);
-            for kt in 0..kts {
-                let (ta, tb) = (at.add(kt * TILE), bt.add(kt * TILE));
-                for r in 0..TK / 2 {
-                    let bv = _mm512_loadu_ps(tb.add(r * TK) as *const f32);
-                    // row i's pair r of the A tile is 4·r bytes into its 64-byte row
-                    let pa = ta.add(2 * r);
-                    std::arch::asm!(
-                        "vdpbf16ps {c0}, {b}, dword ptr [{p}]{{1to16}}",
-                        "vdpbf16ps {c1}, {b}, dword ptr [{p} + 64]{{1to16}}",
-                        "vdpbf16ps {c2}, {b}, dword ptr [{p} + 128]{{1to16}}",
-                        "vdpbf16ps {c3}, {b}, dword ptr [{p} + 192]{{1to16}}",
-                        "vdpbf16ps {c4}, {b}, dword ptr [{p} + 256]{{1to16}}",
-                        "vdpbf16ps {c5}, {b}, dword ptr [{p} + 320]{{1to16}}",
-                        "vdpbf16ps {c6}, {b}, dword ptr [{p} + 384]{{1to16}}",
-                        "vdpbf16ps {c7}, {b}, dword ptr [{p} + 448]{{1to16}}",
-                        "vdpbf16ps {c8}, {b}, dword ptr [{p} + 512]{{1to16}}",
-                        "vdpbf16ps {c9}, {b}, dword ptr [{p} + 576]{{1to16}}",
-                        "vdpbf16ps {c10}, {b}, dword ptr [{p} + 640]{{1to16}}",
-                        "vdpbf16ps {c11}, {b}, dword ptr [{p} + 704]{{1to16}}",
-                        "vdpbf16ps {c12}, {b}, dword ptr [{p} + 768]{{1to16}}",
-                        "vdpbf16ps {c13}, {b}, dword ptr [{p} + 832]{{1to16}}",
-                        "vdpbf16ps {c14}, {b}, dword ptr [{p} + 896]{{1to16}}",
-                        "vdpbf16ps {c15}, {b}, dword ptr [{p} + 960]{{1to16}}",
-                        c0 = inout(zmm_reg) acc[0],
-                        c1 = inout(zmm_reg) acc[1],
-                        c2 = inout(zmm_reg) acc[2],
-                        c3 = inout(zmm_reg) acc[3],
-                        c4 = inout(zmm_reg) acc[4],
-                        c5 = inout(zmm_reg) acc[5],
-                        c6 = inout(zmm_reg) acc[6],
-                        c7 = inout(zmm_reg) acc[7],
-                        c8 = inout(zmm_reg) acc[8],
-                        c9 = inout(zmm_reg) acc[9],
-                        c10 = inout(zmm_reg) acc[10],
-                        c11 = inout(zmm_reg) acc[11],
-                        c12 = inout(zmm_reg) acc[12],
-                        c13 = inout(zmm_reg) acc[13],
-                        c14 = inout(zmm_reg) acc[14],
-                        c15 = inout(zmm_reg) acc[15],
-                        b = in(zmm_reg) bv,
-                        p = in(reg) pa,
-                        options(pure, readonly, nostack, preserves_flags)
-                    );
-                }
+        }
+        // the assembly below spells out a tile's 16 rows of 64 bytes
+        const _: () = assert!(TM == 16 && TK * 2 == 64);
+        for kt in 0..pairs.div_ceil(TK / 2) {
+            let (ta, tb) = (a.add(kt * a_ks), b.add(kt * b_ks));
+            for r in 0..(pairs - kt * TK / 2).min(TK / 2) {
+                let bv = _mm512_loadu_ps(tb.add(r * TK) as *const f32);
+                // row i's pair r of the A tile is 4·r bytes into its 64-byte row
+                let pa = ta.add(2 * r);
+                std::arch::asm!(
+                    "vdpbf16ps {c0}, {b}, dword ptr [{p}]{{1to16}}",
+                    "vdpbf16ps {c1}, {b}, dword ptr [{p} + 64]{{1to16}}",
+                    "vdpbf16ps {c2}, {b}, dword ptr [{p} + 128]{{1to16}}",
+                    "vdpbf16ps {c3}, {b}, dword ptr [{p} + 192]{{1to16}}",
+                    "vdpbf16ps {c4}, {b}, dword ptr [{p} + 256]{{1to16}}",
+                    "vdpbf16ps {c5}, {b}, dword ptr [{p} + 320]{{1to16}}",
+                    "vdpbf16ps {c6}, {b}, dword ptr [{p} + 384]{{1to16}}",
+                    "vdpbf16ps {c7}, {b}, dword ptr [{p} + 448]{{1to16}}",
+                    "vdpbf16ps {c8}, {b}, dword ptr [{p} + 512]{{1to16}}",
+                    "vdpbf16ps {c9}, {b}, dword ptr [{p} + 576]{{1to16}}",
+                    "vdpbf16ps {c10}, {b}, dword ptr [{p} + 640]{{1to16}}",
+                    "vdpbf16ps {c11}, {b}, dword ptr [{p} + 704]{{1to16}}",
+                    "vdpbf16ps {c12}, {b}, dword ptr [{p} + 768]{{1to16}}",
+                    "vdpbf16ps {c13}, {b}, dword ptr [{p} + 832]{{1to16}}",
+                    "vdpbf16ps {c14}, {b}, dword ptr [{p} + 896]{{1to16}}",
+                    "vdpbf16ps {c15}, {b}, dword ptr [{p} + 960]{{1to16}}",
+                    c0 = inout(zmm_reg) acc[0],
+                    c1 = inout(zmm_reg) acc[1],
+                    c2 = inout(zmm_reg) acc[2],
+                    c3 = inout(zmm_reg) acc[3],
+                    c4 = inout(zmm_reg) acc[4],
+                    c5 = inout(zmm_reg) acc[5],
+                    c6 = inout(zmm_reg) acc[6],
+                    c7 = inout(zmm_reg) acc[7],
+                    c8 = inout(zmm_reg) acc[8],
+                    c9 = inout(zmm_reg) acc[9],
+                    c10 = inout(zmm_reg) acc[10],
+                    c11 = inout(zmm_reg) acc[11],
+                    c12 = inout(zmm_reg) acc[12],
+                    c13 = inout(zmm_reg) acc[13],
+                    c14 = inout(zmm_reg) acc[14],
+                    c15 = inout(zmm_reg) acc[15],
+                    b = in(zmm_reg) bv,
+                    p = in(reg) pa,
+                    options(pure, readonly, nostack, preserves_flags)
+                );
             }
-            for (i, r) in acc.iter().enumerate() {
-                _mm512_storeu_ps(cq.byte_add(i * ldc), *r);
+        }
+        for (i, r) in acc.iter().enumerate() {
+            if stream {
+                _mm512_stream_ps(c.byte_add(i * ldc), *r);
+            } else {
+                _mm512_storeu_ps(c.byte_add(i * ldc), *r);
             }
         }
     }
+}
+
+/// C = A·B on the AVX512_BF16 kernel, for operands already packed, on one thread: products of many
+/// small GEMMs, each on its own thread (a convolution through the Fourier transform: one a
+/// frequency).
+///
+/// A has `m_tiles` row tiles and B `n_tiles` column tiles, each `kts` K tiles deep, summed over the
+/// first `pairs` pairs of K. An operand (pointer, step) has its tiles `step` u16 apart: row tile t's
+/// K tile kt at `a.0 + (t·kts + kt)·a.1`, column tile t's at `b.0 + (t·kts + kt)·b.1` (the layout
+/// [`pack_a`] and [`pack_b`] write where the step is one tile; a larger step interleaves the tiles
+/// of several products). C: quarter (row tile i, column tile j) at `c.0 + 16·i·c.1 + j·c.2`, rows
+/// `c.1` f32 apart, written past the caches, not read (a product read again only after all the
+/// others, from memory). Each column tile of B is used for all of A's rows while it is in L1.
+///
+/// # Safety
+/// The CPU runs [`Bf16Gemm::Avx512Bf16`]; every tile and C row named above lies inside its buffer
+/// (C's on cache lines: asserted); C aliases neither operand.
+pub(crate) unsafe fn tiles_product(
+    a: (*const u16, usize),
+    m_tiles: usize,
+    b: (*const u16, usize),
+    n_tiles: usize,
+    (kts, pairs): (usize, usize),
+    c: (*mut f32, usize, usize),
+) {
+    assert!(pairs <= kts * TK / 2, "{pairs} pairs in {kts} K tiles");
+    assert!(
+        (c.0 as usize).is_multiple_of(LINE) && c.1.is_multiple_of(TN) && c.2.is_multiple_of(TN),
+        "C's quarters' rows on cache lines"
+    );
+    for nt in 0..n_tiles {
+        for mt in 0..m_tiles {
+            // SAFETY: the caller's contract
+            unsafe {
+                let cq = c.0.add(mt * TM * c.1 + nt * c.2);
+                let (at, bt) = (a.0.add(mt * kts * a.1), b.0.add(nt * kts * b.1));
+                quarter_avx512((at, a.1), (bt, b.1), pairs, cq, c.1 * 4, false, true);
+            }
+        }
+    }
+    // the streamed stores ordered before anything this thread does next (the threads' join
+    // publishes them)
+    // SAFETY: SSE is part of x86-64
+    unsafe { std::arch::x86_64::_mm_sfence() };
+}
+
+/// The bf16 values in one packed tile, and of the rows of 16 pairs it holds.
+pub(crate) const TILE_LEN: usize = TILE;
+/// u16 in one row of a packed tile (16 pairs).
+pub(crate) const TILE_ROW: usize = TK;
+
+/// `dst` = the 16×16 transpose of `src`'s pairs (pair j of row p out is pair p of row j in): a packed
+/// B tile of a k×n operand as the tile of its n×k transpose, pairs kept whole (a complex value's
+/// real and imaginary parts).
+///
+/// # Safety
+/// AVX-512F; a tile (`TILE_LEN` u16) readable at `src` and writable at `dst`.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn transpose_tile(src: *const u16, dst: *mut u16) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract
+    unsafe {
+        let rows: [__m512i; 16] = std::array::from_fn(|p| _mm512_loadu_si512(src.add(p * TK) as *const __m512i));
+        for (p, r) in transpose16(rows).iter().enumerate() {
+            _mm512_storeu_si512(dst.add(p * TK) as *mut __m512i, *r);
+        }
+    }
+}
+
+/// 16 pairs (`lo[j]`, `hi[j]`) rounded to bf16 as the packing rounds them, pair j in 32-bit lane j
+/// (a row of a packed tile: complex values as (real, imaginary) pairs).
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn bf16_pairs(lo: std::arch::x86_64::__m512, hi: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    _mm512_or_si512(bf16x16(lo), _mm512_slli_epi32::<16>(bf16x16(hi)))
 }
 
 /// Bytes in a cache line: where the packed tiles and the C blocks the kernel loads and stores start.

@@ -42,6 +42,8 @@ pub struct FastCpu {
     /// The kernel the convolutions' and dense layers' GEMMs run on in bf16 (`--precision bf16`);
     /// None: f32.
     bf16: Option<super::bf16::Bf16Gemm>,
+    /// In bf16: the large convolutions through the Fourier transform (`crate::ops::conv::fft`).
+    fourier: bool,
 }
 
 /// Freed buffers by length.
@@ -137,6 +139,23 @@ impl Drop for PoolBuf {
     }
 }
 
+/// The convolution algorithm `CAPSNET_CONV` names: Some(true) for `fourier`, Some(false) for
+/// `direct`, None where unset; an error for any other value.
+pub fn conv_named() -> std::result::Result<Option<bool>, String> {
+    match std::env::var("CAPSNET_CONV")
+        .ok()
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+    {
+        None => Ok(None),
+        Some(v) if v == "fourier" => Ok(Some(true)),
+        Some(v) if v == "direct" => Ok(Some(false)),
+        Some(v) => Err(format!(
+            "CAPSNET_CONV: '{v}' is not a convolution algorithm: give fourier or direct"
+        )),
+    }
+}
+
 impl FastCpu {
     pub fn new() -> Self {
         Self::default()
@@ -145,13 +164,22 @@ impl FastCpu {
     /// The backend whose convolutions and dense layers multiply in `p`: fp32 (the default), or bf16
     /// (inputs rounded to bf16 as the reference's rounded-input mode rounds them, f32 sums, as the
     /// GPU's bf16 kernels) on AMX tiles or with AVX512_BF16, the best the CPU has
-    /// (`CAPSNET_BF16_GEMM=amx|avx512-bf16` picks one); an error says why not.
+    /// (`CAPSNET_BF16_GEMM=amx|avx512-bf16` picks one), the large convolutions through the Fourier
+    /// transform as [`FastCpu::with_bf16_gemm`] says (`CAPSNET_CONV=fourier|direct` picks); an error
+    /// says why not.
     pub fn with_precision(p: Precision) -> Result<Self> {
+        let named = conv_named().map_err(Error::msg)?;
         match p {
-            Precision::Fp32 => Ok(Self::new()),
-            Precision::Bf16 => super::bf16::Bf16Gemm::choose()
-                .map(Self::with_bf16_gemm)
-                .map_err(Error::msg),
+            Precision::Fp32 => Self::new().with_fourier(named == Some(true)),
+            Precision::Bf16 => {
+                let fast = super::bf16::Bf16Gemm::choose()
+                    .map(Self::with_bf16_gemm)
+                    .map_err(Error::msg)?;
+                match named {
+                    Some(fourier) => fast.with_fourier(fourier),
+                    None => Ok(fast),
+                }
+            }
             Precision::Tf32 => Err(Error::msg(
                 "--precision tf32: the CPU has no tf32 arithmetic: give fp32, or bf16 where the CPU has AMX or AVX512_BF16",
             )),
@@ -175,7 +203,9 @@ impl FastCpu {
         }
     }
 
-    /// The backend in bf16 on `kernel`, which must be supported (tests compare the kernels).
+    /// The backend in bf16 on `kernel`, which must be supported (tests compare the kernels), the
+    /// large convolutions through the Fourier transform on the AVX512_BF16 kernel (there 1.63 times as
+    /// fast a step on a Zen 4, docs/BENCHMARKS.md; not measured beside AMX).
     pub fn with_bf16_gemm(kernel: super::bf16::Bf16Gemm) -> Self {
         assert!(
             kernel.supported(),
@@ -184,8 +214,30 @@ impl FastCpu {
         );
         FastCpu {
             bf16: Some(kernel),
+            fourier: kernel == super::bf16::Bf16Gemm::Avx512Bf16,
             ..Self::default()
         }
+    }
+
+    /// This backend with its large convolutions through the Fourier transform or not; an error where
+    /// asked in fp32 or without AVX512_BF16, which its products run on.
+    pub fn with_fourier(self, fourier: bool) -> Result<Self> {
+        if fourier && self.bf16.is_none() {
+            return Err(Error::msg(
+                "CAPSNET_CONV=fourier: the Fourier convolutions run in bf16 only: give --precision bf16",
+            ));
+        }
+        if fourier && !super::bf16::Bf16Gemm::Avx512Bf16.supported() {
+            return Err(Error::msg(
+                "CAPSNET_CONV=fourier: the Fourier convolutions need AVX512_BF16, which this CPU lacks",
+            ));
+        }
+        Ok(FastCpu { fourier, ..self })
+    }
+
+    /// Whether the large convolutions go through the Fourier transform.
+    pub fn fourier(&self) -> bool {
+        self.fourier
     }
 
     /// What the convolutions and dense layers multiply in.
@@ -451,12 +503,13 @@ impl Core for FastCpu {
 
     fn name(&self) -> String {
         format!(
-            "cpu ({} thread{}, f32, {} loops, {})",
+            "cpu ({} thread{}, f32, {} loops, {}{})",
             crate::par::threads(),
             if crate::par::threads() == 1 { "" } else { "s" },
             if wide_simd() { "AVX2+FMA" } else { "baseline" },
             self.bf16
-                .map_or_else(|| super::linalg::cpu_gemm().describe(), |k| k.describe().to_string())
+                .map_or_else(|| super::linalg::cpu_gemm().describe(), |k| k.describe().to_string()),
+            if self.fourier { ", Fourier convolutions" } else { "" }
         )
     }
 

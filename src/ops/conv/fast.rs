@@ -23,6 +23,9 @@ impl ConvOps for FastCpu {
         act: Act,
     ) -> Result<()> {
         check_conv2d_fwd(s, x.len(), w.len(), b.len(), y.len())?;
+        if self.takes_fourier(s, act) {
+            return self.fourier_fwd(s, x, w, b, y, act, false).map(|_| ());
+        }
         let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
         if let Some((kernel, p)) = self.patches(s, x) {
             // bf16: the patches packed straight from x (its bf16 copy)
@@ -57,6 +60,9 @@ impl ConvOps for FastCpu {
         act: Act,
     ) -> Result<ConvSaved<PoolBuf>> {
         check_conv2d_fwd(s, x.len(), w.len(), b.len(), y.len())?;
+        if self.takes_fourier(s, act) {
+            return self.fourier_fwd(s, x, w, b, y, act, true);
+        }
         let (kd, co) = (s.patch_len(), s.out_c);
         let Some((kernel, p)) = self.patches(s, x).filter(|_| co.is_multiple_of(32) && co > 0 && kd > 0) else {
             self.conv2d_fwd(s, x, w, b, y, act)?;
@@ -78,6 +84,7 @@ impl ConvOps for FastCpu {
         Ok(ConvSaved {
             x_bf16: Some(xb),
             wt_tiles: Some(wt),
+            ..ConvSaved::none()
         })
     }
 
@@ -95,6 +102,9 @@ impl ConvOps for FastCpu {
         dx: &mut PoolBuf,
     ) -> Result<()> {
         check_conv2d_bwd_input(s, dz.len(), w.len(), dx.len())?;
+        if self.takes_fourier(s, Act::None) {
+            return self.fourier_bwd_input(s, dz, w, saved, dx);
+        }
         let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
         if let Some(kernel) = self.bf16_gemm()
             && s.in_c.is_multiple_of(32)
@@ -163,6 +173,9 @@ impl ConvOps for FastCpu {
         overwrite: bool,
     ) -> Result<()> {
         check_conv2d_bwd_weight(s, x.len(), dz.len(), dw.len())?;
+        if self.takes_fourier(s, Act::None) {
+            return self.fourier_bwd_weight(s, x, saved, dz, dw, overwrite);
+        }
         let (npix, kd, co) = (s.out_h() * s.out_w(), s.patch_len(), s.out_c);
         if let Some((kernel, p)) = self.patches(s, x) {
             // bf16: dW += (dzᵀ · patches)ᵀ (= where overwritten), the patches packed straight from x,
@@ -334,6 +347,113 @@ fn as_bf16_mut(b: &mut [f32]) -> &mut [u16] {
 }
 
 impl FastCpu {
+    /// Whether this convolution goes through the Fourier transform ([`super::fft`]): in bf16 with
+    /// the Fourier path on, where it fits.
+    fn takes_fourier(&self, s: &ConvShape, act: Act) -> bool {
+        self.fourier() && super::fft::fits(s) && matches!(act, Act::None | Act::Relu)
+    }
+
+    /// The forward through the Fourier transform, keeping the kernels' and the images' spectra for
+    /// the backward where `keep`.
+    #[allow(clippy::too_many_arguments)]
+    fn fourier_fwd(
+        &self,
+        s: &ConvShape,
+        x: &PoolBuf,
+        w: &PoolBuf,
+        b: &PoolBuf,
+        y: &mut PoolBuf,
+        act: Act,
+        keep: bool,
+    ) -> Result<ConvSaved<PoolBuf>> {
+        let plan = super::fft::Plan::new(s);
+        let n = plan.buffer_lens();
+        let mut wb = self.take(n.wb.div_ceil(2), |_| {})?;
+        let mut xa = self.take(n.xa.div_ceil(2), |_| {})?;
+        let mut xb = if keep {
+            Some(self.take(n.xb.div_ceil(2), |_| {})?)
+        } else {
+            None
+        };
+        let mut c = self.take(n.y_c, |_| {})?;
+        plan.transform_weights(w, &mut as_bf16_mut(&mut wb)[..n.wb]);
+        let xbs = xb.as_mut().map(|xb| &mut as_bf16_mut(xb)[..n.xb]);
+        plan.transform_images(x, Some(&mut as_bf16_mut(&mut xa)[..n.xa]), xbs);
+        plan.forward(&as_bf16(&xa)[..n.xa], &as_bf16(&wb)[..n.wb], b, y, act, &mut c);
+        Ok(ConvSaved {
+            w_spectra: keep.then_some(wb),
+            x_spectra: xb,
+            ..ConvSaved::none()
+        })
+    }
+
+    /// The `len` bf16 values the forward kept (`kept`, where it holds that many), else a buffer
+    /// `make` fills, held in `room`.
+    fn kept_or_made<'a>(
+        &self,
+        kept: Option<&'a PoolBuf>,
+        len: usize,
+        room: &'a mut Option<PoolBuf>,
+        make: impl FnOnce(&mut [u16]),
+    ) -> Result<&'a [u16]> {
+        let buf = match kept.filter(|t| t.len() == len.div_ceil(2)) {
+            Some(t) => t,
+            None => {
+                let mut t = self.take(len.div_ceil(2), |_| {})?;
+                make(&mut as_bf16_mut(&mut t)[..len]);
+                &*room.insert(t)
+            }
+        };
+        Ok(&as_bf16(buf)[..len])
+    }
+
+    /// dx += conv_transpose(dz, w) through the Fourier transform, with the kernels' spectra the
+    /// forward kept where it did.
+    fn fourier_bwd_input(
+        &self,
+        s: &ConvShape,
+        dz: &PoolBuf,
+        w: &PoolBuf,
+        saved: &ConvSaved<PoolBuf>,
+        dx: &mut PoolBuf,
+    ) -> Result<()> {
+        let plan = super::fft::Plan::new(s);
+        let n = plan.buffer_lens();
+        let mut room = None;
+        let wb = self.kept_or_made(saved.w_spectra.as_ref(), n.wb, &mut room, |t| {
+            plan.transform_weights(w, t)
+        })?;
+        let mut dza = self.take(n.dza.div_ceil(2), |_| {})?;
+        let mut c = self.take(n.dx_c, |_| {})?;
+        let bufs = (&mut as_bf16_mut(&mut dza)[..n.dza], &mut c[..]);
+        plan.input_grad(dz, wb, dx, bufs);
+        Ok(())
+    }
+
+    /// dw += (= where `overwrite`) the weight gradient through the Fourier transform, with the
+    /// images' spectra the forward kept where it did.
+    fn fourier_bwd_weight(
+        &self,
+        s: &ConvShape,
+        x: &PoolBuf,
+        saved: &ConvSaved<PoolBuf>,
+        dz: &PoolBuf,
+        dw: &mut PoolBuf,
+        overwrite: bool,
+    ) -> Result<()> {
+        let plan = super::fft::Plan::new(s);
+        let n = plan.buffer_lens();
+        let mut room = None;
+        let xb = self.kept_or_made(saved.x_spectra.as_ref(), n.xb, &mut room, |t| {
+            plan.transform_images(x, None, Some(t))
+        })?;
+        let mut dzw = self.take(n.dzw.div_ceil(2), |_| {})?;
+        let mut c = self.take(n.dw_c, |_| {})?;
+        let bufs = (&mut as_bf16_mut(&mut dzw)[..n.dzw], &mut c[..]);
+        plan.weight_grad(dz, xb, dw, overwrite, bufs);
+        Ok(())
+    }
+
     /// Runs `f` on `x` rounded to bf16 (in the scratch buffer): a conv's input, which the patches
     /// read about k²/stride² times, converted once.
     fn with_bf16<R>(&self, x: &[f32], f: impl FnOnce(&[u16]) -> R) -> Result<R> {

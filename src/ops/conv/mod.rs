@@ -2,13 +2,15 @@
 //! x [B, H, W, Cin] · w [K, K, Cin, Cout] + b [Cout] → y [B, OH, OW, Cout].
 //!
 //! Here: [`ConvShape`], the [`ConvOps`] interface, the tape op [`conv2d`]; the CPU reference, fast CPU
-//! and CUDA implementations beside it (cpu.rs, fast.rs with its AVX-512 kernel in avx512.rs, cuda.rs).
+//! and CUDA implementations beside it (cpu.rs, fast.rs with its AVX-512 kernel in avx512.rs and its
+//! Fourier path in fft.rs, cuda.rs).
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 pub(crate) mod cpu;
 pub(crate) mod cuda;
 pub(crate) mod fast;
+pub(crate) mod fft;
 mod im2col;
 #[cfg(test)]
 mod tests;
@@ -69,6 +71,10 @@ pub struct ConvSaved<Buf> {
     pub x_bf16: Option<Buf>,
     /// Wᵀ packed as the input gradient GEMM's B.
     pub wt_tiles: Option<Buf>,
+    /// The kernels' spectra packed for the input gradient (the Fourier path, [`fft`]).
+    pub w_spectra: Option<Buf>,
+    /// The images' spectra packed for the weight gradient (the Fourier path).
+    pub x_spectra: Option<Buf>,
 }
 
 impl<Buf> ConvSaved<Buf> {
@@ -77,6 +83,8 @@ impl<Buf> ConvSaved<Buf> {
         ConvSaved {
             x_bf16: None,
             wt_tiles: None,
+            w_spectra: None,
+            x_spectra: None,
         }
     }
 }
