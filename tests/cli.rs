@@ -1263,6 +1263,20 @@ fn bench_ops_lists_every_kernel_version_and_version_flags_are_checked() {
     }
     let o = bf16(&[("CAPSNET_BF16_GEMM", "avx1024")]);
     assert_clean_error(&o, &["CAPSNET_BF16_GEMM", "avx1024", "amx or avx512-bf16"]);
+    // the convolution algorithm CAPSNET_CONV names: a name that is none, and Fourier in fp32,
+    // refused in words; where AVX512_BF16 runs, each named is the one the backend line shows
+    let o = bf16(&[("CAPSNET_CONV", "winograd")]);
+    assert_clean_error(&o, &["CAPSNET_CONV", "winograd", "fourier or direct"]);
+    let fp32 = [&["bench", "--device", "cpu", "--precision", "fp32"][..], &small].concat();
+    let o = capsnet(&fp32, &[("CAPSNET_CONV", "fourier")]);
+    assert_clean_error(&o, &["CAPSNET_CONV=fourier", "--precision bf16"]);
+    if Bf16Gemm::Avx512Bf16.supported() {
+        for (name, fourier) in [("fourier", true), ("direct", false)] {
+            let o = bf16(&[("CAPSNET_BF16_GEMM", "avx512-bf16"), ("CAPSNET_CONV", name)]);
+            assert!(o.status.success(), "{}", stderr(&o));
+            assert_eq!(stdout(&o).contains("Fourier convolutions"), fourier, "{}", stdout(&o));
+        }
+    }
     if !Bf16Gemm::ALL.iter().any(|k| k.supported()) {
         assert_clean_error(
             &bf16(&[]),

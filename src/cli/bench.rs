@@ -194,6 +194,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     // the GEMM peak of this machine in the step's precision, measured in the same run: before the
     // steps and again after them, the higher of the two
     const PEAK_SECS: f64 = 0.5;
+    let fourier = matches!(&sel, Selected::Cpu(be) if be.fourier());
     let peak_before = match &sel {
         Selected::Cpu(be) => Some((be.gemm_peak(PEAK_SECS)?, be.gemm_twin())),
         _ => None,
@@ -230,6 +231,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             precision.name(),
             100.0 * r.gflops / gflops
         );
+        if fourier {
+            println!(
+                "(FLOPs as the model counts them, and the PyTorch peer: the Fourier convolutions multiply fewer, docs/BENCHMARKS.md)"
+            );
+        }
     }
     let mut peer_json = None;
     if let (Some(script), Some(device)) = (&a.peer, peer_device) {
