@@ -238,10 +238,13 @@ fn api_answers_and_refuses_as_documented() {
         (Some(28), Some(10), Some(16))
     );
 
-    // exact pixels: what eval computes for the same test digit
+    // exact pixels: what eval computes for the same test digit, on the backend `--device cpu`
+    // gives both (bf16 where that is the default)
     let split = test_split(20);
     let ck = capsnet::checkpoint::load(trained()).unwrap();
-    let mut tape = capsnet::tape::Tape::new(capsnet::backend::fast::FastCpu::new());
+    use capsnet::backend::fast::FastCpu;
+    let be = FastCpu::with_precision(FastCpu::default_precision()).unwrap();
+    let mut tape = capsnet::tape::Tape::new(be);
     let model = capsnet::model::CapsNet::from_checkpoint(&mut tape, &ck).unwrap();
     let (x, _) = split.batch::<f32>(&[3]);
     let want = capsnet::infer::classify(&mut tape, &model, &x, 1).unwrap();
