@@ -44,11 +44,11 @@ use crate::{Error, Result};
 /// Rows of an A or C tile.
 const TM: usize = 16;
 /// bf16 values along K in a tile (one 64-byte row of A; 16 pairs in a row of B).
-const TK: usize = 32;
+pub(crate) const TK: usize = 32;
 /// f32 columns of a C tile, and bf16 pairs in a row of B.
 const TN: usize = 16;
 /// bf16 values in one packed tile (1 KiB).
-const TILE: usize = TM * TK;
+pub(crate) const TILE: usize = TM * TK;
 /// Rows and columns of the C block one kernel call computes: 2×2 tiles.
 const BLOCK: usize = 32;
 /// K tiles per pass (2,048 values of K): one A block row of 32 rows is 128 KiB; 8, 32 and 64 measured
@@ -185,10 +185,12 @@ fn bf16_bits(x: f32) -> u16 {
     ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
-/// A raw pointer that worker threads share; each writes a disjoint part of what it points to.
+/// A raw pointer that worker threads share; each writes a disjoint part of what it points to (and
+/// reads what no one writes meanwhile).
 #[derive(Clone, Copy)]
-struct Shared<T>(*mut T);
-// SAFETY: used only to hand threads pointers to disjoint blocks of one buffer (see `gemm_from`)
+pub(crate) struct Shared<T>(pub(crate) *mut T);
+// SAFETY: used only to hand threads pointers to disjoint blocks of one buffer (see `gemm_from`,
+// and the Fourier convolution's tasks)
 unsafe impl<T> Send for Shared<T> {}
 // SAFETY: as above
 unsafe impl<T> Sync for Shared<T> {}
@@ -1292,17 +1294,12 @@ pub(crate) unsafe fn tiles_product(
     unsafe { std::arch::x86_64::_mm_sfence() };
 }
 
-/// The bf16 values in one packed tile, and of the rows of 16 pairs it holds.
-pub(crate) const TILE_LEN: usize = TILE;
-/// u16 in one row of a packed tile (16 pairs).
-pub(crate) const TILE_ROW: usize = TK;
-
 /// `dst` = the 16×16 transpose of `src`'s pairs (pair j of row p out is pair p of row j in): a packed
 /// B tile of a k×n operand as the tile of its n×k transpose, pairs kept whole (a complex value's
 /// real and imaginary parts).
 ///
 /// # Safety
-/// AVX-512F; a tile (`TILE_LEN` u16) readable at `src` and writable at `dst`.
+/// AVX-512F; a tile (`TILE` u16) readable at `src` and writable at `dst`.
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn transpose_tile(src: *const u16, dst: *mut u16) {
     use std::arch::x86_64::*;

@@ -38,7 +38,7 @@
 use std::arch::x86_64::*;
 
 use super::ConvShape;
-use crate::backend::bf16::{self, TILE_LEN as TILE, TILE_ROW};
+use crate::backend::bf16::{self, Shared, TILE, TK};
 use crate::ops::dense::Act;
 
 /// Lanes of a vector: channels transformed at once.
@@ -61,15 +61,6 @@ pub(crate) fn fits(s: &ConvShape) -> bool {
         && s.batch >= MIN_BATCH
         && direct >= 2 * fourier
 }
-
-/// A pointer handed to the threads, each of which writes a part of the memory behind it no other
-/// thread touches (the tasks below say which).
-#[derive(Clone, Copy)]
-struct Shared<T>(*mut T);
-// SAFETY: only for disjoint writes and shared reads, as above
-unsafe impl<T> Send for Shared<T> {}
-// SAFETY: as above
-unsafe impl<T> Sync for Shared<T> {}
 
 /// Runs `f` on contiguous ranges of 0..n, one per thread.
 fn par_tasks(n: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
@@ -371,8 +362,7 @@ impl Plan {
                         let spec = scratch.forward(self, src, (k * ci * co, ci * co), (k, k), 1);
                         for bin in 0..self.bins {
                             let (re, im) = (spec[2 * bin], spec[2 * bin + 1]);
-                            let tile =
-                                wb.0.add(self.at(og * cts + c / L, bin, (co / L) * cts) + (c % L) * TILE_ROW);
+                            let tile = wb.0.add(self.at(og * cts + c / L, bin, (co / L) * cts) + (c % L) * TK);
                             stream_pairs(tile, re, im);
                         }
                     }
@@ -416,14 +406,12 @@ impl Plan {
                             let (re, im) = (spec[2 * bin], spec[2 * bin + 1]);
                             if let Some(xa) = xa {
                                 let row = (2 * n / L) * cts + cg;
-                                let a =
-                                    xa.0.add(self.at(row, bin, self.image_tiles() * cts) + (2 * n % L) * TILE_ROW);
+                                let a = xa.0.add(self.at(row, bin, self.image_tiles() * cts) + (2 * n % L) * TK);
                                 stream_pairs(a, re, im);
-                                stream_pairs(a.add(TILE_ROW), im, neg(re));
+                                stream_pairs(a.add(TK), im, neg(re));
                             }
                             if let Some(xb) = xb {
-                                let b =
-                                    xb.0.add(self.at(cg * bkts + n / L, bin, cts * bkts) + (n % L) * TILE_ROW);
+                                let b = xb.0.add(self.at(cg * bkts + n / L, bin, cts * bkts) + (n % L) * TK);
                                 stream_pairs(b, re, im);
                             }
                         }
@@ -469,9 +457,9 @@ impl Plan {
                                     let row = (2 * n / L) * ots + og;
                                     let a = dza
                                         .0
-                                        .add(self.at(row, bin, self.image_tiles() * ots) + (2 * n % L) * TILE_ROW);
+                                        .add(self.at(row, bin, self.image_tiles() * ots) + (2 * n % L) * TK);
                                     stream_pairs(a, re, neg(im));
-                                    stream_pairs(a.add(TILE_ROW), im, re);
+                                    stream_pairs(a.add(TK), im, re);
                                 }
                             }
                         }
@@ -488,15 +476,15 @@ impl Plan {
                                 })
                             };
                             // lane i of row o: image nt·16 + i's value at output channel og·16 + o
-                            let (re, im) = (transpose(part(0)), transpose(part(1)));
+                            let (re, im) = (bf16::transpose16(part(0)), bf16::transpose16(part(1)));
                             for o in 0..L {
                                 let (r, i) = (_mm512_castsi512_ps(re[o]), _mm512_castsi512_ps(im[o]));
                                 let row = 2 * (og * L + o);
                                 let tile = dzw
                                     .0
-                                    .add(self.at((row / L) * bkts + nt, bin, 2 * ots * bkts) + (row % L) * TILE_ROW);
+                                    .add(self.at((row / L) * bkts + nt, bin, 2 * ots * bkts) + (row % L) * TK);
                                 stream_pairs(tile, r, i);
-                                stream_pairs(tile.add(TILE_ROW), neg(i), r);
+                                stream_pairs(tile.add(TK), neg(i), r);
                             }
                         }
                     }
@@ -655,7 +643,7 @@ impl Plan {
                             let rows: [__m512i; L] =
                                 std::array::from_fn(|o| _mm512_castps_si512(taps[o * k * k + tap]));
                             // row i: input channel cg·16 + i's tap over the 16 output channels
-                            for (i, r) in transpose(rows).iter().enumerate() {
+                            for (i, r) in bf16::transpose16(rows).iter().enumerate() {
                                 let at = dw.0.add((tap * ci + cg * L + i) * co + og * L);
                                 let v = _mm512_castsi512_ps(*r);
                                 let v = if overwrite {
@@ -712,12 +700,6 @@ fn zero() -> __m512 {
 #[inline]
 fn neg(v: __m512) -> __m512 {
     _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32(i32::MIN)))
-}
-
-#[target_feature(enable = "avx512f")]
-#[inline]
-fn transpose(rows: [__m512i; L]) -> [__m512i; L] {
-    bf16::transpose16(rows)
 }
 
 /// One row of a packed tile, the pairs (lo[j], hi[j]) rounded to bf16, stored past the caches (a
