@@ -366,7 +366,7 @@ impl FastCpu {
         act: Act,
         keep: bool,
     ) -> Result<ConvSaved<PoolBuf>> {
-        let plan = super::fft::Plan::new(s);
+        let plan = super::fft::plan(s);
         let n = plan.buffer_lens();
         let mut wb = self.take(n.wb.div_ceil(2), |_| {})?;
         let mut xa = self.take(n.xa.div_ceil(2), |_| {})?;
@@ -417,7 +417,7 @@ impl FastCpu {
         saved: &ConvSaved<PoolBuf>,
         dx: &mut PoolBuf,
     ) -> Result<()> {
-        let plan = super::fft::Plan::new(s);
+        let plan = super::fft::plan(s);
         let n = plan.buffer_lens();
         let mut room = None;
         let wb = self.kept_or_made(saved.w_spectra.as_ref(), n.wb, &mut room, |t| {
@@ -441,7 +441,7 @@ impl FastCpu {
         dw: &mut PoolBuf,
         overwrite: bool,
     ) -> Result<()> {
-        let plan = super::fft::Plan::new(s);
+        let plan = super::fft::plan(s);
         let n = plan.buffer_lens();
         let mut room = None;
         let xb = self.kept_or_made(saved.x_spectra.as_ref(), n.xb, &mut room, |t| {
